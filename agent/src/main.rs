@@ -1,0 +1,385 @@
+//! `edge-signer`: the command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use edge_signer::{http, tlsconf};
+use hsm_shim::csr::{San, Subject};
+use hsm_shim::{KeyRef, KeyType, Pin, PinSource, Pkcs11Uri, Token, TokenKey, TokenSelector};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "edge-signer", version, about = "Credential agent: keys in a PKCS#11 token, CSRs, mTLS identities")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
+    /// PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)
+    #[arg(long, global = true, env = "EDGE_SIGNER_MODULE")]
+    module: Option<PathBuf>,
+    /// Token label
+    #[arg(long, global = true, env = "EDGE_SIGNER_TOKEN")]
+    token: Option<String>,
+    /// File holding the user PIN (never pass a PIN on the command line)
+    #[arg(long, global = true, env = "EDGE_SIGNER_PIN_FILE")]
+    pin_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create and list tokens
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Generate, list and destroy key pairs in the token
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// Build a CSR signed by a token key
+    Csr {
+        /// Key URI (pkcs11:...)
+        #[arg(long)]
+        key: String,
+        /// Subject, e.g. "O=Acme,OU=Gateways,CN=gw-01"
+        #[arg(long)]
+        subject: String,
+        /// Subject alternative name: dns:NAME or ip:ADDRESS (repeatable)
+        #[arg(long)]
+        san: Vec<String>,
+        /// Where to write the PEM CSR
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One HTTPS request with mTLS through the token key; exit 0 only on a 2xx
+    Probe {
+        #[command(flatten)]
+        id: Identity,
+        /// CA bundle that the server's certificate must chain to
+        #[arg(long)]
+        ca: PathBuf,
+        /// https://HOST:PORT/PATH
+        #[arg(long)]
+        url: String,
+        /// TLS versions to offer
+        #[arg(long, value_enum, default_value = "any")]
+        tls: tlsconf::TlsVersions,
+        /// Seconds before giving up
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve HTTPS with the token key as the server identity (a diagnostic peer)
+    TlsServe {
+        #[command(flatten)]
+        id: Identity,
+        /// Require client certificates chaining to this CA bundle
+        #[arg(long)]
+        client_ca: Option<PathBuf>,
+        /// Address to listen on; port 0 picks one (printed on stdout)
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: String,
+        /// Stop after this many connections
+        #[arg(long)]
+        max_connections: Option<u64>,
+        #[arg(long, value_enum, default_value = "any")]
+        tls: tlsconf::TlsVersions,
+    },
+}
+
+#[derive(Args)]
+struct Identity {
+    /// Key URI (pkcs11:...)
+    #[arg(long)]
+    key: String,
+    /// Certificate (PEM) of the key
+    #[arg(long)]
+    cert: PathBuf,
+    /// Intermediate certificates (PEM) sent after the leaf
+    #[arg(long)]
+    chain: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Initialise a token in a free slot; the user PIN comes from --pin-file
+    Init {
+        #[arg(long)]
+        label: String,
+        /// File holding the security officer PIN
+        #[arg(long)]
+        so_pin_file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens present in the module
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCmd {
+    /// Generate a key pair inside the token; prints its URI
+    Generate {
+        #[arg(long = "type", value_parser = parse_key_type)]
+        key_type: KeyType,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List key pairs
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Destroy the private key, public key and certificate objects of a key
+    Destroy {
+        /// Key URI (pkcs11:...)
+        uri: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_key_type(s: &str) -> Result<KeyType, String> {
+    s.parse()
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGE_SIGNER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    }
+}
+
+impl Global {
+    fn module(&self, uri: Option<&Pkcs11Uri>) -> Result<PathBuf> {
+        if let Some(m) = &self.module {
+            return Ok(m.clone());
+        }
+        if let Some(m) = uri.and_then(|u| u.module_path.as_ref()) {
+            return Ok(PathBuf::from(m));
+        }
+        bail!("no PKCS#11 module: pass --module PATH or set EDGE_SIGNER_MODULE (SoftHSM: /usr/lib/softhsm/libsofthsm2.so)")
+    }
+
+    fn pin(&self, uri: Option<&Pkcs11Uri>) -> Result<Pin> {
+        let src = match (&self.pin_file, uri.and_then(|u| u.pin_source.as_ref())) {
+            (Some(f), _) => PinSource::File(f.clone()),
+            (None, Some(s)) => PinSource::File(PathBuf::from(s.strip_prefix("file:").unwrap_or(s))),
+            (None, None) => return Err(hsm_shim::Error::PinRequired.into()),
+        };
+        Ok(src.read()?)
+    }
+
+    fn selector(&self, uri: Option<&Pkcs11Uri>) -> Result<TokenSelector> {
+        if let Some(t) = &self.token {
+            return Ok(TokenSelector::Label(t.clone()));
+        }
+        match uri {
+            Some(Pkcs11Uri { token: Some(t), .. }) => Ok(TokenSelector::Label(t.clone())),
+            Some(Pkcs11Uri { serial: Some(s), .. }) => Ok(TokenSelector::Serial(s.clone())),
+            _ => bail!("no token: pass --token LABEL or set EDGE_SIGNER_TOKEN"),
+        }
+    }
+
+    fn open_token(&self, uri: Option<&Pkcs11Uri>) -> Result<Arc<Token>> {
+        let module = self.module(uri)?;
+        let sel = self.selector(uri)?;
+        let pin = self.pin(uri)?;
+        Ok(Token::open(&module, &sel, Some(pin))?)
+    }
+
+    fn open_key(&self, uri: &str) -> Result<TokenKey> {
+        let uri = Pkcs11Uri::parse(uri)?;
+        let token = self.open_token(Some(&uri))?;
+        Ok(TokenKey::open(token, &KeyRef::from_uri(&uri)?)?)
+    }
+}
+
+fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
+    if json_out {
+        println!("{value:#}");
+    } else {
+        print!("{}", human());
+    }
+}
+
+fn key_json(k: &hsm_shim::KeyInfo, token: &Token) -> serde_json::Value {
+    json!({
+        "uri": k.uri(token).to_string(),
+        "id": hsm_shim::keys::hex(&k.id),
+        "label": k.label,
+        "type": k.key_type.as_str(),
+        "has_cert": k.has_cert,
+        "public_key_pem": k.spki_pem(),
+    })
+}
+
+fn identity(g: &Global, id: &Identity) -> Result<(hsm_shim::TlsSigningKey, Arc<hsm_shim::rustls::sign::CertifiedKey>)> {
+    let key = g.open_key(&id.key)?;
+    let mut chain = tlsconf::load_certs(&id.cert)?;
+    if let Some(c) = &id.chain {
+        chain.extend(tlsconf::load_certs(c)?);
+    }
+    let signer = hsm_shim::TlsSigningKey::new(key);
+    let ck = hsm_shim::tls::certified_key(signer.clone(), chain)
+        .with_context(|| format!("refusing {} for key {}", id.cert.display(), id.key))?;
+    Ok((signer, ck))
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let g = &cli.global;
+    match cli.cmd {
+        Cmd::Token(TokenCmd::List { json }) => {
+            let tokens = hsm_shim::token::list_tokens(&g.module(None)?)?;
+            let v: Vec<_> = tokens
+                .iter()
+                .map(|t| json!({"slot": t.slot, "label": t.label, "serial": t.serial, "manufacturer": t.manufacturer, "model": t.model, "initialized": t.initialized, "user_pin_initialized": t.user_pin_initialized}))
+                .collect();
+            print(json, json!(v), || {
+                let mut s = String::new();
+                for t in &tokens {
+                    if t.initialized {
+                        s += &format!("slot {:<12} label {:<20} serial {} ({} {})\n", t.slot, t.label, t.serial, t.manufacturer, t.model);
+                    } else {
+                        s += &format!("slot {:<12} (uninitialised)\n", t.slot);
+                    }
+                }
+                s
+            });
+        }
+        Cmd::Token(TokenCmd::Init { label, so_pin_file, json }) => {
+            let so = PinSource::File(so_pin_file).read()?;
+            let user = g.pin(None)?;
+            let t = hsm_shim::token::init_token(&g.module(None)?, &label, &so, &user)?;
+            print(json, json!({"slot": t.slot, "label": t.label, "serial": t.serial}), || {
+                format!("initialised token '{}' (serial {}) in slot {}\n", t.label, t.serial, t.slot)
+            });
+        }
+        Cmd::Key(KeyCmd::Generate { key_type, label, json }) => {
+            let token = g.open_token(None)?;
+            let k = token.generate_key(key_type, &label)?;
+            print(json, key_json(&k, &token), || format!("{}\n", k.uri(&token)));
+        }
+        Cmd::Key(KeyCmd::List { json }) => {
+            let token = g.open_token(None)?;
+            let keys = token.list_keys()?;
+            print(json, json!(keys.iter().map(|k| key_json(k, &token)).collect::<Vec<_>>()), || {
+                keys.iter()
+                    .map(|k| format!("{:<9} {:<24} {}{}\n", k.key_type, k.label, k.uri(&token), if k.has_cert { " (cert)" } else { "" }))
+                    .collect()
+            });
+        }
+        Cmd::Key(KeyCmd::Destroy { uri, json }) => {
+            let parsed = Pkcs11Uri::parse(&uri)?;
+            let token = g.open_token(Some(&parsed))?;
+            let id = match KeyRef::from_uri(&parsed)? {
+                KeyRef::Id(id) => id,
+                by_label => token.find_key(&by_label)?.id,
+            };
+            let n = token.destroy(&id)?;
+            print(json, json!({"destroyed": n, "id": hsm_shim::keys::hex(&id)}), || {
+                format!("destroyed {n} object(s) with id {}; none left\n", hsm_shim::keys::hex(&id))
+            });
+        }
+        Cmd::Csr { key, subject, san, out, json } => {
+            let subject = Subject::parse(&subject)?;
+            let sans = san.iter().map(|s| s.parse::<San>()).collect::<Result<Vec<_>, _>>()?;
+            let k = g.open_key(&key)?;
+            let pem = hsm_shim::csr::build_csr(&k, &subject, &sans)?;
+            write_file(&out, pem.as_bytes())?;
+            print(json, json!({"out": out, "subject": subject.to_string(), "sans": sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "key": key}), || {
+                format!("wrote CSR for {subject} to {}\n", out.display())
+            });
+        }
+        Cmd::Probe { id, ca, url, tls, timeout, json } => {
+            let url = http::Url::parse(&url)?;
+            let (signer, ck) = identity(g, &id)?;
+            let cfg = tlsconf::client_config(Some(ck), tlsconf::load_roots(&ca)?, tls)?;
+            let resp = http::get(Arc::new(cfg), &url, Duration::from_secs(timeout))
+                .with_context(|| format!("probe of https://{}:{}{} failed", url.host, url.port, url.path))?;
+            let scheme = signer.last_scheme().map(|s| format!("{s:?}"));
+            let ok = (200..300).contains(&resp.status);
+            print(json, json!({"status": resp.status, "ok": ok, "protocol": resp.protocol, "cipher_suite": resp.cipher_suite, "client_signature_scheme": scheme}), || {
+                format!(
+                    "status {} ({})\nprotocol {}\ncipher suite {}\nclient signature scheme {}\n",
+                    resp.status,
+                    if ok { "ok" } else { "not 2xx" },
+                    resp.protocol,
+                    resp.cipher_suite,
+                    scheme.as_deref().unwrap_or("none (server asked for no client certificate)")
+                )
+            });
+            return Ok(if ok { 0 } else { 1 });
+        }
+        Cmd::TlsServe { id, client_ca, listen, max_connections, tls } => {
+            let (_, ck) = identity(g, &id)?;
+            let roots = client_ca.as_deref().map(tlsconf::load_roots).transpose()?;
+            let cfg = Arc::new(tlsconf::server_config(ck, roots, tls)?);
+            serve(cfg, &listen, max_connections)?;
+        }
+    }
+    Ok(0)
+}
+
+fn serve(cfg: Arc<hsm_shim::rustls::ServerConfig>, listen: &str, max: Option<u64>) -> Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    println!("listening on {}", listener.local_addr()?);
+    let mut served = 0u64;
+    for stream in listener.incoming() {
+        let cfg = cfg.clone();
+        let Ok(tcp) = stream else { continue };
+        let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+        let result = (|| -> Result<()> {
+            let conn = hsm_shim::rustls::ServerConnection::new(cfg)?;
+            let mut tls = hsm_shim::rustls::StreamOwned::new(conn, tcp);
+            let mut buf = [0u8; 2048];
+            let _ = tls.read(&mut buf)?;
+            let body = format!("edge-signer tls-serve: {:?}\n", tls.conn.protocol_version());
+            tls.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())?;
+            tls.conn.send_close_notify();
+            tls.flush()?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            eprintln!("connection failed: {e:#}");
+        }
+        served += 1;
+        if max.is_some_and(|m| served >= m) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Write a file through a temp file and rename, so a power cut never leaves half of it.
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

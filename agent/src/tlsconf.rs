@@ -1,0 +1,120 @@
+//! rustls configurations around a token-held identity, and reading PEM files.
+
+use hsm_shim::rustls;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Errors building a TLS configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfError {
+    /// A PEM file could not be read or holds no certificate.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Which TLS versions to offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum TlsVersions {
+    /// TLS 1.3 and 1.2.
+    #[default]
+    Any,
+    /// TLS 1.3 only.
+    #[value(name = "1.3")]
+    Tls13,
+    /// TLS 1.2 only.
+    #[value(name = "1.2")]
+    Tls12,
+}
+
+static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+static TLS12_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS12];
+
+impl TlsVersions {
+    fn list(self) -> &'static [&'static SupportedProtocolVersion] {
+        match self {
+            TlsVersions::Any => rustls::ALL_VERSIONS,
+            TlsVersions::Tls13 => TLS13_ONLY,
+            TlsVersions::Tls12 => TLS12_ONLY,
+        }
+    }
+}
+
+/// The crypto provider: ring (see ARCHITECTURE.md for why). Token keys sign in the token.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Read every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsConfError> {
+    let err = |reason: String| TlsConfError::Pem {
+        path: path.display().to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err(format!("not valid PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(err("no CERTIFICATE block in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// A root store from a PEM bundle.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsConfError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path)? {
+        roots.add(c).map_err(|e| TlsConfError::Pem {
+            path: path.display().to_string(),
+            reason: format!("CA certificate refused: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+/// A client config presenting `identity` (if any) and trusting `roots`.
+pub fn client_config(
+    identity: Option<Arc<CertifiedKey>>,
+    roots: RootCertStore,
+    versions: TlsVersions,
+) -> Result<ClientConfig, TlsConfError> {
+    let b = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions.list())?
+        .with_root_certificates(roots);
+    Ok(match identity {
+        Some(id) => b.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(id))),
+        None => b.with_no_client_auth(),
+    })
+}
+
+/// A server config presenting `identity`; when `client_roots` is given, client certs are required.
+pub fn server_config(
+    identity: Arc<CertifiedKey>,
+    client_roots: Option<RootCertStore>,
+    versions: TlsVersions,
+) -> Result<ServerConfig, TlsConfError> {
+    let b = ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions.list())?;
+    let b = match client_roots {
+        Some(roots) => {
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            b.with_client_cert_verifier(v)
+        }
+        None => b.with_no_client_auth(),
+    };
+    Ok(b.with_cert_resolver(Arc::new(SingleCertAndKey::from(identity))))
+}

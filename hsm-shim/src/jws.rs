@@ -1,0 +1,71 @@
+//! Compact JWS (RFC 7515) signed in the token: ES256/ES384 with raw r||s, RS256, PS256.
+
+use crate::error::{Error, Result};
+use crate::keys::KeyType;
+use crate::sign::{Hash, SignAlg, TokenKey};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+/// JWS algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwsAlg {
+    /// ECDSA P-256 SHA-256, raw r||s.
+    Es256,
+    /// ECDSA P-384 SHA-384, raw r||s.
+    Es384,
+    /// RSASSA-PKCS1-v1_5 SHA-256.
+    Rs256,
+    /// RSASSA-PSS SHA-256.
+    Ps256,
+}
+
+impl JwsAlg {
+    /// The `alg` header value.
+    pub fn name(self) -> &'static str {
+        match self {
+            JwsAlg::Es256 => "ES256",
+            JwsAlg::Es384 => "ES384",
+            JwsAlg::Rs256 => "RS256",
+            JwsAlg::Ps256 => "PS256",
+        }
+    }
+
+    /// The natural algorithm for a key type (RSA: RS256).
+    pub fn for_key(kt: KeyType) -> JwsAlg {
+        match kt {
+            KeyType::EcP256 => JwsAlg::Es256,
+            KeyType::EcP384 => JwsAlg::Es384,
+            _ => JwsAlg::Rs256,
+        }
+    }
+
+    fn sign_alg(self) -> SignAlg {
+        match self {
+            JwsAlg::Es256 => SignAlg::Ecdsa { hash: Hash::Sha256, der: false },
+            JwsAlg::Es384 => SignAlg::Ecdsa { hash: Hash::Sha384, der: false },
+            JwsAlg::Rs256 => SignAlg::RsaPkcs1(Hash::Sha256),
+            JwsAlg::Ps256 => SignAlg::RsaPss(Hash::Sha256),
+        }
+    }
+}
+
+/// base64url without padding.
+pub fn b64url(data: &[u8]) -> String {
+    URL_SAFE_NO_PAD.encode(data)
+}
+
+/// Sign `payload` as a compact JWS with protected header `{"alg":..,"kid":..}`.
+/// The signature covers `BASE64URL(header) || '.' || BASE64URL(payload)` (RFC 7515 §5.1).
+pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Result<String> {
+    let compatible = matches!(
+        (alg, key.key_type()),
+        (JwsAlg::Es256, KeyType::EcP256) | (JwsAlg::Es384, KeyType::EcP384) | (JwsAlg::Rs256 | JwsAlg::Ps256, KeyType::Rsa2048 | KeyType::Rsa3072)
+    );
+    if !compatible {
+        return Err(Error::Unsupported(format!("JWS {} with a {} key", alg.name(), key.key_type())));
+    }
+    let header = serde_json::json!({ "alg": alg.name(), "kid": kid });
+    let signing_input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(payload));
+    let sig = key.sign(alg.sign_alg(), signing_input.as_bytes())?;
+    Ok(format!("{signing_input}.{}", b64url(&sig)))
+}

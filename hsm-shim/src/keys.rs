@@ -1,0 +1,424 @@
+//! Key pairs and certificate objects in the token, named by `CKA_ID` and `CKA_LABEL`.
+
+use crate::der;
+use crate::error::{Error, Result};
+use crate::token::Token;
+use crate::uri::{ObjectType, Pkcs11Uri};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, CertificateType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::Session;
+use std::str::FromStr;
+
+/// Key types edge-signer generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyType {
+    /// ECDSA on NIST P-256.
+    EcP256,
+    /// ECDSA on NIST P-384.
+    EcP384,
+    /// RSA with a 2048-bit modulus.
+    Rsa2048,
+    /// RSA with a 3072-bit modulus.
+    Rsa3072,
+}
+
+/// DER of the named-curve OIDs (CKA_EC_PARAMS).
+const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+const RSA_ENCRYPTION_OID: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+
+impl KeyType {
+    /// All supported types.
+    pub const ALL: [KeyType; 4] = [KeyType::EcP256, KeyType::EcP384, KeyType::Rsa2048, KeyType::Rsa3072];
+
+    /// The name used in config and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::EcP256 => "ec-p256",
+            KeyType::EcP384 => "ec-p384",
+            KeyType::Rsa2048 => "rsa-2048",
+            KeyType::Rsa3072 => "rsa-3072",
+        }
+    }
+
+    /// True for the EC types.
+    pub fn is_ec(self) -> bool {
+        matches!(self, KeyType::EcP256 | KeyType::EcP384)
+    }
+
+    /// Coordinate length in bytes for EC types.
+    pub fn ec_coord_len(self) -> usize {
+        match self {
+            KeyType::EcP384 => 48,
+            _ => 32,
+        }
+    }
+
+    fn ec_params(self) -> Option<&'static [u8]> {
+        match self {
+            KeyType::EcP256 => Some(P256_PARAMS),
+            KeyType::EcP384 => Some(P384_PARAMS),
+            _ => None,
+        }
+    }
+
+    fn modulus_bits(self) -> u64 {
+        match self {
+            KeyType::Rsa3072 => 3072,
+            _ => 2048,
+        }
+    }
+}
+
+impl std::fmt::Display for KeyType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        KeyType::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown key type '{s}'; expected ec-p256, ec-p384, rsa-2048 or rsa-3072"))
+    }
+}
+
+/// A key pair in the token, as found or generated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// `CKA_ID`.
+    pub id: Vec<u8>,
+    /// `CKA_LABEL`.
+    pub label: String,
+    /// Key type.
+    pub key_type: KeyType,
+    /// SubjectPublicKeyInfo, DER.
+    pub spki: Vec<u8>,
+    /// The subjectPublicKey bits (EC point or RSAPublicKey DER), as rcgen wants them.
+    pub public_bits: Vec<u8>,
+    /// Whether a certificate object with the same `CKA_ID` exists.
+    pub has_cert: bool,
+}
+
+impl KeyInfo {
+    /// The RFC 7512 URI of the private key.
+    pub fn uri(&self, token: &Token) -> Pkcs11Uri {
+        Pkcs11Uri {
+            token: Some(token.label().to_owned()),
+            id: Some(self.id.clone()),
+            object: Some(self.label.clone()),
+            object_type: Some(ObjectType::Private),
+            ..Default::default()
+        }
+    }
+
+    /// Public key as PEM.
+    pub fn spki_pem(&self) -> String {
+        crate::pem("PUBLIC KEY", &self.spki)
+    }
+}
+
+/// Which key to use: by id (preferred) or by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRef {
+    /// `CKA_ID` bytes.
+    Id(Vec<u8>),
+    /// `CKA_LABEL`.
+    Label(String),
+}
+
+impl KeyRef {
+    /// From a `pkcs11:` URI: its `id` if present, else its `object`.
+    pub fn from_uri(uri: &Pkcs11Uri) -> Result<KeyRef> {
+        if let Some(id) = &uri.id {
+            Ok(KeyRef::Id(id.clone()))
+        } else if let Some(o) = &uri.object {
+            Ok(KeyRef::Label(o.clone()))
+        } else {
+            Err(Error::Uri(format!("{uri} names no key: give id= or object=")))
+        }
+    }
+
+    fn attr(&self) -> Attribute {
+        match self {
+            KeyRef::Id(id) => Attribute::Id(id.clone()),
+            KeyRef::Label(l) => Attribute::Label(l.as_bytes().to_vec()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            KeyRef::Id(id) => format!("with id {}", hex(id)),
+            KeyRef::Label(l) => format!("labelled '{l}'"),
+        }
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn spki_from_parts(key_type: KeyType, public_bits: &[u8]) -> Vec<u8> {
+    let alg = match key_type.ec_params() {
+        Some(params) => der::seq(&[EC_PUBLIC_KEY_OID, params]),
+        None => der::seq(&[RSA_ENCRYPTION_OID, &[0x05, 0x00]]),
+    };
+    der::seq(&[&alg, &der::bit_string(public_bits)])
+}
+
+fn attr_bytes(session: &Session, obj: ObjectHandle, t: AttributeType) -> Result<Option<Vec<u8>>> {
+    let attrs = session.get_attributes(obj, &[t])?;
+    Ok(attrs.into_iter().find_map(|a| match a {
+        Attribute::Id(v)
+        | Attribute::Label(v)
+        | Attribute::EcParams(v)
+        | Attribute::EcPoint(v)
+        | Attribute::Modulus(v)
+        | Attribute::PublicExponent(v)
+        | Attribute::Value(v) => Some(v),
+        _ => None,
+    }))
+}
+
+fn key_type_of(session: &Session, obj: ObjectHandle) -> Result<KeyType> {
+    let attrs = session.get_attributes(obj, &[AttributeType::KeyType, AttributeType::EcParams, AttributeType::Modulus])?;
+    let mut kt = None;
+    let mut params = None;
+    let mut modulus_len = 0;
+    for a in attrs {
+        match a {
+            Attribute::KeyType(k) => kt = Some(k),
+            Attribute::EcParams(p) => params = Some(p),
+            Attribute::Modulus(m) => modulus_len = m.iter().skip_while(|b| **b == 0).count(),
+            _ => {}
+        }
+    }
+    match (kt, params.as_deref()) {
+        (Some(k), Some(P256_PARAMS)) if k == CkKeyType::EC => Ok(KeyType::EcP256),
+        (Some(k), Some(P384_PARAMS)) if k == CkKeyType::EC => Ok(KeyType::EcP384),
+        (Some(k), _) if k == CkKeyType::RSA && modulus_len == 256 => Ok(KeyType::Rsa2048),
+        (Some(k), _) if k == CkKeyType::RSA && modulus_len == 384 => Ok(KeyType::Rsa3072),
+        (k, _) => Err(Error::Unsupported(format!("key type {k:?} (only P-256, P-384, RSA-2048, RSA-3072)"))),
+    }
+}
+
+/// The public half as (subjectPublicKey bits, SPKI) from a public key object.
+fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> Result<Vec<u8>> {
+    if key_type.is_ec() {
+        let point = attr_bytes(session, public, AttributeType::EcPoint)?
+            .ok_or_else(|| Error::BadTokenData("public key has no CKA_EC_POINT".into()))?;
+        der::ec_point_unwrap(&point, key_type.ec_coord_len())
+            .ok_or_else(|| Error::BadTokenData("CKA_EC_POINT is neither a point nor an OCTET STRING of one".into()))
+    } else {
+        let n = attr_bytes(session, public, AttributeType::Modulus)?
+            .ok_or_else(|| Error::BadTokenData("RSA key has no CKA_MODULUS".into()))?;
+        let e = attr_bytes(session, public, AttributeType::PublicExponent)?
+            .ok_or_else(|| Error::BadTokenData("RSA key has no CKA_PUBLIC_EXPONENT".into()))?;
+        Ok(der::seq(&[&der::uint(&n), &der::uint(&e)]))
+    }
+}
+
+fn find_one(session: &Session, class: ObjectClass, key: &KeyRef) -> Result<Option<ObjectHandle>> {
+    Ok(session.find_objects(&[Attribute::Class(class), key.attr()])?.into_iter().next())
+}
+
+/// Find the private key object handle for `id` in this session.
+pub(crate) fn private_handle(session: &Session, id: &[u8]) -> Result<ObjectHandle> {
+    find_one(session, ObjectClass::PRIVATE_KEY, &KeyRef::Id(id.to_vec()))?
+        .ok_or_else(|| Error::KeyNotFound(format!("with id {}", hex(id))))
+}
+
+fn describe_key(session: &Session, private: ObjectHandle) -> Result<KeyInfo> {
+    let id = attr_bytes(session, private, AttributeType::Id)?.unwrap_or_default();
+    let label = String::from_utf8_lossy(&attr_bytes(session, private, AttributeType::Label)?.unwrap_or_default()).into_owned();
+    let key_type = key_type_of(session, private)?;
+    let kref = KeyRef::Id(id.clone());
+    // The public object carries the point; RSA private keys carry the modulus too.
+    let public = find_one(session, ObjectClass::PUBLIC_KEY, &kref)?;
+    let public_bits = match (public, key_type.is_ec()) {
+        (Some(p), _) => public_parts(session, p, key_type)?,
+        (None, false) => public_parts(session, private, key_type)?,
+        (None, true) => return Err(Error::BadTokenData(format!("EC key {} has no public key object", hex(&id)))),
+    };
+    let has_cert = find_one(session, ObjectClass::CERTIFICATE, &kref)?.is_some();
+    Ok(KeyInfo {
+        spki: spki_from_parts(key_type, &public_bits),
+        id,
+        label,
+        key_type,
+        public_bits,
+        has_cert,
+    })
+}
+
+impl Token {
+    /// Generate a key pair inside the token: private key sensitive, never extractable.
+    pub fn generate_key(&self, key_type: KeyType, label: &str) -> Result<KeyInfo> {
+        self.with_session(|s| {
+            let id = loop {
+                let id = s.generate_random_vec(16)?;
+                if s.find_objects(&[Attribute::Id(id.clone())])?.is_empty() {
+                    break id;
+                }
+            };
+            let common = |extra: Vec<Attribute>| {
+                let mut v = vec![
+                    Attribute::Token(true),
+                    Attribute::Id(id.clone()),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ];
+                v.extend(extra);
+                v
+            };
+            let private = common(vec![
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Sign(true),
+                Attribute::Decrypt(false),
+                Attribute::Derive(false),
+            ]);
+            let (mech, public) = match key_type.ec_params() {
+                Some(params) => (
+                    Mechanism::EccKeyPairGen,
+                    common(vec![Attribute::Private(false), Attribute::Verify(true), Attribute::EcParams(params.to_vec())]),
+                ),
+                None => (
+                    Mechanism::RsaPkcsKeyPairGen,
+                    common(vec![
+                        Attribute::Private(false),
+                        Attribute::Verify(true),
+                        Attribute::Encrypt(false),
+                        Attribute::ModulusBits(key_type.modulus_bits().into()),
+                        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    ]),
+                ),
+            };
+            let (_pub, private) = s.generate_key_pair(&mech, &public, &private)?;
+            describe_key(s, private)
+        })
+    }
+
+    /// Find a key pair by id or label.
+    pub fn find_key(&self, key: &KeyRef) -> Result<KeyInfo> {
+        self.with_session(|s| {
+            let private = find_one(s, ObjectClass::PRIVATE_KEY, key)?.ok_or_else(|| Error::KeyNotFound(key.describe()))?;
+            describe_key(s, private)
+        })
+    }
+
+    /// Every private key in the token with its public half.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        self.with_session(|s| {
+            s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])?
+                .into_iter()
+                .map(|h| describe_key(s, h))
+                .collect()
+        })
+    }
+
+    /// Store an X.509 certificate (DER) under the key's `CKA_ID`, replacing any earlier one.
+    pub fn store_cert(&self, id: &[u8], label: &str, cert_der: &[u8]) -> Result<()> {
+        use x509_cert::der::{Decode, Encode};
+        let cert = x509_cert::Certificate::from_der(cert_der).map_err(|e| Error::BadTokenData(format!("certificate does not parse: {e}")))?;
+        let enc = |r: std::result::Result<Vec<u8>, x509_cert::der::Error>| r.map_err(|e| Error::BadTokenData(e.to_string()));
+        let subject = enc(cert.tbs_certificate.subject.to_der())?;
+        let issuer = enc(cert.tbs_certificate.issuer.to_der())?;
+        let serial = enc(cert.tbs_certificate.serial_number.to_der())?;
+        self.with_session(|s| {
+            for old in s.find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), Attribute::Id(id.to_vec())])? {
+                s.destroy_object(old)?;
+            }
+            s.create_object(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::CertificateType(CertificateType::X_509),
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Id(id.to_vec()),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Subject(subject.clone()),
+                Attribute::Issuer(issuer.clone()),
+                Attribute::SerialNumber(serial.clone()),
+                Attribute::Value(cert_der.to_vec()),
+            ])?;
+            Ok(())
+        })
+    }
+
+    /// The certificate (DER) stored under `id`, if any.
+    pub fn find_cert(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.with_session(|s| match find_one(s, ObjectClass::CERTIFICATE, &KeyRef::Id(id.to_vec()))? {
+            Some(h) => attr_bytes(s, h, AttributeType::Value),
+            None => Ok(None),
+        })
+    }
+
+    /// Destroy private key, public key and certificate objects with this `CKA_ID`, then
+    /// prove by a fresh search that nothing with the id is left. Returns how many went.
+    pub fn destroy(&self, id: &[u8]) -> Result<usize> {
+        self.with_session(|s| {
+            let objs = s.find_objects(&[Attribute::Id(id.to_vec())])?;
+            if objs.is_empty() {
+                return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
+            }
+            for o in &objs {
+                s.destroy_object(*o)?;
+            }
+            let left = s.find_objects(&[Attribute::Id(id.to_vec())])?.len();
+            if left != 0 {
+                return Err(Error::DestroyIncomplete(left));
+            }
+            Ok(objs.len())
+        })
+    }
+
+    /// For tests: is each protection attribute of the private key as it must be?
+    /// Returns (sensitive, extractable, value readable).
+    pub fn private_key_protection(&self, id: &[u8]) -> Result<PrivateKeyProtection> {
+        use cryptoki::object::AttributeInfo;
+        self.with_session(|s| {
+            let h = private_handle(s, id)?;
+            let mut p = PrivateKeyProtection::default();
+            for a in s.get_attributes(h, &[AttributeType::Sensitive, AttributeType::Extractable, AttributeType::NeverExtractable])? {
+                match a {
+                    Attribute::Sensitive(v) => p.sensitive = v,
+                    Attribute::Extractable(v) => p.extractable = v,
+                    Attribute::NeverExtractable(v) => p.never_extractable = v,
+                    _ => {}
+                }
+            }
+            let secret_attrs = [AttributeType::Value, AttributeType::PrivateExponent, AttributeType::Prime1];
+            for info in s.get_attribute_info(h, &secret_attrs)? {
+                match info {
+                    AttributeInfo::Sensitive => p.secret_attrs_sensitive += 1,
+                    AttributeInfo::Available(_) => p.secret_attrs_readable += 1,
+                    _ => {}
+                }
+            }
+            p.set_extractable_refused = s.update_attributes(h, &[Attribute::Extractable(true)]).is_err();
+            Ok(p)
+        })
+    }
+}
+
+/// What a check of a private key's protection found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PrivateKeyProtection {
+    /// `CKA_SENSITIVE`.
+    pub sensitive: bool,
+    /// `CKA_EXTRACTABLE`.
+    pub extractable: bool,
+    /// `CKA_NEVER_EXTRACTABLE`.
+    pub never_extractable: bool,
+    /// Secret attributes (`CKA_VALUE`, `CKA_PRIVATE_EXPONENT`, `CKA_PRIME_1`) that answered "sensitive".
+    pub secret_attrs_sensitive: usize,
+    /// Secret attributes whose value could be read (must be 0).
+    pub secret_attrs_readable: usize,
+    /// Whether setting `CKA_EXTRACTABLE` to true was refused.
+    pub set_extractable_refused: bool,
+}

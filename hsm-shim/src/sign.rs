@@ -1,0 +1,171 @@
+//! `TokenKey`: one key pair in the token that signs. Every signer (TLS, CSR, JWS) goes here.
+
+use crate::der;
+use crate::error::{Error, Result};
+use crate::keys::{private_handle, KeyInfo, KeyRef, KeyType};
+use crate::token::Token;
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::object::ObjectHandle;
+use sha2::Digest;
+use std::sync::{Arc, Mutex};
+
+/// Hash functions the signers use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hash {
+    /// SHA-256.
+    Sha256,
+    /// SHA-384.
+    Sha384,
+    /// SHA-512.
+    Sha512,
+}
+
+impl Hash {
+    fn digest(self, msg: &[u8]) -> Vec<u8> {
+        match self {
+            Hash::Sha256 => sha2::Sha256::digest(msg).to_vec(),
+            Hash::Sha384 => sha2::Sha384::digest(msg).to_vec(),
+            Hash::Sha512 => sha2::Sha512::digest(msg).to_vec(),
+        }
+    }
+    fn len(self) -> u64 {
+        match self {
+            Hash::Sha256 => 32,
+            Hash::Sha384 => 48,
+            Hash::Sha512 => 64,
+        }
+    }
+}
+
+/// A signature algorithm as the token layer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignAlg {
+    /// ECDSA over the hash; `der` selects DER (X.509, TLS) or raw r||s (JWS).
+    Ecdsa {
+        /// Hash, computed in software (SoftHSM offers only CKM_ECDSA).
+        hash: Hash,
+        /// Output DER (true) or raw r||s (false).
+        der: bool,
+    },
+    /// RSASSA-PKCS1-v1_5.
+    RsaPkcs1(Hash),
+    /// RSASSA-PSS with MGF1 of the same hash and salt = hash length.
+    RsaPss(Hash),
+}
+
+/// A key pair in the token that can sign. Cheap to clone; shares the token's session pool.
+#[derive(Clone)]
+pub struct TokenKey {
+    token: Arc<Token>,
+    info: Arc<KeyInfo>,
+    /// Object handles are valid in every session of the process; cache it so a signature
+    /// costs one C_Sign, and look the key up again by CKA_ID if the handle goes stale.
+    handle: Arc<Mutex<Option<ObjectHandle>>>,
+}
+
+impl std::fmt::Debug for TokenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenKey")
+            .field("token", &self.token.label())
+            .field("id", &crate::keys::hex(&self.info.id))
+            .field("label", &self.info.label)
+            .field("type", &self.info.key_type)
+            .finish()
+    }
+}
+
+impl TokenKey {
+    /// Open a key pair of the token for signing.
+    pub fn open(token: Arc<Token>, key: &KeyRef) -> Result<TokenKey> {
+        let info = token.find_key(key)?;
+        Ok(TokenKey {
+            token,
+            info: Arc::new(info),
+            handle: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// What is known of the key.
+    pub fn info(&self) -> &KeyInfo {
+        &self.info
+    }
+
+    /// Key type.
+    pub fn key_type(&self) -> KeyType {
+        self.info.key_type
+    }
+
+    /// The token.
+    pub fn token(&self) -> &Arc<Token> {
+        &self.token
+    }
+
+    fn mechanism(&self, alg: SignAlg, msg: &[u8]) -> Result<(Mechanism<'static>, Vec<u8>)> {
+        let hash_mech = |h: Hash| match h {
+            Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+            Hash::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
+            Hash::Sha512 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
+        };
+        match (alg, self.info.key_type.is_ec()) {
+            (SignAlg::Ecdsa { hash, .. }, true) => Ok((Mechanism::Ecdsa, hash.digest(msg))),
+            (SignAlg::RsaPkcs1(h), false) => Ok((
+                match h {
+                    Hash::Sha256 => Mechanism::Sha256RsaPkcs,
+                    Hash::Sha384 => Mechanism::Sha384RsaPkcs,
+                    Hash::Sha512 => Mechanism::Sha512RsaPkcs,
+                },
+                msg.to_vec(),
+            )),
+            (SignAlg::RsaPss(h), false) => {
+                let (hash_alg, mgf) = hash_mech(h);
+                let params = PkcsPssParams {
+                    hash_alg,
+                    mgf,
+                    s_len: h.len().into(),
+                };
+                Ok((
+                    match h {
+                        Hash::Sha256 => Mechanism::Sha256RsaPkcsPss(params),
+                        Hash::Sha384 => Mechanism::Sha384RsaPkcsPss(params),
+                        Hash::Sha512 => Mechanism::Sha512RsaPkcsPss(params),
+                    },
+                    msg.to_vec(),
+                ))
+            }
+            (alg, _) => Err(Error::Unsupported(format!("{alg:?} with a {} key", self.info.key_type))),
+        }
+    }
+
+    /// Sign `msg` in the token.
+    pub fn sign(&self, alg: SignAlg, msg: &[u8]) -> Result<Vec<u8>> {
+        let (mech, data) = self.mechanism(alg, msg)?;
+        let raw = self.token.with_session(|s| {
+            let cached = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
+            let h = match cached {
+                Some(h) => h,
+                None => self.refresh_handle(s)?,
+            };
+            match s.sign(&mech, h, &data) {
+                Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) => {
+                    let h = self.refresh_handle(s)?;
+                    Ok(s.sign(&mech, h, &data)?)
+                }
+                other => Ok(other?),
+            }
+        })?;
+        match alg {
+            SignAlg::Ecdsa { der: true, .. } => {
+                der::ecdsa_raw_to_der(&raw).ok_or_else(|| Error::BadTokenData(format!("ECDSA signature of {} bytes", raw.len())))
+            }
+            _ => Ok(raw),
+        }
+    }
+
+    fn refresh_handle(&self, s: &cryptoki::session::Session) -> Result<ObjectHandle> {
+        let h = private_handle(s, &self.info.id)?;
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        Ok(h)
+    }
+}

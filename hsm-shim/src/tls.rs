@@ -1,0 +1,118 @@
+//! rustls 0.23 `SigningKey` over a token key: the TLS identity never leaves the token.
+
+use crate::keys::KeyType;
+use crate::sign::{Hash, SignAlg, TokenKey};
+use rustls::pki_types::SubjectPublicKeyInfoDer;
+use rustls::sign::{Signer, SigningKey};
+use rustls::{SignatureAlgorithm, SignatureScheme};
+use std::sync::{Arc, Mutex};
+
+/// A rustls signing key backed by the token.
+#[derive(Debug, Clone)]
+pub struct TlsSigningKey {
+    key: TokenKey,
+    /// The scheme chosen in the last handshake, for diagnostics (`probe` prints it).
+    last_scheme: Arc<Mutex<Option<SignatureScheme>>>,
+}
+
+impl TlsSigningKey {
+    /// Wrap a token key.
+    pub fn new(key: TokenKey) -> Self {
+        TlsSigningKey {
+            key,
+            last_scheme: Arc::default(),
+        }
+    }
+
+    /// The signature scheme picked in the most recent handshake, if any.
+    pub fn last_scheme(&self) -> Option<SignatureScheme> {
+        *self.last_scheme.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Schemes this key offers, best first. RSA prefers PSS (the only choice in TLS 1.3)
+    /// and falls back to PKCS#1 v1.5 for TLS 1.2 peers that offer only that.
+    fn preferred(&self) -> &'static [SignatureScheme] {
+        match self.key.key_type() {
+            KeyType::EcP256 => &[SignatureScheme::ECDSA_NISTP256_SHA256],
+            KeyType::EcP384 => &[SignatureScheme::ECDSA_NISTP384_SHA384],
+            KeyType::Rsa2048 | KeyType::Rsa3072 => &[
+                SignatureScheme::RSA_PSS_SHA256,
+                SignatureScheme::RSA_PSS_SHA384,
+                SignatureScheme::RSA_PSS_SHA512,
+                SignatureScheme::RSA_PKCS1_SHA256,
+                SignatureScheme::RSA_PKCS1_SHA384,
+                SignatureScheme::RSA_PKCS1_SHA512,
+            ],
+        }
+    }
+}
+
+/// The token algorithm for a TLS scheme.
+pub fn sign_alg(scheme: SignatureScheme) -> Option<SignAlg> {
+    Some(match scheme {
+        SignatureScheme::ECDSA_NISTP256_SHA256 => SignAlg::Ecdsa { hash: Hash::Sha256, der: true },
+        SignatureScheme::ECDSA_NISTP384_SHA384 => SignAlg::Ecdsa { hash: Hash::Sha384, der: true },
+        SignatureScheme::RSA_PSS_SHA256 => SignAlg::RsaPss(Hash::Sha256),
+        SignatureScheme::RSA_PSS_SHA384 => SignAlg::RsaPss(Hash::Sha384),
+        SignatureScheme::RSA_PSS_SHA512 => SignAlg::RsaPss(Hash::Sha512),
+        SignatureScheme::RSA_PKCS1_SHA256 => SignAlg::RsaPkcs1(Hash::Sha256),
+        SignatureScheme::RSA_PKCS1_SHA384 => SignAlg::RsaPkcs1(Hash::Sha384),
+        SignatureScheme::RSA_PKCS1_SHA512 => SignAlg::RsaPkcs1(Hash::Sha512),
+        _ => return None,
+    })
+}
+
+impl SigningKey for TlsSigningKey {
+    fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        let scheme = self.preferred().iter().find(|s| offered.contains(s))?;
+        *self.last_scheme.lock().unwrap_or_else(|p| p.into_inner()) = Some(*scheme);
+        Some(Box::new(TlsSigner {
+            key: self.key.clone(),
+            scheme: *scheme,
+            alg: sign_alg(*scheme)?,
+        }))
+    }
+
+    fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
+        Some(SubjectPublicKeyInfoDer::from(self.key.info().spki.as_slice()))
+    }
+
+    fn algorithm(&self) -> SignatureAlgorithm {
+        if self.key.key_type().is_ec() {
+            SignatureAlgorithm::ECDSA
+        } else {
+            SignatureAlgorithm::RSA
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TlsSigner {
+    key: TokenKey,
+    scheme: SignatureScheme,
+    alg: SignAlg,
+}
+
+impl Signer for TlsSigner {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
+        self.key.sign(self.alg, message).map_err(|e| rustls::Error::General(format!("token signature failed: {e}")))
+    }
+
+    fn scheme(&self) -> SignatureScheme {
+        self.scheme
+    }
+}
+
+/// A rustls `CertifiedKey` for the token key and a chain, refused when the leaf
+/// certificate does not carry this key's public key.
+pub fn certified_key(
+    key: TlsSigningKey,
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+) -> Result<Arc<rustls::sign::CertifiedKey>, crate::Error> {
+    if chain.is_empty() {
+        return Err(crate::Error::Unsupported("an empty certificate chain".into()));
+    }
+    let ck = rustls::sign::CertifiedKey::new(chain, Arc::new(key));
+    ck.keys_match().map_err(|e| crate::Error::KeyCertMismatch(e.to_string()))?;
+    Ok(Arc::new(ck))
+}
