@@ -61,7 +61,10 @@ impl Url {
                 None => (authority.to_owned(), 443),
             }
         };
-        if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c == '@') || path.contains(['\r', '\n', ' ']) {
+        if host.is_empty()
+            || host.chars().any(|c| c.is_whitespace() || c == '@')
+            || path.contains(['\r', '\n', ' '])
+        {
             return Err(bad());
         }
         Ok(Url {
@@ -105,11 +108,16 @@ pub fn parse_status(head: &[u8]) -> Result<u16, HttpError> {
     if !version.starts_with("HTTP/1.") || code.len() != 3 {
         return Err(HttpError::Malformed(line.chars().take(80).collect()));
     }
-    code.parse().map_err(|_| HttpError::Malformed(line.chars().take(80).collect()))
+    code.parse()
+        .map_err(|_| HttpError::Malformed(line.chars().take(80).collect()))
 }
 
 /// Send one GET over TLS with `config` and read the answer.
-pub fn get(config: Arc<rustls::ClientConfig>, url: &Url, timeout: Duration) -> Result<Response, HttpError> {
+pub fn get(
+    config: Arc<rustls::ClientConfig>,
+    url: &Url,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
     let io = |stage: &str| {
         let stage = stage.to_owned();
         move |source| HttpError::Io { stage, source }
@@ -122,7 +130,8 @@ pub fn get(config: Arc<rustls::ClientConfig>, url: &Url, timeout: Duration) -> R
     let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(io("connecting"))?;
     tcp.set_read_timeout(Some(timeout)).map_err(io("socket"))?;
     tcp.set_write_timeout(Some(timeout)).map_err(io("socket"))?;
-    let name = ServerName::try_from(url.host.clone()).map_err(|_| HttpError::Url(url.host.clone()))?;
+    let name =
+        ServerName::try_from(url.host.clone()).map_err(|_| HttpError::Url(url.host.clone()))?;
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| HttpError::Io {
         stage: "TLS setup".into(),
         source: std::io::Error::other(e),
@@ -134,7 +143,8 @@ pub fn get(config: Arc<rustls::ClientConfig>, url: &Url, timeout: Duration) -> R
         url.host_header(),
         env!("CARGO_PKG_VERSION")
     );
-    tls.write_all(req.as_bytes()).map_err(io("TLS handshake or request"))?;
+    tls.write_all(req.as_bytes())
+        .map_err(io("TLS handshake or request"))?;
     tls.flush().map_err(io("sending request"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -153,11 +163,19 @@ pub fn get(config: Arc<rustls::ClientConfig>, url: &Url, timeout: Duration) -> R
         }
     }
     let status = parse_status(&buf)?;
-    let body_start = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4).unwrap_or(buf.len());
+    let body_start = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+        .unwrap_or(buf.len());
     let body_end = buf.len().min(body_start + 4096);
     Ok(Response {
         status,
-        protocol: tls.conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+        protocol: tls
+            .conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
         cipher_suite: tls
             .conn
             .negotiated_cipher_suite()
@@ -175,18 +193,33 @@ mod tests {
     #[test]
     fn urls() {
         let u = Url::parse("https://127.0.0.1:8443/health?x=1").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("127.0.0.1", 8443, "/health?x=1"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("127.0.0.1", 8443, "/health?x=1")
+        );
         let u = Url::parse("https://[::1]:9/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.host_header().as_str()), ("::1", 9, "[::1]:9"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.host_header().as_str()),
+            ("::1", 9, "[::1]:9")
+        );
         assert_eq!(Url::parse("https://gw.example").unwrap().port, 443);
-        for bad in ["http://x", "https://", "https://a:b/", "https://a/ b", "https://[::1"] {
+        for bad in [
+            "http://x",
+            "https://",
+            "https://a:b/",
+            "https://a/ b",
+            "https://[::1",
+        ] {
             assert!(Url::parse(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn status_lines() {
-        assert_eq!(parse_status(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(), 204);
+        assert_eq!(
+            parse_status(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(),
+            204
+        );
         assert_eq!(parse_status(b"HTTP/1.0 200 ok\n").unwrap(), 200);
         assert!(parse_status(b"SSH-2.0-OpenSSH\r\n").is_err());
         assert!(parse_status(b"").is_err());

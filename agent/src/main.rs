@@ -11,7 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "edge-signer", version, about = "Credential agent: keys in a PKCS#11 token, CSRs, mTLS identities")]
+#[command(
+    name = "edge-signer",
+    version,
+    about = "Credential agent: keys in a PKCS#11 token, CSRs, mTLS identities"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -157,7 +161,10 @@ fn parse_key_type(s: &str) -> Result<KeyType, String> {
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("EDGE_SIGNER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGE_SIGNER_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -196,7 +203,9 @@ impl Global {
         }
         match uri {
             Some(Pkcs11Uri { token: Some(t), .. }) => Ok(TokenSelector::Label(t.clone())),
-            Some(Pkcs11Uri { serial: Some(s), .. }) => Ok(TokenSelector::Serial(s.clone())),
+            Some(Pkcs11Uri {
+                serial: Some(s), ..
+            }) => Ok(TokenSelector::Serial(s.clone())),
             _ => bail!("no token: pass --token LABEL or set EDGE_SIGNER_TOKEN"),
         }
     }
@@ -234,7 +243,13 @@ fn key_json(k: &hsm_shim::KeyInfo, token: &Token) -> serde_json::Value {
     })
 }
 
-fn identity(g: &Global, id: &Identity) -> Result<(hsm_shim::TlsSigningKey, Arc<hsm_shim::rustls::sign::CertifiedKey>)> {
+fn identity(
+    g: &Global,
+    id: &Identity,
+) -> Result<(
+    hsm_shim::TlsSigningKey,
+    Arc<hsm_shim::rustls::sign::CertifiedKey>,
+)> {
     let key = g.open_key(&id.key)?;
     let mut chain = tlsconf::load_certs(&id.cert)?;
     if let Some(c) = &id.chain {
@@ -259,7 +274,10 @@ fn run(cli: Cli) -> Result<i32> {
                 let mut s = String::new();
                 for t in &tokens {
                     if t.initialized {
-                        s += &format!("slot {:<12} label {:<20} serial {} ({} {})\n", t.slot, t.label, t.serial, t.manufacturer, t.model);
+                        s += &format!(
+                            "slot {:<12} label {:<20} serial {} ({} {})\n",
+                            t.slot, t.label, t.serial, t.manufacturer, t.model
+                        );
                     } else {
                         s += &format!("slot {:<12} (uninitialised)\n", t.slot);
                     }
@@ -267,27 +285,56 @@ fn run(cli: Cli) -> Result<i32> {
                 s
             });
         }
-        Cmd::Token(TokenCmd::Init { label, so_pin_file, json }) => {
+        Cmd::Token(TokenCmd::Init {
+            label,
+            so_pin_file,
+            json,
+        }) => {
             let so = PinSource::File(so_pin_file).read()?;
             let user = g.pin(None)?;
             let t = hsm_shim::token::init_token(&g.module(None)?, &label, &so, &user)?;
-            print(json, json!({"slot": t.slot, "label": t.label, "serial": t.serial}), || {
-                format!("initialised token '{}' (serial {}) in slot {}\n", t.label, t.serial, t.slot)
-            });
+            print(
+                json,
+                json!({"slot": t.slot, "label": t.label, "serial": t.serial}),
+                || {
+                    format!(
+                        "initialised token '{}' (serial {}) in slot {}\n",
+                        t.label, t.serial, t.slot
+                    )
+                },
+            );
         }
-        Cmd::Key(KeyCmd::Generate { key_type, label, json }) => {
+        Cmd::Key(KeyCmd::Generate {
+            key_type,
+            label,
+            json,
+        }) => {
             let token = g.open_token(None)?;
             let k = token.generate_key(key_type, &label)?;
-            print(json, key_json(&k, &token), || format!("{}\n", k.uri(&token)));
+            print(json, key_json(&k, &token), || {
+                format!("{}\n", k.uri(&token))
+            });
         }
         Cmd::Key(KeyCmd::List { json }) => {
             let token = g.open_token(None)?;
             let keys = token.list_keys()?;
-            print(json, json!(keys.iter().map(|k| key_json(k, &token)).collect::<Vec<_>>()), || {
-                keys.iter()
-                    .map(|k| format!("{:<9} {:<24} {}{}\n", k.key_type, k.label, k.uri(&token), if k.has_cert { " (cert)" } else { "" }))
-                    .collect()
-            });
+            print(
+                json,
+                json!(keys.iter().map(|k| key_json(k, &token)).collect::<Vec<_>>()),
+                || {
+                    keys.iter()
+                        .map(|k| {
+                            format!(
+                                "{:<9} {:<24} {}{}\n",
+                                k.key_type,
+                                k.label,
+                                k.uri(&token),
+                                if k.has_cert { " (cert)" } else { "" }
+                            )
+                        })
+                        .collect()
+                },
+            );
         }
         Cmd::Key(KeyCmd::Destroy { uri, json }) => {
             let parsed = Pkcs11Uri::parse(&uri)?;
@@ -297,30 +344,64 @@ fn run(cli: Cli) -> Result<i32> {
                 by_label => token.find_key(&by_label)?.id,
             };
             let n = token.destroy(&id)?;
-            print(json, json!({"destroyed": n, "id": hsm_shim::keys::hex(&id)}), || {
-                format!("destroyed {n} object(s) with id {}; none left\n", hsm_shim::keys::hex(&id))
-            });
+            print(
+                json,
+                json!({"destroyed": n, "id": hsm_shim::keys::hex(&id)}),
+                || {
+                    format!(
+                        "destroyed {n} object(s) with id {}; none left\n",
+                        hsm_shim::keys::hex(&id)
+                    )
+                },
+            );
         }
-        Cmd::Csr { key, subject, san, out, json } => {
+        Cmd::Csr {
+            key,
+            subject,
+            san,
+            out,
+            json,
+        } => {
             let subject = Subject::parse(&subject)?;
-            let sans = san.iter().map(|s| s.parse::<San>()).collect::<Result<Vec<_>, _>>()?;
+            let sans = san
+                .iter()
+                .map(|s| s.parse::<San>())
+                .collect::<Result<Vec<_>, _>>()?;
             let k = g.open_key(&key)?;
             let pem = hsm_shim::csr::build_csr(&k, &subject, &sans)?;
             write_file(&out, pem.as_bytes())?;
-            print(json, json!({"out": out, "subject": subject.to_string(), "sans": sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "key": key}), || {
-                format!("wrote CSR for {subject} to {}\n", out.display())
-            });
+            print(
+                json,
+                json!({"out": out, "subject": subject.to_string(), "sans": sans.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "key": key}),
+                || format!("wrote CSR for {subject} to {}\n", out.display()),
+            );
         }
-        Cmd::Probe { id, ca, url, tls, timeout, json } => {
+        Cmd::Probe {
+            id,
+            ca,
+            url,
+            tls,
+            timeout,
+            json,
+        } => {
             let url = http::Url::parse(&url)?;
             let (signer, ck) = identity(g, &id)?;
             let cfg = tlsconf::client_config(Some(ck), tlsconf::load_roots(&ca)?, tls)?;
-            let resp = http::get(Arc::new(cfg), &url, Duration::from_secs(timeout))
-                .with_context(|| format!("probe of https://{}:{}{} failed", url.host, url.port, url.path))?;
+            let resp = http::get(Arc::new(cfg), &url, Duration::from_secs(timeout)).with_context(
+                || {
+                    format!(
+                        "probe of https://{}:{}{} failed",
+                        url.host, url.port, url.path
+                    )
+                },
+            )?;
             let scheme = signer.last_scheme().map(|s| format!("{s:?}"));
             let ok = (200..300).contains(&resp.status);
-            print(json, json!({"status": resp.status, "ok": ok, "protocol": resp.protocol, "cipher_suite": resp.cipher_suite, "client_signature_scheme": scheme}), || {
-                format!(
+            print(
+                json,
+                json!({"status": resp.status, "ok": ok, "protocol": resp.protocol, "cipher_suite": resp.cipher_suite, "client_signature_scheme": scheme}),
+                || {
+                    format!(
                     "status {} ({})\nprotocol {}\ncipher suite {}\nclient signature scheme {}\n",
                     resp.status,
                     if ok { "ok" } else { "not 2xx" },
@@ -328,10 +409,17 @@ fn run(cli: Cli) -> Result<i32> {
                     resp.cipher_suite,
                     scheme.as_deref().unwrap_or("none (server asked for no client certificate)")
                 )
-            });
+                },
+            );
             return Ok(if ok { 0 } else { 1 });
         }
-        Cmd::TlsServe { id, client_ca, listen, max_connections, tls } => {
+        Cmd::TlsServe {
+            id,
+            client_ca,
+            listen,
+            max_connections,
+            tls,
+        } => {
             let (_, ck) = identity(g, &id)?;
             let roots = client_ca.as_deref().map(tlsconf::load_roots).transpose()?;
             let cfg = Arc::new(tlsconf::server_config(ck, roots, tls)?);
@@ -343,7 +431,8 @@ fn run(cli: Cli) -> Result<i32> {
 
 fn serve(cfg: Arc<hsm_shim::rustls::ServerConfig>, listen: &str, max: Option<u64>) -> Result<()> {
     use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind(listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = std::net::TcpListener::bind(listen)
+        .with_context(|| format!("cannot listen on {listen}"))?;
     println!("listening on {}", listener.local_addr()?);
     let mut served = 0u64;
     for stream in listener.incoming() {
@@ -356,7 +445,13 @@ fn serve(cfg: Arc<hsm_shim::rustls::ServerConfig>, listen: &str, max: Option<u64
             let mut buf = [0u8; 2048];
             let _ = tls.read(&mut buf)?;
             let body = format!("edge-signer tls-serve: {:?}\n", tls.conn.protocol_version());
-            tls.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes())?;
+            tls.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            )?;
             tls.conn.send_close_notify();
             tls.flush()?;
             Ok(())
@@ -375,9 +470,16 @@ fn serve(cfg: Arc<hsm_shim::rustls::ServerConfig>, listen: &str, max: Option<u64
 /// Write a file through a temp file and rename, so a power cut never leaves half of it.
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("out")));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     f.write_all(data)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;

@@ -106,12 +106,16 @@ pub fn server_config(
     client_roots: Option<RootCertStore>,
     versions: TlsVersions,
 ) -> Result<ServerConfig, TlsConfError> {
-    let b = ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions.list())?;
+    let b =
+        ServerConfig::builder_with_provider(provider()).with_protocol_versions(versions.list())?;
     let b = match client_roots {
         Some(roots) => {
-            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+            let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider(),
+            )
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
             b.with_client_cert_verifier(v)
         }
         None => b.with_no_client_auth(),

@@ -25,8 +25,14 @@ impl rcgen::PublicKeyData for CsrSigner<'_> {
 impl rcgen::SigningKey for CsrSigner<'_> {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
         let alg = match self.0.key_type() {
-            KeyType::EcP256 => SignAlg::Ecdsa { hash: Hash::Sha256, der: true },
-            KeyType::EcP384 => SignAlg::Ecdsa { hash: Hash::Sha384, der: true },
+            KeyType::EcP256 => SignAlg::Ecdsa {
+                hash: Hash::Sha256,
+                der: true,
+            },
+            KeyType::EcP384 => SignAlg::Ecdsa {
+                hash: Hash::Sha384,
+                der: true,
+            },
             _ => SignAlg::RsaPkcs1(Hash::Sha256),
         };
         self.0.sign(alg, msg).map_err(|e| {
@@ -59,15 +65,19 @@ impl Subject {
         parts.push(cur);
         let mut out = Vec::new();
         for p in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
-            let (k, v) = p
-                .split_once('=')
-                .ok_or_else(|| Error::Unsupported(format!("subject part '{p}' is not ATTR=value")))?;
+            let (k, v) = p.split_once('=').ok_or_else(|| {
+                Error::Unsupported(format!("subject part '{p}' is not ATTR=value"))
+            })?;
             let k = k.trim().to_ascii_uppercase();
             if !["C", "ST", "L", "O", "OU", "CN"].contains(&k.as_str()) {
-                return Err(Error::Unsupported(format!("subject attribute '{k}' (use C, ST, L, O, OU, CN)")));
+                return Err(Error::Unsupported(format!(
+                    "subject attribute '{k}' (use C, ST, L, O, OU, CN)"
+                )));
             }
             if v.trim().is_empty() {
-                return Err(Error::Unsupported(format!("subject attribute {k} is empty")));
+                return Err(Error::Unsupported(format!(
+                    "subject attribute {k} is empty"
+                )));
             }
             out.push((k, v.trim().to_owned()));
         }
@@ -96,7 +106,11 @@ impl Subject {
 
 impl std::fmt::Display for Subject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={}", v.replace(',', "\\,"))).collect();
+        let s: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, v)| format!("{k}={}", v.replace(',', "\\,")))
+            .collect();
         f.write_str(&s.join(","))
     }
 }
@@ -115,9 +129,20 @@ impl std::str::FromStr for San {
     /// `dns:gw-01.example.net` or `ip:10.0.0.7`.
     fn from_str(s: &str) -> Result<San> {
         match s.split_once(':') {
-            Some(("dns", n)) if !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c)) => Ok(San::Dns(n.to_owned())),
-            Some(("ip", a)) => a.parse().map(San::Ip).map_err(|_| Error::Unsupported(format!("'{a}' is not an IP address"))),
-            _ => Err(Error::Unsupported(format!("SAN '{s}': use dns:NAME or ip:ADDRESS"))),
+            Some(("dns", n))
+                if !n.is_empty()
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-.*".contains(c)) =>
+            {
+                Ok(San::Dns(n.to_owned()))
+            }
+            Some(("ip", a)) => a
+                .parse()
+                .map(San::Ip)
+                .map_err(|_| Error::Unsupported(format!("'{a}' is not an IP address"))),
+            _ => Err(Error::Unsupported(format!(
+                "SAN '{s}': use dns:NAME or ip:ADDRESS"
+            ))),
         }
     }
 }
@@ -140,7 +165,9 @@ pub fn build_csr(key: &TokenKey, subject: &Subject, sans: &[San]) -> Result<Stri
         .map(|s| {
             Ok(match s {
                 San::Dns(n) => rcgen::SanType::DnsName(
-                    n.clone().try_into().map_err(|e| Error::Unsupported(format!("DNS name '{n}': {e}")))?,
+                    n.clone()
+                        .try_into()
+                        .map_err(|e| Error::Unsupported(format!("DNS name '{n}': {e}")))?,
                 ),
                 San::Ip(a) => rcgen::SanType::IpAddress(*a),
             })
@@ -149,7 +176,8 @@ pub fn build_csr(key: &TokenKey, subject: &Subject, sans: &[San]) -> Result<Stri
     let csr = params
         .serialize_request(&CsrSigner(key))
         .map_err(|e| Error::Unsupported(format!("building the CSR failed: {e}")))?;
-    csr.pem().map_err(|e| Error::Unsupported(format!("CSR PEM: {e}")))
+    csr.pem()
+        .map_err(|e| Error::Unsupported(format!("CSR PEM: {e}")))
 }
 
 #[cfg(test)]
@@ -170,7 +198,10 @@ mod tests {
 
     #[test]
     fn san_parse() {
-        assert_eq!("dns:a.example".parse::<San>().unwrap(), San::Dns("a.example".into()));
+        assert_eq!(
+            "dns:a.example".parse::<San>().unwrap(),
+            San::Dns("a.example".into())
+        );
         assert!("ip:10.0.0.300".parse::<San>().is_err());
         assert!("uri:x".parse::<San>().is_err());
         assert_eq!("ip:::1".parse::<San>().unwrap().to_string(), "ip:::1");

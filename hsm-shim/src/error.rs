@@ -122,10 +122,16 @@ pub fn ckr_name(rv: &cryptoki::error::RvError) -> String {
 
 fn hint_for(ckr: &str) -> &'static str {
     match ckr {
-        "CKR_PIN_INCORRECT" => " (wrong PIN: check the file given with --pin-file; repeated failures lock the token)",
+        "CKR_PIN_INCORRECT" => {
+            " (wrong PIN: check the file given with --pin-file; repeated failures lock the token)"
+        }
         "CKR_PIN_LOCKED" => " (the user PIN is locked: the security officer must reset it)",
-        "CKR_USER_PIN_NOT_INITIALIZED" => " (the token has no user PIN yet: run `edge-signer token init`)",
-        "CKR_TOKEN_NOT_PRESENT" | "CKR_DEVICE_REMOVED" => " (the token went away: check the device)",
+        "CKR_USER_PIN_NOT_INITIALIZED" => {
+            " (the token has no user PIN yet: run `edge-signer token init`)"
+        }
+        "CKR_TOKEN_NOT_PRESENT" | "CKR_DEVICE_REMOVED" => {
+            " (the token went away: check the device)"
+        }
         "CKR_MECHANISM_INVALID" => " (the token does not support this mechanism)",
         _ => "",
     }

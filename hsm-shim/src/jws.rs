@@ -41,8 +41,14 @@ impl JwsAlg {
 
     fn sign_alg(self) -> SignAlg {
         match self {
-            JwsAlg::Es256 => SignAlg::Ecdsa { hash: Hash::Sha256, der: false },
-            JwsAlg::Es384 => SignAlg::Ecdsa { hash: Hash::Sha384, der: false },
+            JwsAlg::Es256 => SignAlg::Ecdsa {
+                hash: Hash::Sha256,
+                der: false,
+            },
+            JwsAlg::Es384 => SignAlg::Ecdsa {
+                hash: Hash::Sha384,
+                der: false,
+            },
             JwsAlg::Rs256 => SignAlg::RsaPkcs1(Hash::Sha256),
             JwsAlg::Ps256 => SignAlg::RsaPss(Hash::Sha256),
         }
@@ -59,13 +65,26 @@ pub fn b64url(data: &[u8]) -> String {
 pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Result<String> {
     let compatible = matches!(
         (alg, key.key_type()),
-        (JwsAlg::Es256, KeyType::EcP256) | (JwsAlg::Es384, KeyType::EcP384) | (JwsAlg::Rs256 | JwsAlg::Ps256, KeyType::Rsa2048 | KeyType::Rsa3072)
+        (JwsAlg::Es256, KeyType::EcP256)
+            | (JwsAlg::Es384, KeyType::EcP384)
+            | (
+                JwsAlg::Rs256 | JwsAlg::Ps256,
+                KeyType::Rsa2048 | KeyType::Rsa3072
+            )
     );
     if !compatible {
-        return Err(Error::Unsupported(format!("JWS {} with a {} key", alg.name(), key.key_type())));
+        return Err(Error::Unsupported(format!(
+            "JWS {} with a {} key",
+            alg.name(),
+            key.key_type()
+        )));
     }
     let header = serde_json::json!({ "alg": alg.name(), "kid": kid });
-    let signing_input = format!("{}.{}", b64url(header.to_string().as_bytes()), b64url(payload));
+    let signing_input = format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(payload)
+    );
     let sig = key.sign(alg.sign_alg(), signing_input.as_bytes())?;
     Ok(format!("{signing_input}.{}", b64url(&sig)))
 }

@@ -5,7 +5,9 @@ use crate::error::{Error, Result};
 use crate::token::Token;
 use crate::uri::{ObjectType, Pkcs11Uri};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, CertificateType, KeyType as CkKeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeType, CertificateType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::Session;
 use std::str::FromStr;
 
@@ -26,11 +28,18 @@ pub enum KeyType {
 const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const RSA_ENCRYPTION_OID: &[u8] = &[0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+const RSA_ENCRYPTION_OID: &[u8] = &[
+    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+];
 
 impl KeyType {
     /// All supported types.
-    pub const ALL: [KeyType; 4] = [KeyType::EcP256, KeyType::EcP384, KeyType::Rsa2048, KeyType::Rsa3072];
+    pub const ALL: [KeyType; 4] = [
+        KeyType::EcP256,
+        KeyType::EcP384,
+        KeyType::Rsa2048,
+        KeyType::Rsa3072,
+    ];
 
     /// The name used in config and on the command line.
     pub fn as_str(self) -> &'static str {
@@ -83,7 +92,9 @@ impl FromStr for KeyType {
         KeyType::ALL
             .into_iter()
             .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("unknown key type '{s}'; expected ec-p256, ec-p384, rsa-2048 or rsa-3072"))
+            .ok_or_else(|| {
+                format!("unknown key type '{s}'; expected ec-p256, ec-p384, rsa-2048 or rsa-3072")
+            })
     }
 }
 
@@ -139,7 +150,9 @@ impl KeyRef {
         } else if let Some(o) = &uri.object {
             Ok(KeyRef::Label(o.clone()))
         } else {
-            Err(Error::Uri(format!("{uri} names no key: give id= or object=")))
+            Err(Error::Uri(format!(
+                "{uri} names no key: give id= or object="
+            )))
         }
     }
 
@@ -186,7 +199,14 @@ fn attr_bytes(session: &Session, obj: ObjectHandle, t: AttributeType) -> Result<
 }
 
 fn key_type_of(session: &Session, obj: ObjectHandle) -> Result<KeyType> {
-    let attrs = session.get_attributes(obj, &[AttributeType::KeyType, AttributeType::EcParams, AttributeType::Modulus])?;
+    let attrs = session.get_attributes(
+        obj,
+        &[
+            AttributeType::KeyType,
+            AttributeType::EcParams,
+            AttributeType::Modulus,
+        ],
+    )?;
     let mut kt = None;
     let mut params = None;
     let mut modulus_len = 0;
@@ -203,7 +223,9 @@ fn key_type_of(session: &Session, obj: ObjectHandle) -> Result<KeyType> {
         (Some(k), Some(P384_PARAMS)) if k == CkKeyType::EC => Ok(KeyType::EcP384),
         (Some(k), _) if k == CkKeyType::RSA && modulus_len == 256 => Ok(KeyType::Rsa2048),
         (Some(k), _) if k == CkKeyType::RSA && modulus_len == 384 => Ok(KeyType::Rsa3072),
-        (k, _) => Err(Error::Unsupported(format!("key type {k:?} (only P-256, P-384, RSA-2048, RSA-3072)"))),
+        (k, _) => Err(Error::Unsupported(format!(
+            "key type {k:?} (only P-256, P-384, RSA-2048, RSA-3072)"
+        ))),
     }
 }
 
@@ -212,8 +234,9 @@ fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> R
     if key_type.is_ec() {
         let point = attr_bytes(session, public, AttributeType::EcPoint)?
             .ok_or_else(|| Error::BadTokenData("public key has no CKA_EC_POINT".into()))?;
-        der::ec_point_unwrap(&point, key_type.ec_coord_len())
-            .ok_or_else(|| Error::BadTokenData("CKA_EC_POINT is neither a point nor an OCTET STRING of one".into()))
+        der::ec_point_unwrap(&point, key_type.ec_coord_len()).ok_or_else(|| {
+            Error::BadTokenData("CKA_EC_POINT is neither a point nor an OCTET STRING of one".into())
+        })
     } else {
         let n = attr_bytes(session, public, AttributeType::Modulus)?
             .ok_or_else(|| Error::BadTokenData("RSA key has no CKA_MODULUS".into()))?;
@@ -224,18 +247,41 @@ fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> R
 }
 
 fn find_one(session: &Session, class: ObjectClass, key: &KeyRef) -> Result<Option<ObjectHandle>> {
-    Ok(session.find_objects(&[Attribute::Class(class), key.attr()])?.into_iter().next())
+    Ok(session
+        .find_objects(&[Attribute::Class(class), key.attr()])?
+        .into_iter()
+        .next())
 }
 
 /// Find the private key object handle for `id` in this session.
 pub(crate) fn private_handle(session: &Session, id: &[u8]) -> Result<ObjectHandle> {
-    find_one(session, ObjectClass::PRIVATE_KEY, &KeyRef::Id(id.to_vec()))?
-        .ok_or_else(|| Error::KeyNotFound(format!("with id {}", hex(id))))
+    find_private(session, &KeyRef::Id(id.to_vec()))
+}
+
+/// Find a private key. Private objects are invisible when the session is not logged in
+/// (the token was logged out under us): report that as CKR_USER_NOT_LOGGED_IN so the
+/// session pool logs in again, rather than as a missing key.
+fn find_private(session: &Session, key: &KeyRef) -> Result<ObjectHandle> {
+    if let Some(h) = find_one(session, ObjectClass::PRIVATE_KEY, key)? {
+        return Ok(h);
+    }
+    use cryptoki::session::SessionState;
+    match session.get_session_info()?.session_state() {
+        SessionState::RoUser | SessionState::RwUser => Err(Error::KeyNotFound(key.describe())),
+        _ => Err(cryptoki::error::Error::Pkcs11(
+            cryptoki::error::RvError::UserNotLoggedIn,
+            cryptoki::context::Function::FindObjects,
+        )
+        .into()),
+    }
 }
 
 fn describe_key(session: &Session, private: ObjectHandle) -> Result<KeyInfo> {
     let id = attr_bytes(session, private, AttributeType::Id)?.unwrap_or_default();
-    let label = String::from_utf8_lossy(&attr_bytes(session, private, AttributeType::Label)?.unwrap_or_default()).into_owned();
+    let label = String::from_utf8_lossy(
+        &attr_bytes(session, private, AttributeType::Label)?.unwrap_or_default(),
+    )
+    .into_owned();
     let key_type = key_type_of(session, private)?;
     let kref = KeyRef::Id(id.clone());
     // The public object carries the point; RSA private keys carry the modulus too.
@@ -243,7 +289,12 @@ fn describe_key(session: &Session, private: ObjectHandle) -> Result<KeyInfo> {
     let public_bits = match (public, key_type.is_ec()) {
         (Some(p), _) => public_parts(session, p, key_type)?,
         (None, false) => public_parts(session, private, key_type)?,
-        (None, true) => return Err(Error::BadTokenData(format!("EC key {} has no public key object", hex(&id)))),
+        (None, true) => {
+            return Err(Error::BadTokenData(format!(
+                "EC key {} has no public key object",
+                hex(&id)
+            )))
+        }
     };
     let has_cert = find_one(session, ObjectClass::CERTIFICATE, &kref)?.is_some();
     Ok(KeyInfo {
@@ -286,7 +337,11 @@ impl Token {
             let (mech, public) = match key_type.ec_params() {
                 Some(params) => (
                     Mechanism::EccKeyPairGen,
-                    common(vec![Attribute::Private(false), Attribute::Verify(true), Attribute::EcParams(params.to_vec())]),
+                    common(vec![
+                        Attribute::Private(false),
+                        Attribute::Verify(true),
+                        Attribute::EcParams(params.to_vec()),
+                    ]),
                 ),
                 None => (
                     Mechanism::RsaPkcsKeyPairGen,
@@ -307,7 +362,7 @@ impl Token {
     /// Find a key pair by id or label.
     pub fn find_key(&self, key: &KeyRef) -> Result<KeyInfo> {
         self.with_session(|s| {
-            let private = find_one(s, ObjectClass::PRIVATE_KEY, key)?.ok_or_else(|| Error::KeyNotFound(key.describe()))?;
+            let private = find_private(s, key)?;
             describe_key(s, private)
         })
     }
@@ -325,13 +380,19 @@ impl Token {
     /// Store an X.509 certificate (DER) under the key's `CKA_ID`, replacing any earlier one.
     pub fn store_cert(&self, id: &[u8], label: &str, cert_der: &[u8]) -> Result<()> {
         use x509_cert::der::{Decode, Encode};
-        let cert = x509_cert::Certificate::from_der(cert_der).map_err(|e| Error::BadTokenData(format!("certificate does not parse: {e}")))?;
-        let enc = |r: std::result::Result<Vec<u8>, x509_cert::der::Error>| r.map_err(|e| Error::BadTokenData(e.to_string()));
+        let cert = x509_cert::Certificate::from_der(cert_der)
+            .map_err(|e| Error::BadTokenData(format!("certificate does not parse: {e}")))?;
+        let enc = |r: std::result::Result<Vec<u8>, x509_cert::der::Error>| {
+            r.map_err(|e| Error::BadTokenData(e.to_string()))
+        };
         let subject = enc(cert.tbs_certificate.subject.to_der())?;
         let issuer = enc(cert.tbs_certificate.issuer.to_der())?;
         let serial = enc(cert.tbs_certificate.serial_number.to_der())?;
         self.with_session(|s| {
-            for old in s.find_objects(&[Attribute::Class(ObjectClass::CERTIFICATE), Attribute::Id(id.to_vec())])? {
+            for old in s.find_objects(&[
+                Attribute::Class(ObjectClass::CERTIFICATE),
+                Attribute::Id(id.to_vec()),
+            ])? {
                 s.destroy_object(old)?;
             }
             s.create_object(&[
@@ -352,9 +413,11 @@ impl Token {
 
     /// The certificate (DER) stored under `id`, if any.
     pub fn find_cert(&self, id: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.with_session(|s| match find_one(s, ObjectClass::CERTIFICATE, &KeyRef::Id(id.to_vec()))? {
-            Some(h) => attr_bytes(s, h, AttributeType::Value),
-            None => Ok(None),
+        self.with_session(|s| {
+            match find_one(s, ObjectClass::CERTIFICATE, &KeyRef::Id(id.to_vec()))? {
+                Some(h) => attr_bytes(s, h, AttributeType::Value),
+                None => Ok(None),
+            }
         })
     }
 
@@ -384,7 +447,14 @@ impl Token {
         self.with_session(|s| {
             let h = private_handle(s, id)?;
             let mut p = PrivateKeyProtection::default();
-            for a in s.get_attributes(h, &[AttributeType::Sensitive, AttributeType::Extractable, AttributeType::NeverExtractable])? {
+            for a in s.get_attributes(
+                h,
+                &[
+                    AttributeType::Sensitive,
+                    AttributeType::Extractable,
+                    AttributeType::NeverExtractable,
+                ],
+            )? {
                 match a {
                     Attribute::Sensitive(v) => p.sensitive = v,
                     Attribute::Extractable(v) => p.extractable = v,
@@ -392,7 +462,11 @@ impl Token {
                     _ => {}
                 }
             }
-            let secret_attrs = [AttributeType::Value, AttributeType::PrivateExponent, AttributeType::Prime1];
+            let secret_attrs = [
+                AttributeType::Value,
+                AttributeType::PrivateExponent,
+                AttributeType::Prime1,
+            ];
             for info in s.get_attribute_info(h, &secret_attrs)? {
                 match info {
                     AttributeInfo::Sensitive => p.secret_attrs_sensitive += 1,
@@ -400,7 +474,9 @@ impl Token {
                     _ => {}
                 }
             }
-            p.set_extractable_refused = s.update_attributes(h, &[Attribute::Extractable(true)]).is_err();
+            p.set_extractable_refused = s
+                .update_attributes(h, &[Attribute::Extractable(true)])
+                .is_err();
             Ok(p)
         })
     }

@@ -6,8 +6,8 @@
 //! RFC 7512 URIs, and signs for rustls (TLS), rcgen (CSRs) and JWS.
 #![deny(missing_docs)]
 
-mod der;
 pub mod csr;
+mod der;
 pub mod error;
 pub mod jws;
 pub mod keys;

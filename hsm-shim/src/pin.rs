@@ -41,16 +41,18 @@ impl PinSource {
     /// Read the PIN. Errors name the source, never the content.
     pub fn read(&self) -> Result<Pin> {
         let raw: Zeroizing<String> = match self {
-            PinSource::File(p) => Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
-                Error::Pin {
+            PinSource::File(p) => {
+                Zeroizing::new(std::fs::read_to_string(p).map_err(|e| Error::Pin {
                     source_desc: format!("file {}", p.display()),
                     reason: e.to_string(),
-                }
-            })?),
-            PinSource::Env(name) => Zeroizing::new(std::env::var(name).map_err(|e| Error::Pin {
-                source_desc: format!("environment variable {name}"),
-                reason: e.to_string(),
-            })?),
+                })?)
+            }
+            PinSource::Env(name) => {
+                Zeroizing::new(std::env::var(name).map_err(|e| Error::Pin {
+                    source_desc: format!("environment variable {name}"),
+                    reason: e.to_string(),
+                })?)
+            }
             PinSource::Credential(name) => {
                 let dir = std::env::var_os("CREDENTIALS_DIRECTORY").ok_or_else(|| Error::Pin {
                     source_desc: format!("systemd credential {name}"),

@@ -134,7 +134,10 @@ impl TokenKey {
                     msg.to_vec(),
                 ))
             }
-            (alg, _) => Err(Error::Unsupported(format!("{alg:?} with a {} key", self.info.key_type))),
+            (alg, _) => Err(Error::Unsupported(format!(
+                "{alg:?} with a {} key",
+                self.info.key_type
+            ))),
         }
     }
 
@@ -148,7 +151,10 @@ impl TokenKey {
                 None => self.refresh_handle(s)?,
             };
             match s.sign(&mech, h, &data) {
-                Err(CkError::Pkcs11(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid, _)) => {
+                Err(CkError::Pkcs11(
+                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
+                    _,
+                )) => {
                     let h = self.refresh_handle(s)?;
                     Ok(s.sign(&mech, h, &data)?)
                 }
@@ -156,9 +162,9 @@ impl TokenKey {
             }
         })?;
         match alg {
-            SignAlg::Ecdsa { der: true, .. } => {
-                der::ecdsa_raw_to_der(&raw).ok_or_else(|| Error::BadTokenData(format!("ECDSA signature of {} bytes", raw.len())))
-            }
+            SignAlg::Ecdsa { der: true, .. } => der::ecdsa_raw_to_der(&raw).ok_or_else(|| {
+                Error::BadTokenData(format!("ECDSA signature of {} bytes", raw.len()))
+            }),
             _ => Ok(raw),
         }
     }

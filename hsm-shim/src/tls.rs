@@ -50,8 +50,14 @@ impl TlsSigningKey {
 /// The token algorithm for a TLS scheme.
 pub fn sign_alg(scheme: SignatureScheme) -> Option<SignAlg> {
     Some(match scheme {
-        SignatureScheme::ECDSA_NISTP256_SHA256 => SignAlg::Ecdsa { hash: Hash::Sha256, der: true },
-        SignatureScheme::ECDSA_NISTP384_SHA384 => SignAlg::Ecdsa { hash: Hash::Sha384, der: true },
+        SignatureScheme::ECDSA_NISTP256_SHA256 => SignAlg::Ecdsa {
+            hash: Hash::Sha256,
+            der: true,
+        },
+        SignatureScheme::ECDSA_NISTP384_SHA384 => SignAlg::Ecdsa {
+            hash: Hash::Sha384,
+            der: true,
+        },
         SignatureScheme::RSA_PSS_SHA256 => SignAlg::RsaPss(Hash::Sha256),
         SignatureScheme::RSA_PSS_SHA384 => SignAlg::RsaPss(Hash::Sha384),
         SignatureScheme::RSA_PSS_SHA512 => SignAlg::RsaPss(Hash::Sha512),
@@ -74,7 +80,9 @@ impl SigningKey for TlsSigningKey {
     }
 
     fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
-        Some(SubjectPublicKeyInfoDer::from(self.key.info().spki.as_slice()))
+        Some(SubjectPublicKeyInfoDer::from(
+            self.key.info().spki.as_slice(),
+        ))
     }
 
     fn algorithm(&self) -> SignatureAlgorithm {
@@ -95,7 +103,9 @@ struct TlsSigner {
 
 impl Signer for TlsSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.key.sign(self.alg, message).map_err(|e| rustls::Error::General(format!("token signature failed: {e}")))
+        self.key
+            .sign(self.alg, message)
+            .map_err(|e| rustls::Error::General(format!("token signature failed: {e}")))
     }
 
     fn scheme(&self) -> SignatureScheme {
@@ -110,9 +120,12 @@ pub fn certified_key(
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, crate::Error> {
     if chain.is_empty() {
-        return Err(crate::Error::Unsupported("an empty certificate chain".into()));
+        return Err(crate::Error::Unsupported(
+            "an empty certificate chain".into(),
+        ));
     }
     let ck = rustls::sign::CertifiedKey::new(chain, Arc::new(key));
-    ck.keys_match().map_err(|e| crate::Error::KeyCertMismatch(e.to_string()))?;
+    ck.keys_match()
+        .map_err(|e| crate::Error::KeyCertMismatch(e.to_string()))?;
     Ok(Arc::new(ck))
 }

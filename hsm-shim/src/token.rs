@@ -94,7 +94,12 @@ pub fn list_tokens(module: &Path) -> Result<Vec<TokenSummary>> {
 }
 
 /// Initialise a token in the first uninitialised slot, set its user PIN, return it.
-pub fn init_token(module: &Path, label: &str, so_pin: &Pin, user_pin: &Pin) -> Result<TokenSummary> {
+pub fn init_token(
+    module: &Path,
+    label: &str,
+    so_pin: &Pin,
+    user_pin: &Pin,
+) -> Result<TokenSummary> {
     let ctx = load_module(module)?;
     let mut free = None;
     for slot in ctx.get_slots_with_token()? {

@@ -53,7 +53,10 @@ fn pct_decode(s: &str) -> Result<Vec<u8>> {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
-            let (h, l) = match (b.get(i + 1).and_then(|c| unhex(*c)), b.get(i + 2).and_then(|c| unhex(*c))) {
+            let (h, l) = match (
+                b.get(i + 1).and_then(|c| unhex(*c)),
+                b.get(i + 2).and_then(|c| unhex(*c)),
+            ) {
                 (Some(h), Some(l)) => (h, l),
                 _ => return Err(Error::Uri(format!("bad percent escape in '{s}'"))),
             };
@@ -115,7 +118,11 @@ impl Pkcs11Uri {
                 _ => {}
             }
         }
-        for attr in query.into_iter().flat_map(|q| q.split('&')).filter(|a| !a.is_empty()) {
+        for attr in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|a| !a.is_empty())
+        {
             let (k, v) = attr
                 .split_once('=')
                 .ok_or_else(|| Error::Uri(format!("query attribute '{attr}' has no '='")))?;
@@ -160,10 +167,16 @@ impl fmt::Display for Pkcs11Uri {
         write!(f, "pkcs11:{}", parts.join(";"))?;
         let mut q = Vec::new();
         if let Some(m) = &self.module_path {
-            q.push(format!("module-path={}", pct_encode(m.as_bytes(), false).replace("%2f", "/")));
+            q.push(format!(
+                "module-path={}",
+                pct_encode(m.as_bytes(), false).replace("%2f", "/")
+            ));
         }
         if let Some(p) = &self.pin_source {
-            q.push(format!("pin-source={}", pct_encode(p.as_bytes(), false).replace("%2f", "/")));
+            q.push(format!(
+                "pin-source={}",
+                pct_encode(p.as_bytes(), false).replace("%2f", "/")
+            ));
         }
         if !q.is_empty() {
             write!(f, "?{}", q.join("&"))?;
@@ -187,7 +200,10 @@ mod tests {
         assert_eq!(u.id.as_deref(), Some(&[1u8, 0xa2][..]));
         assert_eq!(u.object.as_deref(), Some("my key"));
         assert_eq!(u.object_type, Some(ObjectType::Private));
-        assert_eq!(u.module_path.as_deref(), Some("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(
+            u.module_path.as_deref(),
+            Some("/usr/lib/softhsm/libsofthsm2.so")
+        );
         assert_eq!(u.pin_source.as_deref(), Some("/run/pin"));
         assert_eq!(
             u.to_string(),

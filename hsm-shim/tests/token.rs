@@ -1,0 +1,256 @@
+//! hsm-shim against a real SoftHSM token.
+
+mod common;
+use common::*;
+use hsm_shim::jws::{self, JwsAlg};
+use hsm_shim::tls::sign_alg;
+use hsm_shim::{Hash, KeyRef, KeyType, SignAlg, Token, TokenKey, TokenSelector};
+use ring::signature::{self, UnparsedPublicKey};
+use rustls::SignatureScheme;
+
+fn spki_bits(k: &TokenKey) -> Vec<u8> {
+    k.info().public_bits.clone()
+}
+
+fn verifier(kt: KeyType, alg: SignAlg) -> &'static dyn signature::VerificationAlgorithm {
+    match (kt, alg) {
+        (KeyType::EcP256, SignAlg::Ecdsa { der: true, .. }) => &signature::ECDSA_P256_SHA256_ASN1,
+        (KeyType::EcP256, SignAlg::Ecdsa { der: false, .. }) => &signature::ECDSA_P256_SHA256_FIXED,
+        (KeyType::EcP384, SignAlg::Ecdsa { der: true, .. }) => &signature::ECDSA_P384_SHA384_ASN1,
+        (KeyType::EcP384, SignAlg::Ecdsa { der: false, .. }) => &signature::ECDSA_P384_SHA384_FIXED,
+        (_, SignAlg::RsaPss(Hash::Sha256)) => &signature::RSA_PSS_2048_8192_SHA256,
+        (_, SignAlg::RsaPss(Hash::Sha384)) => &signature::RSA_PSS_2048_8192_SHA384,
+        (_, SignAlg::RsaPss(Hash::Sha512)) => &signature::RSA_PSS_2048_8192_SHA512,
+        (_, SignAlg::RsaPkcs1(Hash::Sha256)) => &signature::RSA_PKCS1_2048_8192_SHA256,
+        (_, SignAlg::RsaPkcs1(Hash::Sha384)) => &signature::RSA_PKCS1_2048_8192_SHA384,
+        (_, SignAlg::RsaPkcs1(Hash::Sha512)) => &signature::RSA_PKCS1_2048_8192_SHA512,
+        other => panic!("no verifier for {other:?}"),
+    }
+}
+
+#[test]
+fn every_key_type_is_sensitive_unextractable_and_signs_verifiably() {
+    let t = TestToken::new();
+    for kt in KeyType::ALL {
+        let info = t.token.generate_key(kt, &format!("k-{kt}")).unwrap();
+        assert_eq!(info.key_type, kt);
+        let p = t.token.private_key_protection(&info.id).unwrap();
+        assert!(
+            p.sensitive && !p.extractable && p.never_extractable,
+            "{kt}: {p:?}"
+        );
+        assert_eq!(
+            p.secret_attrs_readable, 0,
+            "{kt}: secret attribute readable: {p:?}"
+        );
+        assert!(p.secret_attrs_sensitive >= 1, "{kt}: {p:?}");
+        assert!(
+            p.set_extractable_refused,
+            "{kt}: CKA_EXTRACTABLE could be set to true"
+        );
+
+        // Every TLS scheme the key offers verifies with ring against its public key.
+        let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
+        let schemes: &[SignatureScheme] = match kt {
+            KeyType::EcP256 => &[SignatureScheme::ECDSA_NISTP256_SHA256],
+            KeyType::EcP384 => &[SignatureScheme::ECDSA_NISTP384_SHA384],
+            _ => &[
+                SignatureScheme::RSA_PSS_SHA256,
+                SignatureScheme::RSA_PSS_SHA384,
+                SignatureScheme::RSA_PSS_SHA512,
+                SignatureScheme::RSA_PKCS1_SHA256,
+                SignatureScheme::RSA_PKCS1_SHA384,
+                SignatureScheme::RSA_PKCS1_SHA512,
+            ],
+        };
+        let msg = b"TLS 1.3, client CertificateVerify\0transcript hash";
+        for s in schemes {
+            let alg = sign_alg(*s).unwrap();
+            let sig = key.sign(alg, msg).unwrap();
+            UnparsedPublicKey::new(verifier(kt, alg), spki_bits(&key))
+                .verify(msg, &sig)
+                .unwrap_or_else(|_| panic!("{kt} {s:?} signature does not verify"));
+        }
+        // Looked up again by label, the key is the same one.
+        assert_eq!(
+            t.token
+                .find_key(&KeyRef::Label(format!("k-{kt}")))
+                .unwrap()
+                .id,
+            info.id
+        );
+    }
+    assert_eq!(t.token.list_keys().unwrap().len(), 4);
+}
+
+#[test]
+fn jws_es256_verifies_with_ring() {
+    let t = TestToken::new();
+    let info = t.token.generate_key(KeyType::EcP256, "jws").unwrap();
+    let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id)).unwrap();
+    let compact = jws::sign_compact(&key, JwsAlg::Es256, "kid-1", br#"{"hello":"world"}"#).unwrap();
+    let parts: Vec<&str> = compact.split('.').collect();
+    assert_eq!(parts.len(), 3);
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header: serde_json::Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(header["kid"], "kid-1");
+    let sig = b64.decode(parts[2]).unwrap();
+    assert_eq!(sig.len(), 64, "ES256 is raw r||s");
+    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, spki_bits(&key))
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("JWS verifies");
+    assert!(jws::sign_compact(&key, JwsAlg::Rs256, "k", b"x").is_err());
+}
+
+#[test]
+fn two_threads_sign_ten_thousand_times_each() {
+    let t = TestToken::new();
+    let info = t.token.generate_key(KeyType::EcP256, "busy").unwrap();
+    let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id)).unwrap();
+    let alg = SignAlg::Ecdsa {
+        hash: Hash::Sha256,
+        der: true,
+    };
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|n| {
+                let key = key.clone();
+                s.spawn(move || {
+                    for i in 0..10_000u32 {
+                        let msg = [n as u8, (i >> 8) as u8, i as u8];
+                        key.sign(alg, &msg)
+                            .unwrap_or_else(|e| panic!("thread {n} signature {i}: {e}"));
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("signer thread");
+        }
+    });
+}
+
+#[test]
+fn session_lost_by_logout_is_reopened_and_logged_in_again() {
+    let t = TestToken::new();
+    let info = t.token.generate_key(KeyType::EcP256, "k").unwrap();
+    let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id)).unwrap();
+    let alg = SignAlg::Ecdsa {
+        hash: Hash::Sha256,
+        der: true,
+    };
+    key.sign(alg, b"before").unwrap();
+    t.token.logout_for_test().unwrap();
+    key.sign(alg, b"after logout")
+        .expect("signer recovers after the token logged us out");
+}
+
+#[test]
+fn certificate_objects_and_destroy_leave_nothing() {
+    let t = TestToken::new();
+    let info = t.token.generate_key(KeyType::EcP256, "with-cert").unwrap();
+    let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
+    // A self-signed certificate for the token key, made with rcgen + the token signer.
+    let mut params = rcgen::CertificateParams::new(vec!["gw.example".into()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "gw");
+    let cert = params.self_signed(&hsm_shim::csr::CsrSigner(&key)).unwrap();
+    t.token
+        .store_cert(&info.id, "with-cert", cert.der())
+        .unwrap();
+    assert_eq!(
+        t.token.find_cert(&info.id).unwrap().as_deref(),
+        Some(cert.der().as_ref())
+    );
+    assert!(
+        t.token
+            .find_key(&KeyRef::Id(info.id.clone()))
+            .unwrap()
+            .has_cert
+    );
+    // The certificate matches the key for rustls; a foreign certificate does not.
+    let ck = hsm_shim::tls::certified_key(
+        hsm_shim::TlsSigningKey::new(key.clone()),
+        vec![cert.der().clone()],
+    );
+    assert!(ck.is_ok());
+    let other = rcgen::KeyPair::generate().unwrap();
+    let foreign = params.self_signed(&other).unwrap();
+    let err = hsm_shim::tls::certified_key(
+        hsm_shim::TlsSigningKey::new(key),
+        vec![foreign.der().clone()],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+
+    assert_eq!(
+        t.token.destroy(&info.id).unwrap(),
+        3,
+        "private, public and certificate objects"
+    );
+    assert!(matches!(
+        t.token.find_key(&KeyRef::Id(info.id.clone())),
+        Err(hsm_shim::Error::KeyNotFound(_))
+    ));
+    assert!(t.token.find_cert(&info.id).unwrap().is_none());
+    assert!(
+        t.token.destroy(&info.id).is_err(),
+        "nothing left to destroy"
+    );
+}
+
+#[test]
+fn wrong_pin_and_unknown_label_say_what_is_wrong() {
+    let t = TestToken::new();
+    assert!(
+        !format!("{:?}", t.token).contains(USER_PIN),
+        "PIN in Debug output"
+    );
+    // Login state is per process: close every session (drop the token) so C_Login really runs.
+    let TestToken {
+        dir: _dir,
+        token,
+        module,
+    } = t;
+    drop(token);
+    let t = (module,);
+    let e = Token::open(
+        &t.0,
+        &TokenSelector::Label("test".into()),
+        Some(pin("000000")),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("CKR_PIN_INCORRECT") && msg.contains("C_Login"),
+        "{msg}"
+    );
+    assert!(!msg.contains("000000"));
+    let e = Token::open(
+        &t.0,
+        &TokenSelector::Label("nope".into()),
+        Some(pin(USER_PIN)),
+    )
+    .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("'nope' not found") && msg.contains("'test'"),
+        "{msg}"
+    );
+    let by_label = Token::open(
+        &t.0,
+        &TokenSelector::Label("test".into()),
+        Some(pin(USER_PIN)),
+    )
+    .unwrap();
+    let by_serial = Token::open(
+        &t.0,
+        &TokenSelector::Serial(by_label.serial().into()),
+        Some(pin(USER_PIN)),
+    )
+    .unwrap();
+    assert_eq!(by_serial.label(), "test");
+}
