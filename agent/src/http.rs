@@ -14,7 +14,7 @@ pub enum HttpError {
     #[error("bad URL '{0}': expected https://HOST[:PORT][/PATH]")]
     Url(String),
     /// TCP connect or I/O failed.
-    #[error("{stage}: {source}")]
+    #[error("{stage}")]
     Io {
         /// What we were doing.
         stage: String,

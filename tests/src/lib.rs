@@ -1,1 +1,303 @@
-//! test helpers
+//! Test helpers: a throwaway SoftHSM token per test, the real `edge-signer` binary, openssl.
+//! Each `Env` has its own temp dir and SOFTHSM2_CONF, passed only to the processes it starts,
+//! so tests run in parallel and leave nothing behind.
+
+use serde_json::Value;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The user PIN of test tokens (tests check it never shows up in output).
+pub const USER_PIN: &str = "864213";
+/// The SO PIN of test tokens.
+pub const SO_PIN: &str = "97531";
+/// The label of test tokens.
+pub const LABEL: &str = "gw-test";
+
+/// The SoftHSM module.
+pub fn module() -> PathBuf {
+    for p in [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    ] {
+        if Path::new(p).exists() {
+            return p.into();
+        }
+    }
+    panic!("SoftHSM not installed: run scripts/setup");
+}
+
+/// The `edge-signer` binary built beside this test.
+pub fn bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let b = dir.join("edge-signer");
+    assert!(
+        b.exists(),
+        "{} missing: run `cargo build --bins` first (scripts/test does)",
+        b.display()
+    );
+    b
+}
+
+/// One test's world: a temp dir holding a SoftHSM token, PIN files, and whatever the test writes.
+pub struct Env {
+    /// The temp dir (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    /// A fresh token, initialised through `edge-signer token init`.
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path();
+        std::fs::create_dir(p.join("tokens")).expect("tokens dir");
+        std::fs::write(
+            p.join("softhsm2.conf"),
+            format!(
+                "directories.tokendir = {}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n",
+                p.display()
+            ),
+        )
+        .expect("conf");
+        std::fs::write(p.join("pin"), format!("{USER_PIN}\n")).expect("pin");
+        std::fs::write(p.join("so-pin"), SO_PIN).expect("so pin");
+        let env = Env { dir };
+        env.ok(&[
+            "token",
+            "init",
+            "--label",
+            LABEL,
+            "--so-pin-file",
+            &env.path_str("so-pin"),
+        ]);
+        env
+    }
+
+    /// A path inside the temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The same, as a string.
+    pub fn path_str(&self, name: &str) -> String {
+        self.path(name).display().to_string()
+    }
+
+    /// Environment for anything that opens the token (edge-signer, pkcs11-tool).
+    pub fn envs(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("SOFTHSM2_CONF", self.path_str("softhsm2.conf")),
+            ("EDGE_SIGNER_MODULE", module().display().to_string()),
+            ("EDGE_SIGNER_TOKEN", LABEL.to_owned()),
+            ("EDGE_SIGNER_PIN_FILE", self.path_str("pin")),
+            ("EDGE_SIGNER_LOG", "trace".to_owned()),
+        ]
+    }
+
+    /// `edge-signer` with this env, run in the temp dir.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(bin());
+        c.current_dir(self.dir.path())
+            .envs(self.envs())
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Run edge-signer; returns the output whatever the exit code. Checks the PIN never shows.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let out = self.cmd().args(args).output().expect("run edge-signer");
+        for stream in [&out.stdout, &out.stderr] {
+            let s = String::from_utf8_lossy(stream);
+            assert!(
+                !s.contains(USER_PIN) && !s.contains(SO_PIN),
+                "a PIN appeared in the output of {args:?}:\n{s}"
+            );
+        }
+        out
+    }
+
+    /// Run edge-signer, insist on success, return stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "edge-signer {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run edge-signer with `--json` appended and parse stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let s = self.ok(&a);
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}):\n{s}"))
+    }
+
+    /// Run edge-signer, insist on failure, return stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "edge-signer {args:?} should have failed"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Generate a key; returns its URI.
+    pub fn generate(&self, key_type: &str, label: &str) -> String {
+        self.json(&["key", "generate", "--type", key_type, "--label", label])["uri"]
+            .as_str()
+            .expect("uri")
+            .to_owned()
+    }
+
+    /// `pkcs11-tool --list-objects` of the token (logged in).
+    pub fn pkcs11_objects(&self) -> String {
+        let out = Command::new("pkcs11-tool")
+            .args([
+                "--module",
+                &module().display().to_string(),
+                "--token-label",
+                LABEL,
+                "--login",
+                "--pin",
+                USER_PIN,
+                "--list-objects",
+            ])
+            .envs(self.envs())
+            .output()
+            .expect("pkcs11-tool (opensc) is installed by scripts/setup");
+        assert!(
+            out.status.success(),
+            "pkcs11-tool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Run openssl in the temp dir; insist on success; return stdout+stderr.
+    pub fn openssl(&self, args: &[&str]) -> String {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("openssl");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "openssl {args:?} failed:\n{text}");
+        text
+    }
+
+    /// A test CA made by openssl (an implementation independent of ours): ca.pem / ca.key.
+    pub fn make_ca(&self, name: &str) {
+        self.openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+    }
+
+    /// Sign a CSR with the CA into `out` (PEM), copying the CSR's SANs.
+    pub fn sign_csr(&self, ca: &str, csr: &str, out: &str) {
+        std::fs::write(self.path("ext.cnf"), "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\n").expect("ext");
+        self.openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-set_serial",
+            "7",
+            "-days",
+            "1",
+            "-copy_extensions",
+            "copy",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            out,
+        ]);
+    }
+
+    /// An openssl-made key and certificate for 127.0.0.1, signed by `ca`: `{name}.key`/`{name}.pem`.
+    pub fn openssl_leaf(&self, ca: &str, name: &str) {
+        self.openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ]);
+        self.sign_csr(ca, &format!("{name}.csr"), &format!("{name}.pem"));
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Wait until something accepts on the port.
+pub fn wait_port(port: u16) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "nothing listens on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
