@@ -1,1 +1,20 @@
-//! stub
+//! firmware-config: the configuration an edge-signer device runs with.
+//!
+//! Three layers (firmware defaults, the newest applied fleet bundle, local overrides) merge
+//! into one typed [`Config`], validated with errors that name the file and field path.
+//! Fleet bundles are signed by a key pinned in the firmware layer, versioned (no rollback),
+//! and applied atomically with the previous one kept as last-known-good.
+#![deny(missing_docs)]
+
+pub mod bundle;
+pub mod layers;
+pub mod schema;
+pub mod store;
+pub mod units;
+pub mod validate;
+
+pub use bundle::{Bundle, BundleError, FleetKey, FleetSigner};
+pub use layers::{ConfigError, ConfigErrors, Effective, Layer, LayerKind};
+pub use schema::Config;
+pub use store::{ApplyError, ApplyReport, ApplyStep, Loaded, Sources};
+pub use units::{Duration, Percent};

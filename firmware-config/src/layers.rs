@@ -1,0 +1,321 @@
+//! Layers: firmware defaults, then the newest applied fleet bundle, then local overrides
+//! (`agent.toml`, then `agent.d/*.toml` in name order). Tables merge key by key;
+//! `[[identity]]` and `[[issuer]]` entries merge by `name`; other arrays are replaced.
+//! Every leaf remembers the layer it came from, for `config show` and for error messages.
+
+use crate::schema::Config;
+use crate::validate;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use toml::{Table, Value};
+
+/// One configuration error: where (file, field path) and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File or layer the value came from.
+    pub file: String,
+    /// Field path such as `identity[1].renewal.before` (empty for the whole file).
+    pub path: String,
+    /// What is wrong and, where it helps, what to do.
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.path, self.reason)
+        }
+    }
+}
+
+/// All errors found, reported at once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Which hand wrote a layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// Shipped with the firmware image; the only layer that may pin fleet keys.
+    Firmware,
+    /// The applied fleet bundle.
+    Fleet,
+    /// Local overrides on the device.
+    Local,
+}
+
+/// One parsed layer.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Who wrote it.
+    pub kind: LayerKind,
+    /// File path or `fleet bundle v42`.
+    pub source: String,
+    /// Its TOML.
+    pub table: Table,
+}
+
+impl Layer {
+    /// Parse TOML text as a layer; syntax errors name the line.
+    pub fn parse(kind: LayerKind, source: &str, text: &str) -> Result<Layer, ConfigError> {
+        let table: Table = toml::from_str(text).map_err(|e| ConfigError {
+            file: source.to_owned(),
+            path: String::new(),
+            reason: e.to_string().trim_end().replace('\n', "\n    "),
+        })?;
+        Ok(Layer {
+            kind,
+            source: source.to_owned(),
+            table,
+        })
+    }
+
+    /// Read and parse a file; a missing file is `Ok(None)`.
+    pub fn read(kind: LayerKind, path: &Path) -> Result<Option<Layer>, ConfigError> {
+        let text = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(ConfigError {
+                    file: path.display().to_string(),
+                    path: String::new(),
+                    reason: format!("cannot read: {e}"),
+                })
+            }
+        };
+        let text = String::from_utf8(text).map_err(|_| ConfigError {
+            file: path.display().to_string(),
+            path: String::new(),
+            reason: "not UTF-8 text".into(),
+        })?;
+        Layer::parse(kind, &path.display().to_string(), &text).map(Some)
+    }
+}
+
+/// The local override files: `agent.toml`, then `agent.d/*.toml` in name order.
+pub fn local_files(agent_toml: &Path) -> Vec<PathBuf> {
+    let mut files = vec![agent_toml.to_owned()];
+    let dir = agent_toml.with_file_name("agent.d");
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut extra: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        extra.sort();
+        files.extend(extra);
+    }
+    files
+}
+
+/// Keys only some layers may set: (dotted key, layers allowed, why).
+const RESTRICTED: &[(&str, &[LayerKind], &str)] = &[
+    (
+        "fleet.trusted_keys",
+        &[LayerKind::Firmware],
+        "fleet trust keys come only from the firmware defaults",
+    ),
+    (
+        "paths.state_dir",
+        &[LayerKind::Firmware, LayerKind::Local],
+        "the state directory holds the fleet bundles themselves; a bundle cannot move it",
+    ),
+];
+
+/// The merged configuration with the origin of every value.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    /// The typed, validated configuration.
+    pub config: Config,
+    /// The merged TOML.
+    pub merged: Table,
+    /// Leaf path -> layer source.
+    pub origins: BTreeMap<String, String>,
+}
+
+fn record(origins: &mut BTreeMap<String, String>, path: &str, v: &Value, source: &str) {
+    origins.retain(|k, _| {
+        !(k == path || k.starts_with(&format!("{path}.")) || k.starts_with(&format!("{path}[")))
+    });
+    match v {
+        Value::Table(t) => {
+            for (k, v) in t {
+                record(origins, &format!("{path}.{k}"), v, source);
+            }
+        }
+        Value::Array(a) if a.iter().all(Value::is_table) && !a.is_empty() => {
+            for (i, v) in a.iter().enumerate() {
+                record(origins, &format!("{path}[{i}]"), v, source);
+            }
+        }
+        _ => {
+            origins.insert(path.to_owned(), source.to_owned());
+        }
+    }
+}
+
+fn join(prefix: &str, k: &str) -> String {
+    if prefix.is_empty() {
+        k.to_owned()
+    } else {
+        format!("{prefix}.{k}")
+    }
+}
+
+fn merge(
+    base: &mut Table,
+    over: &Table,
+    prefix: &str,
+    source: &str,
+    origins: &mut BTreeMap<String, String>,
+) {
+    for (k, v) in over {
+        let path = join(prefix, k);
+        match (base.get_mut(k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o, &path, source, origins),
+            (Some(Value::Array(b)), Value::Array(o))
+                if prefix.is_empty() && (k == "identity" || k == "issuer") =>
+            {
+                for item in o {
+                    let name = item.get("name").and_then(Value::as_str);
+                    let existing = name.and_then(|n| {
+                        b.iter()
+                            .position(|x| x.get("name").and_then(Value::as_str) == Some(n))
+                    });
+                    match (existing, item) {
+                        (Some(i), Value::Table(ot)) => {
+                            if let Some(Value::Table(bt)) = b.get_mut(i) {
+                                merge(bt, ot, &format!("{path}[{i}]"), source, origins);
+                            }
+                        }
+                        _ => {
+                            record(origins, &format!("{path}[{}]", b.len()), item, source);
+                            b.push(item.clone());
+                        }
+                    }
+                }
+            }
+            _ => {
+                record(origins, &path, v, source);
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+fn restricted_errors(layer: &Layer) -> Vec<ConfigError> {
+    RESTRICTED
+        .iter()
+        .filter(|(key, allowed, _)| {
+            let (section, field) = key.split_once('.').unwrap_or((key, ""));
+            !allowed.contains(&layer.kind)
+                && layer
+                    .table
+                    .get(section)
+                    .and_then(|s| s.get(field))
+                    .is_some()
+        })
+        .map(|(key, _, why)| ConfigError {
+            file: layer.source.clone(),
+            path: (*key).to_owned(),
+            reason: format!("may not be set here: {why}"),
+        })
+        .collect()
+}
+
+/// Find the file that set `path` (or the deepest value under it).
+pub fn origin_of(
+    origins: &BTreeMap<String, String>,
+    path: &str,
+    unknown_field: Option<&str>,
+) -> String {
+    if let Some(f) = unknown_field {
+        let key = join(path, f);
+        if let Some(src) = origins
+            .iter()
+            .find(|(k, _)| {
+                **k == key || k.starts_with(&format!("{key}.")) || k.starts_with(&format!("{key}["))
+            })
+            .map(|(_, s)| s)
+        {
+            return src.clone();
+        }
+    }
+    if let Some(src) = origins.get(path) {
+        return src.clone();
+    }
+    let under: Vec<&String> = origins
+        .iter()
+        .filter(|(k, _)| {
+            path.is_empty()
+                || k.starts_with(&format!("{path}."))
+                || k.starts_with(&format!("{path}["))
+        })
+        .map(|(_, s)| s)
+        .collect();
+    match under.last() {
+        Some(s) if under.iter().all(|x| x == s) => (*s).clone(),
+        Some(_) => "merged configuration".into(),
+        None => "merged configuration (default)".into(),
+    }
+}
+
+/// Merge layers in order, then type-check and validate the result.
+pub fn resolve(layers: &[Layer]) -> Result<Effective, ConfigErrors> {
+    let mut errors: Vec<ConfigError> = layers.iter().flat_map(restricted_errors).collect();
+    let mut merged = Table::new();
+    let mut origins = BTreeMap::new();
+    for l in layers {
+        merge(&mut merged, &l.table, "", &l.source, &mut origins);
+    }
+    let config: Config = match serde_path_to_error::deserialize(Value::Table(merged.clone())) {
+        Ok(c) => c,
+        Err(e) => {
+            let path = e.path().to_string().trim_start_matches('.').to_owned();
+            let reason = e.inner().to_string();
+            let unknown = reason
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+                .map(str::to_owned);
+            let path = if path == "?" { String::new() } else { path };
+            errors.push(ConfigError {
+                file: origin_of(&origins, &path, unknown.as_deref()),
+                path,
+                reason,
+            });
+            return Err(ConfigErrors(errors));
+        }
+    };
+    errors.extend(validate::check(&config, &origins));
+    if errors.is_empty() {
+        Ok(Effective {
+            config,
+            merged,
+            origins,
+        })
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Secret-looking keys are redacted in `config show` (the schema holds none, by design:
+/// only where to read secrets from).
+pub fn redacted(path: &str) -> bool {
+    let last = path.rsplit('.').next().unwrap_or(path).to_ascii_lowercase();
+    ["password", "secret", "pin_value", "passphrase"]
+        .iter()
+        .any(|s| last == *s)
+}

@@ -1,0 +1,500 @@
+//! The typed configuration. Every string with meaning (durations, percentages, key types,
+//! SANs, fleet keys) becomes a type here; the engine never parses. Documented field by field
+//! in docs/config.md.
+
+use crate::bundle::FleetKey;
+use crate::units::{Duration, Percent};
+use hsm_shim::csr::San;
+use hsm_shim::KeyType;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::path::PathBuf;
+
+fn parse<'de, D: Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<T, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    String::deserialize(d)?
+        .parse()
+        .map_err(serde::de::Error::custom)
+}
+
+fn parse_vec<'de, D: Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<Vec<T>, D::Error>
+where
+    T::Err: std::fmt::Display,
+{
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| s.parse().map_err(serde::de::Error::custom))
+        .collect()
+}
+
+fn show<S: Serializer, T: std::fmt::Display>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
+fn show_vec<S: Serializer, T: std::fmt::Display>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(v.iter().map(|x| x.to_string()))
+}
+
+/// The whole device configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The PKCS#11 token.
+    pub token: TokenConfig,
+    /// Identities (credentials) this device owns, `[[identity]]`.
+    #[serde(rename = "identity")]
+    pub identities: Vec<IdentityConfig>,
+    /// Issuers (CAs and credential APIs), `[[issuer]]`.
+    #[serde(rename = "issuer")]
+    pub issuers: Vec<IssuerConfig>,
+    /// Technician serial port.
+    pub serial: SerialConfig,
+    /// Fleet management trust.
+    pub fleet: FleetConfig,
+    /// Local signing API.
+    pub api: ApiConfig,
+    /// Where state lives.
+    pub paths: PathsConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Event hook.
+    pub notify: NotifyConfig,
+}
+
+/// `[token]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// PKCS#11 module path.
+    pub module: Option<PathBuf>,
+    /// Token label (or give `serial`).
+    pub label: Option<String>,
+    /// Token serial (or give `label`).
+    pub serial: Option<String>,
+    /// Where the user PIN is read from.
+    pub pin: Option<PinConfig>,
+}
+
+/// Where a PIN comes from: `{ file = ".." }`, `{ env = ".." }` or `{ credential = ".." }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum PinConfig {
+    /// A file holding the PIN.
+    File(PathBuf),
+    /// An environment variable holding the PIN.
+    Env(String),
+    /// A systemd credential name (`$CREDENTIALS_DIRECTORY/<name>`).
+    Credential(String),
+}
+
+impl PinConfig {
+    /// The hsm-shim source.
+    pub fn source(&self) -> hsm_shim::PinSource {
+        match self {
+            PinConfig::File(p) => hsm_shim::PinSource::File(p.clone()),
+            PinConfig::Env(v) => hsm_shim::PinSource::Env(v.clone()),
+            PinConfig::Credential(c) => hsm_shim::PinSource::Credential(c.clone()),
+        }
+    }
+}
+
+/// `[[identity]]`: one credential and how it is renewed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Unique name.
+    pub name: String,
+    /// Key type of every generation.
+    #[serde(deserialize_with = "parse", serialize_with = "show")]
+    pub key_type: KeyType,
+    /// Subject of the CSR.
+    pub subject: SubjectConfig,
+    /// Subject alternative names, `dns:NAME` / `ip:ADDRESS`.
+    #[serde(deserialize_with = "parse_vec", serialize_with = "show_vec")]
+    pub sans: Vec<San>,
+    /// How the CN changes per renewal.
+    pub cn_suffix: CnSuffix,
+    /// Name of the `[[issuer]]` that signs it.
+    pub issuer: String,
+    /// When to renew, remind, retry.
+    pub renewal: RenewalConfig,
+    /// How long old and new generations stay valid together.
+    pub overlap: Duration,
+    /// URL probed with the new identity alone before it is promoted.
+    pub probe_url: Option<String>,
+    /// What the identity is used for.
+    pub usage: Vec<Usage>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            name: String::new(),
+            key_type: KeyType::EcP256,
+            subject: SubjectConfig::default(),
+            sans: Vec::new(),
+            cn_suffix: CnSuffix::None,
+            issuer: String::new(),
+            renewal: RenewalConfig::default(),
+            overlap: Duration::days(7),
+            probe_url: None,
+            usage: vec![Usage::Client],
+        }
+    }
+}
+
+/// The subject DN of an identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubjectConfig {
+    /// Country.
+    pub c: Option<String>,
+    /// State or province.
+    pub st: Option<String>,
+    /// Locality.
+    pub l: Option<String>,
+    /// Organisation.
+    pub o: Option<String>,
+    /// Organisational unit.
+    pub ou: Option<String>,
+    /// Common name (required).
+    pub cn: String,
+}
+
+impl SubjectConfig {
+    /// As the CSR builder's type, with `cn` replaced (for the CN suffix rule).
+    pub fn to_subject(&self, cn: &str) -> hsm_shim::csr::Subject {
+        let mut v = Vec::new();
+        for (k, val) in [
+            ("C", &self.c),
+            ("ST", &self.st),
+            ("L", &self.l),
+            ("O", &self.o),
+            ("OU", &self.ou),
+        ] {
+            if let Some(x) = val {
+                v.push((k.to_owned(), x.clone()));
+            }
+        }
+        v.push(("CN".into(), cn.to_owned()));
+        hsm_shim::csr::Subject(v)
+    }
+}
+
+/// How the CN changes on each renewal (some CAs refuse a renewed DN equal to the old one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CnSuffix {
+    /// The CN stays as configured.
+    #[default]
+    None,
+    /// `-<unix time>` is appended to the CN on each renewal.
+    UnixTime,
+}
+
+/// What an identity is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Usage {
+    /// TLS client authentication.
+    Client,
+    /// TLS server authentication.
+    Server,
+}
+
+/// `[identity.renewal]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RenewalConfig {
+    /// Renew this long before expiry (`30d`). Give this or `at`.
+    pub before: Option<Duration>,
+    /// Renew at this fraction of the lifetime (`66%`). Give this or `before`.
+    pub at: Option<Percent>,
+    /// Reminder marks before expiry.
+    pub reminders: Vec<Duration>,
+    /// First retry delay.
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Random spread added to the renewal time, so a fleet does not renew in one minute.
+    pub jitter: Duration,
+}
+
+impl Default for RenewalConfig {
+    fn default() -> Self {
+        RenewalConfig {
+            before: None,
+            at: None,
+            reminders: vec![Duration::days(30), Duration::days(15), Duration::days(5)],
+            retry_min: Duration::minutes(1),
+            retry_max: Duration::hours(6),
+            jitter: Duration::hours(1),
+        }
+    }
+}
+
+/// When to renew, as the engine sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewAt {
+    /// This long before not-after.
+    Before(Duration),
+    /// At this fraction of the lifetime after not-before.
+    Fraction(Percent),
+}
+
+impl RenewalConfig {
+    /// The renewal point; 30 days before expiry when neither is given.
+    pub fn renew_at(&self) -> RenewAt {
+        match (self.before, self.at) {
+            (_, Some(p)) => RenewAt::Fraction(p),
+            (Some(d), None) => RenewAt::Before(d),
+            (None, None) => RenewAt::Before(Duration::days(30)),
+        }
+    }
+}
+
+/// `[[issuer]]`, by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum IssuerConfig {
+    /// EST (RFC 7030).
+    Est(EstIssuer),
+    /// A drop folder: CSR out, certificate in (a person uses a portal in between).
+    Portal(PortalIssuer),
+    /// JWK credential rotation API.
+    JwkRotation(JwkIssuer),
+}
+
+impl IssuerConfig {
+    /// The issuer's name.
+    pub fn name(&self) -> &str {
+        match self {
+            IssuerConfig::Est(i) => &i.name,
+            IssuerConfig::Portal(i) => &i.name,
+            IssuerConfig::JwkRotation(i) => &i.name,
+        }
+    }
+    /// The kind as written in config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            IssuerConfig::Est(_) => "est",
+            IssuerConfig::Portal(_) => "portal",
+            IssuerConfig::JwkRotation(_) => "jwk-rotation",
+        }
+    }
+}
+
+/// `kind = "est"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstIssuer {
+    /// Name.
+    pub name: String,
+    /// Base URL, e.g. `https://est.example:8443` (the `/.well-known/est` prefix is added).
+    pub url: String,
+    /// Optional EST label (`/.well-known/est/<label>/...`).
+    #[serde(default)]
+    pub label: Option<String>,
+    /// CA bundle that the EST server and issued chains must chain to.
+    pub ca_bundle: PathBuf,
+    /// Bootstrap credential for first enrolment and lapse recovery.
+    #[serde(default)]
+    pub bootstrap: Option<EstBootstrap>,
+}
+
+/// Bootstrap credential: HTTP basic credentials and/or a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EstBootstrap {
+    /// HTTP basic user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the HTTP basic password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Bootstrap client certificate (PEM).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Bootstrap client key: a `pkcs11:` URI.
+    #[serde(default)]
+    pub key: Option<String>,
+}
+
+/// `kind = "portal"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalIssuer {
+    /// Name.
+    pub name: String,
+    /// Where CSRs are written for a person to upload.
+    pub outbox: PathBuf,
+    /// Where issued certificates are dropped (any file name; matched by public key).
+    pub inbox: PathBuf,
+    /// CA bundle issued certificates must chain to.
+    pub ca_bundle: PathBuf,
+    /// How often the inbox is looked at.
+    #[serde(default = "default_poll")]
+    pub poll_interval: Duration,
+}
+
+fn default_poll() -> Duration {
+    Duration::minutes(5)
+}
+
+/// `kind = "jwk-rotation"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwkIssuer {
+    /// Name.
+    pub name: String,
+    /// API base URL.
+    pub url: String,
+    /// CA bundle of the API's server certificate.
+    pub ca_bundle: PathBuf,
+    /// `Expiration` of a new key, at most 365 days.
+    #[serde(default = "default_new_key_lifetime")]
+    pub new_key_lifetime: Duration,
+    /// `CurrentKeyExpiry` of the old key, at most 14 days (24 to 72 h recommended).
+    #[serde(default = "default_old_key_overlap")]
+    pub old_key_overlap: Duration,
+}
+
+fn default_new_key_lifetime() -> Duration {
+    Duration::days(365)
+}
+
+fn default_old_key_overlap() -> Duration {
+    Duration::hours(48)
+}
+
+/// `[serial]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SerialConfig {
+    /// Device path.
+    pub device: PathBuf,
+    /// Baud rate.
+    pub baud: u32,
+    /// Whether the diagnostics port is served.
+    pub enabled: bool,
+    /// Whether a technician may trigger actions that change state (rotate, retire).
+    pub allow_privileged: bool,
+}
+
+impl Default for SerialConfig {
+    fn default() -> Self {
+        SerialConfig {
+            device: "/dev/ttyS0".into(),
+            baud: 115_200,
+            enabled: false,
+            allow_privileged: false,
+        }
+    }
+}
+
+/// `[fleet]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// Public keys whose signatures on bundles are trusted. Only the firmware layer may set it.
+    #[serde(deserialize_with = "parse_vec", serialize_with = "show_vec")]
+    pub trusted_keys: Vec<FleetKey>,
+    /// Where the daemon picks up pushed bundles.
+    pub spool_dir: PathBuf,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            trusted_keys: Vec::new(),
+            spool_dir: "/var/lib/edge-signer/spool".into(),
+        }
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Unix socket of the local signing API.
+    pub socket: PathBuf,
+    /// Peer uids allowed (checked with SO_PEERCRED).
+    pub allowed_uids: Vec<u32>,
+    /// Peer gids allowed.
+    pub allowed_gids: Vec<u32>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: "/run/edge-signer/api.sock".into(),
+            allowed_uids: vec![0],
+            allowed_gids: Vec::new(),
+        }
+    }
+}
+
+/// `[paths]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// State: register, applied fleet bundles, exported certificates.
+    pub state_dir: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        PathsConfig {
+            state_dir: "/var/lib/edge-signer".into(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// error, warn, info, debug, trace.
+    pub level: LogLevel,
+    /// text or json.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: LogLevel::Info,
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(missing_docs)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `[notify]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Command run for each event, with the event as JSON on stdin.
+    pub exec: Option<PathBuf>,
+}

@@ -1,0 +1,435 @@
+//! Where configuration lives on the device, and `apply`: verify, refuse rollback, validate
+//! the merged result, then write with temp file + fsync + rename + directory fsync, keeping
+//! the previous bundle as last-known-good.
+
+use crate::bundle::{Bundle, BundleError};
+use crate::layers::{local_files, resolve, ConfigError, ConfigErrors, Effective, Layer, LayerKind};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Default firmware layer.
+pub const DEFAULTS_PATH: &str = "/usr/lib/edge-signer/defaults.toml";
+/// Default local override file (`agent.d/` beside it).
+pub const LOCAL_PATH: &str = "/etc/edge-signer/agent.toml";
+
+/// Write a file so that a power cut leaves either the old or the new content:
+/// temp file, fsync, rename, fsync of the directory.
+pub fn atomic_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = tmp_path(path);
+    write_synced(&tmp, data)?;
+    rename_synced(&tmp, path)
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+fn rename_synced(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::rename(from, to)?;
+    let dir = to
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+/// Why `apply` refused a bundle. Nothing was changed in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Format or signature.
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    /// Not newer than what was applied (replay or rollback).
+    #[error("bundle version {version} is not newer than the applied version {applied}: refusing a replayed or older bundle")]
+    Rollback {
+        /// The bundle's version.
+        version: u64,
+        /// The highest version applied on this device.
+        applied: u64,
+    },
+    /// The merged configuration is invalid.
+    #[error("the configuration with this bundle is invalid:\n{0}")]
+    Config(ConfigErrors),
+    /// A write failed (the step says which).
+    #[error("{step}: {source}")]
+    Io {
+        /// The step.
+        step: ApplyStep,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The steps of `apply` that touch the disk, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyStep {
+    /// Write the previous bundle to a temp file (fsync).
+    WriteLastKnownGoodTemp,
+    /// Rename it over last-known-good (fsync dir).
+    RenameLastKnownGood,
+    /// Write the new bundle to a temp file (fsync).
+    WriteCurrentTemp,
+    /// Rename it over current (fsync dir): the moment the new config takes effect.
+    RenameCurrent,
+    /// Record the highest version applied.
+    RecordVersion,
+}
+
+impl ApplyStep {
+    /// All steps in order.
+    pub const ALL: [ApplyStep; 5] = [
+        ApplyStep::WriteLastKnownGoodTemp,
+        ApplyStep::RenameLastKnownGood,
+        ApplyStep::WriteCurrentTemp,
+        ApplyStep::RenameCurrent,
+        ApplyStep::RecordVersion,
+    ];
+}
+
+impl std::fmt::Display for ApplyStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ApplyStep::WriteLastKnownGoodTemp => "writing last-known-good",
+            ApplyStep::RenameLastKnownGood => "renaming last-known-good",
+            ApplyStep::WriteCurrentTemp => "writing the new bundle",
+            ApplyStep::RenameCurrent => "renaming the new bundle into place",
+            ApplyStep::RecordVersion => "recording the applied version",
+        })
+    }
+}
+
+/// One changed value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    /// Field path.
+    pub path: String,
+    /// Old value (None: was not set).
+    pub old: Option<String>,
+    /// New value (None: removed).
+    pub new: Option<String>,
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ApplyReport {
+    /// The new version.
+    pub version: u64,
+    /// The version it replaced (0 = none).
+    pub previous: u64,
+    /// The fleet key id that signed it.
+    pub key_id: String,
+    /// Every value that changed in the effective configuration.
+    pub changes: Vec<Change>,
+}
+
+/// The device's configuration sources.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    /// The firmware defaults file.
+    pub defaults: PathBuf,
+    /// The local `agent.toml` (`agent.d/` beside it).
+    pub local: PathBuf,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Sources {
+            defaults: DEFAULTS_PATH.into(),
+            local: LOCAL_PATH.into(),
+        }
+    }
+}
+
+/// The effective configuration and what was found on the way.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The merged, validated configuration.
+    pub effective: Effective,
+    /// The fleet bundle version in effect (0 = none).
+    pub fleet_version: u64,
+    /// Things a person should know (a bad current bundle, a fallback to last-known-good).
+    pub warnings: Vec<String>,
+}
+
+impl Sources {
+    fn firmware(&self) -> Result<Vec<Layer>, ConfigErrors> {
+        Ok(Layer::read(LayerKind::Firmware, &self.defaults)
+            .map_err(|e| ConfigErrors(vec![e]))?
+            .into_iter()
+            .collect())
+    }
+
+    fn local(&self) -> Result<Vec<Layer>, ConfigErrors> {
+        let mut layers = Vec::new();
+        let mut errors = Vec::new();
+        for f in local_files(&self.local) {
+            match Layer::read(LayerKind::Local, &f) {
+                Ok(Some(l)) => layers.push(l),
+                Ok(None) => {}
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(layers)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    /// The state directory, from firmware and local layers only (a bundle cannot move it).
+    pub fn state_dir(&self) -> Result<PathBuf, ConfigErrors> {
+        let mut dir = PathBuf::from("/var/lib/edge-signer");
+        for l in self.firmware()?.iter().chain(self.local()?.iter()) {
+            if let Some(d) = l
+                .table
+                .get("paths")
+                .and_then(|p| p.get("state_dir"))
+                .and_then(|v| v.as_str())
+            {
+                dir = d.into();
+            }
+        }
+        Ok(dir)
+    }
+
+    fn store(&self) -> Result<FleetStore, ConfigErrors> {
+        Ok(FleetStore {
+            dir: self.state_dir()?.join("fleet"),
+        })
+    }
+
+    /// Fleet keys pinned in the firmware layer.
+    pub fn trusted_keys(&self) -> Result<Vec<crate::bundle::FleetKey>, ConfigErrors> {
+        let layers = self.firmware()?;
+        let Some(keys) = layers
+            .first()
+            .and_then(|l| l.table.get("fleet"))
+            .and_then(|f| f.get("trusted_keys"))
+        else {
+            return Ok(Vec::new());
+        };
+        let arr = keys.as_array().cloned().unwrap_or_default();
+        arr.iter()
+            .map(|v| {
+                v.as_str().unwrap_or_default().parse().map_err(|e: String| {
+                    ConfigErrors(vec![ConfigError {
+                        file: self.defaults.display().to_string(),
+                        path: "fleet.trusted_keys".into(),
+                        reason: e,
+                    }])
+                })
+            })
+            .collect()
+    }
+
+    fn resolve_with(&self, fleet: Option<Layer>) -> Result<Effective, ConfigErrors> {
+        let mut layers = self.firmware()?;
+        layers.extend(fleet);
+        layers.extend(self.local()?);
+        resolve(&layers)
+    }
+
+    /// Load the effective configuration: firmware, the current fleet bundle (verified again;
+    /// falls back to last-known-good if it does not verify or validate), local overrides.
+    pub fn load(&self) -> Result<Loaded, ConfigErrors> {
+        let store = self.store()?;
+        let trusted = self.trusted_keys()?;
+        let mut warnings = Vec::new();
+        for (name, which) in [(CURRENT, "current"), (LAST_GOOD, "last-known-good")] {
+            let Some(bytes) = store.read(name) else {
+                continue;
+            };
+            let attempt = Bundle::parse(&bytes)
+                .and_then(|b| b.verify(&trusted).map(|_| ()).map(|()| b))
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    let layer = fleet_layer(&b).map_err(|e| e.to_string())?;
+                    self.resolve_with(Some(layer))
+                        .map(|eff| (b.version, eff))
+                        .map_err(|e| e.to_string())
+                });
+            match attempt {
+                Ok((version, effective)) => {
+                    return Ok(Loaded {
+                        effective,
+                        fleet_version: version,
+                        warnings,
+                    })
+                }
+                Err(e) => warnings.push(format!("{which} fleet bundle ignored: {e}")),
+            }
+        }
+        Ok(Loaded {
+            effective: self.resolve_with(None)?,
+            fleet_version: 0,
+            warnings,
+        })
+    }
+
+    /// Apply a bundle file's bytes. On any error nothing on disk has changed, except
+    /// for a failed write step, after which either the old or the new bundle is in place.
+    pub fn apply(&self, bytes: &[u8]) -> Result<ApplyReport, ApplyError> {
+        self.apply_with(bytes, &mut |_| Ok(()))
+    }
+
+    /// `apply` with a hook run before each disk step (tests make it fail to simulate a crash).
+    pub fn apply_with(
+        &self,
+        bytes: &[u8],
+        hook: &mut dyn FnMut(ApplyStep) -> std::io::Result<()>,
+    ) -> Result<ApplyReport, ApplyError> {
+        let bundle = Bundle::parse(bytes)?;
+        let trusted = self.trusted_keys().map_err(ApplyError::Config)?;
+        let key = bundle.verify(&trusted)?.key_id();
+        let store = self.store().map_err(ApplyError::Config)?;
+        let applied = store.highest();
+        if bundle.version <= applied {
+            return Err(ApplyError::Rollback {
+                version: bundle.version,
+                applied,
+            });
+        }
+        let layer = fleet_layer(&bundle).map_err(|e| ApplyError::Config(ConfigErrors(vec![e])))?;
+        let new = self.resolve_with(Some(layer)).map_err(ApplyError::Config)?;
+        let old = self.load().ok();
+        let changes = diff(old.as_ref().map(|l| &l.effective), &new);
+        let previous = old.as_ref().map(|l| l.fleet_version).unwrap_or(0);
+
+        let io = |step| move |source| ApplyError::Io { step, source };
+        let step = |s: ApplyStep,
+                    hook: &mut dyn FnMut(ApplyStep) -> std::io::Result<()>,
+                    f: &dyn Fn() -> std::io::Result<()>| {
+            hook(s).and_then(|_| f()).map_err(io(s))
+        };
+        fs::create_dir_all(&store.dir).map_err(io(ApplyStep::WriteLastKnownGoodTemp))?;
+        let current = store.dir.join(CURRENT);
+        let last_good = store.dir.join(LAST_GOOD);
+        if let Some(prev) = store.read(CURRENT) {
+            step(ApplyStep::WriteLastKnownGoodTemp, hook, &|| {
+                write_synced(&tmp_path(&last_good), &prev)
+            })?;
+            step(ApplyStep::RenameLastKnownGood, hook, &|| {
+                rename_synced(&tmp_path(&last_good), &last_good)
+            })?;
+        }
+        step(ApplyStep::WriteCurrentTemp, hook, &|| {
+            write_synced(&tmp_path(&current), bytes)
+        })?;
+        step(ApplyStep::RenameCurrent, hook, &|| {
+            rename_synced(&tmp_path(&current), &current)
+        })?;
+        step(ApplyStep::RecordVersion, hook, &|| {
+            atomic_write(
+                &store.dir.join(HIGHEST),
+                format!("{}\n", bundle.version).as_bytes(),
+            )
+        })?;
+        Ok(ApplyReport {
+            version: bundle.version,
+            previous,
+            key_id: key,
+            changes,
+        })
+    }
+}
+
+const CURRENT: &str = "current.bundle";
+const LAST_GOOD: &str = "last-known-good.bundle";
+const HIGHEST: &str = "highest-version";
+
+fn fleet_layer(b: &Bundle) -> Result<Layer, ConfigError> {
+    let source = format!("fleet bundle v{}", b.version);
+    let text = b.payload_str().map_err(|e| ConfigError {
+        file: source.clone(),
+        path: String::new(),
+        reason: e.to_string(),
+    })?;
+    Layer::parse(LayerKind::Fleet, &source, text)
+}
+
+struct FleetStore {
+    dir: PathBuf,
+}
+
+impl FleetStore {
+    fn read(&self, name: &str) -> Option<Vec<u8>> {
+        fs::read(self.dir.join(name)).ok()
+    }
+
+    /// The highest version ever applied: the record, or any bundle on disk if higher (a crash
+    /// between renaming the bundle and recording its version loses nothing).
+    fn highest(&self) -> u64 {
+        let recorded = self
+            .read(HIGHEST)
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        [CURRENT, LAST_GOOD]
+            .iter()
+            .filter_map(|n| self.read(n))
+            .filter_map(|b| Bundle::parse(&b).ok())
+            .map(|b| b.version)
+            .fold(recorded, u64::max)
+    }
+}
+
+/// Flatten the effective configuration into `path -> value` leaves.
+pub fn leaves(t: &toml::Table) -> BTreeMap<String, String> {
+    fn walk(out: &mut BTreeMap<String, String>, path: String, v: &toml::Value) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    walk(
+                        out,
+                        if path.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{path}.{k}")
+                        },
+                        v,
+                    );
+                }
+            }
+            toml::Value::Array(a) if a.iter().all(toml::Value::is_table) && !a.is_empty() => {
+                for (i, v) in a.iter().enumerate() {
+                    walk(out, format!("{path}[{i}]"), v);
+                }
+            }
+            other => {
+                out.insert(path, other.to_string());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(&mut out, String::new(), &toml::Value::Table(t.clone()));
+    out
+}
+
+fn diff(old: Option<&Effective>, new: &Effective) -> Vec<Change> {
+    let a = old.map(|o| leaves(&o.merged)).unwrap_or_default();
+    let b = leaves(&new.merged);
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| Change {
+            path: k.clone(),
+            old: a.get(k).cloned(),
+            new: b.get(k).cloned(),
+        })
+        .collect()
+}

@@ -1,0 +1,173 @@
+//! Checks that span fields: names resolve and are unique, windows fit, bounds hold.
+
+use crate::layers::{origin_of, ConfigError};
+use crate::schema::{Config, IssuerConfig, RenewAt};
+use crate::units::Duration;
+use std::collections::{BTreeMap, HashSet};
+
+/// Every cross-field error, each naming its file and field path.
+pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
+    let mut err = |path: String, reason: String| {
+        errs.push(ConfigError {
+            file: origin_of(origins, &path, None),
+            path,
+            reason,
+        })
+    };
+    if c.token.module.is_none() {
+        err(
+            "token.module".into(),
+            "missing: the PKCS#11 module path (e.g. /usr/lib/softhsm/libsofthsm2.so)".into(),
+        );
+    }
+    match (&c.token.label, &c.token.serial) {
+        (None, None) => err(
+            "token.label".into(),
+            "missing: give token.label or token.serial".into(),
+        ),
+        (Some(_), Some(_)) => err(
+            "token.serial".into(),
+            "give token.label or token.serial, not both".into(),
+        ),
+        _ => {}
+    }
+    if c.token.pin.is_none() {
+        err(
+            "token.pin".into(),
+            "missing: where the PIN is read from, e.g. pin = { file = \"/etc/edge-signer/pin\" }"
+                .into(),
+        );
+    }
+
+    let mut issuer_names = HashSet::new();
+    for (i, iss) in c.issuers.iter().enumerate() {
+        let p = format!("issuer[{i}]");
+        if iss.name().is_empty() {
+            err(format!("{p}.name"), "must not be empty".into());
+        } else if !issuer_names.insert(iss.name()) {
+            err(
+                format!("{p}.name"),
+                format!("issuer name '{}' is used twice", iss.name()),
+            );
+        }
+        match iss {
+            IssuerConfig::JwkRotation(j) => {
+                if j.new_key_lifetime > Duration::days(365) {
+                    err(
+                        format!("{p}.new_key_lifetime"),
+                        format!("{} is more than the API allows (365d)", j.new_key_lifetime),
+                    );
+                }
+                if j.old_key_overlap > Duration::days(14) {
+                    err(
+                        format!("{p}.old_key_overlap"),
+                        format!(
+                            "{} is more than the API allows (14d; 24h to 72h recommended)",
+                            j.old_key_overlap
+                        ),
+                    );
+                }
+                if !j.url.starts_with("https://") {
+                    err(format!("{p}.url"), "must be an https:// URL".into());
+                }
+            }
+            IssuerConfig::Est(e) if !e.url.starts_with("https://") => {
+                err(format!("{p}.url"), "must be an https:// URL".into())
+            }
+            IssuerConfig::Portal(po) if po.inbox == po.outbox => err(
+                format!("{p}.inbox"),
+                "must differ from outbox (CSRs and certificates would mix)".into(),
+            ),
+            _ => {}
+        }
+    }
+
+    let mut names = HashSet::new();
+    for (i, id) in c.identities.iter().enumerate() {
+        let p = format!("identity[{i}]");
+        if id.name.is_empty() {
+            err(format!("{p}.name"), "must not be empty".into());
+        } else if !names.insert(id.name.as_str()) {
+            err(
+                format!("{p}.name"),
+                format!("identity name '{}' is used twice", id.name),
+            );
+        }
+        if id.subject.cn.trim().is_empty() {
+            err(
+                format!("{p}.subject.cn"),
+                "missing: every identity needs a CN".into(),
+            );
+        }
+        match c.issuers.iter().find(|x| x.name() == id.issuer) {
+            None => err(
+                format!("{p}.issuer"),
+                format!(
+                    "'{}' names no [[issuer]] (issuers: {})",
+                    id.issuer,
+                    if c.issuers.is_empty() {
+                        "none".into()
+                    } else {
+                        c.issuers
+                            .iter()
+                            .map(|x| x.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ),
+            ),
+            Some(IssuerConfig::JwkRotation(_)) if id.key_type != hsm_shim::KeyType::EcP256 => err(
+                format!("{p}.key_type"),
+                format!(
+                    "{} cannot be used with a jwk-rotation issuer: it rotates EC P-256 keys only",
+                    id.key_type
+                ),
+            ),
+            _ => {}
+        }
+        let r = &id.renewal;
+        if r.before.is_some() && r.at.is_some() {
+            let at_from = origin_of(origins, &format!("{p}.renewal.at"), None);
+            err(format!("{p}.renewal.before"), format!("renewal.at is also set (in {at_from}): give renewal.before or renewal.at, not both"));
+        }
+        if let RenewAt::Before(window) = r.renew_at() {
+            if id.overlap >= window {
+                err(
+                    format!("{p}.overlap"),
+                    format!(
+                        "{} must be shorter than the renewal window ({window} before expiry)",
+                        id.overlap
+                    ),
+                );
+            }
+        }
+        if r.retry_min > r.retry_max {
+            err(
+                format!("{p}.renewal.retry_min"),
+                format!("{} is longer than retry_max ({})", r.retry_min, r.retry_max),
+            );
+        }
+        if r.retry_min.secs() == 0 {
+            err(
+                format!("{p}.renewal.retry_min"),
+                "must be more than 0s".into(),
+            );
+        }
+        if id.usage.is_empty() {
+            err(
+                format!("{p}.usage"),
+                "must name at least one of client, server".into(),
+            );
+        }
+        if let Some(u) = &id.probe_url {
+            if !u.starts_with("https://") {
+                err(format!("{p}.probe_url"), "must be an https:// URL".into());
+            }
+        }
+    }
+    if c.serial.baud == 0 {
+        err("serial.baud".into(), "must be more than 0".into());
+    }
+    errs
+}
