@@ -1,0 +1,193 @@
+//! The configuration commands through the real binary: check, show, fleet keygen/sign, apply.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn es(dir: &Path, args: &[&str]) -> Output {
+    Command::new(edge_signer_tests::bin())
+        .args(args)
+        .current_dir(dir)
+        .env("EDGE_SIGNER_DEFAULTS", dir.join("defaults.toml"))
+        .env("EDGE_SIGNER_CONFIG", dir.join("etc/agent.toml"))
+        .output()
+        .expect("run edge-signer")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn example() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../agent/examples/agent.toml"
+    ))
+    .unwrap()
+}
+
+#[test]
+fn check_accepts_the_example_and_lists_every_error_of_a_bad_file() {
+    let d = tempfile::tempdir().unwrap();
+    let ex = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/examples/agent.toml");
+    let o = es(d.path(), &["config", "check", ex]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("3 identities, 3 issuers"));
+
+    std::fs::write(
+        d.path().join("bad.toml"),
+        "[[identity]]\nname = \"payments-mtls\"\nissuer = \"ghost\"\n[[identity]]\nname = \"api-credential\"\noverlap = \"90d\"\n",
+    )
+    .unwrap();
+    let o = es(d.path(), &["config", "check", ex, "bad.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    assert!(
+        t.contains("bad.toml: identity[0].issuer: 'ghost' names no [[issuer]]"),
+        "{t}"
+    );
+    assert!(
+        t.contains("bad.toml: identity[2].overlap: 90d must be shorter than the renewal window"),
+        "{t}"
+    );
+    assert!(t.contains("2 error(s)"), "{t}");
+
+    std::fs::write(d.path().join("syntax.toml"), "[token\n").unwrap();
+    let o = es(
+        d.path(),
+        &["config", "check", "syntax.toml", "missing.toml", "--json"],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["errors"].as_array().unwrap().len(), 2, "{v}");
+}
+
+#[test]
+fn fleet_keygen_sign_apply_show_and_refusals() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    let o = es(p, &["fleet", "keygen", "--out", "fleet.key", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let key: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let public = key["public_key"].as_str().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(p.join("fleet.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(
+        !es(p, &["fleet", "keygen", "--out", "fleet.key"])
+            .status
+            .success(),
+        "never overwrites a key"
+    );
+
+    let defaults = example()
+        .replace(
+            "ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=",
+            public,
+        )
+        .replace(
+            "state_dir = \"/var/lib/edge-signer\"",
+            &format!("state_dir = \"{}/state\"", p.display()),
+        );
+    std::fs::write(p.join("defaults.toml"), defaults).unwrap();
+    std::fs::create_dir_all(p.join("etc/agent.d")).unwrap();
+    std::fs::write(
+        p.join("etc/agent.d/50-site.toml"),
+        "[serial]\nbaud = 9600\n",
+    )
+    .unwrap();
+
+    std::fs::write(p.join("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
+    let o = es(
+        p,
+        &[
+            "fleet",
+            "sign",
+            "--key",
+            "fleet.key",
+            "--version",
+            "1",
+            "v1.toml",
+            "-o",
+            "v1.bundle",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = es(p, &["config", "apply", "v1.bundle"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("applied fleet bundle v1")
+            && text(&o).contains("log.level: \"info\" -> \"debug\""),
+        "{}",
+        text(&o)
+    );
+
+    let o = es(p, &["config", "show", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["fleet_version"], 1);
+    let row = |path: &str| {
+        v["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["path"] == path)
+            .cloned()
+            .unwrap_or_else(|| panic!("{path} in {v}"))
+    };
+    assert_eq!(row("log.level")["source"], "fleet bundle v1");
+    assert_eq!(row("serial.baud")["value"], "9600");
+    assert!(row("serial.baud")["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("50-site.toml"));
+    assert!(row("identity[0].key_type")["source"]
+        .as_str()
+        .unwrap()
+        .ends_with("defaults.toml"));
+    assert_eq!(
+        row("identity[2].renewal.retry_max")["source"],
+        "built-in default"
+    );
+
+    // Replay: refused, nothing changed.
+    let before = std::fs::read(p.join("state/fleet/current.bundle")).unwrap();
+    let o = es(p, &["config", "apply", "v1.bundle"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("not newer than the applied version 1")
+            && text(&o).contains("nothing changed"),
+        "{}",
+        text(&o)
+    );
+    // A bundle that a device would refuse is not even signed.
+    std::fs::write(p.join("bad.toml"), "[log\n").unwrap();
+    assert!(!es(
+        p,
+        &[
+            "fleet",
+            "sign",
+            "--key",
+            "fleet.key",
+            "--version",
+            "2",
+            "bad.toml",
+            "-o",
+            "bad.bundle"
+        ]
+    )
+    .status
+    .success());
+    assert_eq!(
+        std::fs::read(p.join("state/fleet/current.bundle")).unwrap(),
+        before
+    );
+}
