@@ -1,5 +1,12 @@
 //! edge-signer: the credential agent. This library holds what the CLI and the daemon share.
 #![deny(missing_docs)]
 
+pub mod clock;
+pub mod daemon;
+pub mod events;
 pub mod http;
+pub mod issuer;
+pub mod lifecycle;
+pub mod register;
 pub mod tlsconf;
+pub mod validate;

@@ -86,6 +86,43 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon: reconcile with the token, then renew every identity at its deadlines
+    Run,
+    /// Every identity: state, generation, key, certificate, days left, next action
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// First enrolment of an identity; waits for the certificate, showing progress
+    Enroll {
+        name: String,
+        /// Give up waiting after this many seconds (the enrolment resumes later)
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Rotate an identity when due (or now), waiting until the new generation is promoted
+    Rotate {
+        name: String,
+        /// Rotate even if renewal is not due
+        #[arg(long)]
+        now: bool,
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Destroy the key objects of a replaced generation now
+    Retire {
+        name: String,
+        #[arg(long)]
+        generation: u32,
+    },
+    /// Mark a generation revoked and destroy its key (a revoked current one is replaced)
+    Revoke {
+        name: String,
+        #[arg(long)]
+        generation: u32,
+    },
+    /// Exit 0 if the identity should be renewed now, 1 if still valid, 2 on error
+    NeedsRenewal { name: String },
     /// Show, check and apply the device configuration
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -473,6 +510,102 @@ fn run(cli: Cli) -> Result<i32> {
             );
             return Ok(if ok { 0 } else { 1 });
         }
+        Cmd::Run => {
+            edge_signer::daemon::run(&sources(g), &overrides(g))?;
+        }
+        Cmd::Status { json } => {
+            let loaded = sources(g)
+                .load()
+                .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+            let cfg = loaded.effective.config;
+            let reg = edge_signer::register::RegisterFile::new(&cfg.paths.state_dir).load()?;
+            let rows = edge_signer::lifecycle::status(
+                &cfg,
+                &reg,
+                edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock),
+            );
+            print(json, serde_json::to_value(&rows)?, || {
+                let mut out = String::new();
+                for r in &rows {
+                    out += &format!("{} [{}]\n", r.name, r.state);
+                    match r.generation {
+                        Some(n) => {
+                            out += &format!(
+                                "  generation {n}: serial {} sha256 {}\n",
+                                r.serial.as_deref().unwrap_or("-"),
+                                r.fingerprint.as_deref().unwrap_or("-")
+                            );
+                            out += &format!("  key {}\n", r.key_uri.as_deref().unwrap_or("-"));
+                            out += &format!(
+                                "  valid until {} ({} days left)\n",
+                                r.not_after.as_deref().unwrap_or("-"),
+                                r.days_left.unwrap_or(0)
+                            );
+                        }
+                        None => out += "  no current generation\n",
+                    }
+                    if let Some(p) = r.pending_generation {
+                        out += &format!("  enrolling generation {p}\n");
+                    }
+                    out += &format!(
+                        "  next: {}{}\n",
+                        r.next_action,
+                        r.next_at
+                            .as_deref()
+                            .map(|t| format!(" at {t}"))
+                            .unwrap_or_default()
+                    );
+                    if let Some(e) = &r.last_error {
+                        out += &format!("  last error: {e}\n");
+                    }
+                }
+                out
+            });
+        }
+        Cmd::Enroll { name, timeout } => {
+            let mut e = lifecycle_engine(g)?;
+            if e.reg
+                .identities
+                .get(&name)
+                .is_some_and(|r| r.current.is_some())
+            {
+                bail!("'{name}' is already enrolled; use `edge-signer rotate {name} --now` for a new generation");
+            }
+            e.force(&name)?;
+            drive(&mut e, &name, timeout)?;
+        }
+        Cmd::Rotate { name, now, timeout } => {
+            let mut e = lifecycle_engine(g)?;
+            if now {
+                e.force(&name)?;
+            } else if !e.needs_renewal(&name)? {
+                let t = e
+                    .renewal_time(&name)
+                    .map(edge_signer::clock::rfc3339)
+                    .unwrap_or_default();
+                println!("{name}: renewal not due until {t}; use --now to rotate anyway");
+                return Ok(0);
+            }
+            drive(&mut e, &name, timeout)?;
+        }
+        Cmd::Retire { name, generation } => {
+            let mut e = lifecycle_engine(g)?;
+            e.retire(&name, generation)?;
+            println!(
+                "{name}: generation {generation} retired; its key objects are gone from the token"
+            );
+        }
+        Cmd::Revoke { name, generation } => {
+            let mut e = lifecycle_engine(g)?;
+            e.revoke(&name, generation)?;
+            println!(
+                "{name}: generation {generation} revoked; its key objects are gone from the token"
+            );
+        }
+        Cmd::NeedsRenewal { name } => {
+            let e = lifecycle_engine(g)?;
+            return Ok(if e.needs_renewal(&name)? { 0 } else { 1 });
+        }
         Cmd::Config(c) => return config_cmd(g, c),
         Cmd::Fleet(f) => return fleet_cmd(f),
         Cmd::TlsServe {
@@ -755,4 +888,57 @@ fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn overrides(g: &Global) -> edge_signer::daemon::TokenOverride {
+    edge_signer::daemon::TokenOverride {
+        module: g.module.clone(),
+        label: g.token.clone(),
+        pin_file: g.pin_file.clone(),
+    }
+}
+
+fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Engine> {
+    let mut e = edge_signer::daemon::engine(
+        &sources(g),
+        &overrides(g),
+        Arc::new(edge_signer::clock::SystemClock),
+    )?;
+    for note in e.reconcile()? {
+        eprintln!("reconcile: {note}");
+    }
+    Ok(e)
+}
+
+fn drive(e: &mut edge_signer::lifecycle::Engine, name: &str, timeout: Option<u64>) -> Result<()> {
+    edge_signer::daemon::drive_to_promotion(e, name, timeout.map(Duration::from_secs), |line| {
+        eprintln!("{line}")
+    })?;
+    let rec = e.reg.identities.get(name).cloned().unwrap_or_default();
+    let g = rec.current_gen().cloned();
+    println!(
+        "{name}: generation {} is current (serial {}, valid until {})",
+        rec.current.unwrap_or(0),
+        g.as_ref()
+            .and_then(|g| g.serial.clone())
+            .unwrap_or_default(),
+        g.as_ref()
+            .and_then(|g| g.not_after)
+            .map(edge_signer::clock::rfc3339)
+            .unwrap_or_default()
+    );
+    for old in rec
+        .generations
+        .iter()
+        .filter(|g| g.status == edge_signer::register::GenStatus::Overlap)
+    {
+        println!(
+            "  generation {} stays valid until {} (overlap), then its key is destroyed",
+            old.number,
+            old.overlap_until
+                .map(edge_signer::clock::rfc3339)
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
 }

@@ -123,6 +123,8 @@ pub struct IdentityConfig {
     pub overlap: Duration,
     /// URL probed with the new identity alone before it is promoted.
     pub probe_url: Option<String>,
+    /// CA bundle of the probe URL's server (default: the issuer's CA bundle).
+    pub probe_ca: Option<PathBuf>,
     /// What the identity is used for.
     pub usage: Vec<Usage>,
 }
@@ -139,6 +141,7 @@ impl Default for IdentityConfig {
             renewal: RenewalConfig::default(),
             overlap: Duration::days(7),
             probe_url: None,
+            probe_ca: None,
             usage: vec![Usage::Client],
         }
     }

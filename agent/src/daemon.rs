@@ -1,0 +1,225 @@
+//! Building an engine from the configuration, driving one identity in the foreground with
+//! progress, and the daemon loop: sleep until the next deadline, wake on SIGHUP/SIGTERM.
+
+use crate::clock::{rfc3339, Clock, SystemClock};
+use crate::lifecycle::Engine;
+use crate::register::Step;
+use anyhow::{anyhow, Context, Result};
+use firmware_config::{Config, Sources};
+use hsm_shim::{Token, TokenSelector};
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Token settings given on the command line, overriding the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct TokenOverride {
+    /// `--module`.
+    pub module: Option<std::path::PathBuf>,
+    /// `--token`.
+    pub label: Option<String>,
+    /// `--pin-file`.
+    pub pin_file: Option<std::path::PathBuf>,
+}
+
+/// Open the configured token.
+pub fn open_token(cfg: &Config, o: &TokenOverride) -> Result<Arc<Token>> {
+    let module = o
+        .module
+        .clone()
+        .or_else(|| cfg.token.module.clone())
+        .ok_or_else(|| {
+            anyhow!("no PKCS#11 module: set token.module in the configuration or pass --module")
+        })?;
+    let sel = match (&o.label, &cfg.token.label, &cfg.token.serial) {
+        (Some(l), _, _) | (None, Some(l), _) => TokenSelector::Label(l.clone()),
+        (None, None, Some(s)) => TokenSelector::Serial(s.clone()),
+        _ => anyhow::bail!("no token: set token.label or token.serial in the configuration"),
+    };
+    let pin = match (&o.pin_file, &cfg.token.pin) {
+        (Some(f), _) => hsm_shim::PinSource::File(f.clone()),
+        (None, Some(p)) => p.source(),
+        (None, None) => return Err(hsm_shim::Error::PinRequired.into()),
+    }
+    .read()?;
+    Ok(Token::open(&module, &sel, Some(pin))?)
+}
+
+/// Load the configuration and build the engine (issuers, token, register).
+pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Result<Engine> {
+    let loaded = sources
+        .load()
+        .map_err(|e| anyhow!("the configuration is invalid:\n{e}"))?;
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let cfg = loaded.effective.config;
+    let mut issuers = BTreeMap::new();
+    for i in &cfg.issuers {
+        match crate::issuer::from_config(i) {
+            Ok(b) => {
+                issuers.insert(i.name().to_owned(), b);
+            }
+            // An issuer that cannot start fails only the identities that use it.
+            Err(e) => tracing::error!(issuer = i.name(), "{e:#}"),
+        }
+    }
+    let token = open_token(&cfg, o)?;
+    Engine::new(cfg, token, clock, issuers)
+}
+
+/// Drive one identity in the foreground until its rotation is promoted (or `timeout`),
+/// printing what it waits for when that changes.
+pub fn drive_to_promotion(
+    engine: &mut Engine,
+    name: &str,
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(&str),
+) -> Result<()> {
+    let start = std::time::Instant::now();
+    let mut last = String::new();
+    let before = engine.reg.identities.get(name).and_then(|r| r.current);
+    // An unfinished rotation (or one that got as far as the overlap) completes, not restarts.
+    let resuming = engine
+        .reg
+        .identities
+        .get(name)
+        .is_some_and(|r| r.pending.is_some() || r.step == Step::Overlap);
+    loop {
+        let (until, what) = engine.drive(name)?;
+        let rec = engine.reg.identities.get(name).cloned().unwrap_or_default();
+        let settled = rec.pending.is_none()
+            && rec.current.is_some()
+            && matches!(rec.step, Step::Active | Step::Overlap);
+        if settled && rec.forced_at.is_none() && (rec.current != before || resuming) {
+            return Ok(());
+        }
+        if let (Some(f), None) = (&rec.failure, rec.pending) {
+            anyhow::bail!(
+                "{}; the current generation ({}) keeps serving; next attempt at {}",
+                f.reason,
+                rec.current
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "none".into()),
+                rfc3339(f.retry_at)
+            );
+        }
+        if what != last {
+            progress(&format!(
+                "[{}] {}: {what}",
+                rec.step.as_str(),
+                rfc3339(engine.now())
+            ));
+            last = what;
+        }
+        let now = engine.now();
+        let wait = Duration::from_secs(until.saturating_sub(now).clamp(1, 3600));
+        if let Some(t) = timeout {
+            if start.elapsed() + wait > t {
+                anyhow::bail!(
+                    "gave up waiting after {}s; the rotation stays at step {} and resumes with the daemon or the next command",
+                    t.as_secs(),
+                    rec.step.as_str()
+                );
+            }
+        }
+        std::thread::sleep(wait);
+    }
+}
+
+enum Wake {
+    Reload,
+    Stop,
+}
+
+/// The daemon: reconcile, then advance every identity at its deadlines. No polling loop:
+/// between deadlines the process sleeps in one blocking receive.
+pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for s in signals.forever() {
+                let w = if s == signal_hook::consts::SIGHUP {
+                    Wake::Reload
+                } else {
+                    Wake::Stop
+                };
+                if tx.send(w).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    'reload: loop {
+        pick_up_spool(sources);
+        let mut engine = engine(sources, o, clock.clone())?;
+        for note in engine.reconcile()? {
+            tracing::warn!("{note}");
+        }
+        tracing::info!(
+            identities = engine.config().identities.len(),
+            "edge-signer running"
+        );
+        loop {
+            let next = engine.tick();
+            let now = clock.now();
+            let wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
+            tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
+            match rx.recv_timeout(wait) {
+                Ok(Wake::Reload) => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    continue 'reload;
+                }
+                Ok(Wake::Stop) => {
+                    tracing::info!("stopping");
+                    return Ok(());
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Apply fleet bundles dropped in the spool directory (on start and on SIGHUP).
+fn pick_up_spool(sources: &Sources) {
+    let Ok(loaded) = sources.load() else { return };
+    let spool = loaded.effective.config.fleet.spool_dir;
+    let Ok(rd) = std::fs::read_dir(&spool) else {
+        return;
+    };
+    let mut files: Vec<_> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "bundle"))
+        .collect();
+    files.sort();
+    for f in files {
+        let outcome = std::fs::read(&f)
+            .map_err(|e| e.to_string())
+            .and_then(|b| sources.apply(&b).map_err(|e| e.to_string()));
+        let dest = match &outcome {
+            Ok(r) => {
+                tracing::info!(bundle = %f.display(), version = r.version, changes = r.changes.len(), "fleet bundle applied");
+                "applied"
+            }
+            Err(e) => {
+                tracing::error!(bundle = %f.display(), "fleet bundle refused: {e}");
+                "refused"
+            }
+        };
+        let dir = spool.join(dest);
+        let _ = std::fs::create_dir_all(&dir);
+        if let Some(n) = f.file_name() {
+            let _ = std::fs::rename(&f, dir.join(n));
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! The portal issuer: a CSR goes to an outbox for a person to upload; the signed certificate
+//! comes back (about a day later) as any file in the inbox, recognised by its public key.
+
+use super::{Answer, Issuer, Request};
+use crate::clock::{rfc3339, Unix};
+use hsm_shim::rustls::pki_types::CertificateDer;
+use std::path::PathBuf;
+use x509_cert::der::{Decode, Encode};
+
+/// A drop-folder issuer.
+pub struct Portal {
+    outbox: PathBuf,
+    inbox: PathBuf,
+    poll: u64,
+    ca: Vec<CertificateDer<'static>>,
+}
+
+impl Portal {
+    /// From config; reads the CA bundle now so a wrong path is reported at start.
+    pub fn new(cfg: &firmware_config::schema::PortalIssuer) -> anyhow::Result<Portal> {
+        Ok(Portal {
+            outbox: cfg.outbox.clone(),
+            inbox: cfg.inbox.clone(),
+            poll: cfg.poll_interval.secs().max(1),
+            ca: crate::tlsconf::load_certs(&cfg.ca_bundle)?,
+        })
+    }
+
+    fn csr_name(req: &Request) -> String {
+        format!("{}-{}.csr.pem", req.identity, req.generation)
+    }
+}
+
+/// The SPKI of the first certificate in a PEM text, if any.
+fn leaf_spki(text: &str) -> Option<Vec<u8>> {
+    let chain = crate::validate::parse_chain(text).ok()?;
+    let leaf = x509_cert::Certificate::from_der(&chain[0]).ok()?;
+    leaf.tbs_certificate.subject_public_key_info.to_der().ok()
+}
+
+impl Issuer for Portal {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<String, Answer> {
+        let name = Self::csr_name(req);
+        std::fs::create_dir_all(&self.outbox)
+            .and_then(|_| {
+                firmware_config::store::atomic_write(
+                    &self.outbox.join(&name),
+                    req.csr_pem.as_bytes(),
+                )
+            })
+            .map_err(|e| {
+                Answer::Unreachable(format!(
+                    "cannot write {} to {}: {e}",
+                    name,
+                    self.outbox.display()
+                ))
+            })?;
+        Ok(name)
+    }
+
+    fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> Answer {
+        let mut foreign = Vec::new();
+        let entries = match std::fs::read_dir(&self.inbox) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Answer::Wait {
+                    until: now + self.poll,
+                    what: format!(
+                        "certificate for {reference} in {} (not created yet)",
+                        self.inbox.display()
+                    ),
+                }
+            }
+            Err(e) => {
+                return Answer::Unreachable(format!("cannot read {}: {e}", self.inbox.display()))
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            // Bounded read: the inbox is written by people and other programs.
+            let Ok(meta) = f.metadata() else { continue };
+            if meta.len() > 256 * 1024 {
+                continue;
+            }
+            let Ok(text) = std::fs::read_to_string(&f) else {
+                continue;
+            };
+            match leaf_spki(&text) {
+                Some(spki) if spki == req.spki => return Answer::Issued(text),
+                Some(_) => foreign.push(
+                    f.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                ),
+                None => {}
+            }
+        }
+        let mut what = format!(
+            "certificate for {reference} in {} (polled {})",
+            self.inbox.display(),
+            rfc3339(now)
+        );
+        if !foreign.is_empty() {
+            what += &format!(
+                "; ignoring {} certificate(s) for other keys: {}",
+                foreign.len(),
+                foreign.join(", ")
+            );
+        }
+        Answer::Wait {
+            until: now + self.poll,
+            what,
+        }
+    }
+
+    fn ca_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.ca
+    }
+}

@@ -1,0 +1,1063 @@
+//! The lifecycle engine: one state machine per identity, persisted at every step.
+//!
+//! `active -> key-pending -> csr-ready -> submitted -> issued -> validated -> probed ->
+//! overlap -> (old generation retired) -> active`, plus `lapsed` and retryable failures with
+//! capped exponential backoff. Every step is idempotent, so a restart at any point resumes.
+
+use crate::clock::{rfc3339, Clock, Unix};
+use crate::events::{Events, Severity};
+use crate::issuer::{Answer, Issuer, Request};
+use crate::register::{
+    Failure, GenStatus, Generation, IdentityRecord, Register, RegisterFile, Step,
+};
+use crate::validate::{self, Expected};
+use anyhow::{anyhow, bail, Context, Result};
+use firmware_config::schema::{CnSuffix, Config, IdentityConfig, RenewAt, Usage};
+use hsm_shim::csr::Subject;
+use hsm_shim::{KeyRef, Pkcs11Uri, Token, TokenKey};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What one call of `advance` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A step was taken; call again.
+    Moved,
+    /// Nothing to do before `until`, for the reason given.
+    Wait {
+        /// Next deadline.
+        until: Unix,
+        /// Why, for `status`.
+        what: String,
+    },
+}
+
+/// The engine.
+pub struct Engine {
+    cfg: Config,
+    token: Arc<Token>,
+    clock: Arc<dyn Clock>,
+    file: RegisterFile,
+    /// The register as last saved.
+    pub reg: Register,
+    /// Events raised.
+    pub events: Events,
+    issuers: BTreeMap<String, Box<dyn Issuer>>,
+    state_dir: PathBuf,
+    kill_at: Option<String>,
+}
+
+/// The label of a generation's key objects.
+pub fn key_label(identity: &str, generation: u32) -> String {
+    format!("edge-signer:{identity}:g{generation}")
+}
+
+fn label_prefix(identity: &str) -> String {
+    format!("edge-signer:{identity}:g")
+}
+
+/// A stable per-identity, per-generation offset in `0..span`, so a fleet spreads out.
+fn jitter(identity: &str, generation: u32, span: u64) -> u64 {
+    if span == 0 {
+        return 0;
+    }
+    // FNV-1a: stable across runs and builds.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in identity.bytes().chain(generation.to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h % span
+}
+
+/// When the current generation should be renewed: the policy point, minus a stable jitter
+/// offset (earlier, never later than the policy says).
+pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> {
+    let g = rec.current_gen()?;
+    let (nb, na) = (g.not_before?, g.not_after?);
+    let point = match cfg.renewal.renew_at() {
+        RenewAt::Before(d) => na.saturating_sub(d.secs()),
+        RenewAt::Fraction(p) => nb + (na.saturating_sub(nb)) * p.0 as u64 / 100,
+    };
+    Some(
+        point
+            .saturating_sub(jitter(&cfg.name, g.number, cfg.renewal.jitter.secs()))
+            .max(nb),
+    )
+}
+
+/// One line of `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Identity name.
+    pub name: String,
+    /// Step.
+    pub state: String,
+    /// Serving generation.
+    pub generation: Option<u32>,
+    /// Its key URI.
+    pub key_uri: Option<String>,
+    /// Its certificate serial.
+    pub serial: Option<String>,
+    /// Its SHA-256 fingerprint.
+    pub fingerprint: Option<String>,
+    /// Its not-after (RFC 3339).
+    pub not_after: Option<String>,
+    /// Whole days left (negative when lapsed).
+    pub days_left: Option<i64>,
+    /// The generation being enrolled.
+    pub pending_generation: Option<u32>,
+    /// What happens next.
+    pub next_action: String,
+    /// When (RFC 3339).
+    pub next_at: Option<String>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Generations still holding keys in the token.
+    pub live_generations: Vec<u32>,
+}
+
+/// Status of every configured identity, from the register alone (no token access).
+pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
+    cfg.identities
+        .iter()
+        .map(|ic| {
+            let rec = reg.identities.get(&ic.name).cloned().unwrap_or_default();
+            let cur = rec.current_gen();
+            let since = |step: Step| {
+                rec.transitions
+                    .iter()
+                    .rev()
+                    .find(|t| t.step == step)
+                    .map(|t| rfc3339(t.at))
+                    .unwrap_or_default()
+            };
+            let (next_action, next_at) = if let Some(f) = &rec.failure {
+                (format!("retry: {}", f.reason), Some(f.retry_at))
+            } else {
+                match rec.step {
+                    Step::Active if cur.is_none() => ("enrol a first generation".into(), Some(now)),
+                    Step::Active => ("renew".into(), renewal_time(ic, &rec)),
+                    Step::Lapsed => ("enrol a new key (the certificate lapsed)".into(), Some(now)),
+                    Step::KeyPending => ("generate the key and CSR".into(), Some(now)),
+                    Step::CsrReady => (format!("submit the CSR to {}", ic.issuer), Some(now)),
+                    Step::Submitted => {
+                        let g = rec.pending.and_then(|n| rec.gen(n));
+                        (
+                            format!(
+                                "wait for the certificate from {} ({}, submitted {})",
+                                ic.issuer,
+                                g.and_then(|g| g.submission.clone()).unwrap_or_default(),
+                                since(Step::Submitted)
+                            ),
+                            None,
+                        )
+                    }
+                    Step::Issued => ("validate the certificate".into(), Some(now)),
+                    Step::Validated => ("probe with the new identity".into(), Some(now)),
+                    Step::Probed => ("promote the new identity".into(), Some(now)),
+                    Step::Overlap => {
+                        let t = rec
+                            .generations
+                            .iter()
+                            .filter(|g| g.status == GenStatus::Overlap)
+                            .filter_map(|g| g.overlap_until)
+                            .min();
+                        ("retire the old generation".into(), t)
+                    }
+                }
+            };
+            Status {
+                name: ic.name.clone(),
+                state: rec.step.as_str().into(),
+                generation: rec.current,
+                key_uri: cur.and_then(|g| g.key_uri.clone()),
+                serial: cur.and_then(|g| g.serial.clone()),
+                fingerprint: cur.and_then(|g| g.fingerprint.clone()),
+                not_after: cur.and_then(|g| g.not_after).map(rfc3339),
+                days_left: cur
+                    .and_then(|g| g.not_after)
+                    .map(|na| (na as i64 - now as i64).div_euclid(86_400)),
+                pending_generation: rec.pending,
+                next_action,
+                next_at: next_at.map(rfc3339),
+                last_error: rec.failure.as_ref().map(|f| f.reason.clone()),
+                live_generations: rec
+                    .generations
+                    .iter()
+                    .filter(|g| {
+                        matches!(
+                            g.status,
+                            GenStatus::Pending | GenStatus::Current | GenStatus::Overlap
+                        )
+                    })
+                    .map(|g| g.number)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+impl Engine {
+    /// An engine over a token, a register in `cfg.paths.state_dir`, and issuers by name.
+    pub fn new(
+        cfg: Config,
+        token: Arc<Token>,
+        clock: Arc<dyn Clock>,
+        issuers: BTreeMap<String, Box<dyn Issuer>>,
+    ) -> Result<Engine> {
+        let state_dir = cfg.paths.state_dir.clone();
+        let file = RegisterFile::new(&state_dir);
+        let reg = file.load()?;
+        let events = Events::new(cfg.notify.exec.clone());
+        Ok(Engine {
+            cfg,
+            token,
+            clock,
+            file,
+            reg,
+            events,
+            issuers,
+            state_dir,
+            kill_at: std::env::var("EDGE_SIGNER_TEST_KILL_AT").ok(),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The token.
+    pub fn token(&self) -> &Arc<Token> {
+        &self.token
+    }
+
+    /// Now.
+    pub fn now(&self) -> Unix {
+        self.clock.now()
+    }
+
+    fn identity_cfg(&self, name: &str) -> Result<IdentityConfig> {
+        self.cfg
+            .identities
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no identity '{name}' in the configuration"))
+    }
+
+    fn rec(&mut self, name: &str) -> &mut IdentityRecord {
+        self.reg.identities.entry(name.to_owned()).or_default()
+    }
+
+    fn save(&mut self, name: &str) -> Result<()> {
+        self.file.save(&self.reg)?;
+        // Test hook: die like `kill -9` right after a step is on disk.
+        if let Some(step) = &self.kill_at {
+            let now_step = self.reg.identities.get(name).map(|r| r.step.as_str());
+            if now_step == Some(step.as_str()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &std::process::id().to_string()])
+                    .status();
+            }
+        }
+        Ok(())
+    }
+
+    fn move_to(
+        &mut self,
+        name: &str,
+        step: Step,
+        generation: u32,
+        note: impl Into<String>,
+    ) -> Result<()> {
+        let now = self.now();
+        let note = note.into();
+        tracing::info!(identity = name, generation, step = step.as_str(), "{note}");
+        self.rec(name).transition(now, step, generation, note);
+        self.save(name)
+    }
+
+    /// On start: destroy key objects of aborted rotations and of generations already
+    /// retired, and report keys the register expects but the token lacks.
+    pub fn reconcile(&mut self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        let keys = self.token.list_keys()?;
+        let now = self.now();
+        for ident in self
+            .cfg
+            .identities
+            .iter()
+            .map(|i| i.name.clone())
+            .collect::<Vec<_>>()
+        {
+            let rec = self.reg.identities.get(&ident).cloned().unwrap_or_default();
+            let live: Vec<&Generation> = rec
+                .generations
+                .iter()
+                .filter(|g| {
+                    matches!(
+                        g.status,
+                        GenStatus::Pending | GenStatus::Current | GenStatus::Overlap
+                    )
+                })
+                .collect();
+            for k in keys
+                .iter()
+                .filter(|k| k.label.starts_with(&label_prefix(&ident)))
+            {
+                let id = hsm_shim::keys::hex(&k.id);
+                let wanted = live.iter().any(|g| {
+                    g.key_id.as_deref() == Some(id.as_str())
+                        || (g.key_id.is_none() && g.key_label == k.label)
+                });
+                if !wanted {
+                    self.token.destroy(&k.id)?;
+                    notes.push(format!(
+                        "{ident}: destroyed orphan key {} (id {id}) left by an aborted rotation",
+                        k.label
+                    ));
+                }
+            }
+            for g in live {
+                let Some(id) = &g.key_id else { continue };
+                if !keys.iter().any(|k| &hsm_shim::keys::hex(&k.id) == id) {
+                    let msg = format!(
+                        "generation {} of '{ident}' expects key {id} ({}) but the token does not hold it; a new key will be enrolled",
+                        g.number, g.key_label
+                    );
+                    self.events
+                        .emit(now, "key-missing", &ident, Severity::Critical, msg.clone());
+                    notes.push(msg);
+                    let n = g.number;
+                    let rec = self.rec(&ident);
+                    if let Some(gm) = rec.gen_mut(n) {
+                        gm.status = GenStatus::Failed;
+                    }
+                    if rec.current == Some(n) {
+                        rec.current = None;
+                    }
+                    if rec.pending == Some(n) {
+                        rec.pending = None;
+                    }
+                    rec.transition(now, Step::Active, n, "key missing from token");
+                    rec.forced_at = Some(now);
+                    self.save(&ident)?;
+                }
+            }
+        }
+        Ok(notes)
+    }
+
+    /// Ask for a rotation at the next step, whatever the renewal policy says.
+    pub fn force(&mut self, name: &str) -> Result<()> {
+        self.identity_cfg(name)?;
+        let now = self.now();
+        let rec = self.rec(name);
+        rec.forced_at = Some(now);
+        rec.failure = None;
+        self.save(name)
+    }
+
+    /// When the current generation should be renewed.
+    pub fn renewal_time(&self, name: &str) -> Option<Unix> {
+        renewal_time(
+            &self.identity_cfg(name).ok()?,
+            self.reg.identities.get(name)?,
+        )
+    }
+
+    /// True when a rotation should start now (or one is under way).
+    pub fn needs_renewal(&self, name: &str) -> Result<bool> {
+        self.identity_cfg(name)?;
+        let now = self.now();
+        let Some(rec) = self.reg.identities.get(name) else {
+            return Ok(true);
+        };
+        if rec.step != Step::Active || rec.current.is_none() || rec.forced_at.is_some() {
+            return Ok(true);
+        }
+        Ok(self.renewal_time(name).is_some_and(|t| now >= t))
+    }
+
+    fn fail(&mut self, name: &str, reason: String) -> Result<Progress> {
+        let cfg = self.identity_cfg(name)?;
+        let now = self.now();
+        let rec = self.rec(name);
+        let attempts = rec.failure.as_ref().map(|f| f.attempts).unwrap_or(0) + 1;
+        let base = cfg.renewal.retry_min.secs().max(1);
+        let delay = base
+            .saturating_mul(1u64 << (attempts - 1).min(30))
+            .min(cfg.renewal.retry_max.secs().max(base));
+        rec.failure = Some(Failure {
+            reason: reason.clone(),
+            retry_at: now + delay,
+            attempts,
+        });
+        self.save(name)?;
+        self.events.emit(
+            now,
+            "failure",
+            name,
+            Severity::Warning,
+            format!(
+                "{reason}; attempt {attempts}, retrying at {}",
+                rfc3339(now + delay)
+            ),
+        );
+        Ok(Progress::Wait {
+            until: now + delay,
+            what: format!("retry after: {reason}"),
+        })
+    }
+
+    /// Give up a pending generation (refused certificate, rejected CSR): destroy its key,
+    /// keep the current identity serving, retry later with a new key.
+    fn abandon(&mut self, name: &str, n: u32, reason: String) -> Result<Progress> {
+        if let Some(id) = self
+            .reg
+            .identities
+            .get(name)
+            .and_then(|r| r.gen(n))
+            .and_then(|g| g.key_id.clone())
+        {
+            self.destroy_key(&id)?;
+        }
+        let now = self.now();
+        let rec = self.rec(name);
+        if let Some(g) = rec.gen_mut(n) {
+            g.status = GenStatus::Failed;
+        }
+        rec.pending = None;
+        let back = if rec.current.is_some() {
+            Step::Active
+        } else {
+            Step::Lapsed
+        };
+        rec.transition(now, back, n, format!("generation {n} abandoned: {reason}"));
+        self.fail(name, format!("generation {n} abandoned: {reason}"))
+    }
+
+    fn destroy_key(&self, id_hex: &str) -> Result<()> {
+        let id: Vec<u8> = (0..id_hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(id_hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        match self.token.destroy(&id) {
+            Ok(_) | Err(hsm_shim::Error::KeyNotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn open_key(&self, id_hex: &str) -> Result<TokenKey> {
+        let id: Vec<u8> = (0..id_hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(id_hex.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        Ok(TokenKey::open(self.token.clone(), &KeyRef::Id(id))?)
+    }
+
+    /// Take at most one step for `name`.
+    pub fn advance(&mut self, name: &str) -> Result<Progress> {
+        let cfg = self.identity_cfg(name)?;
+        let now = self.now();
+        let rec = self.rec(name).clone();
+        if let Some(f) = &rec.failure {
+            if f.retry_at > now {
+                return Ok(Progress::Wait {
+                    until: f.retry_at,
+                    what: format!("retry after: {}", f.reason),
+                });
+            }
+        }
+        match rec.step {
+            Step::Active | Step::Lapsed => self.idle(name, &cfg, &rec, now),
+            Step::KeyPending => self.make_key(name, &cfg, &rec, now),
+            Step::CsrReady | Step::Submitted => self.ask_issuer(name, &cfg, &rec, now),
+            Step::Issued => self.check_cert(name, &cfg, &rec, now),
+            Step::Validated => self.probe(name, &cfg, &rec),
+            Step::Probed => self.promote(name, &cfg, &rec, now),
+            Step::Overlap => self.end_overlap(name, &rec, now),
+        }
+    }
+
+    fn idle(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let cur = rec.current_gen().cloned();
+        if let Some(g) = &cur {
+            if let Some(na) = g.not_after {
+                // Reminders, each once per generation.
+                let mut marks: Vec<u64> = cfg.renewal.reminders.iter().map(|d| d.secs()).collect();
+                marks.sort_unstable_by(|a, b| b.cmp(a));
+                for m in marks {
+                    if now + m >= na && now < na && !g.reminders_fired.contains(&m) {
+                        let days = m / 86_400;
+                        self.events.emit(
+                            now,
+                            "reminder",
+                            name,
+                            if m <= 5 * 86_400 {
+                                Severity::Critical
+                            } else {
+                                Severity::Warning
+                            },
+                            format!(
+                                "certificate of generation {} expires at {} ({} day mark)",
+                                g.number,
+                                rfc3339(na),
+                                days
+                            ),
+                        );
+                        if let Some(gm) = self.rec(name).gen_mut(g.number) {
+                            gm.reminders_fired.push(m);
+                        }
+                        self.save(name)?;
+                    }
+                }
+                if now >= na && rec.step != Step::Lapsed {
+                    self.events.emit(
+                        now,
+                        "lapsed",
+                        name,
+                        Severity::Critical,
+                        format!(
+                            "certificate of generation {} expired at {}: every TLS handshake with it fails; enrolling a new key now (portal: upload the CSR from the outbox)",
+                            g.number,
+                            rfc3339(na)
+                        ),
+                    );
+                    self.move_to(name, Step::Lapsed, g.number, "certificate expired")?;
+                    return Ok(Progress::Moved);
+                }
+            }
+        }
+        let due = match (&cur, rec.forced_at) {
+            (_, Some(_)) => true,
+            (None, _) => true,
+            (Some(_), None) => self.renewal_time(name).is_some_and(|t| now >= t),
+        };
+        if !due {
+            let renew = self.renewal_time(name).unwrap_or(now);
+            let na = cur.as_ref().and_then(|g| g.not_after).unwrap_or(u64::MAX);
+            let next_reminder = cfg
+                .renewal
+                .reminders
+                .iter()
+                .map(|d| na.saturating_sub(d.secs()))
+                .filter(|t| *t > now)
+                .min()
+                .unwrap_or(u64::MAX);
+            let until = renew.min(next_reminder).min(na);
+            return Ok(Progress::Wait {
+                until,
+                what: format!("renewal at {}", rfc3339(renew)),
+            });
+        }
+        // Plan a new generation (new key, never the old one), persisted before the key exists.
+        let n = self.rec(name).next_number();
+        let cn = match cfg.cn_suffix {
+            CnSuffix::None => cfg.subject.cn.clone(),
+            CnSuffix::UnixTime => format!("{}-{now}", cfg.subject.cn),
+        };
+        let subject = cfg.subject.to_subject(&cn);
+        let g = Generation {
+            number: n,
+            status: GenStatus::Pending,
+            key_label: key_label(name, n),
+            key_id: None,
+            key_uri: None,
+            subject: subject.to_string(),
+            sans: cfg.sans.iter().map(|s| s.to_string()).collect(),
+            csr_pem: None,
+            issuer: cfg.issuer.clone(),
+            submission: None,
+            cert_pem: None,
+            serial: None,
+            fingerprint: None,
+            not_before: None,
+            not_after: None,
+            overlap_until: None,
+            reminders_fired: Vec::new(),
+            created_at: now,
+        };
+        let why = if cur.is_none() {
+            "first enrolment"
+        } else if rec.forced_at.is_some() {
+            "rotation asked for"
+        } else {
+            "renewal due"
+        };
+        let r = self.rec(name);
+        r.generations.push(g);
+        r.pending = Some(n);
+        r.forced_at = None;
+        r.failure = None;
+        self.events.emit(
+            now,
+            "rotation-started",
+            name,
+            Severity::Info,
+            format!("{why}: generation {n} planned"),
+        );
+        self.move_to(name, Step::KeyPending, n, why)?;
+        Ok(Progress::Moved)
+    }
+
+    fn pending(rec: &IdentityRecord) -> Result<Generation> {
+        rec.pending
+            .and_then(|n| rec.gen(n))
+            .cloned()
+            .ok_or_else(|| {
+                anyhow!(
+                    "register inconsistent: step {} without a pending generation",
+                    rec.step.as_str()
+                )
+            })
+    }
+
+    fn make_key(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        _now: Unix,
+    ) -> Result<Progress> {
+        let g = Self::pending(rec)?;
+        // After a crash the key may already exist: find it by its label, or make it.
+        let info = match self.token.find_key(&KeyRef::Label(g.key_label.clone())) {
+            Ok(k) => k,
+            Err(hsm_shim::Error::KeyNotFound(_)) => {
+                self.token.generate_key(cfg.key_type, &g.key_label)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let key = TokenKey::open(self.token.clone(), &KeyRef::Id(info.id.clone()))?;
+        let subject = Subject::parse(&g.subject)?;
+        let csr = hsm_shim::csr::build_csr(&key, &subject, &cfg.sans)?;
+        let uri = info.uri(&self.token).to_string();
+        let gm = self
+            .rec(name)
+            .gen_mut(g.number)
+            .ok_or_else(|| anyhow!("generation vanished"))?;
+        gm.key_id = Some(hsm_shim::keys::hex(&info.id));
+        gm.key_uri = Some(uri);
+        gm.csr_pem = Some(csr);
+        self.move_to(
+            name,
+            Step::CsrReady,
+            g.number,
+            format!("key {} generated in the token; CSR built", g.key_label),
+        )?;
+        Ok(Progress::Moved)
+    }
+
+    fn issuer(&mut self, name: &str) -> Result<&mut Box<dyn Issuer>> {
+        self.issuers
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("issuer '{name}' is not available"))
+    }
+
+    fn ask_issuer(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let g = Self::pending(rec)?;
+        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        let spki = key.info().spki.clone();
+        let csr = g.csr_pem.clone().unwrap_or_default();
+        let req = Request {
+            identity: name,
+            generation: g.number,
+            csr_pem: &csr,
+            spki: &spki,
+        };
+        let issuer = self.issuer(&cfg.issuer)?;
+        let answer = match (&rec.step, &g.submission) {
+            (Step::Submitted, Some(reference)) => issuer.poll(&req, reference, now),
+            _ => match issuer.submit(&req, now) {
+                Ok(reference) => {
+                    if let Some(gm) = self.rec(name).gen_mut(g.number) {
+                        gm.submission = Some(reference.clone());
+                    }
+                    self.move_to(
+                        name,
+                        Step::Submitted,
+                        g.number,
+                        format!("CSR submitted to {} as {reference}", cfg.issuer),
+                    )?;
+                    return Ok(Progress::Moved);
+                }
+                Err(a) => a,
+            },
+        };
+        match answer {
+            Answer::Wait { until, what } => Ok(Progress::Wait { until, what }),
+            Answer::Issued(pem) => {
+                if let Some(gm) = self.rec(name).gen_mut(g.number) {
+                    gm.cert_pem = Some(pem);
+                }
+                self.rec(name).failure = None;
+                self.move_to(name, Step::Issued, g.number, "certificate received")?;
+                Ok(Progress::Moved)
+            }
+            Answer::Rejected(why) => self.abandon(
+                name,
+                g.number,
+                format!("issuer {} rejected the CSR: {why}", cfg.issuer),
+            ),
+            Answer::Unreachable(why) => {
+                self.fail(name, format!("issuer {} unreachable: {why}", cfg.issuer))
+            }
+        }
+    }
+
+    fn check_cert(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let g = Self::pending(rec)?;
+        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        let subject = Subject::parse(&g.subject)?;
+        let ca = self.issuer(&cfg.issuer)?.ca_bundle().to_vec();
+        let want = Expected {
+            spki: &key.info().spki,
+            subject: &subject,
+            sans: &cfg.sans,
+            server: cfg.usage == [Usage::Server],
+        };
+        match validate::validate(g.cert_pem.as_deref().unwrap_or_default(), &ca, &want, now) {
+            Ok(v) => {
+                let gm = self
+                    .rec(name)
+                    .gen_mut(g.number)
+                    .ok_or_else(|| anyhow!("generation vanished"))?;
+                gm.serial = Some(v.serial);
+                gm.fingerprint = Some(v.fingerprint);
+                gm.not_before = Some(v.not_before);
+                gm.not_after = Some(v.not_after);
+                self.move_to(
+                    name,
+                    Step::Validated,
+                    g.number,
+                    format!("certificate valid until {}", rfc3339(v.not_after)),
+                )?;
+                Ok(Progress::Moved)
+            }
+            Err(refusal) => {
+                self.events.emit(
+                    now,
+                    "certificate-refused",
+                    name,
+                    Severity::Warning,
+                    format!("certificate for generation {} refused: {refusal}; the current identity keeps serving", g.number),
+                );
+                self.abandon(name, g.number, format!("certificate refused: {refusal}"))
+            }
+        }
+    }
+
+    fn probe(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+    ) -> Result<Progress> {
+        let g = Self::pending(rec)?;
+        let Some(url) = &cfg.probe_url else {
+            self.move_to(
+                name,
+                Step::Probed,
+                g.number,
+                "no probe_url configured: probe skipped",
+            )?;
+            return Ok(Progress::Moved);
+        };
+        let result = (|| -> Result<u16> {
+            let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+            let chain = validate::parse_chain(g.cert_pem.as_deref().unwrap_or_default())?;
+            let ck = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain)?;
+            let roots = match &cfg.probe_ca {
+                Some(p) => crate::tlsconf::load_roots(p)?,
+                None => {
+                    let mut r = hsm_shim::rustls::RootCertStore::empty();
+                    for c in self.issuer(&cfg.issuer)?.ca_bundle() {
+                        r.add(c.clone())?;
+                    }
+                    r
+                }
+            };
+            let tls =
+                crate::tlsconf::client_config(Some(ck), roots, crate::tlsconf::TlsVersions::Any)?;
+            let resp = crate::http::get(
+                Arc::new(tls),
+                &crate::http::Url::parse(url)?,
+                std::time::Duration::from_secs(15),
+            )?;
+            Ok(resp.status)
+        })();
+        match result {
+            Ok(s) if (200..300).contains(&s) => {
+                self.move_to(
+                    name,
+                    Step::Probed,
+                    g.number,
+                    format!("probe {url} with the new identity alone: HTTP {s}"),
+                )?;
+                Ok(Progress::Moved)
+            }
+            Ok(s) => self.fail(
+                name,
+                format!("probe {url} with the new identity answered HTTP {s}"),
+            ),
+            Err(e) => self.fail(
+                name,
+                format!("probe {url} with the new identity failed: {e:#}"),
+            ),
+        }
+    }
+
+    fn export_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("identities").join(name)
+    }
+
+    fn promote(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let g = Self::pending(rec)?;
+        let id_hex = g.key_id.clone().unwrap_or_default();
+        let key = self.open_key(&id_hex)?;
+        let chain_pem = g.cert_pem.clone().unwrap_or_default();
+        let chain = validate::parse_chain(&chain_pem)?;
+        // Idempotent: store_cert replaces, the exports are atomic writes.
+        self.token
+            .store_cert(&key.info().id, &g.key_label, &chain[0])?;
+        let dir = self.export_dir(name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        firmware_config::store::atomic_write(&dir.join("cert.pem"), chain_pem.as_bytes())?;
+        let uri = Pkcs11Uri::parse(g.key_uri.as_deref().unwrap_or_default())?;
+        firmware_config::store::atomic_write(&dir.join("key.uri"), format!("{uri}\n").as_bytes())?;
+        let old = rec.current.filter(|c| *c != g.number);
+        let overlap = cfg.overlap.secs();
+        let r = self.rec(name);
+        if let Some(gm) = r.gen_mut(g.number) {
+            gm.status = GenStatus::Current;
+        }
+        r.current = Some(g.number);
+        r.pending = None;
+        r.failure = None;
+        let mut until = None;
+        if let Some(o) = old {
+            if let Some(og) = r.gen_mut(o) {
+                let t = (now + overlap).min(og.not_after.unwrap_or(u64::MAX));
+                og.status = GenStatus::Overlap;
+                og.overlap_until = Some(t);
+                until = Some(t);
+            }
+        }
+        self.events.emit(
+            now,
+            "promoted",
+            name,
+            Severity::Info,
+            match (old, until) {
+                (Some(o), Some(t)) => format!(
+                    "generation {} is current; generation {o} stays valid until {}",
+                    g.number,
+                    rfc3339(t)
+                ),
+                _ => format!("generation {} is current", g.number),
+            },
+        );
+        match old {
+            Some(_) => self.move_to(
+                name,
+                Step::Overlap,
+                g.number,
+                "promoted; overlap with the old generation",
+            )?,
+            None => self.move_to(name, Step::Active, g.number, "promoted")?,
+        }
+        Ok(Progress::Moved)
+    }
+
+    fn end_overlap(&mut self, name: &str, rec: &IdentityRecord, now: Unix) -> Result<Progress> {
+        let old: Vec<Generation> = rec
+            .generations
+            .iter()
+            .filter(|g| g.status == GenStatus::Overlap)
+            .cloned()
+            .collect();
+        let next = old
+            .iter()
+            .filter_map(|g| g.overlap_until)
+            .filter(|t| *t > now)
+            .min();
+        for g in old
+            .iter()
+            .filter(|g| g.overlap_until.is_none_or(|t| t <= now))
+        {
+            self.retire_generation(name, g.number, GenStatus::Retired)?;
+        }
+        match next {
+            Some(until) => Ok(Progress::Wait {
+                until,
+                what: format!("overlap: old generation retires at {}", rfc3339(until)),
+            }),
+            None => {
+                let cur = rec.current.unwrap_or(0);
+                self.move_to(name, Step::Active, cur, "overlap over")?;
+                Ok(Progress::Moved)
+            }
+        }
+    }
+
+    fn retire_generation(&mut self, name: &str, n: u32, status: GenStatus) -> Result<()> {
+        let g = self
+            .rec(name)
+            .gen(n)
+            .cloned()
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+        if let Some(id) = &g.key_id {
+            self.destroy_key(id)?;
+        }
+        let now = self.now();
+        if let Some(gm) = self.rec(name).gen_mut(n) {
+            gm.status = status;
+        }
+        self.save(name)?;
+        let what = if status == GenStatus::Revoked {
+            "revoked"
+        } else {
+            "retired"
+        };
+        self.events.emit(
+            now,
+            what,
+            name,
+            Severity::Info,
+            format!("generation {n} {what}: its key objects are destroyed in the token"),
+        );
+        Ok(())
+    }
+
+    /// Retire a non-current generation now.
+    pub fn retire(&mut self, name: &str, n: u32) -> Result<()> {
+        let rec = self.rec(name).clone();
+        let g = rec
+            .gen(n)
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+        if rec.current == Some(n) {
+            bail!(
+                "generation {n} is the current identity of '{name}'; rotate first, or use revoke"
+            );
+        }
+        if rec.pending == Some(n) {
+            bail!("generation {n} of '{name}' is being enrolled");
+        }
+        if matches!(
+            g.status,
+            GenStatus::Retired | GenStatus::Revoked | GenStatus::Failed
+        ) {
+            bail!("generation {n} of '{name}' is already {:?}", g.status);
+        }
+        self.retire_generation(name, n, GenStatus::Retired)?;
+        if rec.step == Step::Overlap
+            && !self
+                .rec(name)
+                .generations
+                .iter()
+                .any(|g| g.status == GenStatus::Overlap)
+        {
+            self.move_to(
+                name,
+                Step::Active,
+                rec.current.unwrap_or(0),
+                format!("generation {n} retired by hand"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Mark a generation revoked and destroy its key; a revoked current identity is replaced.
+    pub fn revoke(&mut self, name: &str, n: u32) -> Result<()> {
+        let rec = self.rec(name).clone();
+        rec.gen(n)
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+        if rec.pending == Some(n) {
+            bail!("generation {n} of '{name}' is being enrolled");
+        }
+        self.retire_generation(name, n, GenStatus::Revoked)?;
+        let now = self.now();
+        let r = self.rec(name);
+        if r.current == Some(n) {
+            r.current = None;
+            r.forced_at = Some(now);
+            let back = if r.step == Step::Overlap {
+                Step::Active
+            } else {
+                r.step
+            };
+            r.transition(
+                now,
+                back,
+                n,
+                "current generation revoked: a new one will be enrolled",
+            );
+            self.save(name)?;
+        }
+        Ok(())
+    }
+
+    /// Advance `name` until it must wait; returns the wait.
+    pub fn drive(&mut self, name: &str) -> Result<(Unix, String)> {
+        for _ in 0..64 {
+            match self.advance(name)? {
+                Progress::Moved => continue,
+                Progress::Wait { until, what } => return Ok((until, what)),
+            }
+        }
+        bail!("'{name}' made 64 steps without settling: a bug; see the register")
+    }
+
+    /// Advance every configured identity; returns the earliest deadline.
+    pub fn tick(&mut self) -> Unix {
+        let mut next = u64::MAX;
+        for name in self
+            .cfg
+            .identities
+            .iter()
+            .map(|i| i.name.clone())
+            .collect::<Vec<_>>()
+        {
+            match self.drive(&name) {
+                Ok((until, _)) => next = next.min(until),
+                Err(e) => {
+                    let now = self.now();
+                    tracing::error!(identity = %name, "{e:#}");
+                    let retry = self.fail(&name, format!("{e:#}")).ok();
+                    next = next.min(match retry {
+                        Some(Progress::Wait { until, .. }) => until,
+                        _ => now + 60,
+                    });
+                }
+            }
+        }
+        next
+    }
+}

@@ -1,0 +1,295 @@
+//! Whole rotations through the real binary: real SoftHSM, a test CA answering the portal,
+//! an openssl server for the probe, pkcs11-tool to look into the token.
+
+use edge_signer_tests::*;
+use std::process::{Command, Stdio};
+
+fn ids_in_token(env: &Env) -> Vec<String> {
+    env.pkcs11_objects()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("ID:").map(|s| s.trim().to_owned()))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+fn gens(env: &Env) -> Vec<serde_json::Value> {
+    env.register()["identities"]["gw"]["generations"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn probe_server(env: &Env) -> (Guard, u16) {
+    env.openssl_leaf("ca", "server");
+    let port = free_port();
+    let log = std::fs::File::create(env.path("s_server.log")).unwrap();
+    let child = Command::new("openssl")
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            "server.pem",
+            "-key",
+            "server.key",
+            "-CAfile",
+            "ca.pem",
+            "-Verify",
+            "1",
+            "-verify_return_error",
+            "-www",
+        ])
+        .current_dir(env.dir.path())
+        .stdin(Stdio::piped())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let g = Guard(child);
+    wait_port(port);
+    (g, port)
+}
+
+#[test]
+fn enrol_rotate_with_overlap_probe_and_retire() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let (_srv, port) = probe_server(&env);
+    env.lifecycle_config(&format!(
+        "probe_url = \"https://127.0.0.1:{port}/\"\ncn_suffix = \"unix-time\""
+    ));
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+
+    let out = env.ok(&["enroll", "gw", "--timeout", "20"]);
+    assert!(out.contains("generation 1 is current"), "{out}");
+    let g1 = gens(&env)[0].clone();
+    assert_eq!(g1["status"], "current");
+
+    // A CN suffix makes every renewal's DN unique: sleep past the second.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    assert!(
+        out.contains("generation 2 is current") && out.contains("generation 1 stays valid until"),
+        "{out}"
+    );
+    let g = gens(&env);
+    let (g1, g2) = (&g[0], &g[1]);
+    assert_ne!(g1["key_id"], g2["key_id"], "a new key, never the old one");
+    assert_ne!(
+        g1["subject"], g2["subject"],
+        "unix-time CN suffix changes the DN"
+    );
+    assert_eq!(
+        (g1["status"].as_str(), g2["status"].as_str()),
+        (Some("overlap"), Some("current"))
+    );
+
+    // The CSR carries the configured subject and SANs and verifies.
+    std::fs::write(env.path("g2.csr"), g2["csr_pem"].as_str().unwrap()).unwrap();
+    let text = env.openssl(&["req", "-in", "g2.csr", "-verify", "-noout", "-text"]);
+    assert!(
+        text.contains("verify OK")
+            && text.contains("DNS:gw-0042.edge.example")
+            && text.contains("IP Address:127.0.0.1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("O = Acme Payments, OU = Gateways, CN = gw-0042-")
+            || text.contains("O=Acme Payments, OU=Gateways, CN=gw-0042-"),
+        "{text}"
+    );
+
+    // The probe went out with the new identity alone: the server saw the new CN.
+    let cn2 = g2["subject"]
+        .as_str()
+        .unwrap()
+        .rsplit("CN=")
+        .next()
+        .unwrap()
+        .to_owned();
+    let log = std::fs::read_to_string(env.path("s_server.log")).unwrap();
+    let last_client = log
+        .lines()
+        .rfind(|l| l.starts_with("depth=0"))
+        .unwrap_or_default();
+    assert!(
+        last_client.contains(&cn2),
+        "last client cert: {last_client}"
+    );
+
+    // Overlap: both keys in the token; the new certificate object is there too.
+    let both = ids_in_token(&env);
+    let id1 = g1["key_id"].as_str().unwrap();
+    let id2 = g2["key_id"].as_str().unwrap();
+    assert!(
+        both.iter().any(|i| i == id1) && both.iter().any(|i| i == id2),
+        "{both:?}"
+    );
+    let status = env.json(&["status"]);
+    assert_eq!(status[0]["state"], "overlap");
+    assert_eq!(status[0]["generation"], 2);
+    assert_eq!(status[0]["live_generations"], serde_json::json!([1, 2]));
+    assert!(status[0]["days_left"].as_i64().unwrap() >= 88);
+    assert_eq!(
+        std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap(),
+        g2["cert_pem"].as_str().unwrap()
+    );
+
+    // Retirement destroys the old key objects; nothing with its id is left.
+    env.ok(&["retire", "gw", "--generation", "1"]);
+    let after = ids_in_token(&env);
+    assert!(
+        !after.iter().any(|i| i == id1),
+        "old key still in the token: {after:?}"
+    );
+    assert!(after.iter().any(|i| i == id2));
+    assert_eq!(gens(&env)[0]["status"], "retired");
+    assert_eq!(env.json(&["status"])[0]["state"], "active");
+    let err = env.fails(&["retire", "gw", "--generation", "2"]);
+    assert!(err.contains("current identity"), "{err}");
+
+    // needs-renewal: a fresh 90-day certificate is not due.
+    assert_eq!(env.run(&["needs-renewal", "gw"]).status.code(), Some(1));
+}
+
+#[test]
+fn bad_certificates_are_refused_and_the_old_identity_keeps_serving() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("[identity.renewal]\nretry_min = \"1s\"\nretry_max = \"1s\"");
+    let ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    let id1 = gens(&env)[0]["key_id"].as_str().unwrap().to_owned();
+
+    for (mode, reason) in [
+        (CaMode::Expired, "expired"),
+        (CaMode::NotYetValid, "not valid before"),
+        (
+            CaMode::ForeignCa,
+            "does not chain to the issuer's CA bundle",
+        ),
+        (
+            CaMode::WrongSubject,
+            "subject is 'O=Mallory,CN=not-you', expected 'O=Acme Payments,OU=Gateways,CN=gw-0042'",
+        ),
+        (CaMode::NoSans, "subject alternative names are []"),
+    ] {
+        ca.set_mode(mode);
+        let out = env.run(&["rotate", "gw", "--now", "--timeout", "3"]);
+        assert!(!out.status.success(), "{mode:?} accepted");
+        let reg = env.register();
+        let rec = &reg["identities"]["gw"];
+        let err = rec["failure"]["reason"].as_str().unwrap_or_default();
+        assert!(
+            err.contains("certificate refused") && err.contains(reason),
+            "{mode:?}: {err}"
+        );
+        assert_eq!(
+            rec["current"], 1,
+            "{mode:?}: the old identity must keep serving"
+        );
+        let ids = ids_in_token(&env);
+        assert_eq!(
+            ids,
+            vec![id1.clone()],
+            "{mode:?}: the refused generation's key must be gone"
+        );
+        // Clear the pending retry so the next mode starts at once.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let st = env.json(&["status"]);
+    assert_eq!(st[0]["generation"], 1);
+    assert!(st[0]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("subject alternative names"));
+}
+
+#[test]
+fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let (_srv, port) = probe_server(&env);
+    env.lifecycle_config(&format!("probe_url = \"https://127.0.0.1:{port}/\""));
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    let mut expected_gen = 1;
+    for step in [
+        "key-pending",
+        "csr-ready",
+        "submitted",
+        "issued",
+        "validated",
+        "probed",
+        "overlap",
+    ] {
+        let out = env
+            .cmd()
+            .args(["rotate", "gw", "--now", "--timeout", "20"])
+            .env("EDGE_SIGNER_TEST_KILL_AT", step)
+            .output()
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{step}: not killed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reg = env.register();
+        assert_eq!(
+            reg["identities"]["gw"]["step"], step,
+            "{step}: the register must hold the step it died after"
+        );
+        // Restart: resume (a plain `rotate` resumes an unfinished rotation).
+        let out = env.ok(&["rotate", "gw", "--timeout", "20"]);
+        expected_gen += 1;
+        assert!(
+            out.contains(&format!("generation {expected_gen} is current")),
+            "{step}: {out}"
+        );
+        // Retire the overlapping generation so the token must hold exactly one key.
+        env.ok(&[
+            "retire",
+            "gw",
+            "--generation",
+            &(expected_gen - 1).to_string(),
+        ]);
+        let reg = env.register();
+        let rec = &reg["identities"]["gw"];
+        let live: Vec<_> = rec["generations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["status"] == "current")
+            .collect();
+        assert_eq!(live.len(), 1, "{step}: exactly one current identity");
+        assert_eq!(rec["current"], expected_gen);
+        assert!(rec["pending"].is_null());
+        let ids = ids_in_token(&env);
+        assert_eq!(
+            ids,
+            vec![live[0]["key_id"].as_str().unwrap().to_owned()],
+            "{step}: orphan key objects in the token"
+        );
+    }
+}
