@@ -461,7 +461,25 @@ impl Engine {
     pub fn advance(&mut self, name: &str) -> Result<Progress> {
         let cfg = self.identity_cfg(name)?;
         let now = self.now();
+        let alert = self.alerts(name, &cfg, now)?;
         let rec = self.rec(name).clone();
+        let progress = self.step(name, &cfg, &rec, now)?;
+        Ok(match (progress, alert) {
+            (Progress::Wait { until, what }, Some(a)) if a < until => {
+                Progress::Wait { until: a, what }
+            }
+            (p, _) => p,
+        })
+    }
+
+    fn step(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let (cfg, rec) = (cfg.clone(), rec.clone());
         if let Some(f) = &rec.failure {
             if f.retry_at > now {
                 return Ok(Progress::Wait {
@@ -481,6 +499,78 @@ impl Engine {
         }
     }
 
+    /// Reminders at the configured marks and the lapse alarm for the serving generation,
+    /// whatever step a rotation is at (a stuck rotation is exactly when they matter).
+    /// Each fires once per generation (the lapse is recorded as mark 0). Returns the next
+    /// alert deadline.
+    fn alerts(&mut self, name: &str, cfg: &IdentityConfig, now: Unix) -> Result<Option<Unix>> {
+        let Some(g) = self.rec(name).current_gen().cloned() else {
+            return Ok(None);
+        };
+        let Some(na) = g.not_after else {
+            return Ok(None);
+        };
+        let mut marks: Vec<u64> = cfg
+            .renewal
+            .reminders
+            .iter()
+            .map(|d| d.secs())
+            .filter(|m| *m > 0)
+            .collect();
+        marks.sort_unstable_by(|a, b| b.cmp(a));
+        marks.push(0);
+        let mut next = None;
+        for m in marks {
+            let at = na.saturating_sub(m);
+            if g.reminders_fired.contains(&m) {
+                continue;
+            }
+            if now < at {
+                next = Some(next.map_or(at, |n: Unix| n.min(at)));
+                continue;
+            }
+            if m == 0 {
+                self.events.emit(
+                    now,
+                    "lapsed",
+                    name,
+                    Severity::Critical,
+                    format!(
+                        "certificate of generation {} expired at {}: every TLS handshake with it fails; enrolling a new key (portal: upload the CSR from the outbox)",
+                        g.number,
+                        rfc3339(na)
+                    ),
+                );
+            } else if now < na {
+                self.events.emit(
+                    now,
+                    "reminder",
+                    name,
+                    if m <= 5 * 86_400 {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    },
+                    format!(
+                        "certificate of generation {} expires at {} ({} day mark)",
+                        g.number,
+                        rfc3339(na),
+                        m / 86_400
+                    ),
+                );
+            }
+            let rec = self.rec(name);
+            if let Some(gm) = rec.gen_mut(g.number) {
+                gm.reminders_fired.push(m);
+            }
+            if m == 0 && rec.step == Step::Active {
+                rec.transition(now, Step::Lapsed, g.number, "certificate expired");
+            }
+            self.save(name)?;
+        }
+        Ok(next)
+    }
+
     fn idle(
         &mut self,
         name: &str,
@@ -489,72 +579,16 @@ impl Engine {
         now: Unix,
     ) -> Result<Progress> {
         let cur = rec.current_gen().cloned();
-        if let Some(g) = &cur {
-            if let Some(na) = g.not_after {
-                // Reminders, each once per generation.
-                let mut marks: Vec<u64> = cfg.renewal.reminders.iter().map(|d| d.secs()).collect();
-                marks.sort_unstable_by(|a, b| b.cmp(a));
-                for m in marks {
-                    if now + m >= na && now < na && !g.reminders_fired.contains(&m) {
-                        let days = m / 86_400;
-                        self.events.emit(
-                            now,
-                            "reminder",
-                            name,
-                            if m <= 5 * 86_400 {
-                                Severity::Critical
-                            } else {
-                                Severity::Warning
-                            },
-                            format!(
-                                "certificate of generation {} expires at {} ({} day mark)",
-                                g.number,
-                                rfc3339(na),
-                                days
-                            ),
-                        );
-                        if let Some(gm) = self.rec(name).gen_mut(g.number) {
-                            gm.reminders_fired.push(m);
-                        }
-                        self.save(name)?;
-                    }
-                }
-                if now >= na && rec.step != Step::Lapsed {
-                    self.events.emit(
-                        now,
-                        "lapsed",
-                        name,
-                        Severity::Critical,
-                        format!(
-                            "certificate of generation {} expired at {}: every TLS handshake with it fails; enrolling a new key now (portal: upload the CSR from the outbox)",
-                            g.number,
-                            rfc3339(na)
-                        ),
-                    );
-                    self.move_to(name, Step::Lapsed, g.number, "certificate expired")?;
-                    return Ok(Progress::Moved);
-                }
-            }
-        }
         let due = match (&cur, rec.forced_at) {
             (_, Some(_)) => true,
+            _ if rec.step == Step::Lapsed => true,
             (None, _) => true,
             (Some(_), None) => self.renewal_time(name).is_some_and(|t| now >= t),
         };
         if !due {
             let renew = self.renewal_time(name).unwrap_or(now);
-            let na = cur.as_ref().and_then(|g| g.not_after).unwrap_or(u64::MAX);
-            let next_reminder = cfg
-                .renewal
-                .reminders
-                .iter()
-                .map(|d| na.saturating_sub(d.secs()))
-                .filter(|t| *t > now)
-                .min()
-                .unwrap_or(u64::MAX);
-            let until = renew.min(next_reminder).min(na);
             return Ok(Progress::Wait {
-                until,
+                until: renew,
                 what: format!("renewal at {}", rfc3339(renew)),
             });
         }

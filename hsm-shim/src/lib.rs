@@ -13,6 +13,8 @@ pub mod jws;
 pub mod keys;
 pub mod pin;
 pub mod sign;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 pub mod token;
 pub mod uri;

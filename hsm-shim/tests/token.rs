@@ -1,8 +1,7 @@
 //! hsm-shim against a real SoftHSM token.
 
-mod common;
-use common::*;
 use hsm_shim::jws::{self, JwsAlg};
+use hsm_shim::testing::*;
 use hsm_shim::tls::sign_alg;
 use hsm_shim::{Hash, KeyRef, KeyType, SignAlg, Token, TokenKey, TokenSelector};
 use ring::signature::{self, UnparsedPublicKey};

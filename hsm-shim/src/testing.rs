@@ -1,8 +1,8 @@
-//! A throwaway SoftHSM token per test. SoftHSM reads SOFTHSM2_CONF once per process, so
-//! these tests need one process per test: `cargo nextest run` (what scripts/test uses).
-#![allow(dead_code)]
+//! Test support (feature `testing`): a throwaway SoftHSM token for in-process tests.
+//! SoftHSM reads SOFTHSM2_CONF once per process, so each such test needs its own process:
+//! `cargo nextest run` (what scripts/test uses).
 
-use hsm_shim::{Pin, Token, TokenSelector};
+use crate::{Pin, Token, TokenSelector};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,8 +10,10 @@ use zeroize::Zeroizing;
 
 static USED: AtomicBool = AtomicBool::new(false);
 
+/// The user PIN of test tokens.
 pub const USER_PIN: &str = "246810";
 
+/// The SoftHSM module (`EDGE_SIGNER_TEST_MODULE` overrides, for qemu runs).
 pub fn module() -> PathBuf {
     if let Some(m) = std::env::var_os("EDGE_SIGNER_TEST_MODULE") {
         return m.into();
@@ -27,17 +29,24 @@ pub fn module() -> PathBuf {
     panic!("SoftHSM not installed: run scripts/setup (or set EDGE_SIGNER_TEST_MODULE)");
 }
 
+/// A token in a temp dir, initialised and opened.
 pub struct TestToken {
+    /// The temp dir (tokens and config); removed on drop.
     pub dir: tempfile::TempDir,
+    /// The open, logged-in token.
     pub token: Arc<Token>,
+    /// The module path.
     pub module: PathBuf,
 }
 
+/// A PIN from a string.
 pub fn pin(s: &str) -> Pin {
     Pin::new(Zeroizing::new(s.to_owned()))
 }
 
 impl TestToken {
+    /// Make and open a token labelled `test`; panics if this process already made one.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> TestToken {
         assert!(
             !USED.swap(true, Ordering::SeqCst),
@@ -57,7 +66,7 @@ impl TestToken {
         // Safe: set before the module is loaded, and only once per process (checked above).
         unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
         let module = module();
-        hsm_shim::token::init_token(&module, "test", &pin("13579"), &pin(USER_PIN))
+        crate::token::init_token(&module, "test", &pin("13579"), &pin(USER_PIN))
             .expect("init token");
         let token = Token::open(
             &module,

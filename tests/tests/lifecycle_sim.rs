@@ -1,0 +1,232 @@
+//! A 90-day certificate lived in seconds: the engine with a fake clock, keys in a real
+//! SoftHSM token, and an in-process CA behind the `Issuer` trait (a fake of the issuer
+//! only: everything the token does is real).
+
+use edge_signer::clock::{Clock, FakeClock, Unix};
+use edge_signer::events::Severity;
+use edge_signer::issuer::{Answer, Issuer, Request};
+use edge_signer::lifecycle::Engine;
+use hsm_shim::rustls::pki_types::CertificateDer;
+use hsm_shim::testing::TestToken;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const DAY: u64 = 86_400;
+const T0: Unix = 1_800_000_000;
+
+struct SimCa {
+    clock: FakeClock,
+    up: Arc<AtomicBool>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca: Vec<CertificateDer<'static>>,
+}
+
+impl SimCa {
+    fn new(clock: FakeClock, up: Arc<AtomicBool>) -> SimCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "sim CA");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
+        let cert = p.self_signed(&key).unwrap();
+        SimCa {
+            clock,
+            up,
+            ca: vec![cert.der().clone()],
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+}
+
+impl Issuer for SimCa {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<String, Answer> {
+        if !self.up.load(Ordering::SeqCst) {
+            return Err(Answer::Unreachable("connection refused".into()));
+        }
+        Ok(format!("{}-{}", req.identity, req.generation))
+    }
+
+    fn poll(&mut self, req: &Request, _reference: &str, _now: Unix) -> Answer {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_pem(req.csr_pem).expect("our CSR parses");
+        let now = self.clock.now();
+        csr.params.not_before = time::OffsetDateTime::from_unix_timestamp(now as i64).unwrap();
+        csr.params.not_after =
+            time::OffsetDateTime::from_unix_timestamp((now + 90 * DAY) as i64).unwrap();
+        Answer::Issued(csr.signed_by(&self.issuer).unwrap().pem())
+    }
+
+    fn ca_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.ca
+    }
+}
+
+fn config(state: &std::path::Path, module: &std::path::Path) -> firmware_config::Config {
+    let text = format!(
+        r#"
+[token]
+module = "{}"
+label = "test"
+pin = {{ env = "UNUSED" }}
+
+[[identity]]
+name = "gw"
+subject = {{ o = "Acme", cn = "gw-1" }}
+sans = ["dns:gw-1.example"]
+issuer = "sim"
+overlap = "7d"
+[identity.renewal]
+before = "30d"
+jitter = "0s"
+retry_min = "1h"
+retry_max = "6h"
+
+[[issuer]]
+name = "sim"
+kind = "portal"
+outbox = "/nonexistent/out"
+inbox = "/nonexistent/in"
+ca_bundle = "/nonexistent/ca.pem"
+
+[paths]
+state_dir = "{}"
+"#,
+        module.display(),
+        state.display()
+    );
+    let layer =
+        firmware_config::Layer::parse(firmware_config::LayerKind::Firmware, "sim.toml", &text)
+            .unwrap();
+    firmware_config::layers::resolve(&[layer]).unwrap().config
+}
+
+#[test]
+fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
+    let t = TestToken::new();
+    let clock = FakeClock::at(T0);
+    let up = Arc::new(AtomicBool::new(true));
+    let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
+    issuers.insert(
+        "sim".into(),
+        Box::new(SimCa::new(clock.clone(), up.clone())),
+    );
+    let cfg = config(&t.dir.path().join("state"), &t.module);
+    let mut e = Engine::new(cfg, t.token.clone(), Arc::new(clock.clone()), issuers).unwrap();
+
+    // Run the daemon's loop on the fake clock: tick, jump to the deadline it returns.
+    let mut ticks = 0;
+    let run_until = |e: &mut Engine, end: Unix, ticks: &mut u32| {
+        while clock.now() < end {
+            let next = e.tick();
+            *ticks += 1;
+            clock.set(next.min(end).max(clock.now() + 1));
+        }
+    };
+
+    run_until(&mut e, T0 + 1, &mut ticks);
+    let gw = e.reg.identities["gw"].clone();
+    assert_eq!(gw.current, Some(1));
+    assert_eq!(gw.gen(1).unwrap().not_after, Some(T0 + 90 * DAY));
+
+    // Generation 1 renews at exactly 30 days before expiry (jitter 0).
+    run_until(&mut e, T0 + 80 * DAY, &mut ticks);
+    let started: Vec<_> = e
+        .events
+        .log
+        .iter()
+        .filter(|ev| ev.kind == "rotation-started")
+        .map(|ev| ev.at.clone())
+        .collect();
+    assert_eq!(
+        started,
+        vec![
+            edge_signer::clock::rfc3339(T0),
+            edge_signer::clock::rfc3339(T0 + 60 * DAY)
+        ]
+    );
+    let gw = e.reg.identities["gw"].clone();
+    assert_eq!(gw.current, Some(2));
+    assert_eq!(
+        gw.gen(1).unwrap().status,
+        edge_signer::register::GenStatus::Retired,
+        "retired after the 7-day overlap"
+    );
+    let k1 = gw.gen(1).unwrap().key_id.clone().unwrap();
+    assert!(
+        t.token
+            .list_keys()
+            .unwrap()
+            .iter()
+            .all(|k| hsm_shim::keys::hex(&k.id) != k1),
+        "generation 1's key is gone"
+    );
+
+    // The CA goes away: generation 2 cannot renew; reminders at 30, 15 and 5 days, then lapse.
+    up.store(false, Ordering::SeqCst);
+    let g2_expiry = T0 + 60 * DAY + 90 * DAY;
+    run_until(&mut e, g2_expiry + DAY, &mut ticks);
+    let reminders: Vec<(String, String)> = e
+        .events
+        .log
+        .iter()
+        .filter(|ev| ev.kind == "reminder")
+        .map(|ev| {
+            (
+                ev.at.clone(),
+                ev.message.split('(').nth(1).unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let marks: Vec<&str> = reminders.iter().map(|(_, m)| m.as_str()).collect();
+    // Generation 1 had its 30-day reminder; generation 2 all three, each exactly once.
+    assert_eq!(
+        marks,
+        vec![
+            "30 day mark)",
+            "30 day mark)",
+            "15 day mark)",
+            "5 day mark)"
+        ],
+        "{reminders:?}"
+    );
+    assert_eq!(
+        reminders[2].0,
+        edge_signer::clock::rfc3339(g2_expiry - 15 * DAY)
+    );
+    let lapses: Vec<_> = e
+        .events
+        .log
+        .iter()
+        .filter(|ev| ev.kind == "lapsed")
+        .collect();
+    assert_eq!(lapses.len(), 1);
+    assert_eq!(lapses[0].severity, Severity::Critical);
+    assert_eq!(lapses[0].at, edge_signer::clock::rfc3339(g2_expiry));
+    let failures = e
+        .events
+        .log
+        .iter()
+        .filter(|ev| ev.kind == "failure")
+        .count();
+    assert!(
+        failures > 10,
+        "retries with backoff while the CA is away ({failures})"
+    );
+
+    // The CA comes back: recovery with a new key, no person involved.
+    up.store(true, Ordering::SeqCst);
+    run_until(&mut e, g2_expiry + 2 * DAY, &mut ticks);
+    let gw = e.reg.identities["gw"].clone();
+    assert_eq!(gw.step, edge_signer::register::Step::Active);
+    assert_eq!(gw.current, Some(3));
+    // No polling loop: about 160 simulated days took a bounded number of wake-ups, most
+    // of them backoff retries (capped at 6 h) while the CA was away.
+    assert!(ticks < 400, "{ticks} wake-ups");
+    eprintln!(
+        "simulated {} days in {ticks} wake-ups",
+        (clock.now() - T0) / DAY
+    );
+}
