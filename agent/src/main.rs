@@ -90,6 +90,9 @@ enum Cmd {
     Run,
     /// Every identity: state, generation, key, certificate, days left, next action
     Status {
+        /// Also print every identity's state transitions
+        #[arg(long)]
+        timeline: bool,
         #[arg(long)]
         json: bool,
     },
@@ -513,7 +516,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Run => {
             edge_signer::daemon::run(&sources(g), &overrides(g))?;
         }
-        Cmd::Status { json } => {
+        Cmd::Status { json, timeline } => {
             let loaded = sources(g)
                 .load()
                 .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
@@ -557,6 +560,22 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                     if let Some(e) = &r.last_error {
                         out += &format!("  last error: {e}\n");
+                    }
+                    if timeline {
+                        for t in reg
+                            .identities
+                            .get(&r.name)
+                            .map(|x| x.transitions.as_slice())
+                            .unwrap_or_default()
+                        {
+                            out += &format!(
+                                "    {}  g{:<3} {:<12} {}\n",
+                                edge_signer::clock::rfc3339(t.at),
+                                t.generation,
+                                t.step.as_str(),
+                                t.note
+                            );
+                        }
                     }
                 }
                 out
