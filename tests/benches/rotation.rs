@@ -49,12 +49,7 @@ fn main() {
             clock.advance(60);
             let start = Instant::now();
             e.force("gw").expect("force");
-            loop {
-                match e.advance("gw").expect("advance") {
-                    Progress::Moved => continue,
-                    Progress::Wait { .. } => break,
-                }
-            }
+            while let Progress::Moved = e.advance("gw").expect("advance") {}
             times.push(start.elapsed().as_secs_f64() * 1000.0);
             let rec = &e.reg.identities["gw"];
             assert!(
