@@ -293,3 +293,131 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation() {
         );
     }
 }
+
+#[test]
+fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly() {
+    let env = Env::new();
+    env.make_ca("ca");
+    std::fs::write(
+        env.path("notify.sh"),
+        format!(
+            "#!/bin/sh\ncat >> {}/events.jsonl\necho >> {}/events.jsonl\n",
+            env.dir.path().display(),
+            env.dir.path().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        env.path("notify.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    env.lifecycle_config("");
+    let mut cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    cfg += &format!("\n[notify]\nexec = \"{}\"\n", env.path_str("notify.sh"));
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+
+    // Events reached the hook as JSON.
+    let events = std::fs::read_to_string(env.path("events.jsonl")).unwrap();
+    let kinds: Vec<String> = events
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(kinds, vec!["rotation-started", "promoted"], "{events}");
+
+    // A key left by an aborted rotation (labelled as ours, unknown to the register) goes.
+    env.generate("ec-p256", "edge-signer:gw:g7");
+    let out = env.run(&["rotate", "gw"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("destroyed orphan key edge-signer:gw:g7"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(ids_in_token(&env).len(), 1);
+
+    // The current key vanished from the token: a loud error, then a new enrolment, no crash.
+    let uri = gens(&env)[0]["key_uri"].as_str().unwrap().to_owned();
+    env.ok(&["key", "destroy", &uri]);
+    let out = env.run(&["rotate", "gw", "--timeout", "20"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("expects key") && err.contains("does not hold it"),
+        "{err}"
+    );
+    assert!(out.status.success(), "{err}");
+    assert_eq!(env.register()["identities"]["gw"]["current"], 2);
+    let events = std::fs::read_to_string(env.path("events.jsonl")).unwrap();
+    assert!(
+        events.contains("\"key-missing\"") && events.contains("\"critical\""),
+        "{events}"
+    );
+}
+
+#[test]
+fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+    let child = env
+        .cmd()
+        .arg("run")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut guard = Guard(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if std::fs::read(env.path("state/register.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|r| r["identities"]["gw"]["current"] == 1)
+        {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        env.register()["identities"]["gw"]["current"],
+        1,
+        "{}",
+        std::fs::read_to_string(env.path("daemon.log")).unwrap()
+    );
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        guard.0.try_wait().unwrap().is_none(),
+        "the daemon must survive SIGHUP"
+    );
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = guard.0.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
+    assert!(
+        log.contains("reloading the configuration") && log.contains("stopping"),
+        "{log}"
+    );
+}
