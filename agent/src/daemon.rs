@@ -55,9 +55,10 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
         tracing::warn!("{w}");
     }
     let cfg = loaded.effective.config;
+    let token = open_token(&cfg, o)?;
     let mut issuers = BTreeMap::new();
     for i in &cfg.issuers {
-        match crate::issuer::from_config(i) {
+        match crate::issuer::from_config(i, &token) {
             Ok(b) => {
                 issuers.insert(i.name().to_owned(), b);
             }
@@ -65,7 +66,6 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
             Err(e) => tracing::error!(issuer = i.name(), "{e:#}"),
         }
     }
-    let token = open_token(&cfg, o)?;
     Engine::new(cfg, token, clock, issuers)
 }
 

@@ -93,8 +93,103 @@ pub struct Response {
     pub protocol: String,
     /// Negotiated cipher suite.
     pub cipher_suite: String,
-    /// The first bytes of the body (at most 4 KiB), lossily decoded.
-    pub body: String,
+    /// Headers, names in lower case.
+    #[serde(skip)]
+    pub headers: Vec<(String, String)>,
+    /// The body (at most 1 MiB; de-chunked).
+    #[serde(skip)]
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// A header's value (name in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+    /// The body as text, lossily, at most `max` bytes.
+    pub fn text(&self, max: usize) -> String {
+        String::from_utf8_lossy(&self.body[..self.body.len().min(max)]).into_owned()
+    }
+}
+
+/// A request to send.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    /// `GET`, `POST`, ...
+    pub method: &'a str,
+    /// Extra headers.
+    pub headers: Vec<(&'a str, String)>,
+    /// Body (sent with Content-Length when not empty).
+    pub body: &'a [u8],
+}
+
+const MAX_RESPONSE: usize = 1 << 20;
+
+/// Status, headers (lower-case names), body.
+pub type Parsed = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Split a raw HTTP/1.x response into status, headers and (de-chunked) body.
+pub fn parse_response(raw: &[u8]) -> Result<Parsed, HttpError> {
+    let status = parse_status(raw)?;
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| HttpError::Malformed("no end of headers".into()))?;
+    let head = String::from_utf8_lossy(&raw[..head_end]);
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let mut body = raw[head_end + 4..].to_vec();
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.as_str())
+    };
+    if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        body = dechunk(&body)?;
+    } else if let Some(len) = get("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| HttpError::Malformed(format!("Content-Length '{len}'")))?;
+        if body.len() < len {
+            return Err(HttpError::Malformed(format!(
+                "body truncated: {} of {len} bytes",
+                body.len()
+            )));
+        }
+        body.truncate(len);
+    }
+    Ok((status, headers, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, HttpError> {
+    let bad = |why: &str| HttpError::Malformed(format!("chunked body: {why}"));
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| bad("no chunk size"))?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| bad("bad chunk size"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 || out.len() + size > MAX_RESPONSE {
+            return Err(bad("truncated or too large"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
 }
 
 /// Parse an HTTP/1.x status line's code from the start of a response.
@@ -118,6 +213,24 @@ pub fn get(
     url: &Url,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
+    request(
+        config,
+        url,
+        &Request {
+            method: "GET",
+            ..Default::default()
+        },
+        timeout,
+    )
+}
+
+/// Send one request over TLS with `config` (`Connection: close`) and read the answer.
+pub fn request(
+    config: Arc<rustls::ClientConfig>,
+    url: &Url,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, HttpError> {
     let io = |stage: &str| {
         let stage = stage.to_owned();
         move |source| HttpError::Io { stage, source }
@@ -137,24 +250,41 @@ pub fn get(
         source: std::io::Error::other(e),
     })?;
     let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: edge-signer/{}\r\nConnection: close\r\n\r\n",
+    let mut head = format!(
+        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: edge-signer/{}\r\nConnection: close\r\n",
+        req.method,
         url.path,
         url.host_header(),
         env!("CARGO_PKG_VERSION")
     );
-    tls.write_all(req.as_bytes())
+    for (k, v) in &req.headers {
+        if v.contains(['\r', '\n']) {
+            return Err(HttpError::Malformed(format!(
+                "header {k} contains a line break"
+            )));
+        }
+        head += &format!("{k}: {v}\r\n");
+    }
+    if !req.body.is_empty() || req.method == "POST" {
+        head += &format!("Content-Length: {}\r\n", req.body.len());
+    }
+    head += "\r\n";
+    tls.write_all(head.as_bytes())
         .map_err(io("TLS handshake or request"))?;
+    tls.write_all(req.body)
+        .map_err(io("sending request body"))?;
     tls.flush().map_err(io("sending request"))?;
     let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
+    let mut chunk = [0u8; 8192];
     loop {
         match tls.read(&mut chunk) {
             Ok(0) => break,
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > 64 * 1024 {
-                    break;
+                if buf.len() > MAX_RESPONSE {
+                    return Err(HttpError::Malformed(format!(
+                        "response larger than {MAX_RESPONSE} bytes"
+                    )));
                 }
             }
             // Servers that close without close_notify: what we have is the answer.
@@ -162,13 +292,7 @@ pub fn get(
             Err(e) => return Err(io("reading response")(e)),
         }
     }
-    let status = parse_status(&buf)?;
-    let body_start = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i + 4)
-        .unwrap_or(buf.len());
-    let body_end = buf.len().min(body_start + 4096);
+    let (status, headers, body) = parse_response(&buf)?;
     Ok(Response {
         status,
         protocol: tls
@@ -181,7 +305,8 @@ pub fn get(
             .negotiated_cipher_suite()
             .map(|c| format!("{:?}", c.suite()))
             .unwrap_or_default(),
-        body: String::from_utf8_lossy(&buf[body_start..body_end]).into_owned(),
+        headers,
+        body,
     })
 }
 
@@ -226,10 +351,28 @@ mod tests {
         assert!(parse_status(b"HTTP/1.1 2000 x").is_err());
     }
 
+    #[test]
+    fn responses() {
+        let (s, h, b) = parse_response(
+            b"HTTP/1.1 202 Accepted\r\nRetry-After: 3\r\nContent-Length: 2\r\n\r\nokEXTRA",
+        )
+        .unwrap();
+        assert_eq!((s, b.as_slice()), (202, &b"ok"[..]));
+        assert_eq!(h[0], ("retry-after".to_owned(), "3".to_owned()));
+        let (_, _, b) = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap();
+        assert_eq!(b, b"abcde");
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort").is_err());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
+    }
+
     proptest! {
         #[test]
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..120), s in "\\PC{0,60}") {
             let _ = parse_status(&bytes);
+            let _ = parse_response(&bytes);
+            let _ = dechunk(&bytes);
             let _ = Url::parse(&s);
             let _ = Url::parse(&format!("https://{s}"));
         }

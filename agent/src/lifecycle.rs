@@ -690,6 +690,21 @@ impl Engine {
         Ok(Progress::Moved)
     }
 
+    /// The serving identity as a rustls key, while its certificate is valid.
+    fn current_identity(
+        &self,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Option<Arc<hsm_shim::rustls::sign::CertifiedKey>> {
+        let g = rec.current_gen()?;
+        if g.not_after.is_none_or(|na| na <= now) {
+            return None;
+        }
+        let key = self.open_key(g.key_id.as_deref()?).ok()?;
+        let chain = validate::parse_chain(g.cert_pem.as_deref()?).ok()?;
+        hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain).ok()
+    }
+
     fn issuer(&mut self, name: &str) -> Result<&mut Box<dyn Issuer>> {
         self.issuers
             .get_mut(name)
@@ -712,6 +727,7 @@ impl Engine {
             generation: g.number,
             csr_pem: &csr,
             spki: &spki,
+            current: self.current_identity(rec, now),
         };
         let issuer = self.issuer(&cfg.issuer)?;
         let answer = match (&rec.step, &g.submission) {

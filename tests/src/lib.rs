@@ -697,3 +697,4 @@ pub mod sim {
         firmware_config::layers::resolve(&[layer]).unwrap().config
     }
 }
+pub mod est;

@@ -1,9 +1,12 @@
 //! One trait, one file per backend. The lifecycle engine sees `Issuer`, never EST or portal.
 
+pub mod est;
 pub mod portal;
 
 use crate::clock::Unix;
 use hsm_shim::rustls::pki_types::CertificateDer;
+use hsm_shim::rustls::sign::CertifiedKey;
+use std::sync::Arc;
 
 /// What the engine hands an issuer.
 #[derive(Debug, Clone)]
@@ -16,6 +19,8 @@ pub struct Request<'a> {
     pub csr_pem: &'a str,
     /// SPKI DER of the new key (to recognise its certificate).
     pub spki: &'a [u8],
+    /// The current identity while it is valid (EST re-enrols over mTLS with it).
+    pub current: Option<Arc<CertifiedKey>>,
 }
 
 /// What an issuer says.
@@ -48,12 +53,16 @@ pub trait Issuer: Send {
 }
 
 /// Build the issuer for a config entry.
-pub fn from_config(cfg: &firmware_config::schema::IssuerConfig) -> anyhow::Result<Box<dyn Issuer>> {
+pub fn from_config(
+    cfg: &firmware_config::schema::IssuerConfig,
+    token: &Arc<hsm_shim::Token>,
+) -> anyhow::Result<Box<dyn Issuer>> {
     use firmware_config::schema::IssuerConfig;
     match cfg {
         IssuerConfig::Portal(p) => Ok(Box::new(portal::Portal::new(p)?)),
+        IssuerConfig::Est(e) => Ok(Box::new(est::Est::new(e, token)?)),
         other => anyhow::bail!(
-            "issuer '{}': kind {} is not supported by this build yet (portal is)",
+            "issuer '{}': kind {} is not supported by this build yet (portal and est are)",
             other.name(),
             other.kind()
         ),
