@@ -75,6 +75,53 @@ pub fn rfc3339(t: Unix) -> String {
     )
 }
 
+/// Parse `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` (UTC) into Unix seconds.
+pub fn parse_date(s: &str) -> Result<Unix, String> {
+    let bad = || format!("'{s}' is not a date (2027-11-01 or 2027-11-01T12:00:00Z)");
+    let (date, time) = match s.split_once('T') {
+        Some((d, t)) => (d, Some(t.strip_suffix('Z').ok_or_else(bad)?)),
+        None => (s, None),
+    };
+    let n: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let [y, m, d] = n[..] else { return Err(bad()) };
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return Err(bad());
+    }
+    let secs = match time {
+        Some(t) => {
+            let v: Vec<i64> = t
+                .split(':')
+                .map(|x| x.parse().map_err(|_| bad()))
+                .collect::<Result<_, _>>()?;
+            let [h, mi, se] = v[..] else {
+                return Err(bad());
+            };
+            if !(0..24).contains(&h) || !(0..60).contains(&mi) || !(0..61).contains(&se) {
+                return Err(bad());
+            }
+            h * 3600 + mi * 60 + se
+        }
+        None => 0,
+    };
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let t = days * 86_400 + secs;
+    let t = u64::try_from(t).map_err(|_| bad())?;
+    if rfc3339(t)[..10] != *date {
+        return Err(bad());
+    }
+    Ok(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +130,16 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_795_307_291), "2026-11-22T00:28:11Z");
         assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(parse_date("2000-02-29").unwrap(), 951_782_400);
+        assert_eq!(parse_date("2026-11-22T00:28:11Z").unwrap(), 1_795_307_291);
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "tomorrow",
+            "2026-01-01T25:00:00Z",
+            "2026-01-01T10:00:00",
+        ] {
+            assert!(parse_date(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -12,7 +12,9 @@ use crate::register::{
 };
 use crate::validate::{self, Expected};
 use anyhow::{anyhow, bail, Context, Result};
-use firmware_config::schema::{CnSuffix, Config, IdentityConfig, RenewAt, Usage};
+use firmware_config::schema::{
+    CnSuffix, Config, IdentityConfig, IssuerConfig, JwkIssuer, RenewAt, Usage,
+};
 use hsm_shim::csr::Subject;
 use hsm_shim::{KeyRef, Pkcs11Uri, Token, TokenKey};
 use std::collections::BTreeMap;
@@ -488,6 +490,13 @@ impl Engine {
                 });
             }
         }
+        let jwk = self.cfg.issuers.iter().find_map(|i| match i {
+            IssuerConfig::JwkRotation(j) if j.name == cfg.issuer => Some(j.clone()),
+            _ => None,
+        });
+        if let Some(j) = jwk {
+            return self.jwk_step(name, &cfg, &j, &rec, now);
+        }
         match rec.step {
             Step::Active | Step::Lapsed => self.idle(name, &cfg, &rec, now),
             Step::KeyPending => self.make_key(name, &cfg, &rec, now),
@@ -618,6 +627,9 @@ impl Engine {
             overlap_until: None,
             reminders_fired: Vec::new(),
             created_at: now,
+            kid: None,
+            request: None,
+            previous_expiry: None,
         };
         let why = if cur.is_none() {
             "first enrolment"
@@ -1072,6 +1084,245 @@ impl Engine {
             self.save(name)?;
         }
         Ok(())
+    }
+
+    // ---- JWK credential rotation: no certificate; the API confirms with 201 ----
+
+    fn jwk_step(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        j: &JwkIssuer,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let onboarding = rec.current.is_none();
+        match rec.step {
+            Step::Active | Step::Lapsed if onboarding => Ok(Progress::Wait {
+                until: u64::MAX,
+                what: format!("no credential yet: `edge-signer jwk export {name}`, register the JWK with the API, then `edge-signer jwk activate {name} --expires DATE`"),
+            }),
+            Step::Active | Step::Lapsed => self.idle(name, cfg, rec, now),
+            Step::KeyPending => self.jwk_prepare(name, j, rec, now),
+            Step::CsrReady if onboarding => Ok(Progress::Wait {
+                until: u64::MAX,
+                what: format!("waiting for `edge-signer jwk activate {name} --expires DATE`"),
+            }),
+            Step::CsrReady => self.jwk_send(name, j, rec),
+            Step::Overlap => self.end_overlap(name, rec, now),
+            other => bail!("step {} does not apply to a jwk-rotation identity", other.as_str()),
+        }
+    }
+
+    /// Make (or find) the new key, choose a kid never used, and fix the exact request: all
+    /// recorded before anything is sent, so a lost answer is retried with the same kid.
+    fn jwk_prepare(
+        &mut self,
+        name: &str,
+        j: &JwkIssuer,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let g = Self::pending(rec)?;
+        let info = match self.token.find_key(&KeyRef::Label(g.key_label.clone())) {
+            Ok(k) => k,
+            Err(hsm_shim::Error::KeyNotFound(_)) => self
+                .token
+                .generate_key(hsm_shim::KeyType::EcP256, &g.key_label)?,
+            Err(e) => return Err(e.into()),
+        };
+        let kid = match &g.kid {
+            Some(k) => k.clone(),
+            None => crate::issuer::jwk_rotation::new_kid(&rec.kids),
+        };
+        let jwk = crate::issuer::jwk_rotation::public_jwk(&info, &kid).map_err(|e| anyhow!(e))?;
+        let old_na = rec
+            .current_gen()
+            .and_then(|c| c.not_after)
+            .unwrap_or(u64::MAX);
+        let expiration = now + j.new_key_lifetime.secs();
+        let previous_expiry = (now + j.old_key_overlap.secs()).min(old_na);
+        let uri = info.uri(&self.token).to_string();
+        let r = self.rec(name);
+        if !r.kids.contains(&kid) {
+            r.kids.push(kid.clone());
+        }
+        let gm = r
+            .gen_mut(g.number)
+            .ok_or_else(|| anyhow!("generation vanished"))?;
+        gm.key_id = Some(hsm_shim::keys::hex(&info.id));
+        gm.key_uri = Some(uri);
+        gm.kid = Some(kid.clone());
+        if r.current.is_some() {
+            let gm = r
+                .gen_mut(g.number)
+                .ok_or_else(|| anyhow!("generation vanished"))?;
+            gm.request = Some(crate::issuer::jwk_rotation::request_body(
+                &jwk,
+                expiration,
+                previous_expiry,
+            ));
+            gm.not_before = Some(now);
+            gm.not_after = Some(expiration);
+            gm.previous_expiry = Some(previous_expiry);
+        }
+        self.move_to(
+            name,
+            Step::CsrReady,
+            g.number,
+            format!(
+                "key {} made; kid {kid} recorded before sending",
+                g.key_label
+            ),
+        )?;
+        Ok(Progress::Moved)
+    }
+
+    fn jwk_send(&mut self, name: &str, j: &JwkIssuer, rec: &IdentityRecord) -> Result<Progress> {
+        use crate::issuer::jwk_rotation::{rotate, Outcome};
+        let g = Self::pending(rec)?;
+        let cur = rec
+            .current_gen()
+            .cloned()
+            .ok_or_else(|| anyhow!("no current credential to sign the rotation"))?;
+        let cur_key = self.open_key(cur.key_id.as_deref().unwrap_or_default())?;
+        let (kid, body) = (
+            g.kid.clone().unwrap_or_default(),
+            g.request.clone().unwrap_or_default(),
+        );
+        match rotate(
+            j,
+            &cur_key,
+            cur.kid.as_deref().unwrap_or_default(),
+            &kid,
+            &body,
+        ) {
+            Outcome::Rotated => self.jwk_promote(name, &g, &cur),
+            Outcome::Refused(why) => self.abandon(
+                name,
+                g.number,
+                format!("the API refused the rotation to {kid}: {why}"),
+            ),
+            Outcome::Retry(why) => self.fail(name, format!("rotation to {kid}: {why}")),
+        }
+    }
+
+    fn jwk_promote(&mut self, name: &str, g: &Generation, old: &Generation) -> Result<Progress> {
+        let now = self.now();
+        let dir = self.export_dir(name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        let jwk = crate::issuer::jwk_rotation::public_jwk(
+            key.info(),
+            g.kid.as_deref().unwrap_or_default(),
+        )
+        .map_err(|e| anyhow!(e))?;
+        firmware_config::store::atomic_write(&dir.join("jwk.json"), format!("{jwk}\n").as_bytes())?;
+        firmware_config::store::atomic_write(
+            &dir.join("key.uri"),
+            format!("{}\n", g.key_uri.clone().unwrap_or_default()).as_bytes(),
+        )?;
+        let until = g.previous_expiry.unwrap_or(now);
+        let r = self.rec(name);
+        if let Some(gm) = r.gen_mut(g.number) {
+            gm.status = GenStatus::Current;
+        }
+        if let Some(og) = r.gen_mut(old.number) {
+            og.status = GenStatus::Overlap;
+            og.overlap_until = Some(until);
+        }
+        r.current = Some(g.number);
+        r.pending = None;
+        r.failure = None;
+        self.events.emit(
+            now,
+            "promoted",
+            name,
+            Severity::Info,
+            format!(
+                "the API confirmed kid {}; the old key ({}) signs nothing new and is destroyed after {}",
+                g.kid.as_deref().unwrap_or_default(),
+                old.kid.as_deref().unwrap_or_default(),
+                rfc3339(until)
+            ),
+        );
+        self.move_to(name, Step::Overlap, g.number, "rotation confirmed (201)")?;
+        Ok(Progress::Moved)
+    }
+
+    /// First credential: make the key and kid, return the public JWK to register with the API.
+    pub fn jwk_export(&mut self, name: &str) -> Result<serde_json::Value> {
+        let cfg = self.identity_cfg(name)?;
+        let rec = self.rec(name).clone();
+        if rec.current.is_some() {
+            bail!("'{name}' already has a credential; use `edge-signer rotate {name} --now`");
+        }
+        if rec.pending.is_none() {
+            self.rec(name).forced_at = Some(self.now());
+            self.idle(name, &cfg, &rec, self.now())?;
+        }
+        if self.rec(name).step == Step::KeyPending {
+            let rec = self.rec(name).clone();
+            let j = self.cfg.issuers.iter().find_map(|i| match i {
+                IssuerConfig::JwkRotation(j) if j.name == cfg.issuer => Some(j.clone()),
+                _ => None,
+            });
+            let j =
+                j.ok_or_else(|| anyhow!("identity '{name}' does not use a jwk-rotation issuer"))?;
+            self.jwk_prepare(name, &j, &rec, self.now())?;
+        }
+        let rec = self.rec(name).clone();
+        let g = Self::pending(&rec)?;
+        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        crate::issuer::jwk_rotation::public_jwk(key.info(), g.kid.as_deref().unwrap_or_default())
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// Record the exported key as the current credential, valid until `expires`.
+    pub fn jwk_activate(&mut self, name: &str, expires: Unix) -> Result<()> {
+        let now = self.now();
+        let rec = self.rec(name).clone();
+        if rec.current.is_some() {
+            bail!("'{name}' already has a current credential");
+        }
+        if rec.step != Step::CsrReady {
+            bail!("nothing to activate: run `edge-signer jwk export {name}` first");
+        }
+        if expires <= now {
+            bail!("--expires {} is in the past", rfc3339(expires));
+        }
+        let g = Self::pending(&rec)?;
+        let r = self.rec(name);
+        if let Some(gm) = r.gen_mut(g.number) {
+            gm.status = GenStatus::Current;
+            gm.not_before = Some(now);
+            gm.not_after = Some(expires);
+        }
+        r.current = Some(g.number);
+        r.pending = None;
+        self.move_to(
+            name,
+            Step::Active,
+            g.number,
+            format!("credential {} activated by hand", g.kid.unwrap_or_default()),
+        )
+    }
+
+    /// The current key and its kid (for `jws sign`).
+    pub fn current_key(&self, name: &str) -> Result<(TokenKey, String)> {
+        let rec = self
+            .reg
+            .identities
+            .get(name)
+            .ok_or_else(|| anyhow!("'{name}' has no credential"))?;
+        let g = rec
+            .current_gen()
+            .ok_or_else(|| anyhow!("'{name}' has no current credential"))?;
+        Ok((
+            self.open_key(g.key_id.as_deref().unwrap_or_default())?,
+            g.kid.clone().unwrap_or_default(),
+        ))
     }
 
     /// Advance `name` until it must wait; returns the wait.

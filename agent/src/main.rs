@@ -126,6 +126,12 @@ enum Cmd {
     },
     /// Exit 0 if the identity should be renewed now, 1 if still valid, 2 on error
     NeedsRenewal { name: String },
+    /// API credentials (JWK rotation): onboard the first key
+    #[command(subcommand)]
+    Jwk(JwkCmd),
+    /// Sign with an identity's current key
+    #[command(subcommand)]
+    Jws(JwsCmd),
     /// Show, check and apply the device configuration
     #[command(subcommand)]
     Config(ConfigCmd),
@@ -179,6 +185,30 @@ enum TokenCmd {
     List {
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum JwkCmd {
+    /// Make the first key of a jwk-rotation identity and print its public JWK for onboarding
+    Export { name: String },
+    /// Record the exported key as the current credential
+    Activate {
+        name: String,
+        /// Its expiration as registered with the API (2027-11-01 or 2027-11-01T00:00:00Z)
+        #[arg(long)]
+        expires: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum JwsCmd {
+    /// Print a compact JWS (ES256, kid header) of a payload, signed by the current key
+    Sign {
+        name: String,
+        /// Payload file ("-" for standard input; empty payload when absent)
+        #[arg(long)]
+        payload: Option<PathBuf>,
     },
 }
 
@@ -624,6 +654,44 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::NeedsRenewal { name } => {
             let e = lifecycle_engine(g)?;
             return Ok(if e.needs_renewal(&name)? { 0 } else { 1 });
+        }
+        Cmd::Jwk(JwkCmd::Export { name }) => {
+            let mut e = lifecycle_engine(g)?;
+            let jwk = e.jwk_export(&name)?;
+            println!("{jwk:#}");
+        }
+        Cmd::Jwk(JwkCmd::Activate { name, expires }) => {
+            let at = edge_signer::clock::parse_date(&expires).map_err(|e| anyhow::anyhow!(e))?;
+            let mut e = lifecycle_engine(g)?;
+            e.jwk_activate(&name, at)?;
+            println!(
+                "{name}: credential active until {}",
+                edge_signer::clock::rfc3339(at)
+            );
+        }
+        Cmd::Jws(JwsCmd::Sign { name, payload }) => {
+            let data = match payload.as_deref() {
+                None => Vec::new(),
+                Some(p) if p == Path::new("-") => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+                    v
+                }
+                Some(p) => {
+                    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
+                }
+            };
+            let e = lifecycle_engine(g)?;
+            let (key, kid) = e.current_key(&name)?;
+            println!(
+                "{}",
+                hsm_shim::jws::sign_compact(
+                    &key,
+                    hsm_shim::jws::JwsAlg::for_key(key.key_type()),
+                    &kid,
+                    &data
+                )?
+            );
         }
         Cmd::Config(c) => return config_cmd(g, c),
         Cmd::Fleet(f) => return fleet_cmd(f),

@@ -107,6 +107,15 @@ pub struct Generation {
     pub reminders_fired: Vec<u64>,
     /// When it was planned.
     pub created_at: Unix,
+    /// JWK `kid` (jwk-rotation identities).
+    #[serde(default)]
+    pub kid: Option<String>,
+    /// The exact rotation request body, kept so a retry sends the same `kid` and dates.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// `CurrentKeyExpiry` asked for the previous key (jwk-rotation).
+    #[serde(default)]
+    pub previous_expiry: Option<Unix>,
 }
 
 /// A failed attempt, to retry with backoff.

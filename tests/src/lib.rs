@@ -698,3 +698,4 @@ pub mod sim {
     }
 }
 pub mod est;
+pub mod jwk;

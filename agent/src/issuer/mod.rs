@@ -1,6 +1,7 @@
 //! One trait, one file per backend. The lifecycle engine sees `Issuer`, never EST or portal.
 
 pub mod est;
+pub mod jwk_rotation;
 pub mod portal;
 
 use crate::clock::Unix;

@@ -1,0 +1,287 @@
+//! A test JWK credential-rotation API that follows the documented contract: verifies the JWS
+//! against the current public key (or the old one until its CurrentKeyExpiry), refuses a
+//! reused kid or out-of-bound dates, answers 201.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
+use base64::Engine as _;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One key the API knows.
+#[derive(Debug, Clone)]
+pub struct ApiKey {
+    /// kid.
+    pub kid: String,
+    /// 04 || X || Y.
+    pub point: Vec<u8>,
+    /// Until when an old key may still sign (None: current).
+    pub expires: Option<u64>,
+}
+
+/// The API's state.
+#[derive(Debug, Default)]
+pub struct ApiState {
+    /// Keys, current last.
+    pub keys: Vec<ApiKey>,
+    /// Every kid ever registered.
+    pub kids: Vec<String>,
+    /// Apply the next rotation but never answer it.
+    pub drop_next_answer: bool,
+    /// Rotations applied.
+    pub rotations: u32,
+    /// Every refusal, with its reason.
+    pub refusals: Vec<String>,
+}
+
+fn point(jwk: &Value) -> Option<Vec<u8>> {
+    let x = B64U.decode(jwk["X"].as_str()?).ok()?;
+    let y = B64U.decode(jwk["Y"].as_str()?).ok()?;
+    (x.len() == 32 && y.len() == 32).then(|| [vec![4], x, y].concat())
+}
+
+impl ApiState {
+    /// Onboarding: the first key, as exported by the device.
+    pub fn register(&mut self, jwk: &Value) {
+        let kid = jwk["Kid"].as_str().expect("Kid").to_owned();
+        self.kids.push(kid.clone());
+        self.keys.push(ApiKey {
+            kid,
+            point: point(jwk).expect("X/Y"),
+            expires: None,
+        });
+    }
+
+    /// Verify a compact JWS made by a key the API accepts now; returns (kid, payload).
+    pub fn verify(&self, jws: &str) -> Result<(String, Vec<u8>), String> {
+        let parts: Vec<&str> = jws.split('.').collect();
+        let [h, p, s] = parts[..] else {
+            return Err("not a compact JWS".into());
+        };
+        let header: Value = serde_json::from_slice(&B64U.decode(h).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        if header["alg"] != "ES256" {
+            return Err(format!("alg {}", header["alg"]));
+        }
+        let kid = header["kid"].as_str().unwrap_or_default().to_owned();
+        let key = self
+            .keys
+            .iter()
+            .find(|k| k.kid == kid && k.expires.is_none_or(|t| now() < t))
+            .ok_or_else(|| format!("kid {kid} is not a key that may sign now"))?;
+        let sig = B64U.decode(s).map_err(|e| e.to_string())?;
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            &key.point,
+        )
+        .verify(format!("{h}.{p}").as_bytes(), &sig)
+        .map_err(|_| "bad signature".to_owned())?;
+        Ok((kid, B64U.decode(p).map_err(|e| e.to_string())?))
+    }
+
+    fn rotate(&mut self, url_kid: &str, auth: &str, body: &[u8]) -> (u16, String) {
+        let Some(jws) = auth.strip_prefix("JWS ") else {
+            return (401, "Authorization: JWS <compact JWS> expected".into());
+        };
+        let (_, payload) = match self.verify(jws) {
+            Ok(v) => v,
+            Err(e) => return (401, e),
+        };
+        if payload != body {
+            return (400, "the JWS payload is not the request body".into());
+        }
+        let Ok(req) = serde_json::from_slice::<Value>(body) else {
+            return (400, "body is not JSON".into());
+        };
+        let pk = &req["PublicKey"];
+        if pk["Kty"] != "EC" || pk["Crv"] != "P-256" || pk["Use"] != "sig" || pk["Kid"] != url_kid {
+            return (
+                400,
+                "PublicKey must be an EC P-256 sig key whose Kid is the URL's kid".into(),
+            );
+        }
+        let Some(new_point) = point(pk) else {
+            return (400, "bad X/Y".into());
+        };
+        let date = |k: &str| {
+            req[k]
+                .as_str()
+                .and_then(|s| edge_signer::clock::parse_date(s).ok())
+        };
+        let (Some(exp), Some(cur_exp)) = (date("Expiration"), date("CurrentKeyExpiry")) else {
+            return (400, "dates".into());
+        };
+        if exp > now() + 365 * 86_400 || cur_exp > now() + 14 * 86_400 || cur_exp < now() {
+            return (
+                400,
+                "Expiration at most 365 days, CurrentKeyExpiry at most 14 days ahead".into(),
+            );
+        }
+        // The same request again (its answer was lost): already done.
+        if self
+            .keys
+            .last()
+            .is_some_and(|k| k.kid == url_kid && k.point == new_point)
+        {
+            return (201, "already rotated".into());
+        }
+        if self.kids.iter().any(|k| k == url_kid) {
+            return (409, format!("kid {url_kid} was used before"));
+        }
+        if let Some(cur) = self.keys.last_mut() {
+            cur.expires = Some(cur_exp);
+        }
+        self.keys.push(ApiKey {
+            kid: url_kid.to_owned(),
+            point: new_point,
+            expires: None,
+        });
+        self.kids.push(url_kid.to_owned());
+        self.rotations += 1;
+        (201, "Created".into())
+    }
+}
+
+/// The running API.
+pub struct JwkApi {
+    /// Port on 127.0.0.1.
+    pub port: u16,
+    /// Its CA (the device's ca_bundle).
+    pub ca_file: PathBuf,
+    /// State.
+    pub state: Arc<Mutex<ApiState>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl JwkApi {
+    /// Start; the CA is written to `dir/jwk-ca.pem`.
+    pub fn start(dir: &Path) -> JwkApi {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut cap = rcgen::CertificateParams::new(vec![]).expect("ca");
+        cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = cap.self_signed(&ca_key).expect("ca cert");
+        let ca_file = dir.join("jwk-ca.pem");
+        std::fs::write(&ca_file, ca_cert.pem()).expect("ca file");
+        let issuer = rcgen::Issuer::new(cap, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut sp = rcgen::CertificateParams::new(vec![]).expect("params");
+        sp.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+        let cert = sp.signed_by(&key, &issuer).expect("cert");
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("config"),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let state = Arc::new(Mutex::new(ApiState::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, s2) = (state.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            while !s2.load(Ordering::SeqCst) {
+                let Ok((tcp, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                let _ = tcp.set_nonblocking(false);
+                let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head, body) = loop {
+                    match tls.read(&mut chunk) {
+                        Ok(0) | Err(_) => break (String::new(), Vec::new()),
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).into_owned();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        while buf.len() < i + 4 + len {
+                            match tls.read(&mut chunk) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        break (head, buf[i + 4..].to_vec());
+                    }
+                };
+                let mut first = head.lines().next().unwrap_or("").split_whitespace();
+                let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+                let auth = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Authorization: "))
+                    .unwrap_or("")
+                    .to_owned();
+                let (status, text) = match (
+                    method,
+                    path.strip_prefix("/api/v1/keys/credential/rotate-to/"),
+                ) {
+                    ("PUT", Some(kid)) => {
+                        let mut s = st.lock().unwrap();
+                        let r = s.rotate(kid, &auth, &body);
+                        if r.0 != 201 {
+                            s.refusals.push(r.1.clone());
+                        }
+                        if r.0 == 201 && s.drop_next_answer {
+                            s.drop_next_answer = false;
+                            continue; // applied, but the answer is lost
+                        }
+                        r
+                    }
+                    _ => (404, "not found".into()),
+                };
+                let _ = tls.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).as_bytes());
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            }
+        });
+        JwkApi {
+            port,
+            ca_file,
+            state,
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for JwkApi {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
