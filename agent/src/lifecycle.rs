@@ -104,6 +104,8 @@ pub struct Status {
     pub serial: Option<String>,
     /// Its SHA-256 fingerprint.
     pub fingerprint: Option<String>,
+    /// Its JWK `kid` (jwk-rotation identities).
+    pub kid: Option<String>,
     /// Its not-after (RFC 3339).
     pub not_after: Option<String>,
     /// Whole days left (negative when lapsed).
@@ -177,6 +179,7 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
                 key_uri: cur.and_then(|g| g.key_uri.clone()),
                 serial: cur.and_then(|g| g.serial.clone()),
                 fingerprint: cur.and_then(|g| g.fingerprint.clone()),
+                kid: cur.and_then(|g| g.kid.clone()),
                 not_after: cur.and_then(|g| g.not_after).map(rfc3339),
                 days_left: cur
                     .and_then(|g| g.not_after)

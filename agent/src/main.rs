@@ -563,11 +563,14 @@ fn run(cli: Cli) -> Result<i32> {
                     out += &format!("{} [{}]\n", r.name, r.state);
                     match r.generation {
                         Some(n) => {
-                            out += &format!(
-                                "  generation {n}: serial {} sha256 {}\n",
-                                r.serial.as_deref().unwrap_or("-"),
-                                r.fingerprint.as_deref().unwrap_or("-")
-                            );
+                            out += &match &r.kid {
+                                Some(kid) => format!("  generation {n}: kid {kid}\n"),
+                                None => format!(
+                                    "  generation {n}: serial {} sha256 {}\n",
+                                    r.serial.as_deref().unwrap_or("-"),
+                                    r.fingerprint.as_deref().unwrap_or("-")
+                                ),
+                            };
                             out += &format!("  key {}\n", r.key_uri.as_deref().unwrap_or("-"));
                             out += &format!(
                                 "  valid until {} ({} days left)\n",

@@ -172,6 +172,8 @@ impl JwkApi {
         let ca_key = rcgen::KeyPair::generate().expect("ca key");
         let mut cap = rcgen::CertificateParams::new(vec![]).expect("ca");
         cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        cap.distinguished_name
+            .push(rcgen::DnType::CommonName, "JWK API test CA");
         let ca_cert = cap.self_signed(&ca_key).expect("ca cert");
         let ca_file = dir.join("jwk-ca.pem");
         std::fs::write(&ca_file, ca_cert.pem()).expect("ca file");
@@ -179,6 +181,8 @@ impl JwkApi {
         let key = rcgen::KeyPair::generate().expect("key");
         let mut sp = rcgen::CertificateParams::new(vec![]).expect("params");
         sp.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+        sp.distinguished_name
+            .push(rcgen::DnType::CommonName, "jwk-api");
         let cert = sp.signed_by(&key, &issuer).expect("cert");
         let cfg = Arc::new(
             rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -259,6 +263,16 @@ impl JwkApi {
                             continue; // applied, but the answer is lost
                         }
                         r
+                    }
+                    // Onboarding, as a person does it in the provider's portal (test helper only).
+                    ("POST", _) if path == "/test/register" => {
+                        match serde_json::from_slice::<Value>(&body) {
+                            Ok(jwk) if point(&jwk).is_some() && jwk["Kid"].is_string() => {
+                                st.lock().unwrap().register(&jwk);
+                                (201, "registered".into())
+                            }
+                            _ => (400, "a JWK with Kid, X, Y".into()),
+                        }
                     }
                     _ => (404, "not found".into()),
                 };

@@ -75,6 +75,10 @@ impl Issuer for Portal {
                 return Answer::Unreachable(format!("cannot read {}: {e}", self.inbox.display()))
             }
         };
+        // Only certificates dropped after this CSR went out are worth mentioning when foreign.
+        let since = std::fs::metadata(self.outbox.join(reference))
+            .and_then(|m| m.modified())
+            .ok();
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file())
@@ -91,11 +95,13 @@ impl Issuer for Portal {
             };
             match leaf_spki(&text) {
                 Some(spki) if spki == req.spki => return Answer::Issued(text),
-                Some(_) => foreign.push(
-                    f.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                ),
+                Some(_) if since.is_none_or(|t| meta.modified().is_ok_and(|m| m >= t)) => foreign
+                    .push(
+                        f.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                    ),
+                Some(_) => {}
                 None => {}
             }
         }
