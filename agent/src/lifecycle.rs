@@ -446,9 +446,8 @@ impl Engine {
     }
 
     fn destroy_key(&self, id_hex: &str) -> Result<()> {
-        let id: Vec<u8> = (0..id_hex.len() / 2)
-            .filter_map(|i| u8::from_str_radix(id_hex.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
+        let id = hsm_shim::keys::unhex(id_hex)
+            .ok_or_else(|| anyhow!("register holds a bad key id '{id_hex}'"))?;
         match self.token.destroy(&id) {
             Ok(_) | Err(hsm_shim::Error::KeyNotFound(_)) => Ok(()),
             Err(e) => Err(e.into()),
@@ -456,10 +455,23 @@ impl Engine {
     }
 
     fn open_key(&self, id_hex: &str) -> Result<TokenKey> {
-        let id: Vec<u8> = (0..id_hex.len() / 2)
-            .filter_map(|i| u8::from_str_radix(id_hex.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
+        let id = hsm_shim::keys::unhex(id_hex)
+            .ok_or_else(|| anyhow!("register holds a bad key id '{id_hex}'"))?;
         Ok(TokenKey::open(self.token.clone(), &KeyRef::Id(id))?)
+    }
+
+    /// The pending generation's key: found by its label (a crash after `C_GenerateKeyPair`
+    /// left it there) or generated now.
+    fn find_or_generate(
+        &self,
+        label: &str,
+        key_type: hsm_shim::KeyType,
+    ) -> Result<hsm_shim::KeyInfo> {
+        match self.token.find_key(&KeyRef::Label(label.to_owned())) {
+            Ok(k) => Ok(k),
+            Err(hsm_shim::Error::KeyNotFound(_)) => Ok(self.token.generate_key(key_type, label)?),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Take at most one step for `name`.
@@ -677,14 +689,7 @@ impl Engine {
         _now: Unix,
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
-        // After a crash the key may already exist: find it by its label, or make it.
-        let info = match self.token.find_key(&KeyRef::Label(g.key_label.clone())) {
-            Ok(k) => k,
-            Err(hsm_shim::Error::KeyNotFound(_)) => {
-                self.token.generate_key(cfg.key_type, &g.key_label)?
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let info = self.find_or_generate(&g.key_label, cfg.key_type)?;
         let key = TokenKey::open(self.token.clone(), &KeyRef::Id(info.id.clone()))?;
         let subject = Subject::parse(&g.subject)?;
         let csr = hsm_shim::csr::build_csr(&key, &subject, &cfg.sans)?;
@@ -1127,13 +1132,7 @@ impl Engine {
         now: Unix,
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
-        let info = match self.token.find_key(&KeyRef::Label(g.key_label.clone())) {
-            Ok(k) => k,
-            Err(hsm_shim::Error::KeyNotFound(_)) => self
-                .token
-                .generate_key(hsm_shim::KeyType::EcP256, &g.key_label)?,
-            Err(e) => return Err(e.into()),
-        };
+        let info = self.find_or_generate(&g.key_label, hsm_shim::KeyType::EcP256)?;
         let kid = match &g.kid {
             Some(k) => k.clone(),
             None => crate::issuer::jwk_rotation::new_kid(&rec.kids),

@@ -4,6 +4,7 @@
 
 use crate::clock::{rfc3339, Unix};
 use hsm_shim::csr::{San, Subject};
+use hsm_shim::keys::hex;
 use hsm_shim::rustls::pki_types::pem::PemObject;
 use hsm_shim::rustls::pki_types::{CertificateDer, UnixTime};
 use sha2::Digest;
@@ -73,10 +74,6 @@ pub struct Expected<'a> {
     pub sans: &'a [San],
     /// Check for TLS server use instead of client use.
     pub server: bool,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Parse every certificate of a PEM text.

@@ -176,6 +176,16 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Hex to bytes; `None` unless every pair is hex.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
 fn spki_from_parts(key_type: KeyType, public_bits: &[u8]) -> Vec<u8> {
     let alg = match key_type.ec_params() {
         Some(params) => der::seq(&[EC_PUBLIC_KEY_OID, params]),

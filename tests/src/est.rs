@@ -3,8 +3,8 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use std::io::{Read, Write};
+use rustls::pki_types::CertificateDer;
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,42 +86,14 @@ fn pkcs7(dir: &Path, pems: &str) -> Vec<u8> {
 impl EstServer {
     /// Start with HTTP basic credentials `user`/`pass`; the CA is written to `dir/est-ca.pem`.
     pub fn start(dir: &Path, user: &str, pass: &str, mode: EstMode) -> EstServer {
-        let ca_key = rcgen::KeyPair::generate().expect("ca key");
-        let mut cap = rcgen::CertificateParams::new(vec![]).expect("ca params");
-        cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        cap.distinguished_name
-            .push(rcgen::DnType::CommonName, "EST test CA");
-        let ca_cert = cap.self_signed(&ca_key).expect("ca cert");
-        let ca_pem = ca_cert.pem();
+        let pki = crate::httpd::TestPki::new("EST test CA");
+        let ca_pem = pki.ca_cert.pem();
         let ca_file = dir.join("est-ca.pem");
         std::fs::write(&ca_file, &ca_pem).expect("ca file");
-        let ca = Arc::new(rcgen::Issuer::new(cap, ca_key));
-        let server_key = rcgen::KeyPair::generate().expect("server key");
-        let mut sp = rcgen::CertificateParams::new(vec![]).expect("params");
-        sp.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
-        let server_cert = sp.signed_by(&server_key, &ca).expect("server cert");
-
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca_cert.der().clone()).expect("root");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider.clone(),
-        )
-        .allow_unauthenticated()
-        .build()
-        .expect("verifier");
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(
-                    vec![server_cert.der().clone()],
-                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
-                )
-                .expect("server config"),
-        );
+        roots.add(pki.ca_cert.der().clone()).expect("root");
+        let cfg = pki.server_config(Some(roots));
+        let ca = Arc::new(pki.issuer);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         listener.set_nonblocking(true).expect("nonblocking");
@@ -153,33 +125,7 @@ impl EstServer {
                     continue;
                 };
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
-                // Read the request: headers, then Content-Length bytes.
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head, body) = loop {
-                    match tls.read(&mut chunk) {
-                        Ok(0) | Err(_) => break (String::new(), Vec::new()),
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).into_owned();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        while buf.len() < i + 4 + len {
-                            match tls.read(&mut chunk) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        break (head, buf[i + 4..].to_vec());
-                    }
-                };
+                let (head, body) = crate::httpd::read_request(&mut tls);
                 let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
                 let client_cert = tls
                     .conn

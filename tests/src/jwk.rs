@@ -4,9 +4,8 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
 use base64::Engine as _;
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::Value;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,34 +168,10 @@ pub struct JwkApi {
 impl JwkApi {
     /// Start; the CA is written to `dir/jwk-ca.pem`.
     pub fn start(dir: &Path) -> JwkApi {
-        let ca_key = rcgen::KeyPair::generate().expect("ca key");
-        let mut cap = rcgen::CertificateParams::new(vec![]).expect("ca");
-        cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        cap.distinguished_name
-            .push(rcgen::DnType::CommonName, "JWK API test CA");
-        let ca_cert = cap.self_signed(&ca_key).expect("ca cert");
+        let pki = crate::httpd::TestPki::new("JWK API test CA");
         let ca_file = dir.join("jwk-ca.pem");
-        std::fs::write(&ca_file, ca_cert.pem()).expect("ca file");
-        let issuer = rcgen::Issuer::new(cap, ca_key);
-        let key = rcgen::KeyPair::generate().expect("key");
-        let mut sp = rcgen::CertificateParams::new(vec![]).expect("params");
-        sp.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
-        sp.distinguished_name
-            .push(rcgen::DnType::CommonName, "jwk-api");
-        let cert = sp.signed_by(&key, &issuer).expect("cert");
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            )
-            .expect("config"),
-        );
+        std::fs::write(&ca_file, pki.ca_cert.pem()).expect("ca file");
+        let cfg = pki.server_config(None);
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         listener.set_nonblocking(true).expect("nonblocking");
@@ -215,32 +190,7 @@ impl JwkApi {
                     continue;
                 };
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                let (head, body) = loop {
-                    match tls.read(&mut chunk) {
-                        Ok(0) | Err(_) => break (String::new(), Vec::new()),
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).into_owned();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        while buf.len() < i + 4 + len {
-                            match tls.read(&mut chunk) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        }
-                        break (head, buf[i + 4..].to_vec());
-                    }
-                };
+                let (head, body) = crate::httpd::read_request(&mut tls);
                 let mut first = head.lines().next().unwrap_or("").split_whitespace();
                 let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
                 let auth = head

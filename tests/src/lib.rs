@@ -551,11 +551,7 @@ impl Env {
         let p = self.dir.path().display();
         let cfg = format!(
             r#"
-[token]
-module = "{module}"
-label = "{LABEL}"
-pin = {{ file = "{p}/pin" }}
-
+{token}
 [[identity]]
 name = "gw"
 key_type = "ec-p256"
@@ -576,7 +572,7 @@ poll_interval = "1s"
 [paths]
 state_dir = "{p}/state"
 "#,
-            module = module().display()
+            token = self.token_toml()
         );
         std::fs::write(self.path("defaults.toml"), cfg).expect("config");
     }
@@ -699,3 +695,119 @@ pub mod sim {
 }
 pub mod est;
 pub mod jwk;
+
+/// Test HTTPS servers' shared parts: a CA with a server certificate for 127.0.0.1, and
+/// reading one HTTP/1.1 request.
+pub mod httpd {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    use std::io::Read;
+    use std::sync::Arc;
+
+    /// A new CA named `ca_name`, and a server certificate for 127.0.0.1 signed by it.
+    pub struct TestPki {
+        /// The CA certificate.
+        pub ca_cert: rcgen::Certificate,
+        /// The CA, to sign more.
+        pub issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+        /// Server certificate chain.
+        pub server_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        /// Server key (PKCS#8).
+        pub server_key: Vec<u8>,
+    }
+
+    impl TestPki {
+        /// Make it.
+        pub fn new(ca_name: &str) -> TestPki {
+            let ca_key = rcgen::KeyPair::generate().expect("ca key");
+            let mut cap = rcgen::CertificateParams::new(vec![]).expect("ca params");
+            cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            cap.distinguished_name
+                .push(rcgen::DnType::CommonName, ca_name);
+            let ca_cert = cap.self_signed(&ca_key).expect("ca cert");
+            let issuer = rcgen::Issuer::new(cap, ca_key);
+            let key = rcgen::KeyPair::generate().expect("server key");
+            let mut sp = rcgen::CertificateParams::new(vec![]).expect("params");
+            sp.subject_alt_names = vec![rcgen::SanType::IpAddress([127, 0, 0, 1].into())];
+            sp.distinguished_name
+                .push(rcgen::DnType::CommonName, "test server");
+            let cert = sp.signed_by(&key, &issuer).expect("server cert");
+            TestPki {
+                ca_cert,
+                issuer,
+                server_chain: vec![cert.der().clone()],
+                server_key: key.serialize_der(),
+            }
+        }
+
+        /// A server config (client certificates optional when `client_roots` is given).
+        pub fn server_config(
+            &self,
+            client_roots: Option<rustls::RootCertStore>,
+        ) -> Arc<rustls::ServerConfig> {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let b = rustls::ServerConfig::builder_with_provider(provider.clone())
+                .with_safe_default_protocol_versions()
+                .expect("versions");
+            let b = match client_roots {
+                Some(r) => b.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(r),
+                        provider,
+                    )
+                    .allow_unauthenticated()
+                    .build()
+                    .expect("verifier"),
+                ),
+                None => b.with_no_client_auth(),
+            };
+            Arc::new(
+                b.with_single_cert(
+                    self.server_chain.clone(),
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone())),
+                )
+                .expect("server config"),
+            )
+        }
+    }
+
+    /// Read one request: (head, body of Content-Length bytes). Empty on a broken connection.
+    pub fn read_request(tls: &mut impl Read) -> (String, Vec<u8>) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match tls.read(&mut chunk) {
+                Ok(0) | Err(_) => return (String::new(), Vec::new()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..i]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                while buf.len() < i + 4 + len {
+                    match tls.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                return (head, buf[i + 4..].to_vec());
+            }
+        }
+    }
+}
+
+impl Env {
+    /// The `[token]` section for this env's token, for configs written by tests.
+    pub fn token_toml(&self) -> String {
+        format!(
+            "[token]\nmodule = \"{}\"\nlabel = \"{LABEL}\"\npin = {{ file = \"{}\" }}\n",
+            module().display(),
+            self.path_str("pin")
+        )
+    }
+}

@@ -8,11 +8,7 @@ fn est_config(env: &Env, est: &EstServer, bootstrap: &str) {
     std::fs::write(env.path("est-password"), "s3cret-bootstrap\n").unwrap();
     let cfg = format!(
         r#"
-[token]
-module = "{module}"
-label = "{LABEL}"
-pin = {{ file = "{p}/pin" }}
-
+{token}
 [[identity]]
 name = "dev"
 subject = {{ o = "Acme", cn = "gw-7" }}
@@ -32,7 +28,7 @@ ca_bundle = "{ca}"
 [paths]
 state_dir = "{p}/state"
 "#,
-        module = module().display(),
+        token = env.token_toml(),
         port = est.port,
         ca = est.ca_file.display(),
     );

@@ -7,11 +7,7 @@ fn jwk_config(env: &Env, api: &JwkApi, old_key_overlap: &str) {
     let p = env.dir.path().display();
     let cfg = format!(
         r#"
-[token]
-module = "{module}"
-label = "{LABEL}"
-pin = {{ file = "{p}/pin" }}
-
+{token}
 [[identity]]
 name = "api"
 subject = {{ cn = "gw-7-api" }}
@@ -31,7 +27,7 @@ old_key_overlap = "{old_key_overlap}"
 [paths]
 state_dir = "{p}/state"
 "#,
-        module = module().display(),
+        token = env.token_toml(),
         port = api.port,
         ca = api.ca_file.display(),
     );
