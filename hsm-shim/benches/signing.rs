@@ -8,7 +8,7 @@ use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, ObjectClass};
 use cryptoki::session::UserType;
 use hsm_shim::tls::TlsSigningKey;
-use hsm_shim::{KeyRef, KeyType, Pin, Token, TokenKey, TokenSelector};
+use hsm_shim::{KeyRef, KeyType, TokenKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::sign::SigningKey;
 use rustls::SignatureScheme;
@@ -17,9 +17,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zeroize::Zeroizing;
 
-const PIN: &str = "1234";
+const PIN: &str = hsm_shim::testing::USER_PIN;
 
 fn secs() -> Duration {
     Duration::from_millis(
@@ -77,10 +76,10 @@ fn raw_rate(module: &std::path::Path, id: &[u8], kt: KeyType, threads: usize) ->
         .into_iter()
         .find(|s| {
             ctx.get_token_info(*s)
-                .map(|i| i.label().trim_end() == "bench")
+                .map(|i| i.label().trim_end() == "test")
                 .unwrap_or(false)
         })
-        .expect("bench token");
+        .expect("test token");
     let msg = [0x5au8; 130];
     let sessions: Vec<_> = (0..threads)
         .map(|_| {
@@ -217,30 +216,8 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a list; there is nothing to list.
     }
-    let dir = tempfile::tempdir().expect("tmp");
-    std::fs::create_dir(dir.path().join("tokens")).expect("dir");
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n",
-            dir.path().display()
-        ),
-    )
-    .expect("conf");
-    unsafe { std::env::set_var("SOFTHSM2_CONF", &conf) };
-    let module = std::path::PathBuf::from(
-        std::env::var("EDGE_SIGNER_MODULE")
-            .unwrap_or_else(|_| "/usr/lib/softhsm/libsofthsm2.so".into()),
-    );
-    let pin = |s: &str| Pin::new(Zeroizing::new(s.to_owned()));
-    hsm_shim::token::init_token(&module, "bench", &pin("5678"), &pin(PIN)).expect("init");
-    let token = Token::open(
-        &module,
-        &TokenSelector::Label("bench".into()),
-        Some(pin(PIN)),
-    )
-    .expect("open");
+    let t = hsm_shim::testing::TestToken::new();
+    let (module, token) = (t.module.clone(), t.token.clone());
 
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
     let mut cap = rcgen::CertificateParams::new(vec![]).expect("ca params");
