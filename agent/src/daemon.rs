@@ -93,12 +93,6 @@ pub fn drive_to_promotion(
     loop {
         let (until, what) = engine.drive(name)?;
         let rec = engine.reg.identities.get(name).cloned().unwrap_or_default();
-        let settled = rec.pending.is_none()
-            && rec.current.is_some()
-            && matches!(rec.step, Step::Active | Step::Overlap);
-        if settled && rec.forced_at.is_none() && (rec.current != before || resuming) {
-            return Ok(());
-        }
         if let (Some(f), None) = (&rec.failure, rec.pending) {
             anyhow::bail!(
                 "{}; the current generation ({}) keeps serving; next attempt at {}",
@@ -108,6 +102,12 @@ pub fn drive_to_promotion(
                     .unwrap_or_else(|| "none".into()),
                 rfc3339(f.retry_at)
             );
+        }
+        let settled = rec.pending.is_none()
+            && rec.current.is_some()
+            && matches!(rec.step, Step::Active | Step::Overlap);
+        if settled && rec.forced_at.is_none() && (rec.current != before || resuming) {
+            return Ok(());
         }
         if what != last {
             progress(&format!(

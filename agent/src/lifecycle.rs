@@ -146,18 +146,20 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
                     Step::Lapsed => ("enrol a new key (the certificate lapsed)".into(), Some(now)),
                     Step::KeyPending => ("generate the key and CSR".into(), Some(now)),
                     Step::CsrReady => (format!("submit the CSR to {}", ic.issuer), Some(now)),
-                    Step::Submitted => {
-                        let g = rec.pending.and_then(|n| rec.gen(n));
-                        (
+                    Step::Submitted => match &rec.waiting {
+                        Some(w) => (
+                            format!("wait: {} (submitted {})", w.what, since(Step::Submitted)),
+                            Some(w.until),
+                        ),
+                        None => (
                             format!(
-                                "wait for the certificate from {} ({}, submitted {})",
+                                "wait for the certificate from {} (submitted {})",
                                 ic.issuer,
-                                g.and_then(|g| g.submission.clone()).unwrap_or_default(),
                                 since(Step::Submitted)
                             ),
                             None,
-                        )
-                    }
+                        ),
+                    },
                     Step::Issued => ("validate the certificate".into(), Some(now)),
                     Step::Validated => ("probe with the new identity".into(), Some(now)),
                     Step::Probed => ("promote the new identity".into(), Some(now)),
@@ -361,7 +363,10 @@ impl Engine {
         self.identity_cfg(name)?;
         let now = self.now();
         let rec = self.rec(name);
-        rec.forced_at = Some(now);
+        // A rotation under way already is the one asked for: only retry it now.
+        if rec.pending.is_none() {
+            rec.forced_at = Some(now);
+        }
         rec.failure = None;
         self.save(name)
     }
@@ -401,15 +406,29 @@ impl Engine {
             retry_at: now + delay,
             attempts,
         });
+        // Nothing serves while there is no valid current generation: a person must act.
+        let serving = rec
+            .current_gen()
+            .and_then(|g| g.not_after)
+            .is_some_and(|na| na > now);
         self.save(name)?;
         self.events.emit(
             now,
             "failure",
             name,
-            Severity::Warning,
+            if serving {
+                Severity::Warning
+            } else {
+                Severity::Critical
+            },
             format!(
-                "{reason}; attempt {attempts}, retrying at {}",
-                rfc3339(now + delay)
+                "{reason}; attempt {attempts}, retrying at {}{}",
+                rfc3339(now + delay),
+                if serving {
+                    ""
+                } else {
+                    " (no valid identity is serving)"
+                }
             ),
         );
         Ok(Progress::Wait {
@@ -769,7 +788,18 @@ impl Engine {
             },
         };
         match answer {
-            Answer::Wait { until, what } => Ok(Progress::Wait { until, what }),
+            Answer::Wait { until, what } => {
+                // Persist only what changes, not every poll (flash wears out).
+                let r = self.rec(name);
+                if r.waiting.as_ref().map(|w| &w.what) != Some(&what) {
+                    r.waiting = Some(crate::register::Waiting {
+                        until,
+                        what: what.clone(),
+                    });
+                    self.save(name)?;
+                }
+                Ok(Progress::Wait { until, what })
+            }
             Answer::Issued(pem) => {
                 if let Some(gm) = self.rec(name).gen_mut(g.number) {
                     gm.cert_pem = Some(pem);

@@ -161,6 +161,18 @@ pub struct IdentityRecord {
     pub transitions: Vec<Transition>,
     /// When a `rotate --now` was asked for.
     pub forced_at: Option<Unix>,
+    /// What the issuer said to wait for, and until when (shown by `status`).
+    #[serde(default)]
+    pub waiting: Option<Waiting>,
+}
+
+/// An issuer's "come back later".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    /// Until when.
+    pub until: Unix,
+    /// For what.
+    pub what: String,
 }
 
 impl Default for IdentityRecord {
@@ -174,6 +186,7 @@ impl Default for IdentityRecord {
             failure: None,
             transitions: Vec::new(),
             forced_at: None,
+            waiting: None,
         }
     }
 }
@@ -198,6 +211,7 @@ impl IdentityRecord {
     /// Record a transition.
     pub fn transition(&mut self, at: Unix, step: Step, generation: u32, note: impl Into<String>) {
         self.step = step;
+        self.waiting = None;
         self.transitions.push(Transition {
             at,
             step,

@@ -229,3 +229,57 @@ pub fn validate(
         not_after,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> (
+        rcgen::Issuer<'static, rcgen::KeyPair>,
+        CertificateDer<'static>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "unit CA");
+        let cert = p.self_signed(&key).unwrap();
+        (rcgen::Issuer::new(p, key), cert.der().clone())
+    }
+
+    #[test]
+    fn a_certificate_for_another_key_is_refused_and_the_right_one_passes() {
+        let (issuer, ca_der) = ca();
+        let (ours, theirs) = (
+            rcgen::KeyPair::generate().unwrap(),
+            rcgen::KeyPair::generate().unwrap(),
+        );
+        let mut p = rcgen::CertificateParams::new(vec!["gw.example".into()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(rcgen::DnType::CommonName, "gw");
+        let now = 1_800_000_000u64;
+        p.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        let subject = Subject(vec![("CN".into(), "gw".into())]);
+        let sans = [San::Dns("gw.example".into())];
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&ours);
+        let want = Expected {
+            spki: &spki,
+            subject: &subject,
+            sans: &sans,
+            server: false,
+        };
+        let wrong = p.signed_by(&theirs, &issuer).unwrap();
+        assert_eq!(
+            validate(&wrong.pem(), std::slice::from_ref(&ca_der), &want, now),
+            Err(Refusal::WrongKey)
+        );
+        let right = p.signed_by(&ours, &issuer).unwrap();
+        let v = validate(&right.pem(), &[ca_der], &want, now).unwrap();
+        assert_eq!(v.not_after, 1_893_456_000);
+        assert!(matches!(
+            validate("garbage", &[], &want, now),
+            Err(Refusal::NoCertificate(_))
+        ));
+    }
+}

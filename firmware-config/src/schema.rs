@@ -304,6 +304,13 @@ pub struct EstIssuer {
     /// Bootstrap credential for first enrolment and lapse recovery.
     #[serde(default)]
     pub bootstrap: Option<EstBootstrap>,
+    /// How long one EST request may take.
+    #[serde(default = "default_est_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_est_timeout() -> Duration {
+    Duration(30)
 }
 
 /// Bootstrap credential: HTTP basic credentials and/or a client certificate.

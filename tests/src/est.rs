@@ -27,6 +27,8 @@ pub enum EstMode {
     Truncated,
     /// 503.
     ServerError,
+    /// Answer enrolments only after 1.5 seconds.
+    Slow,
 }
 
 /// What the server saw of one request.
@@ -141,6 +143,9 @@ impl EstServer {
                     basic_ok,
                 });
                 let mode = *m2.lock().unwrap();
+                if mode == EstMode::Slow && !path.ends_with("/cacerts") {
+                    std::thread::sleep(std::time::Duration::from_millis(1500));
+                }
                 let (status, ctype, body_out): (&str, &str, Vec<u8>) = if path.ends_with("/cacerts")
                 {
                     (

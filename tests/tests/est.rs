@@ -105,24 +105,34 @@ fn retry_after_is_honoured_and_bad_answers_leave_the_old_identity_serving() {
         &env,
         &est,
         &format!(
-            "bootstrap = {{ username = \"gw-7\", password_file = \"{}\" }}",
+            "timeout = \"1s\"\nbootstrap = {{ username = \"gw-7\", password_file = \"{}\" }}",
             env.path_str("est-password")
         ),
     );
-    let start = std::time::Instant::now();
+    // Give up before the Retry-After: status shows what is awaited and until when.
+    let out = env.run(&["enroll", "dev", "--timeout", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Retry-After: 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = env.json(&["status"]);
+    assert!(
+        st[0]["next_action"]
+            .as_str()
+            .unwrap()
+            .contains("Retry-After: 1"),
+        "{st}"
+    );
+    assert!(st[0]["next_at"].is_string(), "{st}");
     let out = env.run(&["enroll", "dev", "--timeout", "20"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Retry-After: 1"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(start.elapsed() >= std::time::Duration::from_secs(1));
-    assert_eq!(est.enrolments().len(), 2, "asked again after Retry-After");
+    assert!(est.enrolments().len() >= 2, "asked again after Retry-After");
 
     for (mode, reason) in [
         (EstMode::Garbage, "unusable body"),
@@ -130,6 +140,7 @@ fn retry_after_is_honoured_and_bad_answers_leave_the_old_identity_serving() {
         (EstMode::WrongContentType, "Content-Type 'text/html'"),
         (EstMode::ServerError, "HTTP 503"),
         (EstMode::Reject, "HTTP 400: CSR refused by policy"),
+        (EstMode::Slow, "EST simplereenroll: reading response"),
     ] {
         est.set_mode(mode);
         let out = env.run(&["rotate", "dev", "--now", "--timeout", "2"]);

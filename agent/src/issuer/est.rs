@@ -118,7 +118,7 @@ impl Est {
             bootstrap,
             cacerts_checked: false,
             pending: HashMap::new(),
-            timeout: Duration::from_secs(30),
+            timeout: cfg.timeout.to_std().max(Duration::from_secs(1)),
         })
     }
 

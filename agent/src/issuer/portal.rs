@@ -2,7 +2,7 @@
 //! comes back (about a day later) as any file in the inbox, recognised by its public key.
 
 use super::{Answer, Issuer, Request};
-use crate::clock::{rfc3339, Unix};
+use crate::clock::Unix;
 use hsm_shim::rustls::pki_types::CertificateDer;
 use std::path::PathBuf;
 use x509_cert::der::{Decode, Encode};
@@ -105,11 +105,7 @@ impl Issuer for Portal {
                 None => {}
             }
         }
-        let mut what = format!(
-            "certificate for {reference} in {} (polled {})",
-            self.inbox.display(),
-            rfc3339(now)
-        );
+        let mut what = format!("certificate for {reference} in {}", self.inbox.display());
         if !foreign.is_empty() {
             what += &format!(
                 "; ignoring {} certificate(s) for other keys: {}",
