@@ -4,8 +4,6 @@
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rustls::pki_types::CertificateDer;
-use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,134 +94,110 @@ impl EstServer {
         roots.add(pki.ca_cert.der().clone()).expect("root");
         let cfg = pki.server_config(Some(roots));
         let ca = Arc::new(pki.issuer);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        listener.set_nonblocking(true).expect("nonblocking");
         let mode = Arc::new(Mutex::new(mode));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let basic = format!("Basic {}", B64.encode(format!("{user}:{pass}")));
-        let (m2, s2, st2, ca2, dir2, ca_pem2) = (
+        let (m2, s2, ca2, dir2, ca_pem2) = (
             mode.clone(),
             seen.clone(),
-            stop.clone(),
             ca.clone(),
             dir.to_owned(),
             ca_pem.clone(),
         );
-        let handle = std::thread::spawn(move || {
-            let mut held = std::collections::HashSet::new();
-            while !st2.load(Ordering::SeqCst) {
-                let tcp = match listener.accept() {
-                    Ok((t, _)) => t,
-                    Err(_) => {
-                        std::thread::sleep(std::time::Duration::from_millis(20));
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nonblocking(false);
-                let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-                let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
-                    continue;
-                };
-                let mut tls = rustls::StreamOwned::new(conn, tcp);
-                let (head, body) = crate::httpd::read_request(&mut tls);
-                let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-                let client_cert = tls
-                    .conn
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .map(|c| c.to_vec());
-                let basic_ok = head
-                    .lines()
-                    .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {basic}")));
-                s2.lock().unwrap().push(Seen {
-                    path: path.clone(),
-                    client_cert: client_cert.clone(),
-                    basic_ok,
-                });
-                let mode = *m2.lock().unwrap();
-                if mode == EstMode::Slow && !path.ends_with("/cacerts") {
-                    std::thread::sleep(std::time::Duration::from_millis(1500));
-                }
-                let (status, ctype, body_out): (&str, &str, Vec<u8>) = if path.ends_with("/cacerts")
-                {
-                    (
-                        "200 OK",
-                        "application/pkcs7-mime; smime-type=certs-only",
-                        pkcs7(&dir2, &ca_pem2),
-                    )
-                } else if !(client_cert.is_some() || basic_ok) {
-                    ("401 Unauthorized", "text/plain", b"authenticate".to_vec())
-                } else if path.ends_with("/simplereenroll") && client_cert.is_none() {
-                    (
-                        "403 Forbidden",
-                        "text/plain",
-                        b"re-enrolment needs the current certificate".to_vec(),
-                    )
-                } else {
-                    match mode {
-                        EstMode::Reject => (
-                            "400 Bad Request",
-                            "text/plain",
-                            b"CSR refused by policy: CN not allowed".to_vec(),
-                        ),
-                        EstMode::ServerError => (
-                            "503 Service Unavailable",
-                            "text/plain",
-                            b"try later".to_vec(),
-                        ),
-                        EstMode::Garbage => (
-                            "200 OK",
-                            "application/pkcs7-mime",
-                            b"!!!! not base64 !!!!".to_vec(),
-                        ),
-                        EstMode::WrongContentType => {
-                            ("200 OK", "text/html", b"<html>login</html>".to_vec())
-                        }
-                        EstMode::AcceptThenIssue if held.insert(body.clone()) => {
-                            ("202 Accepted", "text/plain", b"pending approval".to_vec())
-                        }
-                        _ => {
-                            let text: String = String::from_utf8_lossy(&body)
-                                .chars()
-                                .filter(|c| !c.is_whitespace())
-                                .collect();
-                            let der = B64.decode(text).unwrap_or_default();
-                            match rcgen::CertificateSigningRequestParams::from_der(&der.into()) {
-                                Ok(mut csr) => {
-                                    let now = time::OffsetDateTime::now_utc();
-                                    csr.params.not_before = now - time::Duration::minutes(1);
-                                    csr.params.not_after = now + time::Duration::days(90);
-                                    let cert = csr.signed_by(&ca2).expect("sign");
-                                    let mut p7 =
-                                        pkcs7(&dir2, &format!("{}{}", ca_pem2, cert.pem()));
-                                    if mode == EstMode::Truncated {
-                                        p7.truncate(p7.len() / 2);
-                                    }
-                                    (
-                                        "200 OK",
-                                        "application/pkcs7-mime; smime-type=certs-only",
-                                        p7,
-                                    )
-                                }
-                                Err(_) => ("400 Bad Request", "text/plain", b"not a CSR".to_vec()),
-                            }
-                        }
-                    }
-                };
-                let extra = if status.starts_with("202") {
-                    "Retry-After: 1\r\n"
-                } else {
-                    ""
-                };
-                let _ = tls.write_all(
-                    format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n", body_out.len()).as_bytes(),
-                );
-                let _ = tls.write_all(&body_out);
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
+        let mut held = std::collections::HashSet::new();
+        let (port, handle) = crate::httpd::serve(cfg, stop.clone(), move |conn, head, body| {
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let client_cert = conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec());
+            let basic_ok = head
+                .lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {basic}")));
+            s2.lock().unwrap().push(Seen {
+                path: path.clone(),
+                client_cert: client_cert.clone(),
+                basic_ok,
+            });
+            let mode = *m2.lock().unwrap();
+            if mode == EstMode::Slow && !path.ends_with("/cacerts") {
+                std::thread::sleep(std::time::Duration::from_millis(1500));
             }
+            let (status, ctype, body_out): (&str, &str, Vec<u8>) = if path.ends_with("/cacerts") {
+                (
+                    "200 OK",
+                    "application/pkcs7-mime; smime-type=certs-only",
+                    pkcs7(&dir2, &ca_pem2),
+                )
+            } else if !(client_cert.is_some() || basic_ok) {
+                ("401 Unauthorized", "text/plain", b"authenticate".to_vec())
+            } else if path.ends_with("/simplereenroll") && client_cert.is_none() {
+                (
+                    "403 Forbidden",
+                    "text/plain",
+                    b"re-enrolment needs the current certificate".to_vec(),
+                )
+            } else {
+                match mode {
+                    EstMode::Reject => (
+                        "400 Bad Request",
+                        "text/plain",
+                        b"CSR refused by policy: CN not allowed".to_vec(),
+                    ),
+                    EstMode::ServerError => (
+                        "503 Service Unavailable",
+                        "text/plain",
+                        b"try later".to_vec(),
+                    ),
+                    EstMode::Garbage => (
+                        "200 OK",
+                        "application/pkcs7-mime",
+                        b"!!!! not base64 !!!!".to_vec(),
+                    ),
+                    EstMode::WrongContentType => {
+                        ("200 OK", "text/html", b"<html>login</html>".to_vec())
+                    }
+                    EstMode::AcceptThenIssue if held.insert(body.to_vec()) => {
+                        ("202 Accepted", "text/plain", b"pending approval".to_vec())
+                    }
+                    _ => {
+                        let text: String = String::from_utf8_lossy(body)
+                            .chars()
+                            .filter(|c| !c.is_whitespace())
+                            .collect();
+                        let der = B64.decode(text).unwrap_or_default();
+                        match rcgen::CertificateSigningRequestParams::from_der(&der.into()) {
+                            Ok(mut csr) => {
+                                let now = time::OffsetDateTime::now_utc();
+                                csr.params.not_before = now - time::Duration::minutes(1);
+                                csr.params.not_after = now + time::Duration::days(90);
+                                let cert = csr.signed_by(&ca2).expect("sign");
+                                let mut p7 = pkcs7(&dir2, &format!("{}{}", ca_pem2, cert.pem()));
+                                if mode == EstMode::Truncated {
+                                    p7.truncate(p7.len() / 2);
+                                }
+                                (
+                                    "200 OK",
+                                    "application/pkcs7-mime; smime-type=certs-only",
+                                    p7,
+                                )
+                            }
+                            Err(_) => ("400 Bad Request", "text/plain", b"not a CSR".to_vec()),
+                        }
+                    }
+                }
+            };
+            let extra = if status.starts_with("202") {
+                "Retry-After: 1\r\n"
+            } else {
+                ""
+            };
+            Some(crate::httpd::response(
+                status,
+                &format!("Content-Type: {ctype}\r\n{extra}"),
+                &body_out,
+            ))
         });
         EstServer {
             port,

@@ -5,8 +5,6 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
 use base64::Engine as _;
 use serde_json::Value;
-use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -172,64 +170,50 @@ impl JwkApi {
         let ca_file = dir.join("jwk-ca.pem");
         std::fs::write(&ca_file, pki.ca_cert.pem()).expect("ca file");
         let cfg = pki.server_config(None);
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("addr").port();
-        listener.set_nonblocking(true).expect("nonblocking");
         let state = Arc::new(Mutex::new(ApiState::default()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (st, s2) = (state.clone(), stop.clone());
-        let handle = std::thread::spawn(move || {
-            while !s2.load(Ordering::SeqCst) {
-                let Ok((tcp, _)) = listener.accept() else {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                    continue;
-                };
-                let _ = tcp.set_nonblocking(false);
-                let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)));
-                let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
-                    continue;
-                };
-                let mut tls = rustls::StreamOwned::new(conn, tcp);
-                let (head, body) = crate::httpd::read_request(&mut tls);
-                let mut first = head.lines().next().unwrap_or("").split_whitespace();
-                let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-                let auth = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("Authorization: "))
-                    .unwrap_or("")
-                    .to_owned();
-                let (status, text) = match (
-                    method,
-                    path.strip_prefix("/api/v1/keys/credential/rotate-to/"),
-                ) {
-                    ("PUT", Some(kid)) => {
-                        let mut s = st.lock().unwrap();
-                        let r = s.rotate(kid, &auth, &body);
-                        if r.0 != 201 {
-                            s.refusals.push(r.1.clone());
-                        }
-                        if r.0 == 201 && s.drop_next_answer {
-                            s.drop_next_answer = false;
-                            continue; // applied, but the answer is lost
-                        }
-                        r
+        let st = state.clone();
+        let (port, handle) = crate::httpd::serve(cfg, stop.clone(), move |_conn, head, body| {
+            let mut first = head.lines().next().unwrap_or("").split_whitespace();
+            let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+            let auth = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Authorization: "))
+                .unwrap_or("")
+                .to_owned();
+            let (status, text) = match (
+                method,
+                path.strip_prefix("/api/v1/keys/credential/rotate-to/"),
+            ) {
+                ("PUT", Some(kid)) => {
+                    let mut s = st.lock().unwrap();
+                    let r = s.rotate(kid, &auth, body);
+                    if r.0 != 201 {
+                        s.refusals.push(r.1.clone());
                     }
-                    // Onboarding, as a person does it in the provider's portal (test helper only).
-                    ("POST", _) if path == "/test/register" => {
-                        match serde_json::from_slice::<Value>(&body) {
-                            Ok(jwk) if point(&jwk).is_some() && jwk["Kid"].is_string() => {
-                                st.lock().unwrap().register(&jwk);
-                                (201, "registered".into())
-                            }
-                            _ => (400, "a JWK with Kid, X, Y".into()),
-                        }
+                    if r.0 == 201 && s.drop_next_answer {
+                        s.drop_next_answer = false;
+                        return None; // applied, but the answer is lost
                     }
-                    _ => (404, "not found".into()),
-                };
-                let _ = tls.write_all(format!("HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len()).as_bytes());
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-            }
+                    r
+                }
+                // Onboarding, as a person does it in the provider's portal (test helper only).
+                ("POST", _) if path == "/test/register" => {
+                    match serde_json::from_slice::<Value>(body) {
+                        Ok(jwk) if point(&jwk).is_some() && jwk["Kid"].is_string() => {
+                            st.lock().unwrap().register(&jwk);
+                            (201, "registered".into())
+                        }
+                        _ => (400, "a JWK with Kid, X, Y".into()),
+                    }
+                }
+                _ => (404, "not found".into()),
+            };
+            Some(crate::httpd::response(
+                &format!("{status} X"),
+                "",
+                text.as_bytes(),
+            ))
         });
         JwkApi {
             port,

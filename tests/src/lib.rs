@@ -770,6 +770,54 @@ pub mod httpd {
         }
     }
 
+    /// Serve HTTPS on 127.0.0.1 (a free port, returned) until `stop`: each connection's
+    /// request goes to `handle`, whose answer (a whole response) is written back; `None`
+    /// drops the connection without an answer.
+    pub fn serve(
+        cfg: Arc<rustls::ServerConfig>,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        mut handle: impl FnMut(&rustls::ServerConnection, &str, &[u8]) -> Option<Vec<u8>>
+            + Send
+            + 'static,
+    ) -> (u16, std::thread::JoinHandle<()>) {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let h = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok((tcp, _)) = listener.accept() else {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    continue;
+                };
+                let _ = tcp.set_nonblocking(false);
+                let _ = tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                let Ok(conn) = rustls::ServerConnection::new(cfg.clone()) else {
+                    continue;
+                };
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let (head, body) = read_request(&mut tls);
+                if let Some(resp) = handle(&tls.conn, &head, &body) {
+                    let _ = tls.write_all(&resp);
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }
+            }
+        });
+        (port, h)
+    }
+
+    /// A whole HTTP/1.1 response (`extra_headers` each ending in CRLF).
+    pub fn response(status: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 {status}\r\n{extra_headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
     /// Read one request: (head, body of Content-Length bytes). Empty on a broken connection.
     pub fn read_request(tls: &mut impl Read) -> (String, Vec<u8>) {
         let mut buf = Vec::new();
@@ -809,5 +857,54 @@ impl Env {
             module().display(),
             self.path_str("pin")
         )
+    }
+}
+
+impl Env {
+    /// Start `openssl s_server -accept 127.0.0.1:PORT -cert server.pem -key server.key
+    /// -CAfile {ca}.pem -Verify 1 -verify_return_error -www` plus `extra`, in the temp dir;
+    /// its output goes to `log` (a file in the temp dir) when given. Waits until it listens.
+    pub fn s_server(&self, ca: &str, extra: &[&str], log: Option<&str>) -> (Guard, u16) {
+        let port = free_port();
+        let accept = format!("127.0.0.1:{port}");
+        let cafile = format!("{ca}.pem");
+        let mut args = vec![
+            "s_server",
+            "-accept",
+            &accept,
+            "-cert",
+            "server.pem",
+            "-key",
+            "server.key",
+            "-CAfile",
+            &cafile,
+            "-Verify",
+            "1",
+            "-verify_return_error",
+            "-www",
+        ];
+        args.extend_from_slice(extra);
+        // stdout and stderr (verification lines) into the same log, or nowhere.
+        let (stdout, stderr) = match log {
+            Some(n) => {
+                let f = std::fs::File::create(self.path(n)).expect("log file");
+                (
+                    Stdio::from(f.try_clone().expect("log file")),
+                    Stdio::from(f),
+                )
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let child = Command::new("openssl")
+            .args(&args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("openssl s_server");
+        let g = Guard(child);
+        wait_port(port);
+        (g, port)
     }
 }

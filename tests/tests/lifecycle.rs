@@ -22,33 +22,7 @@ fn gens(env: &Env) -> Vec<serde_json::Value> {
 
 fn probe_server(env: &Env) -> (Guard, u16) {
     env.openssl_leaf("ca", "server");
-    let port = free_port();
-    let log = std::fs::File::create(env.path("s_server.log")).unwrap();
-    let child = Command::new("openssl")
-        .args([
-            "s_server",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-            "-cert",
-            "server.pem",
-            "-key",
-            "server.key",
-            "-CAfile",
-            "ca.pem",
-            "-Verify",
-            "1",
-            "-verify_return_error",
-            "-www",
-        ])
-        .current_dir(env.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let g = Guard(child);
-    wait_port(port);
-    (g, port)
+    env.s_server("ca", &[], Some("s_server.log"))
 }
 
 #[test]

@@ -25,38 +25,6 @@ fn token_identity(env: &Env, t: &str) -> (String, String) {
     (uri, cert)
 }
 
-fn s_server(env: &Env, version: &str, extra: &[&str]) -> (Guard, u16) {
-    let port = free_port();
-    let mut args = vec![
-        "s_server".to_owned(),
-        "-accept".into(),
-        format!("127.0.0.1:{port}"),
-        "-cert".into(),
-        "server.pem".into(),
-        "-key".into(),
-        "server.key".into(),
-        "-CAfile".into(),
-        "ca.pem".into(),
-        "-Verify".into(),
-        "1".into(),
-        "-verify_return_error".into(),
-        "-www".into(),
-        version.into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let child = Command::new("openssl")
-        .args(&args)
-        .current_dir(env.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl s_server");
-    let g = Guard(child);
-    wait_port(port);
-    (g, port)
-}
-
 #[test]
 fn client_mtls_against_openssl_s_server_every_key_type_tls13_and_tls12() {
     let env = Env::new();
@@ -97,7 +65,7 @@ fn client_mtls_against_openssl_s_server_every_key_type_tls13_and_tls12() {
                 },
             ),
         ] {
-            let (_srv, port) = s_server(&env, version, &extra);
+            let (_srv, port) = env.s_server("ca", &[&[version][..], &extra[..]].concat(), None);
             let v = env.json(&[
                 "probe",
                 "--key",
@@ -210,31 +178,7 @@ fn probe_exits_non_zero_on_non_2xx_and_on_handshake_failure() {
     let (uri, cert) = token_identity(&env, "ec-p256");
     // A server that trusts another CA refuses our client certificate at the handshake.
     env.make_ca("other-ca");
-    let port = free_port();
-    let child = Command::new("openssl")
-        .args([
-            "s_server",
-            "-accept",
-            &format!("127.0.0.1:{port}"),
-            "-cert",
-            "server.pem",
-            "-key",
-            "server.key",
-            "-CAfile",
-            "other-ca.pem",
-            "-Verify",
-            "1",
-            "-verify_return_error",
-            "-www",
-        ])
-        .current_dir(env.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _g = Guard(child);
-    wait_port(port);
+    let (_g, port) = env.s_server("other-ca", &[], None);
     let out = env.run(&[
         "probe",
         "--key",
