@@ -515,7 +515,6 @@ impl Engine {
         rec: &IdentityRecord,
         now: Unix,
     ) -> Result<Progress> {
-        let (cfg, rec) = (cfg.clone(), rec.clone());
         if let Some(f) = &rec.failure {
             if f.retry_at > now {
                 return Ok(Progress::Wait {
@@ -688,6 +687,13 @@ impl Engine {
         Ok(Progress::Moved)
     }
 
+    /// The pending generation and a signer for its key.
+    fn pending_key(&self, rec: &IdentityRecord) -> Result<(Generation, TokenKey)> {
+        let g = Self::pending(rec)?;
+        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        Ok((g, key))
+    }
+
     fn pending(rec: &IdentityRecord) -> Result<Generation> {
         rec.pending
             .and_then(|n| rec.gen(n))
@@ -709,7 +715,7 @@ impl Engine {
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
         let info = self.find_or_generate(&g.key_label, cfg.key_type)?;
-        let key = TokenKey::open(self.token.clone(), &KeyRef::Id(info.id.clone()))?;
+        let key = TokenKey::from_info(self.token.clone(), info.clone());
         let subject = Subject::parse(&g.subject)?;
         let csr = hsm_shim::csr::build_csr(&key, &subject, &cfg.sans)?;
         let uri = info.uri(&self.token).to_string();
@@ -757,8 +763,7 @@ impl Engine {
         rec: &IdentityRecord,
         now: Unix,
     ) -> Result<Progress> {
-        let g = Self::pending(rec)?;
-        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        let (g, key) = self.pending_key(rec)?;
         let spki = key.info().spki.clone();
         let csr = g.csr_pem.clone().unwrap_or_default();
         let req = Request {
@@ -826,8 +831,7 @@ impl Engine {
         rec: &IdentityRecord,
         now: Unix,
     ) -> Result<Progress> {
-        let g = Self::pending(rec)?;
-        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        let (g, key) = self.pending_key(rec)?;
         let subject = Subject::parse(&g.subject)?;
         let ca = self.issuer(&cfg.issuer)?.ca_bundle().to_vec();
         let want = Expected {
@@ -938,9 +942,7 @@ impl Engine {
         rec: &IdentityRecord,
         now: Unix,
     ) -> Result<Progress> {
-        let g = Self::pending(rec)?;
-        let id_hex = g.key_id.clone().unwrap_or_default();
-        let key = self.open_key(&id_hex)?;
+        let (g, key) = self.pending_key(rec)?;
         let chain_pem = g.cert_pem.clone().unwrap_or_default();
         let chain = validate::parse_chain(&chain_pem)?;
         // Idempotent: store_cert replaces, the exports are atomic writes.

@@ -80,11 +80,16 @@ impl TokenKey {
     /// Open a key pair of the token for signing.
     pub fn open(token: Arc<Token>, key: &KeyRef) -> Result<TokenKey> {
         let info = token.find_key(key)?;
-        Ok(TokenKey {
+        Ok(TokenKey::from_info(token, info))
+    }
+
+    /// A signer for a key already looked up (no further token call).
+    pub fn from_info(token: Arc<Token>, info: KeyInfo) -> TokenKey {
+        TokenKey {
             token,
             info: Arc::new(info),
             handle: Arc::new(Mutex::new(None)),
-        })
+        }
     }
 
     /// What is known of the key.

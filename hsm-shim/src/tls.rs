@@ -31,8 +31,8 @@ impl TlsSigningKey {
 
     /// Schemes this key offers, best first. RSA prefers PSS (the only choice in TLS 1.3)
     /// and falls back to PKCS#1 v1.5 for TLS 1.2 peers that offer only that.
-    fn preferred(&self) -> &'static [SignatureScheme] {
-        match self.key.key_type() {
+    pub fn schemes(key_type: KeyType) -> &'static [SignatureScheme] {
+        match key_type {
             KeyType::EcP256 => &[SignatureScheme::ECDSA_NISTP256_SHA256],
             KeyType::EcP384 => &[SignatureScheme::ECDSA_NISTP384_SHA384],
             KeyType::Rsa2048 | KeyType::Rsa3072 => &[
@@ -70,7 +70,9 @@ pub fn sign_alg(scheme: SignatureScheme) -> Option<SignAlg> {
 
 impl SigningKey for TlsSigningKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
-        let scheme = self.preferred().iter().find(|s| offered.contains(s))?;
+        let scheme = Self::schemes(self.key.key_type())
+            .iter()
+            .find(|s| offered.contains(s))?;
         *self.last_scheme.lock().unwrap_or_else(|p| p.into_inner()) = Some(*scheme);
         Some(Box::new(TlsSigner {
             key: self.key.clone(),

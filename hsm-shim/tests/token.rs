@@ -5,7 +5,6 @@ use hsm_shim::testing::*;
 use hsm_shim::tls::sign_alg;
 use hsm_shim::{Hash, KeyRef, KeyType, SignAlg, Token, TokenKey, TokenSelector};
 use ring::signature::{self, UnparsedPublicKey};
-use rustls::SignatureScheme;
 
 fn spki_bits(k: &TokenKey) -> Vec<u8> {
     k.info().public_bits.clone()
@@ -50,18 +49,13 @@ fn every_key_type_is_sensitive_unextractable_and_signs_verifiably() {
 
         // Every TLS scheme the key offers verifies with ring against its public key.
         let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
-        let schemes: &[SignatureScheme] = match kt {
-            KeyType::EcP256 => &[SignatureScheme::ECDSA_NISTP256_SHA256],
-            KeyType::EcP384 => &[SignatureScheme::ECDSA_NISTP384_SHA384],
-            _ => &[
-                SignatureScheme::RSA_PSS_SHA256,
-                SignatureScheme::RSA_PSS_SHA384,
-                SignatureScheme::RSA_PSS_SHA512,
-                SignatureScheme::RSA_PKCS1_SHA256,
-                SignatureScheme::RSA_PKCS1_SHA384,
-                SignatureScheme::RSA_PKCS1_SHA512,
-            ],
-        };
+        let schemes = hsm_shim::TlsSigningKey::schemes(kt);
+        // EC: its one curve's scheme; RSA: PSS (TLS 1.3) and PKCS#1 v1.5 (TLS 1.2), 3 hashes each.
+        assert_eq!(
+            schemes.len(),
+            if kt.is_ec() { 1 } else { 6 },
+            "{kt}: {schemes:?}"
+        );
         let msg = b"TLS 1.3, client CertificateVerify\0transcript hash";
         for s in schemes {
             let alg = sign_alg(*s).unwrap();
