@@ -528,16 +528,16 @@ impl Engine {
             _ => None,
         });
         if let Some(j) = jwk {
-            return self.jwk_step(name, &cfg, &j, &rec, now);
+            return self.jwk_step(name, cfg, &j, rec, now);
         }
         match rec.step {
-            Step::Active | Step::Lapsed => self.idle(name, &cfg, &rec, now),
-            Step::KeyPending => self.make_key(name, &cfg, &rec, now),
-            Step::CsrReady | Step::Submitted => self.ask_issuer(name, &cfg, &rec, now),
-            Step::Issued => self.check_cert(name, &cfg, &rec, now),
-            Step::Validated => self.probe(name, &cfg, &rec),
-            Step::Probed => self.promote(name, &cfg, &rec, now),
-            Step::Overlap => self.end_overlap(name, &rec, now),
+            Step::Active | Step::Lapsed => self.idle(name, cfg, rec, now),
+            Step::KeyPending => self.make_key(name, cfg, rec, now),
+            Step::CsrReady | Step::Submitted => self.ask_issuer(name, cfg, rec, now),
+            Step::Issued => self.check_cert(name, cfg, rec, now),
+            Step::Validated => self.probe(name, cfg, rec),
+            Step::Probed => self.promote(name, cfg, rec, now),
+            Step::Overlap => self.end_overlap(name, rec, now),
         }
     }
 
