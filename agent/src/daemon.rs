@@ -58,11 +58,7 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
     let token = open_token(&cfg, o)?;
     let mut issuers = BTreeMap::new();
     for i in &cfg.issuers {
-        // jwk-rotation is driven by the engine itself (no certificate issuer).
-        if matches!(i, firmware_config::schema::IssuerConfig::JwkRotation(_)) {
-            continue;
-        }
-        match crate::issuer::from_config(i, &token) {
+        match crate::issuer::from_config(i, &token, &cfg.paths.state_dir) {
             Ok(b) => {
                 issuers.insert(i.name().to_owned(), b);
             }

@@ -1,87 +1,102 @@
-//! The smallest HTTPS/1.1 client that a probe needs: one request, read the status.
+//! One HTTPS/1.1 request with our rustls `ClientConfig` (so the token can sign the handshake),
+//! on maintained crates: hyper 1 for HTTP, tokio-rustls for TLS, `url` for URLs.
+//!
+//! What this module adds to them: one deadline over the whole exchange (DNS, connect, TLS,
+//! request, body), every resolved address tried in turn, caps on what a server may send
+//! (1 MiB body, hyper's head limits), and errors that say whether the request may have
+//! reached the server, which the JWK rotation needs to tell "refused" from "unknown".
 
+use bytes::Bytes;
 use hsm_shim::rustls;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::http;
 use rustls::pki_types::ServerName;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+pub use url::Url;
+
+/// The largest body accepted from a server.
+pub const MAX_BODY: usize = 1 << 20;
 
 /// Errors of one HTTPS exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    /// The URL is not `https://host[:port][/path]`.
-    #[error("bad URL '{0}': expected https://HOST[:PORT][/PATH]")]
-    Url(String),
-    /// TCP connect or I/O failed.
-    #[error("{stage}")]
-    Io {
-        /// What we were doing.
-        stage: String,
-        /// The I/O error (TLS alerts show up here too).
-        #[source]
-        source: std::io::Error,
+    /// The URL is not usable.
+    #[error("bad URL '{url}': {why}")]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// Why.
+        why: String,
     },
-    /// The peer's answer is not HTTP.
-    #[error("the server's answer is not HTTP/1.x: {0}")]
-    Malformed(String),
+    /// Failed before any byte of the request left: DNS, TCP connect, TLS handshake.
+    #[error("{stage}: {detail}")]
+    NotSent {
+        /// What we were doing.
+        stage: &'static str,
+        /// The error, with its causes.
+        detail: String,
+    },
+    /// Failed after the request was (or may have been) sent: the server may have acted on it.
+    #[error("{stage}: {detail}")]
+    AfterSend {
+        /// What we were doing.
+        stage: &'static str,
+        /// The error, with its causes.
+        detail: String,
+    },
+    /// The deadline passed.
+    #[error("no complete answer within {}s ({})", .after.as_secs_f32(), if *.sent { "the request was sent" } else { "the request was not sent" })]
+    Timeout {
+        /// The deadline.
+        after: Duration,
+        /// Whether the request may have reached the server.
+        sent: bool,
+    },
 }
 
-/// A parsed `https://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    /// Host name or IP (without brackets).
-    pub host: String,
-    /// Port (443 by default).
-    pub port: u16,
-    /// Path with query, starting with '/'.
-    pub path: String,
+impl HttpError {
+    /// True when the server may have received (and acted on) the request.
+    pub fn maybe_sent(&self) -> bool {
+        match self {
+            HttpError::Url { .. } | HttpError::NotSent { .. } => false,
+            HttpError::AfterSend { .. } => true,
+            HttpError::Timeout { sent, .. } => *sent,
+        }
+    }
 }
 
-impl Url {
-    /// Parse `https://HOST[:PORT][/PATH]`; IPv6 hosts in brackets.
-    pub fn parse(s: &str) -> Result<Url, HttpError> {
-        let bad = || HttpError::Url(s.to_owned());
-        let rest = s.strip_prefix("https://").ok_or_else(bad)?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, after) = v6.split_once(']').ok_or_else(bad)?;
-            let port = match after.strip_prefix(':') {
-                Some(p) => p.parse().map_err(|_| bad())?,
-                None if after.is_empty() => 443,
-                None => return Err(bad()),
-            };
-            (h.to_owned(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| bad())?),
-                None => (authority.to_owned(), 443),
-            }
-        };
-        if host.is_empty()
-            || host.chars().any(|c| c.is_whitespace() || c == '@')
-            || path.contains(['\r', '\n', ' '])
-        {
-            return Err(bad());
-        }
-        Ok(Url {
-            host,
-            port,
-            path: path.to_owned(),
-        })
+/// Parse an `https://` URL.
+pub fn parse_https(s: &str) -> Result<Url, HttpError> {
+    let bad = |why: &str| HttpError::Url {
+        url: s.to_owned(),
+        why: why.to_owned(),
+    };
+    let u = Url::parse(s).map_err(|e| bad(&e.to_string()))?;
+    if u.scheme() != "https" {
+        return Err(bad("expected https://HOST[:PORT][/PATH]"));
     }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host"));
+    }
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(bad(
+            "credentials in the URL are refused; configure them instead",
+        ));
+    }
+    Ok(u)
+}
 
-    /// The `Host:` header value.
-    fn host_header(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+/// `base` with `segments` appended as path segments, each percent-encoded.
+pub fn join(base: &Url, segments: &[&str]) -> Url {
+    let mut u = base.clone();
+    if let Ok(mut p) = u.path_segments_mut() {
+        p.pop_if_empty();
+        p.extend(segments);
     }
+    u
 }
 
 /// What one HTTPS request found.
@@ -96,7 +111,7 @@ pub struct Response {
     /// Headers, names in lower case.
     #[serde(skip)]
     pub headers: Vec<(String, String)>,
-    /// The body (at most 1 MiB; de-chunked).
+    /// The body (at most [`MAX_BODY`]).
     #[serde(skip)]
     pub body: Vec<u8>,
 }
@@ -122,89 +137,8 @@ pub struct Request<'a> {
     pub method: &'a str,
     /// Extra headers.
     pub headers: Vec<(&'a str, String)>,
-    /// Body (sent with Content-Length when not empty).
+    /// Body.
     pub body: &'a [u8],
-}
-
-const MAX_RESPONSE: usize = 1 << 20;
-
-/// Status, headers (lower-case names), body.
-pub type Parsed = (u16, Vec<(String, String)>, Vec<u8>);
-
-/// Split a raw HTTP/1.x response into status, headers and (de-chunked) body.
-pub fn parse_response(raw: &[u8]) -> Result<Parsed, HttpError> {
-    let status = parse_status(raw)?;
-    let head_end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| HttpError::Malformed("no end of headers".into()))?;
-    let head = String::from_utf8_lossy(&raw[..head_end]);
-    let headers: Vec<(String, String)> = head
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let mut body = raw[head_end + 4..].to_vec();
-    let get = |n: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == n)
-            .map(|(_, v)| v.as_str())
-    };
-    if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body)?;
-    } else if let Some(len) = get("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| HttpError::Malformed(format!("Content-Length '{len}'")))?;
-        if body.len() < len {
-            return Err(HttpError::Malformed(format!(
-                "body truncated: {} of {len} bytes",
-                body.len()
-            )));
-        }
-        body.truncate(len);
-    }
-    Ok((status, headers, body))
-}
-
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, HttpError> {
-    let bad = |why: &str| HttpError::Malformed(format!("chunked body: {why}"));
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| bad("no chunk size"))?;
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| bad("bad chunk size"))?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 || out.len() + size > MAX_RESPONSE {
-            return Err(bad("truncated or too large"));
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
-}
-
-/// Parse an HTTP/1.x status line's code from the start of a response.
-pub fn parse_status(head: &[u8]) -> Result<u16, HttpError> {
-    let line_end = head.iter().position(|b| *b == b'\n').unwrap_or(head.len());
-    let line = String::from_utf8_lossy(&head[..line_end]);
-    let mut parts = line.trim_end().splitn(3, ' ');
-    let (Some(version), Some(code)) = (parts.next(), parts.next()) else {
-        return Err(HttpError::Malformed(line.chars().take(80).collect()));
-    };
-    if !version.starts_with("HTTP/1.") || code.len() != 3 {
-        return Err(HttpError::Malformed(line.chars().take(80).collect()));
-    }
-    code.parse()
-        .map_err(|_| HttpError::Malformed(line.chars().take(80).collect()))
 }
 
 /// Send one GET over TLS with `config` and read the answer.
@@ -213,101 +147,212 @@ pub fn get(
     url: &Url,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    request(
-        config,
-        url,
-        &Request {
-            method: "GET",
-            ..Default::default()
-        },
-        timeout,
-    )
+    let req = Request {
+        method: "GET",
+        ..Default::default()
+    };
+    request(config, url, &req, timeout)
 }
 
-/// Send one request over TLS with `config` (`Connection: close`) and read the answer.
+/// Send one request over TLS with `config` and read the whole answer, all within `timeout`.
 pub fn request(
     config: Arc<rustls::ClientConfig>,
     url: &Url,
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, HttpError> {
-    let io = |stage: &str| {
-        let stage = stage.to_owned();
-        move |source| HttpError::Io { stage, source }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| HttpError::NotSent {
+            stage: "starting the I/O runtime",
+            detail: e.to_string(),
+        })?;
+    let sent = Arc::new(AtomicBool::new(false));
+    let flag = sent.clone();
+    rt.block_on(async move {
+        match tokio::time::timeout(timeout, exchange(config, url, req, &flag)).await {
+            Ok(r) => r,
+            Err(_) => Err(HttpError::Timeout {
+                after: timeout,
+                sent: sent.load(Ordering::SeqCst),
+            }),
+        }
+    })
+}
+
+/// The error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        let t = x.to_string();
+        if !s.contains(&t) {
+            s += &format!(": {t}");
+        }
+        src = x.source();
+    }
+    s
+}
+
+async fn connect(url: &Url) -> Result<tokio::net::TcpStream, HttpError> {
+    let not_sent = |stage, e: &dyn std::error::Error| HttpError::NotSent {
+        stage,
+        detail: chain(e),
     };
-    let addr = (url.host.as_str(), url.port)
-        .to_socket_addrs()
-        .map_err(io("resolving host"))?
-        .next()
-        .ok_or_else(|| HttpError::Url(format!("{} resolves to no address", url.host)))?;
-    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(io("connecting"))?;
-    tcp.set_read_timeout(Some(timeout)).map_err(io("socket"))?;
-    tcp.set_write_timeout(Some(timeout)).map_err(io("socket"))?;
-    let name =
-        ServerName::try_from(url.host.clone()).map_err(|_| HttpError::Url(url.host.clone()))?;
-    let conn = rustls::ClientConnection::new(config, name).map_err(|e| HttpError::Io {
-        stage: "TLS setup".into(),
-        source: std::io::Error::other(e),
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = url.port_or_known_default().unwrap_or(443);
+    let addrs: Vec<_> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| not_sent("resolving host", &e))?
+        .collect();
+    let mut errors = Vec::new();
+    for a in &addrs {
+        match tokio::net::TcpStream::connect(a).await {
+            Ok(s) => return Ok(s),
+            Err(e) => errors.push(format!("{a}: {e}")),
+        }
+    }
+    Err(HttpError::NotSent {
+        stage: "connecting",
+        detail: if errors.is_empty() {
+            format!("{host} resolves to no address")
+        } else {
+            errors.join("; ")
+        },
+    })
+}
+
+async fn exchange(
+    config: Arc<rustls::ClientConfig>,
+    url: &Url,
+    req: &Request<'_>,
+    sent: &AtomicBool,
+) -> Result<Response, HttpError> {
+    let host = url.host_str().unwrap_or_default().to_owned();
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let name = ServerName::try_from(bare).map_err(|e| HttpError::Url {
+        url: url.to_string(),
+        why: e.to_string(),
     })?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let mut head = format!(
-        "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: edge-signer/{}\r\nConnection: close\r\n",
-        req.method,
-        url.path,
-        url.host_header(),
-        env!("CARGO_PKG_VERSION")
-    );
-    for (k, v) in &req.headers {
-        if v.contains(['\r', '\n']) {
-            return Err(HttpError::Malformed(format!(
-                "header {k} contains a line break"
-            )));
+    let tcp = connect(url).await?;
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| HttpError::NotSent {
+            stage: "TLS handshake",
+            detail: chain(&e),
+        })?;
+    let (protocol, cipher_suite) = {
+        let c = tls.get_ref().1;
+        (
+            c.protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            c.negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+                .unwrap_or_default(),
+        )
+    };
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| HttpError::NotSent {
+                stage: "HTTP set-up",
+                detail: chain(&e),
+            })?;
+    // The connection task ends with the exchange; its error (if any) surfaces through the
+    // response or body futures below.
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = build(url, req)?;
+    sent.store(true, Ordering::SeqCst);
+    let after = |stage| {
+        move |e: hyper::Error| HttpError::AfterSend {
+            stage,
+            detail: chain(&e),
         }
-        head += &format!("{k}: {v}\r\n");
-    }
-    if !req.body.is_empty() || req.method == "POST" {
-        head += &format!("Content-Length: {}\r\n", req.body.len());
-    }
-    head += "\r\n";
-    tls.write_all(head.as_bytes())
-        .map_err(io("TLS handshake or request"))?;
-    tls.write_all(req.body)
-        .map_err(io("sending request body"))?;
-    tls.flush().map_err(io("sending request"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    loop {
-        match tls.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => {
-                buf.extend_from_slice(&chunk[..n]);
-                if buf.len() > MAX_RESPONSE {
-                    return Err(HttpError::Malformed(format!(
-                        "response larger than {MAX_RESPONSE} bytes"
-                    )));
-                }
-            }
-            // Servers that close without close_notify: what we have is the answer.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !buf.is_empty() => break,
-            Err(e) => return Err(io("reading response")(e)),
+    };
+    let resp = sender
+        .send_request(request)
+        .await
+        .map_err(after("reading the response head"))?;
+    let status = resp.status().as_u16();
+    let headers: Vec<(String, String)> = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_ascii_lowercase(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    if let Some(len) = resp.headers().get(http::header::CONTENT_LENGTH) {
+        let n = len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
+        if n.is_none_or(|n| n > MAX_BODY as u64) {
+            return Err(HttpError::AfterSend {
+                stage: "reading the response body",
+                detail: format!(
+                    "Content-Length {:?} is not a size up to {MAX_BODY} bytes",
+                    String::from_utf8_lossy(len.as_bytes())
+                ),
+            });
         }
     }
-    let (status, headers, body) = parse_response(&buf)?;
+    let body = Limited::new(resp.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| HttpError::AfterSend {
+            stage: "reading the response body",
+            detail: chain(&*e),
+        })?
+        .to_bytes()
+        .to_vec();
     Ok(Response {
         status,
-        protocol: tls
-            .conn
-            .protocol_version()
-            .map(|v| format!("{v:?}"))
-            .unwrap_or_default(),
-        cipher_suite: tls
-            .conn
-            .negotiated_cipher_suite()
-            .map(|c| format!("{:?}", c.suite()))
-            .unwrap_or_default(),
+        protocol,
+        cipher_suite,
         headers,
         body,
     })
+}
+
+fn build(url: &Url, req: &Request) -> Result<http::Request<Full<Bytes>>, HttpError> {
+    let bad = |why: String| HttpError::Url {
+        url: url.to_string(),
+        why,
+    };
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let authority = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_owned(),
+    };
+    let mut b = http::Request::builder()
+        .method(req.method)
+        .uri(target)
+        .header(http::header::HOST, authority)
+        .header(
+            http::header::USER_AGENT,
+            concat!("edge-signer/", env!("CARGO_PKG_VERSION")),
+        )
+        .header(http::header::CONNECTION, "close");
+    for (k, v) in &req.headers {
+        b = b.header(*k, v.as_str());
+    }
+    if !req.body.is_empty() || matches!(req.method, "POST" | "PUT") {
+        b = b.header(http::header::CONTENT_LENGTH, req.body.len());
+    }
+    b.body(Full::new(Bytes::copy_from_slice(req.body)))
+        .map_err(|e| bad(format!("request refused: {e}")))
 }
 
 #[cfg(test)]
@@ -317,64 +362,53 @@ mod tests {
 
     #[test]
     fn urls() {
-        let u = Url::parse("https://127.0.0.1:8443/health?x=1").unwrap();
+        let u = parse_https("https://127.0.0.1:8443/health?x=1").unwrap();
         assert_eq!(
-            (u.host.as_str(), u.port, u.path.as_str()),
-            ("127.0.0.1", 8443, "/health?x=1")
+            (u.host_str(), u.port(), u.path(), u.query()),
+            (Some("127.0.0.1"), Some(8443), "/health", Some("x=1"))
         );
-        let u = Url::parse("https://[::1]:9/").unwrap();
+        let u = parse_https("https://[::1]:9/").unwrap();
+        assert_eq!((u.host_str(), u.port()), (Some("[::1]"), Some(9)));
         assert_eq!(
-            (u.host.as_str(), u.port, u.host_header().as_str()),
-            ("::1", 9, "[::1]:9")
+            parse_https("https://gw.example")
+                .unwrap()
+                .port_or_known_default(),
+            Some(443)
         );
-        assert_eq!(Url::parse("https://gw.example").unwrap().port, 443);
         for bad in [
             "http://x",
             "https://",
             "https://a:b/",
-            "https://a/ b",
             "https://[::1",
+            "ftp://a/",
         ] {
-            assert!(Url::parse(bad).is_err(), "{bad}");
+            assert!(parse_https(bad).is_err(), "{bad}");
         }
+        assert!(parse_https("https://user:pw@a/").is_err());
     }
 
     #[test]
-    fn status_lines() {
+    fn segments_are_encoded() {
+        let base = parse_https("https://ca.example/.well-known/est/").unwrap();
         assert_eq!(
-            parse_status(b"HTTP/1.1 204 No Content\r\n\r\n").unwrap(),
-            204
+            join(&base, &["lab/../x", "simpleenroll"]).as_str(),
+            "https://ca.example/.well-known/est/lab%2F..%2Fx/simpleenroll"
         );
-        assert_eq!(parse_status(b"HTTP/1.0 200 ok\n").unwrap(), 200);
-        assert!(parse_status(b"SSH-2.0-OpenSSH\r\n").is_err());
-        assert!(parse_status(b"").is_err());
-        assert!(parse_status(b"HTTP/1.1 2000 x").is_err());
-    }
-
-    #[test]
-    fn responses() {
-        let (s, h, b) = parse_response(
-            b"HTTP/1.1 202 Accepted\r\nRetry-After: 3\r\nContent-Length: 2\r\n\r\nokEXTRA",
-        )
-        .unwrap();
-        assert_eq!((s, b.as_slice()), (202, &b"ok"[..]));
-        assert_eq!(h[0], ("retry-after".to_owned(), "3".to_owned()));
-        let (_, _, b) = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").unwrap();
-        assert_eq!(b, b"abcde");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort").is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+        let base = parse_https("https://api.example").unwrap();
+        assert_eq!(
+            join(&base, &["api", "v1", "rotate-to", "a b?c#d"]).as_str(),
+            "https://api.example/api/v1/rotate-to/a%20b%3Fc%23d"
         );
     }
 
     proptest! {
         #[test]
-        fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..120), s in "\\PC{0,60}") {
-            let _ = parse_status(&bytes);
-            let _ = parse_response(&bytes);
-            let _ = dechunk(&bytes);
-            let _ = Url::parse(&s);
-            let _ = Url::parse(&format!("https://{s}"));
+        fn url_parsing_never_panics(s in "\\PC{0,60}") {
+            let _ = parse_https(&s);
+            if let Ok(u) = parse_https(&format!("https://{s}")) {
+                let _ = join(&u, &[&s]);
+                let _ = build(&u, &Request { method: "GET", ..Default::default() });
+            }
         }
     }
 }

@@ -514,17 +514,11 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             json,
         } => {
-            let url = http::Url::parse(&url)?;
+            let url = http::parse_https(&url)?;
             let (signer, ck) = identity(g, &id)?;
             let cfg = tlsconf::client_config(Some(ck), tlsconf::load_roots(&ca)?, tls)?;
-            let resp = http::get(Arc::new(cfg), &url, Duration::from_secs(timeout)).with_context(
-                || {
-                    format!(
-                        "probe of https://{}:{}{} failed",
-                        url.host, url.port, url.path
-                    )
-                },
-            )?;
+            let resp = http::get(Arc::new(cfg), &url, Duration::from_secs(timeout))
+                .with_context(|| format!("probe of {url} failed"))?;
             let scheme = signer.last_scheme().map(|s| format!("{s:?}"));
             let ok = (200..300).contains(&resp.status);
             print(
@@ -628,6 +622,25 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Rotate { name, now, timeout } => {
             let mut e = lifecycle_engine(g)?;
+            let rec = e.reg.identities.get(&name).cloned().unwrap_or_default();
+            if now && rec.step == edge_signer::register::Step::Overlap && rec.pending.is_none() {
+                // A new rotation cannot start while the old generation still overlaps: queue it.
+                e.force(&name)?;
+                for old in rec
+                    .generations
+                    .iter()
+                    .filter(|g| g.status == edge_signer::register::GenStatus::Overlap)
+                {
+                    println!(
+                        "{name}: generation {} overlaps with the current generation {} until {}; the rotation is queued and starts when the overlap ends (the daemon, or `edge-signer rotate {name}` then).\n  To start it sooner: `edge-signer retire {name} --generation {}` destroys the old key now, then `edge-signer rotate {name} --now`.",
+                        old.number,
+                        rec.current.unwrap_or(0),
+                        old.overlap_until.map(edge_signer::clock::rfc3339).unwrap_or_default(),
+                        old.number
+                    );
+                }
+                return Ok(0);
+            }
             if now {
                 e.force(&name)?;
             } else if !e.needs_renewal(&name)? {
@@ -1006,12 +1019,14 @@ fn drive(e: &mut edge_signer::lifecycle::Engine, name: &str, timeout: Option<u64
     })?;
     let rec = e.reg.identities.get(name).cloned().unwrap_or_default();
     let g = rec.current_gen().cloned();
+    let which = match g.as_ref() {
+        Some(g) if g.kid.is_some() => format!("kid {}", g.kid.as_deref().unwrap_or_default()),
+        Some(g) => format!("serial {}", g.serial.as_deref().unwrap_or("-")),
+        None => "none".into(),
+    };
     println!(
-        "{name}: generation {} is current (serial {}, valid until {})",
+        "{name}: generation {} is current ({which}, valid until {})",
         rec.current.unwrap_or(0),
-        g.as_ref()
-            .and_then(|g| g.serial.clone())
-            .unwrap_or_default(),
         g.as_ref()
             .and_then(|g| g.not_after)
             .map(edge_signer::clock::rfc3339)

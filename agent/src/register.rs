@@ -68,6 +68,16 @@ pub enum GenStatus {
     Failed,
 }
 
+impl GenStatus {
+    /// Still holding key objects in the token (pending, current or overlapping).
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            GenStatus::Pending | GenStatus::Current | GenStatus::Overlap
+        )
+    }
+}
+
 /// One key pair and its certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Generation {
@@ -116,6 +126,16 @@ pub struct Generation {
     /// `CurrentKeyExpiry` asked for the previous key (jwk-rotation).
     #[serde(default)]
     pub previous_expiry: Option<Unix>,
+    /// When the credential rotation was sent (recorded before sending: after a crash the
+    /// outcome is unknown and is found out, never guessed).
+    #[serde(default)]
+    pub sent_at: Option<Unix>,
+    /// The subject as issued, when it differs from the request.
+    #[serde(default)]
+    pub subject_issued: Option<String>,
+    /// How the issued names differ from the request (accepted by `subject_match`).
+    #[serde(default)]
+    pub name_differences: Vec<String>,
 }
 
 /// A failed attempt, to retry with backoff.

@@ -85,6 +85,15 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsConfError> {
     Ok(roots)
 }
 
+/// A root store from certificates already read.
+pub fn roots_of(certs: &[CertificateDer<'static>]) -> Result<RootCertStore, TlsConfError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs {
+        roots.add(c.clone())?;
+    }
+    Ok(roots)
+}
+
 /// A client config presenting `identity` (if any) and trusting `roots`.
 pub fn client_config(
     identity: Option<Arc<CertifiedKey>>,

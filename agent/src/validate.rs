@@ -3,6 +3,7 @@
 //! are what was asked for. A refused certificate leaves the old identity serving.
 
 use crate::clock::{rfc3339, Unix};
+use firmware_config::schema::{SubjectMatch, Usage};
 use hsm_shim::csr::{San, Subject};
 use hsm_shim::keys::hex;
 use hsm_shim::rustls::pki_types::pem::PemObject;
@@ -52,7 +53,7 @@ pub enum Refusal {
 /// What the register keeps of a validated certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Validated {
-    /// Chain, leaf first.
+    /// Chain, leaf first, then the intermediates of the verified path (no trust anchor).
     pub chain: Vec<CertificateDer<'static>>,
     /// Serial, hex.
     pub serial: String,
@@ -62,6 +63,10 @@ pub struct Validated {
     pub not_before: Unix,
     /// Not after.
     pub not_after: Unix,
+    /// The subject as issued.
+    pub subject: String,
+    /// How the issued subject and SANs differ from the request (accepted by the policy).
+    pub differences: Vec<String>,
 }
 
 /// What the certificate must say.
@@ -72,8 +77,10 @@ pub struct Expected<'a> {
     pub subject: &'a Subject,
     /// SANs asked for.
     pub sans: &'a [San],
-    /// Check for TLS server use instead of client use.
-    pub server: bool,
+    /// TLS roles the certificate must allow (each EKU checked on the whole path).
+    pub usages: &'a [Usage],
+    /// How strictly subject and SANs must match.
+    pub policy: SubjectMatch,
 }
 
 /// Parse every certificate of a PEM text.
@@ -85,6 +92,14 @@ pub fn parse_chain(pem: &str) -> Result<Vec<CertificateDer<'static>>, Refusal> {
         return Err(Refusal::NoCertificate("no CERTIFICATE block".into()));
     }
     Ok(certs)
+}
+
+/// A chain as PEM text.
+pub fn to_pem(chain: &[CertificateDer]) -> String {
+    chain
+        .iter()
+        .map(|c| hsm_shim::pem("CERTIFICATE", c))
+        .collect()
 }
 
 fn attr_name(oid: &str) -> Option<&'static str> {
@@ -151,10 +166,58 @@ fn list(sans: &[San]) -> String {
     v.join(", ")
 }
 
+fn cn(s: &Subject) -> Option<&str> {
+    s.0.iter().find(|(k, _)| k == "CN").map(|(_, v)| v.as_str())
+}
+
+/// Compare the issued subject and SANs with the request under `policy`; returns the
+/// accepted differences for the register and `status`.
+fn compare_names(got: &Subject, got_sans: &[San], want: &Expected) -> Result<Vec<String>, Refusal> {
+    let subject_refusal = || Refusal::Subject {
+        want: want.subject.to_string(),
+        got: got.to_string(),
+    };
+    let sans_refusal = || Refusal::Sans {
+        want: list(want.sans),
+        got: list(got_sans),
+    };
+    let mut diffs = Vec::new();
+    if got != want.subject {
+        diffs.push(format!("subject is '{got}', asked for '{}'", want.subject));
+    }
+    let missing: Vec<San> = want
+        .sans
+        .iter()
+        .filter(|s| !got_sans.contains(s))
+        .cloned()
+        .collect();
+    let extra: Vec<San> = got_sans
+        .iter()
+        .filter(|s| !want.sans.contains(s))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        diffs.push(format!("SANs missing: [{}]", list(&missing)));
+    }
+    if !extra.is_empty() {
+        diffs.push(format!("SANs added by the CA: [{}]", list(&extra)));
+    }
+    match want.policy {
+        SubjectMatch::Exact if got != want.subject => Err(subject_refusal()),
+        SubjectMatch::Exact if !(missing.is_empty() && extra.is_empty()) => Err(sans_refusal()),
+        SubjectMatch::Cn if cn(got) != cn(want.subject) => Err(subject_refusal()),
+        SubjectMatch::Cn if !missing.is_empty() => Err(sans_refusal()),
+        _ => Ok(diffs),
+    }
+}
+
 /// Check an issued chain (PEM, leaf first) against what was asked for, at time `now`.
+/// `anchors` are the trust anchors (the issuer's CA bundle); `intermediates` may help build
+/// the path (EST `/cacerts`), as may any certificate after the leaf in the PEM.
 pub fn validate(
     chain_pem: &str,
-    ca_bundle: &[CertificateDer<'static>],
+    anchors: &[CertificateDer<'static>],
+    intermediates: &[CertificateDer<'static>],
     want: &Expected,
     now: Unix,
 ) -> Result<Validated, Refusal> {
@@ -177,7 +240,7 @@ pub fn validate(
     if not_after <= now {
         return Err(Refusal::Expired(rfc3339(not_after)));
     }
-    let anchors: Vec<_> = ca_bundle
+    let trust: Vec<_> = anchors
         .iter()
         .filter_map(|c| {
             webpki::anchor_from_trusted_cert(c)
@@ -185,48 +248,55 @@ pub fn validate(
                 .map(|a| a.to_owned())
         })
         .collect();
+    let mut pool: Vec<CertificateDer<'static>> = chain[1..].to_vec();
+    for c in intermediates {
+        if !pool.contains(c) && !anchors.contains(c) {
+            pool.push(c.clone());
+        }
+    }
     let ee =
         webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| Refusal::Chain(format!("{e:?}")))?;
-    let usage = if want.server {
-        webpki::KeyUsage::server_auth()
-    } else {
-        webpki::KeyUsage::client_auth()
-    };
     // Checked at a time inside the validity window: dates were judged above, with skew.
     let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(not_before)));
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        &anchors,
-        &chain[1..],
-        at,
-        usage,
-        None,
-        None,
-    )
-    .map_err(|e| Refusal::Chain(format!("{e:?}")))?;
+    let usages: Vec<Usage> = if want.usages.is_empty() {
+        vec![Usage::Client]
+    } else {
+        want.usages.to_vec()
+    };
+    let mut path_certs = Vec::new();
+    for u in usages {
+        let (ku, role) = match u {
+            Usage::Server => (webpki::KeyUsage::server_auth(), "TLS server"),
+            Usage::Client => (webpki::KeyUsage::client_auth(), "TLS client"),
+        };
+        let path = ee
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &trust,
+                &pool,
+                at,
+                ku,
+                None,
+                None,
+            )
+            .map_err(|e| Refusal::Chain(format!("{e:?} (as a {role} certificate)")))?;
+        path_certs = path
+            .intermediate_certificates()
+            .map(|c| c.der().into_owned())
+            .collect();
+    }
     let got = subject_of(&leaf);
-    if got != *want.subject {
-        return Err(Refusal::Subject {
-            want: want.subject.to_string(),
-            got: got.to_string(),
-        });
-    }
-    let (mut a, mut b) = (sans_of(&leaf), want.sans.to_vec());
-    let key = |s: &San| s.to_string();
-    a.sort_by_key(key);
-    b.sort_by_key(key);
-    if a != b {
-        return Err(Refusal::Sans {
-            want: list(want.sans),
-            got: list(&a),
-        });
-    }
+    let differences = compare_names(&got, &sans_of(&leaf), want)?;
+    let mut out = vec![chain[0].clone()];
+    out.extend(path_certs);
     Ok(Validated {
         serial: hex(tbs.serial_number.as_bytes()),
         fingerprint: hex(&sha2::Sha256::digest(&chain[0])),
-        chain,
+        chain: out,
         not_before,
         not_after,
+        subject: got.to_string(),
+        differences,
     })
 }
 
@@ -267,19 +337,188 @@ mod tests {
             spki: &spki,
             subject: &subject,
             sans: &sans,
-            server: false,
+            usages: &[Usage::Client],
+            policy: SubjectMatch::Exact,
         };
         let wrong = p.signed_by(&theirs, &issuer).unwrap();
         assert_eq!(
-            validate(&wrong.pem(), std::slice::from_ref(&ca_der), &want, now),
+            validate(&wrong.pem(), std::slice::from_ref(&ca_der), &[], &want, now),
             Err(Refusal::WrongKey)
         );
         let right = p.signed_by(&ours, &issuer).unwrap();
-        let v = validate(&right.pem(), &[ca_der], &want, now).unwrap();
+        let v = validate(&right.pem(), &[ca_der], &[], &want, now).unwrap();
         assert_eq!(v.not_after, 1_893_456_000);
         assert!(matches!(
-            validate("garbage", &[], &want, now),
+            validate("garbage", &[], &[], &want, now),
             Err(Refusal::NoCertificate(_))
         ));
+    }
+
+    struct Pki {
+        root: CertificateDer<'static>,
+        inter: CertificateDer<'static>,
+        inter_issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    }
+
+    fn two_tier() -> Pki {
+        let (root_issuer, root) = ca();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "issuing CA");
+        let inter = p.signed_by(&key, &root_issuer).unwrap().der().clone();
+        Pki {
+            root,
+            inter,
+            inter_issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+
+    /// A leaf for `key` with `dn` (in that order), `sans`, EKUs and CA flag.
+    fn leaf(
+        pki: &Pki,
+        key: &rcgen::KeyPair,
+        dn: &[(rcgen::DnType, &str)],
+        ekus: Vec<rcgen::ExtendedKeyUsagePurpose>,
+        is_ca: bool,
+    ) -> String {
+        let mut p = rcgen::CertificateParams::new(vec!["gw.example".into()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        for (t, v) in dn {
+            p.distinguished_name.push(t.clone(), *v);
+        }
+        p.extended_key_usages = ekus;
+        if is_ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        p.not_before = rcgen::date_time_ymd(2026, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2030, 1, 1);
+        p.signed_by(key, &pki.inter_issuer).unwrap().pem()
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn check(
+        pki: &Pki,
+        pem: &str,
+        key: &rcgen::KeyPair,
+        usages: &[Usage],
+        policy: SubjectMatch,
+    ) -> Result<Validated, Refusal> {
+        let spki = rcgen::PublicKeyData::subject_public_key_info(key);
+        let subject = Subject(vec![
+            ("O".into(), "Acme".into()),
+            ("CN".into(), "gw".into()),
+        ]);
+        let sans = [San::Dns("gw.example".into())];
+        let want = Expected {
+            spki: &spki,
+            subject: &subject,
+            sans: &sans,
+            usages,
+            policy,
+        };
+        validate(
+            pem,
+            std::slice::from_ref(&pki.root),
+            std::slice::from_ref(&pki.inter),
+            &want,
+            NOW,
+        )
+    }
+
+    use rcgen::DnType::{CommonName as CN, OrganizationName as O};
+    use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+
+    #[test]
+    fn intermediates_build_the_path_and_join_the_chain_but_never_anchor_it() {
+        let pki = two_tier();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = leaf(&pki, &key, &[(O, "Acme"), (CN, "gw")], vec![], false);
+        let v = check(&pki, &pem, &key, &[Usage::Client], SubjectMatch::Exact).unwrap();
+        assert_eq!(v.chain.len(), 2);
+        assert_eq!(v.chain[1], pki.inter);
+        assert!(v.differences.is_empty());
+        // Without the intermediate, or anchored elsewhere: refused.
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let subject = Subject(vec![
+            ("O".into(), "Acme".into()),
+            ("CN".into(), "gw".into()),
+        ]);
+        let sans = [San::Dns("gw.example".into())];
+        let want = Expected {
+            spki: &spki,
+            subject: &subject,
+            sans: &sans,
+            usages: &[Usage::Client],
+            policy: SubjectMatch::Cn,
+        };
+        assert!(matches!(
+            validate(&pem, std::slice::from_ref(&pki.root), &[], &want, NOW),
+            Err(Refusal::Chain(_))
+        ));
+        let (_, foreign) = ca();
+        assert!(matches!(
+            validate(
+                &pem,
+                &[foreign],
+                std::slice::from_ref(&pki.inter),
+                &want,
+                NOW
+            ),
+            Err(Refusal::Chain(_))
+        ));
+    }
+
+    #[test]
+    fn every_usage_asked_for_must_be_allowed_and_a_ca_leaf_is_refused() {
+        let pki = two_tier();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let dn = [(O, "Acme"), (CN, "gw")];
+        let both = [Usage::Client, Usage::Server];
+        let server_only = leaf(&pki, &key, &dn, vec![ServerAuth], false);
+        let client_only = leaf(&pki, &key, &dn, vec![ClientAuth], false);
+        let dual = leaf(&pki, &key, &dn, vec![ClientAuth, ServerAuth], false);
+        for pem in [&server_only, &client_only] {
+            let e = check(&pki, pem, &key, &both, SubjectMatch::Cn).unwrap_err();
+            assert!(
+                matches!(e, Refusal::Chain(ref m) if m.contains("Eku")),
+                "{e}"
+            );
+        }
+        check(&pki, &dual, &key, &both, SubjectMatch::Cn).unwrap();
+        check(&pki, &client_only, &key, &[Usage::Client], SubjectMatch::Cn).unwrap();
+        let ca_leaf = leaf(&pki, &key, &dn, vec![ClientAuth], true);
+        let e = check(&pki, &ca_leaf, &key, &[Usage::Client], SubjectMatch::Cn).unwrap_err();
+        assert!(
+            matches!(e, Refusal::Chain(ref m) if m.contains("CaUsedAsEndEntity")),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn subject_policy_cn_accepts_rewritten_dns_exact_does_not() {
+        let pki = two_tier();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cn_only = leaf(&pki, &key, &[(CN, "gw")], vec![], false);
+        let reordered = leaf(&pki, &key, &[(CN, "gw"), (O, "Acme")], vec![], false);
+        let other_cn = leaf(&pki, &key, &[(O, "Acme"), (CN, "other")], vec![], false);
+        for pem in [&cn_only, &reordered] {
+            let v = check(&pki, pem, &key, &[Usage::Client], SubjectMatch::Cn).unwrap();
+            assert!(
+                v.differences[0].contains("asked for 'O=Acme,CN=gw'"),
+                "{v:?}"
+            );
+            assert!(matches!(
+                check(&pki, pem, &key, &[Usage::Client], SubjectMatch::Exact),
+                Err(Refusal::Subject { .. })
+            ));
+        }
+        assert!(matches!(
+            check(&pki, &other_cn, &key, &[Usage::Client], SubjectMatch::Cn),
+            Err(Refusal::Subject { .. })
+        ));
+        check(&pki, &other_cn, &key, &[Usage::Client], SubjectMatch::None).unwrap();
     }
 }

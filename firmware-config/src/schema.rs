@@ -127,6 +127,23 @@ pub struct IdentityConfig {
     pub probe_ca: Option<PathBuf>,
     /// What the identity is used for.
     pub usage: Vec<Usage>,
+    /// How strictly the issued subject must match the requested one.
+    pub subject_match: SubjectMatch,
+}
+
+/// How an issued certificate's subject and SANs are compared with what was asked for.
+/// Key match, chain, dates and usage are checked whatever this says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubjectMatch {
+    /// Subject equal RDN by RDN in the same order; SANs equal as sets.
+    Exact,
+    /// The CN and every requested SAN must be present; other differences (RDNs dropped or
+    /// reordered by the CA, extra SANs) are accepted and reported.
+    #[default]
+    Cn,
+    /// Subject and SANs are not compared (differences are still reported).
+    None,
 }
 
 impl Default for IdentityConfig {
@@ -143,6 +160,7 @@ impl Default for IdentityConfig {
             probe_url: None,
             probe_ca: None,
             usage: vec![Usage::Client],
+            subject_match: SubjectMatch::Cn,
         }
     }
 }

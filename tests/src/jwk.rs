@@ -1,6 +1,9 @@
-//! A test JWK credential-rotation API that follows the documented contract: verifies the JWS
-//! against the current public key (or the old one until its CurrentKeyExpiry), refuses a
-//! reused kid or out-of-bound dates, answers 201.
+//! A test JWK credential-rotation API that follows the documented contract and nothing more:
+//! verifies the JWS against the current public key (or the old one until its
+//! CurrentKeyExpiry), refuses a reused kid or out-of-bound dates, answers 201. No idempotent
+//! replay: the same PUT after an applied rotation is refused (kid used before; the signer is
+//! no longer the current key). `GET /api/v1/whoami` answers 200 to a JWS made by a key that
+//! may sign now and 401 otherwise (the agent's verification call, `probe_url`).
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
 use base64::Engine as _;
@@ -37,10 +40,14 @@ pub struct ApiState {
     pub kids: Vec<String>,
     /// Apply the next rotation but never answer it.
     pub drop_next_answer: bool,
+    /// Drop the next rotation unapplied and unanswered (lost on the way in).
+    pub drop_next_request: bool,
     /// Rotations applied.
     pub rotations: u32,
     /// Every refusal, with its reason.
     pub refusals: Vec<String>,
+    /// Verification calls answered.
+    pub whoami_calls: u32,
 }
 
 fn point(jwk: &Value) -> Option<Vec<u8>> {
@@ -92,7 +99,7 @@ impl ApiState {
         let Some(jws) = auth.strip_prefix("JWS ") else {
             return (401, "Authorization: JWS <compact JWS> expected".into());
         };
-        let (_, payload) = match self.verify(jws) {
+        let (signer, payload) = match self.verify(jws) {
             Ok(v) => v,
             Err(e) => return (401, e),
         };
@@ -126,13 +133,9 @@ impl ApiState {
                 "Expiration at most 365 days, CurrentKeyExpiry at most 14 days ahead".into(),
             );
         }
-        // The same request again (its answer was lost): already done.
-        if self
-            .keys
-            .last()
-            .is_some_and(|k| k.kid == url_kid && k.point == new_point)
-        {
-            return (201, "already rotated".into());
+        // Only the current key may rotate (an old key in its grace period may only sign calls).
+        if self.keys.last().is_some_and(|k| k.kid != signer) {
+            return (403, format!("kid {signer} is not the current credential"));
         }
         if self.kids.iter().any(|k| k == url_kid) {
             return (409, format!("kid {url_kid} was used before"));
@@ -176,17 +179,17 @@ impl JwkApi {
         let (port, handle) = crate::httpd::serve(cfg, stop.clone(), move |_conn, head, body| {
             let mut first = head.lines().next().unwrap_or("").split_whitespace();
             let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
-            let auth = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Authorization: "))
-                .unwrap_or("")
-                .to_owned();
+            let auth = crate::httpd::header(head, "authorization").unwrap_or_default();
             let (status, text) = match (
                 method,
                 path.strip_prefix("/api/v1/keys/credential/rotate-to/"),
             ) {
                 ("PUT", Some(kid)) => {
                     let mut s = st.lock().unwrap();
+                    if s.drop_next_request {
+                        s.drop_next_request = false;
+                        return None; // lost before the API saw it
+                    }
                     let r = s.rotate(kid, &auth, body);
                     if r.0 != 201 {
                         s.refusals.push(r.1.clone());
@@ -196,6 +199,15 @@ impl JwkApi {
                         return None; // applied, but the answer is lost
                     }
                     r
+                }
+                ("GET", _) if path == "/api/v1/whoami" => {
+                    let mut s = st.lock().unwrap();
+                    s.whoami_calls += 1;
+                    match auth.strip_prefix("JWS ").map(|j| s.verify(j)) {
+                        Some(Ok((kid, _))) => (200, format!("{{\"kid\":\"{kid}\"}}")),
+                        Some(Err(e)) => (401, e),
+                        None => (401, "Authorization: JWS <compact JWS> expected".into()),
+                    }
                 }
                 // Onboarding, as a person does it in the provider's portal (test helper only).
                 ("POST", _) if path == "/test/register" => {

@@ -587,7 +587,7 @@ state_dir = "{p}/state"
 /// The engine's test doubles: an in-process CA and a config that uses it.
 pub mod sim {
     use edge_signer::clock::{Clock, FakeClock, Unix};
-    use edge_signer::issuer::{Answer, Issuer, Request};
+    use edge_signer::issuer::{Answer, Issuer, Request, Submitted};
     use hsm_shim::rustls::pki_types::CertificateDer;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -624,11 +624,14 @@ pub mod sim {
     }
 
     impl Issuer for SimCa {
-        fn submit(&mut self, req: &Request, _now: Unix) -> Result<String, Answer> {
+        fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
             if !self.up.load(Ordering::SeqCst) {
                 return Err(Answer::Unreachable("connection refused".into()));
             }
-            Ok(format!("{}-{}", req.identity, req.generation))
+            Ok(Submitted {
+                reference: format!("{}-{}", req.identity, req.generation),
+                answer: None,
+            })
         }
 
         fn poll(&mut self, req: &Request, _reference: &str, _now: Unix) -> Answer {
@@ -798,14 +801,28 @@ pub mod httpd {
                 let mut tls = rustls::StreamOwned::new(conn, tcp);
                 let (head, body) = read_request(&mut tls);
                 if let Some(resp) = handle(&tls.conn, &head, &body) {
-                    let _ = tls.write_all(&resp);
-                    tls.conn.send_close_notify();
-                    let _ = tls.flush();
+                    match resp.strip_prefix(NO_CLOSE_NOTIFY) {
+                        // Cut the connection like a crashed server: no close_notify.
+                        Some(raw) => {
+                            let _ = tls.write_all(raw);
+                            let _ = tls.flush();
+                            let _ = tls.sock.shutdown(std::net::Shutdown::Both);
+                        }
+                        None => {
+                            let _ = tls.write_all(&resp);
+                            tls.conn.send_close_notify();
+                            let _ = tls.flush();
+                        }
+                    }
                 }
             }
         });
         (port, h)
     }
+
+    /// A reply starting with this is sent without the rest and the TCP connection is cut
+    /// without a TLS close_notify.
+    pub const NO_CLOSE_NOTIFY: &[u8] = b"\x00no-close-notify\x00";
 
     /// A whole HTTP/1.1 response (`extra_headers` each ending in CRLF).
     pub fn response(status: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
@@ -816,6 +833,16 @@ pub mod httpd {
         .into_bytes();
         r.extend_from_slice(body);
         r
+    }
+
+    /// A header's value from a request head (names compared without case, as HTTP does).
+    pub fn header(head: &str, name: &str) -> Option<String> {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_owned())
+        })
     }
 
     /// Read one request: (head, body of Content-Length bytes). Empty on a broken connection.

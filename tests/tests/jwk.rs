@@ -4,7 +4,17 @@ use edge_signer_tests::jwk::JwkApi;
 use edge_signer_tests::*;
 
 fn jwk_config(env: &Env, api: &JwkApi, old_key_overlap: &str) {
+    jwk_config_at(env, api.port, &api.ca_file, old_key_overlap, true);
+}
+
+/// The API at `port`; `verify` sets probe_url to its verification endpoint.
+fn jwk_config_at(env: &Env, port: u16, ca: &std::path::Path, old_key_overlap: &str, verify: bool) {
     let p = env.dir.path().display();
+    let probe = if verify {
+        format!("probe_url = \"https://127.0.0.1:{port}/api/v1/whoami\"")
+    } else {
+        String::new()
+    };
     let cfg = format!(
         r#"
 {token}
@@ -12,6 +22,7 @@ fn jwk_config(env: &Env, api: &JwkApi, old_key_overlap: &str) {
 name = "api"
 subject = {{ cn = "gw-7-api" }}
 issuer = "cards"
+{probe}
 [identity.renewal]
 retry_min = "1s"
 retry_max = "2s"
@@ -28,8 +39,7 @@ old_key_overlap = "{old_key_overlap}"
 state_dir = "{p}/state"
 "#,
         token = env.token_toml(),
-        port = api.port,
-        ca = api.ca_file.display(),
+        ca = ca.display(),
     );
     std::fs::write(env.path("defaults.toml"), cfg).unwrap();
 }
@@ -86,8 +96,14 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // During the overlap a new rotation is queued, and the answer says how to go sooner.
+    let queued = env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
+    assert!(
+        queued.contains("the rotation is queued") && queued.contains("retire api --generation 1"),
+        "{queued}"
+    );
+    env.ok(&["retire", "api", "--generation", "1"]);
     // Then an earlier (not current) kid is offered first: still skipped.
-    std::thread::sleep(std::time::Duration::from_millis(100));
     let out = env
         .cmd()
         .args(["rotate", "api", "--now", "--timeout", "20"])
@@ -139,65 +155,160 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
     }
 }
 
-#[test]
-fn a_lost_201_is_retried_with_the_same_kid_and_no_second_key() {
-    let env = Env::new();
-    let api = JwkApi::start(env.dir.path());
-    jwk_config(&env, &api, "48h");
-    let kid1 = onboard(&env, &api);
-    api.state.lock().unwrap().drop_next_answer = true;
-    let out = env.run(&["rotate", "api", "--now", "--timeout", "1"]);
-    assert!(!out.status.success());
-    let r = rec(&env);
-    assert_eq!(r["current"], 1, "the only confirmed key stays current");
-    let pending = r["pending"].as_u64().unwrap();
-    let g = r["generations"]
+fn pending_gen(env: &Env) -> serde_json::Value {
+    let r = rec(env);
+    r["generations"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|g| g["number"] == pending)
-        .unwrap()
-        .clone();
-    let kid2 = g["kid"].as_str().unwrap().to_owned();
-    assert_eq!(
-        api.state.lock().unwrap().keys.last().unwrap().kid,
-        kid2,
-        "the API applied it"
-    );
-    assert!(
-        r["failure"]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("will be sent again"),
-        "{r}"
-    );
+        .find(|g| g["number"] == r["pending"])
+        .cloned()
+        .unwrap_or_default()
+}
 
-    // Resume: the same kid and body again; the API says 201; promoted.
-    let out = env.run(&["rotate", "api", "--timeout", "20"]);
+fn jws_signer(env: &Env, api: &JwkApi) -> String {
+    let jws = env.ok(&["jws", "sign", "api"]);
+    api.state
+        .lock()
+        .unwrap()
+        .verify(jws.trim())
+        .expect("the API accepts it")
+        .0
+}
+
+#[test]
+fn a_lost_201_is_found_out_with_the_new_key_and_never_resent() {
+    let env = Env::new();
+    let api = JwkApi::start(env.dir.path());
+    jwk_config(&env, &api, "3s");
+    let kid1 = onboard(&env, &api);
+    api.state.lock().unwrap().drop_next_answer = true;
+    let out = env.run(&["rotate", "api", "--now", "--timeout", "20"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let r = rec(&env);
-    assert_eq!(r["kids"], serde_json::json!([kid1, kid2]), "no new kid");
+    let kid2 = api.state.lock().unwrap().keys.last().unwrap().kid.clone();
     assert_eq!(
-        r["generations"].as_array().unwrap().len(),
-        2,
-        "no second key"
+        r["kids"],
+        serde_json::json!([kid1, kid2]),
+        "no second new kid"
     );
-    assert_eq!(r["current"], pending);
-    let gens = r["generations"].as_array().unwrap();
-    assert_eq!(
-        gens[0]["status"], "overlap",
-        "the old key is not destroyed before its expiry"
+    assert_eq!(r["current"], 2, "{r}");
+    let st = api.state.lock().unwrap();
+    assert_eq!(st.rotations, 1);
+    assert!(
+        st.refusals.is_empty(),
+        "the PUT was never re-sent: {:?}",
+        st.refusals
     );
+    assert!(
+        st.whoami_calls >= 1,
+        "the outcome was verified with a signed call"
+    );
+    drop(st);
+    // The agent signs with the key the API holds as current, before and after the old
+    // key's CurrentKeyExpiry; the old key is destroyed only after it.
+    assert_eq!(jws_signer(&env, &api), kid2);
+    let gens = r["generations"].as_array().unwrap().clone();
+    let objects = env.pkcs11_objects();
+    assert!(objects.contains(gens[0]["key_id"].as_str().unwrap()));
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(jws_signer(&env, &api), kid2);
+    env.ok(&["rotate", "api", "--timeout", "20"]);
     let objects = env.pkcs11_objects();
     assert!(
-        objects.contains(gens[0]["key_id"].as_str().unwrap())
-            && objects.contains(gens[1]["key_id"].as_str().unwrap())
+        !objects.contains(gens[0]["key_id"].as_str().unwrap()),
+        "{objects}"
     );
+    assert!(
+        objects.contains(gens[1]["key_id"].as_str().unwrap()),
+        "{objects}"
+    );
+}
+
+#[test]
+fn a_rotation_the_api_never_applied_is_abandoned_and_redone_with_a_new_kid() {
+    let env = Env::new();
+    let api = JwkApi::start(env.dir.path());
+    jwk_config(&env, &api, "48h");
+    let kid1 = onboard(&env, &api);
+    api.state.lock().unwrap().drop_next_request = true;
+    let err = env.fails(&["rotate", "api", "--now", "--timeout", "20"]);
+    assert!(err.contains("never applied the rotation"), "{err}");
+    let r = rec(&env);
+    assert_eq!(r["current"], 1);
+    let g2 = r["generations"][1].clone();
+    assert_eq!(g2["status"], "failed");
+    assert!(!env
+        .pkcs11_objects()
+        .contains(g2["key_id"].as_str().unwrap()));
+    // The next attempt uses a new kid; the API sees one rotation in all.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
+    let r = rec(&env);
+    let kids = r["kids"].as_array().unwrap();
+    assert_eq!(kids.len(), 3, "{r}");
+    assert_eq!(kids[0], kid1.as_str());
     assert_eq!(api.state.lock().unwrap().rotations, 1);
+    assert_eq!(jws_signer(&env, &api), kids[2].as_str().unwrap());
+}
+
+#[test]
+fn a_put_that_never_reached_the_server_leaves_the_old_key_current_and_drops_the_new_one() {
+    let env = Env::new();
+    let api = JwkApi::start(env.dir.path());
+    jwk_config(&env, &api, "48h");
+    onboard(&env, &api);
+    // The API is down: nothing listens on its port any more.
+    let (port, ca) = (api.port, api.ca_file.clone());
+    drop(api);
+    jwk_config_at(&env, port, &ca, "48h", true);
+    let err = env.fails(&["rotate", "api", "--now", "--timeout", "5"]);
+    assert!(err.contains("could not be reached"), "{err}");
+    let r = rec(&env);
+    assert_eq!(r["current"], 1);
+    let g2 = r["generations"][1].clone();
+    assert_eq!(g2["status"], "failed");
+    let objects = env.pkcs11_objects();
+    assert!(objects.contains(r["generations"][0]["key_id"].as_str().unwrap()));
+    assert!(
+        !objects.contains(g2["key_id"].as_str().unwrap()),
+        "{objects}"
+    );
+}
+
+#[test]
+fn an_unknown_outcome_without_a_verification_endpoint_keeps_both_keys_and_says_why() {
+    let env = Env::new();
+    let api = JwkApi::start(env.dir.path());
+    jwk_config_at(&env, api.port, &api.ca_file, "48h", false);
+    onboard(&env, &api);
+    api.state.lock().unwrap().drop_next_answer = true;
+    let out = env
+        .cmd()
+        .args(["rotate", "api", "--now", "--timeout", "3"])
+        .env("EDGE_SIGNER_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no probe_url is configured"), "{err}");
+    let g2 = pending_gen(&env);
+    let objects = env.pkcs11_objects();
+    assert!(
+        objects.contains(g2["key_id"].as_str().unwrap()),
+        "the new key is kept"
+    );
+    assert!(objects.contains(rec(&env)["generations"][0]["key_id"].as_str().unwrap()));
+    // Once a verification endpoint is configured, the agent finds out and promotes.
+    jwk_config(&env, &api, "48h");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    env.ok(&["rotate", "api", "--timeout", "20"]);
+    assert_eq!(rec(&env)["current"], g2["number"]);
+    assert_eq!(jws_signer(&env, &api), g2["kid"].as_str().unwrap());
 }
 
 #[test]

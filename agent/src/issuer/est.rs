@@ -1,18 +1,19 @@
-//! EST (RFC 7030): `cacerts` checked against the configured CA bundle at first contact,
-//! `simpleenroll` with the bootstrap credential (HTTP basic and/or a bootstrap client cert),
-//! `simplereenroll` authenticated by mTLS with the current identity, whose key stays in the
-//! token. `202 + Retry-After` waits; 4xx rejects; 5xx, network errors and unparseable
-//! answers are retried with backoff.
+//! EST (RFC 7030): `cacerts` checked against the configured CA bundle at first contact and
+//! pinned in the state dir (its intermediates feed chain building; the trust anchor stays
+//! `ca_bundle`), `simpleenroll` with the bootstrap credential (HTTP basic or a bootstrap
+//! client cert), `simplereenroll` authenticated by mTLS with the current identity alone,
+//! whose key stays in the token. `202 + Retry-After` (seconds or an HTTP date) waits, and
+//! the engine persists the wait; 4xx rejects; 5xx, network errors and unparseable answers
+//! are retried with backoff.
 
-use super::{Answer, Issuer, Request};
+use super::{Answer, Issuer, Request, Submitted};
 use crate::clock::{rfc3339, Unix};
-use crate::http::{self, Url};
+use crate::http;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hsm_shim::rustls::pki_types::CertificateDer;
 use hsm_shim::rustls::sign::CertifiedKey;
-use hsm_shim::rustls::RootCertStore;
-use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use x509_cert::der::{Decode, Encode};
@@ -21,13 +22,14 @@ use zeroize::Zeroizing;
 /// An EST server.
 pub struct Est {
     name: String,
-    base: Url,
+    base: http::Url,
     ca: Vec<CertificateDer<'static>>,
+    /// The `/cacerts` answer last accepted (pinned in `pin_file`).
+    cacerts: Vec<CertificateDer<'static>>,
+    pin_file: PathBuf,
     basic: Option<(String, Zeroizing<String>)>,
     bootstrap: Option<Arc<CertifiedKey>>,
     cacerts_checked: bool,
-    /// Answers already received for a reference (a 200 on submit, a 202's retry time).
-    pending: HashMap<String, Answer>,
     timeout: Duration,
 }
 
@@ -67,6 +69,19 @@ pub fn parse_certs_only(body: &[u8]) -> Result<Vec<CertificateDer<'static>>, Str
     Ok(out)
 }
 
+/// `Retry-After` as delta-seconds or an HTTP date, as seconds from `now` (1 s to 7 days).
+pub fn retry_after(value: Option<&str>, now: Unix) -> u64 {
+    let v = value.unwrap_or("").trim();
+    let secs = v.parse::<u64>().ok().or_else(|| {
+        httpdate::parse_http_date(v).ok().map(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs().saturating_sub(now))
+                .unwrap_or(0)
+        })
+    });
+    secs.unwrap_or(60).clamp(1, 7 * 86_400)
+}
+
 fn spki_of(c: &CertificateDer) -> Option<Vec<u8>> {
     x509_cert::Certificate::from_der(c)
         .ok()?
@@ -76,15 +91,78 @@ fn spki_of(c: &CertificateDer) -> Option<Vec<u8>> {
         .ok()
 }
 
+/// The contents of a DER TLV (an AlgorithmIdentifier without its SEQUENCE header).
+fn contents(der: &[u8]) -> Option<Vec<u8>> {
+    x509_cert::der::asn1::AnyRef::from_der(der)
+        .ok()
+        .map(|a| a.value().to_vec())
+}
+
+/// Whether `issuer`'s key signed `cert` (any algorithm webpki knows).
+fn signed_by(cert: &CertificateDer, issuer: &CertificateDer) -> bool {
+    let (Ok(c), Ok(i)) = (
+        x509_cert::Certificate::from_der(cert),
+        x509_cert::Certificate::from_der(issuer),
+    ) else {
+        return false;
+    };
+    let ispki = &i.tbs_certificate.subject_public_key_info;
+    let (Ok(tbs), Ok(sig_alg), Ok(pk_alg)) = (
+        c.tbs_certificate.to_der(),
+        c.signature_algorithm.to_der(),
+        ispki.algorithm.to_der(),
+    ) else {
+        return false;
+    };
+    let (Some(sig_alg), Some(pk_alg)) = (contents(&sig_alg), contents(&pk_alg)) else {
+        return false;
+    };
+    let (Some(sig), Some(pk)) = (c.signature.as_bytes(), ispki.subject_public_key.as_bytes())
+    else {
+        return false;
+    };
+    webpki::ALL_VERIFICATION_ALGS.iter().any(|alg| {
+        alg.signature_alg_id().as_ref() == sig_alg.as_slice()
+            && alg.public_key_alg_id().as_ref() == pk_alg.as_slice()
+            && alg.verify_signature(pk, &tbs, sig).is_ok()
+    })
+}
+
+/// Every certificate of `set` is an anchor or was signed, through others of the set, by an
+/// anchor: a `/cacerts` answer may add intermediates, never new roots.
+pub fn anchored(set: &[CertificateDer<'static>], anchors: &[CertificateDer<'static>]) -> bool {
+    let mut good: Vec<&CertificateDer> = anchors.iter().collect();
+    let mut left: Vec<&CertificateDer> = set.iter().filter(|c| !anchors.contains(c)).collect();
+    loop {
+        let before = left.len();
+        left.retain(|c| {
+            if good.iter().any(|g| signed_by(c, g)) {
+                good.push(c);
+                false
+            } else {
+                true
+            }
+        });
+        if left.is_empty() {
+            return set.iter().any(|c| good.contains(&c));
+        }
+        if left.len() == before {
+            return false;
+        }
+    }
+}
+
 impl Est {
-    /// From config; the bootstrap client key (a `pkcs11:` URI) is opened in `token`.
+    /// From config; the bootstrap client key (a `pkcs11:` URI) is opened in `token`; the
+    /// pinned `/cacerts` of an earlier contact is read from `state_dir/issuers/<name>/`.
     pub fn new(
         cfg: &firmware_config::schema::EstIssuer,
         token: &Arc<hsm_shim::Token>,
+        state_dir: &std::path::Path,
     ) -> anyhow::Result<Est> {
-        let mut base = cfg.url.trim_end_matches('/').to_owned() + "/.well-known/est";
+        let mut base = http::join(&http::parse_https(&cfg.url)?, &[".well-known", "est"]);
         if let Some(l) = &cfg.label {
-            base += &format!("/{l}");
+            base = http::join(&base, &[l]);
         }
         let mut basic = None;
         let mut bootstrap = None;
@@ -110,30 +188,27 @@ impl Est {
                 )?);
             }
         }
+        let ca = crate::tlsconf::load_certs(&cfg.ca_bundle)?;
+        let pin_file = state_dir
+            .join("issuers")
+            .join(&cfg.name)
+            .join("cacerts.pem");
+        // A pin that no longer chains to the configured bundle (the bundle changed) is dropped.
+        let cacerts = crate::tlsconf::load_certs(&pin_file)
+            .ok()
+            .filter(|c| anchored(c, &ca))
+            .unwrap_or_default();
         Ok(Est {
             name: cfg.name.clone(),
-            base: Url::parse(&base)?,
-            ca: crate::tlsconf::load_certs(&cfg.ca_bundle)?,
+            base,
+            ca,
+            cacerts,
+            pin_file,
             basic,
             bootstrap,
             cacerts_checked: false,
-            pending: HashMap::new(),
             timeout: cfg.timeout.to_std().max(Duration::from_secs(1)),
         })
-    }
-
-    fn url(&self, op: &str) -> Url {
-        let mut u = self.base.clone();
-        u.path = format!("{}/{op}", self.base.path.trim_end_matches('/'));
-        u
-    }
-
-    fn roots(&self) -> Result<RootCertStore, String> {
-        let mut r = RootCertStore::empty();
-        for c in &self.ca {
-            r.add(c.clone()).map_err(|e| e.to_string())?;
-        }
-        Ok(r)
     }
 
     fn call(
@@ -142,37 +217,30 @@ impl Est {
         identity: Option<Arc<CertifiedKey>>,
         req: &http::Request,
     ) -> Result<http::Response, String> {
-        let cfg = crate::tlsconf::client_config(
-            identity,
-            self.roots()?,
-            crate::tlsconf::TlsVersions::Any,
+        let roots = crate::tlsconf::roots_of(&self.ca).map_err(|e| e.to_string())?;
+        let cfg = crate::tlsconf::client_config(identity, roots, crate::tlsconf::TlsVersions::Any)
+            .map_err(|e| e.to_string())?;
+        http::request(
+            Arc::new(cfg),
+            &http::join(&self.base, &[op]),
+            req,
+            self.timeout,
         )
-        .map_err(|e| e.to_string())?;
-        http::request(Arc::new(cfg), &self.url(op), req, self.timeout).map_err(|e| {
-            let mut s = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(x) = src {
-                s += &format!(": {x}");
-                src = x.source();
-            }
-            s
-        })
+        .map_err(|e| e.to_string())
     }
 
-    /// `GET cacerts` once: the server's CA must be in the configured bundle.
+    /// `GET cacerts` once per process: the answer must be anchored in the configured bundle;
+    /// it is pinned (and re-pinned when it changes) for chain building.
     fn check_cacerts(&mut self) -> Result<(), Answer> {
         if self.cacerts_checked {
             return Ok(());
         }
+        let get = http::Request {
+            method: "GET",
+            ..Default::default()
+        };
         let resp = self
-            .call(
-                "cacerts",
-                None,
-                &http::Request {
-                    method: "GET",
-                    ..Default::default()
-                },
-            )
+            .call("cacerts", None, &get)
             .map_err(|e| Answer::Unreachable(format!("EST cacerts: {e}")))?;
         if resp.status != 200 {
             return Err(Answer::Unreachable(format!(
@@ -182,23 +250,38 @@ impl Est {
         }
         let certs = parse_certs_only(&resp.body)
             .map_err(|e| Answer::Unreachable(format!("EST cacerts: {e}")))?;
-        if !certs.iter().any(|c| self.ca.contains(c)) {
+        if !anchored(&certs, &self.ca) {
             return Err(Answer::Rejected(format!(
-                "the EST server's CA certificates ({} of them) are not in the configured ca_bundle: refusing to enrol with an unknown CA",
+                "the EST server's CA certificates ({} of them) do not chain to the configured ca_bundle: refusing to enrol with an unknown CA",
                 certs.len()
             )));
+        }
+        if certs != self.cacerts {
+            let pem = crate::validate::to_pem(&certs);
+            let dir = self.pin_file.parent().unwrap_or(std::path::Path::new("."));
+            std::fs::create_dir_all(dir)
+                .and_then(|_| firmware_config::store::atomic_write(&self.pin_file, pem.as_bytes()))
+                .map_err(|e| {
+                    Answer::Unreachable(format!("cannot pin {}: {e}", self.pin_file.display()))
+                })?;
+            tracing::info!(issuer = %self.name, certificates = certs.len(), "EST cacerts pinned");
+            self.cacerts = certs;
         }
         self.cacerts_checked = true;
         Ok(())
     }
 
     fn post(&mut self, req: &Request, now: Unix) -> Answer {
-        // Re-enrol with the current identity over mTLS; else enrol with the bootstrap credential.
-        let (op, identity) = match (&req.current, &self.bootstrap) {
-            (Some(cur), _) => ("simplereenroll", Some(cur.clone())),
-            (None, Some(b)) => ("simpleenroll", Some(b.clone())),
-            (None, None) if self.basic.is_some() => ("simpleenroll", None),
-            (None, None) => {
+        if let Err(a) = self.check_cacerts() {
+            return a;
+        }
+        // Re-enrol with the current identity alone; else enrol with the bootstrap credential:
+        // its client certificate, or else HTTP basic (never beside a client certificate).
+        let (op, identity, basic) = match (&req.current, &self.bootstrap, &self.basic) {
+            (Some(cur), _, _) => ("simplereenroll", Some(cur.clone()), None),
+            (None, Some(b), _) => ("simpleenroll", Some(b.clone()), None),
+            (None, None, Some(b)) => ("simpleenroll", None, Some(b)),
+            (None, None, None) => {
                 return Answer::Rejected(format!(
                     "no valid identity to re-enrol with and no bootstrap credential for {}: a person must configure issuer.bootstrap (username/password_file or cert/key) or enrol through another issuer",
                     self.name
@@ -215,61 +298,26 @@ impl Est {
             ("Content-Type", "application/pkcs10".to_owned()),
             ("Content-Transfer-Encoding", "base64".to_owned()),
         ];
-        if let Some((u, p)) = &self.basic {
+        if let Some((u, p)) = basic {
+            let cred = Zeroizing::new(format!("{u}:{}", p.as_str()));
             headers.push((
                 "Authorization",
-                format!("Basic {}", B64.encode(format!("{u}:{}", p.as_str()))),
+                format!("Basic {}", B64.encode(cred.as_bytes())),
             ));
         }
-        let resp = match self.call(
-            op,
-            identity,
-            &http::Request {
-                method: "POST",
-                headers,
-                body: body.as_bytes(),
-            },
-        ) {
+        let hreq = http::Request {
+            method: "POST",
+            headers,
+            body: body.as_bytes(),
+        };
+        let resp = match self.call(op, identity, &hreq) {
             Ok(r) => r,
             Err(e) => return Answer::Unreachable(format!("EST {op}: {e}")),
         };
         match resp.status {
-            200 => {
-                let ct = resp
-                    .header("content-type")
-                    .unwrap_or("")
-                    .to_ascii_lowercase();
-                if !ct.starts_with("application/pkcs7-mime") {
-                    return Answer::Unreachable(format!("EST {op} answered 200 with Content-Type '{ct}', not application/pkcs7-mime"));
-                }
-                match parse_certs_only(&resp.body) {
-                    Ok(mut certs) => {
-                        // Leaf first: the certificate that carries the new key.
-                        if let Some(i) = certs
-                            .iter()
-                            .position(|c| spki_of(c).as_deref() == Some(req.spki))
-                        {
-                            let leaf = certs.remove(i);
-                            certs.insert(0, leaf);
-                        }
-                        Answer::Issued(
-                            certs
-                                .iter()
-                                .map(|c| hsm_shim::pem("CERTIFICATE", c))
-                                .collect(),
-                        )
-                    }
-                    Err(e) => Answer::Unreachable(format!(
-                        "EST {op} answered 200 with an unusable body: {e}"
-                    )),
-                }
-            }
+            200 => Self::issued(op, &resp, req.spki),
             202 => {
-                let secs = resp
-                    .header("retry-after")
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .unwrap_or(60)
-                    .clamp(1, 7 * 86_400);
+                let secs = retry_after(resp.header("retry-after"), now);
                 Answer::Wait {
                     until: now + secs,
                     what: format!("EST server holds the request for approval; asking again at {} (Retry-After: {secs})", rfc3339(now + secs)),
@@ -285,49 +333,64 @@ impl Est {
             )),
         }
     }
+
+    /// A 200: the PKCS#7 certificates, the one carrying the new key first.
+    fn issued(op: &str, resp: &http::Response, spki: &[u8]) -> Answer {
+        let ct = resp
+            .header("content-type")
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if !ct.starts_with("application/pkcs7-mime") {
+            return Answer::Unreachable(format!(
+                "EST {op} answered 200 with Content-Type '{ct}', not application/pkcs7-mime"
+            ));
+        }
+        match parse_certs_only(&resp.body) {
+            Ok(mut certs) => {
+                if let Some(i) = certs
+                    .iter()
+                    .position(|c| spki_of(c).as_deref() == Some(spki))
+                {
+                    let leaf = certs.remove(i);
+                    certs.insert(0, leaf);
+                }
+                Answer::Issued(crate::validate::to_pem(&certs))
+            }
+            Err(e) => {
+                Answer::Unreachable(format!("EST {op} answered 200 with an unusable body: {e}"))
+            }
+        }
+    }
 }
 
 impl Issuer for Est {
-    fn submit(&mut self, req: &Request, now: Unix) -> Result<String, Answer> {
-        self.check_cacerts()?;
+    fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, Answer> {
         let reference = format!("{}-{}", req.identity, req.generation);
         match self.post(req, now) {
-            a @ (Answer::Issued(_) | Answer::Wait { .. }) => {
-                self.pending.insert(reference.clone(), a);
-                Ok(reference)
-            }
+            a @ (Answer::Issued(_) | Answer::Wait { .. }) => Ok(Submitted {
+                reference,
+                answer: Some(a),
+            }),
             other => Err(other),
         }
     }
 
-    fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> Answer {
-        match self.pending.remove(reference) {
-            Some(Answer::Issued(pem)) => return Answer::Issued(pem),
-            Some(Answer::Wait { until, what }) if until > now => {
-                self.pending.insert(
-                    reference.to_owned(),
-                    Answer::Wait {
-                        until,
-                        what: what.clone(),
-                    },
-                );
-                return Answer::Wait { until, what };
-            }
-            _ => {}
-        }
-        if let Err(a) = self.check_cacerts() {
-            return a;
-        }
-        // RFC 7030 4.2.3: after Retry-After the client repeats the same request.
-        let a = self.post(req, now);
-        if let Answer::Wait { .. } = &a {
-            self.pending.insert(reference.to_owned(), a.clone());
-        }
-        a
+    /// RFC 7030 4.2.3: after Retry-After the client repeats the same request. The engine
+    /// calls this only once the persisted wait is over.
+    fn poll(&mut self, req: &Request, _reference: &str, now: Unix) -> Answer {
+        self.post(req, now)
     }
 
     fn ca_bundle(&self) -> &[CertificateDer<'static>] {
         &self.ca
+    }
+
+    fn intermediates(&self) -> Vec<CertificateDer<'static>> {
+        self.cacerts
+            .iter()
+            .filter(|c| !self.ca.contains(c))
+            .cloned()
+            .collect()
     }
 }
 
@@ -336,11 +399,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        let now = 1_784_000_000; // 2026-07-14T03:33:20Z
+        assert_eq!(retry_after(Some("60"), now), 60);
+        assert_eq!(retry_after(Some("Tue, 14 Jul 2026 03:35:20 GMT"), now), 120);
+        assert_eq!(retry_after(Some("Mon, 01 Jan 2001 00:00:00 GMT"), now), 1);
+        assert_eq!(retry_after(None, now), 60);
+        assert_eq!(retry_after(Some("soon"), now), 60);
+        assert_eq!(retry_after(Some("99999999"), now), 7 * 86_400);
+    }
+
     proptest! {
         #[test]
         fn pkcs7_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_certs_only(&bytes);
             let _ = parse_certs_only(B64.encode(&bytes).as_bytes());
+            let _ = retry_after(std::str::from_utf8(&bytes).ok(), 1_800_000_000);
         }
     }
 }

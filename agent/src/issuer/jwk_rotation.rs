@@ -8,13 +8,24 @@
 //! header `{"alg":"ES256","kid":"<current kid>"}`, whose payload is the exact request body
 //! bytes. The signature covers `BASE64URL(header) || "." || BASE64URL(body)`, so the new key,
 //! both dates and (through the body's `Kid`) the URL's kid are all bound to the current key.
+//!
+//! The contract promises no idempotent replay: once a rotation is applied, the same PUT again
+//! is refused (the kid is used, the old key is no longer current). So a rotation is sent
+//! once. When its outcome is unknown (answer lost, timeout, crash after sending), the engine
+//! asks [`Issuer::verify`]: a `GET` of the identity's `probe_url` carrying
+//! `Authorization: JWS` made by one key alone (header `{"alg":"ES256","kid":..}`, payload
+//! `{"url":"<probe_url>","iat":<unix time>}`); 2xx means the API accepts that key now.
 
+use super::{Answer, Issuer, Prepared, Request, Submitted, Verdict};
 use crate::clock::{rfc3339, Unix};
-use crate::http::{self, Url};
+use crate::http;
 use hsm_shim::jws::{b64url, sign_compact, JwsAlg};
+use hsm_shim::rustls::pki_types::CertificateDer;
 use hsm_shim::{KeyInfo, TokenKey};
 use std::sync::Arc;
 use std::time::Duration;
+
+const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The public JWK of an EC P-256 key, with the field names the API uses.
 pub fn public_jwk(info: &KeyInfo, kid: &str) -> Result<serde_json::Value, String> {
@@ -31,7 +42,7 @@ pub fn public_jwk(info: &KeyInfo, kid: &str) -> Result<serde_json::Value, String
     }))
 }
 
-/// The request body, byte for byte what is signed and sent (and re-sent on retry).
+/// The request body, byte for byte what is signed and sent.
 pub fn request_body(jwk: &serde_json::Value, expiration: Unix, current_key_expiry: Unix) -> String {
     // serde_json keeps insertion order only with a feature; write the object by hand.
     format!(
@@ -42,14 +53,18 @@ pub fn request_body(jwk: &serde_json::Value, expiration: Unix, current_key_expir
     )
 }
 
-/// A new `kid` (a random UUID) never used before by this identity. `EDGE_SIGNER_TEST_KID_CANDIDATES`
-/// (comma separated) is tried first, so tests can offer kids the register already holds.
+/// A new `kid` (a random UUID) never used before by this identity.
 pub fn new_kid(used: &[String]) -> String {
-    let candidates: Vec<String> = std::env::var("EDGE_SIGNER_TEST_KID_CANDIDATES")
-        .map(|v| v.split(',').map(str::to_owned).collect())
-        .unwrap_or_default();
-    for c in candidates {
-        if !c.is_empty() && !used.contains(&c) {
+    #[cfg(feature = "test-hooks")]
+    {
+        // Tests offer kids the register already holds, to prove they are skipped.
+        let candidates: Vec<String> = std::env::var("EDGE_SIGNER_TEST_KID_CANDIDATES")
+            .map(|v| v.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        if let Some(c) = candidates
+            .into_iter()
+            .find(|c| !c.is_empty() && !used.contains(c))
+        {
             return c;
         }
     }
@@ -60,7 +75,7 @@ pub fn new_kid(used: &[String]) -> String {
         }
         b[6] = (b[6] & 0x0f) | 0x40;
         b[8] = (b[8] & 0x3f) | 0x80;
-        let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        let h = hsm_shim::keys::hex(&b);
         let kid = format!(
             "{}-{}-{}-{}-{}",
             &h[0..8],
@@ -75,60 +90,159 @@ pub fn new_kid(used: &[String]) -> String {
     }
 }
 
-/// What the API said.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// 201 (or 200): the new key is the credential now.
-    Rotated,
-    /// 4xx: refused; the kid is spent, the new key is useless.
-    Refused(String),
-    /// Network, 5xx, lost answer: send the same request again later.
-    Retry(String),
+/// The rotation API.
+pub struct JwkApi {
+    name: String,
+    base: http::Url,
+    ca: Vec<CertificateDer<'static>>,
+    new_key_lifetime: u64,
+    old_key_overlap: u64,
 }
 
-/// Send the rotation, signed by the current key.
-pub fn rotate(
-    cfg: &firmware_config::schema::JwkIssuer,
-    current: &TokenKey,
-    current_kid: &str,
-    kid: &str,
-    body: &str,
-) -> Outcome {
-    let jws = match sign_compact(current, JwsAlg::Es256, current_kid, body.as_bytes()) {
-        Ok(j) => j,
-        Err(e) => return Outcome::Retry(format!("signing with the current key failed: {e}")),
-    };
-    let url = match Url::parse(&format!(
-        "{}/api/v1/keys/credential/rotate-to/{kid}",
-        cfg.url.trim_end_matches('/')
-    )) {
-        Ok(u) => u,
-        Err(e) => return Outcome::Refused(e.to_string()),
-    };
-    let roots = match crate::tlsconf::load_roots(&cfg.ca_bundle) {
-        Ok(r) => r,
-        Err(e) => return Outcome::Retry(e.to_string()),
-    };
-    let tls = match crate::tlsconf::client_config(None, roots, crate::tlsconf::TlsVersions::Any) {
-        Ok(t) => t,
-        Err(e) => return Outcome::Retry(e.to_string()),
-    };
-    let req = http::Request {
-        method: "PUT",
-        headers: vec![
-            ("Content-Type", "application/json".into()),
-            ("Authorization", format!("JWS {jws}")),
-        ],
-        body: body.as_bytes(),
-    };
-    match http::request(Arc::new(tls), &url, &req, Duration::from_secs(30)) {
-        Ok(r) if r.status == 201 || r.status == 200 => Outcome::Rotated,
-        Ok(r) if (400..500).contains(&r.status) => {
-            Outcome::Refused(format!("HTTP {}: {}", r.status, r.text(300).trim()))
+impl JwkApi {
+    /// From config; reads the CA bundle now so a wrong path is reported at start.
+    pub fn new(cfg: &firmware_config::schema::JwkIssuer) -> anyhow::Result<JwkApi> {
+        Ok(JwkApi {
+            name: cfg.name.clone(),
+            base: http::parse_https(&cfg.url)?,
+            ca: crate::tlsconf::load_certs(&cfg.ca_bundle)?,
+            new_key_lifetime: cfg.new_key_lifetime.secs(),
+            old_key_overlap: cfg.old_key_overlap.secs(),
+        })
+    }
+
+    fn call(
+        &self,
+        url: &http::Url,
+        req: &http::Request,
+    ) -> Result<http::Response, http::HttpError> {
+        let roots = crate::tlsconf::roots_of(&self.ca).map_err(|e| http::HttpError::NotSent {
+            stage: "CA bundle",
+            detail: e.to_string(),
+        })?;
+        let tls = crate::tlsconf::client_config(None, roots, crate::tlsconf::TlsVersions::Any)
+            .map_err(|e| http::HttpError::NotSent {
+                stage: "TLS configuration",
+                detail: e.to_string(),
+            })?;
+        http::request(Arc::new(tls), url, req, TIMEOUT)
+    }
+}
+
+impl Issuer for JwkApi {
+    fn flow(&self) -> super::Flow {
+        super::Flow::Credential
+    }
+
+    fn prepare(
+        &self,
+        key: &KeyInfo,
+        kid: &str,
+        now: Unix,
+        current_not_after: Option<Unix>,
+    ) -> Result<Prepared, String> {
+        let jwk = public_jwk(key, kid)?;
+        let expires = now + self.new_key_lifetime;
+        let previous_expiry =
+            (now + self.old_key_overlap).min(current_not_after.unwrap_or(u64::MAX));
+        Ok(Prepared {
+            body: request_body(&jwk, expires, previous_expiry),
+            expires,
+            previous_expiry,
+        })
+    }
+
+    /// The PUT, once. 201/200: confirmed. A 4xx to this first sending: refused (the kid is
+    /// spent). Never reached the server: refused too, so the key and kid are dropped and the
+    /// next attempt starts clean. Anything after the request may have arrived: unknown.
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
+        let Some(c) = &req.credential else {
+            return Err(Answer::Rejected("no rotation request was prepared".into()));
+        };
+        let jws = sign_compact(c.signer, JwsAlg::Es256, c.signer_kid, c.body.as_bytes())
+            .map_err(|e| Answer::Unreachable(format!("signing with the current key: {e}")))?;
+        let url = http::join(
+            &self.base,
+            &["api", "v1", "keys", "credential", "rotate-to", c.kid],
+        );
+        let hreq = http::Request {
+            method: "PUT",
+            headers: vec![
+                ("Content-Type", "application/json".into()),
+                ("Authorization", format!("JWS {jws}")),
+            ],
+            body: c.body.as_bytes(),
+        };
+        let reference = c.kid.to_owned();
+        match self.call(&url, &hreq) {
+            Ok(r) if r.status == 201 || r.status == 200 => Ok(Submitted {
+                reference,
+                answer: Some(Answer::Confirmed),
+            }),
+            Ok(r) if (400..500).contains(&r.status) => Err(Answer::Rejected(format!(
+                "{} refused the rotation to {}: HTTP {}: {}",
+                self.name,
+                c.kid,
+                r.status,
+                r.text(300).trim()
+            ))),
+            Ok(r) => Ok(Submitted {
+                reference,
+                answer: Some(Answer::Unknown(format!(
+                    "{} answered HTTP {}: {}",
+                    self.name,
+                    r.status,
+                    r.text(300).trim()
+                ))),
+            }),
+            Err(e) if !e.maybe_sent() => Err(Answer::Rejected(format!(
+                "{} could not be reached ({e}); the rotation to {} never left, so that kid and its key are dropped and the next attempt uses new ones",
+                self.name, c.kid
+            ))),
+            Err(e) => Ok(Submitted {
+                reference,
+                answer: Some(Answer::Unknown(format!(
+                    "the rotation to {} was sent but no answer came ({e})",
+                    c.kid
+                ))),
+            }),
         }
-        Ok(r) => Outcome::Retry(format!("HTTP {}: {}", r.status, r.text(300).trim())),
-        Err(e) => Outcome::Retry(format!(
-            "no answer ({e}); the same kid {kid} will be sent again"
-        )),
+    }
+
+    fn poll(&mut self, _req: &Request, _reference: &str, _now: Unix) -> Answer {
+        Answer::Unknown("the rotation API has nothing to poll; verify with the keys".into())
+    }
+
+    fn ca_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.ca
+    }
+
+    fn verify(&mut self, key: &TokenKey, kid: &str, url: Option<&str>) -> Verdict {
+        let Some(url) = url else {
+            return Verdict::NotConfigured;
+        };
+        let u = match http::parse_https(url) {
+            Ok(u) => u,
+            Err(e) => return Verdict::NoAnswer(e.to_string()),
+        };
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        let payload = serde_json::json!({ "url": url, "iat": now }).to_string();
+        let jws = match sign_compact(key, JwsAlg::Es256, kid, payload.as_bytes()) {
+            Ok(j) => j,
+            Err(e) => return Verdict::NoAnswer(format!("signing with {kid}: {e}")),
+        };
+        let req = http::Request {
+            method: "GET",
+            headers: vec![("Authorization", format!("JWS {jws}"))],
+            body: &[],
+        };
+        match self.call(&u, &req) {
+            Ok(r) if (200..300).contains(&r.status) => Verdict::Accepted,
+            Ok(r) if r.status == 401 || r.status == 403 => {
+                Verdict::Refused(format!("HTTP {}: {}", r.status, r.text(200).trim()))
+            }
+            Ok(r) => Verdict::NoAnswer(format!("HTTP {}: {}", r.status, r.text(200).trim())),
+            Err(e) => Verdict::NoAnswer(e.to_string()),
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The portal issuer: a CSR goes to an outbox for a person to upload; the signed certificate
 //! comes back (about a day later) as any file in the inbox, recognised by its public key.
 
-use super::{Answer, Issuer, Request};
+use super::{Answer, Issuer, Request, Submitted};
 use crate::clock::Unix;
 use hsm_shim::rustls::pki_types::CertificateDer;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ fn leaf_spki(text: &str) -> Option<Vec<u8>> {
 }
 
 impl Issuer for Portal {
-    fn submit(&mut self, req: &Request, _now: Unix) -> Result<String, Answer> {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
         let name = Self::csr_name(req);
         std::fs::create_dir_all(&self.outbox)
             .and_then(|_| {
@@ -55,7 +55,10 @@ impl Issuer for Portal {
                     self.outbox.display()
                 ))
             })?;
-        Ok(name)
+        Ok(Submitted {
+            reference: name,
+            answer: None,
+        })
     }
 
     fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> Answer {

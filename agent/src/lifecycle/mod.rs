@@ -1,0 +1,521 @@
+//! The lifecycle engine: one state machine per identity, persisted at every step.
+//!
+//! `active -> key-pending -> csr-ready -> submitted -> issued -> validated -> probed ->
+//! overlap -> (old generation retired) -> active`, plus `lapsed` and retryable failures with
+//! capped exponential backoff. Every step is idempotent, so a restart at any point resumes.
+//!
+//! - `plan.rs` decides the next step from the record (and `status` shows that decision),
+//! - `certificate.rs` runs the certificate flow (portal, EST), `credential.rs` the
+//!   credential flow (JWK rotation), `retire.rs` overlap ends, retire, revoke, reconcile,
+//!   `alerts.rs` reminders and the lapse alarm.
+
+mod alerts;
+mod certificate;
+mod credential;
+pub mod plan;
+mod retire;
+
+pub use plan::{status, Status};
+
+use crate::clock::{rfc3339, Clock, Unix};
+use crate::events::{Events, Severity};
+use crate::issuer::{Flow, Issuer};
+use crate::register::{
+    Failure, GenStatus, Generation, IdentityRecord, Register, RegisterFile, Step,
+};
+use anyhow::{anyhow, bail, Result};
+use firmware_config::schema::{CnSuffix, Config, IdentityConfig, RenewAt};
+use hsm_shim::{KeyRef, Token, TokenKey};
+use plan::{Action, Plan};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What one call of `advance` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    /// A step was taken; call again.
+    Moved,
+    /// Nothing to do before `until`, for the reason given.
+    Wait {
+        /// Next deadline.
+        until: Unix,
+        /// Why, for `status`.
+        what: String,
+    },
+}
+
+/// The engine.
+pub struct Engine {
+    cfg: Config,
+    token: Arc<Token>,
+    clock: Arc<dyn Clock>,
+    file: RegisterFile,
+    /// The register as last saved.
+    pub reg: Register,
+    /// Events raised.
+    pub events: Events,
+    issuers: BTreeMap<String, Box<dyn Issuer>>,
+    state_dir: PathBuf,
+    #[cfg(feature = "test-hooks")]
+    kill_at: Option<String>,
+}
+
+/// The label of a generation's key objects.
+pub fn key_label(identity: &str, generation: u32) -> String {
+    format!("edge-signer:{identity}:g{generation}")
+}
+
+/// A stable per-identity, per-generation offset in `0..span`, so a fleet spreads out.
+fn jitter(identity: &str, generation: u32, span: u64) -> u64 {
+    if span == 0 {
+        return 0;
+    }
+    // FNV-1a: stable across runs and builds.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in identity.bytes().chain(generation.to_le_bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h % span
+}
+
+/// When the current generation should be renewed: the policy point, minus a stable jitter
+/// offset (earlier, never later than the policy says).
+pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> {
+    let g = rec.current_gen()?;
+    let (nb, na) = (g.not_before?, g.not_after?);
+    let point = match cfg.renewal.renew_at() {
+        RenewAt::Before(d) => na.saturating_sub(d.secs()),
+        RenewAt::Fraction(p) => nb + (na.saturating_sub(nb)) * p.0 as u64 / 100,
+    };
+    Some(
+        point
+            .saturating_sub(jitter(&cfg.name, g.number, cfg.renewal.jitter.secs()))
+            .max(nb),
+    )
+}
+
+impl Engine {
+    /// An engine over a token, a register in `cfg.paths.state_dir`, and issuers by name.
+    pub fn new(
+        cfg: Config,
+        token: Arc<Token>,
+        clock: Arc<dyn Clock>,
+        issuers: BTreeMap<String, Box<dyn Issuer>>,
+    ) -> Result<Engine> {
+        let state_dir = cfg.paths.state_dir.clone();
+        let file = RegisterFile::new(&state_dir);
+        let reg = file.load()?;
+        let events = Events::new(cfg.notify.exec.clone());
+        Ok(Engine {
+            cfg,
+            token,
+            clock,
+            file,
+            reg,
+            events,
+            issuers,
+            state_dir,
+            #[cfg(feature = "test-hooks")]
+            kill_at: std::env::var("EDGE_SIGNER_TEST_KILL_AT").ok(),
+        })
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The token.
+    pub fn token(&self) -> &Arc<Token> {
+        &self.token
+    }
+
+    /// Now.
+    pub fn now(&self) -> Unix {
+        self.clock.now()
+    }
+
+    fn identity_cfg(&self, name: &str) -> Result<IdentityConfig> {
+        self.cfg
+            .identities
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
+            .ok_or_else(|| anyhow!("no identity '{name}' in the configuration"))
+    }
+
+    fn rec(&mut self, name: &str) -> &mut IdentityRecord {
+        self.reg.identities.entry(name.to_owned()).or_default()
+    }
+
+    fn gen_mut(&mut self, name: &str, n: u32) -> Result<&mut Generation> {
+        self.rec(name)
+            .gen_mut(n)
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n} in the register"))
+    }
+
+    fn save(&mut self, name: &str) -> Result<()> {
+        self.file.save(&self.reg)?;
+        #[cfg(feature = "test-hooks")]
+        if let Some(step) = &self.kill_at {
+            // Test hook: die like `kill -9` right after a step is on disk.
+            let now_step = self.reg.identities.get(name).map(|r| r.step.as_str());
+            if now_step == Some(step.as_str()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &std::process::id().to_string()])
+                    .status();
+            }
+        }
+        let _ = name;
+        Ok(())
+    }
+
+    fn move_to(
+        &mut self,
+        name: &str,
+        step: Step,
+        generation: u32,
+        note: impl Into<String>,
+    ) -> Result<()> {
+        let now = self.now();
+        let note = note.into();
+        tracing::info!(identity = name, generation, step = step.as_str(), "{note}");
+        self.rec(name).transition(now, step, generation, note);
+        self.save(name)
+    }
+
+    fn flow(&self, ic: &IdentityConfig) -> Flow {
+        plan::flow_of(&self.cfg, ic)
+    }
+
+    /// Ask for a rotation at the next step, whatever the renewal policy says.
+    pub fn force(&mut self, name: &str) -> Result<()> {
+        self.identity_cfg(name)?;
+        let now = self.now();
+        let rec = self.rec(name);
+        // A rotation under way already is the one asked for: only retry it now.
+        if rec.pending.is_none() {
+            rec.forced_at = Some(now);
+        }
+        rec.failure = None;
+        self.save(name)
+    }
+
+    /// When the current generation should be renewed.
+    pub fn renewal_time(&self, name: &str) -> Option<Unix> {
+        renewal_time(
+            &self.identity_cfg(name).ok()?,
+            self.reg.identities.get(name)?,
+        )
+    }
+
+    /// True when a rotation should start now (or one is under way).
+    pub fn needs_renewal(&self, name: &str) -> Result<bool> {
+        self.identity_cfg(name)?;
+        let now = self.now();
+        let Some(rec) = self.reg.identities.get(name) else {
+            return Ok(true);
+        };
+        if rec.step != Step::Active || rec.current.is_none() || rec.forced_at.is_some() {
+            return Ok(true);
+        }
+        Ok(self.renewal_time(name).is_some_and(|t| now >= t))
+    }
+
+    fn fail(&mut self, name: &str, reason: String) -> Result<Progress> {
+        let cfg = self.identity_cfg(name)?;
+        let now = self.now();
+        let rec = self.rec(name);
+        let attempts = rec.failure.as_ref().map(|f| f.attempts).unwrap_or(0) + 1;
+        let base = cfg.renewal.retry_min.secs().max(1);
+        let delay = base
+            .saturating_mul(1u64 << (attempts - 1).min(30))
+            .min(cfg.renewal.retry_max.secs().max(base));
+        rec.failure = Some(Failure {
+            reason: reason.clone(),
+            retry_at: now + delay,
+            attempts,
+        });
+        // Nothing serves while there is no valid current generation: a person must act.
+        let serving = rec
+            .current_gen()
+            .and_then(|g| g.not_after)
+            .is_some_and(|na| na > now);
+        self.save(name)?;
+        self.events.emit(
+            now,
+            "failure",
+            name,
+            if serving {
+                Severity::Warning
+            } else {
+                Severity::Critical
+            },
+            format!(
+                "{reason}; attempt {attempts}, retrying at {}{}",
+                rfc3339(now + delay),
+                if serving {
+                    ""
+                } else {
+                    " (no valid identity is serving)"
+                }
+            ),
+        );
+        Ok(Progress::Wait {
+            until: now + delay,
+            what: format!("retry after: {reason}"),
+        })
+    }
+
+    /// Give up a pending generation (refused certificate, rejected CSR or rotation): destroy
+    /// its key, keep the current identity serving, retry later with a new key.
+    fn abandon(&mut self, name: &str, n: u32, reason: String) -> Result<Progress> {
+        if let Some(id) = self
+            .reg
+            .identities
+            .get(name)
+            .and_then(|r| r.gen(n))
+            .and_then(|g| g.key_id.clone())
+        {
+            self.destroy_key(&id)?;
+        }
+        let now = self.now();
+        let rec = self.rec(name);
+        if let Some(g) = rec.gen_mut(n) {
+            g.status = GenStatus::Failed;
+        }
+        rec.pending = None;
+        let back = if rec.current.is_some() {
+            Step::Active
+        } else {
+            Step::Lapsed
+        };
+        rec.transition(now, back, n, format!("generation {n} abandoned: {reason}"));
+        self.fail(name, format!("generation {n} abandoned: {reason}"))
+    }
+
+    fn destroy_key(&self, id_hex: &str) -> Result<()> {
+        let id = hsm_shim::keys::unhex(id_hex)
+            .ok_or_else(|| anyhow!("register holds a bad key id '{id_hex}'"))?;
+        match self.token.destroy(&id) {
+            Ok(_) | Err(hsm_shim::Error::KeyNotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn open_key(&self, id_hex: &str) -> Result<TokenKey> {
+        let id = hsm_shim::keys::unhex(id_hex)
+            .ok_or_else(|| anyhow!("register holds a bad key id '{id_hex}'"))?;
+        Ok(TokenKey::open(self.token.clone(), &KeyRef::Id(id))?)
+    }
+
+    /// The pending generation's key: found by its label (a crash after `C_GenerateKeyPair`
+    /// left it there) or generated now.
+    fn find_or_generate(
+        &self,
+        label: &str,
+        key_type: hsm_shim::KeyType,
+    ) -> Result<hsm_shim::KeyInfo> {
+        match self.token.find_key(&KeyRef::Label(label.to_owned())) {
+            Ok(k) => Ok(k),
+            Err(hsm_shim::Error::KeyNotFound(_)) => Ok(self.token.generate_key(key_type, label)?),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The pending generation and a signer for its key.
+    fn pending_key(&self, rec: &IdentityRecord) -> Result<(Generation, TokenKey)> {
+        let g = Self::pending(rec)?;
+        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        Ok((g, key))
+    }
+
+    fn pending(rec: &IdentityRecord) -> Result<Generation> {
+        rec.pending
+            .and_then(|n| rec.gen(n))
+            .cloned()
+            .ok_or_else(|| {
+                anyhow!(
+                    "register inconsistent: step {} without a pending generation",
+                    rec.step.as_str()
+                )
+            })
+    }
+
+    fn issuer(&mut self, name: &str) -> Result<&mut Box<dyn Issuer>> {
+        self.issuers
+            .get_mut(name)
+            .ok_or_else(|| anyhow!("issuer '{name}' is not available (see the log at start)"))
+    }
+
+    fn export_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join("identities").join(name)
+    }
+
+    /// Take at most one step for `name`.
+    pub fn advance(&mut self, name: &str) -> Result<Progress> {
+        let cfg = self.identity_cfg(name)?;
+        let now = self.now();
+        let alert = self.alerts(name, &cfg, now)?;
+        let rec = self.rec(name).clone();
+        let progress = self.step(name, &cfg, &rec, now)?;
+        Ok(match (progress, alert) {
+            (Progress::Wait { until, what }, Some(a)) if a < until => {
+                Progress::Wait { until: a, what }
+            }
+            (p, _) => p,
+        })
+    }
+
+    fn step(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let flow = self.flow(cfg);
+        let action = match plan::plan(cfg, flow, rec, now) {
+            Plan::Wait { until, what } => return Ok(Progress::Wait { until, what }),
+            Plan::Act(a) => a,
+        };
+        match (flow, action) {
+            (_, Action::Begin) => self.begin(name, cfg, rec, now),
+            (_, Action::Retire) => self.end_overlap(name, rec, now),
+            (Flow::Certificate, Action::MakeKey) => self.make_key(name, cfg, rec),
+            (Flow::Certificate, Action::Submit | Action::Poll) => {
+                self.ask_issuer(name, cfg, rec, now)
+            }
+            (Flow::Certificate, Action::Check) => self.check_cert(name, cfg, rec, now),
+            (Flow::Certificate, Action::Probe) => self.probe(name, cfg, rec),
+            (Flow::Certificate, Action::Promote) => self.promote(name, cfg, rec, now),
+            (Flow::Credential, Action::MakeKey) => self.credential_prepare(name, cfg, rec, now),
+            (Flow::Credential, Action::Submit) => self.credential_send(name, cfg, rec),
+            (Flow::Credential, Action::Check) => self.credential_check(name, cfg, rec),
+            (Flow::Credential, Action::Resolve) => self.credential_resolve(name, cfg, rec),
+            (f, a) => bail!(
+                "step {} ({a:?}) does not apply to a {f:?} identity: see the register",
+                rec.step.as_str()
+            ),
+        }
+    }
+
+    /// Plan a new generation (new key, never the old one), persisted before the key exists.
+    fn begin(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let n = rec.next_number();
+        let cn = match cfg.cn_suffix {
+            CnSuffix::None => cfg.subject.cn.clone(),
+            CnSuffix::UnixTime => format!("{}-{now}", cfg.subject.cn),
+        };
+        let g = Generation {
+            number: n,
+            status: GenStatus::Pending,
+            key_label: key_label(name, n),
+            key_id: None,
+            key_uri: None,
+            subject: cfg.subject.to_subject(&cn).to_string(),
+            sans: cfg.sans.iter().map(|s| s.to_string()).collect(),
+            csr_pem: None,
+            issuer: cfg.issuer.clone(),
+            submission: None,
+            cert_pem: None,
+            serial: None,
+            fingerprint: None,
+            not_before: None,
+            not_after: None,
+            overlap_until: None,
+            reminders_fired: Vec::new(),
+            created_at: now,
+            kid: None,
+            request: None,
+            previous_expiry: None,
+            sent_at: None,
+            subject_issued: None,
+            name_differences: Vec::new(),
+        };
+        let why = if rec.current.is_none() {
+            "first enrolment"
+        } else if rec.forced_at.is_some() {
+            "rotation asked for"
+        } else if rec.step == Step::Lapsed {
+            "the current generation lapsed"
+        } else {
+            "renewal due"
+        };
+        let r = self.rec(name);
+        r.generations.push(g);
+        r.pending = Some(n);
+        r.forced_at = None;
+        r.failure = None;
+        self.events.emit(
+            now,
+            "rotation-started",
+            name,
+            Severity::Info,
+            format!("{why}: generation {n} planned"),
+        );
+        self.move_to(name, Step::KeyPending, n, why)?;
+        Ok(Progress::Moved)
+    }
+
+    /// The current key and its kid (for `jws sign`).
+    pub fn current_key(&self, name: &str) -> Result<(TokenKey, String)> {
+        let rec = self
+            .reg
+            .identities
+            .get(name)
+            .ok_or_else(|| anyhow!("'{name}' has no credential"))?;
+        let g = rec
+            .current_gen()
+            .ok_or_else(|| anyhow!("'{name}' has no current credential"))?;
+        Ok((
+            self.open_key(g.key_id.as_deref().unwrap_or_default())?,
+            g.kid.clone().unwrap_or_default(),
+        ))
+    }
+
+    /// Advance `name` until it must wait; returns the wait.
+    pub fn drive(&mut self, name: &str) -> Result<(Unix, String)> {
+        for _ in 0..64 {
+            match self.advance(name)? {
+                Progress::Moved => continue,
+                Progress::Wait { until, what } => return Ok((until, what)),
+            }
+        }
+        bail!("'{name}' made 64 steps without settling: a bug; see the register")
+    }
+
+    /// Advance every configured identity; returns the earliest deadline.
+    pub fn tick(&mut self) -> Unix {
+        let mut next = u64::MAX;
+        for name in self
+            .cfg
+            .identities
+            .iter()
+            .map(|i| i.name.clone())
+            .collect::<Vec<_>>()
+        {
+            match self.drive(&name) {
+                Ok((until, _)) => next = next.min(until),
+                Err(e) => {
+                    let now = self.now();
+                    tracing::error!(identity = %name, "{e:#}");
+                    let retry = self.fail(&name, format!("{e:#}")).ok();
+                    next = next.min(match retry {
+                        Some(Progress::Wait { until, .. }) => until,
+                        _ => now + 60,
+                    });
+                }
+            }
+        }
+        next
+    }
+}

@@ -1,0 +1,250 @@
+//! What an identity does next, decided from its configuration and its record alone. The
+//! engine's `step` executes it and `status` shows it: one source of truth for "next action".
+
+use super::renewal_time;
+use crate::clock::{rfc3339, Unix};
+use crate::issuer::Flow;
+use crate::register::{GenStatus, IdentityRecord, Register, Step};
+use firmware_config::schema::{Config, IdentityConfig, IssuerConfig};
+
+/// A step the engine takes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Plan a new generation (first enrolment, renewal due, asked for, or lapsed).
+    Begin,
+    /// Make the key in the token and the CSR (or the credential request).
+    MakeKey,
+    /// Send the CSR (or the rotation).
+    Submit,
+    /// Ask the issuer about the submission.
+    Poll,
+    /// Certificate: validate what came back. Credential: verify the confirmed key.
+    Check,
+    /// Credential: the outcome of a sent rotation is unknown; verify both keys.
+    Resolve,
+    /// Probe with the new identity alone.
+    Probe,
+    /// Promote the new identity.
+    Promote,
+    /// Retire old generations whose overlap ended.
+    Retire,
+}
+
+/// What happens next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Take this step now.
+    Act(Action),
+    /// Nothing before `until`.
+    Wait {
+        /// Deadline.
+        until: Unix,
+        /// Why, for a person.
+        what: String,
+    },
+}
+
+/// The flow of an identity's issuer, from the configuration.
+pub fn flow_of(cfg: &Config, ic: &IdentityConfig) -> Flow {
+    match cfg.issuers.iter().find(|i| i.name() == ic.issuer) {
+        Some(IssuerConfig::JwkRotation(_)) => Flow::Credential,
+        _ => Flow::Certificate,
+    }
+}
+
+/// Decide the next step.
+pub fn plan(ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord, now: Unix) -> Plan {
+    if let Some(f) = &rec.failure {
+        if f.retry_at > now {
+            return Plan::Wait {
+                until: f.retry_at,
+                what: format!("retry after: {}", f.reason),
+            };
+        }
+    }
+    let onboarding = flow == Flow::Credential && rec.current.is_none();
+    match rec.step {
+        Step::Active | Step::Lapsed if onboarding => Plan::Wait {
+            until: u64::MAX,
+            what: format!(
+                "no credential yet: `edge-signer jwk export {0}`, register the JWK with the API, then `edge-signer jwk activate {0} --expires DATE`",
+                ic.name
+            ),
+        },
+        Step::Active if rec.current.is_some() && rec.forced_at.is_none() => {
+            let renew = renewal_time(ic, rec).unwrap_or(now);
+            if now >= renew {
+                Plan::Act(Action::Begin)
+            } else {
+                Plan::Wait {
+                    until: renew,
+                    what: format!("renewal at {}", rfc3339(renew)),
+                }
+            }
+        }
+        Step::Active | Step::Lapsed => Plan::Act(Action::Begin),
+        Step::KeyPending => Plan::Act(Action::MakeKey),
+        Step::CsrReady if onboarding => Plan::Wait {
+            until: u64::MAX,
+            what: format!(
+                "waiting for `edge-signer jwk activate {} --expires DATE`",
+                ic.name
+            ),
+        },
+        Step::CsrReady => Plan::Act(Action::Submit),
+        Step::Submitted if flow == Flow::Credential => Plan::Act(Action::Resolve),
+        Step::Submitted => match &rec.waiting {
+            Some(w) if w.until > now => Plan::Wait {
+                until: w.until,
+                what: w.what.clone(),
+            },
+            _ => Plan::Act(Action::Poll),
+        },
+        Step::Issued => Plan::Act(Action::Check),
+        Step::Validated => Plan::Act(Action::Probe),
+        Step::Probed => Plan::Act(Action::Promote),
+        Step::Overlap => {
+            let overlapping = rec
+                .generations
+                .iter()
+                .filter(|g| g.status == GenStatus::Overlap);
+            if overlapping
+                .clone()
+                .any(|g| g.overlap_until.is_none_or(|t| t <= now))
+            {
+                return Plan::Act(Action::Retire);
+            }
+            match overlapping.filter_map(|g| g.overlap_until).min() {
+                Some(until) => Plan::Wait {
+                    until,
+                    what: format!("overlap: old generation retires at {}", rfc3339(until)),
+                },
+                None => Plan::Act(Action::Retire),
+            }
+        }
+    }
+}
+
+/// How a step reads in `status`.
+fn describe(a: Action, ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord) -> String {
+    let since = |step: Step| {
+        rec.transitions
+            .iter()
+            .rev()
+            .find(|t| t.step == step)
+            .map(|t| rfc3339(t.at))
+            .unwrap_or_default()
+    };
+    let credential = flow == Flow::Credential;
+    match a {
+        Action::Begin if rec.current.is_none() => "enrol a first generation".into(),
+        Action::Begin if rec.step == Step::Lapsed => {
+            "enrol a new key (the certificate lapsed)".into()
+        }
+        Action::Begin => "renew".into(),
+        Action::MakeKey if credential => "generate the key and fix the rotation request".into(),
+        Action::MakeKey => "generate the key and CSR".into(),
+        Action::Submit if credential => format!("send the rotation to {}", ic.issuer),
+        Action::Submit => format!("submit the CSR to {}", ic.issuer),
+        Action::Poll => match &rec.waiting {
+            Some(w) => format!(
+                "check again: {} (submitted {})",
+                w.what,
+                since(Step::Submitted)
+            ),
+            None => format!(
+                "ask {} for the certificate (submitted {})",
+                ic.issuer,
+                since(Step::Submitted)
+            ),
+        },
+        Action::Check if credential => "verify the confirmed key with a signed call".into(),
+        Action::Check => "validate the certificate".into(),
+        Action::Resolve => format!(
+            "find out whether {} applied the rotation (sent {}): a signed call with each key",
+            ic.issuer,
+            since(Step::Submitted)
+        ),
+        Action::Probe => "probe with the new identity".into(),
+        Action::Promote => "promote the new identity".into(),
+        Action::Retire => "retire the old generation".into(),
+    }
+}
+
+/// One line of `status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    /// Identity name.
+    pub name: String,
+    /// Step.
+    pub state: String,
+    /// Serving generation.
+    pub generation: Option<u32>,
+    /// Its key URI.
+    pub key_uri: Option<String>,
+    /// Its certificate serial.
+    pub serial: Option<String>,
+    /// Its SHA-256 fingerprint.
+    pub fingerprint: Option<String>,
+    /// Its JWK `kid` (jwk-rotation identities).
+    pub kid: Option<String>,
+    /// Its not-after (RFC 3339).
+    pub not_after: Option<String>,
+    /// Whole days left (negative when lapsed).
+    pub days_left: Option<i64>,
+    /// The subject as issued, when the CA rewrote it.
+    pub subject_issued: Option<String>,
+    /// How the issued names differ from the request (accepted by `subject_match`).
+    pub name_differences: Vec<String>,
+    /// The generation being enrolled.
+    pub pending_generation: Option<u32>,
+    /// What happens next.
+    pub next_action: String,
+    /// When (RFC 3339).
+    pub next_at: Option<String>,
+    /// The last error.
+    pub last_error: Option<String>,
+    /// Generations still holding keys in the token.
+    pub live_generations: Vec<u32>,
+}
+
+/// Status of every configured identity, from the register alone (no token access).
+pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
+    cfg.identities
+        .iter()
+        .map(|ic| {
+            let rec = reg.identities.get(&ic.name).cloned().unwrap_or_default();
+            let flow = flow_of(cfg, ic);
+            let cur = rec.current_gen();
+            let (next_action, next_at) = match plan(ic, flow, &rec, now) {
+                Plan::Act(a) => (describe(a, ic, flow, &rec), Some(now)),
+                Plan::Wait { until, what } => (what, (until != u64::MAX).then_some(until)),
+            };
+            Status {
+                name: ic.name.clone(),
+                state: rec.step.as_str().into(),
+                generation: rec.current,
+                key_uri: cur.and_then(|g| g.key_uri.clone()),
+                serial: cur.and_then(|g| g.serial.clone()),
+                fingerprint: cur.and_then(|g| g.fingerprint.clone()),
+                kid: cur.and_then(|g| g.kid.clone()),
+                not_after: cur.and_then(|g| g.not_after).map(rfc3339),
+                days_left: cur
+                    .and_then(|g| g.not_after)
+                    .map(|na| (na as i64 - now as i64).div_euclid(86_400)),
+                subject_issued: cur.and_then(|g| g.subject_issued.clone()),
+                name_differences: cur.map(|g| g.name_differences.clone()).unwrap_or_default(),
+                pending_generation: rec.pending,
+                next_action,
+                next_at: next_at.map(rfc3339),
+                last_error: rec.failure.as_ref().map(|f| f.reason.clone()),
+                live_generations: rec
+                    .generations
+                    .iter()
+                    .filter(|g| g.status.is_live())
+                    .map(|g| g.number)
+                    .collect(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,219 @@
+//! Retirement: overlap ends, retire and revoke by hand, and reconciling the token with the
+//! register at start.
+
+use super::{Engine, Progress};
+use crate::clock::{rfc3339, Unix};
+use crate::events::Severity;
+use crate::register::{GenStatus, Generation, IdentityRecord, Step};
+use anyhow::{anyhow, bail, Result};
+
+/// The identity's label prefix for its generations' key objects.
+fn label_prefix(identity: &str) -> String {
+    format!("edge-signer:{identity}:g")
+}
+
+impl Engine {
+    /// On start: destroy key objects of aborted rotations and of generations already
+    /// retired, and report keys the register expects but the token lacks.
+    pub fn reconcile(&mut self) -> Result<Vec<String>> {
+        let mut notes = Vec::new();
+        let keys = self.token.list_keys()?;
+        let now = self.now();
+        for ident in self
+            .cfg
+            .identities
+            .iter()
+            .map(|i| i.name.clone())
+            .collect::<Vec<_>>()
+        {
+            let rec = self.reg.identities.get(&ident).cloned().unwrap_or_default();
+            let live: Vec<&Generation> = rec
+                .generations
+                .iter()
+                .filter(|g| {
+                    matches!(
+                        g.status,
+                        GenStatus::Pending | GenStatus::Current | GenStatus::Overlap
+                    )
+                })
+                .collect();
+            for k in keys
+                .iter()
+                .filter(|k| k.label.starts_with(&label_prefix(&ident)))
+            {
+                let id = hsm_shim::keys::hex(&k.id);
+                let wanted = live.iter().any(|g| {
+                    g.key_id.as_deref() == Some(id.as_str())
+                        || (g.key_id.is_none() && g.key_label == k.label)
+                });
+                if !wanted {
+                    self.token.destroy(&k.id)?;
+                    notes.push(format!(
+                        "{ident}: destroyed orphan key {} (id {id}) left by an aborted rotation",
+                        k.label
+                    ));
+                }
+            }
+            for g in live {
+                let Some(id) = &g.key_id else { continue };
+                if !keys.iter().any(|k| &hsm_shim::keys::hex(&k.id) == id) {
+                    let msg = format!(
+                        "generation {} of '{ident}' expects key {id} ({}) but the token does not hold it; a new key will be enrolled",
+                        g.number, g.key_label
+                    );
+                    self.events
+                        .emit(now, "key-missing", &ident, Severity::Critical, msg.clone());
+                    notes.push(msg);
+                    let n = g.number;
+                    let rec = self.rec(&ident);
+                    if let Some(gm) = rec.gen_mut(n) {
+                        gm.status = GenStatus::Failed;
+                    }
+                    if rec.current == Some(n) {
+                        rec.current = None;
+                    }
+                    if rec.pending == Some(n) {
+                        rec.pending = None;
+                    }
+                    rec.transition(now, Step::Active, n, "key missing from token");
+                    rec.forced_at = Some(now);
+                    self.save(&ident)?;
+                }
+            }
+        }
+        Ok(notes)
+    }
+
+    pub(super) fn end_overlap(
+        &mut self,
+        name: &str,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
+        let old: Vec<Generation> = rec
+            .generations
+            .iter()
+            .filter(|g| g.status == GenStatus::Overlap)
+            .cloned()
+            .collect();
+        let next = old
+            .iter()
+            .filter_map(|g| g.overlap_until)
+            .filter(|t| *t > now)
+            .min();
+        for g in old
+            .iter()
+            .filter(|g| g.overlap_until.is_none_or(|t| t <= now))
+        {
+            self.retire_generation(name, g.number, GenStatus::Retired)?;
+        }
+        match next {
+            Some(until) => Ok(Progress::Wait {
+                until,
+                what: format!("overlap: old generation retires at {}", rfc3339(until)),
+            }),
+            None => {
+                let cur = rec.current.unwrap_or(0);
+                self.move_to(name, Step::Active, cur, "overlap over")?;
+                Ok(Progress::Moved)
+            }
+        }
+    }
+
+    fn retire_generation(&mut self, name: &str, n: u32, status: GenStatus) -> Result<()> {
+        let g = self
+            .rec(name)
+            .gen(n)
+            .cloned()
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+        if let Some(id) = &g.key_id {
+            self.destroy_key(id)?;
+        }
+        let now = self.now();
+        if let Some(gm) = self.rec(name).gen_mut(n) {
+            gm.status = status;
+        }
+        self.save(name)?;
+        let what = if status == GenStatus::Revoked {
+            "revoked"
+        } else {
+            "retired"
+        };
+        self.events.emit(
+            now,
+            what,
+            name,
+            Severity::Info,
+            format!("generation {n} {what}: its key objects are destroyed in the token"),
+        );
+        Ok(())
+    }
+
+    /// Retire a non-current generation now.
+    pub fn retire(&mut self, name: &str, n: u32) -> Result<()> {
+        let rec = self.rec(name).clone();
+        let g = rec
+            .gen(n)
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+        if rec.current == Some(n) {
+            bail!(
+                "generation {n} is the current identity of '{name}'; rotate first, or use revoke"
+            );
+        }
+        if rec.pending == Some(n) {
+            bail!("generation {n} of '{name}' is being enrolled");
+        }
+        if matches!(
+            g.status,
+            GenStatus::Retired | GenStatus::Revoked | GenStatus::Failed
+        ) {
+            bail!("generation {n} of '{name}' is already {:?}", g.status);
+        }
+        self.retire_generation(name, n, GenStatus::Retired)?;
+        if rec.step == Step::Overlap
+            && !self
+                .rec(name)
+                .generations
+                .iter()
+                .any(|g| g.status == GenStatus::Overlap)
+        {
+            self.move_to(
+                name,
+                Step::Active,
+                rec.current.unwrap_or(0),
+                format!("generation {n} retired by hand"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Mark a generation revoked and destroy its key; a revoked current identity is replaced.
+    pub fn revoke(&mut self, name: &str, n: u32) -> Result<()> {
+        let rec = self.rec(name).clone();
+        rec.gen(n)
+            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+        if rec.pending == Some(n) {
+            bail!("generation {n} of '{name}' is being enrolled");
+        }
+        self.retire_generation(name, n, GenStatus::Revoked)?;
+        let now = self.now();
+        let r = self.rec(name);
+        if r.current == Some(n) {
+            r.current = None;
+            r.forced_at = Some(now);
+            let back = if r.step == Step::Overlap {
+                Step::Active
+            } else {
+                r.step
+            };
+            r.transition(
+                now,
+                back,
+                n,
+                "current generation revoked: a new one will be enrolled",
+            );
+            self.save(name)?;
+        }
+        Ok(())
+    }
+}
