@@ -1,5 +1,7 @@
 //! A test EST server (RFC 7030) in a thread: rustls with client certificates optional and
-//! recorded, an rcgen CA, PKCS#7 certs-only answers made by `openssl crl2pkcs7`.
+//! recorded, a two-tier rcgen PKI (root -> issuing CA, as real EST deployments run; the
+//! device's `ca_bundle` holds the root only), `/cacerts` answering [issuing CA, root],
+//! enrolment answering the leaf alone, PKCS#7 certs-only answers made by `openssl crl2pkcs7`.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -27,6 +29,22 @@ pub enum EstMode {
     ServerError,
     /// Answer enrolments only after 1.5 seconds.
     Slow,
+    /// Issue with a subject that keeps only the CN (a CA that drops RDNs).
+    KeepOnlyCn,
+    /// Issue with the subject's RDNs in reverse order.
+    ReorderDn,
+    /// Issue with the leaf and the issuing CA in the PKCS#7.
+    WithChain,
+    /// Hostile: a chunk size of ffffffffffffffff.
+    ChunkOverflow,
+    /// Hostile: Content-Length of 10 GB.
+    HugeLength,
+    /// Hostile: a header line that never ends (2 MiB).
+    EndlessHeader,
+    /// A 100 Continue, then the 200 (legal HTTP: must work).
+    InformationalThenOk,
+    /// Hostile: a close-delimited body cut without TLS close_notify.
+    CutWithoutCloseNotify,
 }
 
 /// What the server saw of one request.
@@ -38,6 +56,8 @@ pub struct Seen {
     pub client_cert: Option<Vec<u8>>,
     /// Whether HTTP basic credentials matched.
     pub basic_ok: bool,
+    /// Whether any Authorization header was sent.
+    pub authorization: bool,
 }
 
 /// The running server.
@@ -47,13 +67,14 @@ pub struct EstServer {
     /// The CA bundle file (the device's `ca_bundle`).
     pub ca_file: PathBuf,
     mode: Arc<Mutex<EstMode>>,
+    retry_after: Arc<Mutex<String>>,
     /// Every request seen.
     pub seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
     handle: Option<std::thread::JoinHandle<()>>,
     ca: Arc<rcgen::Issuer<'static, rcgen::KeyPair>>,
-    ca_pem: String,
-    dir: PathBuf,
+    /// The issuing CA certificate (PEM).
+    pub inter_pem: String,
 }
 
 fn pkcs7(dir: &Path, pems: &str) -> Vec<u8> {
@@ -84,27 +105,37 @@ fn pkcs7(dir: &Path, pems: &str) -> Vec<u8> {
 }
 
 impl EstServer {
-    /// Start with HTTP basic credentials `user`/`pass`; the CA is written to `dir/est-ca.pem`.
+    /// Start with HTTP basic credentials `user`/`pass`; the root CA is written to
+    /// `dir/est-ca.pem` (the device's `ca_bundle`).
     pub fn start(dir: &Path, user: &str, pass: &str, mode: EstMode) -> EstServer {
-        let pki = crate::httpd::TestPki::new("EST test CA");
-        let ca_pem = pki.ca_cert.pem();
+        let pki = crate::httpd::TestPki::new("EST test root CA");
+        let root_pem = pki.ca_cert.pem();
         let ca_file = dir.join("est-ca.pem");
-        std::fs::write(&ca_file, &ca_pem).expect("ca file");
+        std::fs::write(&ca_file, &root_pem).expect("ca file");
+        let key = rcgen::KeyPair::generate().expect("issuing CA key");
+        let mut p = rcgen::CertificateParams::new(vec![]).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "EST test issuing CA");
+        let inter_pem = p.signed_by(&key, &pki.issuer).expect("issuing CA").pem();
+        let ca = Arc::new(rcgen::Issuer::new(p, key));
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca_cert.der().clone()).expect("root");
         let cfg = pki.server_config(Some(roots));
-        let ca = Arc::new(pki.issuer);
         let mode = Arc::new(Mutex::new(mode));
+        let retry_after = Arc::new(Mutex::new("1".to_owned()));
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let basic = format!("Basic {}", B64.encode(format!("{user}:{pass}")));
-        let (m2, s2, ca2, dir2, ca_pem2) = (
+        let (m2, r2, s2, ca2, dir2) = (
             mode.clone(),
+            retry_after.clone(),
             seen.clone(),
             ca.clone(),
             dir.to_owned(),
-            ca_pem.clone(),
         );
+        let cacerts = format!("{inter_pem}{root_pem}");
+        let inter2 = inter_pem.clone();
         let mut held = std::collections::HashSet::new();
         let (port, handle) = crate::httpd::serve(cfg, stop.clone(), move |conn, head, body| {
             let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
@@ -112,23 +143,28 @@ impl EstServer {
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .map(|c| c.to_vec());
-            let basic_ok = head
-                .lines()
-                .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {basic}")));
+            let auth = crate::httpd::header(head, "authorization");
+            let basic_ok = auth.as_deref() == Some(basic.as_str());
             s2.lock().unwrap().push(Seen {
                 path: path.clone(),
                 client_cert: client_cert.clone(),
                 basic_ok,
+                authorization: auth.is_some(),
             });
             let mode = *m2.lock().unwrap();
             if mode == EstMode::Slow && !path.ends_with("/cacerts") {
                 std::thread::sleep(std::time::Duration::from_millis(1500));
             }
+            if !path.ends_with("/cacerts") {
+                if let Some(raw) = hostile(mode) {
+                    return Some(raw);
+                }
+            }
             let (status, ctype, body_out): (&str, &str, Vec<u8>) = if path.ends_with("/cacerts") {
                 (
                     "200 OK",
                     "application/pkcs7-mime; smime-type=certs-only",
-                    pkcs7(&dir2, &ca_pem2),
+                    pkcs7(&dir2, &cacerts),
                 )
             } else if !(client_cert.is_some() || basic_ok) {
                 ("401 Unauthorized", "text/plain", b"authenticate".to_vec())
@@ -161,55 +197,59 @@ impl EstServer {
                     EstMode::AcceptThenIssue if held.insert(body.to_vec()) => {
                         ("202 Accepted", "text/plain", b"pending approval".to_vec())
                     }
-                    _ => {
-                        let text: String = String::from_utf8_lossy(body)
-                            .chars()
-                            .filter(|c| !c.is_whitespace())
-                            .collect();
-                        let der = B64.decode(text).unwrap_or_default();
-                        match rcgen::CertificateSigningRequestParams::from_der(&der.into()) {
-                            Ok(mut csr) => {
-                                let now = time::OffsetDateTime::now_utc();
-                                csr.params.not_before = now - time::Duration::minutes(1);
-                                csr.params.not_after = now + time::Duration::days(90);
-                                let cert = csr.signed_by(&ca2).expect("sign");
-                                let mut p7 = pkcs7(&dir2, &format!("{}{}", ca_pem2, cert.pem()));
-                                if mode == EstMode::Truncated {
-                                    p7.truncate(p7.len() / 2);
-                                }
-                                (
-                                    "200 OK",
-                                    "application/pkcs7-mime; smime-type=certs-only",
-                                    p7,
-                                )
+                    _ => match issue(&ca2, body, mode) {
+                        Some(cert_pem) => {
+                            let pems = if mode == EstMode::WithChain {
+                                format!("{cert_pem}{inter2}")
+                            } else {
+                                cert_pem
+                            };
+                            let mut p7 = pkcs7(&dir2, &pems);
+                            if mode == EstMode::Truncated {
+                                p7.truncate(p7.len() / 2);
                             }
-                            Err(_) => ("400 Bad Request", "text/plain", b"not a CSR".to_vec()),
+                            (
+                                "200 OK",
+                                "application/pkcs7-mime; smime-type=certs-only",
+                                p7,
+                            )
                         }
-                    }
+                        None => ("400 Bad Request", "text/plain", b"not a CSR".to_vec()),
+                    },
                 }
             };
             let extra = if status.starts_with("202") {
-                "Retry-After: 1\r\n"
+                format!("Retry-After: {}\r\n", r2.lock().unwrap())
             } else {
-                ""
+                String::new()
             };
-            Some(crate::httpd::response(
+            let mut out = Vec::new();
+            if mode == EstMode::InformationalThenOk && !path.ends_with("/cacerts") {
+                out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            }
+            out.extend(crate::httpd::response(
                 status,
                 &format!("Content-Type: {ctype}\r\n{extra}"),
                 &body_out,
-            ))
+            ));
+            Some(out)
         });
         EstServer {
             port,
             ca_file,
             mode,
+            retry_after,
             seen,
             stop,
             handle: Some(handle),
             ca,
-            ca_pem,
-            dir: dir.to_owned(),
+            inter_pem,
         }
+    }
+
+    /// What a 202 says in `Retry-After` (seconds or an HTTP date).
+    pub fn set_retry_after(&self, v: &str) {
+        *self.retry_after.lock().unwrap() = v.to_owned();
     }
 
     /// Change how enrolments are answered.
@@ -217,12 +257,12 @@ impl EstServer {
         *self.mode.lock().unwrap() = m;
     }
 
-    /// Issue a bootstrap certificate for a CSR file (PEM), written to `out`.
+    /// Issue a bootstrap certificate for a CSR file (PEM), written to `out` with the
+    /// issuing CA after it (the chain a client presents).
     pub fn issue_for_csr(&self, csr_pem: &str, out: &Path) {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).expect("csr");
         let cert = csr.signed_by(&self.ca).expect("sign");
-        std::fs::write(out, cert.pem()).expect("write cert");
-        let _ = (&self.ca_pem, &self.dir);
+        std::fs::write(out, format!("{}{}", cert.pem(), self.inter_pem)).expect("write cert");
     }
 
     /// The enrolment requests seen (cacerts excluded).
@@ -235,6 +275,68 @@ impl EstServer {
             .cloned()
             .collect()
     }
+}
+
+/// Sign a base64 CSR body for 90 days, rewriting the subject as `mode` says.
+fn issue(
+    ca: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    body: &[u8],
+    mode: EstMode,
+) -> Option<String> {
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let der = B64.decode(text).ok()?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_der(&der.into()).ok()?;
+    let now = time::OffsetDateTime::now_utc();
+    csr.params.not_before = now - time::Duration::minutes(1);
+    csr.params.not_after = now + time::Duration::days(90);
+    let dn: Vec<(rcgen::DnType, rcgen::DnValue)> = csr
+        .params
+        .distinguished_name
+        .iter()
+        .map(|(t, v)| (t.clone(), v.clone()))
+        .collect();
+    let rebuilt: Vec<_> = match mode {
+        EstMode::KeepOnlyCn => dn
+            .into_iter()
+            .filter(|(t, _)| *t == rcgen::DnType::CommonName)
+            .collect(),
+        EstMode::ReorderDn => dn.into_iter().rev().collect(),
+        _ => dn,
+    };
+    csr.params.distinguished_name = rcgen::DistinguishedName::new();
+    for (t, v) in rebuilt {
+        csr.params.distinguished_name.push(t, v);
+    }
+    Some(csr.signed_by(ca).ok()?.pem())
+}
+
+/// The raw bytes of a hostile answer, if `mode` is one.
+fn hostile(mode: EstMode) -> Option<Vec<u8>> {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/pkcs7-mime\r\n";
+    Some(match mode {
+        EstMode::ChunkOverflow => {
+            format!("{head}Transfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabcd\r\n0\r\n\r\n")
+                .into_bytes()
+        }
+        EstMode::HugeLength => {
+            format!("{head}Content-Length: 10000000000\r\n\r\nMIIB").into_bytes()
+        }
+        EstMode::EndlessHeader => {
+            let mut v = format!("{head}X-Endless: ").into_bytes();
+            v.extend(std::iter::repeat_n(b'a', 2 << 20));
+            v
+        }
+        EstMode::InformationalThenOk => return None,
+        EstMode::CutWithoutCloseNotify => {
+            let mut v = crate::httpd::NO_CLOSE_NOTIFY.to_vec();
+            v.extend_from_slice(format!("{head}Connection: close\r\n\r\nMIIBcut").as_bytes());
+            v
+        }
+        _ => return None,
+    })
 }
 
 impl Drop for EstServer {

@@ -4,6 +4,10 @@ use edge_signer_tests::est::{first_der, EstMode, EstServer};
 use edge_signer_tests::*;
 
 fn est_config(env: &Env, est: &EstServer, bootstrap: &str) {
+    est_config_with(env, est, bootstrap, "");
+}
+
+fn est_config_with(env: &Env, est: &EstServer, bootstrap: &str, identity_extra: &str) {
     let p = env.dir.path().display();
     std::fs::write(env.path("est-password"), "s3cret-bootstrap\n").unwrap();
     let cfg = format!(
@@ -14,6 +18,7 @@ name = "dev"
 subject = {{ o = "Acme", cn = "gw-7" }}
 sans = ["dns:gw-7.example"]
 issuer = "est"
+{identity_extra}
 [identity.renewal]
 retry_min = "1s"
 retry_max = "2s"
@@ -70,10 +75,25 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
         .openssl(&["req", "-in", "g1.csr", "-verify", "-noout"])
         .contains("verify OK"));
 
+    // Two-tier PKI, root-only ca_bundle: the issuing CA from /cacerts builds the chain, is
+    // pinned, and is exported with the leaf.
+    let exported = std::fs::read_to_string(env.path("state/identities/dev/cert.pem")).unwrap();
+    assert_eq!(
+        exported.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "{exported}"
+    );
+    assert!(exported.ends_with(&est.inter_pem), "leaf + issuing CA");
+    assert!(env.path("state/issuers/est/cacerts.pem").exists());
+
     env.ok(&["rotate", "dev", "--now", "--timeout", "20"]);
     let seen = est.enrolments();
     assert_eq!(seen.len(), 2);
     assert!(seen[1].path.ends_with("/simplereenroll"), "{seen:?}");
+    assert!(
+        !seen[1].authorization,
+        "re-enrolment carries no Authorization header beside the client certificate"
+    );
     assert_eq!(
         seen[1].client_cert.as_deref(),
         Some(first_der(g1["cert_pem"].as_str().unwrap()).as_slice()),
@@ -92,8 +112,15 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
     );
 }
 
+fn basic_bootstrap(env: &Env) -> String {
+    format!(
+        "timeout = \"1s\"\nbootstrap = {{ username = \"gw-7\", password_file = \"{}\" }}",
+        env.path_str("est-password")
+    )
+}
+
 #[test]
-fn retry_after_is_honoured_and_bad_answers_leave_the_old_identity_serving() {
+fn a_retry_after_is_persisted_and_honoured_by_every_process() {
     let env = Env::new();
     let est = EstServer::start(
         env.dir.path(),
@@ -101,46 +128,65 @@ fn retry_after_is_honoured_and_bad_answers_leave_the_old_identity_serving() {
         "s3cret-bootstrap",
         EstMode::AcceptThenIssue,
     );
-    est_config(
-        &env,
-        &est,
-        &format!(
-            "timeout = \"1s\"\nbootstrap = {{ username = \"gw-7\", password_file = \"{}\" }}",
-            env.path_str("est-password")
-        ),
-    );
-    // Give up before the Retry-After: status shows what is awaited and until when.
-    let out = env.run(&["enroll", "dev", "--timeout", "1"]);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("Retry-After: 1"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    est.set_retry_after("5");
+    est_config(&env, &est, &basic_bootstrap(&env));
+    let started = std::time::Instant::now();
+    let err = env.fails(&["enroll", "dev", "--timeout", "1"]);
+    assert!(err.contains("Retry-After: 5"), "{err}");
+    let asked = est.seen.lock().unwrap().len();
     let st = env.json(&["status"]);
     assert!(
         st[0]["next_action"]
             .as_str()
             .unwrap()
-            .contains("Retry-After: 1"),
+            .contains("Retry-After: 5"),
         "{st}"
     );
-    assert!(st[0]["next_at"].is_string(), "{st}");
-    let out = env.run(&["enroll", "dev", "--timeout", "20"]);
+    let until = st[0]["next_at"].as_str().unwrap().to_owned();
+    // A second process, and a daemon started now, make no request before the time.
+    let err = env.fails(&["enroll", "dev", "--timeout", "1"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        err.contains(&until) || err.contains("Retry-After: 5"),
+        "{err}"
     );
-    assert!(est.enrolments().len() >= 2, "asked again after Retry-After");
+    let daemon = Guard(env.cmd().arg("run").spawn().unwrap());
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    drop(daemon);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(
+        est.seen.lock().unwrap().len(),
+        asked,
+        "no request before Retry-After"
+    );
+    // After it, the same request is repeated and the certificate comes.
+    env.ok(&["enroll", "dev", "--timeout", "20"]);
+    assert!(started.elapsed() >= std::time::Duration::from_secs(5));
+    assert_eq!(est.enrolments().len(), 2);
+}
 
+#[test]
+fn bad_and_hostile_answers_leave_the_old_identity_serving() {
+    let env = Env::new();
+    let est = EstServer::start(
+        env.dir.path(),
+        "gw-7",
+        "s3cret-bootstrap",
+        EstMode::InformationalThenOk,
+    );
+    est_config(&env, &est, &basic_bootstrap(&env));
+    // A 100 Continue before the 200 is legal HTTP: enrolment works.
+    env.ok(&["enroll", "dev", "--timeout", "20"]);
     for (mode, reason) in [
         (EstMode::Garbage, "unusable body"),
         (EstMode::Truncated, "unusable body"),
         (EstMode::WrongContentType, "Content-Type 'text/html'"),
         (EstMode::ServerError, "HTTP 503"),
         (EstMode::Reject, "HTTP 400: CSR refused by policy"),
-        (EstMode::Slow, "EST simplereenroll: reading response"),
+        (EstMode::Slow, "no complete answer within 1s"),
+        (EstMode::ChunkOverflow, "reading the response body"),
+        (EstMode::HugeLength, "Content-Length \"10000000000\""),
+        (EstMode::EndlessHeader, "reading the response head"),
+        (EstMode::CutWithoutCloseNotify, "reading the response body"),
     ] {
         est.set_mode(mode);
         let out = env.run(&["rotate", "dev", "--now", "--timeout", "2"]);
@@ -157,20 +203,93 @@ fn retry_after_is_honoured_and_bad_answers_leave_the_old_identity_serving() {
         );
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
-    // Back to normal: the rotation completes (re-enrolment with the still-valid generation 1).
+    // The daemon meets a hostile server, stays up, and completes once the server is sane.
+    est.set_mode(EstMode::ChunkOverflow);
+    let mut daemon = Guard(env.cmd().arg("run").spawn().unwrap());
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon is alive"
+    );
     est.set_mode(EstMode::Issue);
-    let out = env.run(&["rotate", "dev", "--now", "--timeout", "20"]);
+    let start = std::time::Instant::now();
+    while env.register()["identities"]["dev"]["current"].as_u64() == Some(1) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no recovery"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon is alive"
     );
+}
+
+#[test]
+fn a_ca_that_rewrites_the_dn_issues_under_the_cn_policy_and_is_refused_under_exact() {
+    for mode in [EstMode::KeepOnlyCn, EstMode::ReorderDn] {
+        let env = Env::new();
+        let est = EstServer::start(env.dir.path(), "gw-7", "s3cret-bootstrap", mode);
+        est_config(&env, &est, &basic_bootstrap(&env));
+        env.ok(&["enroll", "dev", "--timeout", "20"]);
+        let st = env.json(&["status"]);
+        let diffs = st[0]["name_differences"].to_string();
+        assert!(
+            diffs.contains("asked for 'O=Acme,CN=gw-7'"),
+            "{mode:?}: {st}"
+        );
+        assert!(st[0]["subject_issued"].is_string(), "{st}");
+
+        est_config_with(
+            &env,
+            &est,
+            &basic_bootstrap(&env),
+            "subject_match = \"exact\"",
+        );
+        let err = env.fails(&["rotate", "dev", "--now", "--timeout", "3"]);
+        assert!(err.contains("subject is '"), "{mode:?}: {err}");
+        assert_eq!(env.register()["identities"]["dev"]["current"], 1);
+    }
+}
+
+#[test]
+fn extra_certificates_in_the_pkcs7_join_the_chain_and_a_foreign_root_is_refused() {
+    let env = Env::new();
+    let est = EstServer::start(
+        env.dir.path(),
+        "gw-7",
+        "s3cret-bootstrap",
+        EstMode::WithChain,
+    );
+    est_config(&env, &est, &basic_bootstrap(&env));
+    env.ok(&["enroll", "dev", "--timeout", "20"]);
+    let exported = std::fs::read_to_string(env.path("state/identities/dev/cert.pem")).unwrap();
+    assert!(exported.ends_with(&est.inter_pem), "{exported}");
+
+    // The same server, but the device trusts another root: refused (at TLS already, and
+    // /cacerts could never anchor there).
+    std::fs::create_dir_all(env.path("foreign")).unwrap();
+    let foreign = EstServer::start(&env.path("foreign"), "x", "y", EstMode::Issue);
+    std::fs::copy(&foreign.ca_file, env.path("foreign-root.pem")).unwrap();
+    drop(foreign);
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(
+            &est.ca_file.display().to_string(),
+            &env.path_str("foreign-root.pem"),
+        ),
+    )
+    .unwrap();
+    env.fails(&["rotate", "dev", "--now", "--timeout", "2"]);
+    let why = env.register()["identities"]["dev"]["failure"]["reason"].to_string();
     assert!(
-        env.register()["identities"]["dev"]["current"]
-            .as_u64()
-            .unwrap()
-            >= 2
+        why.contains("invalid peer certificate")
+            || why.contains("do not chain to the configured ca_bundle"),
+        "{why}"
     );
+    assert_eq!(env.register()["identities"]["dev"]["current"], 1);
 }
 
 #[test]
