@@ -1,0 +1,111 @@
+//! The engine's test doubles: an in-process CA and a config that uses it.
+
+use edge_signer::clock::{Clock, FakeClock, Unix};
+use edge_signer::issuer::{Answer, Issuer, Request, Submitted};
+use hsm_shim::rustls::pki_types::CertificateDer;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+const DAY: u64 = 86_400;
+
+/// An in-process CA behind the `Issuer` trait: answers at once (when `up`), 90-day certs
+/// dated by the fake clock.
+pub struct SimCa {
+    clock: FakeClock,
+    up: Arc<AtomicBool>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca: Vec<CertificateDer<'static>>,
+}
+
+impl SimCa {
+    /// A new CA (`up` switches it on and off).
+    pub fn new(clock: FakeClock, up: Arc<AtomicBool>) -> SimCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "sim CA");
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2040, 1, 1);
+        let cert = p.self_signed(&key).unwrap();
+        SimCa {
+            clock,
+            up,
+            ca: vec![cert.der().clone()],
+            issuer: rcgen::Issuer::new(p, key),
+        }
+    }
+}
+
+impl Issuer for SimCa {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
+        if !self.up.load(Ordering::SeqCst) {
+            return Err(Answer::Unreachable("connection refused".into()));
+        }
+        Ok(Submitted {
+            reference: format!("{}-{}", req.identity, req.generation),
+            answer: None,
+        })
+    }
+
+    fn poll(&mut self, req: &Request, _reference: &str, _now: Unix) -> Answer {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_pem(req.csr_pem).expect("our CSR parses");
+        let now = self.clock.now();
+        csr.params.not_before = time::OffsetDateTime::from_unix_timestamp(now as i64).unwrap();
+        csr.params.not_after =
+            time::OffsetDateTime::from_unix_timestamp((now + 90 * DAY) as i64).unwrap();
+        Answer::Issued(csr.signed_by(&self.issuer).unwrap().pem())
+    }
+
+    fn ca_bundle(&self) -> &[CertificateDer<'static>] {
+        &self.ca
+    }
+}
+
+/// A config with one identity `gw` using the `sim` issuer.
+pub fn config(
+    state: &std::path::Path,
+    module: &std::path::Path,
+    key_type: &str,
+    overlap: &str,
+    jitter: &str,
+) -> firmware_config::Config {
+    let text = format!(
+        r#"
+[token]
+module = "{}"
+label = "test"
+pin = {{ env = "UNUSED" }}
+
+[[identity]]
+name = "gw"
+key_type = "{key_type}"
+subject = {{ o = "Acme", cn = "gw-1" }}
+sans = ["dns:gw-1.example"]
+issuer = "sim"
+overlap = "{overlap}"
+[identity.renewal]
+before = "30d"
+jitter = "{jitter}"
+retry_min = "1h"
+retry_max = "6h"
+
+[[issuer]]
+name = "sim"
+kind = "portal"
+outbox = "/nonexistent/out"
+inbox = "/nonexistent/in"
+ca_bundle = "/nonexistent/ca.pem"
+
+[paths]
+state_dir = "{}"
+"#,
+        module.display(),
+        state.display()
+    );
+    let layer =
+        firmware_config::Layer::parse(firmware_config::LayerKind::Firmware, "sim.toml", &text)
+            .unwrap();
+    firmware_config::layers::resolve(&[layer]).unwrap().config
+}
