@@ -1,0 +1,242 @@
+//! The lifecycle commands: run, status, enroll, rotate, retire, revoke, needs-renewal, jwk, jws.
+
+use super::*;
+
+/// Run a lifecycle command.
+pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
+    match cmd {
+        Cmd::Run => {
+            edge_signer::daemon::run(&sources(g), &overrides(g))?;
+        }
+        Cmd::Status { json, timeline } => return status_cmd(g, json, timeline),
+        Cmd::Enroll { name, timeout } => {
+            let mut e = lifecycle_engine(g)?;
+            if e.reg
+                .identities
+                .get(&name)
+                .is_some_and(|r| r.current.is_some())
+            {
+                bail!("'{name}' is already enrolled; use `edge-signer rotate {name} --now` for a new generation");
+            }
+            e.force(&name)?;
+            drive(&mut e, &name, timeout)?;
+        }
+        Cmd::Rotate { name, now, timeout } => return rotate_cmd(g, name, now, timeout),
+        Cmd::Retire { name, generation } => {
+            let mut e = lifecycle_engine(g)?;
+            e.retire(&name, generation)?;
+            println!(
+                "{name}: generation {generation} retired; its key objects are gone from the token"
+            );
+        }
+        Cmd::Revoke { name, generation } => {
+            let mut e = lifecycle_engine(g)?;
+            e.revoke(&name, generation)?;
+            println!(
+                "{name}: generation {generation} revoked; its key objects are gone from the token"
+            );
+        }
+        Cmd::NeedsRenewal { name } => {
+            let e = lifecycle_engine(g)?;
+            return Ok(if e.needs_renewal(&name)? { 0 } else { 1 });
+        }
+        Cmd::Jwk(JwkCmd::Export { name }) => {
+            let mut e = lifecycle_engine(g)?;
+            let jwk = e.jwk_export(&name)?;
+            println!("{jwk:#}");
+        }
+        Cmd::Jwk(JwkCmd::Activate { name, expires }) => {
+            let at = edge_signer::clock::parse_date(&expires).map_err(|e| anyhow::anyhow!(e))?;
+            let mut e = lifecycle_engine(g)?;
+            e.jwk_activate(&name, at)?;
+            println!(
+                "{name}: credential active until {}",
+                edge_signer::clock::rfc3339(at)
+            );
+        }
+        Cmd::Jws(JwsCmd::Sign { name, payload }) => {
+            let data = match payload.as_deref() {
+                None => Vec::new(),
+                Some(p) if p == Path::new("-") => {
+                    let mut v = Vec::new();
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+                    v
+                }
+                Some(p) => {
+                    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
+                }
+            };
+            let e = lifecycle_engine(g)?;
+            let (key, kid) = e.current_key(&name)?;
+            println!(
+                "{}",
+                hsm_shim::jws::sign_compact(
+                    &key,
+                    hsm_shim::jws::JwsAlg::for_key(key.key_type()),
+                    &kid,
+                    &data
+                )?
+            );
+        }
+        _ => bail!("internal: not a lifecycle command"),
+    }
+    Ok(0)
+}
+
+pub(crate) fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Engine> {
+    let mut e = edge_signer::daemon::engine(
+        &sources(g),
+        &overrides(g),
+        Arc::new(edge_signer::clock::SystemClock),
+    )?;
+    for note in e.reconcile()? {
+        eprintln!("reconcile: {note}");
+    }
+    Ok(e)
+}
+
+pub(crate) fn drive(
+    e: &mut edge_signer::lifecycle::Engine,
+    name: &str,
+    timeout: Option<u64>,
+) -> Result<()> {
+    edge_signer::daemon::drive_to_promotion(e, name, timeout.map(Duration::from_secs), |line| {
+        eprintln!("{line}")
+    })?;
+    let rec = e.reg.identities.get(name).cloned().unwrap_or_default();
+    let g = rec.current_gen().cloned();
+    let which = match g.as_ref() {
+        Some(g) if g.kid.is_some() => format!("kid {}", g.kid.as_deref().unwrap_or_default()),
+        Some(g) => format!("serial {}", g.serial.as_deref().unwrap_or("-")),
+        None => "none".into(),
+    };
+    println!(
+        "{name}: generation {} is current ({which}, valid until {})",
+        rec.current.unwrap_or(0),
+        g.as_ref()
+            .and_then(|g| g.not_after)
+            .map(edge_signer::clock::rfc3339)
+            .unwrap_or_default()
+    );
+    for old in rec
+        .generations
+        .iter()
+        .filter(|g| g.status == edge_signer::register::GenStatus::Overlap)
+    {
+        println!(
+            "  generation {} stays valid until {} (overlap), then its key is destroyed",
+            old.number,
+            old.overlap_until
+                .map(edge_signer::clock::rfc3339)
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `status`: from the register alone.
+fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
+    let loaded = sources(g)
+        .load()
+        .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let cfg = loaded.effective.config;
+    let reg = edge_signer::register::RegisterFile::new(&cfg.paths.state_dir).load()?;
+    let rows = edge_signer::lifecycle::status(
+        &cfg,
+        &reg,
+        edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock),
+    );
+    print(json, serde_json::to_value(&rows)?, || {
+        let mut out = String::new();
+        for r in &rows {
+            out += &format!("{} [{}]\n", r.name, r.state);
+            match r.generation {
+                Some(n) => {
+                    out += &match &r.kid {
+                        Some(kid) => format!("  generation {n}: kid {kid}\n"),
+                        None => format!(
+                            "  generation {n}: serial {} sha256 {}\n",
+                            r.serial.as_deref().unwrap_or("-"),
+                            r.fingerprint.as_deref().unwrap_or("-")
+                        ),
+                    };
+                    out += &format!("  key {}\n", r.key_uri.as_deref().unwrap_or("-"));
+                    out += &format!(
+                        "  valid until {} ({} days left)\n",
+                        r.not_after.as_deref().unwrap_or("-"),
+                        r.days_left.unwrap_or(0)
+                    );
+                }
+                None => out += "  no current generation\n",
+            }
+            if let Some(p) = r.pending_generation {
+                out += &format!("  enrolling generation {p}\n");
+            }
+            out += &format!(
+                "  next: {}{}\n",
+                r.next_action,
+                r.next_at
+                    .as_deref()
+                    .map(|t| format!(" at {t}"))
+                    .unwrap_or_default()
+            );
+            if let Some(e) = &r.last_error {
+                out += &format!("  last error: {e}\n");
+            }
+            if timeline {
+                for t in reg
+                    .identities
+                    .get(&r.name)
+                    .map(|x| x.transitions.as_slice())
+                    .unwrap_or_default()
+                {
+                    out += &format!(
+                        "    {}  g{:<3} {:<12} {}\n",
+                        edge_signer::clock::rfc3339(t.at),
+                        t.generation,
+                        t.step.as_str(),
+                        t.note
+                    );
+                }
+            }
+        }
+        out
+    });
+    Ok(0)
+}
+
+/// `rotate`: when due, or now; during an overlap a rotation is queued.
+fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Result<i32> {
+    let mut e = lifecycle_engine(g)?;
+    let rec = e.reg.identities.get(&name).cloned().unwrap_or_default();
+    if now && rec.step == edge_signer::register::Step::Overlap && rec.pending.is_none() {
+        // A new rotation cannot start while the old generation still overlaps: queue it.
+        e.force(&name)?;
+        for old in rec
+            .generations
+            .iter()
+            .filter(|g| g.status == edge_signer::register::GenStatus::Overlap)
+        {
+            println!(
+                "{name}: generation {} overlaps with the current generation {} until {}; the rotation is queued and starts when the overlap ends (the daemon, or `edge-signer rotate {name}` then).\n  To start it sooner: `edge-signer retire {name} --generation {}` destroys the old key now, then `edge-signer rotate {name} --now`.",
+                old.number,
+                rec.current.unwrap_or(0),
+                old.overlap_until.map(edge_signer::clock::rfc3339).unwrap_or_default(),
+                old.number
+            );
+        }
+        return Ok(0);
+    }
+    if now {
+        e.force(&name)?;
+    } else if !e.needs_renewal(&name)? {
+        let t = e
+            .renewal_time(&name)
+            .map(edge_signer::clock::rfc3339)
+            .unwrap_or_default();
+        println!("{name}: renewal not due until {t}; use --now to rotate anyway");
+        return Ok(0);
+    }
+    drive(&mut e, &name, timeout)?;
+    Ok(0)
+}

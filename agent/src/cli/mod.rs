@@ -1,0 +1,132 @@
+//! The CLI's command groups (the clap definitions are in main.rs) and what they share:
+//! opening the token from the global options, printing human or JSON output.
+
+pub(crate) mod config;
+pub(crate) mod keys;
+pub(crate) mod lifecycle;
+
+use crate::*;
+use anyhow::{bail, Context, Result};
+use edge_signer::{http, tlsconf};
+use hsm_shim::csr::{San, Subject};
+use hsm_shim::{KeyRef, Pin, PinSource, Pkcs11Uri, Token, TokenKey, TokenSelector};
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+impl Global {
+    pub(crate) fn module(&self, uri: Option<&Pkcs11Uri>) -> Result<PathBuf> {
+        if let Some(m) = &self.module {
+            return Ok(m.clone());
+        }
+        if let Some(m) = uri.and_then(|u| u.module_path.as_ref()) {
+            return Ok(PathBuf::from(m));
+        }
+        bail!("no PKCS#11 module: pass --module PATH or set EDGE_SIGNER_MODULE (SoftHSM: /usr/lib/softhsm/libsofthsm2.so)")
+    }
+
+    pub(crate) fn pin(&self, uri: Option<&Pkcs11Uri>) -> Result<Pin> {
+        let src = match (&self.pin_file, uri.and_then(|u| u.pin_source.as_ref())) {
+            (Some(f), _) => PinSource::File(f.clone()),
+            (None, Some(s)) => PinSource::File(PathBuf::from(s.strip_prefix("file:").unwrap_or(s))),
+            (None, None) => return Err(hsm_shim::Error::PinRequired.into()),
+        };
+        Ok(src.read()?)
+    }
+
+    pub(crate) fn selector(&self, uri: Option<&Pkcs11Uri>) -> Result<TokenSelector> {
+        if let Some(t) = &self.token {
+            return Ok(TokenSelector::Label(t.clone()));
+        }
+        match uri {
+            Some(Pkcs11Uri { token: Some(t), .. }) => Ok(TokenSelector::Label(t.clone())),
+            Some(Pkcs11Uri {
+                serial: Some(s), ..
+            }) => Ok(TokenSelector::Serial(s.clone())),
+            _ => bail!("no token: pass --token LABEL or set EDGE_SIGNER_TOKEN"),
+        }
+    }
+
+    pub(crate) fn open_token(&self, uri: Option<&Pkcs11Uri>) -> Result<Arc<Token>> {
+        let module = self.module(uri)?;
+        let sel = self.selector(uri)?;
+        let pin = self.pin(uri)?;
+        Ok(Token::open(&module, &sel, Some(pin))?)
+    }
+
+    pub(crate) fn open_key(&self, uri: &str) -> Result<TokenKey> {
+        let uri = Pkcs11Uri::parse(uri)?;
+        let token = self.open_token(Some(&uri))?;
+        Ok(TokenKey::open(token, &KeyRef::from_uri(&uri)?)?)
+    }
+}
+
+pub(crate) fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
+    if json_out {
+        println!("{value:#}");
+    } else {
+        print!("{}", human());
+    }
+}
+
+pub(crate) fn key_json(k: &hsm_shim::KeyInfo, token: &Token) -> serde_json::Value {
+    json!({
+        "uri": k.uri(token).to_string(),
+        "id": hsm_shim::keys::hex(&k.id),
+        "label": k.label,
+        "type": k.key_type.as_str(),
+        "has_cert": k.has_cert,
+        "public_key_pem": k.spki_pem(),
+    })
+}
+
+pub(crate) fn identity(
+    g: &Global,
+    id: &Identity,
+) -> Result<(
+    hsm_shim::TlsSigningKey,
+    Arc<hsm_shim::rustls::sign::CertifiedKey>,
+)> {
+    let key = g.open_key(&id.key)?;
+    let mut chain = tlsconf::load_certs(&id.cert)?;
+    if let Some(c) = &id.chain {
+        chain.extend(tlsconf::load_certs(c)?);
+    }
+    let signer = hsm_shim::TlsSigningKey::new(key);
+    let ck = hsm_shim::tls::certified_key(signer.clone(), chain)
+        .with_context(|| format!("refusing {} for key {}", id.cert.display(), id.key))?;
+    Ok((signer, ck))
+}
+
+/// Write a file through a temp file and rename, so a power cut never leaves half of it.
+pub(crate) fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+pub(crate) fn sources(g: &Global) -> firmware_config::Sources {
+    firmware_config::Sources {
+        defaults: g.defaults.clone(),
+        local: g.config.clone(),
+    }
+}
+pub(crate) fn overrides(g: &Global) -> edge_signer::daemon::TokenOverride {
+    edge_signer::daemon::TokenOverride {
+        module: g.module.clone(),
+        label: g.token.clone(),
+        pin_file: g.pin_file.clone(),
+    }
+}
