@@ -162,8 +162,11 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
     'reload: loop {
         pick_up_spool(sources);
         let mut engine = engine(sources, o, clock.clone())?;
-        for note in engine.reconcile()? {
-            tracing::warn!("{note}");
+        match engine.reconcile() {
+            Ok(notes) => notes.iter().for_each(|n| tracing::warn!("{n}")),
+            // A token that cannot list its keys now destroys nothing; the next start or
+            // reload reconciles again.
+            Err(e) => tracing::error!("reconcile skipped, nothing destroyed: {e:#}"),
         }
         tracing::info!(
             identities = engine.config().identities.len(),

@@ -5,6 +5,15 @@ use crate::schema::{Config, IssuerConfig, RenewAt};
 use crate::units::Duration;
 use std::collections::{BTreeMap, HashSet};
 
+/// Names that become file names and key labels: `[A-Za-z0-9._-]{1,64}`, not starting with
+/// `.` or `-` (no `/`, no `..`, no `:` that would blur `edge-signer:<identity>:g<N>`).
+pub fn safe_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && !s.starts_with(['.', '-'])
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Every cross-field error, each naming its file and field path.
 pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError> {
     let mut errs = Vec::new();
@@ -45,6 +54,11 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
         let p = format!("issuer[{i}]");
         if iss.name().is_empty() {
             err(format!("{p}.name"), "must not be empty".into());
+        } else if !safe_name(iss.name()) {
+            err(
+                format!("{p}.name"),
+                format!("'{}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names files", iss.name()),
+            );
         } else if !issuer_names.insert(iss.name()) {
             err(
                 format!("{p}.name"),
@@ -88,6 +102,11 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
         let p = format!("identity[{i}]");
         if id.name.is_empty() {
             err(format!("{p}.name"), "must not be empty".into());
+        } else if !safe_name(&id.name) {
+            err(
+                format!("{p}.name"),
+                format!("'{}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names files and key labels", id.name),
+            );
         } else if !names.insert(id.name.as_str()) {
             err(
                 format!("{p}.name"),

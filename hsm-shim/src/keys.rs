@@ -98,6 +98,15 @@ impl FromStr for KeyType {
     }
 }
 
+/// A private key object named by its `CKA_ID` and `CKA_LABEL` only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLabel {
+    /// `CKA_ID`.
+    pub id: Vec<u8>,
+    /// `CKA_LABEL`.
+    pub label: String,
+}
+
 /// A key pair in the token, as found or generated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
@@ -380,10 +389,33 @@ impl Token {
     /// Every private key in the token with its public half.
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
         self.with_session(|s| {
-            s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])?
-                .into_iter()
-                .map(|h| describe_key(s, h))
-                .collect()
+            let mut out = Vec::new();
+            for h in s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
+                match describe_key(s, h) {
+                    Ok(k) => out.push(k),
+                    // Another program's key of a type we do not use: not ours, left alone.
+                    Err(Error::Unsupported(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// `CKA_ID` and `CKA_LABEL` of every private key, whatever its type: what reconcile
+    /// needs, and nothing that can fail on a key another program put in a shared token.
+    pub fn list_key_labels(&self) -> Result<Vec<KeyLabel>> {
+        self.with_session(|s| {
+            let mut out = Vec::new();
+            for h in s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
+                let id = attr_bytes(s, h, AttributeType::Id)?.unwrap_or_default();
+                let label = attr_bytes(s, h, AttributeType::Label)?.unwrap_or_default();
+                out.push(KeyLabel {
+                    id,
+                    label: String::from_utf8_lossy(&label).into_owned(),
+                });
+            }
+            Ok(out)
         })
     }
 

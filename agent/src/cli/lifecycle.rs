@@ -89,8 +89,9 @@ pub(crate) fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Eng
         &overrides(g),
         Arc::new(edge_signer::clock::SystemClock),
     )?;
-    for note in e.reconcile()? {
-        eprintln!("reconcile: {note}");
+    match e.reconcile() {
+        Ok(notes) => notes.iter().for_each(|n| eprintln!("reconcile: {n}")),
+        Err(err) => eprintln!("reconcile skipped, nothing destroyed: {err:#}"),
     }
     Ok(e)
 }

@@ -7,9 +7,15 @@ use crate::events::Severity;
 use crate::register::{GenStatus, Generation, IdentityRecord, Step};
 use anyhow::{anyhow, bail, Result};
 
-/// The identity's label prefix for its generations' key objects.
-fn label_prefix(identity: &str) -> String {
-    format!("edge-signer:{identity}:g")
+/// The identity and generation a key label names, when it is exactly
+/// `edge-signer:<identity>:g<N>` (parsed, never prefix-matched).
+pub fn parse_label(label: &str) -> Option<(&str, u32)> {
+    let rest = label.strip_prefix("edge-signer:")?;
+    let (identity, n) = rest.rsplit_once(":g")?;
+    if identity.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((identity, n.parse().ok()?))
 }
 
 impl Engine {
@@ -17,7 +23,8 @@ impl Engine {
     /// retired, and report keys the register expects but the token lacks.
     pub fn reconcile(&mut self) -> Result<Vec<String>> {
         let mut notes = Vec::new();
-        let keys = self.token.list_keys()?;
+        // Labels only: a foreign key of a type we do not know must not stop reconcile.
+        let keys = self.token.list_key_labels()?;
         let now = self.now();
         for ident in self
             .cfg
@@ -39,7 +46,7 @@ impl Engine {
                 .collect();
             for k in keys
                 .iter()
-                .filter(|k| k.label.starts_with(&label_prefix(&ident)))
+                .filter(|k| parse_label(&k.label).is_some_and(|(i, _)| i == ident))
             {
                 let id = hsm_shim::keys::hex(&k.id);
                 let wanted = live.iter().any(|g| {
@@ -215,5 +222,26 @@ impl Engine {
             self.save(name)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_label;
+
+    #[test]
+    fn labels_are_parsed_not_prefix_matched() {
+        assert_eq!(parse_label("edge-signer:gw:g12"), Some(("gw", 12)));
+        assert_eq!(parse_label("edge-signer:gw:g1:g1"), Some(("gw:g1", 1)));
+        assert_eq!(parse_label("edge-signer:gw-g1:g3"), Some(("gw-g1", 3)));
+        for bad in [
+            "edge-signer:gw:g",
+            "edge-signer::g1",
+            "other:gw:g1",
+            "edge-signer:gw:g1x",
+            "edge-signer:gw:g+1",
+        ] {
+            assert_eq!(parse_label(bad), None, "{bad}");
+        }
     }
 }

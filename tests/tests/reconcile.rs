@@ -1,0 +1,104 @@
+//! Reconcile owns exactly its own key objects: parsed labels, foreign keys left alone.
+
+use edge_signer_tests::*;
+use std::process::Command;
+
+fn keygen(env: &Env, key_type: &str, label: &str) {
+    let out = Command::new("pkcs11-tool")
+        .args([
+            "--module",
+            &module().display().to_string(),
+            "--token-label",
+            LABEL,
+            "--login",
+            "--pin",
+            USER_PIN,
+            "--keypairgen",
+            "--key-type",
+            key_type,
+            "--label",
+            label,
+            "--id",
+            if key_type.starts_with("EC") {
+                "5210"
+            } else {
+                "1024"
+            },
+        ])
+        .envs(env.envs())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn neighbouring_identities_and_foreign_keys_survive_reconcile_and_the_daemon() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let mut cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    cfg += r#"
+[[identity]]
+name = "gw-g1"
+subject = { cn = "gw-g1" }
+issuer = "portal"
+overlap = "1d"
+"#;
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    // Another program's keys in the shared token: types the shim does not use.
+    keygen(&env, "EC:secp521r1", "other-app");
+    keygen(&env, "rsa:1024", "edge-signer:legacy:gx");
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    env.ok(&["enroll", "gw-g1", "--timeout", "20"]);
+    let keys = env.json(&["key", "list"]);
+    assert!(keys.as_array().unwrap().len() >= 2, "{keys}");
+
+    let mut daemon = Guard(env.cmd().arg("run").spawn().unwrap());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    drop(daemon);
+
+    let objects = env.pkcs11_objects();
+    let reg = env.register();
+    for ident in ["gw", "gw-g1"] {
+        let id = reg["identities"][ident]["generations"][0]["key_id"]
+            .as_str()
+            .unwrap();
+        assert!(objects.contains(id), "{ident}'s key survives: {objects}");
+    }
+    assert!(
+        objects.contains("other-app") && objects.contains("edge-signer:legacy:gx"),
+        "{objects}"
+    );
+}
+
+#[test]
+fn unsafe_identity_names_are_refused_by_validation() {
+    let env = Env::new();
+    env.make_ca("ca");
+    for bad in ["../etc", "gw/x", "gw:g1", ".hidden"] {
+        env.lifecycle_config("");
+        let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+        std::fs::write(
+            env.path("defaults.toml"),
+            cfg.replacen("name = \"gw\"", &format!("name = \"{bad}\""), 1),
+        )
+        .unwrap();
+        let err = env.fails(&["status"]);
+        assert!(err.contains("is not a safe name"), "{bad}: {err}");
+    }
+}
