@@ -159,38 +159,57 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         })
         .context("cannot start the signal thread")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    'reload: loop {
-        pick_up_spool(sources);
-        let mut engine = engine(sources, o, clock.clone())?;
-        match engine.reconcile() {
-            Ok(notes) => notes.iter().for_each(|n| tracing::warn!("{n}")),
-            // A token that cannot list its keys now destroys nothing; the next start or
-            // reload reconciles again.
-            Err(e) => tracing::error!("reconcile skipped, nothing destroyed: {e:#}"),
-        }
-        tracing::info!(
-            identities = engine.config().identities.len(),
-            "edge-signer running"
-        );
-        loop {
-            let next = engine.tick();
-            let now = clock.now();
-            let wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
-            tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
-            match rx.recv_timeout(wait) {
-                Ok(Wake::Reload) => {
-                    tracing::info!("SIGHUP: reloading the configuration");
-                    continue 'reload;
+    pick_up_spool(sources);
+    let mut engine = start_engine(sources, o, &clock)?;
+    loop {
+        let next = engine.tick();
+        let now = clock.now();
+        let wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
+        tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
+        match rx.recv_timeout(wait) {
+            Ok(Wake::Reload) => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                pick_up_spool(sources);
+                // Only a configuration that validates and whose token opens replaces the
+                // running one; otherwise the daemon keeps going and says why.
+                match start_engine(sources, o, &clock) {
+                    Ok(e) => engine = e,
+                    Err(e) => {
+                        let now = clock.now();
+                        engine.events.emit(
+                            now,
+                            "reload-refused",
+                            "",
+                            crate::events::Severity::Critical,
+                            format!("reload refused, the running configuration stays: {e:#}"),
+                        );
+                    }
                 }
-                Ok(Wake::Stop) => {
-                    tracing::info!("stopping");
-                    return Ok(());
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
+            Ok(Wake::Stop) => {
+                tracing::info!("stopping");
+                return Ok(());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
     }
+}
+
+/// Build the engine from the configuration and reconcile it with the token.
+fn start_engine(sources: &Sources, o: &TokenOverride, clock: &Arc<dyn Clock>) -> Result<Engine> {
+    let mut engine = engine(sources, o, clock.clone())?;
+    match engine.reconcile() {
+        Ok(notes) => notes.iter().for_each(|n| tracing::warn!("{n}")),
+        // A token that cannot list its keys now destroys nothing; the next start or
+        // reload reconciles again.
+        Err(e) => tracing::error!("reconcile skipped, nothing destroyed: {e:#}"),
+    }
+    tracing::info!(
+        identities = engine.config().identities.len(),
+        "edge-signer running"
+    );
+    Ok(engine)
 }
 
 /// Apply fleet bundles dropped in the spool directory (on start and on SIGHUP).

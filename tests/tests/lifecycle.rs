@@ -386,6 +386,21 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm() {
         guard.0.try_wait().unwrap().is_none(),
         "the daemon must survive SIGHUP"
     );
+    // A broken local edit: the reload is refused, the daemon keeps the running config.
+    std::fs::create_dir_all(env.path("etc")).unwrap();
+    std::fs::write(env.path("etc/agent.toml"), "[[identity]]\nname = 7\n").unwrap();
+    Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(
+        guard.0.try_wait().unwrap().is_none(),
+        "the daemon must survive a broken reload"
+    );
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
+    assert!(
+        log.contains("reload refused, the running configuration stays")
+            && log.contains("etc/agent.toml"),
+        "{log}"
+    );
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = guard.0.wait().unwrap();
     assert!(status.success(), "{status}");
