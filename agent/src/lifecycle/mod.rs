@@ -14,6 +14,9 @@ mod certificate;
 mod credential;
 pub mod plan;
 mod retire;
+mod schedule;
+
+pub use schedule::renewal_time;
 
 pub use plan::{status, Status};
 
@@ -24,7 +27,7 @@ use crate::register::{
     Failure, GenStatus, Generation, IdentityRecord, Register, RegisterFile, Step,
 };
 use anyhow::{anyhow, bail, Result};
-use firmware_config::schema::{CnSuffix, Config, IdentityConfig, RenewAt};
+use firmware_config::schema::{CnSuffix, Config, IdentityConfig};
 use hsm_shim::{KeyRef, Token, TokenKey};
 use plan::{Action, Plan};
 use std::collections::BTreeMap;
@@ -64,36 +67,6 @@ pub struct Engine {
 /// The label of a generation's key objects.
 pub fn key_label(identity: &str, generation: u32) -> String {
     format!("edge-signer:{identity}:g{generation}")
-}
-
-/// A stable per-identity, per-generation offset in `0..span`, so a fleet spreads out.
-fn jitter(identity: &str, generation: u32, span: u64) -> u64 {
-    if span == 0 {
-        return 0;
-    }
-    // FNV-1a: stable across runs and builds.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in identity.bytes().chain(generation.to_le_bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h % span
-}
-
-/// When the current generation should be renewed: the policy point, minus a stable jitter
-/// offset (earlier, never later than the policy says).
-pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> {
-    let g = rec.current_gen()?;
-    let (nb, na) = (g.not_before?, g.not_after?);
-    let point = match cfg.renewal.renew_at() {
-        RenewAt::Before(d) => na.saturating_sub(d.secs()),
-        RenewAt::Fraction(p) => nb + (na.saturating_sub(nb)) * p.0 as u64 / 100,
-    };
-    Some(
-        point
-            .saturating_sub(jitter(&cfg.name, g.number, cfg.renewal.jitter.secs()))
-            .max(nb),
-    )
 }
 
 impl Engine {
