@@ -1,0 +1,75 @@
+//! Where a PIN must never be: the daemon's environment, the notify hook's environment.
+
+use edge_signer_tests::*;
+use std::os::unix::fs::PermissionsExt;
+
+#[test]
+fn an_env_pin_is_read_once_and_reaches_neither_the_daemon_environ_nor_the_hook() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let hook = env.path("hook.sh");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ncat /proc/self/environ >> {0}/hook-environ\ncat >> {0}/events.jsonl\n",
+            env.dir.path().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = std::fs::read_to_string(env.path("defaults.toml"))
+        .unwrap()
+        .replace(
+            &format!("pin = {{ file = \"{}\" }}", env.path_str("pin")),
+            "pin = { env = \"GW_TOKEN_PIN\" }",
+        );
+    std::fs::write(
+        env.path("defaults.toml"),
+        format!("{cfg}\n[notify]\nexec = \"{}\"\n", hook.display()),
+    )
+    .unwrap();
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::Good,
+    );
+    let child = env
+        .cmd()
+        .arg("run")
+        .env_remove("EDGE_SIGNER_PIN_FILE")
+        .env("GW_TOKEN_PIN", USER_PIN)
+        .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _daemon = Guard(child);
+    let start = std::time::Instant::now();
+    let enrolled = || {
+        std::fs::read(env.path("state/register.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|r| r["identities"]["gw"]["current"] == 1)
+    };
+    while !env.path("events.jsonl").exists() || !enrolled() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "no enrolment"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains(USER_PIN), "PIN in the daemon's environ");
+    assert!(!environ.contains("GW_TOKEN_PIN"), "{environ}");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains(USER_PIN));
+    let hook_env = std::fs::read_to_string(env.path("hook-environ")).unwrap_or_default();
+    assert!(!hook_env.contains(USER_PIN), "PIN in the hook's environ");
+    assert!(
+        !hook_env.contains("EDGE_SIGNER_"),
+        "the hook inherits nothing: {hook_env}"
+    );
+}
