@@ -22,12 +22,15 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
     rename_synced(&tmp, path)
 }
 
+/// A temp name unique to this process and call, so two writers never share one.
 fn tmp_path(path: &Path) -> PathBuf {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    path.with_file_name(format!(".{name}.{}.{seq}.tmp", std::process::id()))
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -317,19 +320,20 @@ impl Sources {
         fs::create_dir_all(&store.dir).map_err(io(ApplyStep::WriteLastKnownGoodTemp))?;
         let current = store.dir.join(CURRENT);
         let last_good = store.dir.join(LAST_GOOD);
+        let (last_good_tmp, current_tmp) = (tmp_path(&last_good), tmp_path(&current));
         if let Some(prev) = store.read(CURRENT) {
             step(ApplyStep::WriteLastKnownGoodTemp, hook, &|| {
-                write_synced(&tmp_path(&last_good), &prev)
+                write_synced(&last_good_tmp, &prev)
             })?;
             step(ApplyStep::RenameLastKnownGood, hook, &|| {
-                rename_synced(&tmp_path(&last_good), &last_good)
+                rename_synced(&last_good_tmp, &last_good)
             })?;
         }
         step(ApplyStep::WriteCurrentTemp, hook, &|| {
-            write_synced(&tmp_path(&current), bytes)
+            write_synced(&current_tmp, bytes)
         })?;
         step(ApplyStep::RenameCurrent, hook, &|| {
-            rename_synced(&tmp_path(&current), &current)
+            rename_synced(&current_tmp, &current)
         })?;
         step(ApplyStep::RecordVersion, hook, &|| {
             atomic_write(

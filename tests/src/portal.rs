@@ -21,6 +21,8 @@ pub enum CaMode {
     WrongKey,
     /// Sign it without the SANs.
     NoSans,
+    /// Sign it, and drop a private key block in the same file (a careless person).
+    AppendKey,
 }
 
 /// A test CA (openssl) answering a portal outbox into an inbox from a background thread.
@@ -233,6 +235,11 @@ fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     run(&argv);
+    if mode == CaMode::AppendKey {
+        let key = std::fs::read_to_string(dir.join(format!("{ca}.key"))).expect("key");
+        let cert = std::fs::read_to_string(&tmp).expect("cert");
+        std::fs::write(&tmp, format!("{cert}{key}")).expect("append");
+    }
     std::fs::rename(&tmp, out).expect("drop into inbox");
 }
 

@@ -102,3 +102,24 @@ fn unsafe_identity_names_are_refused_by_validation() {
         assert!(err.contains("is not a safe name"), "{bad}: {err}");
     }
 }
+
+#[test]
+fn a_private_key_dropped_beside_the_certificate_never_reaches_the_register_or_disk() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let _ca = PortalCa::start(
+        env.dir.path(),
+        "ca",
+        &env.path("outbox"),
+        &env.path("inbox"),
+        CaMode::AppendKey,
+    );
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    let reg = std::fs::read_to_string(env.path("state/register.json")).unwrap();
+    let exported = std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap();
+    for text in [&reg, &exported] {
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+    }
+    assert!(exported.contains("BEGIN CERTIFICATE"));
+}

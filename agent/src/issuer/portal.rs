@@ -97,7 +97,14 @@ impl Issuer for Portal {
                 continue;
             };
             match leaf_spki(&text) {
-                Some(spki) if spki == req.spki => return Answer::Issued(text),
+                // Only the certificates, re-encoded: nothing else in a dropped file (a private
+                // key block, text) reaches the register or cert.pem.
+                Some(spki) if spki == req.spki => {
+                    return match crate::validate::parse_chain(&text) {
+                        Ok(chain) => Answer::Issued(crate::validate::to_pem(&chain)),
+                        Err(e) => Answer::Unreachable(e.to_string()),
+                    }
+                }
                 Some(_) if since.is_none_or(|t| meta.modified().is_ok_and(|m| m >= t)) => foreign
                     .push(
                         f.file_name()
