@@ -189,7 +189,8 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         .context("cannot start the signal thread")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     pick_up_spool(sources);
-    let mut engine = start_engine(sources, o, &clock)?;
+    let mut engine = start_engine(sources, o, &clock, &mut None)?;
+    take_requests(&mut engine);
     loop {
         let next = engine.tick();
         let now = clock.now();
@@ -201,7 +202,8 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
                 pick_up_spool(sources);
                 // Only a configuration that validates and whose token opens replaces the
                 // running one; otherwise the daemon keeps going and says why.
-                match start_engine(sources, o, &clock) {
+                let mut lock = engine.release_lock();
+                match start_engine(sources, o, &clock, &mut lock) {
                     Ok(e) => engine = e,
                     Err(e) => {
                         let now = clock.now();
@@ -212,8 +214,15 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
                             crate::events::Severity::Critical,
                             format!("reload refused, the running configuration stays: {e:#}"),
                         );
+                        // The lock goes back to the running engine (or is taken again).
+                        let l = match lock.take() {
+                            Some(l) => l,
+                            None => relock(&engine.config().paths.state_dir)?,
+                        };
+                        engine.hold(l)?;
                     }
                 }
+                take_requests(&mut engine);
             }
             Ok(Wake::Stop) => {
                 tracing::info!("stopping");
@@ -225,9 +234,46 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
     }
 }
 
-/// Build the engine from the configuration and reconcile it with the token.
-fn start_engine(sources: &Sources, o: &TokenOverride, clock: &Arc<dyn Clock>) -> Result<Engine> {
+/// Take the state-dir lock as the daemon, or say who holds it.
+fn relock(dir: &std::path::Path) -> Result<crate::statelock::StateLock> {
+    match crate::statelock::StateLock::try_acquire(dir, true)
+        .with_context(|| format!("cannot lock {}", dir.display()))?
+    {
+        Ok(lock) => Ok(lock),
+        Err(h) => anyhow::bail!(
+            "edge-signer pid {} ({}) owns {}: one writer per state directory; stop it first",
+            h.pid,
+            if h.daemon { "a daemon" } else { "a command" },
+            dir.display()
+        ),
+    }
+}
+
+/// Rotations the CLI asked for while this daemon owns the state.
+fn take_requests(engine: &mut Engine) {
+    let dir = engine.config().paths.state_dir.clone();
+    for name in crate::statelock::take_rotation_requests(&dir) {
+        match engine.force(&name) {
+            Ok(()) => tracing::info!(identity = %name, "rotation asked for from the command line"),
+            Err(e) => tracing::warn!(identity = %name, "rotation request refused: {e:#}"),
+        }
+    }
+}
+
+/// Build the engine from the configuration, take the state-dir lock (the daemon is the one
+/// writer while it runs) and reconcile with the token.
+fn start_engine(
+    sources: &Sources,
+    o: &TokenOverride,
+    clock: &Arc<dyn Clock>,
+    lock: &mut Option<crate::statelock::StateLock>,
+) -> Result<Engine> {
     let mut engine = engine(sources, o, clock.clone())?;
+    let l = match lock.take() {
+        Some(l) => l,
+        None => relock(&engine.config().paths.state_dir)?,
+    };
+    engine.hold(l)?;
     match engine.reconcile() {
         Ok(notes) => notes.iter().for_each(|n| tracing::warn!("{n}")),
         // A token that cannot list its keys now destroys nothing; the next start or

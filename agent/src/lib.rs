@@ -8,5 +8,6 @@ pub mod http;
 pub mod issuer;
 pub mod lifecycle;
 pub mod register;
+pub mod statelock;
 pub mod tlsconf;
 pub mod validate;

@@ -1,6 +1,7 @@
 //! The lifecycle commands: run, status, enroll, rotate, retire, revoke, needs-renewal, jwk, jws.
 
 use super::*;
+use edge_signer::statelock::{Holder, StateLock};
 
 /// Run a lifecycle command.
 pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
@@ -10,6 +11,9 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
         }
         Cmd::Status { json, timeline } => return status_cmd(g, json, timeline),
         Cmd::Enroll { name, timeout } => {
+            if let Some((dir, h)) = daemon_owner(g)? {
+                return hand_to_daemon(&dir, &name, &h, timeout);
+            }
             let mut e = lifecycle_engine(g)?;
             if e.reg
                 .identities
@@ -83,12 +87,30 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
     Ok(0)
 }
 
+/// The engine for a command that changes state: it must be the one writer. While a daemon
+/// owns the state directory, the command is refused with what to do instead.
 pub(crate) fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Engine> {
     let mut e = edge_signer::daemon::engine(
         &sources(g),
         &overrides(g),
         Arc::new(edge_signer::clock::SystemClock),
     )?;
+    let dir = e.config().paths.state_dir.clone();
+    match StateLock::try_acquire(&dir, false)
+        .with_context(|| format!("cannot lock {}", dir.display()))?
+    {
+        Ok(lock) => e.hold(lock)?,
+        Err(h) if h.daemon => bail!(
+            "the edge-signer daemon (pid {}) owns {}: it is the one writer of the register. `rotate --now` and `enroll` are handed to it; for this command stop it first (systemctl stop edge-signer) and start it again after",
+            h.pid,
+            dir.display()
+        ),
+        Err(h) => bail!(
+            "another edge-signer command (pid {}) is changing {}; try again when it has finished",
+            h.pid,
+            dir.display()
+        ),
+    }
     match e.reconcile() {
         Ok(notes) => notes.iter().for_each(|n| eprintln!("reconcile: {n}")),
         Err(err) => eprintln!("reconcile skipped, nothing destroyed: {err:#}"),
@@ -208,6 +230,13 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
 
 /// `rotate`: when due, or now; during an overlap a rotation is queued.
 fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Result<i32> {
+    if let Some((dir, h)) = daemon_owner(g)? {
+        if !now {
+            println!("{name}: the daemon (pid {}) runs and renews at the policy point; `edge-signer status` shows when; `rotate {name} --now` asks it to rotate now", h.pid);
+            return Ok(0);
+        }
+        return hand_to_daemon(&dir, &name, &h, timeout);
+    }
     let mut e = lifecycle_engine(g)?;
     let rec = e.reg.identities.get(&name).cloned().unwrap_or_default();
     if now && rec.step == edge_signer::register::Step::Overlap && rec.pending.is_none() {
@@ -240,4 +269,71 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
     }
     drive(&mut e, &name, timeout)?;
     Ok(0)
+}
+
+/// The daemon that owns the state directory, if one runs.
+fn daemon_owner(g: &Global) -> Result<Option<(PathBuf, Holder)>> {
+    let loaded = sources(g)
+        .load()
+        .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let dir = loaded.effective.config.paths.state_dir;
+    Ok(match StateLock::try_acquire(&dir, false)? {
+        Err(h) if h.daemon => Some((dir, h)),
+        _ => None,
+    })
+}
+
+/// Ask the running daemon to rotate `name` now and follow the register (read-only) until
+/// the new generation is promoted, the attempt fails, or `timeout` passes.
+fn hand_to_daemon(dir: &Path, name: &str, h: &Holder, timeout: Option<u64>) -> Result<i32> {
+    let file = edge_signer::register::RegisterFile::new(dir);
+    let before = file.load()?.identities.get(name).and_then(|r| r.current);
+    edge_signer::statelock::ask_daemon_to_rotate(dir, name, h)?;
+    eprintln!(
+        "the daemon (pid {}) owns {}: asked it to rotate {name}",
+        h.pid,
+        dir.display()
+    );
+    let start = std::time::Instant::now();
+    let limit = Duration::from_secs(timeout.unwrap_or(3600));
+    let mut last = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let rec = file
+            .load()?
+            .identities
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
+        if rec.current != before && rec.current.is_some() && rec.pending.is_none() {
+            println!(
+                "{name}: generation {} is current (rotated by the daemon)",
+                rec.current.unwrap_or(0)
+            );
+            return Ok(0);
+        }
+        if let (Some(f), None) = (&rec.failure, rec.pending) {
+            if start.elapsed() > Duration::from_secs(1) {
+                bail!(
+                    "{}; the daemon retries at {}",
+                    f.reason,
+                    edge_signer::clock::rfc3339(f.retry_at)
+                );
+            }
+        }
+        let step = rec.step.as_str().to_owned();
+        if step != last {
+            eprintln!(
+                "[{step}] generation {}",
+                rec.pending.or(rec.current).unwrap_or(0)
+            );
+            last = step;
+        }
+        if start.elapsed() > limit {
+            bail!(
+                "gave up waiting after {}s; the daemon goes on (see `edge-signer status`)",
+                limit.as_secs()
+            );
+        }
+    }
 }

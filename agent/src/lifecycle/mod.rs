@@ -60,6 +60,8 @@ pub struct Engine {
     pub events: Events,
     issuers: BTreeMap<String, Box<dyn Issuer>>,
     state_dir: PathBuf,
+    /// The state-dir lock, while this engine is the one writer.
+    lock: Option<crate::statelock::StateLock>,
     #[cfg(feature = "test-hooks")]
     kill_at: Option<String>,
 }
@@ -90,9 +92,28 @@ impl Engine {
             events,
             issuers,
             state_dir,
+            lock: None,
             #[cfg(feature = "test-hooks")]
             kill_at: std::env::var("EDGE_SIGNER_TEST_KILL_AT").ok(),
         })
+    }
+
+    /// Become the one writer: keep `lock` and read the register again under it (whoever
+    /// held the lock before may have changed it).
+    pub fn hold(&mut self, lock: crate::statelock::StateLock) -> Result<()> {
+        self.lock = Some(lock);
+        self.reg = self.file.load()?;
+        Ok(())
+    }
+
+    /// Give the state-dir lock up (to hand it to the engine of a reload).
+    pub fn release_lock(&mut self) -> Option<crate::statelock::StateLock> {
+        self.lock.take()
+    }
+
+    /// Whether this engine holds the state-dir lock.
+    pub fn is_writer(&self) -> bool {
+        self.lock.is_some()
     }
 
     /// The configuration in use.
