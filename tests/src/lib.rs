@@ -9,9 +9,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The user PIN of test tokens (tests check it never shows up in output).
-pub const USER_PIN: &str = "864213";
+/// Not hex-only: trace logs print certificates in hex, and a digits-only PIN turns up in
+/// them by chance (a real flake seen with "97531").
+pub const USER_PIN: &str = "pin-864213-qx";
 /// The SO PIN of test tokens.
-pub const SO_PIN: &str = "97531";
+pub const SO_PIN: &str = "so-97531-zw";
 /// The label of test tokens.
 pub const LABEL: &str = "gw-test";
 
@@ -165,28 +167,67 @@ impl Env {
             .to_owned()
     }
 
-    /// `pkcs11-tool --list-objects` of the token (logged in).
-    pub fn pkcs11_objects(&self) -> String {
+    /// `pkcs11-tool` on the token, logged in, with `args`; insists on success, returns stdout.
+    pub fn pkcs11_tool(&self, args: &[&str]) -> String {
+        let module = module().display().to_string();
+        let mut all = vec![
+            "--module",
+            &module,
+            "--token-label",
+            LABEL,
+            "--login",
+            "--pin",
+            USER_PIN,
+        ];
+        all.extend_from_slice(args);
         let out = Command::new("pkcs11-tool")
-            .args([
-                "--module",
-                &module().display().to_string(),
-                "--token-label",
-                LABEL,
-                "--login",
-                "--pin",
-                USER_PIN,
-                "--list-objects",
-            ])
+            .args(&all)
             .envs(self.envs())
             .output()
             .expect("pkcs11-tool (opensc) is installed by scripts/setup");
         assert!(
             out.status.success(),
-            "pkcs11-tool: {}",
+            "pkcs11-tool {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `pkcs11-tool --list-objects` of the token (logged in).
+    pub fn pkcs11_objects(&self) -> String {
+        self.pkcs11_tool(&["--list-objects"])
+    }
+
+    /// The test CA `ca` answering this env's portal outbox into its inbox.
+    pub fn portal_ca(&self, mode: CaMode) -> PortalCa {
+        PortalCa::start(
+            self.dir.path(),
+            "ca",
+            &self.path("outbox"),
+            &self.path("inbox"),
+            mode,
+        )
+    }
+
+    /// Wait (20 s at most) until `identity`'s current generation is `n` in the register;
+    /// the failure message shows `daemon.log` when there is one.
+    pub fn wait_current(&self, identity: &str, n: u64) {
+        let start = Instant::now();
+        loop {
+            let cur = std::fs::read(self.path("state/register.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                .and_then(|r| r["identities"][identity]["current"].as_u64());
+            if cur == Some(n) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{identity} never reached generation {n}: {}",
+                std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Run openssl in the temp dir; insist on success; return stdout+stderr.

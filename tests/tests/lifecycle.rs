@@ -33,13 +33,7 @@ fn enrol_rotate_with_overlap_probe_and_retire() {
     env.lifecycle_config(&format!(
         "probe_url = \"https://127.0.0.1:{port}/\"\ncn_suffix = \"unix-time\""
     ));
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let _ca = env.portal_ca(CaMode::Good);
 
     let out = env.ok(&["enroll", "gw", "--timeout", "20"]);
     assert!(out.contains("generation 1 is current"), "{out}");
@@ -138,13 +132,7 @@ fn bad_certificates_are_refused_and_the_old_identity_keeps_serving() {
     let env = Env::new();
     env.make_ca("ca");
     env.lifecycle_config("[identity.renewal]\nretry_min = \"1s\"\nretry_max = \"1s\"");
-    let ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     let id1 = gens(&env)[0]["key_id"].as_str().unwrap().to_owned();
 
@@ -198,13 +186,7 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation() {
     env.make_ca("ca");
     let (_srv, port) = probe_server(&env);
     env.lifecycle_config(&format!("probe_url = \"https://127.0.0.1:{port}/\""));
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     let mut expected_gen = 1;
     for step in [
@@ -291,13 +273,7 @@ fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly() {
     let mut cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
     cfg += &format!("\n[notify]\nexec = \"{}\"\n", env.path_str("notify.sh"));
     std::fs::write(env.path("defaults.toml"), cfg).unwrap();
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
 
     // Events reached the hook as JSON.
@@ -347,13 +323,7 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm() {
     let env = Env::new();
     env.make_ca("ca");
     env.lifecycle_config("");
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let _ca = env.portal_ca(CaMode::Good);
     let child = env
         .cmd()
         .arg("run")

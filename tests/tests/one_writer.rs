@@ -2,25 +2,12 @@
 
 use edge_signer_tests::*;
 
-fn current(env: &Env) -> Option<u64> {
-    std::fs::read(env.path("state/register.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|r| r["identities"]["gw"]["current"].as_u64())
-}
-
 #[test]
 fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
     let env = Env::new();
     env.make_ca("ca");
     env.lifecycle_config("");
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let _ca = env.portal_ca(CaMode::Good);
     let mut daemon = Guard(
         env.cmd()
             .arg("run")
@@ -28,14 +15,7 @@ fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
             .spawn()
             .unwrap(),
     );
-    let start = std::time::Instant::now();
-    while current(&env) != Some(1) {
-        assert!(
-            start.elapsed() < std::time::Duration::from_secs(20),
-            "no enrolment"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    env.wait_current("gw", 1);
     // A second daemon on the same state is refused.
     let err = env.fails(&["run"]);
     assert!(err.contains("one writer per state directory"), "{err}");

@@ -1,38 +1,22 @@
 //! Reconcile owns exactly its own key objects: parsed labels, foreign keys left alone.
 
 use edge_signer_tests::*;
-use std::process::Command;
 
 fn keygen(env: &Env, key_type: &str, label: &str) {
-    let out = Command::new("pkcs11-tool")
-        .args([
-            "--module",
-            &module().display().to_string(),
-            "--token-label",
-            LABEL,
-            "--login",
-            "--pin",
-            USER_PIN,
-            "--keypairgen",
-            "--key-type",
-            key_type,
-            "--label",
-            label,
-            "--id",
-            if key_type.starts_with("EC") {
-                "5210"
-            } else {
-                "1024"
-            },
-        ])
-        .envs(env.envs())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let id = if key_type.starts_with("EC") {
+        "5210"
+    } else {
+        "1024"
+    };
+    env.pkcs11_tool(&[
+        "--keypairgen",
+        "--key-type",
+        key_type,
+        "--label",
+        label,
+        "--id",
+        id,
+    ]);
 }
 
 #[test]
@@ -52,13 +36,7 @@ overlap = "1d"
     // Another program's keys in the shared token: types the shim does not use.
     keygen(&env, "EC:secp521r1", "other-app");
     keygen(&env, "rsa:1024", "edge-signer:legacy:gx");
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::Good,
-    );
+    let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     env.ok(&["enroll", "gw-g1", "--timeout", "20"]);
     let keys = env.json(&["key", "list"]);
@@ -108,13 +86,7 @@ fn a_private_key_dropped_beside_the_certificate_never_reaches_the_register_or_di
     let env = Env::new();
     env.make_ca("ca");
     env.lifecycle_config("");
-    let _ca = PortalCa::start(
-        env.dir.path(),
-        "ca",
-        &env.path("outbox"),
-        &env.path("inbox"),
-        CaMode::AppendKey,
-    );
+    let _ca = env.portal_ca(CaMode::AppendKey);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     let reg = std::fs::read_to_string(env.path("state/register.json")).unwrap();
     let exported = std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap();
