@@ -318,9 +318,12 @@ impl Est {
             200 => Self::issued(op, &resp, req.spki),
             202 => {
                 let secs = retry_after(resp.header("retry-after"), now);
+                // `now` is whole seconds, truncated: one more second so the server is never
+                // asked again before the time it gave.
+                let until = now + secs + 1;
                 Answer::Wait {
-                    until: now + secs,
-                    what: format!("EST server holds the request for approval; asking again at {} (Retry-After: {secs})", rfc3339(now + secs)),
+                    until,
+                    what: format!("EST server holds the request for approval; asking again at {} (Retry-After: {secs})", rfc3339(until)),
                 }
             }
             s @ 400..=499 => Answer::Rejected(format!(
