@@ -218,7 +218,78 @@ fn merge(
     }
 }
 
+/// What a fleet bundle may set (everything else only from the firmware or local layers):
+/// per identity its names, renewal policy, overlap, probe URL and subject policy; per issuer
+/// its URL, label and timings; the log level. Never the token (a library the agent loads),
+/// the notify hook (a command it runs), the local API, the serial port, fleet trust, paths,
+/// nor any CA bundle or credential *path*: one leaked fleet key must not be code execution
+/// or a new trust anchor on every device.
+const FLEET_IDENTITY: &[&str] = &[
+    "name",
+    "key_type",
+    "subject",
+    "sans",
+    "cn_suffix",
+    "issuer",
+    "renewal",
+    "overlap",
+    "probe_url",
+    "usage",
+    "subject_match",
+];
+const FLEET_ISSUER: &[&str] = &[
+    "name",
+    "kind",
+    "url",
+    "label",
+    "timeout",
+    "poll_interval",
+    "new_key_lifetime",
+    "old_key_overlap",
+];
+const FLEET_RULE: &str = "a fleet bundle may set identities (names, subject, SANs, renewal, overlap, probe_url, subject_match), issuer URLs and timings, and log; token, notify, api, serial, fleet, paths and CA bundle or credential paths come only from the firmware or local layers";
+
+/// Everything a fleet layer sets outside [`FLEET_IDENTITY`], [`FLEET_ISSUER`] and `log`.
+pub fn fleet_scope_errors(layer: &Layer) -> Vec<ConfigError> {
+    let mut out = Vec::new();
+    let mut refuse = |path: String| {
+        out.push(ConfigError {
+            file: layer.source.clone(),
+            path,
+            reason: format!("may not come from a fleet bundle: {FLEET_RULE}"),
+        })
+    };
+    for (section, value) in &layer.table {
+        let allowed: Option<&[&str]> = match section.as_str() {
+            "identity" => Some(FLEET_IDENTITY),
+            "issuer" => Some(FLEET_ISSUER),
+            "log" => continue,
+            _ => None,
+        };
+        match (allowed, value) {
+            (Some(fields), Value::Array(entries)) => {
+                for (i, e) in entries.iter().enumerate() {
+                    let Some(t) = e.as_table() else { continue };
+                    for k in t.keys().filter(|k| !fields.contains(&k.as_str())) {
+                        refuse(format!("{section}[{i}].{k}"));
+                    }
+                }
+            }
+            (Some(_), _) => {}
+            (None, Value::Table(t)) => t.keys().for_each(|k| refuse(format!("{section}.{k}"))),
+            (None, _) => refuse(section.clone()),
+        }
+    }
+    out
+}
+
 fn restricted_errors(layer: &Layer) -> Vec<ConfigError> {
+    if layer.kind == LayerKind::Fleet {
+        let scope = fleet_scope_errors(layer);
+        if !scope.is_empty() {
+            return scope;
+        }
+    }
     RESTRICTED
         .iter()
         .filter(|(key, allowed, _)| {

@@ -279,7 +279,29 @@ fn apply_verifies_refuses_rollback_and_reports_changes() {
         (
             "trust change",
             d.signer.sign(3, b"[fleet]\ntrusted_keys = []\n").unwrap(),
-            "fleet.trusted_keys: may not be set here",
+            "fleet.trusted_keys: may not come from a fleet bundle",
+        ),
+        (
+            "a library to load",
+            d.signer
+                .sign(3, b"[token]\nmodule = \"/tmp/evil.so\"\n")
+                .unwrap(),
+            "token.module: may not come from a fleet bundle: a fleet bundle may set identities",
+        ),
+        (
+            "a command to run",
+            d.signer.sign(3, b"[notify]\nexec = \"/bin/sh\"\n").unwrap(),
+            "notify.exec: may not come from a fleet bundle",
+        ),
+        (
+            "a new trust anchor",
+            d.signer
+                .sign(
+                    3,
+                    b"[[issuer]]\nname = \"x\"\nca_bundle = \"/tmp/ca.pem\"\n",
+                )
+                .unwrap(),
+            "issuer[0].ca_bundle: may not come from a fleet bundle",
         ),
         (
             "not toml",

@@ -186,6 +186,28 @@ fn fleet_keygen_sign_apply_show_and_refusals() {
     )
     .status
     .success());
+    // Nor one that reaches outside what a bundle may set: the rule is named.
+    std::fs::write(p.join("hook.toml"), "[notify]\nexec = \"/bin/sh\"\n").unwrap();
+    let o = es(
+        p,
+        &[
+            "fleet",
+            "sign",
+            "--key",
+            "fleet.key",
+            "--version",
+            "2",
+            "hook.toml",
+            "-o",
+            "hook.bundle",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("notify.exec: may not come from a fleet bundle"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(
         std::fs::read(p.join("state/fleet/current.bundle")).unwrap(),
         before

@@ -186,11 +186,22 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             // Refuse to sign what a device would refuse to parse.
             let text = std::str::from_utf8(&payload).context("the payload is not UTF-8")?;
-            firmware_config::Layer::parse(
+            let layer = firmware_config::Layer::parse(
                 firmware_config::LayerKind::Fleet,
                 &file.display().to_string(),
                 text,
             )?;
+            let scope = firmware_config::layers::fleet_scope_errors(&layer);
+            if !scope.is_empty() {
+                bail!(
+                    "refusing to sign what every device would refuse:\n{}",
+                    scope
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
             let bundle = signer.sign(version, &payload)?;
             write_file(&out, &bundle)?;
             println!(
