@@ -29,7 +29,18 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone, Default)]
 pub struct FakeClock(Arc<Mutex<Unix>>);
 
+/// When this binary was built (a day boundary, or `SOURCE_DATE_EPOCH`): the clock can
+/// never be earlier than that.
+pub fn build_time() -> Unix {
+    env!("EDGE_SIGNER_BUILD_TIME").parse().unwrap_or(0)
+}
+
 impl FakeClock {
+    /// Set the time to `t`, backwards too (a device that lost its clock).
+    pub fn jump_to(&self, t: Unix) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = t;
+    }
+
     /// Start at `t`.
     pub fn at(t: Unix) -> FakeClock {
         FakeClock(Arc::new(Mutex::new(t)))

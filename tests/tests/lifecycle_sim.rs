@@ -148,3 +148,61 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
         (clock.now() - T0) / DAY
     );
 }
+
+#[test]
+fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is_right() {
+    let t = TestToken::new();
+    let clock = FakeClock::at(T0);
+    let up = Arc::new(AtomicBool::new(true));
+    let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
+    issuers.insert(
+        "sim".into(),
+        Box::new(SimCa::new(clock.clone(), up.clone())),
+    );
+    let cfg = config(
+        &t.dir.path().join("state"),
+        &t.module,
+        "ec-p256",
+        "7d",
+        "0s",
+    );
+    let mut e = Engine::new(
+        cfg.clone(),
+        t.token.clone(),
+        Arc::new(clock.clone()),
+        issuers,
+    )
+    .unwrap();
+    e.tick();
+    assert_eq!(e.reg.identities["gw"].current, Some(1));
+    let keys = t.token.list_key_labels().unwrap().len();
+
+    // The box reboots without its RTC, right when renewal would be due.
+    clock.jump_to(86_400);
+    for _ in 0..3 {
+        e.tick();
+    }
+    let st = edge_signer::lifecycle::status(&cfg, &e.reg, clock.now());
+    assert!(
+        st[0].next_action.starts_with("waiting for time sync"),
+        "{st:?}"
+    );
+    assert_eq!(e.reg.identities["gw"].current, Some(1));
+    assert_eq!(e.reg.identities["gw"].pending, None, "no rotation started");
+    assert_eq!(
+        t.token.list_key_labels().unwrap().len(),
+        keys,
+        "no key made or destroyed"
+    );
+    let clock_events = e.events.log.iter().filter(|ev| ev.kind == "clock").count();
+    assert_eq!(clock_events, 1, "said once, loudly");
+
+    // Time sync: 61 days after enrolment, renewal is due and completes.
+    clock.jump_to(T0 + 61 * DAY);
+    e.tick();
+    assert_eq!(e.reg.identities["gw"].current, Some(2));
+    assert_eq!(
+        e.events.log.iter().filter(|ev| ev.kind == "clock").count(),
+        1
+    );
+}

@@ -184,6 +184,15 @@ impl Engine {
                 )?;
                 Ok(Progress::Moved)
             }
+            // Not valid yet by more than the skew: the CA's clock or ours is wrong. Keep the
+            // key and the certificate, and check again later; never destroy on a clock doubt.
+            Err(refusal @ validate::Refusal::NotYetValid(_)) => self.fail(
+                name,
+                format!(
+                    "certificate for generation {} kept pending: {refusal}",
+                    g.number
+                ),
+            ),
             Err(refusal) => {
                 self.events.emit(
                     now,

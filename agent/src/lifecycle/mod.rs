@@ -62,6 +62,8 @@ pub struct Engine {
     state_dir: PathBuf,
     /// The state-dir lock, while this engine is the one writer.
     lock: Option<crate::statelock::StateLock>,
+    /// The clock was last seen below its floor (the event is raised once per episode).
+    clock_in_doubt: bool,
     #[cfg(feature = "test-hooks")]
     kill_at: Option<String>,
 }
@@ -93,6 +95,7 @@ impl Engine {
             issuers,
             state_dir,
             lock: None,
+            clock_in_doubt: false,
             #[cfg(feature = "test-hooks")]
             kill_at: std::env::var("EDGE_SIGNER_TEST_KILL_AT").ok(),
         })
@@ -371,10 +374,20 @@ impl Engine {
         now: Unix,
     ) -> Result<Progress> {
         let flow = self.flow(cfg);
-        let action = match plan::plan(cfg, flow, rec, now) {
-            Plan::Wait { until, what } => return Ok(Progress::Wait { until, what }),
+        let floor = plan::clock_floor(&self.reg);
+        let action = match plan::plan(cfg, flow, rec, now, floor) {
+            Plan::Wait { until, what } => {
+                let doubt = now + crate::validate::SKEW < floor;
+                if doubt && !self.clock_in_doubt {
+                    self.events
+                        .emit(now, "clock", name, Severity::Critical, what.clone());
+                }
+                self.clock_in_doubt = doubt;
+                return Ok(Progress::Wait { until, what });
+            }
             Plan::Act(a) => a,
         };
+        self.clock_in_doubt = false;
         match (flow, action) {
             (_, Action::Begin) => self.begin(name, cfg, rec, now),
             (_, Action::Retire) => self.end_overlap(name, rec, now),

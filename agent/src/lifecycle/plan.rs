@@ -52,8 +52,28 @@ pub fn flow_of(cfg: &Config, ic: &IdentityConfig) -> Flow {
     }
 }
 
-/// Decide the next step.
-pub fn plan(ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord, now: Unix) -> Plan {
+/// The earliest the clock can be: the build time, and the newest start of anything in the
+/// register (a certificate's not-before, a credential's creation).
+pub fn clock_floor(reg: &Register) -> Unix {
+    reg.identities
+        .values()
+        .flat_map(|r| r.generations.iter().filter_map(|g| g.not_before))
+        .fold(crate::clock::build_time(), Unix::max)
+}
+
+/// Decide the next step. `floor` is [`clock_floor`]: below it the clock is wrong and nothing
+/// is decided (no renewal, no refusal, no key destroyed) until time sync puts it right.
+pub fn plan(ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord, now: Unix, floor: Unix) -> Plan {
+    if now + crate::validate::SKEW < floor {
+        return Plan::Wait {
+            until: now + 60,
+            what: format!(
+                "waiting for time sync: the clock says {}, before {} (this build or the newest certificate); nothing is renewed or destroyed until it is right",
+                rfc3339(now),
+                rfc3339(floor)
+            ),
+        };
+    }
     if let Some(f) = &rec.failure {
         if f.retry_at > now {
             return Plan::Wait {
@@ -216,7 +236,7 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
             let rec = reg.identities.get(&ic.name).cloned().unwrap_or_default();
             let flow = flow_of(cfg, ic);
             let cur = rec.current_gen();
-            let (next_action, next_at) = match plan(ic, flow, &rec, now) {
+            let (next_action, next_at) = match plan(ic, flow, &rec, now, clock_floor(reg)) {
                 Plan::Act(a) => (describe(a, ic, flow, &rec), Some(now)),
                 Plan::Wait { until, what } => (what, (until != u64::MAX).then_some(until)),
             };
