@@ -321,7 +321,12 @@ impl Sources {
         let current = store.dir.join(CURRENT);
         let last_good = store.dir.join(LAST_GOOD);
         let (last_good_tmp, current_tmp) = (tmp_path(&last_good), tmp_path(&current));
-        if let Some(prev) = store.read(CURRENT) {
+        // Only a current bundle that still verifies may become last-known-good: a damaged
+        // or tampered file must never replace the good copy kept for revert.
+        let verified_current = store
+            .read(CURRENT)
+            .filter(|b| Bundle::parse(b).is_ok_and(|p| p.verify(&trusted).is_ok()));
+        if let Some(prev) = verified_current {
             step(ApplyStep::WriteLastKnownGoodTemp, hook, &|| {
                 write_synced(&last_good_tmp, &prev)
             })?;

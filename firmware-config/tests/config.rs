@@ -391,6 +391,16 @@ fn a_tampered_current_bundle_falls_back_to_last_known_good() {
         "{:?}",
         loaded.warnings
     );
+    // The next bundle must not copy the tampered current over the good copy.
+    let good = std::fs::read(d.dir.path().join("state/fleet/last-known-good.bundle")).unwrap();
+    d.sources
+        .apply(&d.signer.sign(3, V2.as_bytes()).unwrap())
+        .unwrap();
+    assert_eq!(
+        std::fs::read(d.dir.path().join("state/fleet/last-known-good.bundle")).unwrap(),
+        good,
+        "last-known-good keeps the verified v1, not the tampered v2"
+    );
 }
 
 proptest! {
