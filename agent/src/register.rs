@@ -275,7 +275,7 @@ pub enum RegisterError {
         source: std::io::Error,
     },
     /// Unreadable content.
-    #[error("register {path} is damaged ({reason}); the previous copy is {path}.bak if it exists")]
+    #[error("register {path} is damaged ({reason}); it is only ever replaced whole (temp file, fsync, rename), so this is a disk fault or a hand edit: restore it from a backup; do not delete it, since every key in the token would then look unowned")]
     Corrupt {
         /// File.
         path: PathBuf,

@@ -95,3 +95,29 @@ fn a_private_key_dropped_beside_the_certificate_never_reaches_the_register_or_di
     }
     assert!(exported.contains("BEGIN CERTIFICATE"));
 }
+
+#[test]
+fn revoking_the_current_generation_destroys_its_key_and_asks_for_a_new_one_in_one_write() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let _ca = env.portal_ca(CaMode::Good);
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    let id = env.register()["identities"]["gw"]["generations"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.ok(&["revoke", "gw", "--generation", "1"]);
+    let rec = env.register()["identities"]["gw"].clone();
+    assert_eq!(rec["generations"][0]["status"], "revoked");
+    assert!(
+        rec["current"].is_null() && rec["forced_at"].is_u64(),
+        "{rec}"
+    );
+    assert!(!env.pkcs11_objects().contains(&id));
+    let st = env.json(&["status"]);
+    assert_eq!(st[0]["next_action"], "enrol a first generation", "{st}");
+    // The daemon (or a command) enrols the replacement.
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    assert_eq!(env.register()["identities"]["gw"]["current"], 2);
+}

@@ -128,6 +128,18 @@ impl Engine {
     }
 
     fn retire_generation(&mut self, name: &str, n: u32, status: GenStatus) -> Result<()> {
+        self.retire_generation_and(name, n, status, |_, _| {})
+    }
+
+    /// Destroy generation `n`'s key objects, then mark it `status` and apply `also` to the
+    /// record, all in one register write.
+    fn retire_generation_and(
+        &mut self,
+        name: &str,
+        n: u32,
+        status: GenStatus,
+        also: impl FnOnce(&mut IdentityRecord, Unix),
+    ) -> Result<()> {
         let g = self
             .rec(name)
             .gen(n)
@@ -137,9 +149,11 @@ impl Engine {
             self.destroy_key(id)?;
         }
         let now = self.now();
-        if let Some(gm) = self.rec(name).gen_mut(n) {
+        let r = self.rec(name);
+        if let Some(gm) = r.gen_mut(n) {
             gm.status = status;
         }
+        also(r, now);
         self.save(name)?;
         let what = if status == GenStatus::Revoked {
             "revoked"
@@ -202,25 +216,24 @@ impl Engine {
         if rec.pending == Some(n) {
             bail!("generation {n} of '{name}' is being enrolled");
         }
-        self.retire_generation(name, n, GenStatus::Revoked)?;
-        let now = self.now();
-        let r = self.rec(name);
-        if r.current == Some(n) {
-            r.current = None;
-            r.forced_at = Some(now);
-            let back = if r.step == Step::Overlap {
-                Step::Active
-            } else {
-                r.step
-            };
-            r.transition(
-                now,
-                back,
-                n,
-                "current generation revoked: a new one will be enrolled",
-            );
-            self.save(name)?;
-        }
+        // Marked revoked and the current one cleared in the same write as nothing else.
+        self.retire_generation_and(name, n, GenStatus::Revoked, |r, now| {
+            if r.current == Some(n) {
+                r.current = None;
+                r.forced_at = Some(now);
+                let back = if r.step == Step::Overlap {
+                    Step::Active
+                } else {
+                    r.step
+                };
+                r.transition(
+                    now,
+                    back,
+                    n,
+                    "current generation revoked: a new one will be enrolled",
+                );
+            }
+        })?;
         Ok(())
     }
 }
