@@ -121,3 +121,23 @@ fn revoking_the_current_generation_destroys_its_key_and_asks_for_a_new_one_in_on
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     assert_eq!(env.register()["identities"]["gw"]["current"], 2);
 }
+
+#[test]
+fn a_lost_register_does_not_turn_live_keys_into_orphans() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let _ca = env.portal_ca(CaMode::Good);
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    let id = env.register()["identities"]["gw"]["generations"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::rename(env.path("state/register.json"), env.path("register.lost")).unwrap();
+    let err = env.fails(&["retire", "gw", "--generation", "1"]);
+    assert!(err.contains("which the register does not know"), "{err}");
+    assert!(
+        env.pkcs11_objects().contains(&id),
+        "the live key stays in the token"
+    );
+}

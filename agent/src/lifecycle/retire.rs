@@ -44,15 +44,28 @@ impl Engine {
                     )
                 })
                 .collect();
-            for k in keys
-                .iter()
-                .filter(|k| parse_label(&k.label).is_some_and(|(i, _)| i == ident))
-            {
+            for (k, n) in keys.iter().filter_map(|k| match parse_label(&k.label) {
+                Some((i, n)) if i == ident => Some((k, n)),
+                _ => None,
+            }) {
                 let id = hsm_shim::keys::hex(&k.id);
                 let wanted = live.iter().any(|g| {
                     g.key_id.as_deref() == Some(id.as_str())
                         || (g.key_id.is_none() && g.key_label == k.label)
                 });
+                // Every generation is planned in the register before its key exists, so a
+                // key of a generation the register never heard of is not an aborted rotation:
+                // the register was lost or replaced. Such keys are left alone, loudly.
+                if !wanted && rec.gen(n).is_none() {
+                    let msg = format!(
+                        "key {} (id {id}) belongs to generation {n} of '{ident}', which the register does not know (was the register lost or replaced?); left in the token",
+                        k.label
+                    );
+                    self.events
+                        .emit(now, "key-unknown", &ident, Severity::Warning, msg.clone());
+                    notes.push(msg);
+                    continue;
+                }
                 if !wanted {
                     self.token.destroy(&k.id)?;
                     notes.push(format!(
