@@ -286,6 +286,10 @@ fn daemon_owner(g: &Global) -> Result<Option<(PathBuf, Holder)>> {
 /// Ask the running daemon to rotate `name` now and follow the register (read-only) until
 /// the new generation is promoted, the attempt fails, or `timeout` passes.
 fn hand_to_daemon(dir: &Path, name: &str, h: &Holder, timeout: Option<u64>) -> Result<i32> {
+    // The name becomes a file name in the state dir: only what config validation allows.
+    if !firmware_config::validate::safe_name(name) {
+        bail!("no identity '{name}' in the configuration");
+    }
     let file = edge_signer::register::RegisterFile::new(dir);
     let before = file.load()?.identities.get(name).and_then(|r| r.current);
     edge_signer::statelock::ask_daemon_to_rotate(dir, name, h)?;
