@@ -15,8 +15,17 @@ use std::sync::Arc;
 const DAY: u64 = 86_400;
 const T0: Unix = 1_800_000_000;
 
-#[test]
-fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
+/// The engine on a fake clock at T0, a real token, and the in-process CA (`up` switches it).
+fn sim_engine(
+    overlap: &str,
+    jitter: &str,
+) -> (
+    TestToken,
+    FakeClock,
+    Arc<AtomicBool>,
+    Engine,
+    firmware_config::Config,
+) {
     let t = TestToken::new();
     let clock = FakeClock::at(T0);
     let up = Arc::new(AtomicBool::new(true));
@@ -29,10 +38,22 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
         &t.dir.path().join("state"),
         &t.module,
         "ec-p256",
-        "7d",
-        "0s",
+        overlap,
+        jitter,
     );
-    let mut e = Engine::new(cfg, t.token.clone(), Arc::new(clock.clone()), issuers).unwrap();
+    let e = Engine::new(
+        cfg.clone(),
+        t.token.clone(),
+        Arc::new(clock.clone()),
+        issuers,
+    )
+    .unwrap();
+    (t, clock, up, e, cfg)
+}
+
+#[test]
+fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
+    let (t, clock, up, mut e, _) = sim_engine("7d", "0s");
 
     // Run the daemon's loop on the fake clock: tick, jump to the deadline it returns.
     let mut ticks = 0;
@@ -151,28 +172,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
 
 #[test]
 fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is_right() {
-    let t = TestToken::new();
-    let clock = FakeClock::at(T0);
-    let up = Arc::new(AtomicBool::new(true));
-    let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
-    issuers.insert(
-        "sim".into(),
-        Box::new(SimCa::new(clock.clone(), up.clone())),
-    );
-    let cfg = config(
-        &t.dir.path().join("state"),
-        &t.module,
-        "ec-p256",
-        "7d",
-        "0s",
-    );
-    let mut e = Engine::new(
-        cfg.clone(),
-        t.token.clone(),
-        Arc::new(clock.clone()),
-        issuers,
-    )
-    .unwrap();
+    let (t, clock, _up, mut e, cfg) = sim_engine("7d", "0s");
     e.tick();
     assert_eq!(e.reg.identities["gw"].current, Some(1));
     let keys = t.token.list_key_labels().unwrap().len();

@@ -96,17 +96,23 @@ fn a_private_key_dropped_beside_the_certificate_never_reaches_the_register_or_di
     assert!(exported.contains("BEGIN CERTIFICATE"));
 }
 
-#[test]
-fn revoking_the_current_generation_destroys_its_key_and_asks_for_a_new_one_in_one_write() {
+/// A token with identity `gw` enrolled through the portal; its generation 1 key id.
+fn enrolled_gw() -> (Env, PortalCa, String) {
     let env = Env::new();
     env.make_ca("ca");
     env.lifecycle_config("");
-    let _ca = env.portal_ca(CaMode::Good);
+    let ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     let id = env.register()["identities"]["gw"]["generations"][0]["key_id"]
         .as_str()
         .unwrap()
         .to_owned();
+    (env, ca, id)
+}
+
+#[test]
+fn revoking_the_current_generation_destroys_its_key_and_asks_for_a_new_one_in_one_write() {
+    let (env, _ca, id) = enrolled_gw();
     env.ok(&["revoke", "gw", "--generation", "1"]);
     let rec = env.register()["identities"]["gw"].clone();
     assert_eq!(rec["generations"][0]["status"], "revoked");
@@ -124,15 +130,7 @@ fn revoking_the_current_generation_destroys_its_key_and_asks_for_a_new_one_in_on
 
 #[test]
 fn a_lost_register_does_not_turn_live_keys_into_orphans() {
-    let env = Env::new();
-    env.make_ca("ca");
-    env.lifecycle_config("");
-    let _ca = env.portal_ca(CaMode::Good);
-    env.ok(&["enroll", "gw", "--timeout", "20"]);
-    let id = env.register()["identities"]["gw"]["generations"][0]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (env, _ca, id) = enrolled_gw();
     std::fs::rename(env.path("state/register.json"), env.path("register.lost")).unwrap();
     let err = env.fails(&["retire", "gw", "--generation", "1"]);
     assert!(err.contains("which the register does not know"), "{err}");
