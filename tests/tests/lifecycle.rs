@@ -109,6 +109,14 @@ fn enrol_rotate_with_overlap_probe_and_retire() {
         std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap(),
         g2["cert_pem"].as_str().unwrap()
     );
+    // Certificate and key URI are one pair behind one symlink, swapped in one rename.
+    assert!(env.path("state/identities/gw").is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(env.path("state/identities/gw/key.uri"))
+            .unwrap()
+            .trim(),
+        g2["key_uri"].as_str().unwrap()
+    );
 
     // Retirement destroys the old key objects; nothing with its id is left.
     env.ok(&["retire", "gw", "--generation", "1"]);

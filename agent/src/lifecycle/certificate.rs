@@ -6,7 +6,7 @@ use crate::events::Severity;
 use crate::issuer::{Answer, Request, Submitted};
 use crate::register::{GenStatus, IdentityRecord, Step, Waiting};
 use crate::validate::{self, Expected};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use firmware_config::schema::IdentityConfig;
 use hsm_shim::csr::Subject;
 use hsm_shim::rustls::sign::CertifiedKey;
@@ -281,12 +281,17 @@ impl Engine {
         // Idempotent: store_cert replaces, the exports are atomic writes.
         self.token
             .store_cert(&key.info().id, &g.key_label, &chain[0])?;
-        let dir = self.export_dir(name);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
-        firmware_config::store::atomic_write(&dir.join("cert.pem"), chain_pem.as_bytes())?;
         let uri = Pkcs11Uri::parse(g.key_uri.as_deref().unwrap_or_default())?;
-        firmware_config::store::atomic_write(&dir.join("key.uri"), format!("{uri}\n").as_bytes())?;
+        // Certificate and key URI as one pair, swapped in one step.
+        super::export::publish(
+            &self.identities_dir(),
+            name,
+            g.number,
+            &[
+                ("cert.pem", chain_pem.as_bytes()),
+                ("key.uri", format!("{uri}\n").as_bytes()),
+            ],
+        )?;
         let old = rec.current.filter(|c| *c != g.number);
         let overlap = cfg.overlap.secs();
         let r = self.rec(name);

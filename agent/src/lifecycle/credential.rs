@@ -11,7 +11,7 @@ use crate::clock::{rfc3339, Unix};
 use crate::events::Severity;
 use crate::issuer::{jwk_rotation, Answer, Credential, Request, Submitted, Verdict};
 use crate::register::{GenStatus, Generation, IdentityRecord, Step};
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use firmware_config::schema::IdentityConfig;
 
 impl Engine {
@@ -224,16 +224,20 @@ impl Engine {
         how: &str,
     ) -> Result<Progress> {
         let now = self.now();
-        let dir = self.export_dir(name);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
         let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
         let jwk = jwk_rotation::public_jwk(key.info(), g.kid.as_deref().unwrap_or_default())
             .map_err(|e| anyhow!(e))?;
-        firmware_config::store::atomic_write(&dir.join("jwk.json"), format!("{jwk}\n").as_bytes())?;
-        firmware_config::store::atomic_write(
-            &dir.join("key.uri"),
-            format!("{}\n", g.key_uri.clone().unwrap_or_default()).as_bytes(),
+        super::export::publish(
+            &self.identities_dir(),
+            name,
+            g.number,
+            &[
+                ("jwk.json", format!("{jwk}\n").as_bytes()),
+                (
+                    "key.uri",
+                    format!("{}\n", g.key_uri.clone().unwrap_or_default()).as_bytes(),
+                ),
+            ],
         )?;
         let until = g.previous_expiry.unwrap_or(now);
         let r = self.rec(name);

@@ -12,6 +12,7 @@
 mod alerts;
 mod certificate;
 mod credential;
+mod export;
 pub mod plan;
 mod retire;
 mod schedule;
@@ -347,8 +348,8 @@ impl Engine {
             .ok_or_else(|| anyhow!("issuer '{name}' is not available (see the log at start)"))
     }
 
-    fn export_dir(&self, name: &str) -> PathBuf {
-        self.state_dir.join("identities").join(name)
+    fn identities_dir(&self) -> PathBuf {
+        self.state_dir.join("identities")
     }
 
     /// Take at most one step for `name`.
