@@ -248,23 +248,8 @@ impl Env {
 
     /// A test CA made by openssl (an implementation independent of ours): ca.pem / ca.key.
     pub fn make_ca(&self, name: &str) {
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={name}"),
-        ]);
+        let args = ca_args(name);
+        self.openssl(&args.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     /// Sign a CSR with the CA into `out` (PEM), copying the CSR's SANs.
@@ -313,6 +298,32 @@ impl Env {
         ]);
         self.sign_csr(ca, &format!("{name}.csr"), &format!("{name}.pem"));
     }
+}
+
+/// `openssl` arguments that make a self-signed P-256 test CA `{name}.pem` / `{name}.key`.
+pub fn ca_args(name: &str) -> Vec<String> {
+    [
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!("{name}.key"),
+        "-out".into(),
+        format!("{name}.pem"),
+        "-days".into(),
+        "2".into(),
+        "-subj".into(),
+        format!("/CN={name}"),
+    ])
+    .collect()
 }
 
 /// A port that was free a moment ago.

@@ -111,23 +111,8 @@ fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
     let (ca_name, csr_path) = match mode {
         CaMode::ForeignCa => {
             if !dir.join("foreign-ca.pem").exists() {
-                run(&[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-keyout",
-                    "foreign-ca.key",
-                    "-out",
-                    "foreign-ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=foreign-ca",
-                ]);
+                let args = crate::ca_args("foreign-ca");
+                run(&args.iter().map(String::as_str).collect::<Vec<_>>());
             }
             ("foreign-ca".to_owned(), csr.display().to_string())
         }

@@ -101,22 +101,10 @@ pub(crate) fn identity(
 
 /// Write a file through a temp file and rename, so a power cut never leaves half of it.
 pub(crate) fn write_file(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out")
-    ));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    firmware_config::store::atomic_write(path, data)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
+
 pub(crate) fn sources(g: &Global) -> firmware_config::Sources {
     firmware_config::Sources {
         defaults: g.defaults.clone(),

@@ -115,11 +115,6 @@ impl Engine {
         self.lock.take()
     }
 
-    /// Whether this engine holds the state-dir lock.
-    pub fn is_writer(&self) -> bool {
-        self.lock.is_some()
-    }
-
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.cfg
