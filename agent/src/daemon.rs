@@ -275,7 +275,10 @@ fn start_engine(
     };
     engine.hold(l)?;
     match engine.reconcile() {
-        Ok(notes) => notes.iter().for_each(|n| tracing::warn!("{n}")),
+        Ok(notes) => {
+            notes.iter().for_each(|n| tracing::warn!("{n}"));
+            tracing::info!(notes = notes.len(), "reconciled with the token");
+        }
         // A token that cannot list its keys now destroys nothing; the next start or
         // reload reconciles again.
         Err(e) => tracing::error!("reconcile skipped, nothing destroyed: {e:#}"),

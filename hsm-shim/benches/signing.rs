@@ -259,7 +259,7 @@ fn main() {
     for kt in [KeyType::EcP256, KeyType::Rsa2048] {
         let info = token.generate_key(kt, &format!("hs-{kt}")).expect("key");
         let key = TokenKey::open(token.clone(), &KeyRef::Id(info.id)).expect("key");
-        let signer = hsm_shim::csr::CsrSigner(&key);
+        let signer = hsm_shim::csr::CsrSigner::new(&key);
         let mut p = rcgen::CertificateParams::new(vec![]).expect("params");
         p.distinguished_name
             .push(rcgen::DnType::CommonName, "bench-client");

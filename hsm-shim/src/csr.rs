@@ -5,8 +5,22 @@ use crate::keys::KeyType;
 use crate::sign::{Hash, SignAlg, TokenKey};
 use std::net::IpAddr;
 
-/// rcgen signing key over a token key.
-pub struct CsrSigner<'a>(pub &'a TokenKey);
+/// rcgen signing key over a token key. rcgen reduces every signing failure to
+/// `RemoteKeyError`; the token's own error is kept here so callers can tell a lost session
+/// or a removed token (retry) from a refused mechanism.
+pub struct CsrSigner<'a>(pub &'a TokenKey, std::sync::Mutex<Option<Error>>);
+
+impl<'a> CsrSigner<'a> {
+    /// A signer over `key`.
+    pub fn new(key: &'a TokenKey) -> Self {
+        CsrSigner(key, std::sync::Mutex::new(None))
+    }
+
+    /// The token error of the last failed signature, if any.
+    pub fn take_error(&self) -> Option<Error> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
 
 impl rcgen::PublicKeyData for CsrSigner<'_> {
     fn der_bytes(&self) -> &[u8] {
@@ -37,6 +51,7 @@ impl rcgen::SigningKey for CsrSigner<'_> {
         };
         self.0.sign(alg, msg).map_err(|e| {
             tracing::error!(error = %e, "CSR signature in the token failed");
+            *self.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
             rcgen::Error::RemoteKeyError
         })
     }
@@ -173,9 +188,12 @@ pub fn build_csr(key: &TokenKey, subject: &Subject, sans: &[San]) -> Result<Stri
             })
         })
         .collect::<Result<_>>()?;
-    let csr = params
-        .serialize_request(&CsrSigner(key))
-        .map_err(|e| Error::Unsupported(format!("building the CSR failed: {e}")))?;
+    let signer = CsrSigner::new(key);
+    let csr = params.serialize_request(&signer).map_err(|e| {
+        signer
+            .take_error()
+            .unwrap_or_else(|| Error::Unsupported(format!("building the CSR failed: {e}")))
+    })?;
     csr.pem()
         .map_err(|e| Error::Unsupported(format!("CSR PEM: {e}")))
 }

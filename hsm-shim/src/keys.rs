@@ -328,8 +328,10 @@ fn describe_key(session: &Session, private: ObjectHandle) -> Result<KeyInfo> {
 
 impl Token {
     /// Generate a key pair inside the token: private key sensitive, never extractable.
+    /// Generation is the last call of its session step, so a session lost afterwards (while
+    /// the new key is read back) retries only the reading, never makes a second pair.
     pub fn generate_key(&self, key_type: KeyType, label: &str) -> Result<KeyInfo> {
-        self.with_session(|s| {
+        let id = self.with_session(|s| {
             let id = loop {
                 let id = s.generate_random_vec(16)?;
                 if s.find_objects(&[Attribute::Id(id.clone())])?.is_empty() {
@@ -373,9 +375,10 @@ impl Token {
                     ]),
                 ),
             };
-            let (_pub, private) = s.generate_key_pair(&mech, &public, &private)?;
-            describe_key(s, private)
-        })
+            s.generate_key_pair(&mech, &public, &private)?;
+            Ok(id)
+        })?;
+        self.find_key(&KeyRef::Id(id))
     }
 
     /// Find a key pair by id or label.

@@ -150,7 +150,9 @@ fn certificate_objects_and_destroy_leave_nothing() {
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "gw");
-    let cert = params.self_signed(&hsm_shim::csr::CsrSigner(&key)).unwrap();
+    let cert = params
+        .self_signed(&hsm_shim::csr::CsrSigner::new(&key))
+        .unwrap();
     t.token
         .store_cert(&info.id, "with-cert", cert.der())
         .unwrap();

@@ -1,0 +1,145 @@
+//! Token faults under a running daemon: sessions that die, a token that disappears for a
+//! moment. Signing recovers without a restart; a failed listing destroys nothing.
+
+use edge_signer_tests::*;
+use std::time::{Duration, Instant};
+
+fn daemon(env: &Env) -> Guard {
+    Guard(
+        env.faulty_cmd()
+            .arg("run")
+            .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn wait_log(env: &Env, what: &str) {
+    let start = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+        if log.contains(what) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "never logged {what:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn signing_recovers_from_lost_sessions_and_a_removed_token_without_a_restart() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let _ca = env.portal_ca(CaMode::Good);
+    // The CSR's signature meets a token that was pulled and plugged back.
+    env.set_faults("C_SignInit DEVICE_REMOVED 1\n");
+    let mut d = daemon(&env);
+    env.wait_current("gw", 1);
+    assert!(
+        env.faults_fired().contains("C_SignInit DEVICE_REMOVED"),
+        "{}",
+        env.faults_fired()
+    );
+    // Then a session that lost its login, on the next rotation.
+    env.set_faults("C_Sign USER_NOT_LOGGED_IN 1\n");
+    let out = env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    assert!(out.contains("rotated by the daemon"), "{out}");
+    let fired = env.faults_fired();
+    assert!(fired.contains("C_Sign USER_NOT_LOGGED_IN"), "{fired}");
+    assert!(
+        d.0.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    let csrs = std::fs::read_dir(env.path("outbox")).unwrap().count();
+    assert!(csrs >= 1);
+    let reg = env.register();
+    assert_eq!(reg["identities"]["gw"]["current"], 2, "{reg}");
+}
+
+#[test]
+fn a_listing_that_fails_destroys_nothing_and_the_daemon_goes_on() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.lifecycle_config("");
+    let _ca = env.portal_ca(CaMode::Good);
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    let before = env.pkcs11_objects();
+    let reg = env.register();
+    let keys: Vec<String> = reg["identities"]["gw"]["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["key_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(keys.len(), 2, "{reg}");
+
+    // The token stops answering searches: every listing fails, the start-up reconcile too.
+    env.set_faults("C_FindObjectsInit TOKEN_NOT_PRESENT *\n");
+    let mut d = daemon(&env);
+    wait_log(&env, "nothing destroyed");
+    // A reload meets the same token: still nothing destroyed, still running.
+    let pid = d.0.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        d.0.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    assert!(env
+        .faults_fired()
+        .contains("C_FindObjectsInit TOKEN_NOT_PRESENT"));
+    let objects = env.pkcs11_objects();
+    for k in &keys {
+        assert!(objects.contains(k.as_str()), "key {k} survives: {objects}");
+    }
+    // The token comes back: the daemon carries on with it, no restart.
+    env.set_faults("");
+    std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    wait_log(&env, "reconciled with the token");
+    assert!(d.0.try_wait().unwrap().is_none());
+    assert_eq!(env.pkcs11_objects().lines().count(), before.lines().count());
+}
+
+#[test]
+fn a_session_lost_after_key_generation_does_not_make_a_second_key() {
+    let env = Env::new();
+    // In process, through the wrapper: the token forgets the session while the new key is
+    // read back. The read is retried; the generation is not.
+    // Safe: set before any module is loaded; one test per process (nextest).
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf"));
+        std::env::set_var("P11_FAULT_MODULE", module());
+        std::env::set_var("P11_FAULT_FILE", env.path("faults"));
+    }
+    let token = hsm_shim::Token::open(
+        &fault_module(),
+        &hsm_shim::TokenSelector::Label(LABEL.into()),
+        Some(hsm_shim::testing::pin(USER_PIN)),
+    )
+    .unwrap();
+    env.set_faults("C_GetAttributeValue SESSION_HANDLE_INVALID 1\n");
+    let key = token
+        .generate_key(hsm_shim::KeyType::EcP256, "edge-signer:gw:g1")
+        .unwrap();
+    assert!(env
+        .faults_fired()
+        .contains("C_GetAttributeValue SESSION_HANDLE_INVALID"));
+    let objects = env.pkcs11_objects();
+    assert_eq!(
+        objects.matches("Private Key Object").count(),
+        1,
+        "one key pair, not two: {objects}"
+    );
+    assert!(objects.contains(&hsm_shim::keys::hex(&key.id)), "{objects}");
+}
