@@ -305,10 +305,14 @@ fn pick_up_spool(sources: &Sources) {
     for f in files {
         let outcome = std::fs::read(&f)
             .map_err(|e| e.to_string())
-            .and_then(|b| sources.apply(&b).map_err(|e| e.to_string()));
+            .and_then(|b| sources.apply_any(&b).map_err(|e| e.to_string()));
         let dest = match &outcome {
-            Ok(r) => {
+            Ok(firmware_config::Applied::Config(r)) => {
                 tracing::info!(bundle = %f.display(), version = r.version, changes = r.changes.len(), "fleet bundle applied");
+                "applied"
+            }
+            Ok(firmware_config::Applied::Trust(t)) => {
+                tracing::warn!(bundle = %f.display(), version = t.version, trusted = ?t.trusted, removed = ?t.removed, "trust bundle applied: the trusted fleet keys changed");
                 "applied"
             }
             Err(e) => {

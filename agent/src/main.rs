@@ -254,6 +254,22 @@ enum FleetCmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+    /// Sign a trust bundle: the fleet keys that replace the trusted set on the devices
+    /// (signed by a key they trust now; applied like any bundle)
+    Trust {
+        /// A fleet private key the devices trust now (PKCS#8 PEM)
+        #[arg(long)]
+        key: PathBuf,
+        /// Trust version: greater than the devices' current trust version
+        #[arg(long)]
+        version: u64,
+        /// A key to trust from now on (`ed25519:BASE64`, or a `.pub` file); repeat for several
+        #[arg(long = "trusted", required = true)]
+        trusted: Vec<String>,
+        /// Where to write the trust bundle
+        #[arg(short, long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -11,6 +11,11 @@
 //! ```
 //! The signature covers `"edge-signer-bundle/v1\0" || version in decimal || "\0" || payload`:
 //! the version is bound to the payload, and the bytes cannot be taken for anything else.
+//!
+//! A *trust bundle* (`edge-signer-trust v1`, signed over `"edge-signer-trust/v1\0" || ...`)
+//! has the same layout; its payload names the fleet keys that replace the trusted set
+//! (see `trust.rs`). The two domains differ, so a configuration bundle's signature can
+//! never pass as a trust bundle's, nor the other way round.
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -20,13 +25,40 @@ use std::fmt;
 use std::str::FromStr;
 
 const MAGIC: &str = "edge-signer-bundle v1";
+const TRUST_MAGIC: &str = "edge-signer-trust v1";
+
+/// What a bundle carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BundleKind {
+    /// A fleet configuration layer (TOML).
+    Config,
+    /// A replacement for the trusted fleet key set.
+    Trust,
+}
+
+impl BundleKind {
+    fn magic(self) -> &'static str {
+        match self {
+            BundleKind::Config => MAGIC,
+            BundleKind::Trust => TRUST_MAGIC,
+        }
+    }
+
+    fn domain(self) -> &'static [u8] {
+        match self {
+            BundleKind::Config => b"edge-signer-bundle/v1\0",
+            BundleKind::Trust => b"edge-signer-trust/v1\0",
+        }
+    }
+}
 const MAX_PAYLOAD: usize = 1 << 20;
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BundleError {
     /// Not a bundle at all.
-    #[error("not an edge-signer bundle (first line must be '{MAGIC}')")]
+    #[error("not an edge-signer bundle (first line must be '{MAGIC}' or '{TRUST_MAGIC}')")]
     NotABundle,
     /// A header line is wrong.
     #[error("bundle header: {0}")]
@@ -43,7 +75,7 @@ pub enum BundleError {
     #[error("bundle has {0} bytes after the announced payload")]
     TrailingBytes(usize),
     /// Signed by a key that is not pinned in the firmware.
-    #[error("bundle is signed by fleet key {key_id}, which is not trusted on this device (trusted: {trusted}); check fleet.trusted_keys in the firmware defaults")]
+    #[error("bundle is signed by fleet key {key_id}, which is not trusted on this device (trusted: {trusted}); the set comes from fleet.trusted_keys in the firmware defaults, or from the newest applied trust bundle")]
     UnknownKey {
         /// The key id in the bundle.
         key_id: String,
@@ -75,7 +107,8 @@ impl FleetKey {
             FleetKey::Ed25519(b) | FleetKey::P256(b) => b,
         }
     }
-    fn alg(&self) -> &'static str {
+    /// `ed25519` or `p256`.
+    pub fn alg(&self) -> &'static str {
         match self {
             FleetKey::Ed25519(_) => "ed25519",
             FleetKey::P256(_) => "p256",
@@ -125,9 +158,9 @@ impl fmt::Display for FleetKey {
     }
 }
 
-fn signed_message(version: u64, payload: &[u8]) -> Vec<u8> {
+fn signed_message(kind: BundleKind, version: u64, payload: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(payload.len() + 48);
-    m.extend_from_slice(b"edge-signer-bundle/v1\0");
+    m.extend_from_slice(kind.domain());
     m.extend_from_slice(version.to_string().as_bytes());
     m.push(0);
     m.extend_from_slice(payload);
@@ -137,6 +170,8 @@ fn signed_message(version: u64, payload: &[u8]) -> Vec<u8> {
 /// A parsed bundle (not yet verified).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {
+    /// Configuration or trust.
+    pub kind: BundleKind,
     /// Monotonic version.
     pub version: u64,
     /// `ed25519` or `p256`.
@@ -166,10 +201,11 @@ impl Bundle {
             rest = &rest[end + 1..];
             Ok(l)
         };
-        let first = line().map_err(|_| BundleError::NotABundle)?;
-        if first != MAGIC {
-            return Err(BundleError::NotABundle);
-        }
+        let kind = match line().map_err(|_| BundleError::NotABundle)? {
+            MAGIC => BundleKind::Config,
+            TRUST_MAGIC => BundleKind::Trust,
+            _ => return Err(BundleError::NotABundle),
+        };
         let header = |l: &str, key: &str| -> Result<String, BundleError> {
             l.strip_prefix(key)
                 .and_then(|v| v.strip_prefix(' '))
@@ -217,6 +253,7 @@ impl Bundle {
             return Err(BundleError::TrailingBytes(rest.len() - expected));
         }
         Ok(Bundle {
+            kind,
             version,
             alg: alg.to_owned(),
             key_id: key_id.to_owned(),
@@ -243,7 +280,7 @@ impl Bundle {
                 },
             })?;
         if key.verify(
-            &signed_message(self.version, &self.payload),
+            &signed_message(self.kind, self.version, &self.payload),
             &self.signature,
         ) {
             Ok(key)
@@ -320,14 +357,24 @@ impl FleetSigner {
         }
     }
 
-    /// Produce a bundle file.
+    /// Produce a configuration bundle file.
     pub fn sign(&self, version: u64, payload: &[u8]) -> Result<Vec<u8>, BundleError> {
+        self.sign_kind(BundleKind::Config, version, payload)
+    }
+
+    /// Produce a bundle file of either kind.
+    pub fn sign_kind(
+        &self,
+        kind: BundleKind,
+        version: u64,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, BundleError> {
         if payload.len() > MAX_PAYLOAD {
             return Err(BundleError::Header(format!(
                 "payload larger than {MAX_PAYLOAD} bytes"
             )));
         }
-        let msg = signed_message(version, payload);
+        let msg = signed_message(kind, version, payload);
         let sig = match self {
             FleetSigner::Ed25519(k) => k.sign(&msg).as_ref().to_vec(),
             FleetSigner::P256(k) => k
@@ -338,7 +385,8 @@ impl FleetSigner {
         };
         let public = self.public();
         let mut out = format!(
-            "{MAGIC}\nversion {version}\nsignature {} {} {}\npayload-length {}\n\n",
+            "{}\nversion {version}\nsignature {} {} {}\npayload-length {}\n\n",
+            kind.magic(),
             public.alg(),
             public.key_id(),
             B64.encode(sig),

@@ -128,7 +128,12 @@ const RESTRICTED: &[(&str, &[LayerKind], &str)] = &[
     (
         "fleet.trusted_keys",
         &[LayerKind::Firmware],
-        "fleet trust keys come only from the firmware defaults",
+        "fleet trust keys come only from the firmware defaults (or a signed trust bundle)",
+    ),
+    (
+        "fleet.trust_version",
+        &[LayerKind::Firmware],
+        "the trust version belongs to the firmware's key set",
     ),
     (
         "paths.state_dir",

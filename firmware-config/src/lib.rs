@@ -10,11 +10,12 @@ pub mod bundle;
 pub mod layers;
 pub mod schema;
 pub mod store;
+pub mod trust;
 pub mod units;
 pub mod validate;
 
-pub use bundle::{Bundle, BundleError, FleetKey, FleetSigner};
+pub use bundle::{Bundle, BundleError, BundleKind, FleetKey, FleetSigner};
 pub use layers::{ConfigError, ConfigErrors, Effective, Layer, LayerKind};
 pub use schema::Config;
-pub use store::{ApplyError, ApplyReport, ApplyStep, Loaded, Sources};
+pub use store::{Applied, ApplyError, ApplyReport, ApplyStep, Loaded, Sources};
 pub use units::{Duration, Percent};

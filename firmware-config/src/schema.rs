@@ -428,6 +428,9 @@ pub struct FleetConfig {
     /// Public keys whose signatures on bundles are trusted. Only the firmware layer may set it.
     #[serde(deserialize_with = "parse_vec", serialize_with = "show_vec")]
     pub trusted_keys: Vec<FleetKey>,
+    /// The trust version of `trusted_keys` (firmware only): trust bundles at or below it are
+    /// superseded by this firmware's set.
+    pub trust_version: u64,
     /// Where the daemon picks up pushed bundles.
     pub spool_dir: PathBuf,
 }
@@ -436,6 +439,7 @@ impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
             trusted_keys: Vec::new(),
+            trust_version: 0,
             spool_dir: "/var/lib/edge-signer/spool".into(),
         }
     }

@@ -2,7 +2,7 @@
 //! the merged result, then write with temp file + fsync + rename + directory fsync, keeping
 //! the previous bundle as last-known-good.
 
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::{Bundle, BundleError, BundleKind};
 use crate::layers::{local_files, resolve, ConfigError, ConfigErrors, Effective, Layer, LayerKind};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -62,6 +62,9 @@ pub enum ApplyError {
         /// The highest version applied on this device.
         applied: u64,
     },
+    /// A trust bundle was refused.
+    #[error("{0}")]
+    Trust(#[from] crate::trust::TrustError),
     /// The merged configuration is invalid.
     #[error("the configuration with this bundle is invalid:\n{0}")]
     Config(ConfigErrors),
@@ -123,6 +126,16 @@ pub struct Change {
     pub old: Option<String>,
     /// New value (None: removed).
     pub new: Option<String>,
+}
+
+/// What `apply_any` did.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Applied {
+    /// A configuration bundle.
+    Config(ApplyReport),
+    /// A trust bundle.
+    Trust(crate::trust::TrustReport),
 }
 
 /// What `apply` did.
@@ -214,14 +227,33 @@ impl Sources {
         })
     }
 
-    /// Fleet keys pinned in the firmware layer.
+    /// The fleet keys trusted now: the firmware's set, replaced by applied trust bundles.
     pub fn trusted_keys(&self) -> Result<Vec<crate::bundle::FleetKey>, ConfigErrors> {
+        Ok(self.trust()?.keys)
+    }
+
+    /// The trusted set in effect and where it came from (see `trust.rs`).
+    pub fn trust(&self) -> Result<crate::trust::TrustSet, ConfigErrors> {
         let layers = self.firmware()?;
-        let Some(keys) = layers
-            .first()
-            .and_then(|l| l.table.get("fleet"))
-            .and_then(|f| f.get("trusted_keys"))
-        else {
+        let fleet = layers.first().and_then(|l| l.table.get("fleet"));
+        let version = fleet
+            .and_then(|f| f.get("trust_version"))
+            .and_then(|v| v.as_integer())
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0);
+        let keys = self.firmware_keys(fleet.and_then(|f| f.get("trusted_keys")))?;
+        Ok(crate::trust::effective(
+            keys,
+            version,
+            &self.store()?.dir.join("trust"),
+        ))
+    }
+
+    fn firmware_keys(
+        &self,
+        keys: Option<&toml::Value>,
+    ) -> Result<Vec<crate::bundle::FleetKey>, ConfigErrors> {
+        let Some(keys) = keys else {
             return Ok(Vec::new());
         };
         let arr = keys.as_array().cloned().unwrap_or_default();
@@ -282,7 +314,18 @@ impl Sources {
         })
     }
 
-    /// Apply a bundle file's bytes. On any error nothing on disk has changed, except
+    /// Apply a bundle of either kind: a configuration bundle (`apply`) or a trust bundle
+    /// (replaces the trusted fleet keys, see `trust.rs`).
+    pub fn apply_any(&self, bytes: &[u8]) -> Result<Applied, ApplyError> {
+        if Bundle::parse(bytes)?.kind == BundleKind::Trust {
+            let current = self.trust().map_err(ApplyError::Config)?;
+            let dir = self.store().map_err(ApplyError::Config)?.dir.join("trust");
+            return Ok(Applied::Trust(crate::trust::apply(&current, &dir, bytes)?));
+        }
+        self.apply(bytes).map(Applied::Config)
+    }
+
+    /// Apply a configuration bundle file's bytes. On any error nothing on disk has changed, except
     /// for a failed write step, after which either the old or the new bundle is in place.
     pub fn apply(&self, bytes: &[u8]) -> Result<ApplyReport, ApplyError> {
         self.apply_with(bytes, &mut |_| Ok(()))
@@ -295,6 +338,11 @@ impl Sources {
         hook: &mut dyn FnMut(ApplyStep) -> std::io::Result<()>,
     ) -> Result<ApplyReport, ApplyError> {
         let bundle = Bundle::parse(bytes)?;
+        if bundle.kind != BundleKind::Config {
+            return Err(ApplyError::Bundle(BundleError::Header(
+                "this is a trust bundle, not a configuration bundle".into(),
+            )));
+        }
         let trusted = self.trusted_keys().map_err(ApplyError::Config)?;
         let key = bundle.verify(&trusted)?.key_id();
         let store = self.store().map_err(ApplyError::Config)?;
@@ -390,6 +438,7 @@ impl FleetStore {
             .iter()
             .filter_map(|n| self.read(n))
             .filter_map(|b| Bundle::parse(&b).ok())
+            .filter(|b| b.kind == BundleKind::Config)
             .map(|b| b.version)
             .fold(recorded, u64::max)
     }

@@ -1,4 +1,4 @@
-//! A fleet bundle as it arrives (spool file, MQTT message): parse, read the payload,
+//! A fleet or trust bundle as it arrives (spool file, MQTT message): parse, read the payload,
 //! check the signature against a fixed key. Errors are fine; a panic is a bug.
 #![no_main]
 use firmware_config::bundle::{Bundle, FleetKey};
@@ -9,6 +9,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = bundle.payload_str();
+    let _ = firmware_config::trust::payload_keys(&bundle);
     let key: Result<FleetKey, _> =
         "ed25519:11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=".parse();
     if let Ok(key) = key {

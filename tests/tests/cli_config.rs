@@ -69,36 +69,7 @@ fn check_accepts_the_example_and_lists_every_error_of_a_bad_file() {
 fn fleet_keygen_sign_apply_show_and_refusals() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
-    let o = es(p, &["fleet", "keygen", "--out", "fleet.key", "--json"]);
-    assert!(o.status.success(), "{}", text(&o));
-    let key: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let public = key["public_key"].as_str().unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(p.join("fleet.key"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
-    assert!(
-        !es(p, &["fleet", "keygen", "--out", "fleet.key"])
-            .status
-            .success(),
-        "never overwrites a key"
-    );
-
-    let defaults = example()
-        .replace(
-            "ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=",
-            public,
-        )
-        .replace(
-            "state_dir = \"/var/lib/edge-signer\"",
-            &format!("state_dir = \"{}/state\"", p.display()),
-        );
-    std::fs::write(p.join("defaults.toml"), defaults).unwrap();
+    pinned_device(p);
     std::fs::create_dir_all(p.join("etc/agent.d")).unwrap();
     std::fs::write(
         p.join("etc/agent.d/50-site.toml"),
@@ -212,4 +183,152 @@ fn fleet_keygen_sign_apply_show_and_refusals() {
         std::fs::read(p.join("state/fleet/current.bundle")).unwrap(),
         before
     );
+}
+
+/// A fleet key `fleet.key` made with `fleet keygen` and pinned in this device's firmware
+/// defaults (the example config, state under `p`).
+fn pinned_device(p: &Path) {
+    let o = es(p, &["fleet", "keygen", "--out", "fleet.key", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let key: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let public = key["public_key"].as_str().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(p.join("fleet.key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert!(
+        !es(p, &["fleet", "keygen", "--out", "fleet.key"])
+            .status
+            .success(),
+        "never overwrites a key"
+    );
+
+    let defaults = example()
+        .replace(
+            "ed25519:Gb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=",
+            public,
+        )
+        .replace(
+            "state_dir = \"/var/lib/edge-signer\"",
+            &format!("state_dir = \"{}/state\"", p.display()),
+        );
+    std::fs::write(p.join("defaults.toml"), defaults).unwrap();
+}
+
+fn sign(p: &Path, args: &[&str]) {
+    let o = es(p, args);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn fleet_keys_rotate_through_a_trust_bundle() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    pinned_device(p);
+    sign(p, &["fleet", "keygen", "--out", "next.key"]);
+    std::fs::write(p.join("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
+    // The old key hands the fleet over to the new one.
+    sign(
+        p,
+        &[
+            "fleet",
+            "trust",
+            "--key",
+            "fleet.key",
+            "--version",
+            "1",
+            "--trusted",
+            "next.key.pub",
+            "-o",
+            "t1.bundle",
+        ],
+    );
+    let o = es(p, &["config", "apply", "t1.bundle"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("applied trust bundle v1") && text(&o).contains("no longer trusted"),
+        "{}",
+        text(&o)
+    );
+    // The old key signs no more; the new one does.
+    sign(
+        p,
+        &[
+            "fleet",
+            "sign",
+            "--key",
+            "fleet.key",
+            "--version",
+            "1",
+            "v1.toml",
+            "-o",
+            "old.bundle",
+        ],
+    );
+    let o = es(p, &["config", "apply", "old.bundle"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("not trusted on this device"),
+        "{}",
+        text(&o)
+    );
+    sign(
+        p,
+        &[
+            "fleet",
+            "sign",
+            "--key",
+            "next.key",
+            "--version",
+            "1",
+            "v1.toml",
+            "-o",
+            "new.bundle",
+        ],
+    );
+    let o = es(p, &["config", "apply", "new.bundle"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // A replayed trust bundle is refused (its signer is no longer trusted), and so is one
+    // by the trusted key that does not raise the version; show names where the set comes from.
+    let o = es(p, &["config", "apply", "t1.bundle"]);
+    assert!(
+        text(&o).contains("not trusted on this device"),
+        "{}",
+        text(&o)
+    );
+    sign(
+        p,
+        &[
+            "fleet",
+            "trust",
+            "--key",
+            "next.key",
+            "--version",
+            "1",
+            "--trusted",
+            "next.key.pub",
+            "-o",
+            "t1b.bundle",
+        ],
+    );
+    let o = es(p, &["config", "apply", "t1b.bundle"]);
+    assert!(
+        text(&o).contains("not newer than the trust version in effect (1, from trust bundle v1)"),
+        "{}",
+        text(&o)
+    );
+    let o = es(p, &["config", "show", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trust"]["source"], "trust bundle v1", "{v}");
+    assert_eq!(v["fleet_version"], 1);
+    // Factory reset (state wiped): the firmware set again.
+    std::fs::remove_dir_all(p.join("state")).unwrap();
+    let o = es(p, &["config", "show", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["trust"]["source"], "firmware defaults", "{v}");
 }

@@ -31,11 +31,14 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
                     (path, value, source)
                 })
                 .collect();
+            let trust = sources(g).trust()?;
             print(
                 json,
                 json!({
                     "fleet_version": loaded.fleet_version,
-                    "warnings": loaded.warnings,
+                    "trust": {"version": trust.version, "source": trust.source,
+                              "keys": trust.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()},
+                    "warnings": loaded.warnings.iter().chain(&trust.warnings).collect::<Vec<_>>(),
                     "values": rows.iter().map(|(p, v, s)| json!({"path": p, "value": v, "source": s})).collect::<Vec<_>>(),
                 }),
                 || {
@@ -46,13 +49,19 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
                         .unwrap_or(0)
                         + 3;
                     let mut out = format!(
-                        "# fleet bundle in effect: {}\n",
+                        "# fleet bundle in effect: {}\n# trusted fleet keys: {} (trust v{}, from {})\n",
                         if loaded.fleet_version == 0 {
                             "none".into()
                         } else {
                             format!("v{}", loaded.fleet_version)
-                        }
+                        },
+                        trust.keys.iter().map(|k| k.key_id()).collect::<Vec<_>>().join(", "),
+                        trust.version,
+                        trust.source
                     );
+                    for w in &trust.warnings {
+                        out += &format!("# warning: {w}\n");
+                    }
                     for (p, v, src) in &rows {
                         out += &format!("{:<w$}# {src}\n", format!("{p} = {v}"));
                     }
@@ -101,36 +110,91 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
         ConfigCmd::Apply { bundle, json } => {
             let bytes = std::fs::read(&bundle)
                 .with_context(|| format!("cannot read {}", bundle.display()))?;
-            let r = sources(g).apply(&bytes).map_err(|e| {
+            let r = sources(g).apply_any(&bytes).map_err(|e| {
                 anyhow::anyhow!("bundle {} refused; nothing changed: {e}", bundle.display())
             })?;
-            print(json, serde_json::to_value(&r)?, || {
-                let mut out = format!(
-                    "applied fleet bundle v{} (signed by fleet key {}){}\n",
-                    r.version,
-                    r.key_id,
-                    if r.previous == 0 {
-                        String::new()
-                    } else {
-                        format!(", replacing v{} (kept as last-known-good)", r.previous)
-                    }
-                );
-                if r.changes.is_empty() {
-                    out += "no value changed\n";
-                }
-                for c in &r.changes {
-                    out += &format!(
-                        "  {}: {} -> {}\n",
-                        c.path,
-                        c.old.as_deref().unwrap_or("(unset)"),
-                        c.new.as_deref().unwrap_or("(unset)")
-                    );
-                }
-                out
-            });
+            print(json, serde_json::to_value(&r)?, || applied_text(&r));
             Ok(0)
         }
     }
+}
+
+/// What `config apply` says a person.
+fn applied_text(r: &firmware_config::Applied) -> String {
+    use firmware_config::Applied;
+    let r = match r {
+        Applied::Trust(t) => {
+            let mut out = format!(
+                "applied trust bundle v{} (signed by fleet key {}, replacing trust v{})\ntrusted now:\n",
+                t.version, t.key_id, t.previous
+            );
+            t.trusted.iter().for_each(|k| out += &format!("  {k}\n"));
+            t.removed
+                .iter()
+                .for_each(|k| out += &format!("  no longer trusted: {k}\n"));
+            return out;
+        }
+        Applied::Config(r) => r,
+    };
+    let mut out = format!(
+        "applied fleet bundle v{} (signed by fleet key {}){}\n",
+        r.version,
+        r.key_id,
+        if r.previous == 0 {
+            String::new()
+        } else {
+            format!(", replacing v{} (kept as last-known-good)", r.previous)
+        }
+    );
+    if r.changes.is_empty() {
+        out += "no value changed\n";
+    }
+    for c in &r.changes {
+        out += &format!(
+            "  {}: {} -> {}\n",
+            c.path,
+            c.old.as_deref().unwrap_or("(unset)"),
+            c.new.as_deref().unwrap_or("(unset)")
+        );
+    }
+    out
+}
+
+fn fleet_signer(key: &std::path::Path) -> Result<firmware_config::FleetSigner> {
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(key).with_context(|| format!("cannot read {}", key.display()))?,
+    );
+    Ok(firmware_config::FleetSigner::from_pem(&pem)?)
+}
+
+/// `fleet trust`: a trust bundle naming the keys devices trust from now on.
+fn sign_trust(key: &std::path::Path, version: u64, trusted: &[String], out: &Path) -> Result<i32> {
+    let signer = fleet_signer(key)?;
+    let mut keys = Vec::new();
+    for t in trusted {
+        let text = match std::fs::read_to_string(t) {
+            Ok(file) => file.trim().to_owned(),
+            Err(_) => t.clone(),
+        };
+        let k: firmware_config::FleetKey = text
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--trusted {t}: {e}"))?;
+        keys.push(format!("\"{k}\""));
+    }
+    let payload = format!("trusted_keys = [{}]\n", keys.join(", "));
+    let bundle = signer.sign_kind(
+        firmware_config::BundleKind::Trust,
+        version,
+        payload.as_bytes(),
+    )?;
+    write_file(out, &bundle)?;
+    println!(
+        "signed trust bundle v{version} ({} key(s)) with fleet key {} -> {}",
+        keys.len(),
+        signer.public().key_id(),
+        out.display()
+    );
+    Ok(0)
 }
 
 pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
@@ -177,11 +241,7 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
             file,
             out,
         } => {
-            let pem = zeroize::Zeroizing::new(
-                std::fs::read_to_string(&key)
-                    .with_context(|| format!("cannot read {}", key.display()))?,
-            );
-            let signer = FleetSigner::from_pem(&pem)?;
+            let signer = fleet_signer(&key)?;
             let payload =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
             // Refuse to sign what a device would refuse to parse.
@@ -212,5 +272,11 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
             );
             Ok(0)
         }
+        FleetCmd::Trust {
+            key,
+            version,
+            trusted,
+            out,
+        } => sign_trust(&key, version, &trusted, &out),
     }
 }
