@@ -157,15 +157,57 @@ pub fn drive_to_promotion(
     }
 }
 
-enum Wake {
-    Reload,
-    Stop,
+use crate::serve::identity::Identities;
+use crate::serve::{Servers, Wake};
+
+/// After each engine pass: the served pairs, status, metrics and recent events follow the
+/// engine's register.
+fn publish(engine: &mut Engine, identities: &Identities) {
+    identities.refresh(engine);
+    let m = crate::serve::metrics::get();
+    for (name, s) in identities.all() {
+        if let Some(s) = s {
+            m.not_after
+                .get_or_create(&crate::serve::metrics::labels(&[("identity", &name)]))
+                .set(s.not_after as i64);
+        }
+    }
+    let events: Vec<_> = engine.events.log.drain(..).collect();
+    for e in &events {
+        let result = match e.kind.as_str() {
+            "promoted" => "success",
+            "failure" => "failure",
+            "abandoned" => "abandoned",
+            _ => continue,
+        };
+        m.renewals
+            .get_or_create(&crate::serve::metrics::labels(&[
+                ("identity", &e.identity),
+                ("result", result),
+            ]))
+            .inc();
+        if result == "success" {
+            m.last_success
+                .get_or_create(&crate::serve::metrics::labels(&[("identity", &e.identity)]))
+                .set(engine.now() as i64);
+        }
+    }
+    identities.remember(events);
+}
+
+/// (Re)start the listeners when what they serve changed.
+fn restart_servers(servers: &mut Servers, old: Option<&Config>, new: &Config) -> Result<()> {
+    if old.is_some_and(|o| o.api == new.api && o.proxies == new.proxies) {
+        return Ok(());
+    }
+    servers.start(new)
 }
 
 /// The daemon: reconcile, then advance every identity at its deadlines. No polling loop:
 /// between deadlines the process sleeps in one blocking receive.
 pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
     let (tx, rx) = mpsc::channel();
+    let wake_tx = tx.clone();
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGTERM,
@@ -188,11 +230,16 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         })
         .context("cannot start the signal thread")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let identities = Arc::new(Identities::default());
+    let mut servers = Servers::new(identities.clone(), wake_tx)?;
     pick_up_spool(sources);
     let mut engine = start_engine(sources, o, &clock, &mut None)?;
     take_requests(&mut engine);
+    publish(&mut engine, &identities);
+    restart_servers(&mut servers, None, engine.config())?;
     loop {
         let next = engine.tick();
+        publish(&mut engine, &identities);
         let now = clock.now();
         let wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
         tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
@@ -204,7 +251,15 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
                 // running one; otherwise the daemon keeps going and says why.
                 let mut lock = engine.release_lock();
                 match start_engine(sources, o, &clock, &mut lock) {
-                    Ok(e) => engine = e,
+                    Ok(e) => {
+                        if let Err(err) =
+                            restart_servers(&mut servers, Some(engine.config()), e.config())
+                        {
+                            tracing::error!("serving after reload: {err:#}");
+                        }
+                        engine = e;
+                        publish(&mut engine, &identities);
+                    }
                     Err(e) => {
                         let now = clock.now();
                         engine.events.emit(
@@ -228,6 +283,10 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
                 tracing::info!("stopping");
                 return Ok(());
             }
+            Ok(Wake::Rotate(name)) => match engine.force(&name) {
+                Ok(()) => tracing::info!(identity = %name, "rotation asked for through the API"),
+                Err(e) => tracing::warn!(identity = %name, "rotation request refused: {e:#}"),
+            },
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }

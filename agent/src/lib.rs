@@ -8,6 +8,7 @@ pub mod http;
 pub mod issuer;
 pub mod lifecycle;
 pub mod register;
+pub mod serve;
 pub mod statelock;
 pub mod tlsconf;
 pub mod validate;

@@ -9,6 +9,7 @@
 pub mod bundle;
 pub mod layers;
 pub mod schema;
+pub mod serving;
 pub mod store;
 pub mod trust;
 pub mod units;

@@ -9,6 +9,8 @@ use hsm_shim::KeyType;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::PathBuf;
 
+pub use crate::serving::{ApiConfig, ApiRule, Listen, Operation, ProxyConfig};
+
 fn parse<'de, D: Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<T, D::Error>
 where
     T::Err: std::fmt::Display,
@@ -54,6 +56,9 @@ pub struct Config {
     pub fleet: FleetConfig,
     /// Local signing API.
     pub api: ApiConfig,
+    /// mTLS egress proxies, `[[proxy]]`.
+    #[serde(rename = "proxy")]
+    pub proxies: Vec<ProxyConfig>,
     /// Where state lives.
     pub paths: PathsConfig,
     /// Logging.
@@ -441,28 +446,6 @@ impl Default for FleetConfig {
             trusted_keys: Vec::new(),
             trust_version: 0,
             spool_dir: "/var/lib/edge-signer/spool".into(),
-        }
-    }
-}
-
-/// `[api]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ApiConfig {
-    /// Unix socket of the local signing API.
-    pub socket: PathBuf,
-    /// Peer uids allowed (checked with SO_PEERCRED).
-    pub allowed_uids: Vec<u32>,
-    /// Peer gids allowed.
-    pub allowed_gids: Vec<u32>,
-}
-
-impl Default for ApiConfig {
-    fn default() -> Self {
-        ApiConfig {
-            socket: "/run/edge-signer/api.sock".into(),
-            allowed_uids: vec![0],
-            allowed_gids: Vec::new(),
         }
     }
 }

@@ -188,5 +188,6 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
     if c.serial.baud == 0 {
         err("serial.baud".into(), "must be more than 0".into());
     }
+    crate::serving::check(c, &mut err);
     errs
 }

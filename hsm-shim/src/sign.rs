@@ -30,7 +30,8 @@ impl Hash {
             Hash::Sha512 => sha2::Sha512::digest(msg).to_vec(),
         }
     }
-    fn len(self) -> u64 {
+    /// Digest length in bytes.
+    pub fn output_len(self) -> u64 {
         match self {
             Hash::Sha256 => 32,
             Hash::Sha384 => 48,
@@ -53,6 +54,28 @@ pub enum SignAlg {
     RsaPkcs1(Hash),
     /// RSASSA-PSS with MGF1 of the same hash and salt = hash length.
     RsaPss(Hash),
+}
+
+impl SignAlg {
+    /// Short mechanism family name (metrics, logs).
+    pub fn mechanism_name(self) -> &'static str {
+        match self {
+            SignAlg::Ecdsa { .. } => "ecdsa",
+            SignAlg::RsaPkcs1(_) => "rsa-pkcs1",
+            SignAlg::RsaPss(_) => "rsa-pss",
+        }
+    }
+}
+
+/// Sees every token signature: mechanism family, seconds taken, and the CKR name when it
+/// failed (the daemon feeds its metrics from it).
+pub type SignObserver = fn(&'static str, f64, Option<&str>);
+
+static OBSERVER: std::sync::OnceLock<SignObserver> = std::sync::OnceLock::new();
+
+/// Install the process's signature observer (the first call wins).
+pub fn set_sign_observer(f: SignObserver) {
+    let _ = OBSERVER.set(f);
 }
 
 /// A key pair in the token that can sign. Cheap to clone; shares the token's session pool.
@@ -128,7 +151,7 @@ impl TokenKey {
                 let params = PkcsPssParams {
                     hash_alg,
                     mgf,
-                    s_len: h.len().into(),
+                    s_len: h.output_len().into(),
                 };
                 Ok((
                     match h {
@@ -146,22 +169,89 @@ impl TokenKey {
         }
     }
 
+    /// Sign a digest computed by the caller (`alg`'s hash names which): ECDSA over the
+    /// digest, RSA-PSS over the digest (CKM_RSA_PKCS_PSS), PKCS#1 v1.5 over its DigestInfo
+    /// (CKM_RSA_PKCS).
+    pub fn sign_digest(&self, alg: SignAlg, digest: &[u8]) -> Result<Vec<u8>> {
+        let hash = match alg {
+            SignAlg::Ecdsa { hash, .. } | SignAlg::RsaPkcs1(hash) | SignAlg::RsaPss(hash) => hash,
+        };
+        if digest.len() as u64 != hash.output_len() {
+            return Err(Error::Unsupported(format!(
+                "a {hash:?} digest is {} bytes, not {}",
+                hash.output_len(),
+                digest.len()
+            )));
+        }
+        let (mech, data) = match (alg, self.info.key_type.is_ec()) {
+            (SignAlg::Ecdsa { .. }, true) => (Mechanism::Ecdsa, digest.to_vec()),
+            (SignAlg::RsaPkcs1(h), false) => {
+                let mut info = digest_info_prefix(h).to_vec();
+                info.extend_from_slice(digest);
+                (Mechanism::RsaPkcs, info)
+            }
+            (SignAlg::RsaPss(h), false) => {
+                let (hash_alg, mgf) = match h {
+                    Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+                    Hash::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
+                    Hash::Sha512 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
+                };
+                let params = PkcsPssParams {
+                    hash_alg,
+                    mgf,
+                    s_len: h.output_len().into(),
+                };
+                (Mechanism::RsaPkcsPss(params), digest.to_vec())
+            }
+            (alg, _) => {
+                return Err(Error::Unsupported(format!(
+                    "{alg:?} with a {} key",
+                    self.info.key_type
+                )))
+            }
+        };
+        self.sign_raw(alg, mech, &data)
+    }
+
     /// Sign `msg` in the token.
     pub fn sign(&self, alg: SignAlg, msg: &[u8]) -> Result<Vec<u8>> {
         let (mech, data) = self.mechanism(alg, msg)?;
+        self.sign_raw(alg, mech, &data)
+    }
+
+    fn sign_raw(&self, alg: SignAlg, mech: Mechanism<'static>, data: &[u8]) -> Result<Vec<u8>> {
+        let start = std::time::Instant::now();
+        let out = self.sign_in_token(alg, mech, data);
+        if let Some(observe) = OBSERVER.get() {
+            let ckr = match &out {
+                Err(Error::Pkcs11 { ckr, .. }) => Some(ckr.as_str()),
+                Err(_) => Some("other"),
+                Ok(_) => None,
+            };
+            observe(alg.mechanism_name(), start.elapsed().as_secs_f64(), ckr);
+        }
+        out
+    }
+
+    fn sign_in_token(
+        &self,
+        alg: SignAlg,
+        mech: Mechanism<'static>,
+        data: &[u8],
+    ) -> Result<Vec<u8>> {
         let raw = self.token.with_session(|s| {
             let cached = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
             let h = match cached {
                 Some(h) => h,
                 None => self.refresh_handle(s)?,
             };
-            match s.sign(&mech, h, &data) {
+            match s.sign(&mech, h, data) {
                 Err(CkError::Pkcs11(
                     RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
                     _,
                 )) => {
                     let h = self.refresh_handle(s)?;
-                    Ok(s.sign(&mech, h, &data)?)
+                    Ok(s.sign(&mech, h, data)?)
                 }
                 other => Ok(other?),
             }
@@ -178,5 +268,23 @@ impl TokenKey {
         let h = private_handle(s, &self.info.id)?;
         *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         Ok(h)
+    }
+}
+
+/// The DER DigestInfo prefix of PKCS#1 v1.5 signatures (RFC 8017 §9.2, note 1).
+fn digest_info_prefix(h: Hash) -> &'static [u8] {
+    match h {
+        Hash::Sha256 => &[
+            0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x01, 0x05, 0x00, 0x04, 0x20,
+        ],
+        Hash::Sha384 => &[
+            0x30, 0x41, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x02, 0x05, 0x00, 0x04, 0x30,
+        ],
+        Hash::Sha512 => &[
+            0x30, 0x51, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02,
+            0x03, 0x05, 0x00, 0x04, 0x40,
+        ],
     }
 }

@@ -401,6 +401,7 @@ pub mod est;
 pub mod httpd;
 pub mod jwk;
 pub mod portal;
+pub mod serving;
 pub mod sim;
 
 pub use portal::{CaMode, PortalCa};
@@ -437,8 +438,11 @@ impl Env {
             "-Verify",
             "1",
             "-verify_return_error",
-            "-www",
         ];
+        // `-rev` (echo each line reversed, one long connection) replaces the status page.
+        if !extra.contains(&"-rev") {
+            args.push("-www");
+        }
         args.extend_from_slice(extra);
         // stdout and stderr (verification lines) into the same log, or nowhere.
         let (stdout, stderr) = match log {

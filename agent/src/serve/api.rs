@@ -1,0 +1,374 @@
+//! The local signing API: HTTP/1.1 + JSON on a Unix socket (`curl --unix-socket` works),
+//! axum routes served by hyper's connection builder (header read timeout against slow
+//! clients). Each connection's caller is identified by `SO_PEERCRED`; every request is
+//! checked against `[api] allow` rules (no implicit root); refusals are 403 with a reason.
+
+use super::identity::{Identities, Served};
+use super::metrics;
+use super::Wake;
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use firmware_config::schema::{ApiConfig, Operation};
+use hsm_shim::{Hash, SignAlg};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+/// Who is calling, from `SO_PEERCRED`.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    /// Peer uid.
+    pub uid: u32,
+    /// Peer primary gid.
+    pub gid: u32,
+    /// Peer pid.
+    pub pid: Option<i32>,
+}
+
+/// Shared by every request.
+pub struct ApiState {
+    pub(super) cfg: ApiConfig,
+    pub(super) identities: Arc<Identities>,
+    pub(super) wake: std::sync::mpsc::Sender<Wake>,
+    own_uid: u32,
+    in_flight: Mutex<HashMap<u32, Arc<Semaphore>>>,
+}
+
+/// A refusal or failure, as JSON `{"error": ...}` with its status.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+impl ApiState {
+    pub(super) fn new(
+        cfg: ApiConfig,
+        identities: Arc<Identities>,
+        wake: std::sync::mpsc::Sender<Wake>,
+    ) -> ApiState {
+        ApiState {
+            cfg,
+            identities,
+            wake,
+            // SAFETY: getuid cannot fail.
+            own_uid: unsafe { libc::getuid() },
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Allowed by a rule. The daemon's own uid may read status and ask for rotations (it is
+    /// the CLI run by the agent's own user); nothing else is implicit, root included.
+    fn allowed(&self, c: &Caller, op: Operation, identity: Option<&str>) -> bool {
+        (c.uid == self.own_uid
+            && matches!(op, Operation::Status | Operation::Rotate | Operation::List))
+            || self
+                .cfg
+                .rules
+                .iter()
+                .any(|r| r.allows(c.uid, c.gid, op, identity))
+    }
+
+    fn check(&self, c: &Caller, op: Operation, identity: Option<&str>) -> ApiResult<()> {
+        if self.allowed(c, op, identity) {
+            return Ok(());
+        }
+        count(c, op, "refused");
+        tracing::warn!(uid = c.uid, gid = c.gid, pid = ?c.pid, op = op.as_str(), identity = ?identity, "API request refused by policy");
+        Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "uid {} (gid {}) may not {}{}: no [[api.allow]] rule grants it",
+                c.uid,
+                c.gid,
+                op.as_str(),
+                identity
+                    .map(|i| format!(" with identity '{i}'"))
+                    .unwrap_or_default()
+            ),
+        ))
+    }
+
+    /// One slot of the caller's in-flight cap (429 when full).
+    fn slot(&self, c: &Caller) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(c.uid)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.max_concurrent_per_caller)))
+            .clone();
+        sem.try_acquire_owned().map_err(|_| {
+            ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "uid {} has {} requests in flight (api.max_concurrent_per_caller); retry when one finishes",
+                    c.uid, self.cfg.max_concurrent_per_caller
+                ),
+            )
+        })
+    }
+
+    fn served(&self, name: &str) -> ApiResult<Arc<Served>> {
+        self.identities
+            .get(name)
+            .and_then(|s| s.get())
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("identity '{name}' has no current certificate yet"),
+                )
+            })
+    }
+}
+
+fn count(c: &Caller, op: Operation, result: &str) {
+    metrics::get()
+        .api_requests
+        .get_or_create(&metrics::labels(&[
+            ("uid", &c.uid.to_string()),
+            ("op", op.as_str()),
+            ("result", result),
+        ]))
+        .inc();
+}
+
+/// The routes, with the body size cap.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let limit = state.cfg.max_request_bytes;
+    Router::new()
+        .route("/v1/identities", get(list))
+        .route("/v1/identities/{name}/chain", get(chain))
+        .route("/v1/identities/{name}/sign", post(sign))
+        .route("/v1/identities/{name}/jws", post(jws))
+        .route("/v1/identities/{name}/rotate", post(rotate))
+        .route("/v1/status", get(status))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                "no such endpoint: see /v1/identities, /v1/status, /metrics".into(),
+            )
+        })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn list(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    let rows: Vec<serde_json::Value> = st
+        .identities
+        .all()
+        .into_iter()
+        .filter(|(name, _)| st.allowed(&c, Operation::List, Some(name)))
+        .map(|(name, s)| match s {
+            Some(s) => serde_json::json!({
+                "name": name, "generation": s.generation, "key_uri": s.key_uri,
+                "not_after": crate::clock::rfc3339(s.not_after), "fingerprint": s.fingerprint,
+                "chain_pem": s.chain_pem, "state": "serving",
+            }),
+            None => serde_json::json!({"name": name, "state": "no certificate yet"}),
+        })
+        .collect();
+    if rows.is_empty() {
+        st.check(&c, Operation::List, None)?;
+    }
+    count(&c, Operation::List, "ok");
+    Ok(Json(serde_json::Value::Array(rows)))
+}
+
+async fn chain(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    st.check(&c, Operation::Chain, Some(&name))?;
+    let s = st.served(&name)?;
+    count(&c, Operation::Chain, "ok");
+    Ok((
+        [("content-type", "application/pem-certificate-chain")],
+        s.chain_pem.clone(),
+    )
+        .into_response())
+}
+
+/// `POST /v1/identities/{name}/sign`: `{"alg": "ES256", "data": BASE64}` or
+/// `{"alg": "PS256", "digest": BASE64}`; ECDSA signatures DER unless `"format": "raw"`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignRequest {
+    alg: String,
+    data: Option<String>,
+    digest: Option<String>,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+fn sign_alg(name: &str, raw: bool) -> Option<SignAlg> {
+    let ec = |hash| SignAlg::Ecdsa { hash, der: !raw };
+    Some(match name {
+        "ES256" => ec(Hash::Sha256),
+        "ES384" => ec(Hash::Sha384),
+        "ES512" => ec(Hash::Sha512),
+        "RS256" => SignAlg::RsaPkcs1(Hash::Sha256),
+        "RS384" => SignAlg::RsaPkcs1(Hash::Sha384),
+        "RS512" => SignAlg::RsaPkcs1(Hash::Sha512),
+        "PS256" => SignAlg::RsaPss(Hash::Sha256),
+        "PS384" => SignAlg::RsaPss(Hash::Sha384),
+        "PS512" => SignAlg::RsaPss(Hash::Sha512),
+        _ => return None,
+    })
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+async fn sign(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    req: Result<Json<SignRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Sign, Some(&name))?;
+    let Json(req) = req.map_err(|e| bad(format!("bad sign request: {}", e.body_text())))?;
+    let _slot = st.slot(&c)?;
+    let s = st.served(&name)?;
+    let raw = match req.format.as_deref() {
+        None | Some("der") => false,
+        Some("raw") => true,
+        Some(f) => return Err(bad(format!("format '{f}': use der or raw"))),
+    };
+    let alg = sign_alg(&req.alg, raw).ok_or_else(|| {
+        bad(format!(
+            "alg '{}': use ES256/ES384/ES512, RS256/RS384/RS512 or PS256/PS384/PS512",
+            req.alg
+        ))
+    })?;
+    let (input, prehashed) = match (req.data, req.digest) {
+        (Some(d), None) => (d, false),
+        (None, Some(d)) => (d, true),
+        _ => return Err(bad("give exactly one of data or digest (base64)")),
+    };
+    let bytes = B64
+        .decode(input.as_bytes())
+        .map_err(|e| bad(format!("not base64: {e}")))?;
+    let key = s.key.clone();
+    let sig = tokio::task::spawn_blocking(move || {
+        if prehashed {
+            key.sign_digest(alg, &bytes)
+        } else {
+            key.sign(alg, &bytes)
+        }
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        count(&c, Operation::Sign, "error");
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the token refused: {e}"),
+        )
+    })?;
+    count(&c, Operation::Sign, "ok");
+    Ok(Json(serde_json::json!({
+        "signature": B64.encode(sig), "alg": req.alg, "generation": s.generation, "key_uri": s.key_uri,
+    })))
+}
+
+/// `POST /v1/identities/{name}/jws`: `{"payload": <JSON value>, "kid": "..."}` → compact JWS.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JwsRequest {
+    payload: serde_json::Value,
+    kid: Option<String>,
+}
+
+async fn jws(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    req: Result<Json<JwsRequest>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Jws, Some(&name))?;
+    let Json(req) = req.map_err(|e| bad(format!("bad jws request: {}", e.body_text())))?;
+    let _slot = st.slot(&c)?;
+    let s = st.served(&name)?;
+    let key = s.key.clone();
+    let kid = req.kid.unwrap_or_else(|| s.fingerprint.clone());
+    let payload = serde_json::to_vec(&req.payload).unwrap_or_default();
+    let out = tokio::task::spawn_blocking(move || {
+        let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
+        hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| {
+        ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the token refused: {e}"),
+        )
+    })?;
+    count(&c, Operation::Jws, "ok");
+    Ok(Json(
+        serde_json::json!({ "jws": out, "generation": s.generation }),
+    ))
+}
+
+async fn rotate(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    st.check(&c, Operation::Rotate, Some(&name))?;
+    if st.identities.get(&name).is_none() {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no identity '{name}'"),
+        ));
+    }
+    st.wake.send(Wake::Rotate(name.clone())).map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is stopping".into(),
+        )
+    })?;
+    count(&c, Operation::Rotate, "ok");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"queued": name})),
+    ))
+}
+
+async fn status(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Status, None)?;
+    count(&c, Operation::Status, "ok");
+    Ok(Json(st.identities.status()))
+}
+
+async fn metrics_text(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+) -> ApiResult<Response> {
+    st.check(&c, Operation::Metrics, None)?;
+    count(&c, Operation::Metrics, "ok");
+    Ok((
+        [("content-type", "text/plain; version=0.0.4")],
+        metrics::get().render(),
+    )
+        .into_response())
+}

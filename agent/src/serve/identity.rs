@@ -1,0 +1,225 @@
+//! The identities the daemon serves: per identity one atomically swapped pair (token key +
+//! chain as one `CertifiedKey`), read by rustls resolvers at every handshake and by the API.
+//! The engine thread refreshes them after each step; a promotion swaps the pair, new
+//! handshakes use it at once, open connections keep what they authenticated with.
+
+use crate::clock::Unix;
+use crate::lifecycle::Engine;
+use crate::register::Generation;
+use hsm_shim::{KeyRef, TokenKey};
+use rustls::sign::CertifiedKey;
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+/// One served pair.
+pub struct Served {
+    /// Identity name.
+    pub name: String,
+    /// Generation number.
+    pub generation: u32,
+    /// The token key (for the API's signatures).
+    pub key: TokenKey,
+    /// Key + chain for rustls.
+    pub certified: Arc<CertifiedKey>,
+    /// Chain, PEM, leaf first.
+    pub chain_pem: String,
+    /// `pkcs11:` URI of the key.
+    pub key_uri: String,
+    /// The leaf's not-after.
+    pub not_after: Unix,
+    /// SHA-256 fingerprint of the leaf, hex.
+    pub fingerprint: String,
+}
+
+/// One identity's current pair, swapped in one step.
+#[derive(Default)]
+pub struct ServingIdentity {
+    current: RwLock<Option<Arc<Served>>>,
+}
+
+impl ServingIdentity {
+    /// The pair in effect now.
+    pub fn get(&self) -> Option<Arc<Served>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, s: Option<Arc<Served>>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+}
+
+/// Every served identity, by name.
+#[derive(Default)]
+pub struct Identities {
+    map: RwLock<BTreeMap<String, Arc<ServingIdentity>>>,
+    /// The daemon's status as the API shows it (refreshed with the identities).
+    status: RwLock<serde_json::Value>,
+    /// The newest events (diagnostics show them).
+    recent: RwLock<std::collections::VecDeque<crate::events::Event>>,
+}
+
+/// Events kept for diagnostics.
+const RECENT_EVENTS: usize = 200;
+
+/// Build the pair of a current generation; refused when the key does not match the chain.
+fn load(engine: &Engine, name: &str, g: &Generation) -> anyhow::Result<Served> {
+    let id = g
+        .key_id
+        .as_deref()
+        .and_then(hsm_shim::keys::unhex)
+        .ok_or_else(|| anyhow::anyhow!("generation {} has no key id", g.number))?;
+    let key = TokenKey::open(engine.token().clone(), &KeyRef::Id(id))?;
+    let chain_pem = g.cert_pem.clone().unwrap_or_default();
+    let chain = crate::validate::parse_chain(&chain_pem)?;
+    let certified = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key.clone()), chain)?;
+    Ok(Served {
+        name: name.to_owned(),
+        generation: g.number,
+        key,
+        certified,
+        chain_pem,
+        key_uri: g.key_uri.clone().unwrap_or_default(),
+        not_after: g.not_after.unwrap_or(0),
+        fingerprint: g.fingerprint.clone().unwrap_or_default(),
+    })
+}
+
+impl Identities {
+    /// One identity's slot (None: not configured).
+    pub fn get(&self, name: &str) -> Option<Arc<ServingIdentity>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// The slot of `name`, made (empty) if missing: proxies resolve through it even before
+    /// the first enrolment completes.
+    pub fn slot(&self, name: &str) -> Arc<ServingIdentity> {
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Names and current pairs.
+    pub fn all(&self) -> Vec<(String, Option<Arc<Served>>)> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(n, s)| (n.clone(), s.get()))
+            .collect()
+    }
+
+    /// Keep the newest events.
+    pub fn remember(&self, events: Vec<crate::events::Event>) {
+        let mut r = self.recent.write().unwrap_or_else(|p| p.into_inner());
+        r.extend(events);
+        while r.len() > RECENT_EVENTS {
+            r.pop_front();
+        }
+    }
+
+    /// The newest `n` events, oldest first.
+    pub fn recent_events(&self, n: usize) -> Vec<crate::events::Event> {
+        let r = self.recent.read().unwrap_or_else(|p| p.into_inner());
+        r.iter().skip(r.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// The status JSON last published by the engine.
+    pub fn status(&self) -> serde_json::Value {
+        self.status
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bring every slot to the engine's current generation (engine thread only: it opens
+    /// token keys). Returns the identities whose pair changed.
+    pub fn refresh(&self, engine: &Engine) -> Vec<(String, u32)> {
+        let now = engine.now();
+        let st = crate::lifecycle::plan::status(engine.config(), &engine.reg, now);
+        *self.status.write().unwrap_or_else(|p| p.into_inner()) =
+            serde_json::to_value(&st).unwrap_or_default();
+        let mut swapped = Vec::new();
+        for cfg in &engine.config().identities {
+            let slot = self.slot(&cfg.name);
+            let Some(g) = engine
+                .reg
+                .identities
+                .get(&cfg.name)
+                .and_then(|r| r.current_gen())
+            else {
+                continue;
+            };
+            let have = slot.get();
+            if have.as_ref().is_some_and(|s| {
+                s.generation == g.number && Some(&s.fingerprint) == g.fingerprint.as_ref()
+            }) {
+                continue;
+            }
+            match load(engine, &cfg.name, g) {
+                Ok(s) => {
+                    tracing::info!(identity = %cfg.name, generation = g.number, "serving identity switched: new handshakes use generation {}", g.number);
+                    slot.set(Some(Arc::new(s)));
+                    swapped.push((cfg.name.clone(), g.number));
+                }
+                // The old pair keeps serving; a pair that does not match is never served.
+                Err(e) => {
+                    tracing::error!(identity = %cfg.name, generation = g.number, "pair refused, the previous one stays: {e:#}")
+                }
+            }
+        }
+        let names: Vec<&str> = engine
+            .config()
+            .identities
+            .iter()
+            .map(|i| i.name.as_str())
+            .collect();
+        self.map
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n, _| names.contains(&n.as_str()));
+        swapped
+    }
+}
+
+/// rustls resolvers over one slot.
+#[derive(Debug)]
+pub struct Resolver(pub Arc<ServingIdentity>);
+
+impl std::fmt::Debug for ServingIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cur = self.get();
+        f.debug_struct("ServingIdentity")
+            .field("generation", &cur.as_ref().map(|s| s.generation))
+            .finish()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.0.get().map(|s| s.certified.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.0.get().map(|s| s.certified.clone())
+    }
+}

@@ -1,0 +1,295 @@
+//! mTLS egress proxies: a local process speaks plain TCP to `listen`; the agent opens TLS to
+//! `target` presenting the identity's current pair (through the swapped resolver), verifies
+//! the server against `server_ca`, and splices bytes both ways. A connection ends when either
+//! side closes, after `idle_timeout` without a byte, or at the not-after of the certificate
+//! it authenticated with (the peer would refuse it from then on anyway).
+
+use super::identity::{Resolver, ServingIdentity};
+use super::metrics;
+use anyhow::{Context, Result};
+use firmware_config::schema::{Listen, ProxyConfig};
+use rustls::pki_types::ServerName;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsConnector;
+
+struct Route {
+    cfg: ProxyConfig,
+    roots: Arc<rustls::RootCertStore>,
+    /// One client config (and so one TLS session cache) per generation: a session resumed
+    /// after a promotion would carry the old certificate's authentication to the server.
+    connector: std::sync::Mutex<(u32, TlsConnector)>,
+    server_name: ServerName<'static>,
+    slot: Arc<ServingIdentity>,
+    own_uid: u32,
+}
+
+fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
+    let host = match &cfg.server_name {
+        Some(n) => n.clone(),
+        None => {
+            let (h, _) = cfg
+                .target
+                .rsplit_once(':')
+                .context("target is not host:port")?;
+            h.trim_start_matches('[').trim_end_matches(']').to_owned()
+        }
+    };
+    ServerName::try_from(host.clone()).with_context(|| format!("'{host}' is not a server name"))
+}
+
+/// Bind the proxy's listener and start its accept loop.
+pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<()>> {
+    let roots = Arc::new(
+        crate::tlsconf::load_roots(&cfg.server_ca)
+            .with_context(|| format!("server_ca {}", cfg.server_ca.display()))?,
+    );
+    let first = connector(&roots, &slot)?;
+    let route = Arc::new(Route {
+        server_name: server_name(&cfg)?,
+        roots,
+        connector: std::sync::Mutex::new((0, first)),
+        slot,
+        // SAFETY: getuid cannot fail.
+        own_uid: unsafe { libc::getuid() },
+        cfg,
+    });
+    let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
+    let limit = Arc::new(Semaphore::new(route.cfg.max_connections));
+    tracing::info!(proxy = %route.cfg.name, listen = %route.cfg.listen, target = %route.cfg.target, identity = %route.cfg.identity, "proxy listening");
+    Ok(match listen {
+        Listen::Unix(path) => {
+            let l = super::http::bind_unix(&path)?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let cred = s.peer_cred().ok();
+                    if !route.caller_allowed(cred.map(|c| (c.uid(), c.gid()))) {
+                        tracing::warn!(proxy = %route.cfg.name, uid = ?cred.map(|c| c.uid()), gid = ?cred.map(|c| c.gid()), "proxy connection refused: caller not in allowed_uids/allowed_gids");
+                        route.count("refused-caller", "-");
+                        continue;
+                    }
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let r = route.clone();
+                    tokio::spawn(async move {
+                        r.serve(s).await;
+                        drop(permit);
+                    });
+                }
+            })
+        }
+        Listen::Tcp(addr) => {
+            let std_l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr}"))?;
+            std_l.set_nonblocking(true)?;
+            let l = TcpListener::from_std(std_l)?;
+            tokio::spawn(async move {
+                loop {
+                    let Ok((s, _)) = l.accept().await else {
+                        continue;
+                    };
+                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let r = route.clone();
+                    tokio::spawn(async move {
+                        r.serve(s).await;
+                        drop(permit);
+                    });
+                }
+            })
+        }
+    })
+}
+
+fn connector(
+    roots: &Arc<rustls::RootCertStore>,
+    slot: &Arc<ServingIdentity>,
+) -> Result<TlsConnector> {
+    let client = rustls::ClientConfig::builder_with_provider(crate::tlsconf::provider())
+        .with_protocol_versions(rustls::ALL_VERSIONS)?
+        .with_root_certificates(roots.clone())
+        .with_client_cert_resolver(Arc::new(Resolver(slot.clone())));
+    Ok(TlsConnector::from(Arc::new(client)))
+}
+
+impl Route {
+    /// The connector of `generation` (a fresh session cache when the generation changed).
+    fn connector_for(&self, generation: u32) -> Option<TlsConnector> {
+        let mut c = self.connector.lock().unwrap_or_else(|p| p.into_inner());
+        if c.0 != generation {
+            *c = (generation, connector(&self.roots, &self.slot).ok()?);
+        }
+        Some(c.1.clone())
+    }
+
+    fn caller_allowed(&self, cred: Option<(u32, u32)>) -> bool {
+        cred.is_some_and(|(uid, gid)| {
+            uid == self.own_uid
+                || self.cfg.allowed_uids.contains(&uid)
+                || self.cfg.allowed_gids.contains(&gid)
+        })
+    }
+
+    fn count(&self, result: &str, generation: &str) {
+        metrics::get()
+            .proxy_connections
+            .get_or_create(&metrics::labels(&[
+                ("proxy", &self.cfg.name),
+                ("generation", generation),
+                ("result", result),
+            ]))
+            .inc();
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, local: S) {
+        let name = &self.cfg.name;
+        let Some(served) = self.slot.get() else {
+            tracing::warn!(proxy = %name, identity = %self.cfg.identity, "proxy connection refused: the identity has no certificate yet");
+            self.count("no-identity", "-");
+            return;
+        };
+        let generation = served.generation.to_string();
+        let tcp = match TcpStream::connect(&self.cfg.target).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(proxy = %name, target = %self.cfg.target, "cannot reach the target: {e}");
+                self.count("connect-failed", &generation);
+                return;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let Some(connector) = self.connector_for(served.generation) else {
+            self.count("tls-failed", &generation);
+            return;
+        };
+        let tls = match connector.connect(self.server_name.clone(), tcp).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(proxy = %name, target = %self.cfg.target, "TLS to the target failed (server certificate not from server_ca, or our identity refused): {e}");
+                self.count("tls-failed", &generation);
+                return;
+            }
+        };
+        self.count("ok", &generation);
+        tracing::debug!(proxy = %name, generation = %generation, "proxy connection up");
+        let now = crate::clock::SystemClock.now();
+        let lapse = Duration::from_secs(served.not_after.saturating_sub(now));
+        drop(served);
+        self.splice(local, tls, lapse).await;
+    }
+
+    async fn splice<A, B>(&self, local: A, remote: B, lapse: Duration)
+    where
+        A: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        let start = Instant::now();
+        let last = Arc::new(AtomicU64::new(0));
+        let mut a = Tracked {
+            inner: local,
+            last: last.clone(),
+            start,
+        };
+        let mut b = Tracked {
+            inner: remote,
+            last: last.clone(),
+            start,
+        };
+        let idle = Duration::from_secs(self.cfg.idle_timeout.0.max(1));
+        let watchdog = async {
+            loop {
+                let quiet = start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    return "idle timeout";
+                }
+                tokio::time::sleep(idle - quiet).await;
+            }
+        };
+        let (up, down, why) = tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut a, &mut b) => match r {
+                Ok((up, down)) => (up, down, "closed"),
+                Err(_) => (0, 0, "reset"),
+            },
+            why = watchdog => (0, 0, why),
+            _ = tokio::time::sleep(lapse) => (0, 0, "certificate expired"),
+        };
+        let m = metrics::get();
+        for (dir, n) in [("up", up), ("down", down)] {
+            m.proxy_bytes
+                .get_or_create(&metrics::labels(&[
+                    ("proxy", &self.cfg.name),
+                    ("direction", dir),
+                ]))
+                .inc_by(n);
+        }
+        tracing::debug!(proxy = %self.cfg.name, up, down, "proxy connection ended: {why}");
+    }
+}
+
+use crate::clock::Clock as _;
+
+/// A stream that notes the time of its last byte (milliseconds since `start`).
+struct Tracked<S> {
+    inner: S,
+    last: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<S> Tracked<S> {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

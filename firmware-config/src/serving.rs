@@ -1,0 +1,276 @@
+//! What the daemon serves to other processes on the box: the local signing API (`[api]`,
+//! with its caller policy) and mTLS egress proxies (`[[proxy]]`). Firmware or local layers
+//! only: a fleet bundle can set none of it.
+
+use crate::units::Duration;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// What a caller of the API may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    /// List identities (name, key URI, not-after, state).
+    List,
+    /// Fetch an identity's certificate chain.
+    Chain,
+    /// Sign a payload or a digest.
+    Sign,
+    /// Make a compact JWS.
+    Jws,
+    /// Read `/metrics`.
+    Metrics,
+    /// Read the daemon's status.
+    Status,
+    /// Ask for a rotation.
+    Rotate,
+}
+
+impl Operation {
+    /// As written in the config and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::List => "list",
+            Operation::Chain => "chain",
+            Operation::Sign => "sign",
+            Operation::Jws => "jws",
+            Operation::Metrics => "metrics",
+            Operation::Status => "status",
+            Operation::Rotate => "rotate",
+        }
+    }
+}
+
+/// One rule of the API policy: callers (by uid or gid) × identities × operations.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiRule {
+    /// Caller uids this rule covers.
+    pub uids: Vec<u32>,
+    /// Caller gids (primary group, from SO_PEERCRED) this rule covers.
+    pub gids: Vec<u32>,
+    /// Identity names, or `"*"` for all.
+    pub identities: Vec<String>,
+    /// Operations allowed.
+    pub operations: Vec<Operation>,
+}
+
+impl ApiRule {
+    /// Whether this rule lets (uid, gid) do `op` on `identity` (None: not about one identity).
+    pub fn allows(&self, uid: u32, gid: u32, op: Operation, identity: Option<&str>) -> bool {
+        (self.uids.contains(&uid) || self.gids.contains(&gid))
+            && self.operations.contains(&op)
+            && identity.is_none_or(|name| self.identities.iter().any(|i| i == "*" || i == name))
+    }
+}
+
+/// `[api]`: the local signing API on a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Serve the API (the daemon only).
+    pub enabled: bool,
+    /// Unix socket of the API (created by the daemon, mode 0666: the policy decides).
+    pub socket: PathBuf,
+    /// Who may do what; nobody else may do anything (no implicit root).
+    #[serde(rename = "allow")]
+    pub rules: Vec<ApiRule>,
+    /// Largest request body accepted.
+    pub max_request_bytes: usize,
+    /// Requests one caller (uid) may have in flight at once.
+    pub max_concurrent_per_caller: usize,
+    /// Time a client has to send a request's headers (slow clients are cut off).
+    pub header_timeout: Duration,
+    /// Optional TCP listener for `/metrics` only (`127.0.0.1:9464`).
+    pub metrics_listen: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            enabled: false,
+            socket: "/run/edge-signer/api.sock".into(),
+            rules: Vec::new(),
+            max_request_bytes: 64 * 1024,
+            max_concurrent_per_caller: 16,
+            header_timeout: Duration(5),
+            metrics_listen: None,
+        }
+    }
+}
+
+/// `[[proxy]]`: plain TCP in on the box, mTLS with the token identity out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Name (logs, metrics).
+    pub name: String,
+    /// A Unix socket path, or `127.0.0.1:PORT` / `[::1]:PORT`.
+    pub listen: String,
+    /// Allow a `listen` address that is not loopback (say why in a comment).
+    pub unsafe_listen: bool,
+    /// `host:port` of the server.
+    pub target: String,
+    /// The identity presented.
+    pub identity: String,
+    /// CA bundle the server's certificate must chain to.
+    pub server_ca: PathBuf,
+    /// Name checked in the server's certificate (default: the host of `target`).
+    pub server_name: Option<String>,
+    /// Caller uids allowed on a Unix socket (the daemon's own uid always is).
+    pub allowed_uids: Vec<u32>,
+    /// Caller gids allowed on a Unix socket.
+    pub allowed_gids: Vec<u32>,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            name: String::new(),
+            listen: String::new(),
+            unsafe_listen: false,
+            target: String::new(),
+            identity: String::new(),
+            server_ca: PathBuf::new(),
+            server_name: None,
+            allowed_uids: Vec::new(),
+            allowed_gids: Vec::new(),
+            idle_timeout: Duration(300),
+            max_connections: 64,
+        }
+    }
+}
+
+/// Where a proxy listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(std::net::SocketAddr),
+}
+
+impl ProxyConfig {
+    /// Parse `listen`: an absolute path, or a loopback `IP:PORT` (any IP with
+    /// `unsafe_listen`).
+    pub fn listen_addr(&self) -> Result<Listen, String> {
+        if self.listen.starts_with('/') {
+            return Ok(Listen::Unix(self.listen.clone().into()));
+        }
+        let addr: std::net::SocketAddr = self.listen.parse().map_err(|_| {
+            format!(
+                "'{}' is neither an absolute socket path nor IP:PORT",
+                self.listen
+            )
+        })?;
+        if !addr.ip().is_loopback() && !self.unsafe_listen {
+            return Err(format!(
+                "'{}' is not loopback: every host that reaches it would use this device's identity; use 127.0.0.1:PORT or a socket path (or set unsafe_listen = true)",
+                self.listen
+            ));
+        }
+        Ok(Listen::Tcp(addr))
+    }
+}
+
+/// Cross-field checks of `[api]` and `[[proxy]]`.
+pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, String)) {
+    let identities: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
+    for (i, r) in c.api.rules.iter().enumerate() {
+        for name in &r.identities {
+            if name != "*" && !identities.contains(&name.as_str()) {
+                err(
+                    format!("api.allow[{i}].identities"),
+                    format!("'{name}' names no [[identity]]"),
+                );
+            }
+        }
+        if r.uids.is_empty() && r.gids.is_empty() {
+            err(
+                format!("api.allow[{i}]"),
+                "names no caller: give uids or gids".into(),
+            );
+        }
+    }
+    if c.api.max_request_bytes == 0 || c.api.max_concurrent_per_caller == 0 {
+        err(
+            "api".into(),
+            "max_request_bytes and max_concurrent_per_caller must be > 0".into(),
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in c.proxies.iter().enumerate() {
+        let at = |f: &str| format!("proxy[{i}].{f}");
+        if !crate::validate::safe_name(&p.name) {
+            err(at("name"), format!("'{}' is not a safe name", p.name));
+        } else if !names.insert(p.name.as_str()) {
+            err(at("name"), format!("'{}' is used twice", p.name));
+        }
+        if let Err(e) = p.listen_addr() {
+            err(at("listen"), e);
+        }
+        if !p.target.contains(':') {
+            err(at("target"), format!("'{}' is not host:port", p.target));
+        }
+        if !identities.contains(&p.identity.as_str()) {
+            err(
+                at("identity"),
+                format!("'{}' names no [[identity]]", p.identity),
+            );
+        }
+        if p.server_ca.as_os_str().is_empty() {
+            err(
+                at("server_ca"),
+                "missing: the CA bundle the server must chain to".into(),
+            );
+        }
+        if p.max_connections == 0 || p.idle_timeout.0 == 0 {
+            err(
+                at("max_connections"),
+                "max_connections and idle_timeout must be > 0".into(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_name_callers_identities_and_operations_no_implicit_root() {
+        let r = ApiRule {
+            uids: vec![1001],
+            gids: vec![],
+            identities: vec!["gw".into()],
+            operations: vec![Operation::Sign],
+        };
+        assert!(r.allows(1001, 50, Operation::Sign, Some("gw")));
+        assert!(
+            !r.allows(0, 0, Operation::Sign, Some("gw")),
+            "root is not implied"
+        );
+        assert!(!r.allows(1001, 50, Operation::Sign, Some("other")));
+        assert!(!r.allows(1001, 50, Operation::Rotate, Some("gw")));
+    }
+
+    #[test]
+    fn listen_is_loopback_or_a_path_unless_said_otherwise() {
+        let mut p = ProxyConfig {
+            listen: "0.0.0.0:8443".into(),
+            ..Default::default()
+        };
+        assert!(p.listen_addr().is_err());
+        p.unsafe_listen = true;
+        assert!(p.listen_addr().is_ok());
+        p.listen = "/run/edge-signer/mqtt.sock".into();
+        assert!(matches!(p.listen_addr(), Ok(Listen::Unix(_))));
+        p.listen = "127.0.0.1:1883".into();
+        p.unsafe_listen = false;
+        assert!(matches!(p.listen_addr(), Ok(Listen::Tcp(_))));
+    }
+}

@@ -1,0 +1,87 @@
+//! Helpers for the serving tests: a daemon with proxies and the API, curl over Unix sockets.
+
+use crate::{free_port, Env, Guard};
+use std::process::{Command, Output};
+
+impl Env {
+    /// Firmware defaults for identity `gw` (portal, unix-time CN suffix, `overlap`) plus
+    /// `extra` TOML (proxies, API rules) appended. `{p}` in `extra` is the temp dir.
+    pub fn serving_config(&self, overlap: &str, extra: &str) {
+        self.lifecycle_config("cn_suffix = \"unix-time\"");
+        let p = self.dir.path().display().to_string();
+        let cfg = std::fs::read_to_string(self.path("defaults.toml"))
+            .expect("config")
+            .replace("overlap = \"1d\"", &format!("overlap = \"{overlap}\""));
+        std::fs::write(self.path("defaults.toml"), cfg + &extra.replace("{p}", &p))
+            .expect("config");
+    }
+
+    /// Start the daemon with its log in `daemon.log`.
+    pub fn daemon(&self) -> Guard {
+        Guard(
+            self.cmd()
+                .arg("run")
+                .stderr(std::fs::File::create(self.path("daemon.log")).expect("log"))
+                .spawn()
+                .expect("daemon"),
+        )
+    }
+
+    /// `curl -s --unix-socket {sock} http://edge/{path}` plus `args`, in the temp dir.
+    pub fn curl(&self, sock: &str, path: &str, args: &[&str]) -> Output {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--unix-socket",
+                &self.path_str(sock),
+            ])
+            .args(args)
+            .arg(format!("http://edge{path}"))
+            .current_dir(self.dir.path())
+            .output()
+            .expect("curl")
+    }
+
+    /// The same as user `nobody` (setpriv), after opening the temp dir to others.
+    pub fn curl_as_nobody(&self, sock: &str, path: &str, args: &[&str]) -> Output {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "curl",
+                "-sS",
+            ])
+            .args(["--max-time", "10", "--unix-socket", &self.path_str(sock)])
+            .args(args)
+            .arg(format!("http://edge{path}"))
+            .output()
+            .expect("setpriv curl")
+    }
+
+    /// Wait (20 s at most) until `daemon.log` contains `what`.
+    pub fn wait_log(&self, what: &str) {
+        let start = std::time::Instant::now();
+        loop {
+            let log = std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
+            if log.contains(what) {
+                return;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "never logged {what:?}:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// A loopback port for a TCP proxy listener.
+pub fn proxy_port() -> u16 {
+    free_port()
+}

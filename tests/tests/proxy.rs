@@ -1,0 +1,205 @@
+//! The mTLS egress proxy with the real binary: unmodified curl and a TCP client speak plain
+//! text to the agent; openssl s_server (-Verify) sees the token identity; a rotation in the
+//! middle of a stream of requests switches new connections without failing any.
+
+use edge_signer_tests::*;
+use std::io::{BufRead, BufReader, Write};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn last_client_cn(env: &Env, log: &str) -> String {
+    std::fs::read_to_string(env.path(log))
+        .unwrap_or_default()
+        .lines()
+        .rfind(|l| l.starts_with("depth=0"))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn cn_of(env: &Env, generation: usize) -> String {
+    let g = &env.register()["identities"]["gw"]["generations"][generation - 1];
+    g["subject"]
+        .as_str()
+        .unwrap()
+        .rsplit("CN=")
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn echo(conn: &mut BufReader<std::net::TcpStream>, line: &str) -> String {
+    conn.get_mut()
+        .write_all(format!("{line}\n").as_bytes())
+        .unwrap();
+    let mut back = String::new();
+    conn.read_line(&mut back).unwrap();
+    back.trim_end().to_owned()
+}
+
+#[test]
+fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_overlap() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let (_www, www) = env.s_server("ca", &[], Some("www.log"));
+    let (_rev, rev) = env.s_server("ca", &["-rev"], Some("rev.log"));
+    let echo_port = serving::proxy_port();
+    env.serving_config(
+        "6s",
+        &format!(
+            r#"
+[[proxy]]
+name = "web"
+listen = "{{p}}/web.sock"
+target = "127.0.0.1:{www}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+
+[[proxy]]
+name = "echo"
+listen = "127.0.0.1:{echo_port}"
+target = "127.0.0.1:{rev}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+"#
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let mut daemon = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("proxy listening");
+
+    let out = env.curl("web.sock", "/", &["-o", "page.html", "-w", "%{http_code}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    let cn1 = cn_of(&env, 1);
+    assert!(last_client_cn(&env, "www.log").contains(&cn1));
+
+    // A long-lived connection, opened before the rotation.
+    let mut long = BufReader::new(std::net::TcpStream::connect(("127.0.0.1", echo_port)).unwrap());
+    long.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(echo(&mut long, "hello"), "olleh");
+
+    // A stream of requests while the rotation happens.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let dir = env.dir.path().to_owned();
+    let stream = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("curl")
+                    .args([
+                        "-sS",
+                        "--max-time",
+                        "10",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                    ])
+                    .arg("--unix-socket")
+                    .arg(dir.join("web.sock"))
+                    .arg("http://edge/")
+                    .output()
+                    .unwrap();
+                if out.stdout == b"200" {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1100));
+    env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    env.wait_log("new handshakes use generation 2");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    stream.join().unwrap();
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(ok.load(Ordering::Relaxed) >= 3);
+
+    let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let cn2 = cn_of(&env, 2);
+    assert_ne!(cn1, cn2);
+    assert!(
+        last_client_cn(&env, "www.log").contains(&cn2),
+        "after promotion the new certificate: {}",
+        last_client_cn(&env, "www.log")
+    );
+    assert_eq!(
+        echo(&mut long, "still here"),
+        "ereh llits",
+        "the old connection keeps working"
+    );
+
+    // After the overlap the old key is gone from the token; the old connection still runs.
+    let id1 = env.register()["identities"]["gw"]["generations"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let start = std::time::Instant::now();
+    while env.pkcs11_objects().contains(&id1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "old key never retired"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(echo(&mut long, "third"), "driht");
+    assert!(daemon.0.try_wait().unwrap().is_none());
+    drop(daemon);
+}
+
+#[test]
+fn a_foreign_caller_and_a_foreign_server_are_refused() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.make_ca("other-ca");
+    env.openssl_leaf("ca", "server");
+    let (_www, www) = env.s_server("ca", &[], Some("www.log"));
+    env.openssl_leaf("other-ca", "rogue");
+    // The rogue server presents a certificate from another CA.
+    std::fs::copy(env.path("rogue.pem"), env.path("server.pem")).unwrap();
+    std::fs::copy(env.path("rogue.key"), env.path("server.key")).unwrap();
+    let (_rogue, rogue) = env.s_server("ca", &[], None);
+    env.serving_config(
+        "1d",
+        &format!(
+            r#"
+[[proxy]]
+name = "web"
+listen = "{{p}}/web.sock"
+target = "127.0.0.1:{www}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+allowed_uids = [4242]
+
+[[proxy]]
+name = "rogue"
+listen = "{{p}}/rogue.sock"
+target = "127.0.0.1:{rogue}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+"#
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let _daemon = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("proxy listening");
+    // The daemon's own uid passes; nobody (65534) is not in allowed_uids.
+    let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    let out = env.curl_as_nobody("web.sock", "/", &["-o", "/dev/null"]);
+    assert!(!out.status.success(), "nobody is refused: {out:?}");
+    env.wait_log("caller not in allowed_uids/allowed_gids");
+    // A server whose certificate does not chain to server_ca.
+    let out = env.curl("rogue.sock", "/", &["-o", "/dev/null"]);
+    assert!(!out.status.success());
+    env.wait_log("TLS to the target failed");
+}
