@@ -231,6 +231,11 @@ fn sign_alg(name: &str, raw: bool) -> Option<SignAlg> {
     })
 }
 
+/// A request body that did not parse (or was too large: 413), with axum's reason.
+fn rejected(what: &str, e: axum::extract::rejection::JsonRejection) -> ApiError {
+    ApiError(e.status(), format!("bad {what} request: {}", e.body_text()))
+}
+
 fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
@@ -242,7 +247,7 @@ async fn sign(
     req: Result<Json<SignRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     st.check(&c, Operation::Sign, Some(&name))?;
-    let Json(req) = req.map_err(|e| bad(format!("bad sign request: {}", e.body_text())))?;
+    let Json(req) = req.map_err(|e| rejected("sign", e))?;
     let _slot = st.slot(&c)?;
     let s = st.served(&name)?;
     let raw = match req.format.as_deref() {
@@ -302,7 +307,7 @@ async fn jws(
     req: Result<Json<JwsRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Json<serde_json::Value>> {
     st.check(&c, Operation::Jws, Some(&name))?;
-    let Json(req) = req.map_err(|e| bad(format!("bad jws request: {}", e.body_text())))?;
+    let Json(req) = req.map_err(|e| rejected("jws", e))?;
     let _slot = st.slot(&c)?;
     let s = st.served(&name)?;
     let key = s.key.clone();
