@@ -158,7 +158,7 @@ pub fn drive_to_promotion(
 }
 
 use crate::serve::identity::Identities;
-use crate::serve::{Servers, Wake};
+use crate::serve::{EngineRequest, Servers, Wake};
 
 /// After each engine pass: the served pairs, status, metrics and recent events follow the
 /// engine's register.
@@ -203,11 +203,8 @@ fn restart_servers(servers: &mut Servers, old: Option<&Config>, new: &Config) ->
     servers.start(new)
 }
 
-/// The daemon: reconcile, then advance every identity at its deadlines. No polling loop:
-/// between deadlines the process sleeps in one blocking receive.
-pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    let wake_tx = tx.clone();
+/// Forward SIGHUP/SIGTERM/SIGINT to the engine thread's channel.
+fn signal_thread(tx: mpsc::Sender<Wake>) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGTERM,
@@ -229,64 +226,123 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
             }
         })
         .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// The daemon's running parts: the engine (on this thread) and what serves beside it.
+struct Daemon<'a> {
+    sources: &'a Sources,
+    o: &'a TokenOverride,
+    clock: Arc<dyn Clock>,
+    engine: Engine,
+    identities: Arc<Identities>,
+    servers: Servers,
+}
+
+impl Daemon<'_> {
+    /// Only a configuration that validates and whose token opens replaces the running one;
+    /// otherwise the daemon keeps going and says why.
+    fn reload(&mut self) -> Result<()> {
+        pick_up_spool(self.sources);
+        let mut lock = self.engine.release_lock();
+        match start_engine(self.sources, self.o, &self.clock, &mut lock) {
+            Ok(e) => {
+                if let Err(err) =
+                    restart_servers(&mut self.servers, Some(self.engine.config()), e.config())
+                {
+                    tracing::error!("serving after reload: {err:#}");
+                }
+                self.engine = e;
+                publish(&mut self.engine, &self.identities);
+            }
+            Err(e) => {
+                let now = self.clock.now();
+                self.engine.events.emit(
+                    now,
+                    "reload-refused",
+                    "",
+                    crate::events::Severity::Critical,
+                    format!("reload refused, the running configuration stays: {e:#}"),
+                );
+                // The lock goes back to the running engine (or is taken again).
+                let l = match lock.take() {
+                    Some(l) => l,
+                    None => relock(&self.engine.config().paths.state_dir)?,
+                };
+                self.engine.hold(l)?;
+            }
+        }
+        take_requests(&mut self.engine);
+        Ok(())
+    }
+
+    /// Do what the API asked; a bundle applied reloads the configuration.
+    fn command(&mut self, req: EngineRequest) -> Result<serde_json::Value, String> {
+        let e = &mut self.engine;
+        let out = match req {
+            EngineRequest::Rotate(name) => e
+                .force(&name)
+                .map(|()| serde_json::json!({ "queued": name })),
+            EngineRequest::Retire(name, n) => e
+                .retire(&name, n)
+                .map(|()| serde_json::json!({ "retired": n, "identity": name })),
+            EngineRequest::Revoke(name, n) => e
+                .revoke(&name, n)
+                .map(|()| serde_json::json!({ "revoked": n, "identity": name })),
+            EngineRequest::Apply(bytes) => {
+                let applied = self.sources.apply_any(&bytes).map_err(|e| e.to_string())?;
+                let v = serde_json::to_value(&applied).unwrap_or_default();
+                if let Err(err) = self.reload() {
+                    tracing::error!("reload after apply: {err:#}");
+                }
+                return Ok(v);
+            }
+        };
+        publish(&mut self.engine, &self.identities);
+        out.map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The daemon: reconcile, then advance every identity at its deadlines. No polling loop:
+/// between deadlines the process sleeps in one blocking receive.
+pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    signal_thread(tx.clone())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let identities = Arc::new(Identities::default());
-    let mut servers = Servers::new(identities.clone(), wake_tx)?;
+    let servers = Servers::new(identities.clone(), tx)?;
     pick_up_spool(sources);
     let mut engine = start_engine(sources, o, &clock, &mut None)?;
     take_requests(&mut engine);
     publish(&mut engine, &identities);
-    restart_servers(&mut servers, None, engine.config())?;
+    let mut d = Daemon {
+        sources,
+        o,
+        clock,
+        engine,
+        identities,
+        servers,
+    };
+    restart_servers(&mut d.servers, None, d.engine.config())?;
     loop {
-        let next = engine.tick();
-        publish(&mut engine, &identities);
-        let now = clock.now();
+        let next = d.engine.tick();
+        publish(&mut d.engine, &d.identities);
+        let now = d.clock.now();
         let wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
         tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
         match rx.recv_timeout(wait) {
             Ok(Wake::Reload) => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                pick_up_spool(sources);
-                // Only a configuration that validates and whose token opens replaces the
-                // running one; otherwise the daemon keeps going and says why.
-                let mut lock = engine.release_lock();
-                match start_engine(sources, o, &clock, &mut lock) {
-                    Ok(e) => {
-                        if let Err(err) =
-                            restart_servers(&mut servers, Some(engine.config()), e.config())
-                        {
-                            tracing::error!("serving after reload: {err:#}");
-                        }
-                        engine = e;
-                        publish(&mut engine, &identities);
-                    }
-                    Err(e) => {
-                        let now = clock.now();
-                        engine.events.emit(
-                            now,
-                            "reload-refused",
-                            "",
-                            crate::events::Severity::Critical,
-                            format!("reload refused, the running configuration stays: {e:#}"),
-                        );
-                        // The lock goes back to the running engine (or is taken again).
-                        let l = match lock.take() {
-                            Some(l) => l,
-                            None => relock(&engine.config().paths.state_dir)?,
-                        };
-                        engine.hold(l)?;
-                    }
-                }
-                take_requests(&mut engine);
+                d.reload()?;
             }
             Ok(Wake::Stop) => {
                 tracing::info!("stopping");
                 return Ok(());
             }
-            Ok(Wake::Rotate(name)) => match engine.force(&name) {
-                Ok(()) => tracing::info!(identity = %name, "rotation asked for through the API"),
-                Err(e) => tracing::warn!(identity = %name, "rotation request refused: {e:#}"),
-            },
+            Ok(Wake::Command(req, reply)) => {
+                tracing::info!(request = ?req, "asked through the API");
+                let _ = reply.send(d.command(req));
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }

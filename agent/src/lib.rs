@@ -7,6 +7,7 @@ pub mod events;
 pub mod http;
 pub mod issuer;
 pub mod lifecycle;
+pub mod local_api;
 pub mod register;
 pub mod serve;
 pub mod statelock;

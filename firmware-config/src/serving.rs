@@ -24,6 +24,12 @@ pub enum Operation {
     Status,
     /// Ask for a rotation.
     Rotate,
+    /// Retire a generation (destroys its key).
+    Retire,
+    /// Revoke a generation (destroys its key at once).
+    Revoke,
+    /// Apply a signed fleet bundle.
+    Apply,
 }
 
 impl Operation {
@@ -37,6 +43,9 @@ impl Operation {
             Operation::Metrics => "metrics",
             Operation::Status => "status",
             Operation::Rotate => "rotate",
+            Operation::Retire => "retire",
+            Operation::Revoke => "revoke",
+            Operation::Apply => "apply",
         }
     }
 }

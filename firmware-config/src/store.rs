@@ -118,7 +118,7 @@ impl std::fmt::Display for ApplyStep {
 }
 
 /// One changed value.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Change {
     /// Field path.
     pub path: String,
@@ -129,7 +129,7 @@ pub struct Change {
 }
 
 /// What `apply_any` did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Applied {
     /// A configuration bundle.
@@ -139,7 +139,7 @@ pub enum Applied {
 }
 
 /// What `apply` did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     /// The new version.
     pub version: u64,

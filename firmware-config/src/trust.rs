@@ -55,7 +55,7 @@ pub enum TrustError {
 }
 
 /// What applying a trust bundle did.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct TrustReport {
     /// The new trust version.
     pub version: u64,

@@ -59,3 +59,58 @@ fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
         serde_json::json!(gens)
     );
 }
+
+#[test]
+fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.serving_config("1d", "\n[api]\nenabled = true\nsocket = \"{p}/api.sock\"\n");
+    let _ca = env.portal_ca(CaMode::Good);
+    let daemon = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("signing API listening");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let out = env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    assert!(out.contains("rotated by the daemon"), "{out}");
+    env.wait_log("asked through the API");
+    // Status comes from the daemon; retire is done by it.
+    let st = env.json(&["status"]);
+    assert_eq!(st[0]["live_generations"], serde_json::json!([1, 2]), "{st}");
+    let id1 = env.register()["identities"]["gw"]["generations"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let out = env.ok(&["retire", "gw", "--generation", "1"]);
+    assert!(out.contains("retired by the daemon"), "{out}");
+    assert!(
+        !env.pkcs11_objects().contains(&id1),
+        "generation 1's key is gone"
+    );
+    let st = env.json(&["status"]);
+    assert_eq!(st[0]["live_generations"], serde_json::json!([2]), "{st}");
+    // A JWS made by the daemon with the current key.
+    std::fs::write(env.path("payload.json"), b"{\"n\":1}").unwrap();
+    let jws = env.ok(&["jws", "sign", "gw", "--payload", "payload.json"]);
+    assert_eq!(jws.trim().split('.').count(), 3, "{jws}");
+    // A bundle applied through the daemon (refused: no fleet key pinned), nothing changed.
+    env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
+    std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
+    env.ok(&[
+        "fleet",
+        "sign",
+        "--key",
+        "fleet.key",
+        "--version",
+        "1",
+        "v1.toml",
+        "-o",
+        "v1.bundle",
+    ]);
+    let err = env.fails(&["config", "apply", "v1.bundle"]);
+    assert!(
+        err.contains("daemon answered 409") && err.contains("not trusted"),
+        "{err}"
+    );
+    let mut daemon = daemon;
+    assert!(daemon.0.try_wait().unwrap().is_none());
+}

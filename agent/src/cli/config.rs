@@ -110,9 +110,20 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
         ConfigCmd::Apply { bundle, json } => {
             let bytes = std::fs::read(&bundle)
                 .with_context(|| format!("cannot read {}", bundle.display()))?;
-            let r = sources(g).apply_any(&bytes).map_err(|e| {
+            let refused = |e: String| {
                 anyhow::anyhow!("bundle {} refused; nothing changed: {e}", bundle.display())
-            })?;
+            };
+            // While the daemon owns the state, it applies the bundle (and reloads at once).
+            let r: firmware_config::Applied = match super::lifecycle::daemon_owner(g)? {
+                Some(owner) => serde_json::from_value(
+                    owner
+                        .call("POST", "/v1/config/apply", bytes)
+                        .map_err(|e| refused(format!("{e:#}")))?,
+                )?,
+                None => sources(g)
+                    .apply_any(&bytes)
+                    .map_err(|e| refused(e.to_string()))?,
+            };
             print(json, serde_json::to_value(&r)?, || applied_text(&r));
             Ok(0)
         }

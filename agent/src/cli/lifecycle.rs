@@ -11,8 +11,8 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
         }
         Cmd::Status { json, timeline } => return status_cmd(g, json, timeline),
         Cmd::Enroll { name, timeout } => {
-            if let Some((dir, h)) = daemon_owner(g)? {
-                return hand_to_daemon(&dir, &name, &h, timeout);
+            if let Some(owner) = daemon_owner(g)? {
+                return hand_to_daemon(&owner, &name, timeout);
             }
             let mut e = lifecycle_engine(g)?;
             if e.reg
@@ -27,6 +27,15 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
         }
         Cmd::Rotate { name, now, timeout } => return rotate_cmd(g, name, now, timeout),
         Cmd::Retire { name, generation } => {
+            if let Some(owner) = daemon_owner(g)? {
+                owner.call(
+                    "POST",
+                    &format!("/v1/identities/{name}/retire?generation={generation}"),
+                    Vec::new(),
+                )?;
+                println!("{name}: generation {generation} retired by the daemon; its key objects are gone from the token");
+                return Ok(0);
+            }
             let mut e = lifecycle_engine(g)?;
             e.retire(&name, generation)?;
             println!(
@@ -34,6 +43,15 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
             );
         }
         Cmd::Revoke { name, generation } => {
+            if let Some(owner) = daemon_owner(g)? {
+                owner.call(
+                    "POST",
+                    &format!("/v1/identities/{name}/revoke?generation={generation}"),
+                    Vec::new(),
+                )?;
+                println!("{name}: generation {generation} revoked by the daemon; its key objects are gone from the token");
+                return Ok(0);
+            }
             let mut e = lifecycle_engine(g)?;
             e.revoke(&name, generation)?;
             println!(
@@ -70,7 +88,12 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
                     std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
                 }
             };
-            let e = lifecycle_engine(g)?;
+            // Signing changes nothing: no lock, no reconcile, fine beside a running daemon.
+            let e = edge_signer::daemon::engine(
+                &sources(g),
+                &overrides(g),
+                Arc::new(edge_signer::clock::SystemClock),
+            )?;
             let (key, kid) = e.current_key(&name)?;
             println!(
                 "{}",
@@ -101,7 +124,7 @@ pub(crate) fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Eng
     {
         Ok(lock) => e.hold(lock)?,
         Err(h) if h.daemon => bail!(
-            "the edge-signer daemon (pid {}) owns {}: it is the one writer of the register. `rotate --now` and `enroll` are handed to it; for this command stop it first (systemctl stop edge-signer) and start it again after",
+            "the edge-signer daemon (pid {}) owns {}: it is the one writer of the register. With [api] enabled this command is handed to it; without, `rotate --now` and `enroll` are, and for this command stop it first (systemctl stop edge-signer) and start it again after",
             h.pid,
             dir.display()
         ),
@@ -164,11 +187,23 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
         .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
     let cfg = loaded.effective.config;
     let reg = edge_signer::register::RegisterFile::new(&cfg.paths.state_dir).load()?;
-    let rows = edge_signer::lifecycle::status(
-        &cfg,
-        &reg,
-        edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock),
-    );
+    // While the daemon runs and serves its API, its own view; otherwise the register's.
+    let from_daemon = match daemon_owner(g)? {
+        Some(owner) if owner.api.is_some() => Some(serde_json::from_value(owner.call(
+            "GET",
+            "/v1/status",
+            Vec::new(),
+        )?)?),
+        _ => None,
+    };
+    let rows: Vec<edge_signer::lifecycle::plan::Status> = match from_daemon {
+        Some(rows) => rows,
+        None => edge_signer::lifecycle::status(
+            &cfg,
+            &reg,
+            edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock),
+        ),
+    };
     print(json, serde_json::to_value(&rows)?, || {
         let mut out = String::new();
         for r in &rows {
@@ -230,12 +265,12 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
 
 /// `rotate`: when due, or now; during an overlap a rotation is queued.
 fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Result<i32> {
-    if let Some((dir, h)) = daemon_owner(g)? {
+    if let Some(owner) = daemon_owner(g)? {
         if !now {
-            println!("{name}: the daemon (pid {}) runs and renews at the policy point; `edge-signer status` shows when; `rotate {name} --now` asks it to rotate now", h.pid);
+            println!("{name}: the daemon (pid {}) runs and renews at the policy point; `edge-signer status` shows when; `rotate {name} --now` asks it to rotate now", owner.holder.pid);
             return Ok(0);
         }
-        return hand_to_daemon(&dir, &name, &h, timeout);
+        return hand_to_daemon(&owner, &name, timeout);
     }
     let mut e = lifecycle_engine(g)?;
     let rec = e.reg.identities.get(&name).cloned().unwrap_or_default();
@@ -271,28 +306,66 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
     Ok(0)
 }
 
+/// The daemon that owns the state directory, and its API socket when it serves one.
+pub(crate) struct Owner {
+    dir: PathBuf,
+    holder: Holder,
+    api: Option<PathBuf>,
+}
+
+impl Owner {
+    /// Ask the daemon through its API; without one, say how to proceed.
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value> {
+        let Some(sock) = &self.api else {
+            bail!(
+                "the edge-signer daemon (pid {}) owns {}: it is the one writer. Enable [api] in the configuration so commands are handed to it, or stop it first (systemctl stop edge-signer)",
+                self.holder.pid,
+                self.dir.display()
+            );
+        };
+        edge_signer::local_api::call(sock, method, path, body, Duration::from_secs(90))?.ok()
+    }
+}
+
 /// The daemon that owns the state directory, if one runs.
-fn daemon_owner(g: &Global) -> Result<Option<(PathBuf, Holder)>> {
+pub(crate) fn daemon_owner(g: &Global) -> Result<Option<Owner>> {
     let loaded = sources(g)
         .load()
         .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
-    let dir = loaded.effective.config.paths.state_dir;
+    let cfg = loaded.effective.config;
+    let dir = cfg.paths.state_dir;
     Ok(match StateLock::try_acquire(&dir, false)? {
-        Err(h) if h.daemon => Some((dir, h)),
+        Err(h) if h.daemon => Some(Owner {
+            dir,
+            holder: h,
+            api: cfg.api.enabled.then_some(cfg.api.socket),
+        }),
         _ => None,
     })
 }
 
-/// Ask the running daemon to rotate `name` now and follow the register (read-only) until
-/// the new generation is promoted, the attempt fails, or `timeout` passes.
-fn hand_to_daemon(dir: &Path, name: &str, h: &Holder, timeout: Option<u64>) -> Result<i32> {
+/// Ask the running daemon to rotate `name` now (through its API, or a request file and
+/// SIGHUP without one) and follow the register (read-only) until the new generation is
+/// promoted, the attempt fails, or `timeout` passes.
+fn hand_to_daemon(owner: &Owner, name: &str, timeout: Option<u64>) -> Result<i32> {
     // The name becomes a file name in the state dir: only what config validation allows.
     if !firmware_config::validate::safe_name(name) {
         bail!("no identity '{name}' in the configuration");
     }
+    let (dir, h) = (&owner.dir, &owner.holder);
     let file = edge_signer::register::RegisterFile::new(dir);
     let before = file.load()?.identities.get(name).and_then(|r| r.current);
-    edge_signer::statelock::ask_daemon_to_rotate(dir, name, h)?;
+    match owner.api {
+        Some(_) => {
+            owner.call("POST", &format!("/v1/identities/{name}/rotate"), Vec::new())?;
+        }
+        None => edge_signer::statelock::ask_daemon_to_rotate(dir, name, h)?,
+    }
     eprintln!(
         "the daemon (pid {}) owns {}: asked it to rotate {name}",
         h.pid,

@@ -192,7 +192,7 @@ fn describe(a: Action, ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord) ->
 }
 
 /// One line of `status`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// Identity name.
     pub name: String,

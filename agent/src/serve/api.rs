@@ -5,8 +5,8 @@
 
 use super::identity::{Identities, Served};
 use super::metrics;
-use super::Wake;
-use axum::extract::{DefaultBodyLimit, Extension, Path, State};
+use super::{EngineRequest, Wake};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -66,11 +66,21 @@ impl ApiState {
         }
     }
 
-    /// Allowed by a rule. The daemon's own uid may read status and ask for rotations (it is
-    /// the CLI run by the agent's own user); nothing else is implicit, root included.
+    /// Allowed by a rule. The daemon's own uid may read status and ask for the engine's
+    /// operations (it is the CLI run as the agent's own user, which can already read the PIN
+    /// and the state); it gets no signatures without a rule. Nothing else is implicit, root
+    /// included (unless the daemon itself runs as root).
     fn allowed(&self, c: &Caller, op: Operation, identity: Option<&str>) -> bool {
         (c.uid == self.own_uid
-            && matches!(op, Operation::Status | Operation::Rotate | Operation::List))
+            && matches!(
+                op,
+                Operation::Status
+                    | Operation::List
+                    | Operation::Rotate
+                    | Operation::Retire
+                    | Operation::Revoke
+                    | Operation::Apply
+            ))
             || self
                 .cfg
                 .rules
@@ -151,6 +161,13 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/identities/{name}/sign", post(sign))
         .route("/v1/identities/{name}/jws", post(jws))
         .route("/v1/identities/{name}/rotate", post(rotate))
+        .route("/v1/identities/{name}/retire", post(retire))
+        .route("/v1/identities/{name}/revoke", post(revoke))
+        .route(
+            "/v1/config/apply",
+            // A bundle may be up to 1 MiB of payload plus its header.
+            post(apply).layer(DefaultBodyLimit::max((1 << 20) + 4096)),
+        )
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics_text))
         .fallback(|| async {
@@ -292,11 +309,14 @@ async fn sign(
     })))
 }
 
-/// `POST /v1/identities/{name}/jws`: `{"payload": <JSON value>, "kid": "..."}` → compact JWS.
+/// `POST /v1/identities/{name}/jws`: `{"payload": <JSON value>}` or `{"payload_b64":
+/// BASE64}` (any bytes), optional `"kid"` (default: the credential's kid, else the
+/// certificate's SHA-256 fingerprint) → compact JWS.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JwsRequest {
-    payload: serde_json::Value,
+    payload: Option<serde_json::Value>,
+    payload_b64: Option<String>,
     kid: Option<String>,
 }
 
@@ -311,8 +331,17 @@ async fn jws(
     let _slot = st.slot(&c)?;
     let s = st.served(&name)?;
     let key = s.key.clone();
-    let kid = req.kid.unwrap_or_else(|| s.fingerprint.clone());
-    let payload = serde_json::to_vec(&req.payload).unwrap_or_default();
+    let kid = req
+        .kid
+        .or_else(|| s.kid.clone())
+        .unwrap_or_else(|| s.fingerprint.clone());
+    let payload = match (req.payload, req.payload_b64) {
+        (Some(v), None) => serde_json::to_vec(&v).unwrap_or_default(),
+        (None, Some(b)) => B64
+            .decode(b.as_bytes())
+            .map_err(|e| bad(format!("payload_b64 is not base64: {e}")))?,
+        _ => return Err(bad("give exactly one of payload (JSON) or payload_b64")),
+    };
     let out = tokio::task::spawn_blocking(move || {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
         hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
@@ -331,29 +360,117 @@ async fn jws(
     ))
 }
 
+/// Hand a request to the engine thread and wait for its answer (the engine may be in the
+/// middle of a step: up to a minute).
+async fn ask_engine(
+    st: &ApiState,
+    c: &Caller,
+    op: Operation,
+    req: EngineRequest,
+) -> ApiResult<Json<serde_json::Value>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    st.wake.send(Wake::Command(req, tx)).map_err(|_| {
+        ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is stopping".into(),
+        )
+    })?;
+    let answer =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(60)))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|_| {
+                ApiError(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the engine did not answer within 60 s; see `edge-signer status`".into(),
+                )
+            })?;
+    match answer {
+        Ok(v) => {
+            count(c, op, "ok");
+            Ok(Json(v))
+        }
+        Err(e) => {
+            count(c, op, "error");
+            Err(ApiError(StatusCode::CONFLICT, e))
+        }
+    }
+}
+
+fn known(st: &ApiState, name: &str) -> ApiResult<()> {
+    match st.identities.get(name) {
+        Some(_) => Ok(()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no identity '{name}'"),
+        )),
+    }
+}
+
 async fn rotate(
     State(st): State<Arc<ApiState>>,
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
 ) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
     st.check(&c, Operation::Rotate, Some(&name))?;
-    if st.identities.get(&name).is_none() {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no identity '{name}'"),
-        ));
-    }
-    st.wake.send(Wake::Rotate(name.clone())).map_err(|_| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is stopping".into(),
-        )
-    })?;
-    count(&c, Operation::Rotate, "ok");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(serde_json::json!({"queued": name})),
-    ))
+    known(&st, &name)?;
+    let v = ask_engine(&st, &c, Operation::Rotate, EngineRequest::Rotate(name)).await?;
+    Ok((StatusCode::ACCEPTED, v))
+}
+
+#[derive(serde::Deserialize)]
+struct GenerationQuery {
+    generation: u32,
+}
+
+async fn retire(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<GenerationQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Retire, Some(&name))?;
+    known(&st, &name)?;
+    ask_engine(
+        &st,
+        &c,
+        Operation::Retire,
+        EngineRequest::Retire(name, q.generation),
+    )
+    .await
+}
+
+async fn revoke(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<GenerationQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Revoke, Some(&name))?;
+    known(&st, &name)?;
+    ask_engine(
+        &st,
+        &c,
+        Operation::Revoke,
+        EngineRequest::Revoke(name, q.generation),
+    )
+    .await
+}
+
+/// `POST /v1/config/apply`: the bundle file's bytes as the body.
+async fn apply(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Apply, None)?;
+    ask_engine(
+        &st,
+        &c,
+        Operation::Apply,
+        EngineRequest::Apply(body.to_vec()),
+    )
+    .await
 }
 
 async fn status(

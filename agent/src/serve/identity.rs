@@ -19,8 +19,10 @@ pub struct Served {
     pub generation: u32,
     /// The token key (for the API's signatures).
     pub key: TokenKey,
-    /// Key + chain for rustls.
-    pub certified: Arc<CertifiedKey>,
+    /// Key + chain for rustls (None for a JWK credential, which has no certificate).
+    pub certified: Option<Arc<CertifiedKey>>,
+    /// JWK `kid` (credential identities).
+    pub kid: Option<String>,
     /// Chain, PEM, leaf first.
     pub chain_pem: String,
     /// `pkcs11:` URI of the key.
@@ -35,6 +37,8 @@ pub struct Served {
 #[derive(Default)]
 pub struct ServingIdentity {
     current: RwLock<Option<Arc<Served>>>,
+    /// The generation last refused (said once, not at every pass).
+    refused: RwLock<Option<u32>>,
 }
 
 impl ServingIdentity {
@@ -73,9 +77,15 @@ fn load(engine: &Engine, name: &str, g: &Generation) -> anyhow::Result<Served> {
         .ok_or_else(|| anyhow::anyhow!("generation {} has no key id", g.number))?;
     let key = TokenKey::open(engine.token().clone(), &KeyRef::Id(id))?;
     let chain_pem = g.cert_pem.clone().unwrap_or_default();
-    let chain = crate::validate::parse_chain(&chain_pem)?;
-    let certified = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key.clone()), chain)?;
+    let certified = match &g.cert_pem {
+        Some(pem) => Some(hsm_shim::tls::certified_key(
+            hsm_shim::TlsSigningKey::new(key.clone()),
+            crate::validate::parse_chain(pem)?,
+        )?),
+        None => None,
+    };
     Ok(Served {
+        kid: g.kid.clone(),
         name: name.to_owned(),
         generation: g.number,
         key,
@@ -173,7 +183,11 @@ impl Identities {
                 }
                 // The old pair keeps serving; a pair that does not match is never served.
                 Err(e) => {
-                    tracing::error!(identity = %cfg.name, generation = g.number, "pair refused, the previous one stays: {e:#}")
+                    let mut r = slot.refused.write().unwrap_or_else(|p| p.into_inner());
+                    if *r != Some(g.number) {
+                        tracing::error!(identity = %cfg.name, generation = g.number, "pair refused, the previous one stays: {e:#}");
+                        *r = Some(g.number);
+                    }
                 }
             }
         }
@@ -210,7 +224,7 @@ impl rustls::client::ResolvesClientCert for Resolver {
         _root_hint_subjects: &[&[u8]],
         _sigschemes: &[rustls::SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        self.0.get().map(|s| s.certified.clone())
+        self.0.get().and_then(|s| s.certified.clone())
     }
 
     fn has_certs(&self) -> bool {
@@ -220,6 +234,6 @@ impl rustls::client::ResolvesClientCert for Resolver {
 
 impl rustls::server::ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.0.get().map(|s| s.certified.clone())
+        self.0.get().and_then(|s| s.certified.clone())
     }
 }

@@ -21,9 +21,35 @@ pub enum Wake {
     Reload,
     /// SIGTERM/SIGINT.
     Stop,
-    /// A rotation asked for through the API.
-    Rotate(String),
+    /// A request through the API, answered on `Reply`.
+    Command(EngineRequest, Reply),
 }
+
+/// What the API asks the engine to do (the engine is the one writer of the register).
+pub enum EngineRequest {
+    /// Rotate now (queued during an overlap).
+    Rotate(String),
+    /// Retire a generation.
+    Retire(String, u32),
+    /// Revoke a generation.
+    Revoke(String, u32),
+    /// Apply a signed bundle (then reload).
+    Apply(Vec<u8>),
+}
+
+impl std::fmt::Debug for EngineRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineRequest::Rotate(n) => write!(f, "rotate {n}"),
+            EngineRequest::Retire(n, g) => write!(f, "retire {n} generation {g}"),
+            EngineRequest::Revoke(n, g) => write!(f, "revoke {n} generation {g}"),
+            EngineRequest::Apply(b) => write!(f, "apply a bundle of {} bytes", b.len()),
+        }
+    }
+}
+
+/// Where the engine answers a request.
+pub type Reply = std::sync::mpsc::SyncSender<Result<serde_json::Value, String>>;
 
 /// The runtime and the listeners started from one configuration.
 pub struct Servers {
