@@ -3,123 +3,17 @@
 //! with the client key in the token against an in-memory key. Prints ratios.
 //! Run with `scripts/bench` (not part of the test suite).
 
-use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
-use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, ObjectClass};
-use cryptoki::session::UserType;
+use hsm_shim::testing::bench::{paired, rate, raw_rate, secs, ROUNDS};
 use hsm_shim::tls::TlsSigningKey;
 use hsm_shim::{KeyRef, KeyType, TokenKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use rustls::sign::SigningKey;
 use rustls::SignatureScheme;
-use sha2::Digest;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 const PIN: &str = hsm_shim::testing::USER_PIN;
-
-fn secs() -> Duration {
-    Duration::from_millis(
-        std::env::var("BENCH_MS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(150),
-    )
-}
-
-const ROUNDS: usize = 20;
-
-/// Measure `a` and `b` in alternating short slices and average each: this VM's speed drifts
-/// by tens of percent over seconds, and alternating exposes both sides to the same drift.
-fn paired(a: impl Fn() -> f64, b: impl Fn() -> f64) -> (f64, f64) {
-    let (mut sa, mut sb) = (0.0, 0.0);
-    for _ in 0..ROUNDS {
-        sa += a();
-        sb += b();
-    }
-    (sa / ROUNDS as f64, sb / ROUNDS as f64)
-}
-
-/// Run `f` on `threads` threads for the bench duration; returns operations per second.
-fn rate(threads: usize, f: impl Fn() + Sync) -> f64 {
-    let d = secs();
-    let start = Instant::now();
-    let total: u64 = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut n = 0u64;
-                    while start.elapsed() < d {
-                        f();
-                        n += 1;
-                    }
-                    n
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("bench thread"))
-            .sum()
-    });
-    total as f64 / start.elapsed().as_secs_f64()
-}
-
-/// Baseline: what a hand-written integration does: one session per thread, logged in,
-/// key handle found once, then C_Sign in a loop (ECDSA over a SHA-256 computed in software).
-fn raw_rate(module: &std::path::Path, id: &[u8], kt: KeyType, threads: usize) -> f64 {
-    let ctx = hsm_shim::token::load_module(module).expect("module");
-    let slot = ctx
-        .get_slots_with_token()
-        .expect("slots")
-        .into_iter()
-        .find(|s| {
-            ctx.get_token_info(*s)
-                .map(|i| i.label().trim_end() == "test")
-                .unwrap_or(false)
-        })
-        .expect("test token");
-    let msg = [0x5au8; 130];
-    let sessions: Vec<_> = (0..threads)
-        .map(|_| {
-            let s = ctx.open_rw_session(slot).expect("session");
-            let _ = s.login(UserType::User, Some(&cryptoki::types::AuthPin::from(PIN)));
-            let h = s
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::Id(id.to_vec()),
-                ])
-                .expect("find")[0];
-            std::sync::Mutex::new((s, h))
-        })
-        .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    thread_local!(static MINE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
-    rate(threads, || {
-        let idx = MINE.with(|m| {
-            m.get().unwrap_or_else(|| {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                m.set(Some(i));
-                i
-            })
-        });
-        let guard = sessions[idx].lock().expect("own session");
-        let (s, h) = &*guard;
-        if kt.is_ec() {
-            let digest = sha2::Sha256::digest(msg);
-            s.sign(&Mechanism::Ecdsa, *h, &digest).expect("raw sign");
-        } else {
-            let p = PkcsPssParams {
-                hash_alg: MechanismType::SHA256,
-                mgf: PkcsMgfType::MGF1_SHA256,
-                s_len: 32u64.into(),
-            };
-            s.sign(&Mechanism::Sha256RsaPkcsPss(p), *h, &msg)
-                .expect("raw sign");
-        }
-    })
-}
 
 fn shim_rate(key: &TokenKey, threads: usize) -> f64 {
     let tls = TlsSigningKey::new(key.clone());
@@ -237,7 +131,7 @@ fn main() {
         let key = TokenKey::open(token.clone(), &KeyRef::Id(info.id.clone())).expect("key");
         for threads in [1, 2] {
             let (raw, shim) = paired(
-                || raw_rate(&module, &info.id, kt, threads),
+                || raw_rate(&module, "test", PIN, &info.id, kt, threads),
                 || shim_rate(&key, threads),
             );
             println!(

@@ -220,7 +220,9 @@ impl Route {
             }
         };
         let (up, down, why) = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut a, &mut b) => match r {
+            // 64 KiB buffers: a full TLS record per read, a quarter of the syscalls of the
+            // default 8 KiB on bulk transfers.
+            r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 1 << 16, 1 << 16) => match r {
                 Ok((up, down)) => (up, down, "closed"),
                 Err(_) => (0, 0, "reset"),
             },

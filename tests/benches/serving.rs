@@ -1,0 +1,375 @@
+//! What the daemon serves, measured against baselines in the same run (scripts/bench):
+//! - signatures/s through the signing API (keep-alive, 1 and 2 client threads) vs raw
+//!   cryptoki on the same token key and thread count;
+//! - proxy new connections/s (TLS handshake + one request) vs stunnel with the same token key
+//!   (libengine-pkcs11-openssl), same target;
+//! - bytes/s through one proxied connection vs one direct TLS connection.
+//!
+//! Uses the release binary (`cargo build --release -p edge-signer` first).
+
+use edge_signer_tests::*;
+use hsm_shim::testing::bench::{paired, rate, raw_rate, secs, ROUNDS};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The target: TLS, client certificate required (from ca.pem). One byte in: `q` answers `k`
+/// and closes; `s` reads to EOF and answers the byte count.
+fn target(env: &Env) -> u16 {
+    let roots = {
+        let mut r = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(env.path("ca.pem")).unwrap() {
+            r.add(c.unwrap()).unwrap();
+        }
+        Arc::new(r)
+    };
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .unwrap();
+    let chain: Vec<_> = CertificateDer::pem_file_iter(env.path("server.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(env.path("server.key")).unwrap();
+    let cfg = Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap(),
+    );
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in l.incoming().flatten() {
+            let cfg = cfg.clone();
+            std::thread::spawn(move || {
+                let _ = tcp.set_nodelay(true);
+                let conn = rustls::ServerConnection::new(cfg).unwrap();
+                let mut tls = rustls::StreamOwned::new(conn, tcp);
+                let mut cmd = [0u8; 1];
+                if tls.read_exact(&mut cmd).is_err() {
+                    return;
+                }
+                if cmd[0] == b'q' {
+                    let _ = tls.write_all(b"k");
+                } else {
+                    let mut n = 0u64;
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(k @ 1..) = tls.read(&mut buf) {
+                        n += k as u64;
+                    }
+                    let _ = tls.write_all(&n.to_be_bytes());
+                }
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+            });
+        }
+    });
+    port
+}
+
+/// One keep-alive signature request on `s`.
+fn api_sign(s: &mut UnixStream, body: &[u8]) {
+    let head = format!(
+        "POST /v1/identities/gw/sign HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut got = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "API closed the connection");
+        got.extend_from_slice(&buf[..n]);
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            while got.len() < end + 4 + len {
+                let n = s.read(&mut buf).unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            return;
+        }
+    }
+}
+
+fn api_rate(sock: &std::path::Path, threads: usize) -> f64 {
+    let body = br#"{"alg":"ES256","data":"WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpa"}"#;
+    let conns: Vec<_> = (0..threads)
+        .map(|_| std::sync::Mutex::new(UnixStream::connect(sock).unwrap()))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    thread_local!(static MINE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
+    rate(threads, || {
+        let i = MINE.with(|m| {
+            m.get().unwrap_or_else(|| {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % threads;
+                m.set(Some(i));
+                i
+            })
+        });
+        api_sign(&mut conns[i].lock().unwrap(), body);
+    })
+}
+
+/// New connections/s through a local plain-TCP entry (the proxy or stunnel).
+fn conn_rate(port: u16) -> f64 {
+    rate(1, || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(b"q").unwrap();
+        let mut k = [0u8; 1];
+        s.read_exact(&mut k).expect("answer through the tunnel");
+    })
+}
+
+/// Bytes/s of `total` bytes written through `s` (plain or TLS) to the sink.
+fn stream_rate<S: Read + Write>(mut s: S, total: usize, done: impl FnOnce(&mut S)) -> f64 {
+    let chunk = vec![0x42u8; 1 << 16];
+    let start = Instant::now();
+    s.write_all(b"s").unwrap();
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(&chunk).unwrap();
+        sent += chunk.len();
+    }
+    done(&mut s);
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).unwrap();
+    assert_eq!(u64::from_be_bytes(n) as usize, sent);
+    sent as f64 / start.elapsed().as_secs_f64()
+}
+
+fn stunnel(env: &Env, port: u16, target: u16, key_id: &str) -> Option<Guard> {
+    let engine = [
+        "/usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so",
+        "/usr/lib/aarch64-linux-gnu/engines-3/pkcs11.so",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())?;
+    which("stunnel4")?;
+    let conf = format!(
+        "foreground = yes\npid =\noutput = {dir}/stunnel.log\ndebug = 4\n\
+         engine = dynamic\nengineCtrl = SO_PATH:{engine}\nengineCtrl = ID:pkcs11\nengineCtrl = LIST_ADD:1\n\
+         engineCtrl = LOAD\nengineCtrl = MODULE_PATH:{module}\nengineCtrl = PIN:{pin}\nengineCtrl = INIT\n\n\
+         [bench]\nclient = yes\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{target}\n\
+         engineNum = 1\ncert = {dir}/chain.pem\nkey = pkcs11:token={label};id={id};type=private\n\
+         CAfile = {dir}/ca.pem\nverifyChain = yes\n",
+        dir = env.dir.path().display(),
+        module = module().display(),
+        pin = USER_PIN,
+        label = LABEL,
+        id = key_id
+            .as_bytes()
+            .chunks(2)
+            .map(|c| format!("%{}", String::from_utf8_lossy(c)))
+            .collect::<String>(),
+    );
+    std::fs::write(env.path("stunnel.conf"), conf).unwrap();
+    let child = std::process::Command::new("stunnel4")
+        .arg(env.path("stunnel.conf"))
+        .envs(env.envs())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_port(port);
+    Some(Guard(child))
+}
+
+fn which(cmd: &str) -> Option<()> {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| ())
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let tport = target(&env);
+    let pport = free_port();
+    let uid = String::from_utf8_lossy(
+        &std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .trim()
+    .to_owned();
+    env.serving_config(
+        "1d",
+        &format!(
+            "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\nmax_concurrent_per_caller = 64\n\
+             [[api.allow]]\nuids = [{uid}]\nidentities = [\"gw\"]\noperations = [\"sign\"]\n\n\
+             [[proxy]]\nname = \"bench\"\nlisten = \"127.0.0.1:{pport}\"\ntarget = \"127.0.0.1:{tport}\"\n\
+             identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n"
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let _daemon = Guard(
+        env.cmd()
+            .arg("run")
+            .env("EDGE_SIGNER_LOG", "warn")
+            .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    env.wait_current("gw", 1);
+    let sock = env.path("api.sock");
+    let start = Instant::now();
+    while UnixStream::connect(&sock).is_err()
+        || std::net::TcpStream::connect(("127.0.0.1", pport)).is_err()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the daemon's listeners never came up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let gen = &env.register()["identities"]["gw"]["generations"][0];
+    let key_id = gen["key_id"].as_str().unwrap().to_owned();
+    std::fs::write(env.path("chain.pem"), gen["cert_pem"].as_str().unwrap()).unwrap();
+    // In-process access to the same token (the raw baseline and direct TLS).
+    // Safe: before any module is loaded in this process.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf")) };
+    let id = hsm_shim::keys::unhex(&key_id).unwrap();
+
+    println!(
+        "edge-signer serving benchmark on SoftHSM, release daemon (each figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
+        secs().as_millis()
+    );
+    println!(
+        "{:<28} {:>7} {:>14} {:>14} {:>7}",
+        "signatures", "threads", "raw sig/s", "API sig/s", "ratio"
+    );
+    for threads in [1, 2] {
+        let (raw, api) = paired(
+            || {
+                raw_rate(
+                    &module(),
+                    LABEL,
+                    USER_PIN,
+                    &id,
+                    hsm_shim::KeyType::EcP256,
+                    threads,
+                )
+            },
+            || api_rate(&sock, threads),
+        );
+        println!(
+            "{:<28} {:>7} {:>14.0} {:>14.0} {:>7.3}",
+            "ES256 (P-256)",
+            threads,
+            raw,
+            api,
+            api / raw
+        );
+    }
+
+    println!();
+    match stunnel(&env, free_port(), tport, &key_id) {
+        Some(g) => {
+            let sport = {
+                let conf = std::fs::read_to_string(env.path("stunnel.conf")).unwrap();
+                conf.lines()
+                    .find_map(|l| l.strip_prefix("accept = 127.0.0.1:"))
+                    .unwrap()
+                    .parse::<u16>()
+                    .unwrap()
+            };
+            let (st, px) = paired(|| conn_rate(sport), || conn_rate(pport));
+            println!("{:<28} {:>14} {:>14} {:>7}", "new connections (hs + 1 req)", "stunnel conn/s", "proxy conn/s", "ratio");
+            println!("{:<28} {:>14.0} {:>14.0} {:>7.3}", "ES256 token key", st, px, px / st);
+            drop(g);
+        }
+        None => println!("stunnel4 or libengine-pkcs11-openssl missing: proxy vs stunnel skipped (scripts/setup installs them)"),
+    }
+
+    // One long connection: through the proxy vs direct TLS with the same token key.
+    let token = hsm_shim::Token::open(
+        &module(),
+        &hsm_shim::TokenSelector::Label(LABEL.into()),
+        Some(hsm_shim::testing::pin(USER_PIN)),
+    )
+    .unwrap();
+    let key = hsm_shim::TokenKey::open(token, &hsm_shim::KeyRef::Id(id)).unwrap();
+    let chain: Vec<_> = CertificateDer::pem_file_iter(env.path("chain.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let ck = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(env.path("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck))),
+    );
+    let total: usize = std::env::var("BENCH_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128 << 20);
+    let rounds = 5;
+    let (mut direct, mut proxied) = (0.0, 0.0);
+    for _ in 0..rounds {
+        let tcp = TcpStream::connect(("127.0.0.1", tport)).unwrap();
+        let conn = rustls::ClientConnection::new(
+            client.clone(),
+            ServerName::try_from("127.0.0.1").unwrap(),
+        )
+        .unwrap();
+        direct += stream_rate(rustls::StreamOwned::new(conn, tcp), total, |s| {
+            s.conn.send_close_notify();
+            let _ = s.flush();
+        });
+        let tcp = TcpStream::connect(("127.0.0.1", pport)).unwrap();
+        // Half-close: the proxy passes the EOF on as close_notify.
+        proxied += stream_rate(tcp, total, |s| {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        });
+    }
+    let mib = |r: f64| r / rounds as f64 / (1 << 20) as f64;
+    println!();
+    println!(
+        "{:<28} {:>14} {:>14} {:>7}",
+        "one connection, bulk", "direct MiB/s", "proxy MiB/s", "ratio"
+    );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>7.3}",
+        format!("{} MiB x {rounds}, alternated", total >> 20),
+        mib(direct),
+        mib(proxied),
+        proxied / direct
+    );
+}
