@@ -5,6 +5,7 @@
 
 use super::identity::{Identities, Served};
 use super::metrics;
+use super::requests::{JwsRequest, SignRequest};
 use super::{EngineRequest, Wake};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
@@ -14,7 +15,6 @@ use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use firmware_config::schema::{ApiConfig, Operation};
-use hsm_shim::{Hash, SignAlg};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
@@ -220,34 +220,6 @@ async fn chain(
         .into_response())
 }
 
-/// `POST /v1/identities/{name}/sign`: `{"alg": "ES256", "data": BASE64}` or
-/// `{"alg": "PS256", "digest": BASE64}`; ECDSA signatures DER unless `"format": "raw"`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SignRequest {
-    alg: String,
-    data: Option<String>,
-    digest: Option<String>,
-    #[serde(default)]
-    format: Option<String>,
-}
-
-fn sign_alg(name: &str, raw: bool) -> Option<SignAlg> {
-    let ec = |hash| SignAlg::Ecdsa { hash, der: !raw };
-    Some(match name {
-        "ES256" => ec(Hash::Sha256),
-        "ES384" => ec(Hash::Sha384),
-        "ES512" => ec(Hash::Sha512),
-        "RS256" => SignAlg::RsaPkcs1(Hash::Sha256),
-        "RS384" => SignAlg::RsaPkcs1(Hash::Sha384),
-        "RS512" => SignAlg::RsaPkcs1(Hash::Sha512),
-        "PS256" => SignAlg::RsaPss(Hash::Sha256),
-        "PS384" => SignAlg::RsaPss(Hash::Sha384),
-        "PS512" => SignAlg::RsaPss(Hash::Sha512),
-        _ => return None,
-    })
-}
-
 /// A request body that did not parse (or was too large: 413), with axum's reason.
 fn rejected(what: &str, e: axum::extract::rejection::JsonRejection) -> ApiError {
     ApiError(e.status(), format!("bad {what} request: {}", e.body_text()))
@@ -267,31 +239,14 @@ async fn sign(
     let Json(req) = req.map_err(|e| rejected("sign", e))?;
     let _slot = st.slot(&c)?;
     let s = st.served(&name)?;
-    let raw = match req.format.as_deref() {
-        None | Some("der") => false,
-        Some("raw") => true,
-        Some(f) => return Err(bad(format!("format '{f}': use der or raw"))),
-    };
-    let alg = sign_alg(&req.alg, raw).ok_or_else(|| {
-        bad(format!(
-            "alg '{}': use ES256/ES384/ES512, RS256/RS384/RS512 or PS256/PS384/PS512",
-            req.alg
-        ))
-    })?;
-    let (input, prehashed) = match (req.data, req.digest) {
-        (Some(d), None) => (d, false),
-        (None, Some(d)) => (d, true),
-        _ => return Err(bad("give exactly one of data or digest (base64)")),
-    };
-    let bytes = B64
-        .decode(input.as_bytes())
-        .map_err(|e| bad(format!("not base64: {e}")))?;
+    let alg_name = req.alg_name().to_owned();
+    let job = req.check().map_err(bad)?;
     let key = s.key.clone();
     let sig = tokio::task::spawn_blocking(move || {
-        if prehashed {
-            key.sign_digest(alg, &bytes)
+        if job.prehashed {
+            key.sign_digest(job.alg, &job.bytes)
         } else {
-            key.sign(alg, &bytes)
+            key.sign(job.alg, &job.bytes)
         }
     })
     .await
@@ -305,19 +260,8 @@ async fn sign(
     })?;
     count(&c, Operation::Sign, "ok");
     Ok(Json(serde_json::json!({
-        "signature": B64.encode(sig), "alg": req.alg, "generation": s.generation, "key_uri": s.key_uri,
+        "signature": B64.encode(sig), "alg": alg_name, "generation": s.generation, "key_uri": s.key_uri,
     })))
-}
-
-/// `POST /v1/identities/{name}/jws`: `{"payload": <JSON value>}` or `{"payload_b64":
-/// BASE64}` (any bytes), optional `"kid"` (default: the credential's kid, else the
-/// certificate's SHA-256 fingerprint) → compact JWS.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JwsRequest {
-    payload: Option<serde_json::Value>,
-    payload_b64: Option<String>,
-    kid: Option<String>,
 }
 
 async fn jws(
@@ -331,17 +275,11 @@ async fn jws(
     let _slot = st.slot(&c)?;
     let s = st.served(&name)?;
     let key = s.key.clone();
+    let payload = req.payload().map_err(bad)?;
     let kid = req
         .kid
         .or_else(|| s.kid.clone())
         .unwrap_or_else(|| s.fingerprint.clone());
-    let payload = match (req.payload, req.payload_b64) {
-        (Some(v), None) => serde_json::to_vec(&v).unwrap_or_default(),
-        (None, Some(b)) => B64
-            .decode(b.as_bytes())
-            .map_err(|e| bad(format!("payload_b64 is not base64: {e}")))?,
-        _ => return Err(bad("give exactly one of payload (JSON) or payload_b64")),
-    };
     let out = tokio::task::spawn_blocking(move || {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
         hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)

@@ -7,6 +7,7 @@ pub mod api;
 pub mod identity;
 pub mod metrics;
 pub mod proxy;
+pub mod requests;
 
 use anyhow::{Context, Result};
 use firmware_config::Config;
