@@ -237,12 +237,36 @@ struct Daemon<'a> {
     engine: Engine,
     identities: Arc<Identities>,
     servers: Servers,
+    systemd: crate::systemd::Systemd,
 }
 
 impl Daemon<'_> {
+    /// After each engine pass: serving, metrics and systemd's status line follow it.
+    fn publish(&mut self) {
+        publish(&mut self.engine, &self.identities);
+        let now = self.engine.now();
+        let rows = crate::lifecycle::plan::status(self.engine.config(), &self.engine.reg, now);
+        self.systemd
+            .status(&crate::systemd::status_line(&rows, now));
+    }
+
+    fn status_line(&self) -> String {
+        let now = self.engine.now();
+        let rows = crate::lifecycle::plan::status(self.engine.config(), &self.engine.reg, now);
+        crate::systemd::status_line(&rows, now)
+    }
+
     /// Only a configuration that validates and whose token opens replaces the running one;
     /// otherwise the daemon keeps going and says why.
     fn reload(&mut self) -> Result<()> {
+        self.systemd.reloading();
+        let out = self.reload_inner();
+        let line = self.status_line();
+        self.systemd.ready(&line);
+        out
+    }
+
+    fn reload_inner(&mut self) -> Result<()> {
         pick_up_spool(self.sources);
         let mut lock = self.engine.release_lock();
         match start_engine(self.sources, self.o, &self.clock, &mut lock) {
@@ -253,7 +277,7 @@ impl Daemon<'_> {
                     tracing::error!("serving after reload: {err:#}");
                 }
                 self.engine = e;
-                publish(&mut self.engine, &self.identities);
+                self.publish();
             }
             Err(e) => {
                 let now = self.clock.now();
@@ -298,7 +322,7 @@ impl Daemon<'_> {
                 return Ok(v);
             }
         };
-        publish(&mut self.engine, &self.identities);
+        self.publish();
         out.map_err(|e| format!("{e:#}"))
     }
 }
@@ -322,13 +346,21 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         engine,
         identities,
         servers,
+        systemd: crate::systemd::Systemd::new(),
     };
     restart_servers(&mut d.servers, None, d.engine.config())?;
+    let line = d.status_line();
+    d.systemd.ready(&line);
     loop {
         let next = d.engine.tick();
-        publish(&mut d.engine, &d.identities);
+        d.publish();
+        let token = d.engine.token().clone();
+        d.systemd.maybe_ping(|| token.ping().is_ok());
         let now = d.clock.now();
-        let wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
+        let mut wait = Duration::from_secs(next.saturating_sub(now).clamp(1, 86_400));
+        if let Some(ping) = d.systemd.ping_due_in() {
+            wait = wait.min(ping.max(Duration::from_millis(100)));
+        }
         tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
         match rx.recv_timeout(wait) {
             Ok(Wake::Reload) => {
@@ -337,6 +369,7 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
             }
             Ok(Wake::Stop) => {
                 tracing::info!("stopping");
+                d.systemd.stopping();
                 return Ok(());
             }
             Ok(Wake::Command(req, reply)) => {

@@ -11,5 +11,6 @@ pub mod local_api;
 pub mod register;
 pub mod serve;
 pub mod statelock;
+pub mod systemd;
 pub mod tlsconf;
 pub mod validate;

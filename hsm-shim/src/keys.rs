@@ -72,7 +72,8 @@ impl KeyType {
         }
     }
 
-    fn modulus_bits(self) -> u64 {
+    /// `CK_ULONG` is `unsigned long`: 32 bits on armhf, 64 on arm64 and amd64.
+    fn modulus_bits(self) -> std::ffi::c_ulong {
         match self {
             KeyType::Rsa3072 => 3072,
             _ => 2048,

@@ -30,6 +30,15 @@ impl Hash {
             Hash::Sha512 => sha2::Sha512::digest(msg).to_vec(),
         }
     }
+    /// PSS salt length (= digest length) as a `CK_ULONG` (`unsigned long`: 32 bits on armhf).
+    fn salt_len(self) -> std::ffi::c_ulong {
+        match self {
+            Hash::Sha256 => 32,
+            Hash::Sha384 => 48,
+            Hash::Sha512 => 64,
+        }
+    }
+
     /// Digest length in bytes.
     pub fn output_len(self) -> u64 {
         match self {
@@ -151,7 +160,7 @@ impl TokenKey {
                 let params = PkcsPssParams {
                     hash_alg,
                     mgf,
-                    s_len: h.output_len().into(),
+                    s_len: h.salt_len().into(),
                 };
                 Ok((
                     match h {
@@ -199,7 +208,7 @@ impl TokenKey {
                 let params = PkcsPssParams {
                     hash_alg,
                     mgf,
-                    s_len: h.output_len().into(),
+                    s_len: h.salt_len().into(),
                 };
                 (Mechanism::RsaPkcsPss(params), digest.to_vec())
             }

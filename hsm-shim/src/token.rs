@@ -285,6 +285,15 @@ impl Token {
         }
     }
 
+    /// Whether the token answers now (one C_GetSessionInfo on a pooled session; a dead
+    /// session is reopened first). The daemon's watchdog pings only when it does.
+    pub fn ping(&self) -> Result<()> {
+        self.with_session(|s| {
+            s.get_session_info()?;
+            Ok(())
+        })
+    }
+
     /// Forget all pooled sessions (they are closed on drop).
     fn drop_pool(&self) {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
