@@ -238,6 +238,7 @@ struct Daemon<'a> {
     identities: Arc<Identities>,
     servers: Servers,
     systemd: crate::systemd::Systemd,
+    serial: Arc<crate::serial::Shared>,
 }
 
 impl Daemon<'_> {
@@ -248,6 +249,24 @@ impl Daemon<'_> {
         let rows = crate::lifecycle::plan::status(self.engine.config(), &self.engine.reg, now);
         self.systemd
             .status(&crate::systemd::status_line(&rows, now));
+    }
+
+    /// What the diagnostics port shows of the configuration in effect.
+    fn publish_view(&self) {
+        let (rows, fleet_version) = match self.sources.load() {
+            Ok(l) => (
+                firmware_config::store::show_rows(&l).unwrap_or_default(),
+                l.fleet_version,
+            ),
+            Err(_) => (Vec::new(), 0),
+        };
+        self.serial.set_view(crate::serial::View {
+            serial: self.engine.config().serial.clone(),
+            config_rows: rows,
+            fleet_version,
+            token: self.engine.token().clone(),
+            clock_floor: crate::lifecycle::plan::clock_floor(&self.engine.reg),
+        });
     }
 
     fn status_line(&self) -> String {
@@ -278,6 +297,7 @@ impl Daemon<'_> {
                 }
                 self.engine = e;
                 self.publish();
+                self.publish_view();
             }
             Err(e) => {
                 let now = self.clock.now();
@@ -334,7 +354,12 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
     signal_thread(tx.clone())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let identities = Arc::new(Identities::default());
-    let servers = Servers::new(identities.clone(), tx)?;
+    let servers = Servers::new(identities.clone(), tx.clone())?;
+    let serial = Arc::new(crate::serial::Shared::new(
+        identities.clone(),
+        tx,
+        clock.clone(),
+    ));
     pick_up_spool(sources);
     let mut engine = start_engine(sources, o, &clock, &mut None)?;
     take_requests(&mut engine);
@@ -347,7 +372,18 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         identities,
         servers,
         systemd: crate::systemd::Systemd::new(),
+        serial,
     };
+    d.publish_view();
+    let sc = d.engine.config().serial.clone();
+    if sc.enabled {
+        // A device path or speed changed by a reload takes effect at the next start.
+        let shared = d.serial.clone();
+        std::thread::Builder::new()
+            .name("serial".into())
+            .spawn(move || crate::serial::serve(shared, sc.device, sc.baud))
+            .context("cannot start the diagnostics port thread")?;
+    }
     restart_servers(&mut d.servers, None, d.engine.config())?;
     let line = d.status_line();
     d.systemd.ready(&line);

@@ -9,6 +9,7 @@ pub mod issuer;
 pub mod lifecycle;
 pub mod local_api;
 pub mod register;
+pub mod serial;
 pub mod serve;
 pub mod statelock;
 pub mod systemd;

@@ -134,6 +134,10 @@ enum Cmd {
     /// Fleet-side tools: make a fleet key, sign a configuration bundle
     #[command(subcommand)]
     Fleet(FleetCmd),
+    /// Technician diagnostics over a serial port: `diag --port /dev/ttyUSB0 [--json] [COMMAND]`
+    /// (no COMMAND: interactive); `diag token --key K --device S --nonce N --allow rotate`
+    /// makes a technician token
+    Diag(DiagArgs),
     /// Serve HTTPS with the token key as the server identity (a diagnostic peer)
     TlsServe {
         #[command(flatten)]
@@ -231,6 +235,40 @@ enum ConfigCmd {
     },
 }
 
+#[derive(Args)]
+struct DiagArgs {
+    /// The serial port the device's diagnostics are on
+    #[arg(long)]
+    port: Option<PathBuf>,
+    #[arg(long, default_value_t = 115_200)]
+    baud: u32,
+    /// Answers as JSON (one object per answer)
+    #[arg(long)]
+    json: bool,
+    /// Technician key (Ed25519 PKCS#8 PEM): with --port, authorise the session with a fresh
+    /// token made from the banner's serial and nonce
+    #[arg(long)]
+    auth_key: Option<PathBuf>,
+    /// `diag token`: the technician key
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// `diag token`: the device serial (from the banner)
+    #[arg(long)]
+    device: Option<String>,
+    /// `diag token`: the session nonce (from the banner)
+    #[arg(long)]
+    nonce: Option<String>,
+    /// What the token allows: rotate, retire, apply-bundle, collect (repeat)
+    #[arg(long)]
+    allow: Vec<String>,
+    /// Token lifetime (at most 1h)
+    #[arg(long, default_value = "15m")]
+    ttl: String,
+    /// The command (status, identity NAME, token, config, clock, events N, version, rotate NAME,
+    /// retire NAME GEN, apply-bundle FILE, collect), or `token`
+    words: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum FleetCmd {
     /// Make an Ed25519 fleet key pair: private key to FILE (mode 0600), public key to FILE.pub
@@ -324,6 +362,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Config(c) => cli::config::config_cmd(g, c),
         Cmd::Fleet(f) => cli::config::fleet_cmd(f),
+        Cmd::Diag(a) => cli::diag::diag_cmd(a),
         c @ (Cmd::Token(_)
         | Cmd::Key(_)
         | Cmd::Csr { .. }

@@ -119,6 +119,25 @@ impl FleetKey {
         let d = ring::digest::digest(&ring::digest::SHA256, self.bytes());
         d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
     }
+    /// The JWS `alg` of this key: `EdDSA` or `ES256`.
+    pub fn jws_alg(&self) -> &'static str {
+        match self {
+            FleetKey::Ed25519(_) => "EdDSA",
+            FleetKey::P256(_) => "ES256",
+        }
+    }
+
+    /// Verify a JWS signature (Ed25519, or ES256 as raw r||s) over `msg`.
+    pub fn verify_jws(&self, msg: &[u8], sig: &[u8]) -> bool {
+        let alg: &dyn signature::VerificationAlgorithm = match self {
+            FleetKey::Ed25519(_) => &signature::ED25519,
+            FleetKey::P256(_) => &signature::ECDSA_P256_SHA256_FIXED,
+        };
+        signature::UnparsedPublicKey::new(alg, self.bytes())
+            .verify(msg, sig)
+            .is_ok()
+    }
+
     fn verify(&self, msg: &[u8], sig: &[u8]) -> bool {
         let alg: &dyn signature::VerificationAlgorithm = match self {
             FleetKey::Ed25519(_) => &signature::ED25519,
@@ -354,6 +373,16 @@ impl FleetSigner {
         match self {
             FleetSigner::Ed25519(k) => FleetKey::Ed25519(k.public_key().as_ref().to_vec()),
             FleetSigner::P256(k) => FleetKey::P256(k.public_key().as_ref().to_vec()),
+        }
+    }
+
+    /// A JWS signature over `msg` (EdDSA, or ES256 as raw r||s).
+    pub fn sign_jws(&self, msg: &[u8]) -> Result<Vec<u8>, BundleError> {
+        match self {
+            FleetSigner::Ed25519(k) => Ok(k.sign(msg).as_ref().to_vec()),
+            FleetSigner::P256(_) => Err(BundleError::Key(
+                "technician tokens are signed with Ed25519 keys (edge-signer fleet keygen)".into(),
+            )),
         }
     }
 

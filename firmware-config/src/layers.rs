@@ -131,6 +131,11 @@ const RESTRICTED: &[(&str, &[LayerKind], &str)] = &[
         "fleet trust keys come only from the firmware defaults (or a signed trust bundle)",
     ),
     (
+        "serial.technician_keys",
+        &[LayerKind::Firmware],
+        "technician keys are pinned in the firmware defaults",
+    ),
+    (
         "fleet.trust_version",
         &[LayerKind::Firmware],
         "the trust version belongs to the firmware's key set",

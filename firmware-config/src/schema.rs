@@ -413,6 +413,10 @@ pub struct SerialConfig {
     pub enabled: bool,
     /// Whether a technician may trigger actions that change state (rotate, retire).
     pub allow_privileged: bool,
+    /// Technician public keys (`ed25519:BASE64`) whose tokens unlock privileged commands;
+    /// firmware layer only.
+    #[serde(deserialize_with = "parse_vec", serialize_with = "show_vec")]
+    pub technician_keys: Vec<FleetKey>,
 }
 
 impl Default for SerialConfig {
@@ -422,6 +426,7 @@ impl Default for SerialConfig {
             baud: 115_200,
             enabled: false,
             allow_privileged: false,
+            technician_keys: Vec::new(),
         }
     }
 }

@@ -444,6 +444,29 @@ impl FleetStore {
     }
 }
 
+/// Every effective value as (path, value, the layer it came from), built-in defaults
+/// included, secrets redacted: what `config show` and the serial `config` command print.
+pub fn show_rows(loaded: &Loaded) -> Result<Vec<(String, String, String)>, toml::ser::Error> {
+    let full: toml::Table = toml::Table::try_from(&loaded.effective.config)?;
+    Ok(leaves(&full)
+        .into_iter()
+        .map(|(path, value)| {
+            let source = loaded
+                .effective
+                .origins
+                .get(&path)
+                .cloned()
+                .unwrap_or_else(|| "built-in default".into());
+            let value = if crate::layers::redacted(&path) {
+                "\"<redacted>\"".to_owned()
+            } else {
+                value
+            };
+            (path, value, source)
+        })
+        .collect())
+}
+
 /// Flatten the effective configuration into `path -> value` leaves.
 pub fn leaves(t: &toml::Table) -> BTreeMap<String, String> {
     fn walk(out: &mut BTreeMap<String, String>, path: String, v: &toml::Value) {

@@ -12,25 +12,7 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
             }
-            // The typed config, so built-in defaults show too, each with its origin.
-            let full: toml::Table = toml::Table::try_from(&loaded.effective.config)?;
-            let rows: Vec<(String, String, String)> = firmware_config::store::leaves(&full)
-                .into_iter()
-                .map(|(path, value)| {
-                    let source = loaded
-                        .effective
-                        .origins
-                        .get(&path)
-                        .cloned()
-                        .unwrap_or_else(|| "built-in default".into());
-                    let value = if layers::redacted(&path) {
-                        "\"<redacted>\"".to_owned()
-                    } else {
-                        value
-                    };
-                    (path, value, source)
-                })
-                .collect();
+            let rows = firmware_config::store::show_rows(&loaded)?;
             let trust = sources(g).trust()?;
             print(
                 json,

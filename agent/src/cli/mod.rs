@@ -2,6 +2,7 @@
 //! opening the token from the global options, printing human or JSON output.
 
 pub(crate) mod config;
+pub(crate) mod diag;
 pub(crate) mod keys;
 pub(crate) mod lifecycle;
 

@@ -1,0 +1,453 @@
+//! Technician diagnostics over a pseudo-terminal pair (socat): the daemon serves one end,
+//! the test (or `edge-signer diag`) the other.
+
+use edge_signer_tests::*;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+/// A pty pair: the daemon opens `A`, we talk on `B`.
+struct Pty {
+    _socat: Guard,
+}
+
+fn pty(env: &Env) -> Pty {
+    let g = Guard(
+        std::process::Command::new("socat")
+            .arg(format!("pty,raw,echo=0,link={}", env.path_str("ttyA")))
+            .arg(format!("pty,raw,echo=0,link={}", env.path_str("ttyB")))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("socat (scripts/setup installs it)"),
+    );
+    let start = Instant::now();
+    while !(env.path("ttyA").exists() && env.path("ttyB").exists()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "socat made no pty pair"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Pty { _socat: g }
+}
+
+/// Our end of the line, recording every byte read (to check no PIN ever crosses).
+struct Line {
+    f: std::fs::File,
+    seen: Vec<u8>,
+}
+
+impl Line {
+    fn open(env: &Env) -> Line {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(env.path("ttyB"))
+            .unwrap();
+        Line {
+            f,
+            seen: Vec::new(),
+        }
+    }
+
+    fn send(&mut self, s: &str) {
+        self.f.write_all(s.as_bytes()).unwrap();
+        self.f.write_all(b"\r\n").unwrap();
+    }
+
+    fn pump(&mut self) {
+        let mut buf = [0u8; 4096];
+        if libc_poll(&self.f) {
+            let n = self.f.read(&mut buf).unwrap();
+            self.seen.extend_from_slice(&buf[..n]);
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Read until the text from byte `from` satisfies `done` (20 s at most); returns it.
+    fn until_from(&mut self, from: usize, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = String::from_utf8_lossy(&self.seen[from..]).into_owned();
+            if done(&got) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "never saw {what}; got {got:?}");
+            self.pump();
+        }
+    }
+
+    /// Send a command and read its whole answer (up to OK, ERR or a JSON line).
+    fn ask(&mut self, cmd: &str) -> String {
+        let from = self.seen.len();
+        self.send(cmd);
+        self.until_from(from, "an answer", |t| {
+            t.lines().any(|l| {
+                let l = l.trim_end_matches('\r');
+                l == "OK"
+                    || l.starts_with("ERR ")
+                    || (l.starts_with('{') && !l.contains("\"progress\":true"))
+            }) && t.ends_with("\r\n")
+        })
+    }
+
+    /// The banner of a fresh session: (serial, nonce).
+    fn session(&mut self) -> (String, String) {
+        let from = self.seen.len();
+        // An empty line first: it ends a half line left on the port.
+        self.send("");
+        self.send("quit");
+        // The quit's OK, then the next session's banner.
+        let text = self.until_from(from, "a banner", |t| {
+            t.split_once("OK\r\n").is_some_and(|(_, after)| {
+                after.lines().any(|l| l.starts_with("edge-signer-diag 1"))
+                    && after.ends_with("\r\n")
+            })
+        });
+        let banner = text
+            .lines()
+            .rfind(|l| l.starts_with("edge-signer-diag 1"))
+            .unwrap()
+            .trim_end()
+            .to_owned();
+        let field = |k: &str| {
+            banner
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap()
+                .to_owned()
+        };
+        (field("serial="), field("nonce="))
+    }
+}
+
+/// Whether the fd has bytes to read now.
+fn libc_poll(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = [PollFd {
+        fd: f.as_raw_fd(),
+        events: 1,
+        revents: 0,
+    }];
+    // SAFETY: one valid pollfd, 0 ms timeout.
+    unsafe { poll(p.as_mut_ptr(), 1, 0) > 0 && p[0].revents & 1 != 0 }
+}
+
+#[repr(C)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+
+extern "C" {
+    fn poll(fds: *mut PollFd, n: u64, timeout: i32) -> i32;
+}
+
+fn normalise(s: &str) -> String {
+    let rules = [
+        (r"nonce=[0-9a-f]+", "nonce=<NONCE>"),
+        (r"serial=[0-9a-f]+", "serial=<SERIAL>"),
+        (r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<TIME>"),
+        (r"id=(%[0-9a-f]{2})+", "id=<ID>"),
+        (r"(serial|fingerprint)(: |\x22:\x22)[0-9a-f]+", "$1$2<HEX>"),
+        (r"edge-signer:gw:g\d+", "edge-signer:gw:g<N>"),
+    ];
+    let mut out = s.to_owned();
+    for (re, to) in rules {
+        out = regex::Regex::new(re)
+            .unwrap()
+            .replace_all(&out, to)
+            .into_owned();
+    }
+    out
+}
+
+fn serial_env(extra: &str) -> (Env, Pty, Guard, PortalCa) {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pty = pty(&env);
+    env.serving_config(
+        "1d",
+        &format!("\n[serial]\nenabled = true\ndevice = \"{{p}}/ttyA\"\n{extra}"),
+    );
+    let ca = env.portal_ca(CaMode::Good);
+    let d = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("diagnostics port open");
+    // The identity is served (status published) after the engine's pass.
+    std::thread::sleep(Duration::from_millis(500));
+    (env, pty, d, ca)
+}
+
+#[test]
+fn a_session_transcript_is_stable_byte_for_byte() {
+    let (env, _pty, _d, _ca) = serial_env("");
+    let mut line = Line::open(&env);
+    line.session();
+    let start = line.seen.len();
+    for c in [
+        "status",
+        "identity gw",
+        "clock",
+        "version",
+        "frobnicate",
+        "rotate gw",
+        "json on",
+        "status",
+        "identity nope",
+        "json off",
+    ] {
+        line.ask(c);
+    }
+    line.session();
+    let got = normalise(&String::from_utf8_lossy(&line.seen[start..]));
+    let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/serial_session.txt");
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(golden, &got).unwrap();
+    }
+    let want =
+        std::fs::read_to_string(golden).expect("golden transcript (UPDATE_GOLDEN=1 writes it)");
+    assert_eq!(
+        got, want,
+        "the protocol changed: if on purpose, UPDATE_GOLDEN=1 and review the diff"
+    );
+    assert!(!String::from_utf8_lossy(&line.seen).contains(USER_PIN));
+}
+
+fn tech_key(env: &Env, name: &str) -> String {
+    env.ok(&["fleet", "keygen", "--out", name]);
+    std::fs::read_to_string(env.path(&format!("{name}.pub")))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+fn token(env: &Env, key: &str, device: &str, nonce: &str, ttl: &str) -> String {
+    env.ok(&[
+        "diag", "token", "--key", key, "--device", device, "--nonce", nonce, "--allow", "rotate",
+        "--ttl", ttl,
+    ])
+    .trim()
+    .to_owned()
+}
+
+/// A device with privileged commands on, `tech.key` pinned, `fleet.key` trusted for bundles.
+fn privileged_env() -> (Env, Pty, Guard, PortalCa) {
+    let env = Env::new();
+    let tech = tech_key(&env, "tech.key");
+    let fleet = tech_key(&env, "fleet.key");
+    tech_key(&env, "rogue.key");
+    let (e, p, d, c) = {
+        env.make_ca("ca");
+        let pty = pty(&env);
+        env.serving_config(
+            "1d",
+            &format!(
+                "\n[serial]\nenabled = true\ndevice = \"{{p}}/ttyA\"\nallow_privileged = true\n\
+                 technician_keys = [\"{tech}\"]\n\n[fleet]\ntrusted_keys = [\"{fleet}\"]\n"
+            ),
+        );
+        let ca = env.portal_ca(CaMode::Good);
+        let d = env.daemon();
+        env.wait_current("gw", 1);
+        env.wait_log("diagnostics port open");
+        std::thread::sleep(Duration::from_millis(500));
+        (env, pty, d, ca)
+    };
+    (e, p, d, c)
+}
+
+#[test]
+fn privileged_commands_need_a_token_for_this_device_session_and_key() {
+    let (env, _pty, _d, _ca) = privileged_env();
+    let mut line = Line::open(&env);
+    let (serial, nonce) = line.session();
+    let a = line.ask("rotate gw");
+    assert!(a.contains("ERR 403 rotate needs `auth TOKEN` first"), "{a}");
+    // Each wrong token has its own error (the port slows down after each: 1 s, 2 s, 4 s).
+    let t = token(&env, "rogue.key", &serial, &nonce, "10m");
+    assert!(
+        line.ask(&format!("auth {t}"))
+            .contains("ERR 401 token signed by technician key"),
+        "unpinned key"
+    );
+    let t = token(&env, "tech.key", "SOMEONE-ELSE", &nonce, "10m");
+    assert!(line
+        .ask(&format!("auth {t}"))
+        .contains("ERR 401 token is for device 'SOMEONE-ELSE'"));
+    let old = token(&env, "tech.key", &serial, &nonce, "1s");
+    let (_, nonce2) = line.session();
+    assert_ne!(nonce, nonce2);
+    let t = token(&env, "tech.key", &serial, &nonce, "10m");
+    assert!(
+        line.ask(&format!("auth {t}"))
+            .contains("ERR 401 token is for another session"),
+        "replayed nonce"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let (_, nonce3) = line.session();
+    let expired = token(&env, "tech.key", &serial, &nonce3, "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let a = line.ask(&format!("auth {expired}"));
+    assert!(a.contains("ERR 401 token expired"), "{a}");
+    let _ = old;
+    // The client makes a fresh token from the banner and shows progress to generation 2.
+    drop(line);
+    let out = env
+        .cmd()
+        .args([
+            "diag",
+            "--port",
+            &env.path_str("ttyB"),
+            "--auth-key",
+            "tech.key",
+            "rotate",
+            "gw",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("generation: 2"), "{stdout}");
+    assert!(stderr.contains("generation 2"), "progress: {stderr}");
+    env.wait_current("gw", 2);
+}
+
+#[test]
+fn bundles_over_the_port_are_checked_like_config_apply() {
+    let (env, _pty, _d, _ca) = privileged_env();
+    std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
+    env.ok(&[
+        "fleet",
+        "sign",
+        "--key",
+        "fleet.key",
+        "--version",
+        "1",
+        "v1.toml",
+        "-o",
+        "v1.bundle",
+    ]);
+    env.ok(&[
+        "fleet",
+        "sign",
+        "--key",
+        "rogue.key",
+        "--version",
+        "2",
+        "v1.toml",
+        "-o",
+        "forged.bundle",
+    ]);
+    let diag = |file: &str| {
+        env.cmd()
+            .args([
+                "diag",
+                "--port",
+                &env.path_str("ttyB"),
+                "--auth-key",
+                "tech.key",
+                "--allow",
+                "apply-bundle",
+                "apply-bundle",
+                file,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = diag("forged.bundle");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not trusted on this device"),
+        "{out:?}"
+    );
+    assert!(
+        !env.path("state/fleet/current.bundle").exists(),
+        "a forged bundle changes nothing"
+    );
+    let out = diag("v1.bundle");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("version: 1"),
+        "{out:?}"
+    );
+    let out = diag("v1.bundle");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not newer than the applied version 1"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn noise_floods_and_disconnects_stop_nothing_and_no_pin_crosses() {
+    let (env, _pty, mut d, _ca) = serial_env("");
+    let mut line = Line::open(&env);
+    line.session();
+    // A 1 MiB line, binary noise, control characters.
+    line.f.write_all(&vec![b'A'; 1 << 20]).unwrap();
+    line.f.write_all(b"\r\n").unwrap();
+    let noise: Vec<u8> = (0..65536u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    line.f.write_all(&noise).unwrap();
+    line.f.write_all(b"\r\n\x1b[2Jstatus\x07\r\n").unwrap();
+    let from = line.seen.len();
+    line.send("version");
+    let a = line.until_from(from, "the version answer", |t| {
+        t.contains("protocol: edge-signer-diag 1\r\nOK\r\n")
+    });
+    assert!(a.contains("ERR 413 line longer than 8192 bytes"), "{a}");
+    // A disconnect mid-command: half a line, then the other end goes away.
+    line.f.write_all(b"ident").unwrap();
+    drop(line);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut line = Line::open(&env);
+    line.session();
+    let a = line.ask("status");
+    assert!(a.contains("gw.state: active"), "{a}");
+    assert!(
+        d.0.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    for cmd in ["token", "config", "events 50", "clock"] {
+        line.ask(cmd);
+    }
+    assert!(
+        !String::from_utf8_lossy(&line.seen).contains(USER_PIN),
+        "no PIN crosses the port"
+    );
+    // The rest of the daemon goes on: a rotation from the CLI still completes.
+    env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+}
+
+#[test]
+fn the_client_over_the_port_shows_what_status_shows() {
+    let (env, _pty, _d, _ca) = serial_env("");
+    let out = env
+        .cmd()
+        .args(["diag", "--port", &env.path_str("ttyB"), "--json", "status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let over_port: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let local = env.json(&["status"]);
+    for k in [
+        "name",
+        "state",
+        "generation",
+        "not_after",
+        "days_left",
+        "fingerprint",
+        "key_uri",
+        "live_generations",
+    ] {
+        assert_eq!(
+            over_port["data"][0][k], local[0][k],
+            "{k}: {over_port} vs {local}"
+        );
+    }
+}
