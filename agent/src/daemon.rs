@@ -197,7 +197,9 @@ fn publish(engine: &mut Engine, identities: &Identities) {
 
 /// (Re)start the listeners when what they serve changed.
 fn restart_servers(servers: &mut Servers, old: Option<&Config>, new: &Config) -> Result<()> {
-    if old.is_some_and(|o| o.api == new.api && o.proxies == new.proxies) {
+    if old.is_some_and(|o| {
+        o.api == new.api && o.proxies == new.proxies && o.fleet.mqtt == new.fleet.mqtt
+    }) {
         return Ok(());
     }
     servers.start(new)
@@ -260,6 +262,7 @@ impl Daemon<'_> {
             ),
             Err(_) => (Vec::new(), 0),
         };
+        self.identities.set_fleet_version(fleet_version);
         self.serial.set_view(crate::serial::View {
             serial: self.engine.config().serial.clone(),
             config_rows: rows,

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod daemon;
 pub mod events;
+pub mod fleet;
 pub mod http;
 pub mod issuer;
 pub mod lifecycle;

@@ -236,6 +236,25 @@ enum ConfigCmd {
 }
 
 #[derive(Args)]
+struct BrokerArgs {
+    /// mqtts://host:port
+    #[arg(long)]
+    broker: String,
+    /// CA bundle of the broker
+    #[arg(long)]
+    ca: PathBuf,
+    /// Operator certificate (PEM)
+    #[arg(long)]
+    cert: PathBuf,
+    /// Operator private key (PEM)
+    #[arg(long)]
+    key: PathBuf,
+    /// Topic prefix
+    #[arg(long, default_value = "edge-signer")]
+    prefix: String,
+}
+
+#[derive(Args)]
 struct DiagArgs {
     /// The serial port the device's diagnostics are on
     #[arg(long)]
@@ -291,6 +310,32 @@ enum FleetCmd {
         /// Where to write the bundle
         #[arg(short, long)]
         out: PathBuf,
+    },
+    /// Publish a signed bundle retained to a group (or one device) on the fleet's MQTT broker
+    Publish {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        /// Group topic: <prefix>/group/NAME/bundle
+        #[arg(long)]
+        group: Option<String>,
+        /// Device topic: <prefix>/ID/bundle
+        #[arg(long)]
+        device: Option<String>,
+        /// The bundle (edge-signer fleet sign)
+        file: PathBuf,
+    },
+    /// Every device's retained status, most urgent first
+    Status {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[arg(long)]
+        json: bool,
+        /// Only devices with an identity expiring within this (e.g. 30d)
+        #[arg(long)]
+        expiring: Option<String>,
+        /// How long to collect retained statuses
+        #[arg(long, default_value = "2s")]
+        wait: String,
     },
     /// Sign a trust bundle: the fleet keys that replace the trusted set on the devices
     /// (signed by a key they trust now; applied like any bundle)

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod bundle;
+pub mod fleet_channel;
 pub mod layers;
 pub mod schema;
 pub mod serving;

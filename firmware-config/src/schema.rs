@@ -443,6 +443,8 @@ pub struct FleetConfig {
     pub trust_version: u64,
     /// Where the daemon picks up pushed bundles.
     pub spool_dir: PathBuf,
+    /// The MQTT fleet channel (`[fleet.mqtt]`).
+    pub mqtt: Option<crate::fleet_channel::MqttConfig>,
 }
 
 impl Default for FleetConfig {
@@ -450,6 +452,7 @@ impl Default for FleetConfig {
         FleetConfig {
             trusted_keys: Vec::new(),
             trust_version: 0,
+            mqtt: None,
             spool_dir: "/var/lib/edge-signer/spool".into(),
         }
     }

@@ -189,5 +189,6 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
         err("serial.baud".into(), "must be more than 0".into());
     }
     crate::serving::check(c, &mut err);
+    crate::fleet_channel::check(c, &mut err);
     errs
 }

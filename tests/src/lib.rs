@@ -400,6 +400,7 @@ state_dir = "{p}/state"
 pub mod est;
 pub mod httpd;
 pub mod jwk;
+pub mod mqtt;
 pub mod portal;
 pub mod serving;
 pub mod sim;

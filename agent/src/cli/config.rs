@@ -160,6 +160,63 @@ fn fleet_signer(key: &std::path::Path) -> Result<firmware_config::FleetSigner> {
     Ok(firmware_config::FleetSigner::from_pem(&pem)?)
 }
 
+impl From<BrokerArgs> for edge_signer::fleet::operator::Broker {
+    fn from(b: BrokerArgs) -> Self {
+        edge_signer::fleet::operator::Broker {
+            url: b.broker,
+            ca: b.ca,
+            cert: b.cert,
+            key: b.key,
+            prefix: b.prefix,
+        }
+    }
+}
+
+/// `fleet status`: one line a device, most urgent first.
+fn fleet_status(
+    b: edge_signer::fleet::operator::Broker,
+    json: bool,
+    expiring: Option<String>,
+    wait: &str,
+) -> Result<i32> {
+    let secs = |s: &str| -> Result<u64> {
+        let d: firmware_config::Duration = s.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+        Ok(d.secs())
+    };
+    let mut rows = edge_signer::fleet::operator::status(&b, Duration::from_secs(secs(wait)?))?;
+    if let Some(e) = expiring {
+        let days = (secs(&e)? / 86_400) as i64;
+        rows.retain(|r| r.days_left.is_some_and(|d| d <= days));
+    }
+    print(json, serde_json::to_value(&rows)?, || {
+        let mut out = String::new();
+        for r in &rows {
+            out += &format!(
+                "{:<24} {:<8} config v{:<4} {:>5} days left{}\n",
+                r.device,
+                match r.online {
+                    Some(true) => "online",
+                    Some(false) => "OFFLINE",
+                    None => "?",
+                },
+                r.config_version.unwrap_or(0),
+                r.days_left
+                    .map(|d| d.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                r.last_error
+                    .as_deref()
+                    .map(|e| format!("  last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        if rows.is_empty() {
+            out += "no device status on this broker under this prefix\n";
+        }
+        out
+    });
+    Ok(0)
+}
+
 /// `fleet trust`: a trust bundle naming the keys devices trust from now on.
 fn sign_trust(key: &std::path::Path, version: u64, trusted: &[String], out: &Path) -> Result<i32> {
     let signer = fleet_signer(key)?;
@@ -265,6 +322,27 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
             );
             Ok(0)
         }
+        FleetCmd::Publish {
+            broker,
+            group,
+            device,
+            file,
+        } => {
+            let topic = edge_signer::fleet::operator::publish(
+                &broker.into(),
+                group.as_deref(),
+                device.as_deref(),
+                &file,
+            )?;
+            println!("published {} retained to {topic}", file.display());
+            Ok(0)
+        }
+        FleetCmd::Status {
+            broker,
+            json,
+            expiring,
+            wait,
+        } => fleet_status(broker.into(), json, expiring, &wait),
         FleetCmd::Trust {
             key,
             version,

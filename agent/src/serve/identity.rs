@@ -56,13 +56,31 @@ impl ServingIdentity {
 }
 
 /// Every served identity, by name.
-#[derive(Default)]
 pub struct Identities {
     map: RwLock<BTreeMap<String, Arc<ServingIdentity>>>,
     /// The daemon's status as the API shows it (refreshed with the identities).
     status: RwLock<serde_json::Value>,
     /// The newest events (diagnostics show them).
     recent: RwLock<std::collections::VecDeque<crate::events::Event>>,
+    /// Events remembered so far (the fleet channel publishes those it has not sent).
+    events_seen: std::sync::atomic::AtomicU64,
+    /// The fleet bundle version in effect.
+    fleet_version: std::sync::atomic::AtomicU64,
+    /// Bumped when status, a served pair or events change (the fleet channel waits on it).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Identities {
+    fn default() -> Self {
+        Identities {
+            map: Default::default(),
+            status: Default::default(),
+            recent: Default::default(),
+            events_seen: Default::default(),
+            fleet_version: Default::default(),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 /// Events kept for diagnostics.
@@ -128,8 +146,47 @@ impl Identities {
             .collect()
     }
 
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// A receiver woken at each change of status, pairs or events.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The fleet bundle version in effect (set by the daemon).
+    pub fn set_fleet_version(&self, v: u64) {
+        let old = self
+            .fleet_version
+            .swap(v, std::sync::atomic::Ordering::Relaxed);
+        if old != v {
+            self.bump();
+        }
+    }
+
+    /// The fleet bundle version in effect.
+    pub fn fleet_version(&self) -> u64 {
+        self.fleet_version
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Events remembered so far, and the newest of them after number `since`.
+    pub fn events_since(&self, since: u64) -> (u64, Vec<crate::events::Event>) {
+        let total = self.events_seen.load(std::sync::atomic::Ordering::Relaxed);
+        let r = self.recent.read().unwrap_or_else(|p| p.into_inner());
+        let new = (total.saturating_sub(since) as usize).min(r.len());
+        (total, r.iter().skip(r.len() - new).cloned().collect())
+    }
+
     /// Keep the newest events.
     pub fn remember(&self, events: Vec<crate::events::Event>) {
+        if events.is_empty() {
+            return;
+        }
+        self.events_seen
+            .fetch_add(events.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.bump();
         let mut r = self.recent.write().unwrap_or_else(|p| p.into_inner());
         r.extend(events);
         while r.len() > RECENT_EVENTS {
@@ -156,8 +213,16 @@ impl Identities {
     pub fn refresh(&self, engine: &Engine) -> Vec<(String, u32)> {
         let now = engine.now();
         let st = crate::lifecycle::plan::status(engine.config(), &engine.reg, now);
-        *self.status.write().unwrap_or_else(|p| p.into_inner()) =
-            serde_json::to_value(&st).unwrap_or_default();
+        let st = serde_json::to_value(&st).unwrap_or_default();
+        let changed = {
+            let mut cur = self.status.write().unwrap_or_else(|p| p.into_inner());
+            let changed = *cur != st;
+            *cur = st;
+            changed
+        };
+        if changed {
+            self.bump();
+        }
         let mut swapped = Vec::new();
         for cfg in &engine.config().identities {
             let slot = self.slot(&cfg.name);

@@ -105,6 +105,25 @@ impl Servers {
                     .with_context(|| format!("API socket {}", cfg.api.socket.display()))?,
             );
         }
+        if let Some(m) = &cfg.fleet.mqtt {
+            let device = m.device_id.clone().unwrap_or_else(|| {
+                cfg.identities
+                    .iter()
+                    .find(|i| i.name == m.identity)
+                    .map(|i| i.subject.cn.clone())
+                    .filter(|cn| !cn.is_empty())
+                    .unwrap_or_else(|| m.identity.clone())
+            });
+            let channel = crate::fleet::channel::Channel {
+                cfg: m.clone(),
+                slot: self.identities.slot(&m.identity),
+                identities: self.identities.clone(),
+                wake: self.wake.clone(),
+                device,
+                state_dir: cfg.paths.state_dir.clone(),
+            };
+            self.listeners.push(tokio::spawn(channel.run()));
+        }
         if let Some(addr) = &cfg.api.metrics_listen {
             self.listeners
                 .push(http::serve_metrics(addr).with_context(|| format!("metrics on {addr}"))?);

@@ -1,0 +1,128 @@
+//! `[fleet.mqtt]`: the fleet channel. Bundles in from retained MQTT topics, status and
+//! events out, authenticated by one of the device's token identities. Firmware or local
+//! layers only (a bundle can set nothing under `fleet`).
+
+use crate::units::Duration;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// `[fleet.mqtt]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// `mqtts://host:port` (TLS only: the identity is a client certificate).
+    pub broker: String,
+    /// The identity whose token key signs the handshake (reconnects after each rotation).
+    pub identity: String,
+    /// CA bundle the broker's certificate must chain to.
+    pub server_ca: PathBuf,
+    /// Name checked in the broker's certificate (default: the broker's host).
+    pub server_name: Option<String>,
+    /// This device's id in topics (default: the identity's CN).
+    pub device_id: Option<String>,
+    /// Topic prefix.
+    pub topic_prefix: String,
+    /// Groups whose retained bundles this device takes (`<prefix>/group/<name>/bundle`).
+    pub groups: Vec<String>,
+    /// MQTT keepalive.
+    pub keepalive: Duration,
+    /// Longest wait between reconnection attempts (backoff doubles up to it, with jitter).
+    pub reconnect_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            broker: String::new(),
+            identity: String::new(),
+            server_ca: PathBuf::new(),
+            server_name: None,
+            device_id: None,
+            topic_prefix: "edge-signer".into(),
+            groups: Vec::new(),
+            keepalive: Duration(60),
+            reconnect_max: Duration(60),
+        }
+    }
+}
+
+impl MqttConfig {
+    /// (host, port) of `broker`.
+    pub fn host_port(&self) -> Result<(String, u16), String> {
+        let rest = self
+            .broker
+            .strip_prefix("mqtts://")
+            .ok_or_else(|| format!("'{}' is not an mqtts:// URL (TLS is required)", self.broker))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port in '{}'", self.broker))?,
+            ),
+            None => (rest, 8883),
+        };
+        if host.is_empty() {
+            return Err(format!("no host in '{}'", self.broker));
+        }
+        Ok((
+            host.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            port,
+        ))
+    }
+}
+
+/// A topic level we build from configuration: no wildcards, separators or control chars.
+pub fn topic_safe(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s
+            .chars()
+            .any(|c| matches!(c, '+' | '#' | '\0') || c.is_control())
+        && !s.starts_with('/')
+        && !s.ends_with('/')
+}
+
+/// Cross-field checks.
+pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, String)) {
+    let Some(m) = &c.fleet.mqtt else { return };
+    if let Err(e) = m.host_port() {
+        err("fleet.mqtt.broker".into(), e);
+    }
+    if !c.identities.iter().any(|i| i.name == m.identity) {
+        err(
+            "fleet.mqtt.identity".into(),
+            format!("'{}' names no [[identity]]", m.identity),
+        );
+    }
+    if m.server_ca.as_os_str().is_empty() {
+        err(
+            "fleet.mqtt.server_ca".into(),
+            "missing: the CA bundle the broker must chain to".into(),
+        );
+    }
+    if !topic_safe(&m.topic_prefix) {
+        err(
+            "fleet.mqtt.topic_prefix".into(),
+            "must be a topic without + # or leading/trailing /".into(),
+        );
+    }
+    if let Some(d) = &m.device_id {
+        if !crate::validate::safe_name(d) {
+            err(
+                "fleet.mqtt.device_id".into(),
+                format!("'{d}' is not a safe name"),
+            );
+        }
+    }
+    for g in &m.groups {
+        if !crate::validate::safe_name(g) {
+            err(
+                "fleet.mqtt.groups".into(),
+                format!("'{g}' is not a safe name"),
+            );
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! A real mosquitto (Debian) on a loopback port for the fleet channel tests:
+//! `require_certificate true`, the certificate's CN as the username, persistence on
+//! (retained bundles survive a restart), everything logged.
+
+use crate::{free_port, wait_port, Env, Guard};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// A running broker.
+pub struct Mosquitto {
+    /// Its port.
+    pub port: u16,
+    conf: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    guard: Option<Guard>,
+}
+
+impl Mosquitto {
+    /// Start mosquitto with `env`'s `broker.pem`/`broker.key` (made here from `ca`) and
+    /// trusting every CA file in `cas` for clients.
+    pub fn start(env: &Env, cas: &[PathBuf]) -> Mosquitto {
+        env.openssl_leaf("ca", "broker");
+        let bundle: String = cas
+            .iter()
+            .map(|c| std::fs::read_to_string(c).expect("ca"))
+            .collect();
+        std::fs::write(env.path("clients-ca.pem"), bundle).expect("ca bundle");
+        std::fs::create_dir_all(env.path("mosq")).expect("persistence dir");
+        let port = free_port();
+        let p = env.dir.path().display();
+        let conf = env.path("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "{user}per_listener_settings false\nlistener {port} 127.0.0.1\n\
+                 cafile {p}/clients-ca.pem\ncertfile {p}/broker.pem\nkeyfile {p}/broker.key\n\
+                 require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
+                 persistence true\npersistence_location {p}/mosq/\nautosave_interval 1\n\
+                 log_dest file {p}/mosquitto.log\nlog_type all\nconnection_messages true\n",
+                // As root, mosquitto drops to user `mosquitto`, who cannot read the test's
+                // private temp dir: stay the test's own user.
+                user = if is_root() { "user root\n" } else { "" }
+            ),
+        )
+        .expect("mosquitto.conf");
+        let mut m = Mosquitto {
+            port,
+            conf,
+            log: env.path("mosquitto.log"),
+            guard: None,
+        };
+        m.restart();
+        m
+    }
+
+    /// (Re)start the broker process.
+    pub fn restart(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&self.conf)
+            .spawn()
+            .expect("mosquitto (scripts/setup installs it)");
+        self.guard = Some(Guard(child));
+        wait_port(self.port);
+    }
+
+    /// Stop the broker (SIGTERM: it saves retained messages).
+    pub fn stop(&mut self) {
+        if let Some(g) = &self.guard {
+            let _ = Command::new("kill").arg(g.0.id().to_string()).status();
+        }
+        if let Some(mut g) = self.guard.take() {
+            let _ = g.0.wait();
+        }
+    }
+
+    /// `mqtts://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("mqtts://127.0.0.1:{}", self.port)
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
