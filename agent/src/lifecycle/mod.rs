@@ -15,7 +15,7 @@ mod credential;
 mod export;
 pub mod plan;
 mod retire;
-mod schedule;
+pub mod schedule;
 
 pub use schedule::renewal_time;
 

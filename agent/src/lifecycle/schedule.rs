@@ -48,11 +48,69 @@ pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> 
     )
 }
 
+/// Renewal times of a fleet sharing `cfg` whose current certificates all run `nb..na`, one
+/// per device key id (`ids`: what each device's token made): the fleet simulation of the
+/// tests and of `scripts/bench`.
+pub fn fleet_renewal_times(
+    cfg: &IdentityConfig,
+    ids: impl Iterator<Item = String>,
+    nb: Unix,
+    na: Unix,
+) -> Vec<Unix> {
+    ids.filter_map(|id| {
+        let mut rec = IdentityRecord::default();
+        rec.generations.push(crate::register::Generation {
+            number: 1,
+            status: crate::register::GenStatus::Current,
+            key_label: super::key_label(&cfg.name, 1),
+            key_id: Some(id),
+            key_uri: None,
+            subject: format!("CN={}", cfg.name),
+            sans: vec![],
+            csr_pem: None,
+            issuer: cfg.issuer.clone(),
+            submission: None,
+            cert_pem: None,
+            serial: None,
+            fingerprint: None,
+            not_before: Some(nb),
+            not_after: Some(na),
+            overlap_until: None,
+            reminders_fired: vec![],
+            created_at: nb,
+            kid: None,
+            request: None,
+            previous_expiry: None,
+            sent_at: None,
+            subject_issued: None,
+            name_differences: vec![],
+        });
+        rec.current = Some(1);
+        renewal_time(cfg, &rec)
+    })
+    .collect()
+}
+
+/// Peak bucket over the average bucket of `times` spread over `window` seconds before
+/// `point`, in `buckets` buckets (1.0: perfectly even), with the histogram.
+pub fn peak_over_average(
+    times: &[Unix],
+    point: Unix,
+    window: u64,
+    buckets: usize,
+) -> (f64, Vec<u32>) {
+    let mut hist = vec![0u32; buckets.max(1)];
+    for t in times {
+        let off = point.saturating_sub(*t).min(window.saturating_sub(1));
+        hist[(off * buckets as u64 / window.max(1)) as usize] += 1;
+    }
+    let peak = f64::from(*hist.iter().max().unwrap_or(&0));
+    (peak / (times.len() as f64 / buckets as f64), hist)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::key_label;
-    use crate::register::{GenStatus, Generation};
     use firmware_config::schema::Config;
 
     /// 1,000 devices, one configuration, one expiry: renewal times spread over the window.
@@ -62,61 +120,33 @@ mod tests {
         let cfg: IdentityConfig = toml::from_str::<Config>(text).unwrap().identities[0].clone();
         let (nb, na) = (1_800_000_000u64, 1_800_000_000u64 + 90 * 86_400);
         let mut state = 0x1234_5678_9abc_def0u64;
-        let buckets = 24usize;
-        let mut hist = vec![0u32; buckets];
-        let mut times = std::collections::BTreeSet::new();
-        for _ in 0..1000 {
-            // A token-made random CKA_ID per device.
-            let id: String = (0..16)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    format!("{:02x}", state as u8)
-                })
-                .collect();
-            let mut rec = IdentityRecord::default();
-            rec.generations.push(Generation {
-                number: 1,
-                status: GenStatus::Current,
-                key_label: key_label("gw", 1),
-                key_id: Some(id),
-                key_uri: None,
-                subject: "CN=gw".into(),
-                sans: vec![],
-                csr_pem: None,
-                issuer: "p".into(),
-                submission: None,
-                cert_pem: None,
-                serial: None,
-                fingerprint: None,
-                not_before: Some(nb),
-                not_after: Some(na),
-                overlap_until: None,
-                reminders_fired: vec![],
-                created_at: nb,
-                kid: None,
-                request: None,
-                previous_expiry: None,
-                sent_at: None,
-                subject_issued: None,
-                name_differences: vec![],
-            });
-            rec.current = Some(1);
-            let t = renewal_time(&cfg, &rec).unwrap();
-            let point = na - 30 * 86_400;
+        // A token-made random CKA_ID per device.
+        let ids: Vec<String> = (0..1000)
+            .map(|_| {
+                (0..16)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        format!("{:02x}", state as u8)
+                    })
+                    .collect()
+            })
+            .collect();
+        let all = fleet_renewal_times(&cfg, ids.iter().cloned(), nb, na);
+        let point = na - 30 * 86_400;
+        for t in &all {
             assert!(
-                t <= point && t > point - 86_400,
+                *t <= point && *t > point - 86_400,
                 "only ever earlier, within the window"
             );
-            assert_eq!(renewal_time(&cfg, &rec), Some(t), "stable for one device");
-            hist[((point - t) * buckets as u64 / 86_400) as usize] += 1;
-            times.insert(t);
         }
-        let peak = *hist.iter().max().unwrap() as f64;
-        let avg = 1000.0 / buckets as f64;
-        eprintln!("jitter histogram peak/avg {:.2} over {hist:?}", peak / avg);
-        assert!(peak / avg <= 2.0, "peak/avg {} over {hist:?}", peak / avg);
+        let again = fleet_renewal_times(&cfg, ids.into_iter(), nb, na);
+        assert_eq!(all, again, "stable for one device");
+        let (ratio, hist) = peak_over_average(&all, point, 86_400, 24);
+        eprintln!("jitter histogram peak/avg {ratio:.2} over {hist:?}");
+        assert!(ratio <= 2.0, "peak/avg {ratio} over {hist:?}");
+        let times: std::collections::BTreeSet<_> = all.iter().collect();
         assert!(times.len() > 980, "{} distinct times", times.len());
     }
 }
