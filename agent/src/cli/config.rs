@@ -2,56 +2,64 @@
 
 use super::*;
 
+/// `config show`: every effective value and the layer it came from, and the trusted keys.
+fn config_show(g: &Global, json: bool) -> Result<i32> {
+    let loaded = sources(g)
+        .load()
+        .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let rows = firmware_config::store::show_rows(&loaded)?;
+    let trust = sources(g).trust()?;
+    print(
+        json,
+        json!({
+            "fleet_version": loaded.fleet_version,
+            "trust": {"version": trust.version, "source": trust.source,
+                      "keys": trust.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()},
+            "warnings": loaded.warnings.iter().chain(&trust.warnings).collect::<Vec<_>>(),
+            "values": rows.iter().map(|(p, v, s)| json!({"path": p, "value": v, "source": s})).collect::<Vec<_>>(),
+        }),
+        || {
+            let w = rows
+                .iter()
+                .map(|(p, v, _)| p.len() + v.len())
+                .max()
+                .unwrap_or(0)
+                + 3;
+            let mut out = format!(
+                "# fleet bundle in effect: {}\n# trusted fleet keys: {} (trust v{}, from {})\n",
+                if loaded.fleet_version == 0 {
+                    "none".into()
+                } else {
+                    format!("v{}", loaded.fleet_version)
+                },
+                trust
+                    .keys
+                    .iter()
+                    .map(|k| k.key_id())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                trust.version,
+                trust.source
+            );
+            for w in &trust.warnings {
+                out += &format!("# warning: {w}\n");
+            }
+            for (p, v, src) in &rows {
+                out += &format!("{:<w$}# {src}\n", format!("{p} = {v}"));
+            }
+            out
+        },
+    );
+    Ok(0)
+}
+
 pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
     use firmware_config::{layers, Layer, LayerKind};
     match cmd {
-        ConfigCmd::Show { json } => {
-            let loaded = sources(g)
-                .load()
-                .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
-            for w in &loaded.warnings {
-                eprintln!("warning: {w}");
-            }
-            let rows = firmware_config::store::show_rows(&loaded)?;
-            let trust = sources(g).trust()?;
-            print(
-                json,
-                json!({
-                    "fleet_version": loaded.fleet_version,
-                    "trust": {"version": trust.version, "source": trust.source,
-                              "keys": trust.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()},
-                    "warnings": loaded.warnings.iter().chain(&trust.warnings).collect::<Vec<_>>(),
-                    "values": rows.iter().map(|(p, v, s)| json!({"path": p, "value": v, "source": s})).collect::<Vec<_>>(),
-                }),
-                || {
-                    let w = rows
-                        .iter()
-                        .map(|(p, v, _)| p.len() + v.len())
-                        .max()
-                        .unwrap_or(0)
-                        + 3;
-                    let mut out = format!(
-                        "# fleet bundle in effect: {}\n# trusted fleet keys: {} (trust v{}, from {})\n",
-                        if loaded.fleet_version == 0 {
-                            "none".into()
-                        } else {
-                            format!("v{}", loaded.fleet_version)
-                        },
-                        trust.keys.iter().map(|k| k.key_id()).collect::<Vec<_>>().join(", "),
-                        trust.version,
-                        trust.source
-                    );
-                    for w in &trust.warnings {
-                        out += &format!("# warning: {w}\n");
-                    }
-                    for (p, v, src) in &rows {
-                        out += &format!("{:<w$}# {src}\n", format!("{p} = {v}"));
-                    }
-                    out
-                },
-            );
-            Ok(0)
-        }
+        ConfigCmd::Show { json } => config_show(g, json),
         ConfigCmd::Check { files, json } => {
             let mut errors = Vec::new();
             let mut layers_ok = Vec::new();
@@ -247,44 +255,47 @@ fn sign_trust(key: &std::path::Path, version: u64, trusted: &[String], out: &Pat
     Ok(0)
 }
 
-pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
+/// `fleet keygen`: an Ed25519 fleet key, private to FILE (0600), public to FILE.pub.
+fn fleet_keygen(out: &Path, json: bool) -> Result<i32> {
     use firmware_config::FleetSigner;
+    if out.exists() {
+        bail!(
+            "{} exists; refusing to overwrite a fleet key",
+            out.display()
+        );
+    }
+    let (pem, public) = FleetSigner::generate_ed25519()?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .with_context(|| format!("cannot create {}", out.display()))?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+    }
+    let pub_path = PathBuf::from(format!("{}.pub", out.display()));
+    write_file(&pub_path, format!("{public}\n").as_bytes())?;
+    print(
+        json,
+        json!({"private_key": out, "public_key": public.to_string(), "key_id": public.key_id()}),
+        || {
+            format!(
+            "fleet key {} written to {} (keep it off the devices)\npin it in the firmware defaults:\n  [fleet]\n  trusted_keys = [\"{public}\"]\n",
+            public.key_id(),
+            out.display()
+        )
+        },
+    );
+    Ok(0)
+}
+
+pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
     match cmd {
-        FleetCmd::Keygen { out, json } => {
-            if out.exists() {
-                bail!(
-                    "{} exists; refusing to overwrite a fleet key",
-                    out.display()
-                );
-            }
-            let (pem, public) = FleetSigner::generate_ed25519()?;
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&out)
-                    .with_context(|| format!("cannot create {}", out.display()))?;
-                f.write_all(pem.as_bytes())?;
-                f.sync_all()?;
-            }
-            let pub_path = PathBuf::from(format!("{}.pub", out.display()));
-            write_file(&pub_path, format!("{public}\n").as_bytes())?;
-            print(
-                json,
-                json!({"private_key": out, "public_key": public.to_string(), "key_id": public.key_id()}),
-                || {
-                    format!(
-                    "fleet key {} written to {} (keep it off the devices)\npin it in the firmware defaults:\n  [fleet]\n  trusted_keys = [\"{public}\"]\n",
-                    public.key_id(),
-                    out.display()
-                )
-                },
-            );
-            Ok(0)
-        }
+        FleetCmd::Keygen { out, json } => fleet_keygen(&out, json),
         FleetCmd::Sign {
             key,
             version,

@@ -26,38 +26,8 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
             drive(&mut e, &name, timeout)?;
         }
         Cmd::Rotate { name, now, timeout } => return rotate_cmd(g, name, now, timeout),
-        Cmd::Retire { name, generation } => {
-            if let Some(owner) = daemon_owner(g)? {
-                owner.call(
-                    "POST",
-                    &format!("/v1/identities/{name}/retire?generation={generation}"),
-                    Vec::new(),
-                )?;
-                println!("{name}: generation {generation} retired by the daemon; its key objects are gone from the token");
-                return Ok(0);
-            }
-            let mut e = lifecycle_engine(g)?;
-            e.retire(&name, generation)?;
-            println!(
-                "{name}: generation {generation} retired; its key objects are gone from the token"
-            );
-        }
-        Cmd::Revoke { name, generation } => {
-            if let Some(owner) = daemon_owner(g)? {
-                owner.call(
-                    "POST",
-                    &format!("/v1/identities/{name}/revoke?generation={generation}"),
-                    Vec::new(),
-                )?;
-                println!("{name}: generation {generation} revoked by the daemon; its key objects are gone from the token");
-                return Ok(0);
-            }
-            let mut e = lifecycle_engine(g)?;
-            e.revoke(&name, generation)?;
-            println!(
-                "{name}: generation {generation} revoked; its key objects are gone from the token"
-            );
-        }
+        Cmd::Retire { name, generation } => return end_generation(g, &name, generation, false),
+        Cmd::Revoke { name, generation } => return end_generation(g, &name, generation, true),
         Cmd::NeedsRenewal { name } => {
             let e = lifecycle_engine(g)?;
             return Ok(if e.needs_renewal(&name)? { 0 } else { 1 });
@@ -76,37 +46,64 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
                 edge_signer::clock::rfc3339(at)
             );
         }
-        Cmd::Jws(JwsCmd::Sign { name, payload }) => {
-            let data = match payload.as_deref() {
-                None => Vec::new(),
-                Some(p) if p == Path::new("-") => {
-                    let mut v = Vec::new();
-                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
-                    v
-                }
-                Some(p) => {
-                    std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?
-                }
-            };
-            // Signing changes nothing: no lock, no reconcile, fine beside a running daemon.
-            let e = edge_signer::daemon::engine(
-                &sources(g),
-                &overrides(g),
-                Arc::new(edge_signer::clock::SystemClock),
-            )?;
-            let (key, kid) = e.current_key(&name)?;
-            println!(
-                "{}",
-                hsm_shim::jws::sign_compact(
-                    &key,
-                    hsm_shim::jws::JwsAlg::for_key(key.key_type()),
-                    &kid,
-                    &data
-                )?
-            );
-        }
+        Cmd::Jws(JwsCmd::Sign { name, payload }) => return jws_sign(g, &name, payload.as_deref()),
         _ => bail!("internal: not a lifecycle command"),
     }
+    Ok(0)
+}
+
+/// `retire` / `revoke`: by the daemon when it runs (through its API), else here.
+fn end_generation(g: &Global, name: &str, generation: u32, revoke: bool) -> Result<i32> {
+    let (verb, done) = if revoke {
+        ("revoke", "revoked")
+    } else {
+        ("retire", "retired")
+    };
+    if let Some(owner) = daemon_owner(g)? {
+        owner.call(
+            "POST",
+            &format!("/v1/identities/{name}/{verb}?generation={generation}"),
+            Vec::new(),
+        )?;
+        println!("{name}: generation {generation} {done} by the daemon; its key objects are gone from the token");
+        return Ok(0);
+    }
+    let mut e = lifecycle_engine(g)?;
+    if revoke {
+        e.revoke(name, generation)?;
+    } else {
+        e.retire(name, generation)?;
+    }
+    println!("{name}: generation {generation} {done}; its key objects are gone from the token");
+    Ok(0)
+}
+
+/// `jws sign`: a compact JWS with the current key (read-only: no lock, no reconcile).
+fn jws_sign(g: &Global, name: &str, payload: Option<&Path>) -> Result<i32> {
+    let data = match payload {
+        None => Vec::new(),
+        Some(p) if p == Path::new("-") => {
+            let mut v = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)?;
+            v
+        }
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+    };
+    let e = edge_signer::daemon::engine(
+        &sources(g),
+        &overrides(g),
+        Arc::new(edge_signer::clock::SystemClock),
+    )?;
+    let (key, kid) = e.current_key(name)?;
+    println!(
+        "{}",
+        hsm_shim::jws::sign_compact(
+            &key,
+            hsm_shim::jws::JwsAlg::for_key(key.key_type()),
+            &kid,
+            &data
+        )?
+    );
     Ok(0)
 }
 
