@@ -72,15 +72,38 @@ fn the_packaged_unit_runs_and_notifies_ready_reloading_ready_and_watchdog() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    for f in [
-        "usr/bin/edge-signer",
-        "usr/lib/sysusers.d/edge-signer.conf",
-        "usr/lib/tmpfiles.d/edge-signer.conf",
-        "usr/lib/edge-signer/defaults.toml",
-        "etc/edge-signer/agent.toml",
+    use std::os::unix::fs::PermissionsExt;
+    for (f, mode) in [
+        ("usr/bin/edge-signer", 0o755),
+        ("usr/lib/systemd/system/edge-signer.service", 0o644),
+        ("usr/lib/sysusers.d/edge-signer.conf", 0o644),
+        ("usr/lib/tmpfiles.d/edge-signer.conf", 0o644),
+        ("usr/lib/edge-signer/defaults.toml", 0o644),
+        ("etc/edge-signer/agent.toml", 0o644),
+        ("usr/share/doc/edge-signer/README.md", 0o644),
+        ("usr/share/doc/edge-signer/copyright", 0o644),
     ] {
-        assert!(root.join(f).exists(), "{f} in the package");
+        let m = std::fs::metadata(root.join(f))
+            .unwrap_or_else(|_| panic!("{f} in the package"))
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, mode, "{f} mode {m:o}");
     }
+    let info = std::process::Command::new("dpkg-deb")
+        .arg("--info")
+        .arg(&deb)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    let depends = info
+        .lines()
+        .find(|l| l.trim_start().starts_with("Depends:"))
+        .unwrap_or_default();
+    assert!(
+        depends.contains("libc6") && !depends.contains("softhsm") && info.contains(" conffiles"),
+        "no token module among the dependencies (the device brings its own): {info}"
+    );
     // The device's layers: the test token, the PIN as a credential.
     env.make_ca("ca");
     env.lifecycle_config("");
