@@ -58,8 +58,10 @@ impl TestToken {
         std::fs::write(
             &conf,
             format!(
-                "directories.tokendir = {}/tokens\nobjectstore.backend = file\nlog.level = ERROR\n",
-                dir.path().display()
+                "directories.tokendir = {}/tokens\nobjectstore.backend = {}\nlog.level = ERROR\n",
+                dir.path().display(),
+                // `db` (SQLite) or `file` (the default): the benchmarks compare them.
+                std::env::var("EDGE_SIGNER_TEST_SOFTHSM_BACKEND").unwrap_or_else(|_| "file".into())
             ),
         )
         .expect("conf");
