@@ -1,0 +1,129 @@
+//! One agent against a real mosquitto: `fleet publish` of a signed bundle → applied by the
+//! agent → its result received by a subscriber; median and max ms over N bundles
+//! (`BENCH_BUNDLES`, default 10). Includes starting the `edge-signer fleet publish` process.
+
+use edge_signer_tests::mqtt::Mosquitto;
+use edge_signer_tests::*;
+use std::time::{Duration, Instant};
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let n: u64 = std::env::var("BENCH_BUNDLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let op = Env::new();
+    op.make_ca("ca");
+    op.openssl_leaf("ca", "operator");
+    op.ok(&["fleet", "keygen", "--out", "fleet.key"]);
+    let fleet_pub = std::fs::read_to_string(op.path("fleet.key.pub"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let dev = Env::new();
+    dev.make_ca("ca");
+    let broker = Mosquitto::start(&op, &[op.path("ca.pem"), dev.path("ca.pem")]);
+    dev.serving_config(
+        "1d",
+        &format!(
+            "\n[fleet]\ntrusted_keys = [\"{fleet_pub}\"]\n\n[fleet.mqtt]\nbroker = \"{}\"\nidentity = \"gw\"\n\
+             server_ca = \"{}\"\ndevice_id = \"dev-a\"\ngroups = [\"site\"]\n",
+            broker.url(),
+            op.path_str("ca.pem")
+        ),
+    );
+    let _ca = dev.portal_ca(CaMode::Good);
+    let _d = Guard(
+        dev.cmd()
+            .arg("run")
+            .env("EDGE_SIGNER_LOG", "warn")
+            .stderr(std::fs::File::create(dev.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    dev.wait_current("gw", 1);
+    let start = Instant::now();
+    while !broker.log().contains("as dev-a") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the agent never connected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let p = |f: &str| op.path_str(f);
+    let _sub = Guard(
+        std::process::Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
+            .args([
+                "--cafile",
+                &p("ca.pem"),
+                "--cert",
+                &p("operator.pem"),
+                "--key",
+                &p("operator.key"),
+            ])
+            .args(["-t", "edge-signer/dev-a/bundle/result"])
+            .stdout(std::fs::File::create(p("results.txt")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ms = Vec::new();
+    for v in 1..=n {
+        std::fs::write(
+            op.path("site.toml"),
+            format!(
+                "[log]\nlevel = \"{}\"\n",
+                if v % 2 == 0 { "info" } else { "debug" }
+            ),
+        )
+        .unwrap();
+        let out = format!("v{v}.bundle");
+        op.ok(&[
+            "fleet",
+            "sign",
+            "--key",
+            "fleet.key",
+            "--version",
+            &v.to_string(),
+            "site.toml",
+            "-o",
+            &out,
+        ]);
+        let t0 = Instant::now();
+        let args = [
+            "fleet",
+            "publish",
+            "--broker",
+            &broker.url(),
+            "--ca",
+            &p("ca.pem"),
+            "--cert",
+            &p("operator.pem"),
+            "--key",
+            &p("operator.key"),
+            "--group",
+            "site",
+            &p(&out),
+        ];
+        op.ok(&args);
+        let want = format!("\"version\":{v}");
+        while !std::fs::read_to_string(op.path("results.txt"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&want) && l.contains("\"applied\":true"))
+        {
+            assert!(t0.elapsed() < Duration::from_secs(30), "no result for v{v}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "fleet channel, one agent on mosquitto: publish -> applied -> result received over {n} bundles: median {:.0} ms, max {:.0} ms (includes starting `fleet publish`)",
+        ms[ms.len() / 2],
+        ms[ms.len() - 1]
+    );
+}
