@@ -60,7 +60,8 @@ impl TestToken {
             format!(
                 "directories.tokendir = {}/tokens\nobjectstore.backend = {}\nlog.level = ERROR\n",
                 dir.path().display(),
-                // `db` (SQLite) or `file` (the default): the benchmarks compare them.
+                // `file` (the default) or `db` (SQLite; Debian's SoftHSM is built without it:
+                // C_Initialize then fails with CKR_GENERAL_ERROR).
                 std::env::var("EDGE_SIGNER_TEST_SOFTHSM_BACKEND").unwrap_or_else(|_| "file".into())
             ),
         )
