@@ -84,8 +84,10 @@ fn api_sign(s: &mut UnixStream, body: &[u8]) {
         "POST /v1/identities/gw/sign HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // One write per request, as an HTTP client library would send it.
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
     let mut got = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     loop {
