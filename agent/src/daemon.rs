@@ -162,8 +162,8 @@ use crate::serve::{EngineRequest, Servers, Wake};
 
 /// After each engine pass: the served pairs, status, metrics and recent events follow the
 /// engine's register.
-fn publish(engine: &mut Engine, identities: &Identities) {
-    identities.refresh(engine);
+fn publish(engine: &mut Engine, identities: &Identities) -> Vec<crate::lifecycle::plan::Status> {
+    let rows = identities.refresh(engine);
     let m = crate::serve::metrics::get();
     for (name, s) in identities.all() {
         if let Some(s) = s {
@@ -193,6 +193,7 @@ fn publish(engine: &mut Engine, identities: &Identities) {
         }
     }
     identities.remember(events);
+    rows
 }
 
 /// (Re)start the listeners when what they serve changed.
@@ -246,9 +247,8 @@ struct Daemon<'a> {
 impl Daemon<'_> {
     /// After each engine pass: serving, metrics and systemd's status line follow it.
     fn publish(&mut self) {
-        publish(&mut self.engine, &self.identities);
+        let rows = publish(&mut self.engine, &self.identities);
         let now = self.engine.now();
-        let rows = crate::lifecycle::plan::status(self.engine.config(), &self.engine.reg, now);
         self.systemd
             .status(&crate::systemd::status_line(&rows, now));
     }

@@ -2,7 +2,7 @@
 //! agent → its result received by a subscriber; median and max ms over N bundles
 //! (`BENCH_BUNDLES`, default 10). Includes starting the `edge-signer fleet publish` process.
 
-use edge_signer_tests::mqtt::Mosquitto;
+use edge_signer_tests::mqtt::{operator_env, Mosquitto};
 use edge_signer_tests::*;
 use std::time::{Duration, Instant};
 
@@ -14,26 +14,11 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
-    let op = Env::new();
-    op.make_ca("ca");
-    op.openssl_leaf("ca", "operator");
-    op.ok(&["fleet", "keygen", "--out", "fleet.key"]);
-    let fleet_pub = std::fs::read_to_string(op.path("fleet.key.pub"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (op, fleet_pub) = operator_env(&[]);
     let dev = Env::new();
     dev.make_ca("ca");
     let broker = Mosquitto::start(&op, &[op.path("ca.pem"), dev.path("ca.pem")]);
-    dev.serving_config(
-        "1d",
-        &format!(
-            "\n[fleet]\ntrusted_keys = [\"{fleet_pub}\"]\n\n[fleet.mqtt]\nbroker = \"{}\"\nidentity = \"gw\"\n\
-             server_ca = \"{}\"\ndevice_id = \"dev-a\"\ngroups = [\"site\"]\n",
-            broker.url(),
-            op.path_str("ca.pem")
-        ),
-    );
+    dev.fleet_mqtt_config("dev-a", &broker, &op.path("ca.pem"), &fleet_pub, "1d", "");
     let _ca = dev.portal_ca(CaMode::Good);
     let _d = Guard(
         dev.cmd()

@@ -98,3 +98,44 @@ impl Drop for Mosquitto {
         self.stop();
     }
 }
+
+/// The fleet operator's side: a CA (the broker's), an operator certificate, the fleet key
+/// `fleet.key` (and `extra_keys`, e.g. a rogue one). Returns the env and the fleet public key.
+pub fn operator_env(extra_keys: &[&str]) -> (Env, String) {
+    let op = Env::new();
+    op.make_ca("ca");
+    op.openssl_leaf("ca", "operator");
+    for k in std::iter::once(&"fleet.key").chain(extra_keys) {
+        op.ok(&["fleet", "keygen", "--out", k]);
+    }
+    let public = std::fs::read_to_string(op.path("fleet.key.pub"))
+        .expect("fleet.key.pub")
+        .trim()
+        .to_owned();
+    (op, public)
+}
+
+impl Env {
+    /// Firmware defaults for identity `gw` whose fleet channel goes to `broker` as `device`
+    /// (group `site`), trusting `fleet_pub` for bundles; `extra` adds `[fleet.mqtt]` fields.
+    pub fn fleet_mqtt_config(
+        &self,
+        device: &str,
+        broker: &Mosquitto,
+        server_ca: &std::path::Path,
+        fleet_pub: &str,
+        overlap: &str,
+        extra: &str,
+    ) {
+        self.serving_config(
+            overlap,
+            &format!(
+                "\n[fleet]\ntrusted_keys = [\"{fleet_pub}\"]\n\n[fleet.mqtt]\nbroker = \"{}\"\n\
+                 identity = \"gw\"\nserver_ca = \"{}\"\ndevice_id = \"{device}\"\n\
+                 groups = [\"site\"]\n{extra}",
+                broker.url(),
+                server_ca.display()
+            ),
+        );
+    }
+}

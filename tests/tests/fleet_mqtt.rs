@@ -2,7 +2,7 @@
 //! tokens take retained bundles, refuse forged and replayed ones and say why, publish their
 //! status, go offline through the last will, reconnect after a rotation and after an outage.
 
-use edge_signer_tests::mqtt::Mosquitto;
+use edge_signer_tests::mqtt::{operator_env, Mosquitto};
 use edge_signer_tests::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -31,14 +31,13 @@ fn agent(
     fleet_pub: &str,
     overlap: &str,
 ) -> (Guard, PortalCa) {
-    env.serving_config(
+    env.fleet_mqtt_config(
+        device,
+        broker,
+        server_ca,
+        fleet_pub,
         overlap,
-        &format!(
-            "\n[fleet]\ntrusted_keys = [\"{fleet_pub}\"]\n\n[fleet.mqtt]\nbroker = \"{}\"\nidentity = \"gw\"\n\
-             server_ca = \"{}\"\ndevice_id = \"{device}\"\ngroups = [\"site\"]\nkeepalive = \"5s\"\nreconnect_max = \"2s\"\n",
-            broker.url(),
-            server_ca.display()
-        ),
+        "keepalive = \"5s\"\nreconnect_max = \"2s\"\n",
     );
     let ca = env.portal_ca(CaMode::Good);
     let d = env.daemon();
@@ -116,15 +115,7 @@ fn device_row<'a>(st: &'a serde_json::Value, d: &str) -> &'a serde_json::Value {
 #[test]
 fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
     // The operator's side: the broker's CA, the operator's certificate, the fleet keys.
-    let op_env = Env::new();
-    op_env.make_ca("ca");
-    op_env.openssl_leaf("ca", "operator");
-    op_env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
-    op_env.ok(&["fleet", "keygen", "--out", "rogue.key"]);
-    let fleet_pub = std::fs::read_to_string(op_env.path("fleet.key.pub"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (op_env, fleet_pub) = operator_env(&["rogue.key"]);
     let (a, b) = (device(), device());
     let broker = Mosquitto::start(
         &op_env,
@@ -270,14 +261,7 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
 
 #[test]
 fn a_broker_outage_changes_nothing_and_the_agent_comes_back_by_itself() {
-    let op_env = Env::new();
-    op_env.make_ca("ca");
-    op_env.openssl_leaf("ca", "operator");
-    op_env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
-    let fleet_pub = std::fs::read_to_string(op_env.path("fleet.key.pub"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let (op_env, fleet_pub) = operator_env(&[]);
     let a = device();
     let mut broker = Mosquitto::start(&op_env, &[op_env.path("ca.pem"), a.path("ca.pem")]);
     let (_da, _ca) = agent(

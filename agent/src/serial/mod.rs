@@ -36,7 +36,7 @@ pub struct Shared {
     pub identities: Arc<Identities>,
     wake: std::sync::mpsc::Sender<Wake>,
     clock: Arc<dyn Clock>,
-    view: RwLock<Option<View>>,
+    view: RwLock<Option<Arc<View>>>,
     /// Failed `auth` attempts since the last success, on this port.
     failures: std::sync::atomic::AtomicU32,
 }
@@ -67,10 +67,11 @@ impl Shared {
 
     /// The daemon publishes the configuration in effect.
     pub fn set_view(&self, v: View) {
-        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(v);
+        *self.view.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(v));
     }
 
-    fn view(&self) -> Option<View> {
+    /// The view in effect (shared: no copy of the configuration rows per command).
+    fn view(&self) -> Option<Arc<View>> {
         self.view.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -91,7 +92,7 @@ impl Shared {
 
     fn technician_keys(&self) -> Vec<FleetKey> {
         self.view()
-            .map(|v| v.serial.technician_keys)
+            .map(|v| v.serial.technician_keys.clone())
             .unwrap_or_default()
     }
 

@@ -209,11 +209,11 @@ impl Identities {
     }
 
     /// Bring every slot to the engine's current generation (engine thread only: it opens
-    /// token keys). Returns the identities whose pair changed.
-    pub fn refresh(&self, engine: &Engine) -> Vec<(String, u32)> {
+    /// token keys). Returns the status rows it published.
+    pub fn refresh(&self, engine: &Engine) -> Vec<crate::lifecycle::plan::Status> {
         let now = engine.now();
-        let st = crate::lifecycle::plan::status(engine.config(), &engine.reg, now);
-        let st = serde_json::to_value(&st).unwrap_or_default();
+        let rows = crate::lifecycle::plan::status(engine.config(), &engine.reg, now);
+        let st = serde_json::to_value(&rows).unwrap_or_default();
         let changed = {
             let mut cur = self.status.write().unwrap_or_else(|p| p.into_inner());
             let changed = *cur != st;
@@ -223,7 +223,6 @@ impl Identities {
         if changed {
             self.bump();
         }
-        let mut swapped = Vec::new();
         for cfg in &engine.config().identities {
             let slot = self.slot(&cfg.name);
             let Some(g) = engine
@@ -244,7 +243,6 @@ impl Identities {
                 Ok(s) => {
                     tracing::info!(identity = %cfg.name, generation = g.number, "serving identity switched: new handshakes use generation {}", g.number);
                     slot.set(Some(Arc::new(s)));
-                    swapped.push((cfg.name.clone(), g.number));
                 }
                 // The old pair keeps serving; a pair that does not match is never served.
                 Err(e) => {
@@ -266,7 +264,7 @@ impl Identities {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|n, _| names.contains(&n.as_str()));
-        swapped
+        rows
     }
 }
 
