@@ -73,7 +73,7 @@ impl KeyType {
     }
 
     /// `CK_ULONG` is `unsigned long`: 32 bits on armhf, 64 on arm64 and amd64.
-    fn modulus_bits(self) -> std::ffi::c_ulong {
+    pub(crate) fn modulus_bits(self) -> std::ffi::c_ulong {
         match self {
             KeyType::Rsa3072 => 3072,
             _ => 2048,
@@ -332,6 +332,7 @@ impl Token {
     /// Generation is the last call of its session step, so a session lost afterwards (while
     /// the new key is read back) retries only the reading, never makes a second pair.
     pub fn generate_key(&self, key_type: KeyType, label: &str) -> Result<KeyInfo> {
+        self.mechanisms()?.check_keygen(key_type)?;
         let id = self.with_session(|s| {
             let id = loop {
                 let id = s.generate_random_vec(16)?;
@@ -361,7 +362,6 @@ impl Token {
                     Mechanism::EccKeyPairGen,
                     common(vec![
                         Attribute::Private(false),
-                        Attribute::Verify(true),
                         Attribute::EcParams(params.to_vec()),
                     ]),
                 ),
@@ -369,8 +369,6 @@ impl Token {
                     Mechanism::RsaPkcsKeyPairGen,
                     common(vec![
                         Attribute::Private(false),
-                        Attribute::Verify(true),
-                        Attribute::Encrypt(false),
                         Attribute::ModulusBits(key_type.modulus_bits().into()),
                         Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
                     ]),
@@ -523,9 +521,45 @@ impl Token {
             p.set_extractable_refused = s
                 .update_attributes(h, &[Attribute::Extractable(true)])
                 .is_err();
+            if !p.set_extractable_refused {
+                // tpm2-pkcs11 takes it (PKCS#11 allows only true -> false): put it back.
+                s.update_attributes(h, &[Attribute::Extractable(false)])?;
+            }
+            p.tpm_object_fixed = tpm_object_fixed(s, h)?;
             Ok(p)
         })
     }
+}
+
+/// tpm2-pkcs11's vendor attribute holding the key's TPM2B_PUBLIC (`CKA_TPM2_PUB_BLOB`).
+const CKA_TPM2_PUB_BLOB: std::ffi::c_ulong = 0x8F00_0002;
+
+/// For a key in a TPM (tpm2-pkcs11): are fixedTPM, fixedParent and sensitiveDataOrigin set
+/// in its TPM object, i.e. was it made inside this TPM and can never be duplicated out of
+/// it? `None` on other tokens.
+fn tpm_object_fixed(s: &Session, h: ObjectHandle) -> Result<Option<bool>> {
+    const FIXED_TPM: u32 = 1 << 1;
+    const FIXED_PARENT: u32 = 1 << 4;
+    const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+    let t = AttributeType::VendorDefined(CKA_TPM2_PUB_BLOB);
+    let Ok(attrs) = s.get_attributes(h, &[t]) else {
+        return Ok(None);
+    };
+    for a in attrs {
+        if let Attribute::VendorDefined((_, blob)) = a {
+            // TPM2B_PUBLIC: size (2), type (2), nameAlg (2), objectAttributes (4), big-endian.
+            let Some(bytes) = blob.get(6..10) else {
+                return Err(Error::BadTokenData(format!(
+                    "TPM public blob of {} bytes",
+                    blob.len()
+                )));
+            };
+            let attrs = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let want = FIXED_TPM | FIXED_PARENT | SENSITIVE_DATA_ORIGIN;
+            return Ok(Some(attrs & want == want));
+        }
+    }
+    Ok(None)
 }
 
 /// What a check of a private key's protection found.
@@ -543,4 +577,6 @@ pub struct PrivateKeyProtection {
     pub secret_attrs_readable: usize,
     /// Whether setting `CKA_EXTRACTABLE` to true was refused.
     pub set_extractable_refused: bool,
+    /// In a TPM: whether its TPM object is fixedTPM, fixedParent and sensitiveDataOrigin.
+    pub tpm_object_fixed: Option<bool>,
 }

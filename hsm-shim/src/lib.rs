@@ -11,6 +11,7 @@ mod der;
 pub mod error;
 pub mod jws;
 pub mod keys;
+pub mod mechanisms;
 pub mod pin;
 pub mod sign;
 #[cfg(feature = "testing")]
@@ -22,6 +23,7 @@ pub mod uri;
 pub use der::{ec_point_unwrap, ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use error::{Error, Result};
 pub use keys::{KeyInfo, KeyRef, KeyType};
+pub use mechanisms::Mechanisms;
 pub use pin::{Pin, PinSource};
 pub use sign::{Hash, SignAlg, TokenKey};
 pub use tls::TlsSigningKey;

@@ -3,6 +3,7 @@
 use crate::der;
 use crate::error::{Error, Result};
 use crate::keys::{private_handle, KeyInfo, KeyRef, KeyType};
+use crate::mechanisms::SignPlan;
 use crate::token::Token;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
@@ -39,6 +40,15 @@ impl Hash {
         }
     }
 
+    /// Name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hash::Sha256 => "SHA-256",
+            Hash::Sha384 => "SHA-384",
+            Hash::Sha512 => "SHA-512",
+        }
+    }
+
     /// Digest length in bytes.
     pub fn output_len(self) -> u64 {
         match self {
@@ -66,6 +76,23 @@ pub enum SignAlg {
 }
 
 impl SignAlg {
+    /// For messages: "ECDSA with SHA-256", "RSA-PSS with SHA-384", ...
+    pub fn describe(self) -> String {
+        let (family, hash) = match self {
+            SignAlg::Ecdsa { hash, .. } => ("ECDSA", hash),
+            SignAlg::RsaPkcs1(hash) => ("RSA PKCS#1 v1.5", hash),
+            SignAlg::RsaPss(hash) => ("RSA-PSS", hash),
+        };
+        format!("{family} with {}", hash.name())
+    }
+
+    /// The hash of the algorithm.
+    pub fn hash(self) -> Hash {
+        match self {
+            SignAlg::Ecdsa { hash, .. } | SignAlg::RsaPkcs1(hash) | SignAlg::RsaPss(hash) => hash,
+        }
+    }
+
     /// Short mechanism family name (metrics, logs).
     pub fn mechanism_name(self) -> &'static str {
         match self {
@@ -139,92 +166,46 @@ impl TokenKey {
         &self.token
     }
 
-    fn mechanism(&self, alg: SignAlg, msg: &[u8]) -> Result<(Mechanism<'static>, Vec<u8>)> {
-        let hash_mech = |h: Hash| match h {
-            Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
-            Hash::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
-            Hash::Sha512 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
-        };
-        match (alg, self.info.key_type.is_ec()) {
-            (SignAlg::Ecdsa { hash, .. }, true) => Ok((Mechanism::Ecdsa, hash.digest(msg))),
-            (SignAlg::RsaPkcs1(h), false) => Ok((
-                match h {
-                    Hash::Sha256 => Mechanism::Sha256RsaPkcs,
-                    Hash::Sha384 => Mechanism::Sha384RsaPkcs,
-                    Hash::Sha512 => Mechanism::Sha512RsaPkcs,
-                },
-                msg.to_vec(),
-            )),
-            (SignAlg::RsaPss(h), false) => {
-                let (hash_alg, mgf) = hash_mech(h);
-                let params = PkcsPssParams {
-                    hash_alg,
-                    mgf,
-                    s_len: h.salt_len().into(),
-                };
-                Ok((
-                    match h {
-                        Hash::Sha256 => Mechanism::Sha256RsaPkcsPss(params),
-                        Hash::Sha384 => Mechanism::Sha384RsaPkcsPss(params),
-                        Hash::Sha512 => Mechanism::Sha512RsaPkcsPss(params),
-                    },
-                    msg.to_vec(),
-                ))
-            }
-            (alg, _) => Err(Error::Unsupported(format!(
-                "{alg:?} with a {} key",
-                self.info.key_type
-            ))),
-        }
-    }
-
     /// Sign a digest computed by the caller (`alg`'s hash names which): ECDSA over the
     /// digest, RSA-PSS over the digest (CKM_RSA_PKCS_PSS), PKCS#1 v1.5 over its DigestInfo
     /// (CKM_RSA_PKCS).
     pub fn sign_digest(&self, alg: SignAlg, digest: &[u8]) -> Result<Vec<u8>> {
-        let hash = match alg {
-            SignAlg::Ecdsa { hash, .. } | SignAlg::RsaPkcs1(hash) | SignAlg::RsaPss(hash) => hash,
-        };
+        let hash = alg.hash();
         if digest.len() as u64 != hash.output_len() {
             return Err(Error::Unsupported(format!(
-                "a {hash:?} digest is {} bytes, not {}",
+                "a {} digest is {} bytes, not {}",
+                hash.name(),
                 hash.output_len(),
                 digest.len()
             )));
         }
-        let (mech, data) = match (alg, self.info.key_type.is_ec()) {
-            (SignAlg::Ecdsa { .. }, true) => (Mechanism::Ecdsa, digest.to_vec()),
-            (SignAlg::RsaPkcs1(h), false) => {
-                let mut info = digest_info_prefix(h).to_vec();
-                info.extend_from_slice(digest);
-                (Mechanism::RsaPkcs, info)
-            }
-            (SignAlg::RsaPss(h), false) => {
-                let (hash_alg, mgf) = match h {
-                    Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
-                    Hash::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
-                    Hash::Sha512 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
-                };
-                let params = PkcsPssParams {
-                    hash_alg,
-                    mgf,
-                    s_len: h.salt_len().into(),
-                };
-                (Mechanism::RsaPkcsPss(params), digest.to_vec())
-            }
-            (alg, _) => {
-                return Err(Error::Unsupported(format!(
-                    "{alg:?} with a {} key",
-                    self.info.key_type
-                )))
-            }
-        };
+        let plan = self
+            .token
+            .mechanisms()?
+            .plan_digest(self.info.key_type, alg)?;
+        let (mech, data) = mechanism(plan, alg, digest);
         self.sign_raw(alg, mech, &data)
+    }
+
+    /// Can the token make `alg` signatures with this key? (When the token will not say, yes:
+    /// the signature itself then reports what went wrong.)
+    pub fn supports(&self, alg: SignAlg) -> bool {
+        self.token
+            .mechanisms()
+            .map(|m| m.supports(self.info.key_type, alg))
+            .unwrap_or(true)
     }
 
     /// Sign `msg` in the token.
     pub fn sign(&self, alg: SignAlg, msg: &[u8]) -> Result<Vec<u8>> {
-        let (mech, data) = self.mechanism(alg, msg)?;
+        let plan = self
+            .token
+            .mechanisms()?
+            .plan_message(self.info.key_type, alg)?;
+        let (mech, data) = match plan {
+            SignPlan::DigestInSoftware(_) => mechanism(plan, alg, &alg.hash().digest(msg)),
+            SignPlan::HashInToken(_) => mechanism(plan, alg, msg),
+        };
         self.sign_raw(alg, mech, &data)
     }
 
@@ -278,6 +259,46 @@ impl TokenKey {
         *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         Ok(h)
     }
+}
+
+/// The mechanism (with PSS parameters) and the data to pass for `plan`: `data` is the message
+/// when the token hashes, else the digest (wrapped in a DigestInfo for CKM_RSA_PKCS).
+fn mechanism(plan: SignPlan, alg: SignAlg, data: &[u8]) -> (Mechanism<'static>, Vec<u8>) {
+    let h = alg.hash();
+    let (hash_alg, mgf) = match h {
+        Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),
+        Hash::Sha384 => (MechanismType::SHA384, PkcsMgfType::MGF1_SHA384),
+        Hash::Sha512 => (MechanismType::SHA512, PkcsMgfType::MGF1_SHA512),
+    };
+    let pss = PkcsPssParams {
+        hash_alg,
+        mgf,
+        s_len: h.salt_len().into(),
+    };
+    let m = match plan {
+        SignPlan::HashInToken(m) | SignPlan::DigestInSoftware(m) => m,
+    };
+    use MechanismType as M;
+    let mech = match m {
+        m if m == M::ECDSA => Mechanism::Ecdsa,
+        m if m == M::ECDSA_SHA256 => Mechanism::EcdsaSha256,
+        m if m == M::ECDSA_SHA384 => Mechanism::EcdsaSha384,
+        m if m == M::ECDSA_SHA512 => Mechanism::EcdsaSha512,
+        m if m == M::SHA256_RSA_PKCS => Mechanism::Sha256RsaPkcs,
+        m if m == M::SHA384_RSA_PKCS => Mechanism::Sha384RsaPkcs,
+        m if m == M::SHA512_RSA_PKCS => Mechanism::Sha512RsaPkcs,
+        m if m == M::SHA256_RSA_PKCS_PSS => Mechanism::Sha256RsaPkcsPss(pss),
+        m if m == M::SHA384_RSA_PKCS_PSS => Mechanism::Sha384RsaPkcsPss(pss),
+        m if m == M::SHA512_RSA_PKCS_PSS => Mechanism::Sha512RsaPkcsPss(pss),
+        m if m == M::RSA_PKCS_PSS => Mechanism::RsaPkcsPss(pss),
+        // CKM_RSA_PKCS: the only other mechanism a plan names.
+        _ => {
+            let mut info = digest_info_prefix(h).to_vec();
+            info.extend_from_slice(data);
+            return (Mechanism::RsaPkcs, info);
+        }
+    };
+    (mech, data.to_vec())
 }
 
 /// The DER DigestInfo prefix of PKCS#1 v1.5 signatures (RFC 8017 §9.2, note 1).

@@ -70,8 +70,11 @@ pub fn sign_alg(scheme: SignatureScheme) -> Option<SignAlg> {
 
 impl SigningKey for TlsSigningKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
+        // Only schemes the token can make: a scheme chosen here that the token then refuses
+        // would fail the handshake instead of falling back to the next one.
         let scheme = Self::schemes(self.key.key_type())
             .iter()
+            .filter(|s| sign_alg(**s).is_some_and(|a| self.key.supports(a)))
             .find(|s| offered.contains(s))?;
         *self.last_scheme.lock().unwrap_or_else(|p| p.into_inner()) = Some(*scheme);
         Some(Box::new(TlsSigner {

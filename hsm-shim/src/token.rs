@@ -1,6 +1,7 @@
 //! Token access: module loading (once per path), slot lookup, login, and a session pool.
 
 use crate::error::{Error, Result};
+use crate::mechanisms::Mechanisms;
 use crate::pin::Pin;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -177,6 +178,7 @@ pub struct Token {
     pin: Option<Pin>,
     pool: Mutex<Vec<Session>>,
     max_idle: usize,
+    mechanisms: OnceLock<Mechanisms>,
 }
 
 impl std::fmt::Debug for Token {
@@ -204,6 +206,7 @@ impl Token {
             pin,
             pool: Mutex::new(Vec::new()),
             max_idle: 8,
+            mechanisms: OnceLock::new(),
         };
         // Open (and log in) one session now, so a wrong PIN is reported here.
         let first = token.open_session()?;
@@ -283,6 +286,23 @@ impl Token {
                 Err(e)
             }
         }
+    }
+
+    /// What the token can do (asked once, then cached: mechanisms do not change while a
+    /// token is present).
+    pub fn mechanisms(&self) -> Result<&Mechanisms> {
+        if let Some(m) = self.mechanisms.get() {
+            return Ok(m);
+        }
+        let slot = self.slot();
+        let mut list = Vec::new();
+        for m in self.ctx.get_mechanism_list(slot)? {
+            // A mechanism whose info the token will not give is one we cannot plan with.
+            if let Ok(info) = self.ctx.get_mechanism_info(slot, m) {
+                list.push((m, info));
+            }
+        }
+        Ok(self.mechanisms.get_or_init(|| Mechanisms::new(list)))
     }
 
     /// Whether the token answers now (one C_GetSessionInfo on a pooled session; a dead

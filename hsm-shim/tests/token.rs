@@ -1,4 +1,4 @@
-//! hsm-shim against a real SoftHSM token.
+//! hsm-shim against real tokens: each test runs on SoftHSM and on tpm2-pkcs11 over swtpm.
 
 use hsm_shim::jws::{self, JwsAlg};
 use hsm_shim::testing::*;
@@ -26,9 +26,8 @@ fn verifier(kt: KeyType, alg: SignAlg) -> &'static dyn signature::VerificationAl
     }
 }
 
-#[test]
-fn every_key_type_is_sensitive_unextractable_and_signs_verifiably() {
-    let t = TestToken::new();
+fn every_key_type_is_sensitive_unextractable_and_signs_verifiably(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
     for kt in KeyType::ALL {
         let info = t.token.generate_key(kt, &format!("k-{kt}")).unwrap();
         assert_eq!(info.key_type, kt);
@@ -41,11 +40,18 @@ fn every_key_type_is_sensitive_unextractable_and_signs_verifiably() {
             p.secret_attrs_readable, 0,
             "{kt}: secret attribute readable: {p:?}"
         );
-        assert!(p.secret_attrs_sensitive >= 1, "{kt}: {p:?}");
-        assert!(
-            p.set_extractable_refused,
-            "{kt}: CKA_EXTRACTABLE could be set to true"
-        );
+        match kind {
+            TokenKind::SoftHsm => {
+                assert!(p.secret_attrs_sensitive >= 1, "{kt}: {p:?}");
+                assert!(
+                    p.set_extractable_refused,
+                    "{kt}: CKA_EXTRACTABLE could be set to true"
+                );
+            }
+            // tpm2-pkcs11 has no secret attributes to ask for, and lets CKA_EXTRACTABLE be set
+            // to true (a database flag): what keeps the key in is its TPM object.
+            TokenKind::Tpm => assert_eq!(p.tpm_object_fixed, Some(true), "{kt}: {p:?}"),
+        }
 
         // Every TLS scheme the key offers verifies with ring against its public key.
         let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
@@ -76,9 +82,8 @@ fn every_key_type_is_sensitive_unextractable_and_signs_verifiably() {
     assert_eq!(t.token.list_keys().unwrap().len(), 4);
 }
 
-#[test]
-fn jws_es256_verifies_with_ring() {
-    let t = TestToken::new();
+fn jws_es256_verifies_with_ring(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
     let info = t.token.generate_key(KeyType::EcP256, "jws").unwrap();
     let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id)).unwrap();
     let compact = jws::sign_compact(&key, JwsAlg::Es256, "kid-1", br#"{"hello":"world"}"#).unwrap();
@@ -97,24 +102,29 @@ fn jws_es256_verifies_with_ring() {
     assert!(jws::sign_compact(&key, JwsAlg::Rs256, "k", b"x").is_err());
 }
 
-#[test]
-fn two_threads_sign_ten_thousand_times_each() {
-    let t = TestToken::new();
+/// Two threads share one key: SoftHSM 10,000 signatures each; a TPM (a few hundred a
+/// second) 300 each.
+fn two_threads_sign_concurrently(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
     let info = t.token.generate_key(KeyType::EcP256, "busy").unwrap();
     let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id)).unwrap();
     let alg = SignAlg::Ecdsa {
         hash: Hash::Sha256,
         der: true,
     };
+    let n: u32 = match kind {
+        TokenKind::SoftHsm => 10_000,
+        TokenKind::Tpm => 300,
+    };
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..2)
-            .map(|n| {
+            .map(|thread| {
                 let key = key.clone();
                 s.spawn(move || {
-                    for i in 0..10_000u32 {
-                        let msg = [n as u8, (i >> 8) as u8, i as u8];
+                    for i in 0..n {
+                        let msg = [thread as u8, (i >> 8) as u8, i as u8];
                         key.sign(alg, &msg)
-                            .unwrap_or_else(|e| panic!("thread {n} signature {i}: {e}"));
+                            .unwrap_or_else(|e| panic!("thread {thread} signature {i}: {e}"));
                     }
                 })
             })
@@ -125,9 +135,8 @@ fn two_threads_sign_ten_thousand_times_each() {
     });
 }
 
-#[test]
-fn session_lost_by_logout_is_reopened_and_logged_in_again() {
-    let t = TestToken::new();
+fn session_lost_by_logout_is_reopened_and_logged_in_again(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
     let info = t.token.generate_key(KeyType::EcP256, "k").unwrap();
     let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id)).unwrap();
     let alg = SignAlg::Ecdsa {
@@ -140,9 +149,8 @@ fn session_lost_by_logout_is_reopened_and_logged_in_again() {
         .expect("signer recovers after the token logged us out");
 }
 
-#[test]
-fn certificate_objects_and_destroy_leave_nothing() {
-    let t = TestToken::new();
+fn certificate_objects_and_destroy_leave_nothing(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
     let info = t.token.generate_key(KeyType::EcP256, "with-cert").unwrap();
     let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
     // A self-signed certificate for the token key, made with rcgen + the token signer.
@@ -197,18 +205,19 @@ fn certificate_objects_and_destroy_leave_nothing() {
     );
 }
 
-#[test]
-fn wrong_pin_and_unknown_label_say_what_is_wrong() {
-    let t = TestToken::new();
+fn wrong_pin_and_unknown_label_say_what_is_wrong(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
     assert!(
         !format!("{:?}", t.token).contains(USER_PIN),
         "PIN in Debug output"
     );
     // Login state is per process: close every session (drop the token) so C_Login really runs.
     let TestToken {
-        dir: _dir,
         token,
         module,
+        tpm: _tpm,
+        dir: _dir,
+        ..
     } = t;
     drop(token);
     let t = (module,);
@@ -249,3 +258,12 @@ fn wrong_pin_and_unknown_label_say_what_is_wrong() {
     .unwrap();
     assert_eq!(by_serial.label(), "test");
 }
+
+hsm_shim::token_tests!(
+    every_key_type_is_sensitive_unextractable_and_signs_verifiably,
+    jws_es256_verifies_with_ring,
+    two_threads_sign_concurrently,
+    session_lost_by_logout_is_reopened_and_logged_in_again,
+    certificate_objects_and_destroy_leave_nothing,
+    wrong_pin_and_unknown_label_say_what_is_wrong,
+);
