@@ -149,16 +149,16 @@ mod tests {
     use super::*;
     use cryptoki::mechanism::MechanismInfo;
 
-    fn info(min: u64, max: u64, flags: u64) -> MechanismInfo {
+    fn info(min: u32, max: u32, flags: cryptoki_sys::CK_FLAGS) -> MechanismInfo {
         let raw = cryptoki_sys::CK_MECHANISM_INFO {
             ulMinKeySize: min as _,
             ulMaxKeySize: max as _,
-            flags: flags as _,
+            flags,
         };
         raw.into()
     }
-    const SIGN: u64 = cryptoki_sys::CKF_SIGN as u64;
-    const GEN: u64 = cryptoki_sys::CKF_GENERATE_KEY_PAIR as u64;
+    const SIGN: cryptoki_sys::CK_FLAGS = cryptoki_sys::CKF_SIGN;
+    const GEN: cryptoki_sys::CK_FLAGS = cryptoki_sys::CKF_GENERATE_KEY_PAIR;
 
     #[test]
     fn picks_what_the_token_has_and_names_what_it_lacks() {
