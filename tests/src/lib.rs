@@ -43,8 +43,15 @@ pub fn bin() -> PathBuf {
     b
 }
 
-/// One test's world: a temp dir holding a SoftHSM token, PIN files, and whatever the test writes.
+pub use hsm_shim::testing::TokenKind;
+
+/// One test's world: a temp dir holding a token (SoftHSM, or tpm2-pkcs11 on a simulated TPM),
+/// PIN files, and whatever the test writes.
 pub struct Env {
+    /// The kind of token.
+    pub kind: TokenKind,
+    /// The simulated TPM of a `Tpm` env (stopped on drop, before the dir goes).
+    pub tpm: Option<hsm_shim::testing::tpm::SimTpm>,
     /// The temp dir (removed on drop).
     pub dir: tempfile::TempDir,
 }
@@ -56,8 +63,14 @@ impl Default for Env {
 }
 
 impl Env {
-    /// A fresh token, initialised through `edge-signer token init`.
+    /// A fresh SoftHSM token, initialised through `edge-signer token init`.
     pub fn new() -> Env {
+        Self::on(TokenKind::SoftHsm)
+    }
+
+    /// A fresh token of `kind`: SoftHSM initialised through `edge-signer token init`; a TPM
+    /// token made by `tpm2_ptool` on a simulator of its own.
+    pub fn on(kind: TokenKind) -> Env {
         let dir = tempfile::tempdir().expect("temp dir");
         let p = dir.path();
         std::fs::create_dir(p.join("tokens")).expect("tokens dir");
@@ -71,7 +84,19 @@ impl Env {
         .expect("conf");
         std::fs::write(p.join("pin"), format!("{USER_PIN}\n")).expect("pin");
         std::fs::write(p.join("so-pin"), SO_PIN).expect("so pin");
-        let env = Env { dir };
+        if kind == TokenKind::Tpm {
+            let tpm = hsm_shim::testing::tpm::SimTpm::start(p, LABEL, SO_PIN, USER_PIN);
+            return Env {
+                kind,
+                tpm: Some(tpm),
+                dir,
+            };
+        }
+        let env = Env {
+            kind,
+            tpm: None,
+            dir,
+        };
         env.ok(&[
             "token",
             "init",
@@ -93,17 +118,29 @@ impl Env {
         self.path(name).display().to_string()
     }
 
+    /// The PKCS#11 module of this env's token.
+    pub fn module(&self) -> PathBuf {
+        match &self.tpm {
+            Some(t) => t.module().to_owned(),
+            None => module(),
+        }
+    }
+
     /// Environment for anything that opens the token (edge-signer, pkcs11-tool).
     pub fn envs(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut v = vec![
             ("SOFTHSM2_CONF", self.path_str("softhsm2.conf")),
-            ("EDGE_SIGNER_MODULE", module().display().to_string()),
+            ("EDGE_SIGNER_MODULE", self.module().display().to_string()),
             ("EDGE_SIGNER_TOKEN", LABEL.to_owned()),
             ("EDGE_SIGNER_PIN_FILE", self.path_str("pin")),
             ("EDGE_SIGNER_LOG", "trace".to_owned()),
             ("EDGE_SIGNER_DEFAULTS", self.path_str("defaults.toml")),
             ("EDGE_SIGNER_CONFIG", self.path_str("etc/agent.toml")),
-        ]
+        ];
+        if let Some(t) = &self.tpm {
+            v.extend(t.envs());
+        }
+        v
     }
 
     /// `edge-signer` with this env, run in the temp dir.
@@ -169,7 +206,7 @@ impl Env {
 
     /// `pkcs11-tool` on the token, logged in, with `args`; insists on success, returns stdout.
     pub fn pkcs11_tool(&self, args: &[&str]) -> String {
-        let module = module().display().to_string();
+        let module = self.module().display().to_string();
         let mut all = vec![
             "--module",
             &module,
@@ -412,7 +449,7 @@ impl Env {
     pub fn token_toml(&self) -> String {
         format!(
             "[token]\nmodule = \"{}\"\nlabel = \"{LABEL}\"\npin = {{ file = \"{}\" }}\n",
-            module().display(),
+            self.module().display(),
             self.path_str("pin")
         )
     }

@@ -4,9 +4,8 @@ use edge_signer_tests::*;
 
 const TYPES: [&str; 4] = ["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"];
 
-#[test]
-fn csr_of_every_key_type_passes_openssl_verify_with_subject_and_sans() {
-    let env = Env::new();
+fn csr_of_every_key_type_passes_openssl_verify_with_subject_and_sans(kind: TokenKind) {
+    let env = Env::on(kind);
     for t in TYPES {
         let uri = env.generate(t, &format!("id-{t}"));
         let csr = format!("{t}.csr");
@@ -61,9 +60,13 @@ fn csr_of_every_key_type_passes_openssl_verify_with_subject_and_sans() {
     }
 }
 
-#[test]
-fn generated_keys_show_in_pkcs11_tool_and_destroy_leaves_nothing() {
-    let env = Env::new();
+fn generated_keys_show_in_pkcs11_tool_and_destroy_leaves_nothing(kind: TokenKind) {
+    let env = Env::on(kind);
+    if kind == TokenKind::Tpm {
+        // The token really is the simulated TPM (tpm2-pkcs11 reports its model).
+        let tokens = env.json(&["token", "list"]);
+        assert!(tokens.to_string().contains("TPM"), "{tokens}");
+    }
     let keep = env.generate("ec-p256", "keep-me");
     let gone = env.generate("rsa-2048", "destroy-me");
     let objects = env.pkcs11_objects();
@@ -208,3 +211,9 @@ fn objects_of(listing: &str) -> Vec<String> {
     }
     out
 }
+
+// Each runs on SoftHSM and on tpm2-pkcs11 over swtpm.
+hsm_shim::token_tests!(
+    csr_of_every_key_type_passes_openssl_verify_with_subject_and_sans,
+    generated_keys_show_in_pkcs11_tool_and_destroy_leaves_nothing,
+);

@@ -25,9 +25,8 @@ fn probe_server(env: &Env) -> (Guard, u16) {
     env.s_server("ca", &[], Some("s_server.log"))
 }
 
-#[test]
-fn enrol_rotate_with_overlap_probe_and_retire() {
-    let env = Env::new();
+fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     let (_srv, port) = probe_server(&env);
     env.lifecycle_config(&format!(
@@ -135,9 +134,8 @@ fn enrol_rotate_with_overlap_probe_and_retire() {
     assert_eq!(env.run(&["needs-renewal", "gw"]).status.code(), Some(1));
 }
 
-#[test]
-fn bad_certificates_are_refused_and_the_old_identity_keeps_serving() {
-    let env = Env::new();
+fn bad_certificates_are_refused_and_the_old_identity_keeps_serving(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     env.lifecycle_config("[identity.renewal]\nretry_min = \"1s\"\nretry_max = \"1s\"");
     let ca = env.portal_ca(CaMode::Good);
@@ -200,9 +198,8 @@ fn bad_certificates_are_refused_and_the_old_identity_keeps_serving() {
     assert_eq!(ids_in_token(&env).len(), 2, "the pending key is kept");
 }
 
-#[test]
-fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation() {
-    let env = Env::new();
+fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     let (_srv, port) = probe_server(&env);
     env.lifecycle_config(&format!("probe_url = \"https://127.0.0.1:{port}/\""));
@@ -270,9 +267,8 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation() {
     }
 }
 
-#[test]
-fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly() {
-    let env = Env::new();
+fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     std::fs::write(
         env.path("notify.sh"),
@@ -338,9 +334,8 @@ fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly() {
     );
 }
 
-#[test]
-fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm() {
-    let env = Env::new();
+fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     env.lifecycle_config("");
     let _ca = env.portal_ca(CaMode::Good);
@@ -400,3 +395,12 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm() {
         "{log}"
     );
 }
+
+// Each runs on SoftHSM and on tpm2-pkcs11 over swtpm.
+hsm_shim::token_tests!(
+    enrol_rotate_with_overlap_probe_and_retire,
+    bad_certificates_are_refused_and_the_old_identity_keeps_serving,
+    sigkill_at_every_persisted_step_then_restart_completes_the_rotation,
+    reconcile_destroys_orphans_and_reports_a_missing_key_loudly,
+    the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm,
+);

@@ -25,9 +25,8 @@ fn token_identity(env: &Env, t: &str) -> (String, String) {
     (uri, cert)
 }
 
-#[test]
-fn client_mtls_against_openssl_s_server_every_key_type_tls13_and_tls12() {
-    let env = Env::new();
+fn client_mtls_against_openssl_s_server_every_key_type_tls13_and_tls12(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     env.openssl_leaf("ca", "server");
     for t in TYPES {
@@ -91,9 +90,8 @@ fn client_mtls_against_openssl_s_server_every_key_type_tls13_and_tls12() {
     }
 }
 
-#[test]
-fn token_key_serves_as_server_identity_to_openssl_s_client() {
-    let env = Env::new();
+fn token_key_serves_as_server_identity_to_openssl_s_client(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     env.openssl_leaf("ca", "client");
     for t in TYPES {
@@ -267,3 +265,9 @@ impl OutputWithInput for Command {
         )
     }
 }
+
+// Each runs on SoftHSM and on tpm2-pkcs11 over swtpm.
+hsm_shim::token_tests!(
+    client_mtls_against_openssl_s_server_every_key_type_tls13_and_tls12,
+    token_key_serves_as_server_identity_to_openssl_s_client,
+);
