@@ -1,9 +1,11 @@
-//! Signatures per second on one SoftHSM token: raw cryptoki calls (the baseline) against
-//! hsm-shim's rustls signer, 1 and 2 threads; and mTLS handshakes per second over loopback
-//! with the client key in the token against an in-memory key. Prints ratios.
+//! Signatures per second on a token: raw cryptoki calls (the baseline) against hsm-shim's
+//! rustls signer, 1 and 2 threads; and mTLS handshakes per second over loopback with the
+//! client key in the token against an in-memory key. Prints ratios, for SoftHSM and for
+//! tpm2-pkcs11 on a simulated TPM side by side (one child process per token kind).
 //! Run with `scripts/bench` (not part of the test suite).
 
 use hsm_shim::testing::bench::{paired, rate, raw_rate, secs, ROUNDS};
+use hsm_shim::testing::TokenKind;
 use hsm_shim::tls::TlsSigningKey;
 use hsm_shim::{KeyRef, KeyType, TokenKey};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -110,7 +112,87 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo test --benches` asks for a list; there is nothing to list.
     }
-    let t = hsm_shim::testing::TestToken::new();
+    match std::env::var("BENCH_TOKEN").ok().as_deref() {
+        Some("softhsm") => measure(TokenKind::SoftHsm),
+        Some("tpm") => measure(TokenKind::Tpm),
+        _ => side_by_side(),
+    }
+}
+
+/// One process per token kind (each module reads its configuration once per process); this
+/// parent runs both and prints their rows side by side.
+fn side_by_side() {
+    let exe = std::env::current_exe().expect("bench exe");
+    let rows: Vec<Vec<Vec<String>>> = TokenKind::ALL
+        .iter()
+        .map(|k| {
+            let out = std::process::Command::new(&exe)
+                .env("BENCH_TOKEN", k.name())
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("bench child");
+            assert!(out.status.success(), "{} bench failed", k.name());
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| l.split_whitespace().map(str::to_owned).collect())
+                .collect()
+        })
+        .collect();
+    println!(
+        "edge-signer signing benchmark, SoftHSM and tpm2-pkcs11 on swtpm side by side (each \
+         figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
+        secs().as_millis()
+    );
+    println!(
+        "{:<9} {:>3} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
+        "key", "thr", "raw sig/s", "shim", "ratio", "raw sig/s", "shim", "ratio"
+    );
+    print_rows(&rows, "sig", 2);
+    println!();
+    println!(
+        "{:<9} {:>3} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
+        "client", "", "mem hs/s", "token", "ratio", "mem hs/s", "token", "ratio"
+    );
+    print_rows(&rows, "hs", 1);
+    println!("(left: SoftHSM; right: tpm2-pkcs11 over tpm2-abrmd and swtpm)");
+}
+
+/// Print the rows tagged `tag` (`tag key [threads] base measured`) of both kinds.
+fn print_rows(rows: &[Vec<Vec<String>>], tag: &str, keys: usize) {
+    let pick = |r: &[Vec<String>]| -> Vec<Vec<String>> {
+        r.iter()
+            .filter(|l| l.first().map(String::as_str) == Some(tag))
+            .cloned()
+            .collect()
+    };
+    let (soft, tpm) = (pick(&rows[0]), pick(&rows[1]));
+    for (a, b) in soft.iter().zip(tpm.iter()) {
+        let num =
+            |l: &[String], i: usize| l.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        let thr = if keys == 2 { a[2].as_str() } else { "" };
+        let (ab, am, bb, bm) = (
+            num(a, keys + 1),
+            num(a, keys + 2),
+            num(b, keys + 1),
+            num(b, keys + 2),
+        );
+        println!(
+            "{:<9} {:>3} | {:>9.0} {:>9.0} {:>6.3} | {:>9.0} {:>9.0} {:>6.3}",
+            a[1],
+            thr,
+            ab,
+            am,
+            am / ab,
+            bb,
+            bm,
+            bm / bb
+        );
+    }
+}
+
+/// Measure on one token kind; prints `sig KEY THREADS RAW SHIM` and `hs KEY MEM TOKEN` lines.
+fn measure(kind: TokenKind) {
+    let t = hsm_shim::testing::TestToken::new_on(kind);
     let (module, token) = (t.module.clone(), t.token.clone());
 
     let ca_key = rcgen::KeyPair::generate().expect("ca key");
@@ -118,14 +200,6 @@ fn main() {
     cap.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = rcgen::CertifiedIssuer::self_signed(cap, ca_key).expect("ca");
 
-    println!(
-        "edge-signer signing benchmark on SoftHSM (each figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
-        secs().as_millis()
-    );
-    println!(
-        "{:<10} {:>7} {:>14} {:>14} {:>7}",
-        "key", "threads", "raw sig/s", "shim sig/s", "ratio"
-    );
     for kt in [KeyType::EcP256, KeyType::Rsa2048] {
         let info = token.generate_key(kt, &format!("bench-{kt}")).expect("key");
         let key = TokenKey::open(token.clone(), &KeyRef::Id(info.id.clone())).expect("key");
@@ -134,22 +208,9 @@ fn main() {
                 || raw_rate(&module, "test", PIN, &info.id, kt, threads),
                 || shim_rate(&key, threads),
             );
-            println!(
-                "{:<10} {:>7} {:>14.0} {:>14.0} {:>7.3}",
-                kt.as_str(),
-                threads,
-                raw,
-                shim,
-                shim / raw
-            );
+            println!("sig {} {threads} {raw:.1} {shim:.1}", kt.as_str());
         }
     }
-
-    println!();
-    println!(
-        "{:<10} {:>16} {:>16} {:>7}",
-        "client key", "in-memory hs/s", "token hs/s", "ratio"
-    );
     for kt in [KeyType::EcP256, KeyType::Rsa2048] {
         let info = token.generate_key(kt, &format!("hs-{kt}")).expect("key");
         let key = TokenKey::open(token.clone(), &KeyRef::Id(info.id)).expect("key");
@@ -187,12 +248,6 @@ fn main() {
             token_cert.der().clone(),
             &ca,
         );
-        println!(
-            "{:<10} {:>16.0} {:>16.0} {:>7.3}",
-            kt.as_str(),
-            mem,
-            tok,
-            tok / mem
-        );
+        println!("hs {} {mem:.1} {tok:.1}", kt.as_str());
     }
 }
