@@ -184,7 +184,27 @@ impl TokenKey {
             .mechanisms()?
             .plan_digest(self.info.key_type, alg)?;
         let (mech, data) = mechanism(plan, alg, digest);
-        self.sign_raw(alg, mech, &data)
+        let out = self.sign_raw(alg, mech, &data);
+        match out {
+            // tpm2-pkcs11 makes CKM_RSA_PKCS a raw RSA decryption (TPM2_RSA_Decrypt), which a
+            // sign-only key refuses (TPM_RC_ATTRIBUTES, reported as CKR_GENERAL_ERROR). The
+            // key stays sign-only: a key that decrypts is a signing oracle for anything.
+            Err(Error::Pkcs11 {
+                function,
+                ckr,
+                cause,
+                ..
+            }) if plan == SignPlan::DigestInSoftware(MechanismType::RSA_PKCS) => {
+                Err(Error::Pkcs11 {
+                    function,
+                    ckr,
+                    hint: " (this token cannot sign a ready-made digest with PKCS#1 v1.5 for a \
+                           sign-only key: send the data instead of a digest, or use RSA-PSS)",
+                    cause,
+                })
+            }
+            other => other,
+        }
     }
 
     /// Can the token make `alg` signatures with this key? (When the token will not say, yes:
@@ -212,6 +232,9 @@ impl TokenKey {
     fn sign_raw(&self, alg: SignAlg, mech: Mechanism<'static>, data: &[u8]) -> Result<Vec<u8>> {
         let start = std::time::Instant::now();
         let out = self.sign_in_token(alg, mech, data);
+        if out.is_ok() {
+            self.token.note_sign_time(start.elapsed());
+        }
         if let Some(observe) = OBSERVER.get() {
             let ckr = match &out {
                 Err(Error::Pkcs11 { ckr, .. }) => Some(ckr.as_str()),

@@ -9,7 +9,9 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 /// How a token is chosen among the module's slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +181,8 @@ pub struct Token {
     pool: Mutex<Vec<Session>>,
     max_idle: usize,
     mechanisms: OnceLock<Mechanisms>,
+    /// Moving average of a successful signature's time in µs (`u64::MAX`: none yet).
+    sign_micros: AtomicU64,
 }
 
 impl std::fmt::Debug for Token {
@@ -207,6 +211,7 @@ impl Token {
             pool: Mutex::new(Vec::new()),
             max_idle: 8,
             mechanisms: OnceLock::new(),
+            sign_micros: AtomicU64::new(u64::MAX),
         };
         // Open (and log in) one session now, so a wrong PIN is reported here.
         let first = token.open_session()?;
@@ -303,6 +308,30 @@ impl Token {
             }
         }
         Ok(self.mechanisms.get_or_init(|| Mechanisms::new(list)))
+    }
+
+    /// Fold one signature's time into the moving average (weight 1/8).
+    pub(crate) fn note_sign_time(&self, took: Duration) {
+        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX - 1);
+        let _ = self
+            .sign_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == u64::MAX {
+                    sample
+                } else {
+                    old - old / 8 + sample / 8
+                })
+            });
+    }
+
+    /// The typical time of one signature on this token (moving average), once one was made.
+    /// Servers use it to decide whether a signature is cheaper inline than handed to a
+    /// blocking thread.
+    pub fn typical_sign_time(&self) -> Option<Duration> {
+        match self.sign_micros.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// Whether the token answers now (one C_GetSessionInfo on a pooled session; a dead
