@@ -53,8 +53,33 @@ impl TlsVersions {
 }
 
 /// The crypto provider: ring (see ARCHITECTURE.md for why). Token keys sign in the token.
+///
+/// Cipher suites: AES-128-GCM with SHA-256 first, then ChaCha20-Poly1305, then AES-256-GCM
+/// with SHA-384 (ring's default puts the last first). The identities are P-256 or RSA-2048/3072
+/// keys with x25519 or P-256 key exchange, all at the 128-bit level, so AES-256 adds cost and
+/// no strength; and gateway CPUs (Cortex-A53/A7) hash SHA-256 in hardware or far faster than
+/// SHA-384, which TLS 1.3 uses for every handshake secret and transcript hash of that suite.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite as cs;
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![
+                    cs::TLS13_AES_128_GCM_SHA256,
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                    cs::TLS13_AES_256_GCM_SHA384,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                    cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                    cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                ],
+                ..rustls::crypto::ring::default_provider()
+            })
+        })
+        .clone()
 }
 
 /// Read every certificate of a PEM file.
