@@ -282,7 +282,9 @@ fn main() {
             "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\nmax_concurrent_per_caller = 64\n\
              [[api.allow]]\nuids = [{uid}]\nidentities = [\"gw\"]\noperations = [\"sign\"]\n\n\
              [[proxy]]\nname = \"bench\"\nlisten = \"127.0.0.1:{pport}\"\ntarget = \"127.0.0.1:{tport}\"\n\
-             identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n"
+             identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n\n\
+             [[proxy]]\nname = \"bench-unix\"\nlisten = \"{{p}}/proxy.sock\"\ntarget = \"127.0.0.1:{tport}\"\n\
+             identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nserver_name = \"127.0.0.1\"\n"
         ),
     );
     let _ca = env.portal_ca(CaMode::Good);
@@ -404,7 +406,7 @@ fn main() {
     // CPU ns on the sending side: direct = the client thread (TLS); proxied = the client
     // thread (plain writes) + the daemon (receive, TLS, send).
     let (mut direct_cpu, mut proxied_cpu) = (0u64, 0u64);
-    let daemon0 = proc_cpu_ns(daemon_pid);
+    let (mut via_unix, mut unix_cpu) = (0.0, 0u64);
     for _ in 0..rounds {
         let c0 = thread_cpu_ns();
         let tcp = TcpStream::connect(("127.0.0.1", tport)).unwrap();
@@ -418,16 +420,22 @@ fn main() {
             let _ = s.flush();
         });
         direct_cpu += thread_cpu_ns() - c0;
-        let c0 = thread_cpu_ns();
+        let (c0, d0) = (thread_cpu_ns(), proc_cpu_ns(daemon_pid));
         let tcp = TcpStream::connect(("127.0.0.1", pport)).unwrap();
         // Half-close: the proxy passes the EOF on as close_notify.
         proxied += stream_rate(tcp, total, |s| {
             let _ = s.shutdown(std::net::Shutdown::Write);
         });
-        proxied_cpu += thread_cpu_ns() - c0;
+        proxied_cpu += thread_cpu_ns() - c0 + proc_cpu_ns(daemon_pid) - d0;
+        // The same through the proxy's Unix-socket listener (the recommended local door).
+        let (c0, d0) = (thread_cpu_ns(), proc_cpu_ns(daemon_pid));
+        let s = UnixStream::connect(env.path("proxy.sock")).unwrap();
+        via_unix += stream_rate(s, total, |s| {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        });
+        unix_cpu += thread_cpu_ns() - c0 + proc_cpu_ns(daemon_pid) - d0;
     }
-    // The daemon idles during the direct rounds.
-    proxied_cpu += proc_cpu_ns(daemon_pid) - daemon0;
+
     let mib = |r: f64| r / rounds as f64 / (1 << 20) as f64;
     println!();
     println!(
@@ -441,6 +449,13 @@ fn main() {
         mib(proxied),
         proxied / direct
     );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>7.3}",
+        "  proxy on a Unix socket",
+        mib(direct),
+        mib(via_unix),
+        via_unix / direct
+    );
     let ms_per_gib = |ns: u64| ns as f64 / 1e6 / ((total * rounds) as f64 / (1u64 << 30) as f64);
     println!(
         "{:<28} {:>14.0} {:>14.0} {:>7.3}",
@@ -448,5 +463,12 @@ fn main() {
         ms_per_gib(direct_cpu),
         ms_per_gib(proxied_cpu),
         direct_cpu as f64 / proxied_cpu as f64
+    );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>7.3}",
+        "  the same, Unix socket",
+        ms_per_gib(direct_cpu),
+        ms_per_gib(unix_cpu),
+        direct_cpu as f64 / unix_cpu as f64
     );
 }
