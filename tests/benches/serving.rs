@@ -98,35 +98,43 @@ fn target(env: &Env) -> u16 {
             .with_single_cert(chain, key)
             .unwrap(),
     );
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = Arc::new(TcpListener::bind("127.0.0.1:0").unwrap());
     let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for tcp in l.incoming().flatten() {
-            let cfg = cfg.clone();
-            std::thread::spawn(move || {
-                let _ = tcp.set_nodelay(true);
-                let conn = rustls::ServerConnection::new(cfg).unwrap();
-                let mut tls = rustls::StreamOwned::new(conn, tcp);
-                let mut cmd = [0u8; 1];
-                if tls.read_exact(&mut cmd).is_err() {
-                    return;
-                }
-                if cmd[0] == b'q' {
-                    let _ = tls.write_all(b"k");
-                } else {
-                    let mut n = 0u64;
-                    let mut buf = vec![0u8; 1 << 16];
-                    while let Ok(k @ 1..) = tls.read(&mut buf) {
-                        n += k as u64;
-                    }
-                    let _ = tls.write_all(&n.to_be_bytes());
-                }
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-            });
-        }
-    });
+    // A fixed pool of threads that each accept and serve one connection at a time, the way a
+    // pre-forked server works: a thread spawned per connection would add the same cost to
+    // both sides of every comparison and hide the difference being measured.
+    for _ in 0..4 {
+        let (l, cfg) = (l.clone(), cfg.clone());
+        std::thread::spawn(move || {
+            for tcp in l.incoming().flatten() {
+                serve_target(cfg.clone(), tcp);
+            }
+        });
+    }
     port
+}
+
+/// One target connection: `q` answers `k`; `s` counts bytes to EOF and answers the count.
+fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let conn = rustls::ServerConnection::new(cfg).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut cmd = [0u8; 1];
+    if tls.read_exact(&mut cmd).is_err() {
+        return;
+    }
+    if cmd[0] == b'q' {
+        let _ = tls.write_all(b"k");
+    } else {
+        let mut n = 0u64;
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(k @ 1..) = tls.read(&mut buf) {
+            n += k as u64;
+        }
+        let _ = tls.write_all(&n.to_be_bytes());
+    }
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
 }
 
 /// One keep-alive signature request on `s`.
