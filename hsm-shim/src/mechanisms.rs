@@ -51,15 +51,18 @@ impl Mechanisms {
                 "the token cannot generate {kt} keys: it has no {gen}"
             )));
         };
-        if !kt.is_ec() {
-            // RSA sizes are in bits (PKCS#11 2.40 §2.1.4).
-            let bits = kt.modulus_bits() as usize;
-            let (min, max) = (info.min_key_size(), info.max_key_size());
-            if bits < min || bits > max {
-                return Err(Error::Unsupported(format!(
-                    "the token cannot generate {kt} keys: its {gen} takes {min} to {max} bits"
-                )));
-            }
+        // Sizes in bits: the modulus for RSA, the curve's field for EC (PKCS#11 2.40 §2.1.4,
+        // §2.3.3). A token that reports no range (max 0) is not held to one.
+        let bits = if kt.is_ec() {
+            kt.ec_coord_len() * 8
+        } else {
+            kt.modulus_bits() as usize
+        };
+        let (min, max) = (info.min_key_size(), info.max_key_size());
+        if max > 0 && (bits < min || bits > max) {
+            return Err(Error::Unsupported(format!(
+                "the token cannot generate {kt} keys: its {gen} takes {min} to {max} bits"
+            )));
         }
         Ok(())
     }
@@ -173,6 +176,14 @@ mod tests {
         assert!(e.contains("1024 to 2048 bits"), "{e}");
         let e = m.check_keygen(KeyType::EcP256).unwrap_err().to_string();
         assert!(e.contains("CKM_EC_KEY_PAIR_GEN"), "{e}");
+        let ec_only_256 =
+            Mechanisms::new(vec![(MechanismType::ECC_KEY_PAIR_GEN, info(256, 256, GEN))]);
+        assert!(ec_only_256.check_keygen(KeyType::EcP256).is_ok());
+        let e = ec_only_256
+            .check_keygen(KeyType::EcP384)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("256 to 256 bits"), "{e}");
         let ec = SignAlg::Ecdsa {
             hash: Hash::Sha256,
             der: true,
