@@ -2,8 +2,10 @@
 //!
 //! Keys are generated inside a token and never leave it. This crate opens the token
 //! (module loaded once per path, slot by label or serial, PIN in zeroizing memory, a pool of
-//! sessions), manages key pairs and certificate objects by `CKA_ID`, prints and parses
-//! RFC 7512 URIs, and signs for rustls (TLS), rcgen (CSRs) and JWS.
+//! sessions), asks the token what it can do (mechanisms, key sizes) instead of assuming
+//! SoftHSM, manages key pairs and certificate objects by `CKA_ID`, prints and parses RFC 7512
+//! URIs, and signs for rustls (TLS), rcgen (CSRs) and JWS. Tested on SoftHSM and on
+//! tpm2-pkcs11 over a simulated TPM.
 #![deny(missing_docs)]
 
 pub mod csr;
