@@ -10,7 +10,7 @@
 use edge_signer_tests::*;
 use hsm_shim::testing::bench::{paired, rate, raw_rate, secs, ROUNDS};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -266,85 +266,104 @@ fn which(cmd: &str) -> Option<()> {
         .map(|_| ())
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let env = Env::new();
-    env.make_ca("ca");
-    env.openssl_leaf("ca", "server");
-    let tport = target(&env);
-    let pport = free_port();
-    let uid = String::from_utf8_lossy(
-        &std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .trim()
-    .to_owned();
-    env.serving_config(
-        "1d",
-        &format!(
-            "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\nmax_concurrent_per_caller = 64\n\
-             [[api.allow]]\nuids = [{uid}]\nidentities = [\"gw\"]\noperations = [\"sign\"]\n\n\
-             [[proxy]]\nname = \"bench\"\nlisten = \"127.0.0.1:{pport}\"\ntarget = \"127.0.0.1:{tport}\"\n\
-             identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n\n\
-             [[proxy]]\nname = \"bench-unix\"\nlisten = \"{{p}}/proxy.sock\"\ntarget = \"127.0.0.1:{tport}\"\n\
-             identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nserver_name = \"127.0.0.1\"\n"
-        ),
-    );
-    let _ca = env.portal_ca(CaMode::Good);
-    let daemon = Guard(
-        env.cmd()
-            .arg("run")
-            .env("EDGE_SIGNER_LOG", "warn")
-            .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let daemon_pid = daemon.0.id();
-    env.wait_current("gw", 1);
-    let sock = env.path("api.sock");
-    let start = Instant::now();
-    while UnixStream::connect(&sock).is_err()
-        || std::net::TcpStream::connect(("127.0.0.1", pport)).is_err()
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the daemon's listeners never came up"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let gen = &env.register()["identities"]["gw"]["generations"][0];
-    let key_id = gen["key_id"].as_str().unwrap().to_owned();
-    std::fs::write(env.path("chain.pem"), gen["cert_pem"].as_str().unwrap()).unwrap();
-    // In-process access to the same token (the raw baseline and direct TLS).
-    // Safe: before any module is loaded in this process.
-    unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf")) };
-    let id = hsm_shim::keys::unhex(&key_id).unwrap();
+/// The world every part measures in: a token, a target, the release daemon with the API and
+/// two proxy routes (TCP and Unix socket) on identity `gw`.
+struct Bench {
+    env: Env,
+    _ca: PortalCa,
+    daemon: Guard,
+    /// Port of the target (TLS, client certificate required).
+    tport: u16,
+    /// Port of the proxy's TCP listener.
+    pport: u16,
+    /// `gw`'s key: CKA_ID as hex and as bytes.
+    key_id: String,
+    id: Vec<u8>,
+}
 
-    println!(
-        "edge-signer serving benchmark on SoftHSM, release daemon (each figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
-        secs().as_millis()
-    );
+impl Bench {
+    fn start() -> Bench {
+        let env = Env::new();
+        env.make_ca("ca");
+        env.openssl_leaf("ca", "server");
+        let tport = target(&env);
+        let pport = free_port();
+        let uid = String::from_utf8_lossy(
+            &std::process::Command::new("id")
+                .arg("-u")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .trim()
+        .to_owned();
+        env.serving_config(
+            "1d",
+            &format!(
+                "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\nmax_concurrent_per_caller = 64\n\
+                 [[api.allow]]\nuids = [{uid}]\nidentities = [\"gw\"]\noperations = [\"sign\"]\n\n\
+                 [[proxy]]\nname = \"bench\"\nlisten = \"127.0.0.1:{pport}\"\ntarget = \"127.0.0.1:{tport}\"\n\
+                 identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n\n\
+                 [[proxy]]\nname = \"bench-unix\"\nlisten = \"{{p}}/proxy.sock\"\ntarget = \"127.0.0.1:{tport}\"\n\
+                 identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nserver_name = \"127.0.0.1\"\n"
+            ),
+        );
+        let ca = env.portal_ca(CaMode::Good);
+        let daemon = Guard(
+            env.cmd()
+                .arg("run")
+                .env("EDGE_SIGNER_LOG", "warn")
+                .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        env.wait_current("gw", 1);
+        let start = Instant::now();
+        while UnixStream::connect(env.path("api.sock")).is_err()
+            || std::net::TcpStream::connect(("127.0.0.1", pport)).is_err()
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the daemon's listeners never came up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let gen = &env.register()["identities"]["gw"]["generations"][0];
+        let key_id = gen["key_id"].as_str().unwrap().to_owned();
+        std::fs::write(env.path("chain.pem"), gen["cert_pem"].as_str().unwrap()).unwrap();
+        // In-process access to the same token (the raw baseline and direct TLS).
+        // Safe: before any module is loaded in this process.
+        unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf")) };
+        let id = hsm_shim::keys::unhex(&key_id).unwrap();
+        Bench {
+            env,
+            _ca: ca,
+            daemon,
+            tport,
+            pport,
+            key_id,
+            id,
+        }
+    }
+
+    fn daemon_pid(&self) -> u32 {
+        self.daemon.0.id()
+    }
+}
+
+/// Signatures/s through the API vs raw cryptoki, 1 and 2 threads.
+fn api_part(b: &Bench) {
     println!(
         "{:<28} {:>7} {:>14} {:>14} {:>7}",
         "signatures", "threads", "raw sig/s", "API sig/s", "ratio"
     );
+    let sock = b.env.path("api.sock");
     for threads in [1, 2] {
         let (raw, api) = paired(
             || {
-                raw_rate(
-                    &module(),
-                    LABEL,
-                    USER_PIN,
-                    &id,
-                    hsm_shim::KeyType::EcP256,
-                    threads,
-                )
+                let kt = hsm_shim::KeyType::EcP256;
+                raw_rate(&module(), LABEL, USER_PIN, &b.id, kt, threads)
             },
             || api_rate(&sock, threads),
         );
@@ -357,126 +376,53 @@ fn main() {
             api / raw
         );
     }
+}
 
-    println!();
-    match stunnel(&env, free_port(), tport, &key_id) {
-        Some(g) => {
-            let sport = {
-                let conf = std::fs::read_to_string(env.path("stunnel.conf")).unwrap();
-                conf.lines()
-                    .find_map(|l| l.strip_prefix("accept = 127.0.0.1:"))
-                    .unwrap()
-                    .parse::<u16>()
-                    .unwrap()
-            };
-            let [(st, st_cpu), (px, px_cpu)] =
-                paired_conns((sport, g.0.id()), (pport, daemon_pid));
-            println!("{:<28} {:>14} {:>14} {:>7}", "new connections (hs + 1 req)", "stunnel conn/s", "proxy conn/s", "ratio");
-            println!("{:<28} {:>14.0} {:>14.0} {:>7.3}", "ES256 token key", st, px, px / st);
-            // On 2 cores the load generator and the target share the CPU with the proxy, so
-            // conn/s understates the difference; CPU per connection is the proxy's own cost.
-            println!("{:<28} {:>14.0} {:>14.0} {:>7.3}", "  CPU µs per connection", st_cpu, px_cpu, st_cpu / px_cpu);
-            drop(g);
-        }
-        None => println!("stunnel4 or libengine-pkcs11-openssl missing: proxy vs stunnel skipped (scripts/setup installs them)"),
-    }
-
-    // One long connection: through the proxy vs direct TLS with the same token key.
-    let token = hsm_shim::Token::open(
-        &module(),
-        &hsm_shim::TokenSelector::Label(LABEL.into()),
-        Some(hsm_shim::testing::pin(USER_PIN)),
-    )
-    .unwrap();
-    let key = hsm_shim::TokenKey::open(token, &hsm_shim::KeyRef::Id(id)).unwrap();
-    let chain: Vec<_> = CertificateDer::pem_file_iter(env.path("chain.pem"))
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect();
-    let ck = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(env.path("ca.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let client = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck))),
-    );
-    let total: usize = std::env::var("BENCH_BYTES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(128 << 20);
-    let rounds = 5;
-    let (mut direct, mut proxied) = (0.0, 0.0);
-    // CPU ns on the sending side: direct = the client thread (TLS); proxied = the client
-    // thread (plain writes) + the daemon (receive, TLS, send).
-    let (mut direct_cpu, mut proxied_cpu) = (0u64, 0u64);
-    let (mut via_unix, mut unix_cpu) = (0.0, 0u64);
-    for _ in 0..rounds {
-        let c0 = thread_cpu_ns();
-        let tcp = TcpStream::connect(("127.0.0.1", tport)).unwrap();
-        let conn = rustls::ClientConnection::new(
-            client.clone(),
-            ServerName::try_from("127.0.0.1").unwrap(),
-        )
-        .unwrap();
-        direct += stream_rate(rustls::StreamOwned::new(conn, tcp), total, |s| {
-            s.conn.send_close_notify();
-            let _ = s.flush();
-        });
-        direct_cpu += thread_cpu_ns() - c0;
-        let (c0, d0) = (thread_cpu_ns(), proc_cpu_ns(daemon_pid));
-        let tcp = TcpStream::connect(("127.0.0.1", pport)).unwrap();
-        // Half-close: the proxy passes the EOF on as close_notify.
-        proxied += stream_rate(tcp, total, |s| {
-            let _ = s.shutdown(std::net::Shutdown::Write);
-        });
-        proxied_cpu += thread_cpu_ns() - c0 + proc_cpu_ns(daemon_pid) - d0;
-        // The same through the proxy's Unix-socket listener (the recommended local door).
-        let (c0, d0) = (thread_cpu_ns(), proc_cpu_ns(daemon_pid));
-        let s = UnixStream::connect(env.path("proxy.sock")).unwrap();
-        via_unix += stream_rate(s, total, |s| {
-            let _ = s.shutdown(std::net::Shutdown::Write);
-        });
-        unix_cpu += thread_cpu_ns() - c0 + proc_cpu_ns(daemon_pid) - d0;
-    }
-
-    let mib = |r: f64| r / rounds as f64 / (1 << 20) as f64;
-    println!();
+/// New connections/s (and CPU per connection) through the proxy vs stunnel.
+fn proxy_part(b: &Bench) {
+    let sport = free_port();
+    let Some(g) = stunnel(&b.env, sport, b.tport, &b.key_id) else {
+        println!("stunnel4 or libengine-pkcs11-openssl missing: proxy vs stunnel skipped (scripts/setup installs them)");
+        return;
+    };
+    let [(st, st_cpu), (px, px_cpu)] = paired_conns((sport, g.0.id()), (b.pport, b.daemon_pid()));
     println!(
         "{:<28} {:>14} {:>14} {:>7}",
-        "one connection, bulk", "direct MiB/s", "proxy MiB/s", "ratio"
+        "new connections (hs + 1 req)", "stunnel conn/s", "proxy conn/s", "ratio"
     );
     println!(
         "{:<28} {:>14.0} {:>14.0} {:>7.3}",
-        format!("{} MiB x {rounds}, alternated", total >> 20),
-        mib(direct),
-        mib(proxied),
-        proxied / direct
+        "ES256 token key",
+        st,
+        px,
+        px / st
     );
+    // The load generator and the target share the 2 cores with the proxy, and one sequential
+    // client makes conn/s a latency figure; CPU per connection is the proxy's own cost.
     println!(
         "{:<28} {:>14.0} {:>14.0} {:>7.3}",
-        "  proxy on a Unix socket",
-        mib(direct),
-        mib(via_unix),
-        via_unix / direct
-    );
-    let ms_per_gib = |ns: u64| ns as f64 / 1e6 / ((total * rounds) as f64 / (1u64 << 30) as f64);
-    println!(
-        "{:<28} {:>14.0} {:>14.0} {:>7.3}",
-        "  sender CPU ms per GiB",
-        ms_per_gib(direct_cpu),
-        ms_per_gib(proxied_cpu),
-        direct_cpu as f64 / proxied_cpu as f64
-    );
-    println!(
-        "{:<28} {:>14.0} {:>14.0} {:>7.3}",
-        "  the same, Unix socket",
-        ms_per_gib(direct_cpu),
-        ms_per_gib(unix_cpu),
-        direct_cpu as f64 / unix_cpu as f64
+        "  CPU µs per connection",
+        st_cpu,
+        px_cpu,
+        st_cpu / px_cpu
     );
 }
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let b = Bench::start();
+    println!(
+        "edge-signer serving benchmark on SoftHSM, release daemon (each figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
+        secs().as_millis()
+    );
+    api_part(&b);
+    println!();
+    proxy_part(&b);
+    println!();
+    bulk::bulk_part(&b);
+}
+
+#[path = "serving/bulk.rs"]
+mod bulk;

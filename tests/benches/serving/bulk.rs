@@ -1,0 +1,127 @@
+//! Bytes/s through one long connection: the proxy (TCP and Unix-socket listeners) vs direct
+//! TLS with the same token key, and the sending side's CPU per GiB.
+
+use super::{proc_cpu_ns, provider, stream_rate, thread_cpu_ns, Bench};
+use edge_signer_tests::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+/// A client config presenting `gw`'s token key, for direct TLS to the target.
+fn direct_client(b: &Bench) -> Arc<rustls::ClientConfig> {
+    let token = hsm_shim::Token::open(
+        &module(),
+        &hsm_shim::TokenSelector::Label(LABEL.into()),
+        Some(hsm_shim::testing::pin(USER_PIN)),
+    )
+    .unwrap();
+    let key = hsm_shim::TokenKey::open(token, &hsm_shim::KeyRef::Id(b.id.clone())).unwrap();
+    let chain: Vec<_> = CertificateDer::pem_file_iter(b.env.path("chain.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let ck = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(b.env.path("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck))),
+    )
+}
+
+/// (bytes/s summed over rounds, sender CPU ns) of each way, in rounds that alternate them.
+#[derive(Default)]
+struct Sums {
+    rate: f64,
+    cpu: u64,
+}
+
+/// Measure one stream: `f` sends it and returns bytes/s; `daemon` is counted when given.
+fn measured(sum: &mut Sums, daemon: Option<u32>, f: impl FnOnce() -> f64) {
+    let (c0, d0) = (thread_cpu_ns(), daemon.map(proc_cpu_ns).unwrap_or(0));
+    sum.rate += f();
+    sum.cpu += thread_cpu_ns() - c0 + daemon.map(proc_cpu_ns).unwrap_or(0) - d0;
+}
+
+pub(super) fn bulk_part(b: &Bench) {
+    let client = direct_client(b);
+    let total: usize = std::env::var("BENCH_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128 << 20);
+    let rounds = 5;
+    // CPU on the sending side: direct = the client thread (TLS); proxied = the client thread
+    // (plain writes) + the daemon (receive, TLS, send).
+    let (mut direct, mut tcp, mut unix) = (Sums::default(), Sums::default(), Sums::default());
+    let daemon = Some(b.daemon_pid());
+    for _ in 0..rounds {
+        measured(&mut direct, None, || {
+            let s = TcpStream::connect(("127.0.0.1", b.tport)).unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let conn = rustls::ClientConnection::new(client.clone(), name).unwrap();
+            stream_rate(rustls::StreamOwned::new(conn, s), total, |s| {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            })
+        });
+        // Half-close: the proxy passes the EOF on as close_notify.
+        measured(&mut tcp, daemon, || {
+            let s = TcpStream::connect(("127.0.0.1", b.pport)).unwrap();
+            stream_rate(s, total, |s| {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            })
+        });
+        // The same through the proxy's Unix-socket listener (the recommended local door).
+        measured(&mut unix, daemon, || {
+            let s = UnixStream::connect(b.env.path("proxy.sock")).unwrap();
+            stream_rate(s, total, |s| {
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            })
+        });
+    }
+    let mib = |r: f64| r / rounds as f64 / (1 << 20) as f64;
+    let ms_per_gib = |ns: u64| ns as f64 / 1e6 / ((total * rounds) as f64 / (1u64 << 30) as f64);
+    println!(
+        "{:<28} {:>14} {:>14} {:>7}",
+        "one connection, bulk", "direct MiB/s", "proxy MiB/s", "ratio"
+    );
+    let row = |label: String, d: f64, p: f64, ratio: f64| {
+        println!("{label:<28} {d:>14.0} {p:>14.0} {ratio:>7.3}");
+    };
+    let label = format!("{} MiB x {rounds}, alternated", total >> 20);
+    row(
+        label,
+        mib(direct.rate),
+        mib(tcp.rate),
+        tcp.rate / direct.rate,
+    );
+    let (dr, ur) = (mib(direct.rate), mib(unix.rate));
+    row(
+        "  proxy on a Unix socket".into(),
+        dr,
+        ur,
+        unix.rate / direct.rate,
+    );
+    let (dc, tc, uc) = (direct.cpu, tcp.cpu, unix.cpu);
+    let per = |x: u64| ms_per_gib(x);
+    row(
+        "  sender CPU ms per GiB".into(),
+        per(dc),
+        per(tc),
+        dc as f64 / tc as f64,
+    );
+    row(
+        "  the same, Unix socket".into(),
+        per(dc),
+        per(uc),
+        dc as f64 / uc as f64,
+    );
+}
