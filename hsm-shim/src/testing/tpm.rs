@@ -116,8 +116,14 @@ impl SimTpm {
             let start = Instant::now();
             while start.elapsed() < Duration::from_secs(10) {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    children.push(child);
-                    return port;
+                    // Ours, not a neighbour test's that took the port first: a swtpm that
+                    // could not bind exits at once.
+                    std::thread::sleep(Duration::from_millis(50));
+                    if matches!(child.try_wait(), Ok(None)) {
+                        children.push(child);
+                        return port;
+                    }
+                    break;
                 }
                 if let Ok(Some(_)) = child.try_wait() {
                     break; // port taken meanwhile: try another
