@@ -141,15 +141,8 @@ impl ApiState {
     }
 }
 
-fn count(c: &Caller, op: Operation, result: &str) {
-    metrics::get()
-        .api_requests
-        .get_or_create(&metrics::labels(&[
-            ("uid", &c.uid.to_string()),
-            ("op", op.as_str()),
-            ("result", result),
-        ]))
-        .inc();
+fn count(c: &Caller, op: Operation, result: &'static str) {
+    metrics::get().api_request(c.uid, op.as_str(), result);
 }
 
 /// The routes, with the body size cap.
@@ -255,7 +248,7 @@ async fn sign(
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
     req: Result<Json<SignRequest>, axum::extract::rejection::JsonRejection>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<SignResponse>> {
     st.check(&c, Operation::Sign, Some(&name))?;
     let Json(req) = req.map_err(|e| rejected("sign", e))?;
     let _slot = st.slot(&c)?;
@@ -279,9 +272,21 @@ async fn sign(
         )
     })?;
     count(&c, Operation::Sign, "ok");
-    Ok(Json(serde_json::json!({
-        "signature": B64.encode(sig), "alg": alg_name, "generation": s.generation, "key_uri": s.key_uri,
-    })))
+    Ok(Json(SignResponse {
+        signature: B64.encode(sig),
+        alg: alg_name,
+        generation: s.generation,
+        key_uri: s.key_uri.clone(),
+    }))
+}
+
+/// The answer to a signature request.
+#[derive(serde::Serialize)]
+struct SignResponse {
+    signature: String,
+    alg: String,
+    generation: u32,
+    key_uri: String,
 }
 
 async fn jws(

@@ -8,7 +8,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{OnceLock, RwLock};
 
 type Labels = Vec<(&'static str, String)>;
 type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
@@ -34,6 +35,11 @@ pub struct Metrics {
     pub proxy_bytes: Family<Labels, Counter>,
     /// Fleet configuration bundle version in effect.
     pub bundle_version: Gauge,
+    /// The signature histograms of the three mechanism families, looked up once (a
+    /// signature is the hot path: no label allocation per observation).
+    sign_by_mechanism: [(&'static str, Histogram); 3],
+    /// API request counters by (uid, operation, result), looked up once each.
+    api_cache: RwLock<HashMap<(u32, &'static str, &'static str), Counter>>,
 }
 
 fn sign_histogram() -> Histogram {
@@ -42,9 +48,13 @@ fn sign_histogram() -> Histogram {
 
 fn observe_sign(mechanism: &'static str, secs: f64, ckr: Option<&str>) {
     let m = get();
-    m.sign_seconds
-        .get_or_create(&vec![("mechanism", mechanism.to_owned())])
-        .observe(secs);
+    match m.sign_by_mechanism.iter().find(|(n, _)| *n == mechanism) {
+        Some((_, h)) => h.observe(secs),
+        None => m
+            .sign_seconds
+            .get_or_create(&vec![("mechanism", mechanism.to_owned())])
+            .observe(secs),
+    }
     if let Some(ckr) = ckr {
         m.token_errors
             .get_or_create(&vec![("ckr", ckr.to_owned())])
@@ -55,17 +65,26 @@ fn observe_sign(mechanism: &'static str, secs: f64, ckr: Option<&str>) {
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::with_prefix("edge_signer");
+        let sign_seconds: HistogramFamily = Family::new_with_constructor(sign_histogram);
+        let sign_by_mechanism = ["ecdsa", "rsa-pkcs1", "rsa-pss"].map(|n| {
+            let h = sign_seconds
+                .get_or_create(&vec![("mechanism", n.to_owned())])
+                .clone();
+            (n, h)
+        });
         let m = Metrics {
             not_after: Family::default(),
             renewals: Family::default(),
             last_success: Family::default(),
-            sign_seconds: Family::new_with_constructor(sign_histogram),
+            sign_seconds,
             token_errors: Family::default(),
             api_requests: Family::default(),
             proxy_connections: Family::default(),
             proxy_bytes: Family::default(),
             bundle_version: Gauge::default(),
             registry: Registry::default(),
+            sign_by_mechanism,
+            api_cache: RwLock::default(),
         };
         registry.register(
             "certificate_not_after_timestamp_seconds",
@@ -113,6 +132,33 @@ impl Metrics {
             m.bundle_version.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Count one API request (the counter of each uid/operation/result is looked up once).
+    pub fn api_request(&self, uid: u32, op: &'static str, result: &'static str) {
+        let key = (uid, op, result);
+        let cached = self
+            .api_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .cloned();
+        let counter = cached.unwrap_or_else(|| {
+            let c = self
+                .api_requests
+                .get_or_create(&labels(&[
+                    ("uid", &uid.to_string()),
+                    ("op", op),
+                    ("result", result),
+                ]))
+                .clone();
+            self.api_cache
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, c.clone());
+            c
+        });
+        counter.inc();
     }
 
     /// The text exposition.
