@@ -138,6 +138,45 @@ pub struct Generation {
     pub name_differences: Vec<String>,
 }
 
+impl Generation {
+    /// A planned generation: pending, with no key, request or certificate yet.
+    pub fn planned(
+        number: u32,
+        key_label: String,
+        subject: String,
+        sans: Vec<String>,
+        issuer: String,
+        created_at: Unix,
+    ) -> Generation {
+        Generation {
+            number,
+            status: GenStatus::Pending,
+            key_label,
+            key_id: None,
+            key_uri: None,
+            subject,
+            sans,
+            csr_pem: None,
+            issuer,
+            submission: None,
+            cert_pem: None,
+            serial: None,
+            fingerprint: None,
+            not_before: None,
+            not_after: None,
+            overlap_until: None,
+            reminders_fired: Vec::new(),
+            created_at,
+            kid: None,
+            request: None,
+            previous_expiry: None,
+            sent_at: None,
+            subject_issued: None,
+            name_differences: Vec::new(),
+        }
+    }
+}
+
 /// A failed attempt, to retry with backoff.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {

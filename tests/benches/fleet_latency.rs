@@ -2,7 +2,7 @@
 //! agent → its result received by a subscriber; median and max ms over N bundles
 //! (`BENCH_BUNDLES`, default 10). Includes starting the `edge-signer fleet publish` process.
 
-use edge_signer_tests::mqtt::{operator_env, Mosquitto};
+use edge_signer_tests::mqtt::{self, operator_env, Mosquitto};
 use edge_signer_tests::*;
 use std::time::{Duration, Instant};
 
@@ -38,22 +38,14 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let p = |f: &str| op.path_str(f);
-    let _sub = Guard(
-        std::process::Command::new("mosquitto_sub")
-            .args(["-h", "127.0.0.1", "-p", &broker.port.to_string()])
-            .args([
-                "--cafile",
-                &p("ca.pem"),
-                "--cert",
-                &p("operator.pem"),
-                "--key",
-                &p("operator.key"),
-            ])
-            .args(["-t", "edge-signer/dev-a/bundle/result"])
-            .stdout(std::fs::File::create(p("results.txt")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let topic = "edge-signer/dev-a/bundle/result";
+    let _sub = Guard(mqtt::operator_sub(
+        &op,
+        broker.port,
+        topic,
+        false,
+        "results.txt",
+    ));
     std::thread::sleep(Duration::from_millis(500));
     let mut ms = Vec::new();
     for v in 1..=n {
@@ -66,17 +58,7 @@ fn main() {
         )
         .unwrap();
         let out = format!("v{v}.bundle");
-        op.ok(&[
-            "fleet",
-            "sign",
-            "--key",
-            "fleet.key",
-            "--version",
-            &v.to_string(),
-            "site.toml",
-            "-o",
-            &out,
-        ]);
+        op.fleet_sign("fleet.key", &v.to_string(), "site.toml", &out);
         let t0 = Instant::now();
         let args = [
             "fleet",

@@ -196,6 +196,21 @@ impl Env {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// `edge-signer fleet sign --key KEY --version VERSION INPUT -o OUT`; insists on success.
+    pub fn fleet_sign(&self, key: &str, version: &str, input: &str, out: &str) -> String {
+        self.ok(&[
+            "fleet",
+            "sign",
+            "--key",
+            key,
+            "--version",
+            version,
+            input,
+            "-o",
+            out,
+        ])
+    }
+
     /// Generate a key; returns its URI.
     pub fn generate(&self, key_type: &str, label: &str) -> String {
         self.json(&["key", "generate", "--type", key_type, "--label", label])["uri"]
@@ -424,6 +439,13 @@ state_dir = "{p}/state"
             token = self.token_toml()
         );
         std::fs::write(self.path("defaults.toml"), cfg).expect("config");
+    }
+
+    /// The CN of identity `gw`'s generation `generation` (1-based), from the register.
+    pub fn gw_cn(&self, generation: usize) -> String {
+        let g = &self.register()["identities"]["gw"]["generations"][generation - 1];
+        let subject = g["subject"].as_str().expect("subject");
+        subject.rsplit("CN=").next().unwrap_or(subject).to_owned()
     }
 
     /// Read the register.

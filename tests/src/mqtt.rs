@@ -4,7 +4,7 @@
 
 use crate::{free_port, wait_port, Env, Guard};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, Command};
 
 fn is_root() -> bool {
     Command::new("id")
@@ -138,4 +138,21 @@ impl Env {
             ),
         );
     }
+}
+
+/// `mosquitto_sub` as the operator (`operator.pem`/`.key` of `op`, trusting `ca.pem`) on the
+/// broker at `port`, subscribed to `topic`, writing what it receives (`-v`: with topics) to
+/// `out` in `op`'s dir.
+pub fn operator_sub(op: &Env, port: u16, topic: &str, verbose: bool, out: &str) -> Child {
+    let p = |f: &str| op.path_str(f);
+    let mut c = Command::new("mosquitto_sub");
+    c.args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["--cafile", &p("ca.pem"), "--cert", &p("operator.pem")])
+        .args(["--key", &p("operator.key"), "-t", topic]);
+    if verbose {
+        c.arg("-v");
+    }
+    c.stdout(std::fs::File::create(p(out)).expect("subscriber output"))
+        .spawn()
+        .expect("mosquitto_sub (mosquitto-clients) is installed by scripts/setup")
 }

@@ -81,26 +81,9 @@ impl Operator<'_> {
 
     /// Results published by the devices, collected by mosquitto_sub meanwhile.
     fn results(&self) -> std::process::Child {
-        let p = |f: &str| self.env.path_str(f);
-        std::process::Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                self.url.rsplit(':').next().unwrap(),
-            ])
-            .args([
-                "--cafile",
-                &p("ca.pem"),
-                "--cert",
-                &p("operator.pem"),
-                "--key",
-                &p("operator.key"),
-            ])
-            .args(["-t", "edge-signer/+/bundle/result", "-v"])
-            .stdout(std::fs::File::create(p("results.txt")).unwrap())
-            .spawn()
-            .unwrap()
+        let port = self.url.rsplit(':').next().unwrap().parse().unwrap();
+        let topic = "edge-signer/+/bundle/result";
+        edge_signer_tests::mqtt::operator_sub(self.env, port, topic, true, "results.txt")
     }
 }
 
@@ -140,13 +123,7 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
     a.wait_current("gw", 1);
     b.wait_current("gw", 1);
     // Each connects with its token identity: the broker logs the certificate's CN.
-    let cn_a = a.register()["identities"]["gw"]["generations"][0]["subject"]
-        .as_str()
-        .unwrap()
-        .rsplit("CN=")
-        .next()
-        .unwrap()
-        .to_owned();
+    let cn_a = a.gw_cn(1);
     let start = Instant::now();
     while !(broker.log().contains("as dev-a") && broker.log().contains(&format!("u'{cn_a}'"))) {
         assert!(
@@ -177,17 +154,7 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
             ),
         )
         .unwrap();
-        op_env.ok(&[
-            "fleet",
-            "sign",
-            "--key",
-            key,
-            "--version",
-            v,
-            "site.toml",
-            "-o",
-            out,
-        ]);
+        op_env.fleet_sign(key, v, "site.toml", out);
     };
     sign("fleet.key", "1", "v1.bundle");
     sign("fleet.key", "2", "v2.bundle");
@@ -242,13 +209,7 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
     std::thread::sleep(Duration::from_millis(1100));
     a.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     let g = a.register()["identities"]["gw"]["generations"].clone();
-    let cn2 = g[1]["subject"]
-        .as_str()
-        .unwrap()
-        .rsplit("CN=")
-        .next()
-        .unwrap()
-        .to_owned();
+    let cn2 = a.gw_cn(2);
     wait_for("dev-a reconnected with the new CN", 20, || {
         broker.log().contains(&format!("u'{cn2}'"))
     });
@@ -293,17 +254,7 @@ fn a_broker_outage_changes_nothing_and_the_agent_comes_back_by_itself() {
     std::thread::sleep(outage.saturating_sub(Duration::from_secs(2)));
     broker.restart();
     std::fs::write(op_env.path("site.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
-    op_env.ok(&[
-        "fleet",
-        "sign",
-        "--key",
-        "fleet.key",
-        "--version",
-        "1",
-        "site.toml",
-        "-o",
-        "v1.bundle",
-    ]);
+    op_env.fleet_sign("fleet.key", "1", "site.toml", "v1.bundle");
     op.publish("v1.bundle");
     wait_for("the retained bundle applied after the outage", 30, || {
         std::fs::read(a.path("state/fleet/current.bundle")).is_ok()

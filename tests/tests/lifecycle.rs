@@ -74,13 +74,7 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
     );
 
     // The probe went out with the new identity alone: the server saw the new CN.
-    let cn2 = g2["subject"]
-        .as_str()
-        .unwrap()
-        .rsplit("CN=")
-        .next()
-        .unwrap()
-        .to_owned();
+    let cn2 = env.gw_cn(2);
     let log = std::fs::read_to_string(env.path("s_server.log")).unwrap();
     let last_client = log
         .lines()

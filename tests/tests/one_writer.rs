@@ -95,17 +95,7 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
     // A bundle applied through the daemon (refused: no fleet key pinned), nothing changed.
     env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
     std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
-    env.ok(&[
-        "fleet",
-        "sign",
-        "--key",
-        "fleet.key",
-        "--version",
-        "1",
-        "v1.toml",
-        "-o",
-        "v1.bundle",
-    ]);
+    env.fleet_sign("fleet.key", "1", "v1.toml", "v1.bundle");
     let err = env.fails(&["config", "apply", "v1.bundle"]);
     assert!(
         err.contains("daemon answered 409") && err.contains("not trusted"),

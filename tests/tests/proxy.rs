@@ -17,17 +17,6 @@ fn last_client_cn(env: &Env, log: &str) -> String {
         .to_owned()
 }
 
-fn cn_of(env: &Env, generation: usize) -> String {
-    let g = &env.register()["identities"]["gw"]["generations"][generation - 1];
-    g["subject"]
-        .as_str()
-        .unwrap()
-        .rsplit("CN=")
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 fn echo(conn: &mut BufReader<std::net::TcpStream>, line: &str) -> String {
     conn.get_mut()
         .write_all(format!("{line}\n").as_bytes())
@@ -72,7 +61,7 @@ server_ca = "{{p}}/ca.pem"
 
     let out = env.curl("web.sock", "/", &["-o", "page.html", "-w", "%{http_code}"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
-    let cn1 = cn_of(&env, 1);
+    let cn1 = env.gw_cn(1);
     assert!(last_client_cn(&env, "www.log").contains(&cn1));
 
     // A long-lived connection, opened before the rotation.
@@ -124,7 +113,7 @@ server_ca = "{{p}}/ca.pem"
 
     let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
-    let cn2 = cn_of(&env, 2);
+    let cn2 = env.gw_cn(2);
     assert_ne!(cn1, cn2);
     assert!(
         last_client_cn(&env, "www.log").contains(&cn2),

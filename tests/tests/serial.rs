@@ -319,28 +319,8 @@ fn privileged_commands_need_a_token_for_this_device_session_and_key() {
 fn bundles_over_the_port_are_checked_like_config_apply() {
     let (env, _pty, _d, _ca) = privileged_env();
     std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
-    env.ok(&[
-        "fleet",
-        "sign",
-        "--key",
-        "fleet.key",
-        "--version",
-        "1",
-        "v1.toml",
-        "-o",
-        "v1.bundle",
-    ]);
-    env.ok(&[
-        "fleet",
-        "sign",
-        "--key",
-        "rogue.key",
-        "--version",
-        "2",
-        "v1.toml",
-        "-o",
-        "forged.bundle",
-    ]);
+    env.fleet_sign("fleet.key", "1", "v1.toml", "v1.bundle");
+    env.fleet_sign("rogue.key", "2", "v1.toml", "forged.bundle");
     let diag = |file: &str| {
         env.cmd()
             .args([

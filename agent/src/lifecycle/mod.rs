@@ -418,32 +418,14 @@ impl Engine {
             CnSuffix::None => cfg.subject.cn.clone(),
             CnSuffix::UnixTime => format!("{}-{now}", cfg.subject.cn),
         };
-        let g = Generation {
-            number: n,
-            status: GenStatus::Pending,
-            key_label: key_label(name, n),
-            key_id: None,
-            key_uri: None,
-            subject: cfg.subject.to_subject(&cn).to_string(),
-            sans: cfg.sans.iter().map(|s| s.to_string()).collect(),
-            csr_pem: None,
-            issuer: cfg.issuer.clone(),
-            submission: None,
-            cert_pem: None,
-            serial: None,
-            fingerprint: None,
-            not_before: None,
-            not_after: None,
-            overlap_until: None,
-            reminders_fired: Vec::new(),
-            created_at: now,
-            kid: None,
-            request: None,
-            previous_expiry: None,
-            sent_at: None,
-            subject_issued: None,
-            name_differences: Vec::new(),
-        };
+        let g = Generation::planned(
+            n,
+            key_label(name, n),
+            cfg.subject.to_subject(&cn).to_string(),
+            cfg.sans.iter().map(|s| s.to_string()).collect(),
+            cfg.issuer.clone(),
+            now,
+        );
         let why = if rec.current.is_none() {
             "first enrolment"
         } else if rec.forced_at.is_some() {

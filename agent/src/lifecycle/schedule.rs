@@ -59,32 +59,19 @@ pub fn fleet_renewal_times(
 ) -> Vec<Unix> {
     ids.filter_map(|id| {
         let mut rec = IdentityRecord::default();
-        rec.generations.push(crate::register::Generation {
-            number: 1,
-            status: crate::register::GenStatus::Current,
-            key_label: super::key_label(&cfg.name, 1),
-            key_id: Some(id),
-            key_uri: None,
-            subject: format!("CN={}", cfg.name),
-            sans: vec![],
-            csr_pem: None,
-            issuer: cfg.issuer.clone(),
-            submission: None,
-            cert_pem: None,
-            serial: None,
-            fingerprint: None,
-            not_before: Some(nb),
-            not_after: Some(na),
-            overlap_until: None,
-            reminders_fired: vec![],
-            created_at: nb,
-            kid: None,
-            request: None,
-            previous_expiry: None,
-            sent_at: None,
-            subject_issued: None,
-            name_differences: vec![],
-        });
+        let mut g = crate::register::Generation::planned(
+            1,
+            super::key_label(&cfg.name, 1),
+            format!("CN={}", cfg.name),
+            vec![],
+            cfg.issuer.clone(),
+            nb,
+        );
+        g.status = crate::register::GenStatus::Current;
+        g.key_id = Some(id);
+        g.not_before = Some(nb);
+        g.not_after = Some(na);
+        rec.generations.push(g);
         rec.current = Some(1);
         renewal_time(cfg, &rec)
     })
