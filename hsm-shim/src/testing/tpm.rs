@@ -66,15 +66,15 @@ impl SimTpm {
         for d in [&state, &store] {
             std::fs::create_dir_all(d).expect("tpm dirs");
         }
-        let mut children = Vec::new();
-        let port = Self::start_swtpm(&state, &mut children);
-        let bus = Self::start_bus(dir, &mut children);
+        // Built first, so that whatever started is killed on drop if a later step panics.
         let mut me = SimTpm {
-            children,
-            bus,
+            children: Vec::new(),
+            bus: String::new(),
             store,
             module,
         };
+        let port = Self::start_swtpm(&state, &mut me.children);
+        me.bus = Self::start_bus(dir, &mut me.children);
         let mut abrmd = Command::new("tpm2-abrmd");
         abrmd
             .args(["--session", "--allow-root", "--flush-all"])
