@@ -134,6 +134,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Keep one spare connection to the target, handshake done, for the next caller
+    /// (made after each connection, dropped after 10 s unused).
+    pub preconnect: bool,
 }
 
 impl Default for ProxyConfig {
@@ -150,6 +153,7 @@ impl Default for ProxyConfig {
             allowed_gids: Vec::new(),
             idle_timeout: Duration(300),
             max_connections: 64,
+            preconnect: false,
         }
     }
 }

@@ -378,6 +378,15 @@ pub fn ca_args(name: &str) -> Vec<String> {
     .collect()
 }
 
+/// The uid the tests run as (`id -u`), for policy rules.
+pub fn my_uid() -> String {
+    let out = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("id -u");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -192,3 +192,127 @@ server_ca = "{{p}}/ca.pem"
     assert!(!out.status.success());
     env.wait_log("TLS to the target failed");
 }
+
+/// A stunnel4 TLS server (client certificate required, `TIMEOUTidle = 3`) that greets each
+/// connection with a banner and then echoes: a real server that talks first and closes
+/// silent connections, as many do.
+fn banner_server(env: &Env) -> (Guard, u16) {
+    let port = free_port();
+    let script = env.path("banner.sh");
+    std::fs::write(&script, "#!/bin/sh\necho 220 ready\nexec cat\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dir = env.dir.path().display();
+    let conf = format!(
+        "foreground = yes\npid =\noutput = {dir}/stunnel-server.log\ndebug = 5\n\
+         [banner]\naccept = 127.0.0.1:{port}\ncert = {dir}/server.pem\nkey = {dir}/server.key\n\
+         CAfile = {dir}/ca.pem\nverifyChain = yes\nrequireCert = yes\nTIMEOUTidle = 3\n\
+         exec = {script}\nexecArgs = banner.sh\n",
+        script = script.display()
+    );
+    std::fs::write(env.path("stunnel-server.conf"), conf).unwrap();
+    let child = std::process::Command::new("stunnel4")
+        .arg(env.path("stunnel-server.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("stunnel4 (scripts/setup installs it)");
+    wait_port(port);
+    (Guard(child), port)
+}
+
+/// One exchange through the proxy: the banner first, then an echoed line.
+fn greeted_echo(port: u16, word: &str) {
+    let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut conn = BufReader::new(s);
+    let mut banner = String::new();
+    conn.read_line(&mut banner).unwrap();
+    assert_eq!(
+        banner.trim_end(),
+        "220 ready",
+        "the server's banner comes first"
+    );
+    assert_eq!(echo(&mut conn, word), word);
+}
+
+#[test]
+fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let (_server, target) = banner_server(&env);
+    let port = serving::proxy_port();
+    env.serving_config(
+        "1d",
+        &format!(
+            r#"
+[api]
+enabled = true
+socket = "{{p}}/api.sock"
+
+[[api.allow]]
+uids = [{uid}]
+identities = ["*"]
+operations = ["metrics"]
+
+[[proxy]]
+name = "banner"
+listen = "127.0.0.1:{port}"
+target = "127.0.0.1:{target}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+preconnect = true
+"#,
+            uid = my_uid()
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let _daemon = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("proxy listening");
+
+    // The first connection makes its own; it leaves a spare behind (banner queued in it).
+    greeted_echo(port, "first");
+    std::thread::sleep(Duration::from_millis(400));
+    // Taken: the banner that waited in the spare arrives first.
+    greeted_echo(port, "second");
+    // The next spare outlives the server's idle timeout: closed under us, never handed out.
+    std::thread::sleep(Duration::from_millis(3500));
+    greeted_echo(port, "third");
+
+    let out = env.curl("api.sock", "/metrics", &[]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let spares = |fate: &str| -> f64 {
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        prometheus_parse::Scrape::parse(lines)
+            .expect("Prometheus text")
+            .samples
+            .iter()
+            .filter(|s| {
+                s.metric == "edge_signer_proxy_spares_total" && s.labels.get("fate") == Some(fate)
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert!(spares("used") >= 1.0, "a spare was used\n{text}");
+    assert!(
+        spares("stale") >= 1.0,
+        "the closed spare was noticed\n{text}"
+    );
+
+    // A spare made before a promotion is never handed out after it.
+    greeted_echo(port, "fourth");
+    env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    env.wait_log("new handshakes use generation 2");
+    greeted_echo(port, "fifth");
+    env.wait_log("spare connection dropped: made for generation 1, now 2");
+    let log = std::fs::read_to_string(env.path("stunnel-server.log")).unwrap();
+    let last = log.lines().rfind(|l| l.contains("depth=0")).unwrap_or("");
+    assert!(
+        last.contains(&env.gw_cn(2)),
+        "the new certificate: {last}\n{log}"
+    );
+}

@@ -9,11 +9,6 @@ use std::time::{Duration, Instant};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-fn my_uid() -> String {
-    let out = std::process::Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// Identities gw (P-256), p384 and rsa, the API on api.sock for this uid.
 fn api_env(kind: TokenKind) -> (Env, Guard, PortalCa) {
     let env = Env::on(kind);

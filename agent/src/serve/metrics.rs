@@ -33,6 +33,8 @@ pub struct Metrics {
     pub proxy_connections: Family<Labels, Counter>,
     /// Proxy bytes by proxy and direction.
     pub proxy_bytes: Family<Labels, Counter>,
+    /// Preconnected spares by proxy and fate (used, expired, stale).
+    pub proxy_spares: Family<Labels, Counter>,
     /// Fleet configuration bundle version in effect.
     pub bundle_version: Gauge,
     /// The signature histograms of the three mechanism families, looked up once (a
@@ -81,6 +83,7 @@ impl Metrics {
             api_requests: Family::default(),
             proxy_connections: Family::default(),
             proxy_bytes: Family::default(),
+            proxy_spares: Family::default(),
             bundle_version: Gauge::default(),
             registry: Registry::default(),
             sign_by_mechanism,
@@ -125,6 +128,11 @@ impl Metrics {
             "proxy_bytes",
             "Bytes through the proxies by direction",
             m.proxy_bytes.clone(),
+        );
+        registry.register(
+            "proxy_spares",
+            "Preconnected spare connections by proxy and fate: used, expired (no taker in time), stale (closed by the server, or made for an older generation)",
+            m.proxy_spares.clone(),
         );
         registry.register(
             "config_bundle_version",

@@ -133,3 +133,5 @@ impl Servers {
 }
 
 mod http;
+mod preconnect;
+mod splice;

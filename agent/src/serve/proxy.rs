@@ -6,6 +6,7 @@
 
 use super::identity::{Resolver, ServingIdentity};
 use super::metrics;
+use super::preconnect::{Spare, Upstream};
 use anyhow::{Context, Result};
 use firmware_config::schema::{Listen, ProxyConfig};
 use rustls::pki_types::ServerName;
@@ -29,6 +30,8 @@ struct Route {
     server_name: ServerName<'static>,
     slot: Arc<ServingIdentity>,
     own_uid: u32,
+    /// The spare upstream connection (`preconnect = true`).
+    spare: Arc<Spare>,
 }
 
 fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
@@ -59,6 +62,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
         slot,
         // SAFETY: getuid cannot fail.
         own_uid: unsafe { libc::getuid() },
+        spare: Arc::new(Spare::new(&cfg.name)),
         cfg,
     });
     let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
@@ -99,6 +103,8 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
                     let Ok((s, _)) = l.accept().await else {
                         continue;
                     };
+                    // Bytes go on as they come: batching small writes is the caller's call.
+                    let _ = s.set_nodelay(true);
                     let Ok(permit) = limit.clone().acquire_owned().await else {
                         return;
                     };
@@ -153,7 +159,7 @@ impl Route {
             .inc();
     }
 
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&self, local: S) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self: Arc<Self>, mut local: S) {
         let name = &self.cfg.name;
         let Some(served) = self.slot.get() else {
             tracing::warn!(proxy = %name, identity = %self.cfg.identity, "proxy connection refused: the identity has no certificate yet");
@@ -161,33 +167,52 @@ impl Route {
             return;
         };
         let generation = served.generation.to_string();
-        let tcp = match TcpStream::connect(&self.cfg.target).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(proxy = %name, target = %self.cfg.target, "cannot reach the target: {e}");
-                self.count("connect-failed", &generation);
-                return;
-            }
+        let (tls, early) = match self.spare.take(served.generation) {
+            Some(t) => (t.tls, t.early),
+            None => match self.open(served.generation).await {
+                Ok(t) => (t, Vec::new()),
+                Err(result) => {
+                    self.count(result, &generation);
+                    return;
+                }
+            },
         };
-        let _ = tcp.set_nodelay(true);
-        let Some(connector) = self.connector_for(served.generation) else {
-            self.count("tls-failed", &generation);
-            return;
-        };
-        let tls = match connector.connect(self.server_name.clone(), tcp).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::warn!(proxy = %name, target = %self.cfg.target, "TLS to the target failed (server certificate not from server_ca, or our identity refused): {e}");
-                self.count("tls-failed", &generation);
-                return;
-            }
-        };
+        if self.cfg.preconnect {
+            let (me, g) = (self.clone(), served.generation);
+            self.spare.refill(g, async move { me.open(g).await.ok() });
+        }
         self.count("ok", &generation);
         tracing::debug!(proxy = %name, generation = %generation, "proxy connection up");
         let now = crate::clock::SystemClock.now();
         let lapse = Duration::from_secs(served.not_after.saturating_sub(now));
         drop(served);
+        if !early.is_empty()
+            && tokio::io::AsyncWriteExt::write_all(&mut local, &early)
+                .await
+                .is_err()
+        {
+            return;
+        }
         self.splice(local, tls, lapse).await;
+    }
+
+    /// Connect to the target and complete the handshake presenting `generation`'s pair;
+    /// on failure, the result label for the metrics (the reason is logged).
+    async fn open(&self, generation: u32) -> Result<Upstream, &'static str> {
+        let name = &self.cfg.name;
+        let tcp = TcpStream::connect(&self.cfg.target).await.map_err(|e| {
+            tracing::warn!(proxy = %name, target = %self.cfg.target, "cannot reach the target: {e}");
+            "connect-failed"
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let connector = self.connector_for(generation).ok_or("tls-failed")?;
+        connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| {
+                tracing::warn!(proxy = %name, target = %self.cfg.target, "TLS to the target failed (server certificate not from server_ca, or our identity refused): {e}");
+                "tls-failed"
+            })
     }
 
     async fn splice<A, B>(&self, local: A, remote: B, lapse: Duration)
@@ -220,9 +245,7 @@ impl Route {
             }
         };
         let (up, down, why) = tokio::select! {
-            // 64 KiB buffers: a full TLS record per read, a quarter of the syscalls of the
-            // default 8 KiB on bulk transfers.
-            r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 1 << 16, 1 << 16) => match r {
+            r = super::splice::copy_both_ways(&mut a, &mut b) => match r {
                 Ok((up, down)) => (up, down, "closed"),
                 Err(_) => (0, 0, "reset"),
             },
