@@ -224,12 +224,18 @@ async fn connect(url: &Url) -> Result<tokio::net::TcpStream, HttpError> {
     })
 }
 
-async fn exchange(
+/// TCP and TLS to the URL's host: the stream, the protocol version and the cipher suite.
+async fn tls_connect(
     config: Arc<rustls::ClientConfig>,
     url: &Url,
-    req: &Request<'_>,
-    sent: &AtomicBool,
-) -> Result<Response, HttpError> {
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        String,
+        String,
+    ),
+    HttpError,
+> {
     let host = url.host_str().unwrap_or_default().to_owned();
     let bare = host
         .trim_start_matches('[')
@@ -258,6 +264,16 @@ async fn exchange(
                 .unwrap_or_default(),
         )
     };
+    Ok((tls, protocol, cipher_suite))
+}
+
+async fn exchange(
+    config: Arc<rustls::ClientConfig>,
+    url: &Url,
+    req: &Request<'_>,
+    sent: &AtomicBool,
+) -> Result<Response, HttpError> {
+    let (tls, protocol, cipher_suite) = tls_connect(config, url).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
@@ -282,6 +298,20 @@ async fn exchange(
         .send_request(request)
         .await
         .map_err(after("reading the response head"))?;
+    let (status, headers, body) = read_response(resp).await?;
+    Ok(Response {
+        status,
+        protocol,
+        cipher_suite,
+        headers,
+        body,
+    })
+}
+
+/// Status, headers (names in lower case) and body (at most `MAX_BODY` bytes) of a response.
+async fn read_response(
+    resp: http::Response<hyper::body::Incoming>,
+) -> Result<(u16, Vec<(String, String)>, Vec<u8>), HttpError> {
     let status = resp.status().as_u16();
     let headers: Vec<(String, String)> = resp
         .headers()
@@ -314,13 +344,7 @@ async fn exchange(
         })?
         .to_bytes()
         .to_vec();
-    Ok(Response {
-        status,
-        protocol,
-        cipher_suite,
-        headers,
-        body,
-    })
+    Ok((status, headers, body))
 }
 
 fn build(url: &Url, req: &Request) -> Result<http::Request<Full<Bytes>>, HttpError> {

@@ -24,6 +24,37 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
             reason,
         })
     };
+    check_token(c, &mut err);
+    check_issuers(c, &mut err);
+    let mut names = HashSet::new();
+    for (i, id) in c.identities.iter().enumerate() {
+        let p = format!("identity[{i}]");
+        if id.name.is_empty() {
+            err(format!("{p}.name"), "must not be empty".into());
+        } else if !safe_name(&id.name) {
+            err(
+                format!("{p}.name"),
+                format!("'{}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names files and key labels", id.name),
+            );
+        } else if !names.insert(id.name.as_str()) {
+            err(
+                format!("{p}.name"),
+                format!("identity name '{}' is used twice", id.name),
+            );
+        }
+        check_identity(c, id, &p, origins, &mut err);
+    }
+    if c.serial.baud == 0 {
+        err("serial.baud".into(), "must be more than 0".into());
+    }
+    crate::serving::check(c, &mut err);
+    crate::fleet_channel::check(c, &mut err);
+    errs
+}
+
+type ErrSink<'a> = &'a mut dyn FnMut(String, String);
+
+fn check_token(c: &Config, err: ErrSink) {
     if c.token.module.is_none() {
         err(
             "token.module".into(),
@@ -48,7 +79,9 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
                 .into(),
         );
     }
+}
 
+fn check_issuers(c: &Config, err: ErrSink) {
     let mut issuer_names = HashSet::new();
     for (i, iss) in c.issuers.iter().enumerate() {
         let p = format!("issuer[{i}]");
@@ -96,99 +129,90 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
             _ => {}
         }
     }
+}
 
-    let mut names = HashSet::new();
-    for (i, id) in c.identities.iter().enumerate() {
-        let p = format!("identity[{i}]");
-        if id.name.is_empty() {
-            err(format!("{p}.name"), "must not be empty".into());
-        } else if !safe_name(&id.name) {
+/// One identity's fields beyond its name (`p` is its path, e.g. `identity[0]`).
+fn check_identity(
+    c: &Config,
+    id: &crate::schema::IdentityConfig,
+    p: &str,
+    origins: &BTreeMap<String, String>,
+    err: ErrSink,
+) {
+    if id.subject.cn.trim().is_empty() {
+        err(
+            format!("{p}.subject.cn"),
+            "missing: every identity needs a CN".into(),
+        );
+    }
+    match c.issuers.iter().find(|x| x.name() == id.issuer) {
+        None => {
+            let known: Vec<&str> = c.issuers.iter().map(|x| x.name()).collect();
+            let known = if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            };
             err(
-                format!("{p}.name"),
-                format!("'{}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with '.' or '-'); it names files and key labels", id.name),
-            );
-        } else if !names.insert(id.name.as_str()) {
-            err(
-                format!("{p}.name"),
-                format!("identity name '{}' is used twice", id.name),
-            );
-        }
-        if id.subject.cn.trim().is_empty() {
-            err(
-                format!("{p}.subject.cn"),
-                "missing: every identity needs a CN".into(),
-            );
-        }
-        match c.issuers.iter().find(|x| x.name() == id.issuer) {
-            None => err(
                 format!("{p}.issuer"),
-                format!(
-                    "'{}' names no [[issuer]] (issuers: {})",
-                    id.issuer,
-                    if c.issuers.is_empty() {
-                        "none".into()
-                    } else {
-                        c.issuers
-                            .iter()
-                            .map(|x| x.name())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    }
-                ),
+                format!("'{}' names no [[issuer]] (issuers: {known})", id.issuer),
+            )
+        }
+        Some(IssuerConfig::JwkRotation(_)) if id.key_type != hsm_shim::KeyType::EcP256 => err(
+            format!("{p}.key_type"),
+            format!(
+                "{} cannot be used with a jwk-rotation issuer: it rotates EC P-256 keys only",
+                id.key_type
             ),
-            Some(IssuerConfig::JwkRotation(_)) if id.key_type != hsm_shim::KeyType::EcP256 => err(
-                format!("{p}.key_type"),
-                format!(
-                    "{} cannot be used with a jwk-rotation issuer: it rotates EC P-256 keys only",
-                    id.key_type
-                ),
-            ),
-            _ => {}
-        }
-        let r = &id.renewal;
-        if r.before.is_some() && r.at.is_some() {
-            let at_from = origin_of(origins, &format!("{p}.renewal.at"), None);
-            err(format!("{p}.renewal.before"), format!("renewal.at is also set (in {at_from}): give renewal.before or renewal.at, not both"));
-        }
-        if let RenewAt::Before(window) = r.renew_at() {
-            if id.overlap >= window {
-                err(
-                    format!("{p}.overlap"),
-                    format!(
-                        "{} must be shorter than the renewal window ({window} before expiry)",
-                        id.overlap
-                    ),
-                );
-            }
-        }
-        if r.retry_min > r.retry_max {
-            err(
-                format!("{p}.renewal.retry_min"),
-                format!("{} is longer than retry_max ({})", r.retry_min, r.retry_max),
-            );
-        }
-        if r.retry_min.secs() == 0 {
-            err(
-                format!("{p}.renewal.retry_min"),
-                "must be more than 0s".into(),
-            );
-        }
-        if id.usage.is_empty() {
-            err(
-                format!("{p}.usage"),
-                "must name at least one of client, server".into(),
-            );
-        }
-        if let Some(u) = &id.probe_url {
-            if !u.starts_with("https://") {
-                err(format!("{p}.probe_url"), "must be an https:// URL".into());
-            }
+        ),
+        _ => {}
+    }
+    check_renewal(id, p, origins, err);
+    if id.usage.is_empty() {
+        err(
+            format!("{p}.usage"),
+            "must name at least one of client, server".into(),
+        );
+    }
+    if let Some(u) = &id.probe_url {
+        if !u.starts_with("https://") {
+            err(format!("{p}.probe_url"), "must be an https:// URL".into());
         }
     }
-    if c.serial.baud == 0 {
-        err("serial.baud".into(), "must be more than 0".into());
+}
+
+fn check_renewal(
+    id: &crate::schema::IdentityConfig,
+    p: &str,
+    origins: &BTreeMap<String, String>,
+    err: ErrSink,
+) {
+    let r = &id.renewal;
+    if r.before.is_some() && r.at.is_some() {
+        let at_from = origin_of(origins, &format!("{p}.renewal.at"), None);
+        err(format!("{p}.renewal.before"), format!("renewal.at is also set (in {at_from}): give renewal.before or renewal.at, not both"));
     }
-    crate::serving::check(c, &mut err);
-    crate::fleet_channel::check(c, &mut err);
-    errs
+    if let RenewAt::Before(window) = r.renew_at() {
+        if id.overlap >= window {
+            err(
+                format!("{p}.overlap"),
+                format!(
+                    "{} must be shorter than the renewal window ({window} before expiry)",
+                    id.overlap
+                ),
+            );
+        }
+    }
+    if r.retry_min > r.retry_max {
+        err(
+            format!("{p}.renewal.retry_min"),
+            format!("{} is longer than retry_max ({})", r.retry_min, r.retry_max),
+        );
+    }
+    if r.retry_min.secs() == 0 {
+        err(
+            format!("{p}.renewal.retry_min"),
+            "must be more than 0s".into(),
+        );
+    }
 }

@@ -5,97 +5,8 @@ use super::*;
 /// Run a token-level command.
 pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
     match cmd {
-        Cmd::Token(TokenCmd::List { json }) => {
-            let tokens = hsm_shim::token::list_tokens(&g.module(None)?)?;
-            let v: Vec<_> = tokens
-                .iter()
-                .map(|t| json!({"slot": t.slot, "label": t.label, "serial": t.serial, "manufacturer": t.manufacturer, "model": t.model, "initialized": t.initialized, "user_pin_initialized": t.user_pin_initialized}))
-                .collect();
-            print(json, json!(v), || {
-                let mut s = String::new();
-                for t in &tokens {
-                    if t.initialized {
-                        s += &format!(
-                            "slot {:<12} label {:<20} serial {} ({} {})\n",
-                            t.slot, t.label, t.serial, t.manufacturer, t.model
-                        );
-                    } else {
-                        s += &format!("slot {:<12} (uninitialised)\n", t.slot);
-                    }
-                }
-                s
-            });
-        }
-        Cmd::Token(TokenCmd::Init {
-            label,
-            so_pin_file,
-            json,
-        }) => {
-            let so = PinSource::File(so_pin_file).read()?;
-            let user = g.pin(None)?;
-            let t = hsm_shim::token::init_token(&g.module(None)?, &label, &so, &user)?;
-            print(
-                json,
-                json!({"slot": t.slot, "label": t.label, "serial": t.serial}),
-                || {
-                    format!(
-                        "initialised token '{}' (serial {}) in slot {}\n",
-                        t.label, t.serial, t.slot
-                    )
-                },
-            );
-        }
-        Cmd::Key(KeyCmd::Generate {
-            key_type,
-            label,
-            json,
-        }) => {
-            let token = g.open_token(None)?;
-            let k = token.generate_key(key_type, &label)?;
-            print(json, key_json(&k, &token), || {
-                format!("{}\n", k.uri(&token))
-            });
-        }
-        Cmd::Key(KeyCmd::List { json }) => {
-            let token = g.open_token(None)?;
-            let keys = token.list_keys()?;
-            print(
-                json,
-                json!(keys.iter().map(|k| key_json(k, &token)).collect::<Vec<_>>()),
-                || {
-                    keys.iter()
-                        .map(|k| {
-                            format!(
-                                "{:<9} {:<24} {}{}\n",
-                                k.key_type,
-                                k.label,
-                                k.uri(&token),
-                                if k.has_cert { " (cert)" } else { "" }
-                            )
-                        })
-                        .collect()
-                },
-            );
-        }
-        Cmd::Key(KeyCmd::Destroy { uri, json }) => {
-            let parsed = Pkcs11Uri::parse(&uri)?;
-            let token = g.open_token(Some(&parsed))?;
-            let id = match KeyRef::from_uri(&parsed)? {
-                KeyRef::Id(id) => id,
-                by_label => token.find_key(&by_label)?.id,
-            };
-            let n = token.destroy(&id)?;
-            print(
-                json,
-                json!({"destroyed": n, "id": hsm_shim::keys::hex(&id)}),
-                || {
-                    format!(
-                        "destroyed {n} object(s) with id {}; none left\n",
-                        hsm_shim::keys::hex(&id)
-                    )
-                },
-            );
-        }
+        Cmd::Token(t) => token_cmd(g, t)?,
+        Cmd::Key(k) => key_cmd(g, k)?,
         Cmd::Csr {
             key,
             subject,
@@ -163,6 +74,111 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
         _ => bail!("internal: not a token command"),
     }
     Ok(0)
+}
+
+/// `token list`, `token init`.
+fn token_cmd(g: &Global, cmd: TokenCmd) -> Result<()> {
+    match cmd {
+        TokenCmd::List { json } => {
+            let tokens = hsm_shim::token::list_tokens(&g.module(None)?)?;
+            let v: Vec<_> = tokens
+                .iter()
+                .map(|t| json!({"slot": t.slot, "label": t.label, "serial": t.serial, "manufacturer": t.manufacturer, "model": t.model, "initialized": t.initialized, "user_pin_initialized": t.user_pin_initialized}))
+                .collect();
+            print(json, json!(v), || {
+                let mut s = String::new();
+                for t in &tokens {
+                    if t.initialized {
+                        s += &format!(
+                            "slot {:<12} label {:<20} serial {} ({} {})\n",
+                            t.slot, t.label, t.serial, t.manufacturer, t.model
+                        );
+                    } else {
+                        s += &format!("slot {:<12} (uninitialised)\n", t.slot);
+                    }
+                }
+                s
+            });
+        }
+        TokenCmd::Init {
+            label,
+            so_pin_file,
+            json,
+        } => {
+            let so = PinSource::File(so_pin_file).read()?;
+            let user = g.pin(None)?;
+            let t = hsm_shim::token::init_token(&g.module(None)?, &label, &so, &user)?;
+            print(
+                json,
+                json!({"slot": t.slot, "label": t.label, "serial": t.serial}),
+                || {
+                    format!(
+                        "initialised token '{}' (serial {}) in slot {}\n",
+                        t.label, t.serial, t.slot
+                    )
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `key generate`, `key list`, `key destroy`.
+fn key_cmd(g: &Global, cmd: KeyCmd) -> Result<()> {
+    match cmd {
+        KeyCmd::Generate {
+            key_type,
+            label,
+            json,
+        } => {
+            let token = g.open_token(None)?;
+            let k = token.generate_key(key_type, &label)?;
+            print(json, key_json(&k, &token), || {
+                format!("{}\n", k.uri(&token))
+            });
+        }
+        KeyCmd::List { json } => {
+            let token = g.open_token(None)?;
+            let keys = token.list_keys()?;
+            print(
+                json,
+                json!(keys.iter().map(|k| key_json(k, &token)).collect::<Vec<_>>()),
+                || {
+                    keys.iter()
+                        .map(|k| {
+                            format!(
+                                "{:<9} {:<24} {}{}\n",
+                                k.key_type,
+                                k.label,
+                                k.uri(&token),
+                                if k.has_cert { " (cert)" } else { "" }
+                            )
+                        })
+                        .collect()
+                },
+            );
+        }
+        KeyCmd::Destroy { uri, json } => {
+            let parsed = Pkcs11Uri::parse(&uri)?;
+            let token = g.open_token(Some(&parsed))?;
+            let id = match KeyRef::from_uri(&parsed)? {
+                KeyRef::Id(id) => id,
+                by_label => token.find_key(&by_label)?.id,
+            };
+            let n = token.destroy(&id)?;
+            print(
+                json,
+                json!({"destroyed": n, "id": hsm_shim::keys::hex(&id)}),
+                || {
+                    format!(
+                        "destroyed {n} object(s) with id {}; none left\n",
+                        hsm_shim::keys::hex(&id)
+                    )
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn serve(
