@@ -7,12 +7,19 @@ use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use std::sync::{Arc, Mutex};
 
+/// How a handshake signature is run, given the token's typical signature time (None: not
+/// measured yet). rustls signs synchronously, inside the task that drives the handshake: a
+/// server on an async runtime passes a function that tells the runtime first when the
+/// token is slow (a TPM takes milliseconds), so that the worker's other tasks move on.
+pub type SignRunner = fn(Option<std::time::Duration>, &mut dyn FnMut());
+
 /// A rustls signing key backed by the token.
 #[derive(Debug, Clone)]
 pub struct TlsSigningKey {
     key: TokenKey,
     /// The scheme chosen in the last handshake, for diagnostics (`probe` prints it).
     last_scheme: Arc<Mutex<Option<SignatureScheme>>>,
+    runner: Option<SignRunner>,
 }
 
 impl TlsSigningKey {
@@ -21,7 +28,14 @@ impl TlsSigningKey {
         TlsSigningKey {
             key,
             last_scheme: Arc::default(),
+            runner: None,
         }
+    }
+
+    /// Run each handshake signature through `runner` (see [`SignRunner`]).
+    pub fn with_runner(mut self, runner: SignRunner) -> Self {
+        self.runner = Some(runner);
+        self
     }
 
     /// The signature scheme picked in the most recent handshake, if any.
@@ -81,6 +95,7 @@ impl SigningKey for TlsSigningKey {
             key: self.key.clone(),
             scheme: *scheme,
             alg: sign_alg(*scheme)?,
+            runner: self.runner,
         }))
     }
 
@@ -104,13 +119,27 @@ struct TlsSigner {
     key: TokenKey,
     scheme: SignatureScheme,
     alg: SignAlg,
+    runner: Option<SignRunner>,
 }
 
 impl Signer for TlsSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        self.key
-            .sign(self.alg, message)
-            .map_err(|e| rustls::Error::General(format!("token signature failed: {e}")))
+        let sign = || self.key.sign(self.alg, message);
+        let signed = match self.runner {
+            None => sign(),
+            Some(run) => {
+                let mut out = None;
+                run(self.key.token().typical_sign_time(), &mut || {
+                    out = Some(sign())
+                });
+                out.unwrap_or_else(|| {
+                    Err(crate::Error::Unsupported(
+                        "the signature runner never ran the signature".into(),
+                    ))
+                })
+            }
+        };
+        signed.map_err(|e| rustls::Error::General(format!("token signature failed: {e}")))
     }
 
     fn scheme(&self) -> SignatureScheme {

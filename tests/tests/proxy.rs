@@ -235,9 +235,9 @@ fn greeted_echo(port: u16, word: &str) {
     assert_eq!(echo(&mut conn, word), word);
 }
 
-#[test]
-fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one() {
-    let env = Env::new();
+/// On a TPM the handshake signature takes milliseconds: it runs under `block_in_place`.
+fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one(kind: TokenKind) {
+    let env = Env::on(kind);
     env.make_ca("ca");
     env.openssl_leaf("ca", "server");
     let (_server, target) = banner_server(&env);
@@ -316,3 +316,6 @@ preconnect = true
         "the new certificate: {last}\n{log}"
     );
 }
+
+// Runs on SoftHSM and on tpm2-pkcs11 over swtpm.
+hsm_shim::token_tests!(preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one);

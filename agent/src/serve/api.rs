@@ -222,9 +222,6 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// Token calls the token answers faster than this run inline on the worker.
-const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
-
 /// Run one token call of a request. Handing a call to the blocking pool costs two thread
 /// wake-ups (there and back), which on a 2-core gateway cost more than a SoftHSM or
 /// fast-HSM signature itself (~50 µs): such a call runs inline on the worker, like the
@@ -236,7 +233,7 @@ async fn token_call<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> ApiResult<T> {
     match token.typical_sign_time() {
-        Some(t) if t < INLINE_MAX => Ok(f()),
+        Some(t) if t < super::INLINE_MAX => Ok(f()),
         _ => tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),

@@ -97,7 +97,7 @@ fn load(engine: &Engine, name: &str, g: &Generation) -> anyhow::Result<Served> {
     let chain_pem = g.cert_pem.clone().unwrap_or_default();
     let certified = match &g.cert_pem {
         Some(pem) => Some(hsm_shim::tls::certified_key(
-            hsm_shim::TlsSigningKey::new(key.clone()),
+            hsm_shim::TlsSigningKey::new(key.clone()).with_runner(super::run_token_call),
             crate::validate::parse_chain(pem)?,
         )?),
         None => None,

@@ -132,6 +132,28 @@ impl Servers {
     }
 }
 
+/// Token calls the token answers faster than this run inline on a runtime worker; slower
+/// ones (a TPM: milliseconds) or not measured yet are handed off (see `api::token_call`
+/// and `run_token_call`).
+pub const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// Run a synchronous token call made inside an async task (a handshake signature of a
+/// proxy or of the fleet channel): inline when the token is fast, else under
+/// `block_in_place`, which hands this worker's queue and I/O driver to another thread
+/// while the token works, so that a TPM's 4 ms signature does not hold up the other
+/// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
+/// just runs.
+pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
+    let slow = typical.is_none_or(|t| t >= INLINE_MAX);
+    let pool = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if slow && pool {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
+    }
+}
+
 mod http;
 mod preconnect;
 mod splice;
