@@ -429,3 +429,29 @@ fn the_client_over_the_port_shows_what_status_shows() {
         );
     }
 }
+
+#[test]
+fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
+    let (env, adapter, mut d, _ca) = serial_env("");
+    let mut line = Line::open(&env);
+    line.session();
+    assert!(line.ask("version").contains("OK"));
+    // Unplug: the device goes away under the open port (socat ends, the links vanish).
+    drop(line);
+    drop(adapter);
+    env.wait_log("diagnostics port lost; reopening");
+    let _ = std::fs::remove_file(env.path("ttyA"));
+    let _ = std::fs::remove_file(env.path("ttyB"));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        d.0.try_wait().unwrap().is_none(),
+        "the daemon keeps running without its port"
+    );
+    // Plug back in: a new device at the same path (a new pty), found by the retry.
+    let _pty = pty(&env);
+    let mut line = Line::open(&env);
+    let (serial, _) = line.session();
+    assert!(!serial.is_empty());
+    let a = line.ask("status");
+    assert!(a.contains("gw.state: active"), "{a}");
+}
