@@ -105,16 +105,20 @@ impl Spare {
     where
         F: std::future::Future<Output = Option<Upstream>> + Send + 'static,
     {
-        if self.ready.lock().map(|r| r.is_some()).unwrap_or(true)
-            || self.making.swap(true, Ordering::AcqRel)
-        {
+        let has_one = self
+            .ready
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if has_one || self.making.swap(true, Ordering::AcqRel) {
             return;
         }
         let me = self.clone();
         tokio::spawn(async move {
-            let made = make.await;
-            me.making.store(false, Ordering::Release);
-            let Some(tls) = made else { return };
+            let Some(tls) = make.await else {
+                me.making.store(false, Ordering::Release);
+                return;
+            };
             let id = me.ids.fetch_add(1, Ordering::Relaxed);
             let dropper = me.clone();
             let expiry = tokio::spawn(async move {
@@ -134,6 +138,8 @@ impl Spare {
                 tls,
                 expiry,
             });
+            // Only now: a refill asked for in between sees the spare, not a gap.
+            me.making.store(false, Ordering::Release);
         });
     }
 }
