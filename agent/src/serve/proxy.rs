@@ -159,7 +159,7 @@ impl Route {
             .inc();
     }
 
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self: Arc<Self>, mut local: S) {
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self: Arc<Self>, local: S) {
         let name = &self.cfg.name;
         let Some(served) = self.slot.get() else {
             tracing::warn!(proxy = %name, identity = %self.cfg.identity, "proxy connection refused: the identity has no certificate yet");
@@ -186,14 +186,7 @@ impl Route {
         let now = crate::clock::SystemClock.now();
         let lapse = Duration::from_secs(served.not_after.saturating_sub(now));
         drop(served);
-        if !early.is_empty()
-            && tokio::io::AsyncWriteExt::write_all(&mut local, &early)
-                .await
-                .is_err()
-        {
-            return;
-        }
-        self.splice(local, tls, lapse).await;
+        self.splice(local, tls, &early, lapse).await;
     }
 
     /// Connect to the target and complete the handshake presenting `generation`'s pair;
@@ -215,7 +208,9 @@ impl Route {
             })
     }
 
-    async fn splice<A, B>(&self, local: A, remote: B, lapse: Duration)
+    /// Copy both ways; `early` (what the server sent to a spare before the hand-off) goes
+    /// to the caller first.
+    async fn splice<A, B>(&self, local: A, remote: B, early: &[u8], lapse: Duration)
     where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
@@ -244,9 +239,13 @@ impl Route {
                 tokio::time::sleep(idle - quiet).await;
             }
         };
+        let copy = async {
+            tokio::io::AsyncWriteExt::write_all(&mut a, early).await?;
+            super::splice::copy_both_ways(&mut a, &mut b).await
+        };
         let (up, down, why) = tokio::select! {
-            r = super::splice::copy_both_ways(&mut a, &mut b) => match r {
-                Ok((up, down)) => (up, down, "closed"),
+            r = copy => match r {
+                Ok((up, down)) => (up, down + early.len() as u64, "closed"),
                 Err(_) => (0, 0, "reset"),
             },
             why = watchdog => (0, 0, why),
