@@ -21,6 +21,10 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
+/// Connecting and the handshake together: a target that accepts and then says nothing
+/// would otherwise hold the caller (and a spare being made) for good.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
 struct Route {
     cfg: ProxyConfig,
     roots: Arc<rustls::RootCertStore>,
@@ -189,9 +193,20 @@ impl Route {
         self.splice(local, tls, &early, lapse).await;
     }
 
-    /// Connect to the target and complete the handshake presenting `generation`'s pair;
-    /// on failure, the result label for the metrics (the reason is logged).
+    /// Connect to the target and complete the handshake presenting `generation`'s pair,
+    /// within `OPEN_TIMEOUT`; on failure, the result label for the metrics (the reason is
+    /// logged).
     async fn open(&self, generation: u32) -> Result<Upstream, &'static str> {
+        match tokio::time::timeout(OPEN_TIMEOUT, self.open_now(generation)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(proxy = %self.cfg.name, target = %self.cfg.target, "no TLS connection to the target within {} s (it accepts but does not answer)", OPEN_TIMEOUT.as_secs());
+                Err("timeout")
+            }
+        }
+    }
+
+    async fn open_now(&self, generation: u32) -> Result<Upstream, &'static str> {
         let name = &self.cfg.name;
         let tcp = TcpStream::connect(&self.cfg.target).await.map_err(|e| {
             tracing::warn!(proxy = %name, target = %self.cfg.target, "cannot reach the target: {e}");
