@@ -20,14 +20,7 @@ fn main() {
     let broker = Mosquitto::start(&op, &[op.path("ca.pem"), dev.path("ca.pem")]);
     dev.fleet_mqtt_config("dev-a", &broker, &op.path("ca.pem"), &fleet_pub, "1d", "");
     let _ca = dev.portal_ca(CaMode::Good);
-    let _d = Guard(
-        dev.cmd()
-            .arg("run")
-            .env("EDGE_SIGNER_LOG", "warn")
-            .stderr(std::fs::File::create(dev.path("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let _d = dev.quiet_daemon();
     dev.wait_current("gw", 1);
     let start = Instant::now();
     while !broker.log().contains("as dev-a") {

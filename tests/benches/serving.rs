@@ -306,14 +306,7 @@ impl Bench {
             ),
         );
         let ca = env.portal_ca(CaMode::Good);
-        let daemon = Guard(
-            env.cmd()
-                .arg("run")
-                .env("EDGE_SIGNER_LOG", "warn")
-                .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
-                .spawn()
-                .unwrap(),
-        );
+        let daemon = env.quiet_daemon();
         env.wait_current("gw", 1);
         let start = Instant::now();
         while UnixStream::connect(env.path("api.sock")).is_err()

@@ -18,13 +18,22 @@ impl Env {
 
     /// Start the daemon with its log in `daemon.log`.
     pub fn daemon(&self) -> Guard {
-        Guard(
-            self.cmd()
-                .arg("run")
-                .stderr(std::fs::File::create(self.path("daemon.log")).expect("log"))
-                .spawn()
-                .expect("daemon"),
-        )
+        self.daemon_logging(None)
+    }
+
+    /// The same, logging warnings and errors only (benches: no log I/O in the measurement).
+    pub fn quiet_daemon(&self) -> Guard {
+        self.daemon_logging(Some("warn"))
+    }
+
+    fn daemon_logging(&self, level: Option<&str>) -> Guard {
+        let mut cmd = self.cmd();
+        cmd.arg("run")
+            .stderr(std::fs::File::create(self.path("daemon.log")).expect("log"));
+        if let Some(level) = level {
+            cmd.env("EDGE_SIGNER_LOG", level);
+        }
+        Guard(cmd.spawn().expect("daemon"))
     }
 
     /// `curl -s --unix-socket {sock} http://edge/{path}` plus `args`, in the temp dir.

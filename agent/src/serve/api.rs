@@ -232,12 +232,12 @@ async fn token_call<T: Send + 'static>(
     token: &hsm_shim::Token,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> ApiResult<T> {
-    match token.typical_sign_time() {
-        Some(t) if t < super::INLINE_MAX => Ok(f()),
-        _ => tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    if super::fast_token(token.typical_sign_time()) {
+        return Ok(f());
     }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn sign(

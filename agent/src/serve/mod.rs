@@ -135,7 +135,13 @@ impl Servers {
 /// Token calls the token answers faster than this run inline on a runtime worker; slower
 /// ones (a TPM: milliseconds) or not measured yet are handed off (see `api::token_call`
 /// and `run_token_call`).
-pub const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
+const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// Whether a token whose typical signature takes `typical` may be called inline on a
+/// runtime worker (one rule for the API's signatures and the handshakes' ones).
+pub fn fast_token(typical: Option<std::time::Duration>) -> bool {
+    typical.is_some_and(|t| t < INLINE_MAX)
+}
 
 /// Run a synchronous token call made inside an async task (a handshake signature of a
 /// proxy or of the fleet channel): inline when the token is fast, else under
@@ -144,7 +150,7 @@ pub const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250
 /// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
 /// just runs.
 pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
-    let slow = typical.is_none_or(|t| t >= INLINE_MAX);
+    let slow = !fast_token(typical);
     let pool = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if slow && pool {
