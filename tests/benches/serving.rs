@@ -343,6 +343,46 @@ impl Bench {
     }
 }
 
+/// Round trip (µs) of one byte between two threads over a Unix socket pair: the two
+/// hand-offs every API request costs (client to daemon, daemon to client), with the two
+/// threads pinned to CPUs `cpus` (the same CPU, or two: then every wake-up crosses cores).
+fn handoff_rtt(cpus: [usize; 2]) -> f64 {
+    let pin = |c: usize| {
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(c, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+        }
+    };
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        pin(cpus[1]);
+        let mut buf = [0u8; 1];
+        while let Ok(1) = b.read(&mut buf) {
+            b.write_all(&buf).unwrap();
+        }
+    });
+    let rtt = std::thread::scope(|s| {
+        s.spawn(|| {
+            pin(cpus[0]);
+            let mut buf = [0u8; 1];
+            let n = 20_000;
+            let t0 = Instant::now();
+            for _ in 0..n {
+                a.write_all(b"x").unwrap();
+                a.read_exact(&mut buf).unwrap();
+            }
+            t0.elapsed().as_secs_f64() * 1e6 / n as f64
+        })
+        .join()
+        .unwrap()
+    });
+    drop(a);
+    let _ = echo.join();
+    rtt
+}
+
 /// Signatures/s through the API vs raw cryptoki, 1 and 2 threads.
 fn api_part(b: &Bench) {
     println!(
@@ -350,6 +390,7 @@ fn api_part(b: &Bench) {
         "signatures", "threads", "raw sig/s", "API sig/s", "ratio"
     );
     let sock = b.env.path("api.sock");
+    let mut at = [(0.0, 0.0); 3];
     for threads in [1, 2] {
         let (raw, api) = paired(
             || {
@@ -366,7 +407,21 @@ fn api_part(b: &Bench) {
             api,
             api / raw
         );
+        at[threads] = (raw, api);
     }
+    // Where one request's time goes (1 thread, nothing overlaps): the signature, the two
+    // hand-offs between client and daemon threads (on a VM a wake-up that crosses cores
+    // costs tens of µs), and the rest (HTTP, JSON, base64, syscalls on both sides).
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return;
+    }
+    let (cross, same) = (handoff_rtt([0, 1]), handoff_rtt([0, 0]));
+    let (sig, req) = (1e6 / at[1].0, 1e6 / at[1].1);
+    println!("  hand-off round trip: {cross:.1} µs across two CPUs, {same:.1} µs on one CPU");
+    println!(
+        "  1 thread, µs per request: {req:.0} = signature {sig:.0} + the rest {:.0} (hand-offs: {same:.0} to {cross:.0})",
+        req - sig
+    );
 }
 
 /// New connections/s (and CPU per connection) through the proxy vs stunnel.
