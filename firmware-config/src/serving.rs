@@ -132,6 +132,9 @@ pub struct ProxyConfig {
     pub allowed_gids: Vec<u32>,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
+    /// Connecting to the target and the TLS handshake must end within this long (a
+    /// target that accepts and then says nothing would hold the caller).
+    pub connect_timeout: Duration,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
     /// Keep one spare connection to the target, handshake done, for the next caller
@@ -152,6 +155,7 @@ impl Default for ProxyConfig {
             allowed_uids: Vec::new(),
             allowed_gids: Vec::new(),
             idle_timeout: Duration(300),
+            connect_timeout: Duration(30),
             max_connections: 64,
             preconnect: false,
         }
@@ -241,10 +245,10 @@ pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, Strin
                 "missing: the CA bundle the server must chain to".into(),
             );
         }
-        if p.max_connections == 0 || p.idle_timeout.0 == 0 {
+        if p.max_connections == 0 || p.idle_timeout.0 == 0 || p.connect_timeout.0 == 0 {
             err(
                 at("max_connections"),
-                "max_connections and idle_timeout must be > 0".into(),
+                "max_connections, idle_timeout and connect_timeout must be > 0".into(),
             );
         }
     }

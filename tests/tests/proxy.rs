@@ -145,7 +145,7 @@ server_ca = "{{p}}/ca.pem"
 }
 
 #[test]
-fn a_foreign_caller_and_a_foreign_server_are_refused() {
+fn a_foreign_caller_a_foreign_server_and_a_silent_one_are_refused() {
     let env = Env::new();
     env.make_ca("ca");
     env.make_ca("other-ca");
@@ -156,6 +156,13 @@ fn a_foreign_caller_and_a_foreign_server_are_refused() {
     std::fs::copy(env.path("rogue.pem"), env.path("server.pem")).unwrap();
     std::fs::copy(env.path("rogue.key"), env.path("server.key")).unwrap();
     let (_rogue, rogue) = env.s_server("ca", &[], None);
+    // A target that accepts and then never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = silent.incoming().collect();
+        drop(held);
+    });
     env.serving_config(
         "1d",
         &format!(
@@ -174,6 +181,14 @@ listen = "{{p}}/rogue.sock"
 target = "127.0.0.1:{rogue}"
 identity = "gw"
 server_ca = "{{p}}/ca.pem"
+
+[[proxy]]
+name = "silent"
+listen = "{{p}}/silent.sock"
+target = "127.0.0.1:{silent_port}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+connect_timeout = "1s"
 "#
         ),
     );
@@ -191,6 +206,17 @@ server_ca = "{{p}}/ca.pem"
     let out = env.curl("rogue.sock", "/", &["-o", "/dev/null"]);
     assert!(!out.status.success());
     env.wait_log("TLS to the target failed");
+    // A silent target: the caller's connection is closed after connect_timeout, not held.
+    let t0 = std::time::Instant::now();
+    let out = env.curl("silent.sock", "/", &["-o", "/dev/null"]);
+    assert!(!out.status.success(), "{out:?}");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900)
+            && waited < std::time::Duration::from_secs(8),
+        "closed after {waited:?}, connect_timeout is 1 s: {out:?}"
+    );
+    env.wait_log("no TLS connection to the target within 1 s");
 }
 
 /// A stunnel4 TLS server (client certificate required, `TIMEOUTidle = 3`) that greets each

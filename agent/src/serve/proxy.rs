@@ -21,10 +21,6 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-/// Connecting and the handshake together: a target that accepts and then says nothing
-/// would otherwise hold the caller (and a spare being made) for good.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
-
 struct Route {
     cfg: ProxyConfig,
     roots: Arc<rustls::RootCertStore>,
@@ -194,13 +190,15 @@ impl Route {
     }
 
     /// Connect to the target and complete the handshake presenting `generation`'s pair,
-    /// within `OPEN_TIMEOUT`; on failure, the result label for the metrics (the reason is
+    /// within `connect_timeout` (a target that accepts and then says nothing would otherwise
+    /// hold the caller, and a spare being made, for good); on failure, the result label for the metrics (the reason is
     /// logged).
     async fn open(&self, generation: u32) -> Result<Upstream, &'static str> {
-        match tokio::time::timeout(OPEN_TIMEOUT, self.open_now(generation)).await {
+        let limit = Duration::from_secs(self.cfg.connect_timeout.0);
+        match tokio::time::timeout(limit, self.open_now(generation)).await {
             Ok(r) => r,
             Err(_) => {
-                tracing::warn!(proxy = %self.cfg.name, target = %self.cfg.target, "no TLS connection to the target within {} s (it accepts but does not answer)", OPEN_TIMEOUT.as_secs());
+                tracing::warn!(proxy = %self.cfg.name, target = %self.cfg.target, "no TLS connection to the target within {} s (it accepts but does not answer; connect_timeout)", limit.as_secs());
                 Err("timeout")
             }
         }
