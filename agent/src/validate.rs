@@ -240,6 +240,34 @@ pub fn validate(
     if not_after <= now {
         return Err(Refusal::Expired(rfc3339(not_after)));
     }
+    // Checked at a time inside the validity window: dates were judged above, with skew.
+    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(not_before)));
+    let path_certs = verify_path(&chain, anchors, intermediates, want.usages, at)?;
+    let got = subject_of(&leaf);
+    let differences = compare_names(&got, &sans_of(&leaf), want)?;
+    let mut out = vec![chain[0].clone()];
+    out.extend(path_certs);
+    Ok(Validated {
+        serial: hex(tbs.serial_number.as_bytes()),
+        fingerprint: hex(&sha2::Sha256::digest(&chain[0])),
+        chain: out,
+        not_before,
+        not_after,
+        subject: got.to_string(),
+        differences,
+    })
+}
+
+/// Build and verify the path from the leaf (`chain[0]`) to one of `anchors` for each usage
+/// (client alone when none is asked for), helped by the rest of `chain` and by
+/// `intermediates`; the intermediates of the path found.
+fn verify_path(
+    chain: &[CertificateDer<'static>],
+    anchors: &[CertificateDer<'static>],
+    intermediates: &[CertificateDer<'static>],
+    usages: &[Usage],
+    at: UnixTime,
+) -> Result<Vec<CertificateDer<'static>>, Refusal> {
     let trust: Vec<_> = anchors
         .iter()
         .filter_map(|c| {
@@ -256,12 +284,10 @@ pub fn validate(
     }
     let ee =
         webpki::EndEntityCert::try_from(&chain[0]).map_err(|e| Refusal::Chain(format!("{e:?}")))?;
-    // Checked at a time inside the validity window: dates were judged above, with skew.
-    let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(not_before)));
-    let usages: Vec<Usage> = if want.usages.is_empty() {
+    let usages: Vec<Usage> = if usages.is_empty() {
         vec![Usage::Client]
     } else {
-        want.usages.to_vec()
+        usages.to_vec()
     };
     let mut path_certs = Vec::new();
     for u in usages {
@@ -285,19 +311,7 @@ pub fn validate(
             .map(|c| c.der().into_owned())
             .collect();
     }
-    let got = subject_of(&leaf);
-    let differences = compare_names(&got, &sans_of(&leaf), want)?;
-    let mut out = vec![chain[0].clone()];
-    out.extend(path_certs);
-    Ok(Validated {
-        serial: hex(tbs.serial_number.as_bytes()),
-        fingerprint: hex(&sha2::Sha256::digest(&chain[0])),
-        chain: out,
-        not_before,
-        not_after,
-        subject: got.to_string(),
-        differences,
-    })
+    Ok(path_certs)
 }
 
 #[cfg(test)]

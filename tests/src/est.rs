@@ -104,6 +104,19 @@ fn pkcs7(dir: &Path, pems: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The issuing CA under the root of `pki`, and its certificate (PEM).
+fn issuing_ca(
+    pki: &crate::httpd::TestPki,
+) -> (Arc<rcgen::Issuer<'static, rcgen::KeyPair>>, String) {
+    let key = rcgen::KeyPair::generate().expect("issuing CA key");
+    let mut p = rcgen::CertificateParams::new(vec![]).expect("params");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "EST test issuing CA");
+    let inter_pem = p.signed_by(&key, &pki.issuer).expect("issuing CA").pem();
+    (Arc::new(rcgen::Issuer::new(p, key)), inter_pem)
+}
+
 impl EstServer {
     /// Start with HTTP basic credentials `user`/`pass`; the root CA is written to
     /// `dir/est-ca.pem` (the device's `ca_bundle`).
@@ -112,13 +125,7 @@ impl EstServer {
         let root_pem = pki.ca_cert.pem();
         let ca_file = dir.join("est-ca.pem");
         std::fs::write(&ca_file, &root_pem).expect("ca file");
-        let key = rcgen::KeyPair::generate().expect("issuing CA key");
-        let mut p = rcgen::CertificateParams::new(vec![]).expect("params");
-        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "EST test issuing CA");
-        let inter_pem = p.signed_by(&key, &pki.issuer).expect("issuing CA").pem();
-        let ca = Arc::new(rcgen::Issuer::new(p, key));
+        let (ca, inter_pem) = issuing_ca(&pki);
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca_cert.der().clone()).expect("root");
         let cfg = pki.server_config(Some(roots));
@@ -127,15 +134,13 @@ impl EstServer {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let basic = format!("Basic {}", B64.encode(format!("{user}:{pass}")));
-        let (m2, r2, s2, ca2, dir2) = (
-            mode.clone(),
-            retry_after.clone(),
-            seen.clone(),
-            ca.clone(),
-            dir.to_owned(),
-        );
-        let cacerts = format!("{inter_pem}{root_pem}");
-        let inter2 = inter_pem.clone();
+        let (m2, r2, s2) = (mode.clone(), retry_after.clone(), seen.clone());
+        let authority = Authority {
+            ca: ca.clone(),
+            dir: dir.to_owned(),
+            cacerts: format!("{inter_pem}{root_pem}"),
+            inter: inter_pem.clone(),
+        };
         let mut held = std::collections::HashSet::new();
         let (port, handle) = crate::httpd::serve(cfg, stop.clone(), move |conn, head, body| {
             let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
@@ -160,64 +165,14 @@ impl EstServer {
                     return Some(raw);
                 }
             }
-            let (status, ctype, body_out): (&str, &str, Vec<u8>) = if path.ends_with("/cacerts") {
-                (
-                    "200 OK",
-                    "application/pkcs7-mime; smime-type=certs-only",
-                    pkcs7(&dir2, &cacerts),
-                )
-            } else if !(client_cert.is_some() || basic_ok) {
-                ("401 Unauthorized", "text/plain", b"authenticate".to_vec())
-            } else if path.ends_with("/simplereenroll") && client_cert.is_none() {
-                (
-                    "403 Forbidden",
-                    "text/plain",
-                    b"re-enrolment needs the current certificate".to_vec(),
-                )
-            } else {
-                match mode {
-                    EstMode::Reject => (
-                        "400 Bad Request",
-                        "text/plain",
-                        b"CSR refused by policy: CN not allowed".to_vec(),
-                    ),
-                    EstMode::ServerError => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        b"try later".to_vec(),
-                    ),
-                    EstMode::Garbage => (
-                        "200 OK",
-                        "application/pkcs7-mime",
-                        b"!!!! not base64 !!!!".to_vec(),
-                    ),
-                    EstMode::WrongContentType => {
-                        ("200 OK", "text/html", b"<html>login</html>".to_vec())
-                    }
-                    EstMode::AcceptThenIssue if held.insert(body.to_vec()) => {
-                        ("202 Accepted", "text/plain", b"pending approval".to_vec())
-                    }
-                    _ => match issue(&ca2, body, mode) {
-                        Some(cert_pem) => {
-                            let pems = if mode == EstMode::WithChain {
-                                format!("{cert_pem}{inter2}")
-                            } else {
-                                cert_pem
-                            };
-                            let mut p7 = pkcs7(&dir2, &pems);
-                            if mode == EstMode::Truncated {
-                                p7.truncate(p7.len() / 2);
-                            }
-                            (
-                                "200 OK",
-                                "application/pkcs7-mime; smime-type=certs-only",
-                                p7,
-                            )
-                        }
-                        None => ("400 Bad Request", "text/plain", b"not a CSR".to_vec()),
-                    },
-                }
-            };
+            let (status, ctype, body_out) = authority.answer(
+                mode,
+                &path,
+                client_cert.is_some() || basic_ok,
+                client_cert.is_some(),
+                body,
+                &mut held,
+            );
             let extra = if status.starts_with("202") {
                 format!("Retry-After: {}\r\n", r2.lock().unwrap())
             } else {
@@ -274,6 +229,89 @@ impl EstServer {
             .filter(|s| !s.path.ends_with("/cacerts"))
             .cloned()
             .collect()
+    }
+}
+
+/// The CA side of the server: what an enrolment or `/cacerts` request gets.
+struct Authority {
+    ca: Arc<rcgen::Issuer<'static, rcgen::KeyPair>>,
+    dir: PathBuf,
+    /// `/cacerts`: [issuing CA, root].
+    cacerts: String,
+    /// The issuing CA (PEM).
+    inter: String,
+}
+
+impl Authority {
+    /// (status, content type, body) for a request on `path` in `mode`; `held` remembers the
+    /// CSRs already answered 202 (AcceptThenIssue).
+    fn answer(
+        &self,
+        mode: EstMode,
+        path: &str,
+        authenticated: bool,
+        has_cert: bool,
+        body: &[u8],
+        held: &mut std::collections::HashSet<Vec<u8>>,
+    ) -> (&'static str, &'static str, Vec<u8>) {
+        if path.ends_with("/cacerts") {
+            (
+                "200 OK",
+                "application/pkcs7-mime; smime-type=certs-only",
+                pkcs7(&self.dir, &self.cacerts),
+            )
+        } else if !authenticated {
+            ("401 Unauthorized", "text/plain", b"authenticate".to_vec())
+        } else if path.ends_with("/simplereenroll") && !has_cert {
+            (
+                "403 Forbidden",
+                "text/plain",
+                b"re-enrolment needs the current certificate".to_vec(),
+            )
+        } else {
+            match mode {
+                EstMode::Reject => (
+                    "400 Bad Request",
+                    "text/plain",
+                    b"CSR refused by policy: CN not allowed".to_vec(),
+                ),
+                EstMode::ServerError => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"try later".to_vec(),
+                ),
+                EstMode::Garbage => (
+                    "200 OK",
+                    "application/pkcs7-mime",
+                    b"!!!! not base64 !!!!".to_vec(),
+                ),
+                EstMode::WrongContentType => {
+                    ("200 OK", "text/html", b"<html>login</html>".to_vec())
+                }
+                EstMode::AcceptThenIssue if held.insert(body.to_vec()) => {
+                    ("202 Accepted", "text/plain", b"pending approval".to_vec())
+                }
+                _ => match issue(&self.ca, body, mode) {
+                    Some(cert_pem) => {
+                        let pems = if mode == EstMode::WithChain {
+                            format!("{cert_pem}{}", self.inter)
+                        } else {
+                            cert_pem
+                        };
+                        let mut p7 = pkcs7(&self.dir, &pems);
+                        if mode == EstMode::Truncated {
+                            p7.truncate(p7.len() / 2);
+                        }
+                        (
+                            "200 OK",
+                            "application/pkcs7-mime; smime-type=certs-only",
+                            p7,
+                        )
+                    }
+                    None => ("400 Bad Request", "text/plain", b"not a CSR".to_vec()),
+                },
+            }
+        }
     }
 }
 

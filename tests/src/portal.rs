@@ -93,22 +93,25 @@ impl Drop for PortalCa {
     }
 }
 
-fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
-    let run = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let ext = dir.join("portal-ext.cnf");
-    std::fs::write(&ext, "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\n").expect("ext");
-    let (ca_name, csr_path) = match mode {
+/// Run `openssl args` in `dir`; it must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The CA and the CSR file `mode` signs with: the foreign CA, another key's CSR or the
+/// device's CSR as is.
+fn signing_input(dir: &Path, ca: &str, csr: &Path, mode: CaMode) -> (String, String) {
+    let run = |args: &[&str]| openssl(dir, args);
+    match mode {
         CaMode::ForeignCa => {
             if !dir.join("foreign-ca.pem").exists() {
                 let args = crate::ca_args("foreign-ca");
@@ -147,7 +150,14 @@ fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
             (ca.to_owned(), other.display().to_string())
         }
         _ => (ca.to_owned(), csr.display().to_string()),
-    };
+    }
+}
+
+fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
+    let run = |args: &[&str]| openssl(dir, args);
+    let ext = dir.join("portal-ext.cnf");
+    std::fs::write(&ext, "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\n").expect("ext");
+    let (ca_name, csr_path) = signing_input(dir, ca, csr, mode);
     std::fs::create_dir_all(out.parent().expect("inbox")).expect("inbox");
     let tmp = out.with_extension("tmp");
     if let Some((start, end)) = match mode {
@@ -155,43 +165,7 @@ fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
         CaMode::NotYetValid => Some(("20990101000000Z", "20991231000000Z")),
         _ => None,
     } {
-        // openssl 3.0's `x509 -req` cannot set dates; `openssl ca` can.
-        let db = dir.join("ca-db");
-        std::fs::create_dir_all(db.join("new")).expect("ca db");
-        std::fs::write(db.join("index.txt"), "").expect("index");
-        std::fs::write(db.join("serial"), format!("{:08X}\n", 4096 + rand_serial()))
-            .expect("serial");
-        let cnf = db.join("ca.cnf");
-        std::fs::write(
-            &cnf,
-            format!(
-                "[ca]\ndefault_ca = d\n[d]\ndatabase = {0}/index.txt\nnew_certs_dir = {0}/new\nserial = {0}/serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\nunique_subject = no\n[p]\ncommonName = supplied\norganizationName = optional\norganizationalUnitName = optional\n",
-                db.display()
-            ),
-        )
-        .expect("ca.cnf");
-        run(&[
-            "ca",
-            "-batch",
-            "-notext",
-            "-preserveDN",
-            "-config",
-            &cnf.display().to_string(),
-            "-cert",
-            &format!("{ca}.pem"),
-            "-keyfile",
-            &format!("{ca}.key"),
-            "-in",
-            &csr.display().to_string(),
-            "-out",
-            &tmp.display().to_string(),
-            "-startdate",
-            start,
-            "-enddate",
-            end,
-            "-extfile",
-            &ext.display().to_string(),
-        ]);
+        sign_dated(dir, ca, csr, &ext, &tmp, (start, end));
         std::fs::rename(&tmp, out).expect("drop into inbox");
         return;
     }
@@ -226,6 +200,56 @@ fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
         std::fs::write(&tmp, format!("{cert}{key}")).expect("append");
     }
     std::fs::rename(&tmp, out).expect("drop into inbox");
+}
+
+/// Sign `csr` with CA `ca` for the given (start, end) dates into `tmp` (openssl 3.0's
+/// `x509 -req` cannot set dates; `openssl ca` can).
+fn sign_dated(
+    dir: &Path,
+    ca: &str,
+    csr: &Path,
+    ext: &Path,
+    tmp: &Path,
+    (start, end): (&str, &str),
+) {
+    let db = dir.join("ca-db");
+    std::fs::create_dir_all(db.join("new")).expect("ca db");
+    std::fs::write(db.join("index.txt"), "").expect("index");
+    std::fs::write(db.join("serial"), format!("{:08X}\n", 4096 + rand_serial())).expect("serial");
+    let cnf = db.join("ca.cnf");
+    std::fs::write(
+        &cnf,
+        format!(
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = {0}/index.txt\nnew_certs_dir = {0}/new\nserial = {0}/serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\nunique_subject = no\n[p]\ncommonName = supplied\norganizationName = optional\norganizationalUnitName = optional\n",
+            db.display()
+        ),
+    )
+    .expect("ca.cnf");
+    openssl(
+        dir,
+        &[
+            "ca",
+            "-batch",
+            "-notext",
+            "-preserveDN",
+            "-config",
+            &cnf.display().to_string(),
+            "-cert",
+            &format!("{ca}.pem"),
+            "-keyfile",
+            &format!("{ca}.key"),
+            "-in",
+            &csr.display().to_string(),
+            "-out",
+            &tmp.display().to_string(),
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+            "-extfile",
+            &ext.display().to_string(),
+        ],
+    );
 }
 
 fn rand_serial() -> u32 {
