@@ -1,8 +1,8 @@
 //! What the daemon serves, measured against baselines in the same run (scripts/bench):
 //! - signatures/s through the signing API (keep-alive, 1 and 2 client threads) vs raw
 //!   cryptoki on the same token key and thread count;
-//! - proxy new connections/s (TLS handshake + one request) vs stunnel with the same token key
-//!   (libengine-pkcs11-openssl), same target;
+//! - proxy new connections/s (TLS handshake + one request; 1 client, then 4 at once) vs
+//!   stunnel with the same token key (libengine-pkcs11-openssl), same target;
 //! - bytes/s through one proxied connection vs one direct TLS connection.
 //!
 //! Uses the release binary (`cargo build --release -p edge-signer` first).
@@ -49,16 +49,17 @@ fn thread_cpu_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// Alternate slices of new connections through stunnel (`a`) and the proxy (`b`); returns
+/// Alternate slices of new connections from `clients` threads through stunnel (`a`) and the
+/// proxy (`b`); returns
 /// (conn/s, CPU µs per connection of the process behind it) for each. Each process idles
 /// while the other one's slice runs, so its CPU over the whole run is its slices' CPU.
-fn paired_conns(a: (u16, u32), b: (u16, u32)) -> [(f64, f64); 2] {
+fn paired_conns(a: (u16, u32), b: (u16, u32), clients: usize) -> [(f64, f64); 2] {
     let mut acc = [(0.0, 0.0); 2]; // (rate sum, connections)
     let c0 = [proc_cpu_ns(a.1), proc_cpu_ns(b.1)];
     for _ in 0..ROUNDS {
         for (i, (port, _)) in [a, b].into_iter().enumerate() {
             let t0 = Instant::now();
-            let r = conn_rate(port);
+            let r = conn_rate(port, clients);
             acc[i].0 += r;
             acc[i].1 += r * t0.elapsed().as_secs_f64();
         }
@@ -191,9 +192,10 @@ fn api_rate(sock: &std::path::Path, threads: usize) -> f64 {
     })
 }
 
-/// New connections/s through a local plain-TCP entry (the proxy or stunnel).
-fn conn_rate(port: u16) -> f64 {
-    rate(1, || {
+/// New connections/s through a local plain-TCP entry (the proxy or stunnel), each of
+/// `clients` threads opening one after the other.
+fn conn_rate(port: u16, clients: usize) -> f64 {
+    rate(clients, || {
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_nodelay(true).unwrap();
         s.write_all(b"q").unwrap();
@@ -437,16 +439,21 @@ fn proxy_part(b: &Bench) {
     );
     // The same route twice: as configured by default (the handshake in each connection's
     // path), and with `preconnect = true` (the next connection's handshake made after this
-    // one, off its path; its CPU still counted). Each against its own stunnel slices.
-    for (label, port) in [
-        ("ES256 token key", b.pport),
-        ("  with preconnect = true", b.preport),
+    // one, off its path; its CPU still counted). Each against its own stunnel slices, with
+    // one client (each connection waits for the one before: conn/s is 1 / latency) and with
+    // four clients at once (conn/s is what the 2 cores give, shared with the clients and
+    // the target).
+    for (label, port, clients) in [
+        ("ES256 key, 1 client", b.pport, 1),
+        ("  4 clients at once", b.pport, 4),
+        ("preconnect = true, 1 client", b.preport, 1),
+        ("  4 clients at once", b.preport, 4),
     ] {
-        let [(st, st_cpu), (px, px_cpu)] = paired_conns((sport, g.0.id()), (port, b.daemon_pid()));
+        let [(st, st_cpu), (px, px_cpu)] =
+            paired_conns((sport, g.0.id()), (port, b.daemon_pid()), clients);
         println!("{label:<28} {st:>14.0} {px:>14.0} {:>7.3}", px / st);
-        // The load generator and the target share the 2 cores with the proxy, and one
-        // sequential client makes conn/s a latency figure; CPU per connection is the
-        // proxy's own cost (stunnel's inverse ratio: how many times less the proxy uses).
+        // CPU per connection is the proxy's own cost (stunnel's inverse ratio: how many
+        // times less the proxy uses).
         println!(
             "{:<28} {st_cpu:>14.0} {px_cpu:>14.0} {:>7.3}",
             "  CPU µs per connection",
