@@ -57,6 +57,15 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
         (g1["status"].as_str(), g2["status"].as_str()),
         (Some("overlap"), Some("current"))
     );
+    // The human status says when the overlap ends, once.
+    let status = env.ok(&["status"]);
+    let next = status.lines().find(|l| l.trim_start().starts_with("next:"));
+    assert!(
+        next.is_some_and(
+            |l| l.contains("old generation retires at") && l.matches(" at ").count() == 1
+        ),
+        "{status}"
+    );
 
     // The CSR carries the configured subject and SANs and verifies.
     std::fs::write(env.path("g2.csr"), g2["csr_pem"].as_str().unwrap()).unwrap();

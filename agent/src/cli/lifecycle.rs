@@ -232,6 +232,8 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
                 r.next_action,
                 r.next_at
                     .as_deref()
+                    // "renewal at T" already says when.
+                    .filter(|t| !r.next_action.contains(t))
                     .map(|t| format!(" at {t}"))
                     .unwrap_or_default()
             );
