@@ -175,6 +175,12 @@ impl Env {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        // A command that succeeded has logged no error (tests log at trace level).
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.lines().any(|l| l.contains(" ERROR ")),
+            "edge-signer {args:?} succeeded but logged errors:\n{err}"
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
