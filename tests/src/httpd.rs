@@ -117,6 +117,22 @@ pub fn serve(
 /// without a TLS close_notify.
 pub const NO_CLOSE_NOTIFY: &[u8] = b"\x00no-close-notify\x00";
 
+/// The reason phrase of an HTTP status code.
+pub fn reason(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        409 => "Conflict",
+        503 => "Service Unavailable",
+        _ => "Status",
+    }
+}
+
 /// A whole HTTP/1.1 response (`extra_headers` each ending in CRLF).
 pub fn response(status: &str, extra_headers: &str, body: &[u8]) -> Vec<u8> {
     let mut r = format!(

@@ -222,7 +222,7 @@ impl JwkApi {
                 _ => (404, "not found".into()),
             };
             Some(crate::httpd::response(
-                &format!("{status} X"),
+                &format!("{status} {}", crate::httpd::reason(status)),
                 "",
                 text.as_bytes(),
             ))
