@@ -290,18 +290,7 @@ impl Env {
 
     /// Run openssl in the temp dir; insist on success; return stdout+stderr.
     pub fn openssl(&self, args: &[&str]) -> String {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("openssl");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "openssl {args:?} failed:\n{text}");
-        text
+        openssl_in(self.dir.path(), args)
     }
 
     /// A test CA made by openssl (an implementation independent of ours): ca.pem / ca.key.
@@ -577,4 +566,20 @@ impl Env {
     pub fn faults_fired(&self) -> String {
         std::fs::read_to_string(self.path("faults.log")).unwrap_or_default()
     }
+}
+
+/// Run `openssl args` in `dir`; it must succeed. Returns stdout and stderr.
+pub fn openssl_in(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "openssl {args:?} failed:\n{text}");
+    text
 }

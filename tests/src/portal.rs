@@ -1,7 +1,6 @@
 //! A test CA (openssl) playing the person at the portal: answers the outbox into the inbox.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 /// How the test CA answers the portal.
@@ -93,24 +92,12 @@ impl Drop for PortalCa {
     }
 }
 
-/// Run `openssl args` in `dir`; it must succeed.
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// The CA and the CSR file `mode` signs with: the foreign CA, another key's CSR or the
 /// device's CSR as is.
 fn signing_input(dir: &Path, ca: &str, csr: &Path, mode: CaMode) -> (String, String) {
-    let run = |args: &[&str]| openssl(dir, args);
+    let run = |args: &[&str]| {
+        crate::openssl_in(dir, args);
+    };
     match mode {
         CaMode::ForeignCa => {
             if !dir.join("foreign-ca.pem").exists() {
@@ -154,7 +141,9 @@ fn signing_input(dir: &Path, ca: &str, csr: &Path, mode: CaMode) -> (String, Str
 }
 
 fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
-    let run = |args: &[&str]| openssl(dir, args);
+    let run = |args: &[&str]| {
+        crate::openssl_in(dir, args);
+    };
     let ext = dir.join("portal-ext.cnf");
     std::fs::write(&ext, "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth,serverAuth\n").expect("ext");
     let (ca_name, csr_path) = signing_input(dir, ca, csr, mode);
@@ -225,7 +214,7 @@ fn sign_dated(
         ),
     )
     .expect("ca.cnf");
-    openssl(
+    crate::openssl_in(
         dir,
         &[
             "ca",
