@@ -245,11 +245,14 @@ pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, Strin
                 "missing: the CA bundle the server must chain to".into(),
             );
         }
-        if p.max_connections == 0 || p.idle_timeout.0 == 0 || p.connect_timeout.0 == 0 {
-            err(
-                at("max_connections"),
-                "max_connections, idle_timeout and connect_timeout must be > 0".into(),
-            );
+        for (field, zero) in [
+            ("max_connections", p.max_connections == 0),
+            ("idle_timeout", p.idle_timeout.0 == 0),
+            ("connect_timeout", p.connect_timeout.0 == 0),
+        ] {
+            if zero {
+                err(at(field), "must be more than 0".into());
+            }
         }
     }
 }
@@ -289,5 +292,29 @@ mod tests {
         p.listen = "127.0.0.1:1883".into();
         p.unsafe_listen = false;
         assert!(matches!(p.listen_addr(), Ok(Listen::Tcp(_))));
+    }
+
+    #[test]
+    fn a_zero_limit_is_named_by_its_own_field() {
+        let mut c = crate::schema::Config::default();
+        c.proxies.push(ProxyConfig {
+            connect_timeout: Duration(0),
+            max_connections: 0,
+            ..Default::default()
+        });
+        let mut errors = Vec::new();
+        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        assert!(
+            errors.contains(&"proxy[0].connect_timeout: must be more than 0".to_owned()),
+            "{errors:?}"
+        );
+        assert!(
+            errors.contains(&"proxy[0].max_connections: must be more than 0".to_owned()),
+            "{errors:?}"
+        );
+        assert!(
+            !errors.iter().any(|e| e.contains("idle_timeout")),
+            "{errors:?}"
+        );
     }
 }

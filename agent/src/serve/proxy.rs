@@ -191,8 +191,8 @@ impl Route {
 
     /// Connect to the target and complete the handshake presenting `generation`'s pair,
     /// within `connect_timeout` (a target that accepts and then says nothing would otherwise
-    /// hold the caller, and a spare being made, for good); on failure, the result label for the metrics (the reason is
-    /// logged).
+    /// hold the caller, and a spare being made, for good); on failure, the result label for
+    /// the metrics (the reason is logged).
     async fn open(&self, generation: u32) -> Result<Upstream, &'static str> {
         let limit = Duration::from_secs(self.cfg.connect_timeout.0);
         match tokio::time::timeout(limit, self.open_now(generation)).await {
