@@ -50,9 +50,9 @@ fn thread_cpu_ns() -> u64 {
 }
 
 /// Alternate slices of new connections from `clients` threads through stunnel (`a`) and the
-/// proxy (`b`); returns
-/// (conn/s, CPU µs per connection of the process behind it) for each. Each process idles
-/// while the other one's slice runs, so its CPU over the whole run is its slices' CPU.
+/// proxy (`b`); returns (conn/s, CPU µs per connection of the process behind it) for each.
+/// Each process idles while the other one's slice runs, so its CPU over the whole run is its
+/// slices' CPU.
 fn paired_conns(a: (u16, u32), b: (u16, u32), clients: usize) -> [(f64, f64); 2] {
     let mut acc = [(0.0, 0.0); 2]; // (rate sum, connections)
     let c0 = [proc_cpu_ns(a.1), proc_cpu_ns(b.1)];
