@@ -583,3 +583,12 @@ pub fn openssl_in(dir: &Path, args: &[&str]) -> String {
     assert!(out.status.success(), "openssl {args:?} failed:\n{text}");
     text
 }
+
+/// Poll `ok` every 200 ms until it holds; fail the test with "never: `what`" after `secs`.
+pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < Duration::from_secs(secs), "never: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -7,14 +7,6 @@ use edge_signer_tests::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(secs), "never: {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// A device: a token and its own CA (the broker trusts it for clients).
 fn device() -> Env {
     let env = Env::new();

@@ -26,6 +26,47 @@ fn echo(conn: &mut BufReader<std::net::TcpStream>, line: &str) -> String {
     back.trim_end().to_owned()
 }
 
+/// curl requests one after the other through a proxy socket, counting answers that are
+/// and are not 200, until `finish`.
+struct CurlStream {
+    stop: Arc<AtomicBool>,
+    counts: Arc<[AtomicUsize; 2]>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CurlStream {
+    fn start(sock: &std::path::Path) -> CurlStream {
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let (s, c, sock) = (stop.clone(), counts.clone(), sock.to_owned());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let out = std::process::Command::new("curl")
+                    .args(["-sS", "--max-time", "10", "-o", "/dev/null"])
+                    .args(["-w", "%{http_code}", "--unix-socket"])
+                    .arg(&sock)
+                    .arg("http://edge/")
+                    .output()
+                    .unwrap();
+                c[usize::from(out.stdout != b"200")].fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        CurlStream {
+            stop,
+            counts,
+            thread,
+        }
+    }
+
+    /// Stop; (answered 200, failed).
+    fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        let [ok, failed] = &*self.counts;
+        (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    }
+}
+
 #[test]
 fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_overlap() {
     let env = Env::new();
@@ -72,44 +113,14 @@ server_ca = "{{p}}/ca.pem"
     assert_eq!(echo(&mut long, "hello"), "olleh");
 
     // A stream of requests while the rotation happens.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let dir = env.dir.path().to_owned();
-    let stream = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let out = std::process::Command::new("curl")
-                    .args([
-                        "-sS",
-                        "--max-time",
-                        "10",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                    ])
-                    .arg("--unix-socket")
-                    .arg(dir.join("web.sock"))
-                    .arg("http://edge/")
-                    .output()
-                    .unwrap();
-                if out.stdout == b"200" {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let stream = CurlStream::start(&env.path("web.sock"));
     std::thread::sleep(Duration::from_millis(1100));
     env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     env.wait_log("new handshakes use generation 2");
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    stream.join().unwrap();
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
-    assert!(ok.load(Ordering::Relaxed) >= 3);
+    let (ok, failed) = stream.finish();
+    assert_eq!(failed, 0, "no request failed");
+    assert!(ok >= 3);
 
     let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
@@ -131,14 +142,9 @@ server_ca = "{{p}}/ca.pem"
         .as_str()
         .unwrap()
         .to_owned();
-    let start = std::time::Instant::now();
-    while env.pkcs11_objects().contains(&id1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "old key never retired"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_for("old key retired after the overlap", 20, || {
+        !env.pkcs11_objects().contains(&id1)
+    });
     assert_eq!(echo(&mut long, "third"), "driht");
     assert!(daemon.0.try_wait().unwrap().is_none());
     drop(daemon);
