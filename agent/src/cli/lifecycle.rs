@@ -204,42 +204,7 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
     print(json, serde_json::to_value(&rows)?, || {
         let mut out = String::new();
         for r in &rows {
-            out += &format!("{} [{}]\n", r.name, r.state);
-            match r.generation {
-                Some(n) => {
-                    out += &match &r.kid {
-                        Some(kid) => format!("  generation {n}: kid {kid}\n"),
-                        None => format!(
-                            "  generation {n}: serial {} sha256 {}\n",
-                            r.serial.as_deref().unwrap_or("-"),
-                            r.fingerprint.as_deref().unwrap_or("-")
-                        ),
-                    };
-                    out += &format!("  key {}\n", r.key_uri.as_deref().unwrap_or("-"));
-                    out += &format!(
-                        "  valid until {} ({} days left)\n",
-                        r.not_after.as_deref().unwrap_or("-"),
-                        r.days_left.unwrap_or(0)
-                    );
-                }
-                None => out += "  no current generation\n",
-            }
-            if let Some(p) = r.pending_generation {
-                out += &format!("  enrolling generation {p}\n");
-            }
-            out += &format!(
-                "  next: {}{}\n",
-                r.next_action,
-                r.next_at
-                    .as_deref()
-                    // "renewal at T" already says when.
-                    .filter(|t| !r.next_action.contains(t))
-                    .map(|t| format!(" at {t}"))
-                    .unwrap_or_default()
-            );
-            if let Some(e) = &r.last_error {
-                out += &format!("  last error: {e}\n");
-            }
+            out += &status_text(r);
             if timeline {
                 for t in reg
                     .identities
@@ -260,6 +225,45 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
         out
     });
     Ok(0)
+}
+
+/// One identity's lines in the human `status`.
+fn status_text(r: &edge_signer::lifecycle::plan::Status) -> String {
+    let mut out = format!("{} [{}]\n", r.name, r.state);
+    match r.generation {
+        Some(n) => {
+            out += &match &r.kid {
+                Some(kid) => format!("  generation {n}: kid {kid}\n"),
+                None => format!(
+                    "  generation {n}: serial {} sha256 {}\n",
+                    r.serial.as_deref().unwrap_or("-"),
+                    r.fingerprint.as_deref().unwrap_or("-")
+                ),
+            };
+            out += &format!("  key {}\n", r.key_uri.as_deref().unwrap_or("-"));
+            out += &format!(
+                "  valid until {} ({} days left)\n",
+                r.not_after.as_deref().unwrap_or("-"),
+                r.days_left.unwrap_or(0)
+            );
+        }
+        None => out += "  no current generation\n",
+    }
+    if let Some(p) = r.pending_generation {
+        out += &format!("  enrolling generation {p}\n");
+    }
+    // "renewal at T" already says when.
+    let at = r
+        .next_at
+        .as_deref()
+        .filter(|t| !r.next_action.contains(t))
+        .map(|t| format!(" at {t}"))
+        .unwrap_or_default();
+    out += &format!("  next: {}{at}\n", r.next_action);
+    if let Some(e) = &r.last_error {
+        out += &format!("  last error: {e}\n");
+    }
+    out
 }
 
 /// `rotate`: when due, or now; during an overlap a rotation is queued.
