@@ -93,7 +93,14 @@ impl ApiState {
             return Ok(());
         }
         count(c, op, "refused");
-        tracing::warn!(uid = c.uid, gid = c.gid, pid = ?c.pid, op = op.as_str(), identity = ?identity, "API request refused by policy");
+        tracing::warn!(
+            uid = c.uid,
+            gid = c.gid,
+            pid = %c.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            op = %op.as_str(),
+            identity = %identity.unwrap_or("-"),
+            "API request refused by policy"
+        );
         Err(ApiError(
             StatusCode::FORBIDDEN,
             format!(
