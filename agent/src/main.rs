@@ -385,15 +385,13 @@ fn parse_key_type(s: &str) -> Result<KeyType, String> {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_SIGNER_LOG")
-        .unwrap_or_else(|_| "warn".into())
-        // cryptoki logs, at error level, each mechanism of the token's list that it has no
-        // name for (SoftHSM has about 30): nothing is wrong, the mechanism is just skipped.
-        .add_directive(
-            "cryptoki::mechanism=off"
-                .parse()
-                .unwrap_or_else(|_| tracing::Level::ERROR.into()),
-        );
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_SIGNER_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    // cryptoki logs, at error level, each mechanism of the token's list that it has no name
+    // for (SoftHSM has about 30): nothing is wrong, the mechanism is just skipped.
+    if let Ok(quiet) = "cryptoki::mechanism=off".parse() {
+        filter = filter.add_directive(quiet);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colour only on a terminal: under systemd stderr goes to the journal, where escape
