@@ -19,7 +19,12 @@ pub struct TlsSigningKey {
     key: TokenKey,
     /// The scheme chosen in the last handshake, for diagnostics (`probe` prints it).
     last_scheme: Arc<Mutex<Option<SignatureScheme>>>,
-    runner: Option<SignRunner>,
+    runner: SignRunner,
+}
+
+/// The default runner: sign right here.
+fn inline(_typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
+    call()
 }
 
 impl TlsSigningKey {
@@ -28,13 +33,13 @@ impl TlsSigningKey {
         TlsSigningKey {
             key,
             last_scheme: Arc::default(),
-            runner: None,
+            runner: inline,
         }
     }
 
     /// Run each handshake signature through `runner` (see [`SignRunner`]).
     pub fn with_runner(mut self, runner: SignRunner) -> Self {
-        self.runner = Some(runner);
+        self.runner = runner;
         self
     }
 
@@ -119,26 +124,20 @@ struct TlsSigner {
     key: TokenKey,
     scheme: SignatureScheme,
     alg: SignAlg,
-    runner: Option<SignRunner>,
+    runner: SignRunner,
 }
 
 impl Signer for TlsSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
-        let sign = || self.key.sign(self.alg, message);
-        let signed = match self.runner {
-            None => sign(),
-            Some(run) => {
-                let mut out = None;
-                run(self.key.token().typical_sign_time(), &mut || {
-                    out = Some(sign())
-                });
-                out.unwrap_or_else(|| {
-                    Err(crate::Error::Unsupported(
-                        "the signature runner never ran the signature".into(),
-                    ))
-                })
-            }
-        };
+        let mut out = None;
+        (self.runner)(self.key.token().typical_sign_time(), &mut || {
+            out = Some(self.key.sign(self.alg, message))
+        });
+        let signed = out.unwrap_or_else(|| {
+            Err(crate::Error::Unsupported(
+                "the signature runner never ran the signature".into(),
+            ))
+        });
         signed.map_err(|e| rustls::Error::General(format!("token signature failed: {e}")))
     }
 

@@ -96,9 +96,9 @@ impl ApiState {
         tracing::warn!(
             uid = c.uid,
             gid = c.gid,
-            pid = %c.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            pid = %super::or_dash(c.pid),
             op = %op.as_str(),
-            identity = %identity.unwrap_or("-"),
+            identity = %super::or_dash(identity),
             "API request refused by policy"
         );
         Err(ApiError(

@@ -150,14 +150,20 @@ pub fn fast_token(typical: Option<std::time::Duration>) -> bool {
 /// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
 /// just runs.
 pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
-    let slow = !fast_token(typical);
-    let pool = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if slow && pool {
+    // The fast path (SoftHSM, every handshake) decides on the token alone.
+    let hand_off = !fast_token(typical)
+        && tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if hand_off {
         tokio::task::block_in_place(call)
     } else {
         call()
     }
+}
+
+/// An optional id or name in a log line: the value, or `-`.
+pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
 mod http;

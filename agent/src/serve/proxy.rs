@@ -78,9 +78,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
                     };
                     let cred = s.peer_cred().ok();
                     if !route.caller_allowed(cred.map(|c| (c.uid(), c.gid()))) {
-                        let id =
-                            |v: Option<u32>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
-                        tracing::warn!(proxy = %route.cfg.name, uid = %id(cred.map(|c| c.uid())), gid = %id(cred.map(|c| c.gid())), "proxy connection refused: caller not in allowed_uids/allowed_gids");
+                        tracing::warn!(proxy = %route.cfg.name, uid = %super::or_dash(cred.map(|c| c.uid())), gid = %super::or_dash(cred.map(|c| c.gid())), "proxy connection refused: caller not in allowed_uids/allowed_gids");
                         route.count("refused-caller", "-");
                         continue;
                     }
