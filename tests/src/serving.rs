@@ -73,6 +73,29 @@ impl Env {
             .expect("setpriv curl")
     }
 
+    /// Wait until the register has `identity` at generation `n` *and* the daemon serves
+    /// it: the served pair follows the register after the engine's pass, so a connection
+    /// made in between is refused (no certificate yet) or gets the older generation.
+    pub fn wait_served(&self, identity: &str, n: u64) {
+        self.wait_current(identity, n);
+        let start = std::time::Instant::now();
+        let (who, what) = (
+            format!("identity={identity}"),
+            format!("use generation {n}"),
+        );
+        loop {
+            let log = std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
+            if log.lines().any(|l| l.contains(&who) && l.contains(&what)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "{identity} generation {n} never served:\n{log}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Wait (20 s at most) until `daemon.log` contains `what`.
     pub fn wait_log(&self, what: &str) {
         let start = std::time::Instant::now();

@@ -97,7 +97,7 @@ server_ca = "{{p}}/ca.pem"
     );
     let _ca = env.portal_ca(CaMode::Good);
     let mut daemon = env.daemon();
-    env.wait_current("gw", 1);
+    env.wait_served("gw", 1);
     env.wait_log("proxy listening");
 
     let out = env.curl("web.sock", "/", &["-o", "page.html", "-w", "%{http_code}"]);
@@ -200,7 +200,7 @@ connect_timeout = "1s"
     );
     let _ca = env.portal_ca(CaMode::Good);
     let _daemon = env.daemon();
-    env.wait_current("gw", 1);
+    env.wait_served("gw", 1);
     env.wait_log("proxy listening");
     // The daemon's own uid passes; nobody (65534) is not in allowed_uids.
     let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
@@ -300,7 +300,7 @@ preconnect = true
     );
     let _ca = env.portal_ca(CaMode::Good);
     let _daemon = env.daemon();
-    env.wait_current("gw", 1);
+    env.wait_served("gw", 1);
     env.wait_log("proxy listening");
 
     // The first connection makes its own; it leaves a spare behind (banner queued in it).

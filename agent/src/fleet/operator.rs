@@ -120,6 +120,7 @@ pub fn status(b: &Broker, wait: Duration) -> Result<Vec<DeviceRow>> {
     let (client, mut ev) = b.connect()?;
     let mut rows: std::collections::BTreeMap<String, DeviceRow> = Default::default();
     let prefix = b.prefix.clone();
+    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
     runtime()?.block_on(async {
         let collect = async {
             loop {
@@ -153,7 +154,11 @@ pub fn status(b: &Broker, wait: Duration) -> Result<Vec<DeviceRow>> {
                             let v: serde_json::Value =
                                 serde_json::from_slice(&p.payload).unwrap_or_default();
                             row.config_version = v["config_version"].as_u64();
-                            let ids = v["identities"].as_array().cloned().unwrap_or_default();
+                            // Retained: published when the device last changed, maybe
+                            // weeks ago. Days left are counted from now.
+                            let mut ids = v["identities"].clone();
+                            crate::lifecycle::plan::refresh_days_left(&mut ids, now);
+                            let ids = ids.as_array().cloned().unwrap_or_default();
                             row.days_left =
                                 ids.iter().filter_map(|i| i["days_left"].as_i64()).min();
                             row.last_error = ids

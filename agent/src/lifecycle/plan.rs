@@ -228,6 +228,22 @@ pub struct Status {
     pub live_generations: Vec<u32>,
 }
 
+/// Whole days from `now` until `not_after` (negative once it has passed).
+pub fn days_left(not_after: Unix, now: Unix) -> i64 {
+    (not_after as i64 - now as i64).div_euclid(86_400)
+}
+
+/// Status rows are published when the engine acts, and an idle daemon acts weeks apart:
+/// whoever shows a published row recomputes its `days_left` from `not_after` at `now`.
+pub fn refresh_days_left(rows: &mut serde_json::Value, now: Unix) {
+    for row in rows.as_array_mut().into_iter().flatten() {
+        let na = row["not_after"].as_str().map(crate::clock::parse_date);
+        if let Some(Ok(na)) = na {
+            row["days_left"] = days_left(na, now).into();
+        }
+    }
+}
+
 /// Status of every configured identity, from the register alone (no token access).
 pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
     cfg.identities
@@ -249,9 +265,7 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
                 fingerprint: cur.and_then(|g| g.fingerprint.clone()),
                 kid: cur.and_then(|g| g.kid.clone()),
                 not_after: cur.and_then(|g| g.not_after).map(rfc3339),
-                days_left: cur
-                    .and_then(|g| g.not_after)
-                    .map(|na| (na as i64 - now as i64).div_euclid(86_400)),
+                days_left: cur.and_then(|g| g.not_after).map(|na| days_left(na, now)),
                 subject_issued: cur.and_then(|g| g.subject_issued.clone()),
                 name_differences: cur.map(|g| g.name_differences.clone()).unwrap_or_default(),
                 pending_generation: rec.pending,
@@ -267,4 +281,30 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_left_is_recomputed_when_a_published_row_is_read() {
+        let issued = 1_800_000_000;
+        let not_after = issued + 90 * 86_400;
+        assert_eq!(days_left(not_after, issued), 90);
+        assert_eq!(days_left(not_after, issued + 1), 89);
+        assert_eq!(days_left(not_after, not_after + 1), -1);
+        let mut rows = serde_json::json!([
+            {"name": "gw", "not_after": rfc3339(not_after), "days_left": 90},
+            {"name": "new", "not_after": null, "days_left": null},
+            {"name": "odd", "not_after": "yesterday", "days_left": 3},
+        ]);
+        refresh_days_left(&mut rows, issued + 30 * 86_400 + 5);
+        assert_eq!(rows[0]["days_left"], 59);
+        assert!(rows[1]["days_left"].is_null());
+        assert_eq!(
+            rows[2]["days_left"], 3,
+            "an unreadable date leaves the row as it was"
+        );
+    }
 }

@@ -200,12 +200,16 @@ impl Identities {
         r.iter().skip(r.len().saturating_sub(n)).cloned().collect()
     }
 
-    /// The status JSON last published by the engine.
+    /// The status JSON last published by the engine, its `days_left` as of now.
     pub fn status(&self) -> serde_json::Value {
-        self.status
+        let mut rows = self
+            .status
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+        crate::lifecycle::plan::refresh_days_left(&mut rows, now);
+        rows
     }
 
     /// Bring every slot to the engine's current generation (engine thread only: it opens
