@@ -42,6 +42,14 @@ fn complete_example_loads_and_every_field_round_trips() {
     }
 }
 
+/// The error of the firmware defaults under one local file `name` holding `text`.
+fn local_error(defaults: &Layer, name: &str, text: &str) -> String {
+    let local = Layer::parse(LayerKind::Local, name, text).unwrap();
+    layers::resolve(&[defaults.clone(), local])
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn errors_name_file_field_path_and_reason_all_at_once() {
     let defaults = Layer::parse(
@@ -80,30 +88,22 @@ issuer = "nope"
     );
     assert!(e.0.len() >= 3);
 
-    let unknown = Layer::parse(
-        LayerKind::Local,
+    let text = local_error(
+        &defaults,
         "/etc/edge-signer/agent.toml",
         "[[identity]]\nname = \"payments-mtls\"\n[identity.renewal]\nbefor = \"3d\"\n",
-    )
-    .unwrap();
-    let text = layers::resolve(&[defaults.clone(), unknown])
-        .unwrap_err()
-        .to_string();
+    );
     assert!(
         text.contains("/etc/edge-signer/agent.toml: identity[0].renewal")
             && text.contains("unknown field `befor`"),
         "{text}"
     );
 
-    let bad_dur = Layer::parse(
-        LayerKind::Local,
+    let text = local_error(
+        &defaults,
         "/etc/edge-signer/agent.toml",
         "[[identity]]\nname = \"payments-mtls\"\noverlap = \"7 days\"\n",
-    )
-    .unwrap();
-    let text = layers::resolve(&[defaults.clone(), bad_dur])
-        .unwrap_err()
-        .to_string();
+    );
     assert!(
         text.contains(
             "/etc/edge-signer/agent.toml: identity[0].overlap: '7 days' is not a duration"
@@ -111,22 +111,13 @@ issuer = "nope"
         "{text}"
     );
 
-    let trust = Layer::parse(
-        LayerKind::Local,
-        "local.toml",
-        "[fleet]\ntrusted_keys = []\n",
-    )
-    .unwrap();
-    let text = layers::resolve(&[defaults.clone(), trust])
-        .unwrap_err()
-        .to_string();
+    let text = local_error(&defaults, "local.toml", "[fleet]\ntrusted_keys = []\n");
     assert!(
         text.contains("local.toml: fleet.trusted_keys: may not be set here"),
         "{text}"
     );
 
-    let jwk = Layer::parse(LayerKind::Local, "local.toml", "[[identity]]\nname = \"api-credential\"\nkey_type = \"rsa-2048\"\n[[issuer]]\nname = \"cards-api\"\nkind = \"jwk-rotation\"\nurl = \"https://api.cards.example\"\nca_bundle = \"/x\"\nold_key_overlap = \"15d\"\n").unwrap();
-    let text = layers::resolve(&[defaults, jwk]).unwrap_err().to_string();
+    let text = local_error(&defaults, "local.toml", "[[identity]]\nname = \"api-credential\"\nkey_type = \"rsa-2048\"\n[[issuer]]\nname = \"cards-api\"\nkind = \"jwk-rotation\"\nurl = \"https://api.cards.example\"\nca_bundle = \"/x\"\nold_key_overlap = \"15d\"\n");
     assert!(
         text.contains("identity[2].key_type: rsa-2048 cannot be used with a jwk-rotation issuer"),
         "{text}"
@@ -213,47 +204,15 @@ const V1: &str = "[log]\nlevel = \"debug\"\n";
 const V2: &str =
     "[log]\nlevel = \"warn\"\n[[identity]]\nname = \"payments-mtls\"\noverlap = \"5d\"\n";
 
-#[test]
-fn apply_verifies_refuses_rollback_and_reports_changes() {
-    let d = device();
-    let r = d
-        .sources
-        .apply(&d.signer.sign(1, V1.as_bytes()).unwrap())
-        .unwrap();
-    assert_eq!((r.version, r.previous), (1, 0));
-    assert!(
-        r.changes
-            .iter()
-            .any(|c| c.path == "log.level" && c.new.as_deref() == Some("\"debug\"")),
-        "{:?}",
-        r.changes
-    );
-    assert_eq!(
-        d.sources.load().unwrap().effective.config.log.level,
-        schema::LogLevel::Debug
-    );
-
-    let r = d
-        .sources
-        .apply(&d.signer.sign(2, V2.as_bytes()).unwrap())
-        .unwrap();
-    assert_eq!(r.previous, 1);
-    assert!(
-        r.changes.iter().any(|c| c.path == "identity[0].overlap"),
-        "{:?}",
-        r.changes
-    );
-    let fleet = d.dir.path().join("state/fleet");
-    let applied = snapshot(&fleet);
-
-    let (_, other) = FleetSigner::generate_ed25519().unwrap();
-    let _ = other;
+/// Bundles a device must refuse once v2 is applied: what each is, its bytes, and what the
+/// error must say.
+fn refused_bundles(d: &Device) -> Vec<(&'static str, Vec<u8>, &'static str)> {
     let stranger = FleetSigner::from_pem(&FleetSigner::generate_ed25519().unwrap().0).unwrap();
     let good3 = d.signer.sign(3, V1.as_bytes()).unwrap();
     let mut forged = good3.clone();
     let n = forged.len();
     forged[n - 2] ^= 0x01;
-    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+    vec![
         ("forged", forged, "does not verify"),
         (
             "wrong key",
@@ -313,8 +272,43 @@ fn apply_verifies_refuses_rollback_and_reports_changes() {
             b"\x00\x01garbage".to_vec(),
             "not an edge-signer bundle",
         ),
-    ];
-    for (what, bytes, expect) in cases {
+    ]
+}
+
+#[test]
+fn apply_verifies_refuses_rollback_and_reports_changes() {
+    let d = device();
+    let r = d
+        .sources
+        .apply(&d.signer.sign(1, V1.as_bytes()).unwrap())
+        .unwrap();
+    assert_eq!((r.version, r.previous), (1, 0));
+    assert!(
+        r.changes
+            .iter()
+            .any(|c| c.path == "log.level" && c.new.as_deref() == Some("\"debug\"")),
+        "{:?}",
+        r.changes
+    );
+    assert_eq!(
+        d.sources.load().unwrap().effective.config.log.level,
+        schema::LogLevel::Debug
+    );
+
+    let r = d
+        .sources
+        .apply(&d.signer.sign(2, V2.as_bytes()).unwrap())
+        .unwrap();
+    assert_eq!(r.previous, 1);
+    assert!(
+        r.changes.iter().any(|c| c.path == "identity[0].overlap"),
+        "{:?}",
+        r.changes
+    );
+    let fleet = d.dir.path().join("state/fleet");
+    let applied = snapshot(&fleet);
+
+    for (what, bytes, expect) in refused_bundles(&d) {
         let e = d.sources.apply(&bytes).expect_err(what).to_string();
         assert!(e.contains(expect), "{what}: {e}");
         assert_eq!(

@@ -78,20 +78,7 @@ fn fleet_keygen_sign_apply_show_and_refusals() {
     .unwrap();
 
     std::fs::write(p.join("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
-    let o = es(
-        p,
-        &[
-            "fleet",
-            "sign",
-            "--key",
-            "fleet.key",
-            "--version",
-            "1",
-            "v1.toml",
-            "-o",
-            "v1.bundle",
-        ],
-    );
+    let o = fleet_sign(p, "fleet.key", "1", "v1.toml", "v1.bundle");
     assert!(o.status.success(), "{}", text(&o));
     let o = es(p, &["config", "apply", "v1.bundle"]);
     assert!(o.status.success(), "{}", text(&o));
@@ -102,6 +89,41 @@ fn fleet_keygen_sign_apply_show_and_refusals() {
         text(&o)
     );
 
+    show_names_each_source(p);
+
+    // Replay: refused, nothing changed.
+    let before = std::fs::read(p.join("state/fleet/current.bundle")).unwrap();
+    let o = es(p, &["config", "apply", "v1.bundle"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        text(&o).contains("not newer than the applied version 1")
+            && text(&o).contains("nothing changed"),
+        "{}",
+        text(&o)
+    );
+    // A bundle that a device would refuse is not even signed.
+    std::fs::write(p.join("bad.toml"), "[log\n").unwrap();
+    assert!(!fleet_sign(p, "fleet.key", "2", "bad.toml", "bad.bundle")
+        .status
+        .success());
+    // Nor one that reaches outside what a bundle may set: the rule is named.
+    std::fs::write(p.join("hook.toml"), "[notify]\nexec = \"/bin/sh\"\n").unwrap();
+    let o = fleet_sign(p, "fleet.key", "2", "hook.toml", "hook.bundle");
+    assert!(!o.status.success());
+    assert!(
+        text(&o).contains("notify.exec: may not come from a fleet bundle"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read(p.join("state/fleet/current.bundle")).unwrap(),
+        before
+    );
+}
+
+/// `config show` names where each value comes from: the bundle, a drop-in, the firmware
+/// defaults, the built-in defaults.
+fn show_names_each_source(p: &Path) {
     let o = es(p, &["config", "show", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["fleet_version"], 1);
@@ -127,61 +149,6 @@ fn fleet_keygen_sign_apply_show_and_refusals() {
     assert_eq!(
         row("identity[2].renewal.retry_max")["source"],
         "built-in default"
-    );
-
-    // Replay: refused, nothing changed.
-    let before = std::fs::read(p.join("state/fleet/current.bundle")).unwrap();
-    let o = es(p, &["config", "apply", "v1.bundle"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        text(&o).contains("not newer than the applied version 1")
-            && text(&o).contains("nothing changed"),
-        "{}",
-        text(&o)
-    );
-    // A bundle that a device would refuse is not even signed.
-    std::fs::write(p.join("bad.toml"), "[log\n").unwrap();
-    assert!(!es(
-        p,
-        &[
-            "fleet",
-            "sign",
-            "--key",
-            "fleet.key",
-            "--version",
-            "2",
-            "bad.toml",
-            "-o",
-            "bad.bundle"
-        ]
-    )
-    .status
-    .success());
-    // Nor one that reaches outside what a bundle may set: the rule is named.
-    std::fs::write(p.join("hook.toml"), "[notify]\nexec = \"/bin/sh\"\n").unwrap();
-    let o = es(
-        p,
-        &[
-            "fleet",
-            "sign",
-            "--key",
-            "fleet.key",
-            "--version",
-            "2",
-            "hook.toml",
-            "-o",
-            "hook.bundle",
-        ],
-    );
-    assert!(!o.status.success());
-    assert!(
-        text(&o).contains("notify.exec: may not come from a fleet bundle"),
-        "{}",
-        text(&o)
-    );
-    assert_eq!(
-        std::fs::read(p.join("state/fleet/current.bundle")).unwrap(),
-        before
     );
 }
 
@@ -220,8 +187,41 @@ fn pinned_device(p: &Path) {
     std::fs::write(p.join("defaults.toml"), defaults).unwrap();
 }
 
-fn sign(p: &Path, args: &[&str]) {
-    let o = es(p, args);
+/// `fleet sign --key KEY --version V IN -o OUT`.
+fn fleet_sign(p: &Path, key: &str, version: &str, input: &str, out: &str) -> Output {
+    es(
+        p,
+        &[
+            "fleet",
+            "sign",
+            "--key",
+            key,
+            "--version",
+            version,
+            input,
+            "-o",
+            out,
+        ],
+    )
+}
+
+/// `fleet trust --key KEY --version V --trusted PUB -o OUT`.
+fn fleet_trust(p: &Path, key: &str, version: &str, trusted: &str, out: &str) -> Output {
+    let args = [
+        "--key",
+        key,
+        "--version",
+        version,
+        "--trusted",
+        trusted,
+        "-o",
+        out,
+    ];
+    es(p, &[&["fleet", "trust"][..], &args].concat())
+}
+
+/// Insist that the command succeeded.
+fn ok(o: Output) {
     assert!(o.status.success(), "{}", text(&o));
 }
 
@@ -230,24 +230,16 @@ fn fleet_keys_rotate_through_a_trust_bundle() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path();
     pinned_device(p);
-    sign(p, &["fleet", "keygen", "--out", "next.key"]);
+    ok(es(p, &["fleet", "keygen", "--out", "next.key"]));
     std::fs::write(p.join("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
     // The old key hands the fleet over to the new one.
-    sign(
+    ok(fleet_trust(
         p,
-        &[
-            "fleet",
-            "trust",
-            "--key",
-            "fleet.key",
-            "--version",
-            "1",
-            "--trusted",
-            "next.key.pub",
-            "-o",
-            "t1.bundle",
-        ],
-    );
+        "fleet.key",
+        "1",
+        "next.key.pub",
+        "t1.bundle",
+    ));
     let o = es(p, &["config", "apply", "t1.bundle"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(
@@ -256,20 +248,7 @@ fn fleet_keys_rotate_through_a_trust_bundle() {
         text(&o)
     );
     // The old key signs no more; the new one does.
-    sign(
-        p,
-        &[
-            "fleet",
-            "sign",
-            "--key",
-            "fleet.key",
-            "--version",
-            "1",
-            "v1.toml",
-            "-o",
-            "old.bundle",
-        ],
-    );
+    ok(fleet_sign(p, "fleet.key", "1", "v1.toml", "old.bundle"));
     let o = es(p, &["config", "apply", "old.bundle"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
@@ -277,20 +256,7 @@ fn fleet_keys_rotate_through_a_trust_bundle() {
         "{}",
         text(&o)
     );
-    sign(
-        p,
-        &[
-            "fleet",
-            "sign",
-            "--key",
-            "next.key",
-            "--version",
-            "1",
-            "v1.toml",
-            "-o",
-            "new.bundle",
-        ],
-    );
+    ok(fleet_sign(p, "next.key", "1", "v1.toml", "new.bundle"));
     let o = es(p, &["config", "apply", "new.bundle"]);
     assert!(o.status.success(), "{}", text(&o));
     // A replayed trust bundle is refused (its signer is no longer trusted), and so is one
@@ -301,21 +267,13 @@ fn fleet_keys_rotate_through_a_trust_bundle() {
         "{}",
         text(&o)
     );
-    sign(
+    ok(fleet_trust(
         p,
-        &[
-            "fleet",
-            "trust",
-            "--key",
-            "next.key",
-            "--version",
-            "1",
-            "--trusted",
-            "next.key.pub",
-            "-o",
-            "t1b.bundle",
-        ],
-    );
+        "next.key",
+        "1",
+        "next.key.pub",
+        "t1b.bundle",
+    ));
     let o = es(p, &["config", "apply", "t1b.bundle"]);
     assert!(
         text(&o).contains("not newer than the trust version in effect (1, from trust bundle v1)"),

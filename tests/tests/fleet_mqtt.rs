@@ -114,72 +114,13 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
     );
     a.wait_current("gw", 1);
     b.wait_current("gw", 1);
-    // Each connects with its token identity: the broker logs the certificate's CN.
-    let cn_a = a.gw_cn(1);
-    let start = Instant::now();
-    while !(broker.log().contains("as dev-a") && broker.log().contains(&format!("u'{cn_a}'"))) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "dev-a never connected as {cn_a}:\n{}\n{}",
-            broker.log(),
-            std::fs::read_to_string(a.path("daemon.log"))
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| !l.contains("TRACE"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_connected(&broker, &a, "dev-a");
 
     let op = Operator {
         env: &op_env,
         url: broker.url(),
     };
-    let mut results = Guard(op.results());
-    let sign = |key: &str, v: &str, out: &str| {
-        std::fs::write(
-            op_env.path("site.toml"),
-            format!(
-                "[log]\nlevel = \"{}\"\n",
-                if v == "1" { "debug" } else { "info" }
-            ),
-        )
-        .unwrap();
-        op_env.fleet_sign(key, v, "site.toml", out);
-    };
-    sign("fleet.key", "1", "v1.bundle");
-    sign("fleet.key", "2", "v2.bundle");
-    sign("rogue.key", "3", "forged.bundle");
-    op.publish("v1.bundle");
-    for e in [&a, &b] {
-        wait_for("v1 applied", 20, || {
-            std::fs::read(e.path("state/fleet/current.bundle")).ok()
-                == std::fs::read(op_env.path("v1.bundle")).ok()
-        });
-    }
-    op.publish("v2.bundle");
-    for e in [&a, &b] {
-        wait_for("v2 applied", 20, || {
-            std::fs::read(e.path("state/fleet/current.bundle")).ok()
-                == std::fs::read(op_env.path("v2.bundle")).ok()
-        });
-    }
-    op.publish("forged.bundle");
-    op.publish("v1.bundle");
-    wait_for("four refusals published", 20, || {
-        let r = std::fs::read_to_string(op_env.path("results.txt")).unwrap_or_default();
-        r.matches("not trusted on this device").count() >= 2
-            && r.matches("not newer than the applied version 2").count() >= 2
-    });
-    for e in [&a, &b] {
-        assert_eq!(
-            std::fs::read(e.path("state/fleet/current.bundle")).ok(),
-            std::fs::read(op_env.path("v2.bundle")).ok(),
-            "nothing changed"
-        );
-    }
-    drop(results.0.kill());
+    only_signed_newer_bundles_apply(&op, &[&a, &b]);
 
     // The operator's view: both devices, days left, config version 2.
     wait_for("both statuses at config v2", 20, || {
@@ -210,6 +151,78 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
         !a.pkcs11_objects().contains(&id1)
     });
     drop(da);
+}
+
+/// The device connects with its token identity: the broker logs the certificate's CN.
+fn wait_connected(broker: &Mosquitto, a: &Env, device: &str) {
+    let cn = a.gw_cn(1);
+    let start = Instant::now();
+    while !(broker.log().contains(&format!("as {device}"))
+        && broker.log().contains(&format!("u'{cn}'")))
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{device} never connected as {cn}:\n{}\n{}",
+            broker.log(),
+            std::fs::read_to_string(a.path("daemon.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| !l.contains("TRACE"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// v1 then v2 apply on every device; a forged bundle and a replayed v1 are refused by each,
+/// and each says so on its result topic.
+fn only_signed_newer_bundles_apply(op: &Operator, devices: &[&Env]) {
+    let op_env = op.env;
+    let mut results = Guard(op.results());
+    let sign = |key: &str, v: &str, out: &str| {
+        std::fs::write(
+            op_env.path("site.toml"),
+            format!(
+                "[log]\nlevel = \"{}\"\n",
+                if v == "1" { "debug" } else { "info" }
+            ),
+        )
+        .unwrap();
+        op_env.fleet_sign(key, v, "site.toml", out);
+    };
+    sign("fleet.key", "1", "v1.bundle");
+    sign("fleet.key", "2", "v2.bundle");
+    sign("rogue.key", "3", "forged.bundle");
+    op.publish("v1.bundle");
+    for e in devices {
+        wait_for("v1 applied", 20, || {
+            std::fs::read(e.path("state/fleet/current.bundle")).ok()
+                == std::fs::read(op_env.path("v1.bundle")).ok()
+        });
+    }
+    op.publish("v2.bundle");
+    for e in devices {
+        wait_for("v2 applied", 20, || {
+            std::fs::read(e.path("state/fleet/current.bundle")).ok()
+                == std::fs::read(op_env.path("v2.bundle")).ok()
+        });
+    }
+    op.publish("forged.bundle");
+    op.publish("v1.bundle");
+    wait_for("four refusals published", 20, || {
+        let r = std::fs::read_to_string(op_env.path("results.txt")).unwrap_or_default();
+        r.matches("not trusted on this device").count() >= 2
+            && r.matches("not newer than the applied version 2").count() >= 2
+    });
+    for e in devices {
+        assert_eq!(
+            std::fs::read(e.path("state/fleet/current.bundle")).ok(),
+            std::fs::read(op_env.path("v2.bundle")).ok(),
+            "nothing changed"
+        );
+    }
+    drop(results.0.kill());
 }
 
 #[test]

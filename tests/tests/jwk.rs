@@ -63,6 +63,21 @@ fn onboard(env: &Env, api: &JwkApi) -> String {
     jwk["Kid"].as_str().unwrap().to_owned()
 }
 
+/// `rotate --now`, with the API's kid candidates offered in this order.
+fn rotate_offering(env: &Env, candidates: &str) {
+    let out = env
+        .cmd()
+        .args(["rotate", "api", "--now", "--timeout", "20"])
+        .env("EDGE_SIGNER_TEST_KID_CANDIDATES", candidates)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expiry() {
     let env = Env::new();
@@ -85,17 +100,7 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
     );
 
     // Rotation: offered the current kid first, the engine must pick a never-used one.
-    let out = env
-        .cmd()
-        .args(["rotate", "api", "--now", "--timeout", "20"])
-        .env("EDGE_SIGNER_TEST_KID_CANDIDATES", format!("{kid1},kid-two"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rotate_offering(&env, &format!("{kid1},kid-two"));
     // During the overlap a new rotation is queued, and the answer says how to go sooner.
     let queued = env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
     assert!(
@@ -104,20 +109,7 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
     );
     env.ok(&["retire", "api", "--generation", "1"]);
     // Then an earlier (not current) kid is offered first: still skipped.
-    let out = env
-        .cmd()
-        .args(["rotate", "api", "--now", "--timeout", "20"])
-        .env(
-            "EDGE_SIGNER_TEST_KID_CANDIDATES",
-            format!("{kid1},kid-two,kid-three"),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rotate_offering(&env, &format!("{kid1},kid-two,kid-three"));
     let r = rec(&env);
     assert_eq!(r["kids"], serde_json::json!([kid1, "kid-two", "kid-three"]));
     assert!(

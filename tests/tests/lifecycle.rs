@@ -25,6 +25,53 @@ fn probe_server(env: &Env) -> (Guard, u16) {
     env.s_server("ca", &[], Some("s_server.log"))
 }
 
+/// Generation 2's CSR has the configured subject and SANs and verifies; the probe went out
+/// with the new identity alone.
+fn csr_and_probe_carry_the_new_identity(env: &Env, g2: &serde_json::Value) {
+    // The CSR carries the configured subject and SANs and verifies.
+    std::fs::write(env.path("g2.csr"), g2["csr_pem"].as_str().unwrap()).unwrap();
+    let text = env.openssl(&["req", "-in", "g2.csr", "-verify", "-noout", "-text"]);
+    assert!(
+        text.contains("verify OK")
+            && text.contains("DNS:gw-0042.edge.example")
+            && text.contains("IP Address:127.0.0.1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("O = Acme Payments, OU = Gateways, CN = gw-0042-")
+            || text.contains("O=Acme Payments, OU=Gateways, CN=gw-0042-"),
+        "{text}"
+    );
+
+    // The probe went out with the new identity alone: the server saw the new CN.
+    let cn2 = env.gw_cn(2);
+    let log = std::fs::read_to_string(env.path("s_server.log")).unwrap();
+    let last_client = log
+        .lines()
+        .rfind(|l| l.starts_with("depth=0"))
+        .unwrap_or_default();
+    assert!(
+        last_client.contains(&cn2),
+        "last client cert: {last_client}"
+    );
+}
+
+/// The served certificate and key URI are generation 2's, one pair behind one symlink
+/// (swapped in one rename).
+fn one_pair_behind_one_symlink(env: &Env, g2: &serde_json::Value) {
+    assert_eq!(
+        std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap(),
+        g2["cert_pem"].as_str().unwrap()
+    );
+    assert!(env.path("state/identities/gw").is_symlink());
+    assert_eq!(
+        std::fs::read_to_string(env.path("state/identities/gw/key.uri"))
+            .unwrap()
+            .trim(),
+        g2["key_uri"].as_str().unwrap()
+    );
+}
+
 fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
     let env = Env::on(kind);
     env.make_ca("ca");
@@ -67,32 +114,7 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
         "{status}"
     );
 
-    // The CSR carries the configured subject and SANs and verifies.
-    std::fs::write(env.path("g2.csr"), g2["csr_pem"].as_str().unwrap()).unwrap();
-    let text = env.openssl(&["req", "-in", "g2.csr", "-verify", "-noout", "-text"]);
-    assert!(
-        text.contains("verify OK")
-            && text.contains("DNS:gw-0042.edge.example")
-            && text.contains("IP Address:127.0.0.1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("O = Acme Payments, OU = Gateways, CN = gw-0042-")
-            || text.contains("O=Acme Payments, OU=Gateways, CN=gw-0042-"),
-        "{text}"
-    );
-
-    // The probe went out with the new identity alone: the server saw the new CN.
-    let cn2 = env.gw_cn(2);
-    let log = std::fs::read_to_string(env.path("s_server.log")).unwrap();
-    let last_client = log
-        .lines()
-        .rfind(|l| l.starts_with("depth=0"))
-        .unwrap_or_default();
-    assert!(
-        last_client.contains(&cn2),
-        "last client cert: {last_client}"
-    );
+    csr_and_probe_carry_the_new_identity(&env, g2);
 
     // Overlap: both keys in the token; the new certificate object is there too.
     let both = ids_in_token(&env);
@@ -107,18 +129,7 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
     assert_eq!(status[0]["generation"], 2);
     assert_eq!(status[0]["live_generations"], serde_json::json!([1, 2]));
     assert!(status[0]["days_left"].as_i64().unwrap() >= 88);
-    assert_eq!(
-        std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap(),
-        g2["cert_pem"].as_str().unwrap()
-    );
-    // Certificate and key URI are one pair behind one symlink, swapped in one rename.
-    assert!(env.path("state/identities/gw").is_symlink());
-    assert_eq!(
-        std::fs::read_to_string(env.path("state/identities/gw/key.uri"))
-            .unwrap()
-            .trim(),
-        g2["key_uri"].as_str().unwrap()
-    );
+    one_pair_behind_one_symlink(&env, g2);
 
     // Retirement destroys the old key objects; nothing with its id is left.
     env.ok(&["retire", "gw", "--generation", "1"]);

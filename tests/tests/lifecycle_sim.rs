@@ -51,6 +51,50 @@ fn sim_engine(
     (t, clock, up, e, cfg)
 }
 
+/// The events of one kind the engine raised so far.
+fn events<'a>(e: &'a Engine, kind: &str) -> Vec<&'a edge_signer::events::Event> {
+    e.events.log.iter().filter(|ev| ev.kind == kind).collect()
+}
+
+/// Generation 2 could not renew: its reminders at 30, 15 and 5 days came once each, then
+/// one critical lapse at its expiry, with backoff retries all along.
+fn reminders_once_then_one_critical_lapse(e: &Engine, g2_expiry: Unix) {
+    let reminders: Vec<(String, String)> = events(e, "reminder")
+        .iter()
+        .map(|ev| {
+            (
+                ev.at.clone(),
+                ev.message.split('(').nth(1).unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let marks: Vec<&str> = reminders.iter().map(|(_, m)| m.as_str()).collect();
+    // Generation 1 had its 30-day reminder; generation 2 all three, each exactly once.
+    assert_eq!(
+        marks,
+        vec![
+            "30 day mark)",
+            "30 day mark)",
+            "15 day mark)",
+            "5 day mark)"
+        ],
+        "{reminders:?}"
+    );
+    assert_eq!(
+        reminders[2].0,
+        edge_signer::clock::rfc3339(g2_expiry - 15 * DAY)
+    );
+    let lapses = events(e, "lapsed");
+    assert_eq!(lapses.len(), 1);
+    assert_eq!(lapses[0].severity, Severity::Critical);
+    assert_eq!(lapses[0].at, edge_signer::clock::rfc3339(g2_expiry));
+    let failures = events(e, "failure").len();
+    assert!(
+        failures > 10,
+        "retries with backoff while the CA is away ({failures})"
+    );
+}
+
 #[test]
 fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
     let (t, clock, up, mut e, _) = sim_engine("7d", "0s");
@@ -72,11 +116,8 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
 
     // Generation 1 renews at exactly 30 days before expiry (jitter 0).
     run_until(&mut e, T0 + 80 * DAY, &mut ticks);
-    let started: Vec<_> = e
-        .events
-        .log
+    let started: Vec<_> = events(&e, "rotation-started")
         .iter()
-        .filter(|ev| ev.kind == "rotation-started")
         .map(|ev| ev.at.clone())
         .collect();
     assert_eq!(
@@ -107,53 +148,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
     up.store(false, Ordering::SeqCst);
     let g2_expiry = T0 + 60 * DAY + 90 * DAY;
     run_until(&mut e, g2_expiry + DAY, &mut ticks);
-    let reminders: Vec<(String, String)> = e
-        .events
-        .log
-        .iter()
-        .filter(|ev| ev.kind == "reminder")
-        .map(|ev| {
-            (
-                ev.at.clone(),
-                ev.message.split('(').nth(1).unwrap_or_default().to_owned(),
-            )
-        })
-        .collect();
-    let marks: Vec<&str> = reminders.iter().map(|(_, m)| m.as_str()).collect();
-    // Generation 1 had its 30-day reminder; generation 2 all three, each exactly once.
-    assert_eq!(
-        marks,
-        vec![
-            "30 day mark)",
-            "30 day mark)",
-            "15 day mark)",
-            "5 day mark)"
-        ],
-        "{reminders:?}"
-    );
-    assert_eq!(
-        reminders[2].0,
-        edge_signer::clock::rfc3339(g2_expiry - 15 * DAY)
-    );
-    let lapses: Vec<_> = e
-        .events
-        .log
-        .iter()
-        .filter(|ev| ev.kind == "lapsed")
-        .collect();
-    assert_eq!(lapses.len(), 1);
-    assert_eq!(lapses[0].severity, Severity::Critical);
-    assert_eq!(lapses[0].at, edge_signer::clock::rfc3339(g2_expiry));
-    let failures = e
-        .events
-        .log
-        .iter()
-        .filter(|ev| ev.kind == "failure")
-        .count();
-    assert!(
-        failures > 10,
-        "retries with backoff while the CA is away ({failures})"
-    );
+    reminders_once_then_one_critical_lapse(&e, g2_expiry);
 
     // The CA comes back: recovery with a new key, no person involved.
     up.store(true, Ordering::SeqCst);

@@ -60,15 +60,13 @@ fn expect(sock: &UnixDatagram, what: &str) -> String {
     panic!("no {what} on the notify socket; saw {seen:?}");
 }
 
-#[test]
-fn the_packaged_unit_runs_and_notifies_ready_reloading_ready_and_watchdog() {
-    let env = Env::new();
-    let deb = package();
-    let root = env.path("root");
+/// Unpack the package into `root`: every file at its place and mode, a conffile, and no
+/// token module among its dependencies.
+fn unpack_and_check(deb: &Path, root: &Path) {
     let out = std::process::Command::new("dpkg-deb")
         .arg("-x")
-        .arg(&deb)
-        .arg(&root)
+        .arg(deb)
+        .arg(root)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -92,7 +90,7 @@ fn the_packaged_unit_runs_and_notifies_ready_reloading_ready_and_watchdog() {
     }
     let info = std::process::Command::new("dpkg-deb")
         .arg("--info")
-        .arg(&deb)
+        .arg(deb)
         .output()
         .unwrap();
     let info = String::from_utf8_lossy(&info.stdout);
@@ -104,6 +102,14 @@ fn the_packaged_unit_runs_and_notifies_ready_reloading_ready_and_watchdog() {
         depends.contains("libc6") && !depends.contains("softhsm") && info.contains(" conffiles"),
         "no token module among the dependencies (the device brings its own): {info}"
     );
+}
+
+#[test]
+fn the_packaged_unit_runs_and_notifies_ready_reloading_ready_and_watchdog() {
+    let env = Env::new();
+    let deb = package();
+    let root = env.path("root");
+    unpack_and_check(&deb, &root);
     // The device's layers: the test token, the PIN as a credential.
     env.make_ca("ca");
     env.lifecycle_config("");
