@@ -228,14 +228,7 @@ async fn connect(url: &Url) -> Result<tokio::net::TcpStream, HttpError> {
 async fn tls_connect(
     config: Arc<rustls::ClientConfig>,
     url: &Url,
-) -> Result<
-    (
-        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-        String,
-        String,
-    ),
-    HttpError,
-> {
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, HttpError> {
     let host = url.host_str().unwrap_or_default().to_owned();
     let bare = host
         .trim_start_matches('[')
@@ -246,25 +239,13 @@ async fn tls_connect(
         why: e.to_string(),
     })?;
     let tcp = connect(url).await?;
-    let tls = tokio_rustls::TlsConnector::from(config)
+    tokio_rustls::TlsConnector::from(config)
         .connect(name, tcp)
         .await
         .map_err(|e| HttpError::NotSent {
             stage: "TLS handshake",
             detail: chain(&e),
-        })?;
-    let (protocol, cipher_suite) = {
-        let c = tls.get_ref().1;
-        (
-            c.protocol_version()
-                .map(|v| format!("{v:?}"))
-                .unwrap_or_default(),
-            c.negotiated_cipher_suite()
-                .map(|s| format!("{:?}", s.suite()))
-                .unwrap_or_default(),
-        )
-    };
-    Ok((tls, protocol, cipher_suite))
+        })
 }
 
 async fn exchange(
@@ -273,7 +254,16 @@ async fn exchange(
     req: &Request<'_>,
     sent: &AtomicBool,
 ) -> Result<Response, HttpError> {
-    let (tls, protocol, cipher_suite) = tls_connect(config, url).await?;
+    let tls = tls_connect(config, url).await?;
+    let c = tls.get_ref().1;
+    let protocol = c
+        .protocol_version()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_default();
+    let cipher_suite = c
+        .negotiated_cipher_suite()
+        .map(|s| format!("{:?}", s.suite()))
+        .unwrap_or_default();
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
