@@ -204,17 +204,7 @@ impl Env {
 
     /// `edge-signer fleet sign --key KEY --version VERSION INPUT -o OUT`; insists on success.
     pub fn fleet_sign(&self, key: &str, version: &str, input: &str, out: &str) -> String {
-        self.ok(&[
-            "fleet",
-            "sign",
-            "--key",
-            key,
-            "--version",
-            version,
-            input,
-            "-o",
-            out,
-        ])
+        self.ok(&fleet_sign_args(key, version, input, out))
     }
 
     /// Generate a key; returns its URI.
@@ -461,6 +451,8 @@ state_dir = "{p}/state"
 
 /// The engine's test doubles: an in-process CA and a config that uses it.
 pub mod est;
+mod faults;
+pub use faults::fault_module;
 pub mod httpd;
 pub mod jwk;
 pub mod mqtt;
@@ -533,41 +525,6 @@ impl Env {
     }
 }
 
-/// The test-only fault-injecting PKCS#11 module (`tests/p11-fault`), built by `cargo build
-/// --workspace` beside the binary.
-pub fn fault_module() -> PathBuf {
-    let b = bin();
-    let so = b.with_file_name("libp11_fault.so");
-    assert!(
-        so.exists(),
-        "{} missing: run `cargo build --workspace` first (scripts/test does)",
-        so.display()
-    );
-    so
-}
-
-impl Env {
-    /// `edge-signer` whose token module is the fault wrapper around SoftHSM, steered by the
-    /// control file `faults` in the temp dir (see `tests/p11-fault`).
-    pub fn faulty_cmd(&self) -> Command {
-        let mut c = self.cmd();
-        c.env("EDGE_SIGNER_MODULE", fault_module())
-            .env("P11_FAULT_MODULE", module())
-            .env("P11_FAULT_FILE", self.path("faults"));
-        c
-    }
-
-    /// Set the fault rules (one `<function> <error> <count>` a line).
-    pub fn set_faults(&self, rules: &str) {
-        std::fs::write(self.path("faults"), rules).expect("faults file");
-    }
-
-    /// The faults fired so far, one `<function> <error>` a line.
-    pub fn faults_fired(&self) -> String {
-        std::fs::read_to_string(self.path("faults.log")).unwrap_or_default()
-    }
-}
-
 /// Run `openssl args` in `dir`; it must succeed. Returns stdout and stderr.
 pub fn openssl_in(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("openssl")
@@ -591,4 +548,24 @@ pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
         assert!(start.elapsed() < Duration::from_secs(secs), "never: {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The arguments of `edge-signer fleet sign --key KEY --version VERSION INPUT -o OUT`.
+pub fn fleet_sign_args<'a>(
+    key: &'a str,
+    version: &'a str,
+    input: &'a str,
+    out: &'a str,
+) -> [&'a str; 9] {
+    [
+        "fleet",
+        "sign",
+        "--key",
+        key,
+        "--version",
+        version,
+        input,
+        "-o",
+        out,
+    ]
 }

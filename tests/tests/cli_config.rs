@@ -191,17 +191,7 @@ fn pinned_device(p: &Path) {
 fn fleet_sign(p: &Path, key: &str, version: &str, input: &str, out: &str) -> Output {
     es(
         p,
-        &[
-            "fleet",
-            "sign",
-            "--key",
-            key,
-            "--version",
-            version,
-            input,
-            "-o",
-            out,
-        ],
+        &edge_signer_tests::fleet_sign_args(key, version, input, out),
     )
 }
 
