@@ -37,17 +37,39 @@ fn direct_client(b: &Bench) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// (bytes/s summed over rounds, sender CPU ns) of each way, in rounds that alternate them.
+/// (bytes/s summed over rounds, sender CPU ns) of each way, in rounds that alternate them,
+/// and each round's bytes/s.
 #[derive(Default)]
 struct Sums {
     rate: f64,
     cpu: u64,
+    rounds: Vec<f64>,
+}
+
+impl Sums {
+    /// Median, lowest and highest of the per-round ratios of `self` to `base` (the two
+    /// measured back to back in each round): steadier than the ratio of the means when the
+    /// baseline itself moves between rounds.
+    fn round_ratios(&self, base: &Sums) -> (f64, f64, f64) {
+        let mut r: Vec<f64> = self
+            .rounds
+            .iter()
+            .zip(&base.rounds)
+            .map(|(a, b)| a / b)
+            .collect();
+        r.sort_by(f64::total_cmp);
+        let median = r.get(r.len() / 2).copied().unwrap_or(0.0);
+        let low = r.first().copied().unwrap_or(0.0);
+        (median, low, r.last().copied().unwrap_or(0.0))
+    }
 }
 
 /// Measure one stream: `f` sends it and returns bytes/s; `daemon` is counted when given.
 fn measured(sum: &mut Sums, daemon: Option<u32>, f: impl FnOnce() -> f64) {
     let (c0, d0) = (thread_cpu_ns(), daemon.map(proc_cpu_ns).unwrap_or(0));
-    sum.rate += f();
+    let rate = f();
+    sum.rate += rate;
+    sum.rounds.push(rate);
     sum.cpu += thread_cpu_ns() - c0 + daemon.map(proc_cpu_ns).unwrap_or(0) - d0;
 }
 
@@ -111,6 +133,12 @@ pub(super) fn bulk_part(b: &Bench) {
         ur,
         unix.rate / direct.rate,
     );
+    for (what, s) in [("TCP", &tcp), ("Unix socket", &unix)] {
+        let (median, low, high) = s.round_ratios(&direct);
+        println!(
+            "  {what}: ratio of each round median {median:.3} (lowest {low:.3}, highest {high:.3})"
+        );
+    }
     let (dc, tc, uc) = (direct.cpu, tcp.cpu, unix.cpu);
     let per = |x: u64| ms_per_gib(x);
     row(
