@@ -79,13 +79,17 @@ impl Env {
     pub fn wait_served(&self, identity: &str, n: u64) {
         self.wait_current(identity, n);
         let start = std::time::Instant::now();
-        let (who, what) = (
-            format!("identity={identity}"),
-            format!("use generation {n}"),
-        );
+        // `... serving identity switched: ... identity=gw generation=1`, fields as words.
+        let (who, which) = (format!("identity={identity}"), format!("generation={n}"));
+        let served = |l: &str| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            l.contains("serving identity switched")
+                && words.contains(&who.as_str())
+                && words.contains(&which.as_str())
+        };
         loop {
             let log = std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
-            if log.lines().any(|l| l.contains(&who) && l.contains(&what)) {
+            if log.lines().any(served) {
                 return;
             }
             assert!(
