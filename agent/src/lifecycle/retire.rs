@@ -77,31 +77,37 @@ impl Engine {
             for g in live {
                 let Some(id) = &g.key_id else { continue };
                 if !keys.iter().any(|k| &hsm_shim::keys::hex(&k.id) == id) {
-                    let msg = format!(
-                        "generation {} of '{ident}' expects key {id} ({}) but the token does not hold it; a new key will be enrolled",
-                        g.number, g.key_label
-                    );
-                    self.events
-                        .emit(now, "key-missing", &ident, Severity::Critical, msg.clone());
-                    notes.push(msg);
-                    let n = g.number;
-                    let rec = self.rec(&ident);
-                    if let Some(gm) = rec.gen_mut(n) {
-                        gm.status = GenStatus::Failed;
-                    }
-                    if rec.current == Some(n) {
-                        rec.current = None;
-                    }
-                    if rec.pending == Some(n) {
-                        rec.pending = None;
-                    }
-                    rec.transition(now, Step::Active, n, "key missing from token");
-                    rec.forced_at = Some(now);
-                    self.save(&ident)?;
+                    notes.push(self.key_missing(&ident, g, id, now)?);
                 }
             }
         }
         Ok(notes)
+    }
+
+    /// Generation `g` of `ident` expects key `id`, which the token does not hold: the
+    /// generation fails, a new key is enrolled at once (a critical event says so).
+    fn key_missing(&mut self, ident: &str, g: &Generation, id: &str, now: Unix) -> Result<String> {
+        let msg = format!(
+            "generation {} of '{ident}' expects key {id} ({}) but the token does not hold it; a new key will be enrolled",
+            g.number, g.key_label
+        );
+        self.events
+            .emit(now, "key-missing", ident, Severity::Critical, msg.clone());
+        let n = g.number;
+        let rec = self.rec(ident);
+        if let Some(gm) = rec.gen_mut(n) {
+            gm.status = GenStatus::Failed;
+        }
+        if rec.current == Some(n) {
+            rec.current = None;
+        }
+        if rec.pending == Some(n) {
+            rec.pending = None;
+        }
+        rec.transition(now, Step::Active, n, "key missing from token");
+        rec.forced_at = Some(now);
+        self.save(ident)?;
+        Ok(msg)
     }
 
     pub(super) fn end_overlap(
