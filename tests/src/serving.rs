@@ -78,41 +78,35 @@ impl Env {
     /// made in between is refused (no certificate yet) or gets the older generation.
     pub fn wait_served(&self, identity: &str, n: u64) {
         self.wait_current(identity, n);
-        let start = std::time::Instant::now();
         // `... serving identity switched: ... identity=gw generation=1`, fields as words.
         let (who, which) = (format!("identity={identity}"), format!("generation={n}"));
-        let served = |l: &str| {
+        self.wait_log_line(&format!("{identity} generation {n} served"), |l| {
             let words: Vec<&str> = l.split_whitespace().collect();
             l.contains("serving identity switched")
                 && words.contains(&who.as_str())
                 && words.contains(&which.as_str())
-        };
-        loop {
-            let log = std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
-            if log.lines().any(served) {
-                return;
-            }
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(20),
-                "{identity} generation {n} never served:\n{log}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        });
     }
 
-    /// Wait (20 s at most) until `daemon.log` contains `what`.
+    /// Wait (20 s at most) until a line of `daemon.log` contains `what`.
     pub fn wait_log(&self, what: &str) {
+        self.wait_log_line(&format!("{what:?} logged"), |l| l.contains(what));
+    }
+
+    /// Wait (20 s at most) until a line of `daemon.log` satisfies `line`; on failure the
+    /// message names `what` and shows the log.
+    fn wait_log_line(&self, what: &str, line: impl Fn(&str) -> bool) {
         let start = std::time::Instant::now();
         loop {
             let log = std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
-            if log.contains(what) {
+            if log.lines().any(&line) {
                 return;
             }
             assert!(
                 start.elapsed() < std::time::Duration::from_secs(20),
-                "never logged {what:?}:\n{log}"
+                "never: {what}\n{log}"
             );
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 }

@@ -37,16 +37,20 @@ fn direct_client(b: &Bench) -> Arc<rustls::ClientConfig> {
     )
 }
 
-/// (bytes/s summed over rounds, sender CPU ns) of each way, in rounds that alternate them,
-/// and each round's bytes/s.
+/// Each round's bytes/s and the sender CPU ns summed over rounds, of one way, in rounds
+/// that alternate the ways.
 #[derive(Default)]
 struct Sums {
-    rate: f64,
     cpu: u64,
     rounds: Vec<f64>,
 }
 
 impl Sums {
+    /// Bytes/s summed over the rounds.
+    fn rate(&self) -> f64 {
+        self.rounds.iter().sum()
+    }
+
     /// Median, lowest and highest of the per-round ratios of `self` to `base` (the two
     /// measured back to back in each round): steadier than the ratio of the means when the
     /// baseline itself moves between rounds.
@@ -67,9 +71,7 @@ impl Sums {
 /// Measure one stream: `f` sends it and returns bytes/s; `daemon` is counted when given.
 fn measured(sum: &mut Sums, daemon: Option<u32>, f: impl FnOnce() -> f64) {
     let (c0, d0) = (thread_cpu_ns(), daemon.map(proc_cpu_ns).unwrap_or(0));
-    let rate = f();
-    sum.rate += rate;
-    sum.rounds.push(rate);
+    sum.rounds.push(f());
     sum.cpu += thread_cpu_ns() - c0 + daemon.map(proc_cpu_ns).unwrap_or(0) - d0;
 }
 
@@ -122,16 +124,16 @@ pub(super) fn bulk_part(b: &Bench) {
     let label = format!("{} MiB x {rounds}, alternated", total >> 20);
     row(
         label,
-        mib(direct.rate),
-        mib(tcp.rate),
-        tcp.rate / direct.rate,
+        mib(direct.rate()),
+        mib(tcp.rate()),
+        tcp.rate() / direct.rate(),
     );
-    let (dr, ur) = (mib(direct.rate), mib(unix.rate));
+    let (dr, ur) = (mib(direct.rate()), mib(unix.rate()));
     row(
         "  proxy on a Unix socket".into(),
         dr,
         ur,
-        unix.rate / direct.rate,
+        unix.rate() / direct.rate(),
     );
     for (what, s) in [("TCP", &tcp), ("Unix socket", &unix)] {
         let (median, low, high) = s.round_ratios(&direct);
