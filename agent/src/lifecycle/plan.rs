@@ -64,23 +64,8 @@ pub fn clock_floor(reg: &Register) -> Unix {
 /// Decide the next step. `floor` is [`clock_floor`]: below it the clock is wrong and nothing
 /// is decided (no renewal, no refusal, no key destroyed) until time sync puts it right.
 pub fn plan(ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord, now: Unix, floor: Unix) -> Plan {
-    if now + crate::validate::SKEW < floor {
-        return Plan::Wait {
-            until: now + 60,
-            what: format!(
-                "waiting for time sync: the clock says {}, before {} (this build or the newest certificate); nothing is renewed or destroyed until it is right",
-                rfc3339(now),
-                rfc3339(floor)
-            ),
-        };
-    }
-    if let Some(f) = &rec.failure {
-        if f.retry_at > now {
-            return Plan::Wait {
-                until: f.retry_at,
-                what: format!("retry after: {}", f.reason),
-            };
-        }
+    if let Some(wait) = held_back(rec, now, floor) {
+        return wait;
     }
     let onboarding = flow == Flow::Credential && rec.current.is_none();
     match rec.step {
@@ -123,25 +108,48 @@ pub fn plan(ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord, now: Unix, fl
         Step::Issued => Plan::Act(Action::Check),
         Step::Validated => Plan::Act(Action::Probe),
         Step::Probed => Plan::Act(Action::Promote),
-        Step::Overlap => {
-            let overlapping = rec
-                .generations
-                .iter()
-                .filter(|g| g.status == GenStatus::Overlap);
-            if overlapping
-                .clone()
-                .any(|g| g.overlap_until.is_none_or(|t| t <= now))
-            {
-                return Plan::Act(Action::Retire);
-            }
-            match overlapping.filter_map(|g| g.overlap_until).min() {
-                Some(until) => Plan::Wait {
-                    until,
-                    what: format!("overlap: old generation retires at {}", rfc3339(until)),
-                },
-                None => Plan::Act(Action::Retire),
-            }
-        }
+        Step::Overlap => overlap(rec, now),
+    }
+}
+
+/// A wait that comes before any step: a clock behind the floor (nothing is renewed or
+/// destroyed on a wrong clock), or a failure's back-off not yet over.
+fn held_back(rec: &IdentityRecord, now: Unix, floor: Unix) -> Option<Plan> {
+    if now + crate::validate::SKEW < floor {
+        return Some(Plan::Wait {
+            until: now + 60,
+            what: format!(
+                "waiting for time sync: the clock says {}, before {} (this build or the newest certificate); nothing is renewed or destroyed until it is right",
+                rfc3339(now),
+                rfc3339(floor)
+            ),
+        });
+    }
+    let f = rec.failure.as_ref().filter(|f| f.retry_at > now)?;
+    Some(Plan::Wait {
+        until: f.retry_at,
+        what: format!("retry after: {}", f.reason),
+    })
+}
+
+/// In overlap: retire once any old generation's overlap has ended, else wait for the first end.
+fn overlap(rec: &IdentityRecord, now: Unix) -> Plan {
+    let overlapping = rec
+        .generations
+        .iter()
+        .filter(|g| g.status == GenStatus::Overlap);
+    if overlapping
+        .clone()
+        .any(|g| g.overlap_until.is_none_or(|t| t <= now))
+    {
+        return Plan::Act(Action::Retire);
+    }
+    match overlapping.filter_map(|g| g.overlap_until).min() {
+        Some(until) => Plan::Wait {
+            until,
+            what: format!("overlap: old generation retires at {}", rfc3339(until)),
+        },
+        None => Plan::Act(Action::Retire),
     }
 }
 
