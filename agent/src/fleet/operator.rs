@@ -115,6 +115,47 @@ pub struct DeviceRow {
     pub last_error: Option<String>,
 }
 
+impl DeviceRow {
+    /// A device seen for the first time: nothing known yet.
+    pub fn new(device: &str) -> DeviceRow {
+        DeviceRow {
+            device: device.to_owned(),
+            online: None,
+            config_version: None,
+            days_left: None,
+            identities: serde_json::Value::Null,
+            last_error: None,
+        }
+    }
+
+    /// Take in one retained message of the device (`leaf`: `online` or `status`). Devices
+    /// publish these, so any bytes may come: what cannot be read is left unknown.
+    pub fn apply(&mut self, leaf: &str, payload: &[u8], now: crate::clock::Unix) {
+        if leaf == "online" {
+            self.online = Some(payload == b"true");
+        } else if leaf == "status" {
+            let v: serde_json::Value = serde_json::from_slice(payload).unwrap_or_default();
+            self.config_version = v["config_version"].as_u64();
+            // Retained: published when the device last changed, maybe weeks ago. Days left
+            // are counted from now.
+            let mut ids = v["identities"].clone();
+            crate::lifecycle::plan::refresh_days_left(&mut ids, now);
+            let ids = ids.as_array().cloned().unwrap_or_default();
+            self.days_left = ids.iter().filter_map(|i| i["days_left"].as_i64()).min();
+            self.last_error = ids
+                .iter()
+                .find_map(|i| i["last_error"].as_str().map(str::to_owned));
+            self.identities = serde_json::Value::Array(ids);
+        }
+    }
+}
+
+/// `PREFIX/DEVICE/LEAF` → (device, leaf); any other topic is not a device's.
+pub fn device_topic<'a>(prefix: &str, topic: &'a str) -> Option<(&'a str, &'a str)> {
+    let rest = topic.strip_prefix(prefix)?.strip_prefix('/')?;
+    rest.split_once('/').filter(|(d, _)| !d.is_empty())
+}
+
 /// Every device's retained status under the prefix (collected for `wait` after subscribing).
 pub fn status(b: &Broker, wait: Duration) -> Result<Vec<DeviceRow>> {
     let (client, mut ev) = b.connect()?;
@@ -134,38 +175,12 @@ pub fn status(b: &Broker, wait: Duration) -> Result<Vec<DeviceRow>> {
                             .await?;
                     }
                     Event::Incoming(Packet::Publish(p)) => {
-                        let Some(rest) = p.topic.strip_prefix(&format!("{prefix}/")) else {
+                        let Some((device, leaf)) = device_topic(&prefix, &p.topic) else {
                             continue;
                         };
-                        let Some((device, leaf)) = rest.split_once('/') else {
-                            continue;
-                        };
-                        let row = rows.entry(device.to_owned()).or_insert_with(|| DeviceRow {
-                            device: device.to_owned(),
-                            online: None,
-                            config_version: None,
-                            days_left: None,
-                            identities: serde_json::Value::Null,
-                            last_error: None,
-                        });
-                        if leaf == "online" {
-                            row.online = Some(&p.payload[..] == b"true");
-                        } else if leaf == "status" {
-                            let v: serde_json::Value =
-                                serde_json::from_slice(&p.payload).unwrap_or_default();
-                            row.config_version = v["config_version"].as_u64();
-                            // Retained: published when the device last changed, maybe
-                            // weeks ago. Days left are counted from now.
-                            let mut ids = v["identities"].clone();
-                            crate::lifecycle::plan::refresh_days_left(&mut ids, now);
-                            let ids = ids.as_array().cloned().unwrap_or_default();
-                            row.days_left =
-                                ids.iter().filter_map(|i| i["days_left"].as_i64()).min();
-                            row.last_error = ids
-                                .iter()
-                                .find_map(|i| i["last_error"].as_str().map(str::to_owned));
-                            row.identities = serde_json::Value::Array(ids);
-                        }
+                        rows.entry(device.to_owned())
+                            .or_insert_with(|| DeviceRow::new(device))
+                            .apply(leaf, &p.payload, now);
                     }
                     _ => {}
                 }
@@ -188,4 +203,101 @@ pub fn status(b: &Broker, wait: Duration) -> Result<Vec<DeviceRow>> {
         )
     });
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn a_status_message_fills_the_row_and_days_are_counted_from_now() {
+        let mut row = DeviceRow::new("gw-1");
+        row.apply("online", b"true", NOW);
+        let status = format!(
+            r#"{{"config_version":7,"identities":[
+                {{"name":"a","not_after":"{}","days_left":90}},
+                {{"name":"b","not_after":null,"days_left":null,"last_error":"EST: 503"}}]}}"#,
+            crate::clock::rfc3339(NOW + 10 * 86_400 + 5)
+        );
+        row.apply("status", status.as_bytes(), NOW);
+        assert_eq!(row.online, Some(true));
+        assert_eq!(row.config_version, Some(7));
+        assert_eq!(row.days_left, Some(10), "recounted, not the published 90");
+        assert_eq!(row.last_error.as_deref(), Some("EST: 503"));
+        row.apply("online", b"false", NOW);
+        assert_eq!(row.online, Some(false));
+    }
+
+    #[test]
+    fn only_device_topics_under_the_prefix_are_taken() {
+        assert_eq!(
+            device_topic("edge", "edge/gw-1/status"),
+            Some(("gw-1", "status"))
+        );
+        assert_eq!(device_topic("edge", "edge//status"), None);
+        assert_eq!(device_topic("edge", "edgeX/gw-1/status"), None);
+        assert_eq!(device_topic("edge", "edge/gw-1"), None);
+        assert_eq!(device_topic("edge", "other/gw-1/status"), None);
+    }
+
+    /// Any JSON value, a few levels deep: what a broken or hostile device could retain.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u64>().prop_map(serde_json::Value::from),
+            "[ -~]{0,30}".prop_map(serde_json::Value::from),
+            (0u64..4_000_000_000).prop_map(|t| crate::clock::rfc3339(t).into()),
+        ];
+        leaf.prop_recursive(3, 24, 6, |inner| {
+            let keys = prop_oneof![
+                Just("identities".to_owned()),
+                Just("not_after".to_owned()),
+                Just("days_left".to_owned()),
+                Just("last_error".to_owned()),
+                Just("config_version".to_owned()),
+                "[a-z]{1,6}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(keys, inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_in_a_retained_message_never_panic(
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            leaf in prop_oneof![Just("status"), Just("online"), Just("other")],
+        ) {
+            let mut row = DeviceRow::new("gw");
+            row.apply(leaf, &payload, NOW);
+        }
+
+        #[test]
+        fn any_json_status_never_panics_and_days_left_is_the_fewest(
+            v in json(),
+            now in 0u64..4_000_000_000,
+        ) {
+            let mut row = DeviceRow::new("gw");
+            row.apply("status", v.to_string().as_bytes(), now);
+            let ids = row.identities.as_array().cloned().unwrap_or_default();
+            let fewest = ids.iter().filter_map(|i| i["days_left"].as_i64()).min();
+            prop_assert_eq!(row.days_left, fewest);
+        }
+
+        #[test]
+        fn any_topic_never_panics(topic in "[a-z/+#]{0,20}") {
+            if let Some((device, leaf)) = device_topic("edge", &topic) {
+                prop_assert!(!device.is_empty());
+                prop_assert_eq!(format!("edge/{device}/{leaf}"), topic);
+            }
+        }
+    }
 }
