@@ -60,6 +60,7 @@ enum Cmd {
         /// Where to write the PEM CSR
         #[arg(long)]
         out: PathBuf,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -79,6 +80,7 @@ enum Cmd {
         /// Seconds before giving up
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -89,6 +91,7 @@ enum Cmd {
         /// Also print every identity's state transitions
         #[arg(long)]
         timeline: bool,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -105,18 +108,21 @@ enum Cmd {
         /// Rotate even if renewal is not due
         #[arg(long)]
         now: bool,
+        /// Give up waiting after this many seconds (the rotation resumes later)
         #[arg(long)]
         timeout: Option<u64>,
     },
     /// Destroy the key objects of a replaced generation now
     Retire {
         name: String,
+        /// The replaced generation (`status` lists them)
         #[arg(long)]
         generation: u32,
     },
     /// Mark a generation revoked and destroy its key (a revoked current one is replaced)
     Revoke {
         name: String,
+        /// The generation to revoke (`status` lists them)
         #[arg(long)]
         generation: u32,
     },
@@ -173,16 +179,19 @@ struct Identity {
 enum TokenCmd {
     /// Initialise a token in a free slot; the user PIN comes from --pin-file
     Init {
+        /// Label of the new token
         #[arg(long)]
         label: String,
         /// File holding the security officer PIN
         #[arg(long)]
         so_pin_file: PathBuf,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
     /// List tokens present in the module
     List {
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -216,6 +225,7 @@ enum JwsCmd {
 enum ConfigCmd {
     /// Print the effective configuration and the layer each value came from
     Show {
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -224,12 +234,14 @@ enum ConfigCmd {
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
     /// Verify and apply a signed fleet bundle (atomic; the previous one is kept)
     Apply {
         bundle: PathBuf,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -292,8 +304,10 @@ struct DiagArgs {
 enum FleetCmd {
     /// Make an Ed25519 fleet key pair: private key to FILE (mode 0600), public key to FILE.pub
     Keygen {
+        /// Where to write the private key (the public key goes to FILE.pub)
         #[arg(long)]
         out: PathBuf,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -328,6 +342,7 @@ enum FleetCmd {
     Status {
         #[command(flatten)]
         broker: BrokerArgs,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
         /// Only devices with an identity expiring within this (e.g. 30d)
@@ -359,15 +374,19 @@ enum FleetCmd {
 enum KeyCmd {
     /// Generate a key pair inside the token; prints its URI
     Generate {
+        /// ec-p256, ec-p384, rsa-2048 or rsa-3072
         #[arg(long = "type", value_parser = parse_key_type)]
         key_type: KeyType,
+        /// CKA_LABEL of the new key objects
         #[arg(long)]
         label: String,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
     /// List key pairs
     List {
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
@@ -375,6 +394,7 @@ enum KeyCmd {
     Destroy {
         /// Key URI (pkcs11:...)
         uri: String,
+        /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,
     },
