@@ -225,10 +225,10 @@ connect_timeout = "1s"
     env.wait_log("no TLS connection to the target within 1 s");
 }
 
-/// A stunnel4 TLS server (client certificate required, `TIMEOUTidle = 3`) that greets each
-/// connection with a banner and then echoes: a real server that talks first and closes
-/// silent connections, as many do.
-fn banner_server(env: &Env) -> (Guard, u16) {
+/// A stunnel4 TLS server (client certificate required, `TIMEOUTidle = idle` seconds) that
+/// greets each connection with a banner and then echoes: a real server that talks first and
+/// closes silent connections, as many do.
+fn banner_server(env: &Env, idle: u32) -> (Guard, u16) {
     let port = free_port();
     let script = env.path("banner.sh");
     std::fs::write(&script, "#!/bin/sh\necho 220 ready\nexec cat\n").unwrap();
@@ -237,7 +237,7 @@ fn banner_server(env: &Env) -> (Guard, u16) {
     let conf = format!(
         "foreground = yes\npid =\noutput = {dir}/stunnel-server.log\ndebug = 5\n\
          [banner]\naccept = 127.0.0.1:{port}\ncert = {dir}/server.pem\nkey = {dir}/server.key\n\
-         CAfile = {dir}/ca.pem\nverifyChain = yes\nrequireCert = yes\nTIMEOUTidle = 3\n\
+         CAfile = {dir}/ca.pem\nverifyChain = yes\nrequireCert = yes\nTIMEOUTidle = {idle}\n\
          exec = {script}\nexecArgs = banner.sh\n",
         script = script.display()
     );
@@ -252,8 +252,8 @@ fn banner_server(env: &Env) -> (Guard, u16) {
     (Guard(child), port)
 }
 
-/// One exchange through the proxy: the banner first, then an echoed line.
-fn greeted_echo(port: u16, word: &str) {
+/// A connection through the proxy whose first line, the server's banner, has arrived.
+fn greeted(port: u16) -> BufReader<std::net::TcpStream> {
     let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut conn = BufReader::new(s);
@@ -264,7 +264,12 @@ fn greeted_echo(port: u16, word: &str) {
         "220 ready",
         "the server's banner comes first"
     );
-    assert_eq!(echo(&mut conn, word), word);
+    conn
+}
+
+/// One exchange through the proxy: the banner first, then an echoed line.
+fn greeted_echo(port: u16, word: &str) {
+    assert_eq!(echo(&mut greeted(port), word), word);
 }
 
 /// On a TPM the handshake signature takes milliseconds: it runs under `block_in_place`.
@@ -272,7 +277,7 @@ fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one(kin
     let env = Env::on(kind);
     env.make_ca("ca");
     env.openssl_leaf("ca", "server");
-    let (_server, target) = banner_server(&env);
+    let (_server, target) = banner_server(&env, 3);
     let port = serving::proxy_port();
     env.serving_config(
         "1d",
@@ -351,3 +356,67 @@ preconnect = true
 
 // Runs on SoftHSM and on tpm2-pkcs11 over swtpm.
 hsm_shim::token_tests!(preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one);
+
+/// `max_connections = 1`: a second caller waits (the daemon says why) until the first
+/// connection ends; `idle_timeout = 1s` ends a connection that went quiet, well before the
+/// server's own 10 s.
+#[test]
+fn over_the_cap_a_caller_waits_and_a_quiet_connection_ends_at_idle_timeout() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let (_server, target) = banner_server(&env, 10);
+    let port = serving::proxy_port();
+    env.serving_config(
+        "1d",
+        &format!(
+            r#"
+[[proxy]]
+name = "one"
+listen = "127.0.0.1:{port}"
+target = "127.0.0.1:{target}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+max_connections = 1
+idle_timeout = "1s"
+"#
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let _daemon = env.daemon();
+    env.wait_served("gw", 1);
+    env.wait_log("proxy listening");
+
+    let mut first = greeted(port);
+    assert_eq!(echo(&mut first, "first"), "first");
+    let quiet_from = std::time::Instant::now();
+    // The second caller is connected by the kernel but not served while the first is open.
+    let second = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut second = BufReader::new(second);
+    let mut line = String::new();
+    assert!(
+        second.read_line(&mut line).is_err() && line.is_empty(),
+        "served over the cap: {line:?}"
+    );
+    env.wait_log("proxy at max_connections");
+    // The first, quiet since its echo, is closed by the proxy at idle_timeout.
+    let mut rest = String::new();
+    let n = first.read_line(&mut rest).expect("closed, not timed out");
+    let after = quiet_from.elapsed();
+    assert_eq!(n, 0, "end of stream, got {rest:?}");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(6),
+        "closed after {after:?}: idle_timeout is 1 s, the server's own 10 s"
+    );
+    // Its slot goes to the caller that waited: the banner, then an echo.
+    second
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    second.read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), "220 ready");
+    assert_eq!(echo(&mut second, "second"), "second");
+}

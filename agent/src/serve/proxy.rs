@@ -17,7 +17,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
@@ -32,6 +32,8 @@ struct Route {
     own_uid: u32,
     /// The spare upstream connection (`preconnect = true`).
     spare: Arc<Spare>,
+    /// When the route last said it was at `max_connections`.
+    full_since: std::sync::Mutex<Option<Instant>>,
 }
 
 fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
@@ -63,6 +65,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
         // SAFETY: getuid cannot fail.
         own_uid: unsafe { libc::getuid() },
         spare: Arc::new(Spare::new(&cfg.name)),
+        full_since: std::sync::Mutex::new(None),
         cfg,
     });
     let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
@@ -82,7 +85,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
                         route.count("refused-caller", "-");
                         continue;
                     }
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                    let Some(permit) = route.permit(&limit).await else {
                         return;
                     };
                     let r = route.clone();
@@ -105,7 +108,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
                     };
                     // Bytes go on as they come: batching small writes is the caller's call.
                     let _ = s.set_nodelay(true);
-                    let Ok(permit) = limit.clone().acquire_owned().await else {
+                    let Some(permit) = route.permit(&limit).await else {
                         return;
                     };
                     let r = route.clone();
@@ -138,6 +141,27 @@ impl Route {
             *c = (generation, connector(&self.roots, &self.slot).ok()?);
         }
         Some(c.1.clone())
+    }
+
+    /// A slot for one more open connection; at `max_connections`, wait for one to close
+    /// (further callers wait in the listen backlog meanwhile), saying so at most once a
+    /// minute. None once the limit is gone (the route is being replaced).
+    async fn permit(&self, limit: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = limit.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let say = {
+            let mut last = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
+            let say = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
+            if say {
+                *last = Some(Instant::now());
+            }
+            say
+        };
+        if say {
+            tracing::warn!(proxy = %self.cfg.name, max_connections = self.cfg.max_connections, "proxy at max_connections: new connections wait until one closes (raise max_connections, or lower idle_timeout if callers leave connections open)");
+        }
+        limit.clone().acquire_owned().await.ok()
     }
 
     fn caller_allowed(&self, cred: Option<(u32, u32)>) -> bool {
