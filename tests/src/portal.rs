@@ -22,6 +22,10 @@ pub enum CaMode {
     NoSans,
     /// Sign it, and drop a private key block in the same file (a careless person).
     AppendKey,
+    /// Sign this one valid for the given seconds from now, then go `Away`.
+    ShortLived(u32),
+    /// Answer nothing (the person is away): CSRs wait in the outbox.
+    Away,
 }
 
 /// A test CA (openssl) answering a portal outbox into an inbox from a background thread.
@@ -53,11 +57,17 @@ impl PortalCa {
                             .file_name()
                             .map(|n| n.to_string_lossy().into_owned())
                             .unwrap_or_default();
-                        if !name.ends_with(".csr.pem") || done.contains(&name) {
+                        let mode = *m2.lock().unwrap();
+                        if !name.ends_with(".csr.pem")
+                            || done.contains(&name)
+                            || mode == CaMode::Away
+                        {
                             continue;
                         }
                         done.insert(name.clone());
-                        let mode = *m2.lock().unwrap();
+                        if let CaMode::ShortLived(_) = mode {
+                            *m2.lock().unwrap() = CaMode::Away;
+                        }
                         sign_for_portal(
                             &dir,
                             &ca,
@@ -150,11 +160,15 @@ fn sign_for_portal(dir: &Path, ca: &str, csr: &Path, out: &Path, mode: CaMode) {
     std::fs::create_dir_all(out.parent().expect("inbox")).expect("inbox");
     let tmp = out.with_extension("tmp");
     if let Some((start, end)) = match mode {
-        CaMode::Expired => Some(("20200101000000Z", "20200201000000Z")),
-        CaMode::NotYetValid => Some(("20990101000000Z", "20991231000000Z")),
+        CaMode::Expired => Some(("20200101000000Z".into(), "20200201000000Z".into())),
+        CaMode::NotYetValid => Some(("20990101000000Z".into(), "20991231000000Z".into())),
+        CaMode::ShortLived(secs) => {
+            let now = edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock);
+            Some((asn1_time(now - 60), asn1_time(now + u64::from(secs))))
+        }
         _ => None,
     } {
-        sign_dated(dir, ca, csr, &ext, &tmp, (start, end));
+        sign_dated(dir, ca, csr, &ext, &tmp, (&start, &end));
         std::fs::rename(&tmp, out).expect("drop into inbox");
         return;
     }
@@ -239,6 +253,15 @@ fn sign_dated(
             &ext.display().to_string(),
         ],
     );
+}
+
+/// `YYYYMMDDHHMMSSZ` of a Unix time (what `openssl ca -startdate/-enddate` take).
+fn asn1_time(t: u64) -> String {
+    edge_signer::clock::rfc3339(t)
+        .chars()
+        .filter(|c| c.is_ascii_digit())
+        .collect::<String>()
+        + "Z"
 }
 
 fn rand_serial() -> u32 {

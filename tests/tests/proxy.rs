@@ -420,3 +420,60 @@ idle_timeout = "1s"
     assert_eq!(line.trim_end(), "220 ready");
     assert_eq!(echo(&mut second, "second"), "second");
 }
+
+/// A connection authenticated by a certificate ends at that certificate's not-after (the
+/// server would refuse it from then on), however busy it is. Generation 1 is valid for 15 s
+/// and its renewal waits on a person who is away, so nothing else ends it.
+#[test]
+fn a_busy_connection_ends_at_the_not_after_of_the_certificate_it_presented() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let (_server, target) = banner_server(&env, 60);
+    let port = serving::proxy_port();
+    env.serving_config(
+        "1d",
+        &format!(
+            r#"
+[[proxy]]
+name = "short"
+listen = "127.0.0.1:{port}"
+target = "127.0.0.1:{target}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+"#
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::ShortLived(15));
+    let _daemon = env.daemon();
+    env.wait_served("gw", 1);
+    let not_after = env.register()["identities"]["gw"]["generations"][0]["not_after"]
+        .as_u64()
+        .expect("generation 1 has a not-after") as f64;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    assert!(now() < not_after - 3.0, "enrolment took too long to test");
+    let mut conn = greeted(port);
+    let ended = loop {
+        let t = now();
+        let mut back = String::new();
+        let open = conn.get_mut().write_all(b"tick\n").is_ok()
+            && conn.read_line(&mut back).is_ok_and(|n| n > 0);
+        if !open {
+            break t;
+        }
+        assert_eq!(back.trim_end(), "tick");
+        assert!(t < not_after + 5.0, "still open 5 s after the not-after");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        ended > not_after - 1.0,
+        "ended {:.1} s before the not-after",
+        not_after - ended
+    );
+    env.wait_log("proxy connection ended: certificate expired");
+}
