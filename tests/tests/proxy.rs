@@ -272,17 +272,36 @@ fn greeted_echo(port: u16, word: &str) {
     assert_eq!(echo(&mut greeted(port), word), word);
 }
 
-/// On a TPM the handshake signature takes milliseconds: it runs under `block_in_place`.
-fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one(kind: TokenKind) {
+/// A token of `kind`, a banner server (`TIMEOUTidle = idle`) and a proxy route to it on a
+/// loopback port, with `route` added to the route's table and `more` after it. Returns the
+/// env, the server and the route's port.
+fn banner_route(kind: TokenKind, idle: u32, route: &str, more: &str) -> (Env, Guard, u16) {
     let env = Env::on(kind);
     env.make_ca("ca");
     env.openssl_leaf("ca", "server");
-    let (_server, target) = banner_server(&env, 3);
+    let (server, target) = banner_server(&env, idle);
     let port = serving::proxy_port();
     env.serving_config(
         "1d",
         &format!(
             r#"
+[[proxy]]
+name = "banner"
+listen = "127.0.0.1:{port}"
+target = "127.0.0.1:{target}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+{route}
+{more}"#
+        ),
+    );
+    (env, server, port)
+}
+
+/// On a TPM the handshake signature takes milliseconds: it runs under `block_in_place`.
+fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one(kind: TokenKind) {
+    let api = format!(
+        r#"
 [api]
 enabled = true
 socket = "{{p}}/api.sock"
@@ -291,18 +310,10 @@ socket = "{{p}}/api.sock"
 uids = [{uid}]
 identities = ["*"]
 operations = ["metrics"]
-
-[[proxy]]
-name = "banner"
-listen = "127.0.0.1:{port}"
-target = "127.0.0.1:{target}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-preconnect = true
 "#,
-            uid = my_uid()
-        ),
+        uid = my_uid()
     );
+    let (env, _server, port) = banner_route(kind, 3, "preconnect = true", &api);
     let _ca = env.portal_ca(CaMode::Good);
     let _daemon = env.daemon();
     env.wait_served("gw", 1);
@@ -362,25 +373,11 @@ hsm_shim::token_tests!(preconnect_hands_over_a_live_spare_with_its_banner_and_ne
 /// server's own 10 s.
 #[test]
 fn over_the_cap_a_caller_waits_and_a_quiet_connection_ends_at_idle_timeout() {
-    let env = Env::new();
-    env.make_ca("ca");
-    env.openssl_leaf("ca", "server");
-    let (_server, target) = banner_server(&env, 10);
-    let port = serving::proxy_port();
-    env.serving_config(
-        "1d",
-        &format!(
-            r#"
-[[proxy]]
-name = "one"
-listen = "127.0.0.1:{port}"
-target = "127.0.0.1:{target}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-max_connections = 1
-idle_timeout = "1s"
-"#
-        ),
+    let (env, _server, port) = banner_route(
+        TokenKind::SoftHsm,
+        10,
+        "max_connections = 1\nidle_timeout = \"1s\"",
+        "",
     );
     let _ca = env.portal_ca(CaMode::Good);
     let _daemon = env.daemon();
@@ -426,24 +423,7 @@ idle_timeout = "1s"
 /// and its renewal waits on a person who is away, so nothing else ends it.
 #[test]
 fn a_busy_connection_ends_at_the_not_after_of_the_certificate_it_presented() {
-    let env = Env::new();
-    env.make_ca("ca");
-    env.openssl_leaf("ca", "server");
-    let (_server, target) = banner_server(&env, 60);
-    let port = serving::proxy_port();
-    env.serving_config(
-        "1d",
-        &format!(
-            r#"
-[[proxy]]
-name = "short"
-listen = "127.0.0.1:{port}"
-target = "127.0.0.1:{target}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-"#
-        ),
-    );
+    let (env, _server, port) = banner_route(TokenKind::SoftHsm, 60, "", "");
     let _ca = env.portal_ca(CaMode::ShortLived(15));
     let _daemon = env.daemon();
     env.wait_served("gw", 1);
