@@ -211,6 +211,13 @@ fn compare_names(got: &Subject, got_sans: &[San], want: &Expected) -> Result<Vec
     }
 }
 
+/// The SPKI (DER) of the first certificate in a PEM text, if any.
+pub fn leaf_spki(text: &str) -> Option<Vec<u8>> {
+    let chain = parse_chain(text).ok()?;
+    let leaf = x509_cert::Certificate::from_der(&chain[0]).ok()?;
+    leaf.tbs_certificate.subject_public_key_info.to_der().ok()
+}
+
 /// Check an issued chain (PEM, leaf first) against what was asked for, at time `now`.
 /// `anchors` are the trust anchors (the issuer's CA bundle); `intermediates` may help build
 /// the path (EST `/cacerts`), as may any certificate after the leaf in the PEM.

@@ -201,3 +201,52 @@ fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is
         1
     );
 }
+
+/// A key replaced in the token (another key pair under the same CKA_ID and label) after its
+/// certificate was checked is never promoted: the generation fails with a critical
+/// `key-mismatch`, generation 1 stays current, and a new key is enrolled at once.
+#[test]
+fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled() {
+    use edge_signer::register::{GenStatus, Step};
+    let (t, clock, _up, mut e, _) = sim_engine("7d", "0s");
+    let current = |e: &Engine| e.reg.identities.get("gw").and_then(|r| r.current);
+    let run_to = |e: &mut Engine, n: u32| {
+        for _ in 0..50 {
+            if current(e) == Some(n) {
+                return;
+            }
+            let next = e.tick();
+            clock.set(next.min(clock.now() + 60).max(clock.now() + 1));
+        }
+        panic!("generation {n} never became current");
+    };
+    run_to(&mut e, 1);
+    e.force("gw").unwrap();
+    while e.reg.identities["gw"].step != Step::Probed {
+        e.advance("gw").unwrap();
+    }
+    let g2 = e.reg.identities["gw"].gen(2).unwrap().clone();
+    let id = g2.key_id.clone().unwrap();
+    t.token
+        .destroy(&hsm_shim::keys::unhex(&id).unwrap())
+        .unwrap();
+    let module = t.module.display().to_string();
+    let out = std::process::Command::new("pkcs11-tool")
+        .args(["--module", &module, "--token-label", "test", "--login"])
+        .args(["--pin", hsm_shim::testing::USER_PIN, "--keypairgen"])
+        .args(["--key-type", "EC:prime256v1", "--id", &id])
+        .args(["--label", &g2.key_label])
+        .output()
+        .expect("pkcs11-tool (scripts/setup installs it)");
+    assert!(out.status.success(), "{out:?}");
+
+    e.advance("gw").unwrap();
+    let gw = e.reg.identities["gw"].clone();
+    assert_eq!(gw.current, Some(1), "the old pair stays");
+    assert_eq!(gw.gen(2).unwrap().status, GenStatus::Failed);
+    let mismatch = events(&e, "key-mismatch");
+    assert_eq!(mismatch.len(), 1);
+    assert_eq!(mismatch[0].severity, Severity::Critical);
+    assert!(mismatch[0].message.contains(&id), "{}", mismatch[0].message);
+    run_to(&mut e, 3);
+}

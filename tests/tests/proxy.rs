@@ -457,3 +457,74 @@ fn a_busy_connection_ends_at_the_not_after_of_the_certificate_it_presented() {
     );
     env.wait_log("proxy connection ended: certificate expired");
 }
+
+/// A generation whose key in the token no longer matches its certificate is never served:
+/// the daemon's reconcile fails it (a critical line), keeps serving the pair it had and
+/// enrols a new key at once. The rotation is killed after its probe; its key is then
+/// replaced under the same CKA_ID and label, as someone with the PIN could do.
+#[test]
+fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let (_www, www) = env.s_server("ca", &[], Some("www.log"));
+    env.serving_config(
+        "1d",
+        &format!(
+            r#"
+[[proxy]]
+name = "web"
+listen = "{{p}}/web.sock"
+target = "127.0.0.1:{www}"
+identity = "gw"
+server_ca = "{{p}}/ca.pem"
+"#
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    env.ok(&["enroll", "gw", "--timeout", "20"]);
+    let out = env
+        .cmd()
+        .args(["rotate", "gw", "--now", "--timeout", "20"])
+        .env("EDGE_SIGNER_TEST_KILL_AT", "probed")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "killed after the probe: {out:?}");
+    let g2 = &env.register()["identities"]["gw"]["generations"][1];
+    let id = g2["key_id"]
+        .as_str()
+        .expect("generation 2's key id")
+        .to_owned();
+    for kind in ["privkey", "pubkey"] {
+        env.pkcs11_tool(&["--delete-object", "--type", kind, "--id", &id]);
+    }
+    env.pkcs11_tool(&[
+        "--keypairgen",
+        "--key-type",
+        "EC:prime256v1",
+        "--id",
+        &id,
+        "--label",
+        "edge-signer:gw:g2",
+    ]);
+
+    let _daemon = env.daemon();
+    env.wait_log("the token holds another key under that id");
+    env.wait_served("gw", 3);
+    let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    let seen = last_client_cn(&env, "www.log");
+    assert!(
+        seen.contains(&env.gw_cn(3)),
+        "generation 3 presented: {seen}"
+    );
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
+    assert!(
+        !log.contains("new handshakes use generation 2"),
+        "generation 2 was served:\n{log}"
+    );
+    assert_eq!(
+        env.register()["identities"]["gw"]["generations"][1]["status"],
+        "failed"
+    );
+}

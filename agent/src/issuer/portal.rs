@@ -5,7 +5,6 @@ use super::{Answer, Issuer, Request, Submitted};
 use crate::clock::Unix;
 use hsm_shim::rustls::pki_types::CertificateDer;
 use std::path::PathBuf;
-use x509_cert::der::{Decode, Encode};
 
 /// A drop-folder issuer.
 pub struct Portal {
@@ -29,13 +28,6 @@ impl Portal {
     fn csr_name(req: &Request) -> String {
         format!("{}-{}.csr.pem", req.identity, req.generation)
     }
-}
-
-/// The SPKI of the first certificate in a PEM text, if any.
-fn leaf_spki(text: &str) -> Option<Vec<u8>> {
-    let chain = crate::validate::parse_chain(text).ok()?;
-    let leaf = x509_cert::Certificate::from_der(&chain[0]).ok()?;
-    leaf.tbs_certificate.subject_public_key_info.to_der().ok()
 }
 
 impl Issuer for Portal {
@@ -96,7 +88,7 @@ impl Issuer for Portal {
             let Ok(text) = std::fs::read_to_string(&f) else {
                 continue;
             };
-            match leaf_spki(&text) {
+            match crate::validate::leaf_spki(&text) {
                 // Only the certificates, re-encoded: nothing else in a dropped file (a private
                 // key block, text) reaches the register or cert.pem.
                 Some(spki) if spki == req.spki => {

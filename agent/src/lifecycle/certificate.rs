@@ -278,6 +278,12 @@ impl Engine {
         let (g, key) = self.pending_key(rec)?;
         let chain_pem = g.cert_pem.clone().unwrap_or_default();
         let chain = validate::parse_chain(&chain_pem)?;
+        // The key was checked at `issued`; it may have been replaced in the token since
+        // (under the same id). A pair that does not match is never promoted.
+        if validate::leaf_spki(&chain_pem).is_some_and(|s| s != key.info().spki) {
+            self.key_lost(name, &g, super::retire::KeyLoss::Mismatch, now)?;
+            return Ok(Progress::Moved);
+        }
         // Idempotent: store_cert replaces, the exports are atomic writes.
         self.token
             .store_cert(&key.info().id, &g.key_label, &chain[0])?;

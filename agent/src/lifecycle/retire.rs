@@ -18,9 +18,18 @@ pub fn parse_label(label: &str) -> Option<(&str, u32)> {
     Some((identity, n.parse().ok()?))
 }
 
+/// Why a generation cannot use its key.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum KeyLoss {
+    /// The token does not hold a key with its id.
+    Missing,
+    /// The key under its id is not the certificate's key.
+    Mismatch,
+}
+
 impl Engine {
     /// On start: destroy key objects of aborted rotations and of generations already
-    /// retired, and report keys the register expects but the token lacks.
+    /// retired, and fail generations whose key the token lacks or no longer matches.
     pub fn reconcile(&mut self) -> Result<Vec<String>> {
         let mut notes = Vec::new();
         // Labels only: a foreign key of a type we do not know must not stop reconcile.
@@ -77,22 +86,54 @@ impl Engine {
             for g in live {
                 let Some(id) = &g.key_id else { continue };
                 if !keys.iter().any(|k| &hsm_shim::keys::hex(&k.id) == id) {
-                    notes.push(self.key_missing(&ident, g, id, now)?);
+                    notes.push(self.key_lost(&ident, g, KeyLoss::Missing, now)?);
+                } else if !self.key_matches_cert(g, id) {
+                    notes.push(self.key_lost(&ident, g, KeyLoss::Mismatch, now)?);
                 }
             }
         }
         Ok(notes)
     }
 
-    /// Generation `g` of `ident` expects key `id`, which the token does not hold: the
-    /// generation fails, a new key is enrolled at once (a critical event says so).
-    fn key_missing(&mut self, ident: &str, g: &Generation, id: &str, now: Unix) -> Result<String> {
+    /// Whether generation `g`'s key `id` is still the key its certificate was validated
+    /// for (true before validation, where a wrong certificate is the CA's fault and is refused
+    /// by the `issued` step, and when the key cannot be read: a missing key is reported on
+    /// its own).
+    fn key_matches_cert(&self, g: &Generation, id: &str) -> bool {
+        if g.fingerprint.is_none() {
+            return true;
+        }
+        let Some(cert) = crate::validate::leaf_spki(g.cert_pem.as_deref().unwrap_or_default())
+        else {
+            return true;
+        };
+        self.open_key(id).map_or(true, |k| k.info().spki == cert)
+    }
+
+    /// Generation `g` of `ident` cannot use its key: the token does not hold it, or holds
+    /// another key under its id. The generation fails and a new key is enrolled at once (a
+    /// critical event says so); its pair is never served.
+    pub(super) fn key_lost(
+        &mut self,
+        ident: &str,
+        g: &Generation,
+        loss: KeyLoss,
+        now: Unix,
+    ) -> Result<String> {
+        let id = g.key_id.as_deref().unwrap_or("-");
+        let (kind, what) = match loss {
+            KeyLoss::Missing => ("key-missing", "the token does not hold it"),
+            KeyLoss::Mismatch => (
+                "key-mismatch",
+                "the token holds another key under that id (its public key is not the certificate's: replaced?)",
+            ),
+        };
         let msg = format!(
-            "generation {} of '{ident}' expects key {id} ({}) but the token does not hold it; a new key will be enrolled",
+            "generation {} of '{ident}' expects key {id} ({}) but {what}; a new key will be enrolled",
             g.number, g.key_label
         );
         self.events
-            .emit(now, "key-missing", ident, Severity::Critical, msg.clone());
+            .emit(now, kind, ident, Severity::Critical, msg.clone());
         let n = g.number;
         let rec = self.rec(ident);
         if let Some(gm) = rec.gen_mut(n) {
@@ -104,7 +145,11 @@ impl Engine {
         if rec.pending == Some(n) {
             rec.pending = None;
         }
-        rec.transition(now, Step::Active, n, "key missing from token");
+        let why = match loss {
+            KeyLoss::Missing => "key missing from token",
+            KeyLoss::Mismatch => "key in token does not match the certificate",
+        };
+        rec.transition(now, Step::Active, n, why);
         rec.forced_at = Some(now);
         self.save(ident)?;
         Ok(msg)
