@@ -2,7 +2,9 @@
 //! technician token maker.
 
 use super::*;
-use edge_signer::serial::protocol::PROTOCOL;
+use edge_signer::serial::client::{self, Reply, MAX_ANSWER_LINE};
+use edge_signer::serial::protocol::{Line, LineReader};
+use std::collections::VecDeque;
 use std::io::{BufRead, Read, Write};
 
 /// `diag token`: a token for one device and session, signed with the technician key.
@@ -41,7 +43,8 @@ fn sign_token(
 
 struct Port {
     port: Box<dyn serialport::SerialPort>,
-    pending: Vec<u8>,
+    reader: LineReader,
+    lines: VecDeque<Line>,
 }
 
 impl Port {
@@ -52,7 +55,8 @@ impl Port {
             .with_context(|| format!("cannot open {}", path.display()))?;
         Ok(Port {
             port,
-            pending: Vec::new(),
+            reader: LineReader::with_max(MAX_ANSWER_LINE),
+            lines: VecDeque::new(),
         })
     }
 
@@ -65,13 +69,16 @@ impl Port {
     fn line(&mut self) -> Result<String> {
         let start = std::time::Instant::now();
         loop {
-            if let Some(i) = self.pending.iter().position(|b| *b == b'\n') {
-                let l: Vec<u8> = self.pending.drain(..=i).collect();
-                return Ok(String::from_utf8_lossy(&l).trim_end().to_owned());
+            match self.lines.pop_front() {
+                Some(Line::Text(l)) => return Ok(String::from_utf8_lossy(&l).trim_end().to_owned()),
+                Some(Line::TooLong) => bail!(
+                    "the device sent a line longer than {MAX_ANSWER_LINE} bytes (not an edge-signer port?)"
+                ),
+                None => {}
             }
             let mut buf = [0u8; 512];
             match self.port.read(&mut buf) {
-                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Ok(n) => self.lines.extend(self.reader.feed(&buf[..n])),
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
                 Err(e) => return Err(e.into()),
             }
@@ -97,46 +104,29 @@ impl Port {
             if !quit_answered {
                 continue;
             }
-            if let Some(rest) = l.strip_prefix(PROTOCOL) {
-                let field = |k: &str| {
-                    rest.split_whitespace()
-                        .find_map(|w| w.strip_prefix(k))
-                        .map(str::to_owned)
-                        .unwrap_or_default()
-                };
-                return Ok((field("serial="), field("nonce=")));
+            if let Some(fields) = client::banner(&l) {
+                return Ok(fields);
             }
         }
     }
 
     /// The answer to one command: lines until OK / ERR (text) or a final JSON object.
+    /// Device text is shown with its control characters escaped (`client::reply`).
     fn answer(&mut self, json: bool, out: &mut impl Write) -> Result<bool> {
         loop {
-            let l = self.line()?;
-            if json {
-                let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_default();
-                if v["progress"] == true {
-                    eprintln!("{}", v["data"]["progress"].as_str().unwrap_or_default());
-                    continue;
+            match client::reply(&self.line()?, json) {
+                Reply::Progress(p) => eprintln!("{p}"),
+                Reply::Body(l) => writeln!(out, "{l}")?,
+                Reply::Other => {}
+                Reply::End { ok, show } => {
+                    match (show, json) {
+                        (Some(s), true) => writeln!(out, "{s}")?,
+                        (Some(e), false) => eprintln!("error {e}"),
+                        (None, _) => {}
+                    }
+                    return Ok(ok);
                 }
-                if v.get("ok").is_some() {
-                    writeln!(out, "{}", serde_json::to_string(&v)?)?;
-                    return Ok(v["ok"] == true);
-                }
-                continue;
             }
-            if l == "OK" {
-                return Ok(true);
-            }
-            if let Some(e) = l.strip_prefix("ERR ") {
-                eprintln!("error {e}");
-                return Ok(false);
-            }
-            if let Some(p) = l.strip_prefix("progress: ") {
-                eprintln!("{p}");
-                continue;
-            }
-            writeln!(out, "{l}")?;
         }
     }
 }
@@ -172,8 +162,9 @@ pub(crate) fn diag_cmd(a: DiagArgs) -> Result<i32> {
     if a.words.is_empty() {
         // Interactive: a line from the keyboard, the device's answer, and so on.
         eprintln!(
-            "connected to {} (serial {device}); type help, quit to end",
-            path.display()
+            "connected to {} (serial {}); type help, quit to end",
+            path.display(),
+            client::printable(&device)
         );
         for line in std::io::stdin().lock().lines() {
             let line = line?;
@@ -194,7 +185,7 @@ pub(crate) fn diag_cmd(a: DiagArgs) -> Result<i32> {
         port.send("apply-bundle")?;
         let prompt = port.line()?;
         if !prompt.starts_with("bundle:") {
-            eprintln!("{prompt}");
+            eprintln!("{}", client::printable(&prompt));
             return Ok(2);
         }
         use base64::Engine as _;

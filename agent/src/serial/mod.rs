@@ -3,6 +3,7 @@
 //! thread (serialport is blocking I/O); `edge-signer diag` is the laptop side.
 
 pub mod auth;
+pub mod client;
 pub mod protocol;
 pub mod session;
 

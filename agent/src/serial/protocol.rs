@@ -168,10 +168,12 @@ pub fn parse(line: &[u8]) -> Result<Command, LineError> {
     }
 }
 
-/// Splits a byte stream into lines: CR, LF or CR LF end a line; a line over `MAX_LINE` is
-/// dropped up to its end and reported once as too long.
+/// Splits a byte stream into lines: CR, LF or CR LF end a line; a line over `MAX_LINE` (or
+/// the cap given to `with_max`) is dropped up to its end and reported once as too long.
 #[derive(Debug, Default)]
 pub struct LineReader {
+    /// The cap when it is not `MAX_LINE`.
+    max: Option<usize>,
     buf: Vec<u8>,
     overflow: bool,
     last_cr: bool,
@@ -197,6 +199,14 @@ pub enum Line {
 }
 
 impl LineReader {
+    /// A reader whose lines may be up to `max` bytes.
+    pub fn with_max(max: usize) -> LineReader {
+        LineReader {
+            max: Some(max),
+            ..LineReader::default()
+        }
+    }
+
     /// Feed bytes; complete lines wait in the queue. A half line left alone for 30 s (a
     /// cable pulled mid-command) is dropped before new bytes are taken.
     pub fn push(&mut self, bytes: &[u8]) {
@@ -244,7 +254,7 @@ impl LineReader {
             if self.overflow {
                 continue;
             }
-            if self.buf.len() >= MAX_LINE {
+            if self.buf.len() >= self.max.unwrap_or(MAX_LINE) {
                 self.overflow = true;
                 self.buf.clear();
                 continue;
