@@ -14,5 +14,6 @@ pub mod serial;
 pub mod serve;
 pub mod statelock;
 pub mod systemd;
+pub mod text;
 pub mod tlsconf;
 pub mod validate;

@@ -164,7 +164,7 @@ pub(crate) fn diag_cmd(a: DiagArgs) -> Result<i32> {
         eprintln!(
             "connected to {} (serial {}); type help, quit to end",
             path.display(),
-            client::printable(&device)
+            edge_signer::text::printable(&device)
         );
         for line in std::io::stdin().lock().lines() {
             let line = line?;
@@ -185,7 +185,7 @@ pub(crate) fn diag_cmd(a: DiagArgs) -> Result<i32> {
         port.send("apply-bundle")?;
         let prompt = port.line()?;
         if !prompt.starts_with("bundle:") {
-            eprintln!("{}", client::printable(&prompt));
+            eprintln!("{}", edge_signer::text::printable(&prompt));
             return Ok(2);
         }
         use base64::Engine as _;

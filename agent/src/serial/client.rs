@@ -4,6 +4,7 @@
 //! from the port would otherwise drive the technician's terminal).
 
 use super::protocol::PROTOCOL;
+use crate::text::printable;
 
 /// Longest line taken from a device (a JSON status with timelines is a few KiB).
 pub const MAX_ANSWER_LINE: usize = 1 << 20;
@@ -86,20 +87,6 @@ fn json_printable(v: &serde_json::Value) -> String {
     for c in s.chars() {
         if c.is_control() {
             out.push_str(&format!("\\u{:04x}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// `s` safe to print on a terminal: control characters other than tab (ESC and the C1
-/// controls included) are shown escaped, as `\u{1b}`.
-pub fn printable(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() && c != '\t' {
-            out.extend(c.escape_unicode());
         } else {
             out.push(c);
         }
