@@ -27,6 +27,24 @@ pub(super) enum KeyLoss {
     Mismatch,
 }
 
+impl KeyLoss {
+    /// (event kind, what the event says of the token, the transition's reason).
+    fn words(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            KeyLoss::Missing => (
+                "key-missing",
+                "the token does not hold it",
+                "key missing from token",
+            ),
+            KeyLoss::Mismatch => (
+                "key-mismatch",
+                "the token holds another key under that id (its public key is not the certificate's: replaced?)",
+                "key in token does not match the certificate",
+            ),
+        }
+    }
+}
+
 impl Engine {
     /// On start: destroy key objects of aborted rotations and of generations already
     /// retired, and fail generations whose key the token lacks or no longer matches.
@@ -121,13 +139,7 @@ impl Engine {
         now: Unix,
     ) -> Result<String> {
         let id = g.key_id.as_deref().unwrap_or("-");
-        let (kind, what) = match loss {
-            KeyLoss::Missing => ("key-missing", "the token does not hold it"),
-            KeyLoss::Mismatch => (
-                "key-mismatch",
-                "the token holds another key under that id (its public key is not the certificate's: replaced?)",
-            ),
-        };
+        let (kind, what, why) = loss.words();
         let msg = format!(
             "generation {} of '{ident}' expects key {id} ({}) but {what}; a new key will be enrolled",
             g.number, g.key_label
@@ -145,10 +157,6 @@ impl Engine {
         if rec.pending == Some(n) {
             rec.pending = None;
         }
-        let why = match loss {
-            KeyLoss::Missing => "key missing from token",
-            KeyLoss::Mismatch => "key in token does not match the certificate",
-        };
         rec.transition(now, Step::Active, n, why);
         rec.forced_at = Some(now);
         self.save(ident)?;
