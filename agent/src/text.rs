@@ -4,10 +4,25 @@
 /// `s` safe to print on a terminal: control characters other than tab (ESC and the C1
 /// controls included) are shown escaped, as `\u{1b}`.
 pub fn printable(s: &str) -> String {
+    escape_controls(s, '\t', |c, out| out.extend(c.escape_unicode()))
+}
+
+/// A JSON value as one line safe to print: serde_json escapes the C0 controls in strings
+/// but leaves DEL and the C1 controls as they are; those are written as `\u00XX` (the same
+/// JSON: outside strings there are none).
+pub fn printable_json(v: &serde_json::Value) -> String {
+    let s = serde_json::to_string(v).unwrap_or_default();
+    escape_controls(&s, '\t', |c, out| {
+        out.push_str(&format!("\\u{:04x}", u32::from(c)))
+    })
+}
+
+/// `s` with every control character but `keep` written by `escape`.
+fn escape_controls(s: &str, keep: char, escape: impl Fn(char, &mut String)) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_control() && c != '\t' {
-            out.extend(c.escape_unicode());
+        if c.is_control() && c != keep {
+            escape(c, &mut out);
         } else {
             out.push(c);
         }

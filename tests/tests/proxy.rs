@@ -8,6 +8,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// A `[[proxy]]` table for `serving_config`: `name` listening on `listen` (`{p}/x.sock` or
+/// `127.0.0.1:PORT`) for identity gw, to `127.0.0.1:target` checked against `{p}/ca.pem`,
+/// then the `extra` lines.
+fn route(name: &str, listen: &str, target: u16, extra: &str) -> String {
+    format!(
+        "\n[[proxy]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"127.0.0.1:{target}\"\n\
+         identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\n{extra}\n"
+    )
+}
+
 fn last_client_cn(env: &Env, log: &str) -> String {
     std::fs::read_to_string(env.path(log))
         .unwrap_or_default()
@@ -77,23 +87,8 @@ fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_ove
     let echo_port = serving::proxy_port();
     env.serving_config(
         "6s",
-        &format!(
-            r#"
-[[proxy]]
-name = "web"
-listen = "{{p}}/web.sock"
-target = "127.0.0.1:{www}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-
-[[proxy]]
-name = "echo"
-listen = "127.0.0.1:{echo_port}"
-target = "127.0.0.1:{rev}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-"#
-        ),
+        &(route("web", "{p}/web.sock", www, "")
+            + &route("echo", &format!("127.0.0.1:{echo_port}"), rev, "")),
     );
     let _ca = env.portal_ca(CaMode::Good);
     let mut daemon = env.daemon();
@@ -171,32 +166,14 @@ fn a_foreign_caller_a_foreign_server_and_a_silent_one_are_refused() {
     });
     env.serving_config(
         "1d",
-        &format!(
-            r#"
-[[proxy]]
-name = "web"
-listen = "{{p}}/web.sock"
-target = "127.0.0.1:{www}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-allowed_uids = [4242]
-
-[[proxy]]
-name = "rogue"
-listen = "{{p}}/rogue.sock"
-target = "127.0.0.1:{rogue}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-
-[[proxy]]
-name = "silent"
-listen = "{{p}}/silent.sock"
-target = "127.0.0.1:{silent_port}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-connect_timeout = "1s"
-"#
-        ),
+        &(route("web", "{p}/web.sock", www, "allowed_uids = [4242]")
+            + &route("rogue", "{p}/rogue.sock", rogue, "")
+            + &route(
+                "silent",
+                "{p}/silent.sock",
+                silent_port,
+                "connect_timeout = \"1s\"",
+            )),
     );
     let _ca = env.portal_ca(CaMode::Good);
     let _daemon = env.daemon();
@@ -273,28 +250,16 @@ fn greeted_echo(port: u16, word: &str) {
 }
 
 /// A token of `kind`, a banner server (`TIMEOUTidle = idle`) and a proxy route to it on a
-/// loopback port, with `route` added to the route's table and `more` after it. Returns the
+/// loopback port, with `extra` added to the route's table and `more` after it. Returns the
 /// env, the server and the route's port.
-fn banner_route(kind: TokenKind, idle: u32, route: &str, more: &str) -> (Env, Guard, u16) {
+fn banner_route(kind: TokenKind, idle: u32, extra: &str, more: &str) -> (Env, Guard, u16) {
     let env = Env::on(kind);
     env.make_ca("ca");
     env.openssl_leaf("ca", "server");
     let (server, target) = banner_server(&env, idle);
     let port = serving::proxy_port();
-    env.serving_config(
-        "1d",
-        &format!(
-            r#"
-[[proxy]]
-name = "banner"
-listen = "127.0.0.1:{port}"
-target = "127.0.0.1:{target}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-{route}
-{more}"#
-        ),
-    );
+    let table = route("banner", &format!("127.0.0.1:{port}"), target, extra);
+    env.serving_config("1d", &(table + more));
     (env, server, port)
 }
 
@@ -468,19 +433,7 @@ fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
     env.make_ca("ca");
     env.openssl_leaf("ca", "server");
     let (_www, www) = env.s_server("ca", &[], Some("www.log"));
-    env.serving_config(
-        "1d",
-        &format!(
-            r#"
-[[proxy]]
-name = "web"
-listen = "{{p}}/web.sock"
-target = "127.0.0.1:{www}"
-identity = "gw"
-server_ca = "{{p}}/ca.pem"
-"#
-        ),
-    );
+    env.serving_config("1d", &route("web", "{p}/web.sock", www, ""));
     let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     let out = env

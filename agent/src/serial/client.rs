@@ -52,7 +52,7 @@ pub fn reply(line: &str, json: bool) -> Reply {
         return match v.get("ok") {
             Some(ok) => Reply::End {
                 ok: *ok == true,
-                show: Some(json_printable(&v)),
+                show: Some(crate::text::printable_json(&v)),
             },
             None => Reply::Other,
         };
@@ -73,25 +73,6 @@ pub fn reply(line: &str, json: bool) -> Reply {
         Some(p) => Reply::Progress(printable(p)),
         None => Reply::Body(printable(line)),
     }
-}
-
-/// A JSON value as one line safe to print: serialized again (serde_json escapes C0
-/// controls in strings), then DEL and the C1 controls, which it leaves as they are, escaped
-/// as `\u00XX` (still the same JSON: they can only be inside strings).
-fn json_printable(v: &serde_json::Value) -> String {
-    let s = serde_json::to_string(v).unwrap_or_default();
-    if !s.chars().any(char::is_control) {
-        return s;
-    }
-    let mut out = String::with_capacity(s.len() + 12);
-    for c in s.chars() {
-        if c.is_control() {
-            out.push_str(&format!("\\u{:04x}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
