@@ -455,3 +455,69 @@ fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
     let a = line.ask("status");
     assert!(a.contains("gw.state: active"), "{a}");
 }
+
+/// A device that answers with terminal escape sequences, as a hostile or broken box on the
+/// cable could: `diag` shows them escaped, so none reaches the technician's terminal; a line
+/// with no end is cut at 1 MiB with a clear error.
+#[test]
+fn diag_shows_a_hostile_device_escaped_and_caps_its_lines() {
+    let env = Env::new();
+    let _pty = pty(&env);
+    let device = env.path("ttyA");
+    let fake = std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(device)
+            .unwrap();
+        let mut w = f.try_clone().unwrap();
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(f));
+        for round in 0..2 {
+            // Each `diag` run: an empty line, `quit`, then the command.
+            while let Some(Ok(l)) = lines.next() {
+                match l.trim() {
+                    "quit" => w
+                        .write_all(
+                            b"OK\r\nedge-signer-diag 1 serial=SN\x1b]0;owned\x07 nonce=ab\r\n",
+                        )
+                        .unwrap(),
+                    "status" if round == 0 => {
+                        w.write_all(b"gw.state: \x1b[2Jactive\x9b\r\nERR 500 \x1b[31mboom\r\n")
+                            .unwrap();
+                        break;
+                    }
+                    "status" => {
+                        w.write_all(&vec![b'x'; (1 << 20) + 10]).unwrap();
+                        w.write_all(b"\r\n").unwrap();
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    });
+    let diag = |what: &str| {
+        let out = env
+            .cmd()
+            .args(["diag", "--port", &env.path_str("ttyB"), "status"])
+            .output()
+            .unwrap();
+        let all = [&out.stdout[..], &out.stderr[..]].concat();
+        assert!(
+            !all.contains(&0x1b),
+            "{what}: an ESC reached the terminal: {out:?}"
+        );
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&all).into_owned(),
+        )
+    };
+    let (code, text) = diag("escapes");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("gw.state: \\u{1b}[2Jactive"), "{text}");
+    assert!(text.contains("error 500 \\u{1b}[31mboom"), "{text}");
+    let (code, text) = diag("a line with no end");
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("longer than 1048576 bytes"), "{text}");
+    fake.join().unwrap();
+}
