@@ -7,12 +7,17 @@ pub fn printable(s: &str) -> String {
     escape_controls(s, '\t', |c, out| out.extend(c.escape_unicode()))
 }
 
-/// A JSON value as one line safe to print: serde_json escapes the C0 controls in strings
-/// but leaves DEL and the C1 controls as they are; those are written as `\u00XX` (the same
-/// JSON: outside strings there are none).
+/// A JSON value as one line safe to print (see `printable_json_text`).
 pub fn printable_json(v: &serde_json::Value) -> String {
-    let s = serde_json::to_string(v).unwrap_or_default();
-    escape_controls(&s, '\t', |c, out| {
+    printable_json_text(&serde_json::to_string(v).unwrap_or_default())
+}
+
+/// JSON text from serde_json (compact or pretty) safe to print: serde_json escapes the C0
+/// controls in strings but leaves DEL and the C1 controls as they are; those are written as
+/// `\u00XX`, which is the same JSON. Line ends are kept: serde_json writes them only
+/// between values, never raw inside a string.
+pub fn printable_json_text(s: &str) -> String {
+    escape_controls(s, '\n', |c, out| {
         out.push_str(&format!("\\u{:04x}", u32::from(c)))
     })
 }
@@ -33,6 +38,24 @@ fn escape_controls(s: &str, keep: char, escape: impl Fn(char, &mut String)) -> S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_text_stays_the_same_json_and_keeps_its_line_ends() {
+        let v = serde_json::json!({"e": "a\u{7f}\u{9b}\u{1b}\n", "n": [1, 2]});
+        let pretty = printable_json_text(&format!("{v:#}"));
+        assert!(pretty.contains('\n'));
+        assert!(
+            !pretty.chars().any(|c| c.is_control() && c != '\n'),
+            "{pretty}"
+        );
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&pretty).unwrap(),
+            v
+        );
+        let line = printable_json(&v);
+        assert!(!line.chars().any(char::is_control), "{line}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&line).unwrap(), v);
+    }
 
     #[test]
     fn controls_are_shown_escaped_and_the_rest_kept() {

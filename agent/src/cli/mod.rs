@@ -65,7 +65,11 @@ impl Global {
 
 pub(crate) fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce() -> String) {
     if json_out {
-        println!("{value:#}");
+        // What devices and CAs wrote may be in it: no raw control character reaches a terminal.
+        println!(
+            "{}",
+            edge_signer::text::printable_json_text(&format!("{value:#}"))
+        );
     } else {
         print!("{}", human());
     }
