@@ -124,9 +124,12 @@ impl Response {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
-    /// The body as text, lossily, at most `max` bytes.
+    /// The body as text for a reason or a log line: lossily, at most `max` bytes, on one
+    /// line, control characters escaped (a server's words reach terminals and the journal).
     pub fn text(&self, max: usize) -> String {
-        String::from_utf8_lossy(&self.body[..self.body.len().min(max)]).into_owned()
+        crate::text::one_line(&String::from_utf8_lossy(
+            &self.body[..self.body.len().min(max)],
+        ))
     }
 }
 

@@ -7,6 +7,22 @@ pub fn printable(s: &str) -> String {
     escape_controls(s, '\t', |c, out| out.extend(c.escape_unicode()))
 }
 
+/// A server's words (an error body) as one line for a reason: line ends and tabs become
+/// spaces, other control characters are shown escaped.
+pub fn one_line(s: &str) -> String {
+    let spaced: String = s
+        .chars()
+        .map(|c| {
+            if matches!(c, '\r' | '\n' | '\t') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect();
+    printable(&spaced)
+}
+
 /// A JSON value as one line safe to print (see `printable_json_text`).
 pub fn printable_json(v: &serde_json::Value) -> String {
     printable_json_text(&serde_json::to_string(v).unwrap_or_default())
@@ -60,6 +76,10 @@ mod tests {
     #[test]
     fn controls_are_shown_escaped_and_the_rest_kept() {
         assert_eq!(printable("a\tb é"), "a\tb é");
+        assert_eq!(
+            one_line("503\r\n<b>busy</b>\u{1b}[0m"),
+            "503  <b>busy</b>\\u{1b}[0m"
+        );
         assert_eq!(
             printable("\u{1b}[2J\u{7f}\u{9b}"),
             "\\u{1b}[2J\\u{7f}\\u{9b}"
