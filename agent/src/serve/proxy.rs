@@ -33,7 +33,7 @@ struct Route {
     /// The spare upstream connection (`preconnect = true`).
     spare: Arc<Spare>,
     /// When the route last said it was at `max_connections`.
-    full_since: std::sync::Mutex<Option<Instant>>,
+    said_full_at: std::sync::Mutex<Option<Instant>>,
 }
 
 fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
@@ -65,7 +65,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
         // SAFETY: getuid cannot fail.
         own_uid: unsafe { libc::getuid() },
         spare: Arc::new(Spare::new(&cfg.name)),
-        full_since: std::sync::Mutex::new(None),
+        said_full_at: std::sync::Mutex::new(None),
         cfg,
     });
     let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
@@ -145,13 +145,14 @@ impl Route {
 
     /// A slot for one more open connection; at `max_connections`, wait for one to close
     /// (further callers wait in the listen backlog meanwhile), saying so at most once a
-    /// minute. None once the limit is gone (the route is being replaced).
+    /// minute. None only if the semaphore was closed (it never is: a replaced route's
+    /// accept loop is aborted instead).
     async fn permit(&self, limit: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = limit.clone().try_acquire_owned() {
             return Some(p);
         }
         let say = {
-            let mut last = self.full_since.lock().unwrap_or_else(|p| p.into_inner());
+            let mut last = self.said_full_at.lock().unwrap_or_else(|p| p.into_inner());
             let say = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
             if say {
                 *last = Some(Instant::now());
