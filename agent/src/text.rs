@@ -1,5 +1,6 @@
-//! Text from outside (a device's serial answers, its retained fleet status) shown to a
-//! person on a terminal.
+//! Text from outside shown to a person: a device's serial answers and retained fleet status,
+//! a CA's or API's error body in a reason, whatever `--json` prints. A control character
+//! from there (an ESC sequence) must never reach a terminal raw.
 
 /// `s` safe to print on a terminal: control characters other than tab (ESC and the C1
 /// controls included) are shown escaped, as `\u{1b}`.
