@@ -5,7 +5,13 @@
 /// `s` safe to print on a terminal: control characters other than tab (ESC and the C1
 /// controls included) are shown escaped, as `\u{1b}`.
 pub fn printable(s: &str) -> String {
-    escape_controls(s, '\t', |c, out| out.extend(c.escape_unicode()))
+    escape_controls(s, &['\t'], |c, out| out.extend(c.escape_unicode()))
+}
+
+/// Several lines for a person (a command's output) safe to print: as `printable`, line
+/// ends kept.
+pub fn printable_lines(s: &str) -> String {
+    escape_controls(s, &['\t', '\n'], |c, out| out.extend(c.escape_unicode()))
 }
 
 /// A server's words (an error body) as one line for a reason: line ends and tabs become
@@ -34,16 +40,16 @@ pub fn printable_json(v: &serde_json::Value) -> String {
 /// `\u00XX`, which is the same JSON. Line ends are kept: serde_json writes them only
 /// between values, never raw inside a string.
 pub fn printable_json_text(s: &str) -> String {
-    escape_controls(s, '\n', |c, out| {
+    escape_controls(s, &['\n'], |c, out| {
         out.push_str(&format!("\\u{:04x}", u32::from(c)))
     })
 }
 
-/// `s` with every control character but `keep` written by `escape`.
-fn escape_controls(s: &str, keep: char, escape: impl Fn(char, &mut String)) -> String {
+/// `s` with every control character not in `keep` written by `escape`.
+fn escape_controls(s: &str, keep: &[char], escape: impl Fn(char, &mut String)) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_control() && c != keep {
+        if c.is_control() && !keep.contains(&c) {
             escape(c, &mut out);
         } else {
             out.push(c);
@@ -77,6 +83,7 @@ mod tests {
     #[test]
     fn controls_are_shown_escaped_and_the_rest_kept() {
         assert_eq!(printable("a\tb é"), "a\tb é");
+        assert_eq!(printable_lines("a\n\u{1b}b\n"), "a\n\\u{1b}b\n");
         assert_eq!(
             one_line("503\r\n<b>busy</b>\u{1b}[0m"),
             "503  <b>busy</b>\\u{1b}[0m"

@@ -71,7 +71,7 @@ pub(crate) fn print(json_out: bool, value: serde_json::Value, human: impl FnOnce
             edge_signer::text::printable_json_text(&format!("{value:#}"))
         );
     } else {
-        print!("{}", human());
+        print!("{}", edge_signer::text::printable_lines(&human()));
     }
 }
 
