@@ -17,17 +17,10 @@ pub fn printable_lines(s: &str) -> String {
 /// A server's words (an error body) as one line for a reason: line ends and tabs become
 /// spaces, other control characters are shown escaped.
 pub fn one_line(s: &str) -> String {
-    let spaced: String = s
-        .chars()
-        .map(|c| {
-            if matches!(c, '\r' | '\n' | '\t') {
-                ' '
-            } else {
-                c
-            }
-        })
-        .collect();
-    printable(&spaced)
+    escape_controls(s, &[], |c, out| match c {
+        '\r' | '\n' | '\t' => out.push(' '),
+        _ => out.extend(c.escape_unicode()),
+    })
 }
 
 /// A JSON value as one line safe to print (see `printable_json_text`).

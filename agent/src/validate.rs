@@ -213,9 +213,13 @@ fn compare_names(got: &Subject, got_sans: &[San], want: &Expected) -> Result<Vec
 
 /// The SPKI (DER) of the first certificate in a PEM text, if any.
 pub fn leaf_spki(text: &str) -> Option<Vec<u8>> {
-    let chain = parse_chain(text).ok()?;
-    let leaf = x509_cert::Certificate::from_der(&chain[0]).ok()?;
-    leaf.tbs_certificate.subject_public_key_info.to_der().ok()
+    cert_spki(&parse_chain(text).ok()?[0])
+}
+
+/// The SPKI (DER) of one certificate (DER), if it parses.
+pub fn cert_spki(der: &[u8]) -> Option<Vec<u8>> {
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    cert.tbs_certificate.subject_public_key_info.to_der().ok()
 }
 
 /// Check an issued chain (PEM, leaf first) against what was asked for, at time `now`.

@@ -165,6 +165,16 @@ impl Env {
         out
     }
 
+    /// `edge-signer rotate NAME --now --timeout SECS` with one more environment variable (a
+    /// test hook, a log level); its output, whatever the outcome.
+    pub fn rotate_now_with(&self, name: &str, secs: u32, var: (&str, &str)) -> Output {
+        self.cmd()
+            .args(["rotate", name, "--now", "--timeout", &secs.to_string()])
+            .env(var.0, var.1)
+            .output()
+            .expect("edge-signer")
+    }
+
     /// Run edge-signer, insist on success, return stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);

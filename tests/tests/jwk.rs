@@ -65,12 +65,7 @@ fn onboard(env: &Env, api: &JwkApi) -> String {
 
 /// `rotate --now`, with the API's kid candidates offered in this order.
 fn rotate_offering(env: &Env, candidates: &str) {
-    let out = env
-        .cmd()
-        .args(["rotate", "api", "--now", "--timeout", "20"])
-        .env("EDGE_SIGNER_TEST_KID_CANDIDATES", candidates)
-        .output()
-        .unwrap();
+    let out = env.rotate_now_with("api", 20, ("EDGE_SIGNER_TEST_KID_CANDIDATES", candidates));
     assert!(
         out.status.success(),
         "{}",
@@ -279,12 +274,7 @@ fn an_unknown_outcome_without_a_verification_endpoint_keeps_both_keys_and_says_w
     jwk_config_at(&env, api.port, &api.ca_file, "48h", false);
     onboard(&env, &api);
     api.state.lock().unwrap().drop_next_answer = true;
-    let out = env
-        .cmd()
-        .args(["rotate", "api", "--now", "--timeout", "3"])
-        .env("EDGE_SIGNER_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = env.rotate_now_with("api", 3, ("EDGE_SIGNER_LOG", "warn"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no probe_url is configured"), "{err}");

@@ -229,12 +229,7 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation(kind: Tok
         "probed",
         "overlap",
     ] {
-        let out = env
-            .cmd()
-            .args(["rotate", "gw", "--now", "--timeout", "20"])
-            .env("EDGE_SIGNER_TEST_KILL_AT", step)
-            .output()
-            .unwrap();
+        let out = env.rotate_now_with("gw", 20, ("EDGE_SIGNER_TEST_KILL_AT", step));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
             out.status.signal(),

@@ -436,12 +436,7 @@ fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
     env.serving_config("1d", &route("web", "{p}/web.sock", www, ""));
     let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
-    let out = env
-        .cmd()
-        .args(["rotate", "gw", "--now", "--timeout", "20"])
-        .env("EDGE_SIGNER_TEST_KILL_AT", "probed")
-        .output()
-        .unwrap();
+    let out = env.rotate_now_with("gw", 20, ("EDGE_SIGNER_TEST_KILL_AT", "probed"));
     assert!(!out.status.success(), "killed after the probe: {out:?}");
     let g2 = &env.register()["identities"]["gw"]["generations"][1];
     let id = g2["key_id"]

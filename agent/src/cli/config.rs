@@ -1,7 +1,6 @@
 //! Configuration and fleet commands.
 
 use super::*;
-use edge_signer::text::printable;
 
 /// `config show`: every effective value and the layer it came from, and the trusted keys.
 fn config_show(g: &Global, json: bool) -> Result<i32> {
@@ -202,8 +201,8 @@ fn fleet_status(
         for r in &rows {
             out += &format!(
                 "{:<24} {:<8} config v{:<4} {:>5} days left{}\n",
-                // What devices published: shown with control characters escaped.
-                printable(&r.device),
+                // What devices published: `print` shows control characters escaped.
+                r.device,
                 match r.online {
                     Some(true) => "online",
                     Some(false) => "OFFLINE",
@@ -215,7 +214,7 @@ fn fleet_status(
                     .unwrap_or_else(|| "-".into()),
                 r.last_error
                     .as_deref()
-                    .map(|e| format!("  last error: {}", printable(e)))
+                    .map(|e| format!("  last error: {e}"))
                     .unwrap_or_default()
             );
         }

@@ -280,7 +280,7 @@ impl Engine {
         let chain = validate::parse_chain(&chain_pem)?;
         // The key was checked at `issued`; it may have been replaced in the token since
         // (under the same id). A pair that does not match is never promoted.
-        if validate::leaf_spki(&chain_pem).is_some_and(|s| s != key.info().spki) {
+        if validate::cert_spki(&chain[0]).is_some_and(|s| s != key.info().spki) {
             self.key_lost(name, &g, super::retire::KeyLoss::Mismatch, now)?;
             return Ok(Progress::Moved);
         }
