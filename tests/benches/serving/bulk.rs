@@ -51,6 +51,13 @@ impl Sums {
         self.rounds.iter().sum()
     }
 
+    /// The lowest and highest round's bytes/s.
+    fn spread(&self) -> (f64, f64) {
+        let low = self.rounds.iter().copied().fold(f64::INFINITY, f64::min);
+        let high = self.rounds.iter().copied().fold(0.0, f64::max);
+        (low, high)
+    }
+
     /// Median, lowest and highest of the per-round ratios of `self` to `base` (the two
     /// measured back to back in each round): steadier than the ratio of the means when the
     /// baseline itself moves between rounds.
@@ -139,6 +146,16 @@ pub(super) fn bulk_part(b: &Bench) {
         let (median, low, high) = s.round_ratios(&direct);
         println!(
             "  {what}: ratio of each round median {median:.3} (lowest {low:.3}, highest {high:.3})"
+        );
+    }
+    // Which side moves: here the direct baseline swings between ~1.0 and ~3.5 GiB/s with
+    // where the scheduler puts its two threads, the proxy (three parties on two cores) less.
+    for (what, s) in [("direct", &direct), ("proxy TCP", &tcp), ("proxy Unix", &unix)] {
+        let (low, high) = s.spread();
+        println!(
+            "  {what}: MiB/s per round {:.0} to {:.0}",
+            low / (1 << 20) as f64,
+            high / (1 << 20) as f64
         );
     }
     let (dc, tc, uc) = (direct.cpu, tcp.cpu, unix.cpu);
