@@ -205,28 +205,24 @@ fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is
 /// A key replaced in the token (another key pair under the same CKA_ID and label) after its
 /// certificate was checked is never promoted: the generation fails with a critical
 /// `key-mismatch`, generation 1 stays current, and a new key is enrolled at once.
-#[test]
-fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled() {
-    use edge_signer::register::{GenStatus, Step};
-    let (t, clock, _up, mut e, _) = sim_engine("7d", "0s");
-    let current = |e: &Engine| e.reg.identities.get("gw").and_then(|r| r.current);
-    let run_to = |e: &mut Engine, n: u32| {
-        for _ in 0..50 {
-            if current(e) == Some(n) {
-                return;
-            }
-            let next = e.tick();
-            clock.set(next.min(clock.now() + 60).max(clock.now() + 1));
+/// Tick the engine (the fake clock moving to each deadline, at most a minute at a time)
+/// until generation `n` of "gw" is current.
+fn run_to(e: &mut Engine, clock: &FakeClock, n: u32) {
+    for _ in 0..50 {
+        if e.reg.identities.get("gw").and_then(|r| r.current) == Some(n) {
+            return;
         }
-        panic!("generation {n} never became current");
-    };
-    run_to(&mut e, 1);
-    e.force("gw").unwrap();
-    while e.reg.identities["gw"].step != Step::Probed {
-        e.advance("gw").unwrap();
+        let next = e.tick();
+        clock.set(next.min(clock.now() + 60).max(clock.now() + 1));
     }
-    let g2 = e.reg.identities["gw"].gen(2).unwrap().clone();
-    let id = g2.key_id.clone().unwrap();
+    panic!("generation {n} never became current");
+}
+
+/// Replace generation `n`'s key in the token by a new one under the same CKA_ID and label,
+/// the way someone holding the PIN could (pkcs11-tool). Returns the key id.
+fn replace_key(t: &TestToken, e: &Engine, n: u32) -> String {
+    let g = e.reg.identities["gw"].gen(n).unwrap().clone();
+    let id = g.key_id.clone().unwrap();
     t.token
         .destroy(&hsm_shim::keys::unhex(&id).unwrap())
         .unwrap();
@@ -235,10 +231,23 @@ fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled()
         .args(["--module", &module, "--token-label", "test", "--login"])
         .args(["--pin", hsm_shim::testing::USER_PIN, "--keypairgen"])
         .args(["--key-type", "EC:prime256v1", "--id", &id])
-        .args(["--label", &g2.key_label])
+        .args(["--label", &g.key_label])
         .output()
         .expect("pkcs11-tool (scripts/setup installs it)");
     assert!(out.status.success(), "{out:?}");
+    id
+}
+
+#[test]
+fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled() {
+    use edge_signer::register::{GenStatus, Step};
+    let (t, clock, _up, mut e, _) = sim_engine("7d", "0s");
+    run_to(&mut e, &clock, 1);
+    e.force("gw").unwrap();
+    while e.reg.identities["gw"].step != Step::Probed {
+        e.advance("gw").unwrap();
+    }
+    let id = replace_key(&t, &e, 2);
 
     e.advance("gw").unwrap();
     let gw = e.reg.identities["gw"].clone();
@@ -248,5 +257,30 @@ fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled()
     assert_eq!(mismatch.len(), 1);
     assert_eq!(mismatch[0].severity, Severity::Critical);
     assert!(mismatch[0].message.contains(&id), "{}", mismatch[0].message);
-    run_to(&mut e, 3);
+    run_to(&mut e, &clock, 3);
+}
+
+/// The serving layer's own check, behind the engine's: when the token key of a promoted
+/// generation no longer matches its certificate by the time the serving pair is built (the
+/// key replaced between the engine's check and the swap), that pair is refused and the one
+/// already served keeps serving; later passes keep refusing it.
+#[test]
+fn a_promoted_pair_whose_key_was_replaced_is_never_served() {
+    use edge_signer::serve::identity::Identities;
+    let (t, clock, _up, mut e, _) = sim_engine("7d", "0s");
+    run_to(&mut e, &clock, 1);
+    let served = Identities::default();
+    served.refresh(&e);
+    let slot = served.slot("gw");
+    let generation = || slot.get().map(|s| s.generation);
+    assert_eq!(generation(), Some(1));
+
+    e.force("gw").unwrap();
+    run_to(&mut e, &clock, 2);
+    replace_key(&t, &e, 2);
+    served.refresh(&e);
+    assert_eq!(generation(), Some(1), "the pair already served stays");
+    assert_eq!(slot.refused(), Some(2));
+    served.refresh(&e);
+    assert_eq!(generation(), Some(1));
 }

@@ -50,6 +50,11 @@ impl ServingIdentity {
             .clone()
     }
 
+    /// The generation whose pair was last refused (its key does not match its chain).
+    pub fn refused(&self) -> Option<u32> {
+        *self.refused.read().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn set(&self, s: Option<Arc<Served>>) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = s;
     }

@@ -150,7 +150,11 @@ pub(super) fn bulk_part(b: &Bench) {
     }
     // Which side moves: here the direct baseline swings between ~1.0 and ~3.5 GiB/s with
     // where the scheduler puts its two threads, the proxy (three parties on two cores) less.
-    for (what, s) in [("direct", &direct), ("proxy TCP", &tcp), ("proxy Unix", &unix)] {
+    for (what, s) in [
+        ("direct", &direct),
+        ("proxy TCP", &tcp),
+        ("proxy Unix", &unix),
+    ] {
         let (low, high) = s.spread();
         println!(
             "  {what}: MiB/s per round {:.0} to {:.0}",
