@@ -423,7 +423,11 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Errors quote outside text (a config line, a CA's words): escaped for the terminal.
+            eprintln!(
+                "error: {}",
+                edge_signer::text::printable_lines(&format!("{e:#}"))
+            );
             std::process::exit(2);
         }
     }

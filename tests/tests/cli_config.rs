@@ -65,6 +65,26 @@ fn check_accepts_the_example_and_lists_every_error_of_a_bad_file() {
     assert_eq!(v["errors"].as_array().unwrap().len(), 2, "{v}");
 }
 
+/// A configuration error quotes the offending line; an ESC sequence in it (a hostile or
+/// corrupted file) reaches the terminal escaped, from every command that reports it.
+#[test]
+fn an_error_quoting_control_characters_reaches_the_terminal_escaped() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("etc")).unwrap();
+    let bad = "[paths]\nstate_dir = \"/var/lib/x\u{1b}]0;owned\u{7}\"\n";
+    std::fs::write(d.path().join("etc/agent.toml"), bad).unwrap();
+    for args in [&["status"][..], &["config", "check", "etc/agent.toml"]] {
+        let o = es(d.path(), args);
+        assert!(!o.status.success(), "{args:?}");
+        let t = text(&o);
+        assert!(
+            !t.contains('\u{1b}') && !t.contains('\u{7}'),
+            "{args:?}: {t:?}"
+        );
+        assert!(t.contains("\\u{1b}]0;owned\\u{7}"), "{args:?}: {t}");
+    }
+}
+
 #[test]
 fn fleet_keygen_sign_apply_show_and_refusals() {
     let d = tempfile::tempdir().unwrap();

@@ -8,7 +8,10 @@ fn config_show(g: &Global, json: bool) -> Result<i32> {
         .load()
         .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
     for w in &loaded.warnings {
-        eprintln!("warning: {w}");
+        eprintln!(
+            "warning: {}",
+            edge_signer::text::printable_lines(&w.to_string())
+        );
     }
     let rows = firmware_config::store::show_rows(&loaded)?;
     let trust = sources(g).trust()?;

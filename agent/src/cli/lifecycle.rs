@@ -2,6 +2,7 @@
 
 use super::*;
 use edge_signer::statelock::{Holder, StateLock};
+use edge_signer::text::printable;
 
 /// Run a lifecycle command.
 pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
@@ -132,8 +133,13 @@ pub(crate) fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Eng
         ),
     }
     match e.reconcile() {
-        Ok(notes) => notes.iter().for_each(|n| eprintln!("reconcile: {n}")),
-        Err(err) => eprintln!("reconcile skipped, nothing destroyed: {err:#}"),
+        Ok(notes) => notes
+            .iter()
+            .for_each(|n| eprintln!("reconcile: {}", printable(n))),
+        Err(err) => eprintln!(
+            "reconcile skipped, nothing destroyed: {}",
+            printable(&format!("{err:#}"))
+        ),
     }
     Ok(e)
 }
@@ -144,7 +150,7 @@ pub(crate) fn drive(
     timeout: Option<u64>,
 ) -> Result<()> {
     edge_signer::daemon::drive_to_promotion(e, name, timeout.map(Duration::from_secs), |line| {
-        eprintln!("{line}")
+        eprintln!("{}", printable(line))
     })?;
     let rec = e.reg.identities.get(name).cloned().unwrap_or_default();
     let g = rec.current_gen().cloned();
