@@ -270,22 +270,18 @@ impl Env {
     /// Wait (20 s at most) until `identity`'s current generation is `n` in the register;
     /// the failure message shows `daemon.log` when there is one.
     pub fn wait_current(&self, identity: &str, n: u64) {
-        let start = Instant::now();
-        loop {
-            let cur = std::fs::read(self.path("state/register.json"))
+        let current = || {
+            std::fs::read(self.path("state/register.json"))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .and_then(|r| r["identities"][identity]["current"].as_u64());
-            if cur == Some(n) {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{identity} never reached generation {n}: {}",
-                std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+                .and_then(|r| r["identities"][identity]["current"].as_u64())
+        };
+        let reached = poll_until(20, Duration::from_millis(100), || current() == Some(n));
+        assert!(
+            reached,
+            "{identity} never reached generation {n}: {}",
+            std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+        );
     }
 
     /// Run openssl in the temp dir; insist on success; return stdout+stderr.
@@ -392,14 +388,10 @@ pub fn free_port() -> u16 {
 
 /// Wait until something accepts on the port.
 pub fn wait_port(port: u16) {
-    let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "nothing listens on port {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let up = poll_until(20, Duration::from_millis(50), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    assert!(up, "nothing listens on port {port}");
 }
 
 /// A child process killed when dropped.
@@ -552,11 +544,24 @@ pub fn openssl_in(dir: &Path, args: &[&str]) -> String {
 }
 
 /// Poll `ok` every 200 ms until it holds; fail the test with "never: `what`" after `secs`.
-pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, secs: u64, ok: impl FnMut() -> bool) {
+    assert!(
+        poll_until(secs, Duration::from_millis(200), ok),
+        "never: {what}"
+    );
+}
+
+/// Poll `ok` every `every` until it holds (true) or `secs` have passed (false).
+pub fn poll_until(secs: u64, every: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < Duration::from_secs(secs), "never: {what}");
-        std::thread::sleep(Duration::from_millis(200));
+    loop {
+        if ok() {
+            return true;
+        }
+        if start.elapsed() >= Duration::from_secs(secs) {
+            return false;
+        }
+        std::thread::sleep(every);
     }
 }
 

@@ -96,18 +96,11 @@ impl Env {
     /// Wait (20 s at most) until a line of `daemon.log` satisfies `line`; on failure the
     /// message names `what` and shows the log.
     fn wait_log_line(&self, what: &str, line: impl Fn(&str) -> bool) {
-        let start = std::time::Instant::now();
-        loop {
-            let log = std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
-            if log.lines().any(&line) {
-                return;
-            }
-            assert!(
-                start.elapsed() < std::time::Duration::from_secs(20),
-                "never: {what}\n{log}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
+        let log = || std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default();
+        let seen = crate::poll_until(20, std::time::Duration::from_millis(50), || {
+            log().lines().any(&line)
+        });
+        assert!(seen, "never: {what}\n{}", log());
     }
 }
 
