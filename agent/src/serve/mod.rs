@@ -133,18 +133,18 @@ impl Servers {
 }
 
 /// Token calls the token answers faster than this run inline on a runtime worker; slower
-/// ones (a TPM: milliseconds) or not measured yet are handed off (see `api::token_call`
-/// and `run_token_call`).
+/// ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet run under
+/// `block_in_place` (see `run_token_call`).
 const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// Whether a token whose typical signature takes `typical` may be called inline on a
-/// runtime worker (one rule for the API's signatures and the handshakes' ones).
-pub fn fast_token(typical: Option<std::time::Duration>) -> bool {
+/// runtime worker.
+fn fast_token(typical: Option<std::time::Duration>) -> bool {
     typical.is_some_and(|t| t < INLINE_MAX)
 }
 
 /// Run a synchronous token call made inside an async task (a handshake signature of a
-/// proxy or of the fleet channel): inline when the token is fast, else under
+/// proxy or of the fleet channel, an API request's signature): inline when the token is fast, else under
 /// `block_in_place`, which hands this worker's queue and I/O driver to another thread
 /// while the token works, so that a TPM's 4 ms signature does not hold up the other
 /// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
