@@ -119,6 +119,11 @@ pub(super) fn bulk_part(b: &Bench) {
             })
         });
     }
+    report(&direct, &tcp, &unix, total, rounds);
+}
+
+/// Print the bulk part's rows from its sums (`rounds` of `total` bytes each way).
+fn report(direct: &Sums, tcp: &Sums, unix: &Sums, total: usize, rounds: usize) {
     let mib = |r: f64| r / rounds as f64 / (1 << 20) as f64;
     let ms_per_gib = |ns: u64| ns as f64 / 1e6 / ((total * rounds) as f64 / (1u64 << 30) as f64);
     println!(
@@ -142,19 +147,15 @@ pub(super) fn bulk_part(b: &Bench) {
         ur,
         unix.rate() / direct.rate(),
     );
-    for (what, s) in [("TCP", &tcp), ("Unix socket", &unix)] {
-        let (median, low, high) = s.round_ratios(&direct);
+    for (what, s) in [("TCP", tcp), ("Unix socket", unix)] {
+        let (median, low, high) = s.round_ratios(direct);
         println!(
             "  {what}: ratio of each round median {median:.3} (lowest {low:.3}, highest {high:.3})"
         );
     }
     // Which side moves: here the direct baseline swings between ~1.0 and ~3.5 GiB/s with
     // where the scheduler puts its two threads, the proxy (three parties on two cores) less.
-    for (what, s) in [
-        ("direct", &direct),
-        ("proxy TCP", &tcp),
-        ("proxy Unix", &unix),
-    ] {
+    for (what, s) in [("direct", direct), ("proxy TCP", tcp), ("proxy Unix", unix)] {
         let (low, high) = s.spread();
         println!(
             "  {what}: MiB/s per round {:.0} to {:.0}",
