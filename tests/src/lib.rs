@@ -227,28 +227,7 @@ impl Env {
 
     /// `pkcs11-tool` on the token, logged in, with `args`; insists on success, returns stdout.
     pub fn pkcs11_tool(&self, args: &[&str]) -> String {
-        let module = self.module().display().to_string();
-        let mut all = vec![
-            "--module",
-            &module,
-            "--token-label",
-            LABEL,
-            "--login",
-            "--pin",
-            USER_PIN,
-        ];
-        all.extend_from_slice(args);
-        let out = Command::new("pkcs11-tool")
-            .args(&all)
-            .envs(self.envs())
-            .output()
-            .expect("pkcs11-tool (opensc) is installed by scripts/setup");
-        assert!(
-            out.status.success(),
-            "pkcs11-tool {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        pkcs11_tool_on(&self.module(), (LABEL, USER_PIN), &self.envs(), args)
     }
 
     /// `pkcs11-tool --list-objects` of the token (logged in).
@@ -455,6 +434,8 @@ state_dir = "{p}/state"
 pub mod est;
 mod faults;
 pub use faults::fault_module;
+mod pkcs11_tool;
+pub use pkcs11_tool::{pkcs11_tool_on, replace_key};
 pub mod httpd;
 pub mod jwk;
 pub mod mqtt;

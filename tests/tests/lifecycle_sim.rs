@@ -6,6 +6,7 @@ use edge_signer::clock::{Clock, FakeClock, Unix};
 use edge_signer::events::Severity;
 use edge_signer::issuer::Issuer;
 use edge_signer::lifecycle::Engine;
+use edge_signer_tests::pkcs11_tool_on;
 use edge_signer_tests::sim::{config, SimCa};
 use hsm_shim::testing::TestToken;
 use std::collections::BTreeMap;
@@ -223,18 +224,9 @@ fn run_to(e: &mut Engine, clock: &FakeClock, n: u32) {
 fn replace_key(t: &TestToken, e: &Engine, n: u32) -> String {
     let g = e.reg.identities["gw"].gen(n).unwrap().clone();
     let id = g.key_id.clone().unwrap();
-    t.token
-        .destroy(&hsm_shim::keys::unhex(&id).unwrap())
-        .unwrap();
-    let module = t.module.display().to_string();
-    let out = std::process::Command::new("pkcs11-tool")
-        .args(["--module", &module, "--token-label", "test", "--login"])
-        .args(["--pin", hsm_shim::testing::USER_PIN, "--keypairgen"])
-        .args(["--key-type", "EC:prime256v1", "--id", &id])
-        .args(["--label", &g.key_label])
-        .output()
-        .expect("pkcs11-tool (scripts/setup installs it)");
-    assert!(out.status.success(), "{out:?}");
+    let login = ("test", hsm_shim::testing::USER_PIN);
+    let tool = |args: &[&str]| pkcs11_tool_on(&t.module, login, &[], args);
+    edge_signer_tests::replace_key(tool, &id, &g.key_label);
     id
 }
 

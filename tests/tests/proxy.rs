@@ -443,18 +443,7 @@ fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
         .as_str()
         .expect("generation 2's key id")
         .to_owned();
-    for kind in ["privkey", "pubkey"] {
-        env.pkcs11_tool(&["--delete-object", "--type", kind, "--id", &id]);
-    }
-    env.pkcs11_tool(&[
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--id",
-        &id,
-        "--label",
-        "edge-signer:gw:g2",
-    ]);
+    replace_key(|a| env.pkcs11_tool(a), &id, "edge-signer:gw:g2");
 
     let _daemon = env.daemon();
     env.wait_log("the token holds another key under that id");
