@@ -229,14 +229,14 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// Run one token call of a request by the same rule as a handshake's signature
-/// (`run_token_call`): inline when the token is fast, else under `block_in_place`, so a
-/// slow token never holds a worker that the proxies and other callers need. Not the
-/// blocking pool: its two hand-offs (there and back) cost a PS256 request through the API
-/// 0.75 of raw cryptoki's rate against 0.81 this way (`scripts/bench`, one client).
+/// Run one token call of a request (`run_api_token_call`): inline on the API's own runtime
+/// when the token's typical signature is under 2 ms (RSA-2048 on SoftHSM: ~0.6 ms), else
+/// under `block_in_place`. Inline, PS256 through the API with 2 clients reaches 0.8-0.9 of
+/// raw cryptoki's rate; with a hand-off per request (`block_in_place` or the blocking
+/// pool) it stayed at 0.60-0.62 (`scripts/bench`).
 fn token_call<T>(token: &hsm_shim::Token, f: impl FnOnce() -> T) -> ApiResult<T> {
     let (mut f, mut out) = (Some(f), None);
-    super::run_token_call(token.typical_sign_time(), &mut || {
+    super::run_api_token_call(token.typical_sign_time(), &mut || {
         out = f.take().map(|f| f())
     });
     out.ok_or_else(|| {

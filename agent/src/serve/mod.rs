@@ -1,5 +1,5 @@
-//! What the daemon serves beside its engine, on one tokio runtime: the local signing API,
-//! the mTLS egress proxies and metrics. The engine keeps its own thread (token calls and
+//! What the daemon serves beside its engine, on two tokio runtimes (one for the local
+//! signing API, one for the mTLS egress proxies, the fleet channel and metrics). The engine keeps its own thread (token calls and
 //! blocking waits stay off the async workers) and talks to the servers through
 //! `Identities` (the swapped pairs and status) and the `Wake` channel (requests to it).
 
@@ -52,29 +52,37 @@ impl std::fmt::Debug for EngineRequest {
 /// Where the engine answers a request.
 pub type Reply = std::sync::mpsc::SyncSender<Result<serde_json::Value, String>>;
 
-/// The runtime and the listeners started from one configuration.
+/// The runtimes and the listeners started from one configuration.
 pub struct Servers {
     rt: tokio::runtime::Runtime,
+    /// The signing API's own runtime: what a local program asks of the API never holds up
+    /// a proxy's handshake or the fleet channel, and the other way round, and a signature
+    /// up to `API_INLINE_MAX` can run inline on its workers (see `run_api_token_call`).
+    api_rt: tokio::runtime::Runtime,
     listeners: Vec<JoinHandle<()>>,
     identities: Arc<Identities>,
     wake: std::sync::mpsc::Sender<Wake>,
 }
 
 impl Servers {
-    /// A runtime with two workers (gateways have 1-4 cores; the work is I/O and token
-    /// calls on the blocking pool).
+    /// Two runtimes of two workers each (gateways have 1-4 cores; the work is I/O and
+    /// token calls): the proxies, the fleet channel and the metrics port on one, the API
+    /// on the other. Idle workers sleep in the I/O driver with no timer.
     pub fn new(
         identities: Arc<Identities>,
         wake: std::sync::mpsc::Sender<Wake>,
     ) -> Result<Servers> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("edge-signer-io")
-            .enable_all()
-            .build()
-            .context("cannot start the tokio runtime")?;
+        let runtime = |name: &str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name(name)
+                .enable_all()
+                .build()
+                .with_context(|| format!("cannot start the tokio runtime {name}"))
+        };
         Ok(Servers {
-            rt,
+            rt: runtime("edge-signer-io")?,
+            api_rt: runtime("edge-signer-api")?,
             listeners: Vec::new(),
             identities,
             wake,
@@ -100,6 +108,7 @@ impl Servers {
                 self.identities.clone(),
                 self.wake.clone(),
             ));
+            let _api = self.api_rt.enter();
             self.listeners.push(
                 http::serve_api(state)
                     .with_context(|| format!("API socket {}", cfg.api.socket.display()))?,
@@ -132,26 +141,38 @@ impl Servers {
     }
 }
 
-/// Token calls the token answers faster than this run inline on a runtime worker; slower
-/// ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet run under
-/// `block_in_place` (see `run_token_call`).
+/// Token calls the token answers faster than this run inline on a worker of the shared
+/// runtime; slower ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet
+/// run under `block_in_place` (see `run_token_call`).
 const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
 
-/// Whether a token whose typical signature takes `typical` may be called inline on a
-/// runtime worker.
-fn fast_token(typical: Option<std::time::Duration>) -> bool {
-    typical.is_some_and(|t| t < INLINE_MAX)
-}
+/// The same limit on the API's own runtime. Its workers serve nothing but API requests, so
+/// a signature inline there delays only other API requests, by at most this much; above it,
+/// `block_in_place`'s hand-off (tens of µs) is a few percent of the signature.
+const API_INLINE_MAX: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Run a synchronous token call made inside an async task (a handshake signature of a
-/// proxy or of the fleet channel, an API request's signature): inline when the token is fast, else under
+/// proxy or of the fleet channel): inline when the token is fast, else under
 /// `block_in_place`, which hands this worker's queue and I/O driver to another thread
 /// while the token works, so that a TPM's 4 ms signature does not hold up the other
 /// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
 /// just runs.
 pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
+    run_within(INLINE_MAX, typical, call)
+}
+
+/// `run_token_call` for an API request's signature, on the API's runtime.
+pub(crate) fn run_api_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
+    run_within(API_INLINE_MAX, typical, call)
+}
+
+fn run_within(
+    inline_max: std::time::Duration,
+    typical: Option<std::time::Duration>,
+    call: &mut dyn FnMut(),
+) {
     // The fast path (SoftHSM, every handshake) decides on the token alone.
-    let hand_off = !fast_token(typical)
+    let hand_off = typical.is_none_or(|t| t >= inline_max)
         && tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if hand_off {
