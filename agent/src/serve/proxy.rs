@@ -184,7 +184,7 @@ impl Route {
             .inc();
     }
 
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(self: Arc<Self>, local: S) {
+    async fn serve<S: AsyncRead + AsyncWrite + ReadNow + Unpin>(self: Arc<Self>, local: S) {
         let name = &self.cfg.name;
         let Some(served) = self.slot.get() else {
             tracing::warn!(proxy = %name, identity = %self.cfg.identity, "proxy connection refused: the identity has no certificate yet");
@@ -192,9 +192,13 @@ impl Route {
             return;
         };
         let generation = served.generation.to_string();
+        let mut first = Vec::new();
         let (tls, early) = match self.spare.take(served.generation) {
             Some(t) => (t.tls, t.early),
-            None => match self.open(served.generation).await {
+            None => match self
+                .open(served.generation, local.read_now(&mut first))
+                .await
+            {
                 Ok(t) => (t, Vec::new()),
                 Err(result) => {
                     self.count(result, &generation);
@@ -204,23 +208,25 @@ impl Route {
         };
         if self.cfg.preconnect {
             let (me, g) = (self.clone(), served.generation);
-            self.spare.refill(g, async move { me.open(g).await.ok() });
+            self.spare
+                .refill(g, async move { me.open(g, &[]).await.ok() });
         }
         self.count("ok", &generation);
         tracing::debug!(proxy = %name, generation = %generation, "proxy connection up");
         let now = crate::clock::SystemClock.now();
         let lapse = Duration::from_secs(served.not_after.saturating_sub(now));
         drop(served);
-        self.splice(local, tls, &early, lapse).await;
+        self.splice(local, tls, (&early, first.len() as u64), lapse)
+            .await;
     }
 
     /// Connect to the target and complete the handshake presenting `generation`'s pair,
     /// within `connect_timeout` (a target that accepts and then says nothing would otherwise
     /// hold the caller, and a spare being made, for good); on failure, the result label for
     /// the metrics (the reason is logged).
-    async fn open(&self, generation: u32) -> Result<Upstream, &'static str> {
+    async fn open(&self, generation: u32, first: &[u8]) -> Result<Upstream, &'static str> {
         let limit = Duration::from_secs(self.cfg.connect_timeout.0);
-        match tokio::time::timeout(limit, self.open_now(generation)).await {
+        match tokio::time::timeout(limit, self.open_now(generation, first)).await {
             Ok(r) => r,
             Err(_) => {
                 tracing::warn!(proxy = %self.cfg.name, target = %self.cfg.target, "no TLS connection to the target within {} s (it accepts but does not answer; connect_timeout)", limit.as_secs());
@@ -229,7 +235,10 @@ impl Route {
         }
     }
 
-    async fn open_now(&self, generation: u32) -> Result<Upstream, &'static str> {
+    /// `first`: what the caller sent before the handshake started. rustls holds it until the
+    /// handshake completes (the server verified, our Finished queued) and sends it in the
+    /// same write as our Finished, so the server reads both in one wake-up instead of two.
+    async fn open_now(&self, generation: u32, first: &[u8]) -> Result<Upstream, &'static str> {
         let name = &self.cfg.name;
         let tcp = TcpStream::connect(&self.cfg.target).await.map_err(|e| {
             tracing::warn!(proxy = %name, target = %self.cfg.target, "cannot reach the target: {e}");
@@ -237,18 +246,29 @@ impl Route {
         })?;
         let _ = tcp.set_nodelay(true);
         let connector = self.connector_for(generation).ok_or("tls-failed")?;
-        connector
-            .connect(self.server_name.clone(), tcp)
+        let mut held = 0;
+        let mut tls = connector
+            .connect_with(self.server_name.clone(), tcp, |c| {
+                held = std::io::Write::write(&mut c.writer(), first).unwrap_or(0);
+            })
             .await
             .map_err(|e| {
                 tracing::warn!(proxy = %name, target = %self.cfg.target, "TLS to the target failed (server certificate not from server_ca, or our identity refused): {e}");
                 "tls-failed"
-            })
+            })?;
+        // rustls holds up to 64 KiB before the handshake, far more than `read_now` takes;
+        // whatever it did not take goes now.
+        if let Some(rest) = first.get(held..).filter(|r| !r.is_empty()) {
+            tokio::io::AsyncWriteExt::write_all(&mut tls, rest)
+                .await
+                .map_err(|_| "reset")?;
+        }
+        Ok(tls)
     }
 
     /// Copy both ways; `early` (what the server sent to a spare before the hand-off) goes
-    /// to the caller first.
-    async fn splice<A, B>(&self, local: A, remote: B, early: &[u8], lapse: Duration)
+    /// to the caller first; `sent` bytes of the caller's already went with the handshake.
+    async fn splice<A, B>(&self, local: A, remote: B, (early, sent): (&[u8], u64), lapse: Duration)
     where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
@@ -283,7 +303,7 @@ impl Route {
         };
         let (up, down, why) = tokio::select! {
             r = copy => match r {
-                Ok((up, down)) => (up, down + early.len() as u64, "closed"),
+                Ok((up, down)) => (up + sent, down + early.len() as u64, "closed"),
                 Err(_) => (0, 0, "reset"),
             },
             why = watchdog => (0, 0, why),
@@ -355,3 +375,27 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// Take, without waiting, what a caller has already sent (most clients write their request
+/// right after connecting, before the proxy has even reached the target).
+trait ReadNow {
+    /// Up to 4 KiB already received, into `buf` (nothing when nothing came yet, or at EOF or
+    /// an error, which the splice then meets again).
+    fn read_now<'b>(&self, buf: &'b mut Vec<u8>) -> &'b [u8];
+}
+
+macro_rules! read_now_for {
+    ($t:ty) => {
+        impl ReadNow for $t {
+            fn read_now<'b>(&self, buf: &'b mut Vec<u8>) -> &'b [u8] {
+                let mut chunk = [0u8; 4096];
+                if let Ok(n) = self.try_read(&mut chunk) {
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                buf
+            }
+        }
+    };
+}
+read_now_for!(TcpStream);
+read_now_for!(tokio::net::UnixStream);
