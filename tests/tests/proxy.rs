@@ -36,6 +36,25 @@ fn echo(conn: &mut BufReader<std::net::TcpStream>, line: &str) -> String {
     back.trim_end().to_owned()
 }
 
+/// A line longer than what the proxy takes before the handshake (4 KiB), written at once on
+/// connecting to the `-rev` route: the part sent with the handshake and the rest arrive in
+/// order.
+fn a_long_first_line_comes_back_whole(port: u16) {
+    let line: String = (0..6000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let mut first = BufReader::new(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    first
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let reversed: String = line.chars().rev().collect();
+    assert!(
+        echo(&mut first, &line) == reversed,
+        "a 6000-byte line comes back whole"
+    );
+}
+
 /// curl requests one after the other through a proxy socket, counting answers that are
 /// and are not 200, until `finish`.
 struct CurlStream {
@@ -100,22 +119,7 @@ fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_ove
     let cn1 = env.gw_cn(1);
     assert!(last_client_cn(&env, "www.log").contains(&cn1));
 
-    // A line longer than what the proxy takes before the handshake (4 KiB), written at
-    // once on connecting: the part sent with the handshake and the rest arrive in order.
-    let line: String = (0..6000u32)
-        .map(|i| char::from(b'a' + (i % 26) as u8))
-        .collect();
-    let mut first = BufReader::new(std::net::TcpStream::connect(("127.0.0.1", echo_port)).unwrap());
-    first
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let reversed: String = line.chars().rev().collect();
-    assert!(
-        echo(&mut first, &line) == reversed,
-        "a 6000-byte line comes back whole"
-    );
-    drop(first);
+    a_long_first_line_comes_back_whole(echo_port);
 
     // A long-lived connection, opened before the rotation.
     let mut long = BufReader::new(std::net::TcpStream::connect(("127.0.0.1", echo_port)).unwrap());
