@@ -1,7 +1,8 @@
-//! What the daemon serves beside its engine, on two tokio runtimes (one for the local
-//! signing API, one for the mTLS egress proxies, the fleet channel and metrics). The engine keeps its own thread (token calls and
-//! blocking waits stay off the async workers) and talks to the servers through
-//! `Identities` (the swapped pairs and status) and the `Wake` channel (requests to it).
+//! What the daemon serves beside its engine, on two tokio runtimes: one for the local
+//! signing API, one for the mTLS egress proxies, the fleet channel and metrics. The engine
+//! keeps its own thread (token calls and blocking waits stay off the async workers) and
+//! talks to the servers through `Identities` (the swapped pairs and status) and the `Wake`
+//! channel (requests to it).
 
 pub mod api;
 pub mod identity;

@@ -195,10 +195,7 @@ impl Route {
         let mut first = Vec::new();
         let (tls, early) = match self.spare.take(served.generation) {
             Some(t) => (t.tls, t.early),
-            None => match self
-                .open(served.generation, local.read_now(&mut first))
-                .await
-            {
+            None => match self.open_for(&local, &mut first, served.generation).await {
                 Ok(t) => (t, Vec::new()),
                 Err(result) => {
                     self.count(result, &generation);
@@ -218,6 +215,23 @@ impl Route {
         drop(served);
         self.splice(local, tls, (&early, first.len() as u64), lapse)
             .await;
+    }
+
+    /// `open` with what the caller has already sent (into `first`); a caller whose socket
+    /// already failed gets no connection to the target.
+    async fn open_for(
+        &self,
+        local: &impl ReadNow,
+        first: &mut Vec<u8>,
+        generation: u32,
+    ) -> Result<Upstream, &'static str> {
+        match local.read_now(first) {
+            Ok(sent) => self.open(generation, sent).await,
+            Err(e) => {
+                tracing::debug!(proxy = %self.cfg.name, "caller gone before the handshake: {e}");
+                Err("reset")
+            }
+        }
     }
 
     /// Connect to the target and complete the handshake presenting `generation`'s pair,
@@ -379,20 +393,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 /// Take, without waiting, what a caller has already sent (most clients write their request
 /// right after connecting, before the proxy has even reached the target).
 trait ReadNow {
-    /// Up to 4 KiB already received, into `buf` (nothing when nothing came yet, or at EOF or
-    /// an error, which the splice then meets again).
-    fn read_now<'b>(&self, buf: &'b mut Vec<u8>) -> &'b [u8];
+    /// Up to 4 KiB already received, into `buf`: nothing when nothing came yet or at EOF
+    /// (which the splice then meets again); an error when the socket failed.
+    fn read_now<'b>(&self, buf: &'b mut Vec<u8>) -> std::io::Result<&'b [u8]>;
 }
 
 macro_rules! read_now_for {
     ($t:ty) => {
         impl ReadNow for $t {
-            fn read_now<'b>(&self, buf: &'b mut Vec<u8>) -> &'b [u8] {
+            fn read_now<'b>(&self, buf: &'b mut Vec<u8>) -> std::io::Result<&'b [u8]> {
                 let mut chunk = [0u8; 4096];
-                if let Ok(n) = self.try_read(&mut chunk) {
-                    buf.extend_from_slice(&chunk[..n]);
+                match self.try_read(&mut chunk) {
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
-                buf
+                Ok(buf)
             }
         }
     };
