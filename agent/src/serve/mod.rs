@@ -148,8 +148,9 @@ impl Servers {
 const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
 
 /// The same limit on the API's own runtime. Its workers serve nothing but API requests, so
-/// a signature inline there delays only other API requests, by at most this much; above it,
-/// `block_in_place`'s hand-off (tens of µs) is a few percent of the signature.
+/// a signature inline there delays only the other API requests on its worker, each time by
+/// less than this; above it, `block_in_place`'s hand-off (tens of µs) is a few percent of
+/// the signature.
 const API_INLINE_MAX: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Run a synchronous token call made inside an async task (a handshake signature of a
