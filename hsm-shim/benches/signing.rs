@@ -1,10 +1,12 @@
 //! Signatures per second on a token: raw cryptoki calls (the baseline) against hsm-shim's
 //! rustls signer, 1 and 2 threads; and mTLS handshakes per second over loopback with the
 //! client key in the token against an in-memory key. Prints ratios, for SoftHSM and for
-//! tpm2-pkcs11 on a simulated TPM side by side (one child process per token kind).
+//! tpm2-pkcs11 on a simulated TPM side by side (one child process per token kind), and what
+//! the raw threads cost on SoftHSM (CPUs busy, CPU per signature, sleeps per signature):
+//! why a second thread adds little for P-256.
 //! Run with `scripts/bench` (not part of the test suite).
 
-use hsm_shim::testing::bench::{paired, rate, raw_rate, secs, ROUNDS};
+use hsm_shim::testing::bench::{paired, rate, raw_rate_cost, secs, Cost, ROUNDS};
 use hsm_shim::testing::TokenKind;
 use hsm_shim::tls::TlsSigningKey;
 use hsm_shim::{KeyRef, KeyType, TokenKey};
@@ -148,6 +150,7 @@ fn side_by_side() {
         "key", "thr", "raw sig/s", "shim", "ratio", "raw sig/s", "shim", "ratio"
     );
     print_rows(&rows, "sig", 2);
+    print_raw_cost(&rows[0]);
     println!();
     println!(
         "{:<9} {:>3} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
@@ -155,6 +158,22 @@ fn side_by_side() {
     );
     print_rows(&rows, "hs", 1);
     println!("(left: SoftHSM; right: tpm2-pkcs11 over tpm2-abrmd and swtpm)");
+}
+
+/// Why raw threads scale or not (SoftHSM's rows): what the raw threads cost in CPU and how
+/// often one went to sleep, which is how a lock inside the token shows.
+fn print_raw_cost(rows: &[Vec<String>]) {
+    println!("raw cryptoki on SoftHSM, what its threads cost:");
+    for l in rows
+        .iter()
+        .filter(|l| l.first().map(String::as_str) == Some("raw"))
+    {
+        if let [_, key, thr, cpus, us, sleeps] = &l[..] {
+            println!(
+                "  {key:<9} {thr} thr: {cpus} CPUs busy, {us} µs CPU per signature, {sleeps} sleeps per signature"
+            );
+        }
+    }
 }
 
 /// Print the rows tagged `tag` (`tag key [threads] base measured`) of both kinds.
@@ -204,11 +223,26 @@ fn measure(kind: TokenKind) {
         let info = token.generate_key(kt, &format!("bench-{kt}")).expect("key");
         let key = TokenKey::open(token.clone(), &KeyRef::Id(info.id.clone())).expect("key");
         for threads in [1, 2] {
+            let cost = std::cell::Cell::new(Cost::default());
             let (raw, shim) = paired(
-                || raw_rate(&module, "test", PIN, &info.id, kt, threads),
+                || {
+                    let (r, c) = raw_rate_cost(&module, "test", PIN, &info.id, kt, threads);
+                    let mut sum = cost.get();
+                    sum.add(c);
+                    cost.set(sum);
+                    r
+                },
                 || shim_rate(&key, threads),
             );
             println!("sig {} {threads} {raw:.1} {shim:.1}", kt.as_str());
+            let c = cost.get();
+            println!(
+                "raw {} {threads} {:.2} {:.1} {:.2}",
+                kt.as_str(),
+                c.cpus(),
+                c.cpu_us_per_op(),
+                c.sleeps_per_op()
+            );
         }
     }
     for kt in [KeyType::EcP256, KeyType::Rsa2048] {

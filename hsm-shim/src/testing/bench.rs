@@ -35,26 +35,97 @@ pub fn paired(a: impl Fn() -> f64, b: impl Fn() -> f64) -> (f64, f64) {
 
 /// Run `f` on `threads` threads for the bench duration; returns operations per second.
 pub fn rate(threads: usize, f: impl Fn() + Sync) -> f64 {
+    rate_cost(threads, f).0
+}
+
+/// What the measured threads spent: CPU time, wall time, operations and the times a thread
+/// went to sleep (voluntary context switches: waiting on a lock or I/O). Sums over slices.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cost {
+    cpu_ns: u64,
+    wall_ns: u64,
+    ops: u64,
+    sleeps: u64,
+}
+
+impl Cost {
+    /// Add another slice's cost.
+    pub fn add(&mut self, o: Cost) {
+        self.cpu_ns += o.cpu_ns;
+        self.wall_ns += o.wall_ns;
+        self.ops += o.ops;
+        self.sleeps += o.sleeps;
+    }
+    /// CPUs kept busy by the measured threads.
+    pub fn cpus(&self) -> f64 {
+        self.cpu_ns as f64 / self.wall_ns.max(1) as f64
+    }
+    /// Times a thread went to sleep, per operation.
+    pub fn sleeps_per_op(&self) -> f64 {
+        self.sleeps as f64 / self.ops.max(1) as f64
+    }
+    /// CPU µs per operation.
+    pub fn cpu_us_per_op(&self) -> f64 {
+        self.cpu_ns as f64 / 1e3 / self.ops.max(1) as f64
+    }
+}
+
+/// The calling thread's CPU time in ns and its voluntary context switches so far (Linux
+/// /proc; zeros elsewhere).
+fn thread_cost() -> (u64, u64) {
+    let read =
+        |f: &str| std::fs::read_to_string(format!("/proc/thread-self/{f}")).unwrap_or_default();
+    let cpu = read("schedstat")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let sleeps = read("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    (cpu, sleeps)
+}
+
+/// `rate`, and what its threads cost.
+pub fn rate_cost(threads: usize, f: impl Fn() + Sync) -> (f64, Cost) {
     let d = secs();
     let start = Instant::now();
-    let total: u64 = std::thread::scope(|s| {
+    let costs: Vec<(u64, u64, u64)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
+                    let (cpu0, sleeps0) = thread_cost();
                     let mut n = 0u64;
                     while start.elapsed() < d {
                         f();
                         n += 1;
                     }
-                    n
+                    let (cpu1, sleeps1) = thread_cost();
+                    (
+                        n,
+                        cpu1.saturating_sub(cpu0),
+                        sleeps1.saturating_sub(sleeps0),
+                    )
                 })
             })
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("bench thread"))
-            .sum()
+            .collect()
     });
-    total as f64 / start.elapsed().as_secs_f64()
+    let wall = start.elapsed();
+    let mut cost = Cost {
+        wall_ns: wall.as_nanos() as u64,
+        ..Cost::default()
+    };
+    for (n, cpu, sleeps) in costs {
+        cost.ops += n;
+        cost.cpu_ns += cpu;
+        cost.sleeps += sleeps;
+    }
+    (cost.ops as f64 / wall.as_secs_f64(), cost)
 }
 
 /// Baseline: what a hand-written integration does: one session per thread, logged in,
@@ -67,6 +138,18 @@ pub fn raw_rate(
     kt: KeyType,
     threads: usize,
 ) -> f64 {
+    raw_rate_cost(module, label, pin, id, kt, threads).0
+}
+
+/// `raw_rate`, and what its threads cost.
+pub fn raw_rate_cost(
+    module: &std::path::Path,
+    label: &str,
+    pin: &str,
+    id: &[u8],
+    kt: KeyType,
+    threads: usize,
+) -> (f64, Cost) {
     let ctx = crate::token::load_module(module).expect("module");
     let slot = ctx
         .get_slots_with_token()
@@ -94,7 +177,7 @@ pub fn raw_rate(
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     thread_local!(static MINE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
-    rate(threads, || {
+    rate_cost(threads, || {
         let idx = MINE.with(|m| {
             m.get().unwrap_or_else(|| {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
