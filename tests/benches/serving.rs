@@ -8,7 +8,7 @@
 //! Uses the release binary (`cargo build --release -p edge-signer` first).
 
 use edge_signer_tests::*;
-use hsm_shim::testing::bench::{paired, rate, raw_rate, secs, ROUNDS};
+use hsm_shim::testing::bench::{paired, rate, raw_rate_cost, secs, ROUNDS};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::io::{Read, Write};
@@ -426,7 +426,7 @@ fn api_part(b: &Bench) {
     for (label, identity, alg, id, kt) in keys {
         for threads in [1, 2] {
             let (raw, api) = paired(
-                || raw_rate(&module(), LABEL, USER_PIN, id, kt, threads),
+                || raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads).0,
                 || api_rate(&sock, identity, alg, threads),
             );
             println!(

@@ -130,18 +130,7 @@ pub fn rate_cost(threads: usize, f: impl Fn() + Sync) -> (f64, Cost) {
 
 /// Baseline: what a hand-written integration does: one session per thread, logged in,
 /// key handle found once, then C_Sign in a loop (ECDSA over a SHA-256 computed in software).
-pub fn raw_rate(
-    module: &std::path::Path,
-    label: &str,
-    pin: &str,
-    id: &[u8],
-    kt: KeyType,
-    threads: usize,
-) -> f64 {
-    raw_rate_cost(module, label, pin, id, kt, threads).0
-}
-
-/// `raw_rate`, and what its threads cost.
+/// Signatures per second, and what the threads cost.
 pub fn raw_rate_cost(
     module: &std::path::Path,
     label: &str,
