@@ -319,16 +319,10 @@ impl Bench {
         let daemon = env.quiet_daemon();
         env.wait_current("gw", 1);
         env.wait_current("rsa", 1);
-        let start = Instant::now();
-        while UnixStream::connect(env.path("api.sock")).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", pport)).is_err()
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the daemon's listeners never came up"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for("the daemon's listeners come up", 20, || {
+            UnixStream::connect(env.path("api.sock")).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", pport)).is_ok()
+        });
         std::thread::sleep(Duration::from_millis(500));
         let gen = &env.register()["identities"]["gw"]["generations"][0];
         let key_id = gen["key_id"].as_str().unwrap().to_owned();

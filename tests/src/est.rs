@@ -80,21 +80,16 @@ pub struct EstServer {
 fn pkcs7(dir: &Path, pems: &str) -> Vec<u8> {
     let f = dir.join(format!("est-p7-{}.pem", std::process::id()));
     std::fs::write(&f, pems).expect("p7 input");
-    let out = std::process::Command::new("openssl")
-        .args([
+    let out = crate::run_ok(
+        std::process::Command::new("openssl").args([
             "crl2pkcs7",
             "-nocrl",
             "-certfile",
             &f.display().to_string(),
             "-outform",
             "DER",
-        ])
-        .output()
-        .expect("openssl crl2pkcs7");
-    assert!(
-        out.status.success(),
-        "crl2pkcs7: {}",
-        String::from_utf8_lossy(&out.stderr)
+        ]),
+        "openssl crl2pkcs7",
     );
     let b64 = B64.encode(out.stdout);
     b64.as_bytes()

@@ -524,6 +524,20 @@ pub fn openssl_in(dir: &Path, args: &[&str]) -> String {
     text
 }
 
+/// Run `cmd` (a tool outside the project, named `what` in failures), insist on success and
+/// return its output; a failure shows the tool's stderr.
+pub fn run_ok(cmd: &mut Command, what: &str) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what} (scripts/setup installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Poll `ok` every 200 ms until it holds; fail the test with "never: `what`" after `secs`.
 pub fn wait_for(what: &str, secs: u64, ok: impl FnMut() -> bool) {
     assert!(

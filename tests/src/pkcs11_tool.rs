@@ -22,15 +22,11 @@ pub fn pkcs11_tool_on(
         pin,
     ];
     all.extend_from_slice(args);
-    let out = Command::new("pkcs11-tool")
-        .args(&all)
-        .envs(envs.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("pkcs11-tool (opensc) is installed by scripts/setup");
-    assert!(
-        out.status.success(),
-        "pkcs11-tool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = crate::run_ok(
+        Command::new("pkcs11-tool")
+            .args(&all)
+            .envs(envs.iter().map(|(k, v)| (k, v))),
+        &format!("pkcs11-tool {args:?}"),
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -234,17 +234,8 @@ fn bad(msg: impl Into<String>) -> ApiError {
 /// under `block_in_place`. Inline, PS256 through the API with 2 clients reaches 0.8-0.9 of
 /// raw cryptoki's rate; with a hand-off per request (`block_in_place` or the blocking
 /// pool) it stayed at 0.60-0.62 (`scripts/bench`).
-fn token_call<T>(token: &hsm_shim::Token, f: impl FnOnce() -> T) -> ApiResult<T> {
-    let (mut f, mut out) = (Some(f), None);
-    super::run_api_token_call(token.typical_sign_time(), &mut || {
-        out = f.take().map(|f| f())
-    });
-    out.ok_or_else(|| {
-        ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the token call did not run".into(),
-        )
-    })
+fn token_call<T>(token: &hsm_shim::Token, f: impl FnOnce() -> T) -> T {
+    super::run_api_token_call(token.typical_sign_time(), f)
 }
 
 async fn sign(
@@ -266,7 +257,7 @@ async fn sign(
         } else {
             key.sign(job.alg, &job.bytes)
         }
-    })?
+    })
     .map_err(|e| {
         count(&c, Operation::Sign, "error");
         ApiError(
@@ -311,7 +302,7 @@ async fn jws(
     let out = token_call(s.key.token(), move || {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
         hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
-    })?
+    })
     .map_err(|e| {
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,

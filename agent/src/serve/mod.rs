@@ -163,16 +163,19 @@ pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut
     run_within(INLINE_MAX, typical, call)
 }
 
-/// `run_token_call` for an API request's signature, on the API's runtime.
-pub(crate) fn run_api_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
+/// `run_token_call` for an API request's token call, on the API's runtime.
+pub(crate) fn run_api_token_call<T>(
+    typical: Option<std::time::Duration>,
+    call: impl FnOnce() -> T,
+) -> T {
     run_within(API_INLINE_MAX, typical, call)
 }
 
-fn run_within(
+fn run_within<T>(
     inline_max: std::time::Duration,
     typical: Option<std::time::Duration>,
-    call: &mut dyn FnMut(),
-) {
+    call: impl FnOnce() -> T,
+) -> T {
     // The fast path (SoftHSM, every handshake) decides on the token alone.
     let hand_off = typical.is_none_or(|t| t >= inline_max)
         && tokio::runtime::Handle::try_current()
