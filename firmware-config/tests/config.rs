@@ -75,7 +75,7 @@ issuer = "nope"
 "#,
     )
     .unwrap();
-    let e = layers::resolve(&[defaults.clone(), local]).unwrap_err();
+    let e = layers::resolve(&[defaults, local]).unwrap_err();
     let text = e.to_string();
     assert!(text.contains("/etc/edge-signer/agent.d/10-site.toml: identity[1].renewal.before: renewal.at is also set (in /usr/lib/edge-signer/defaults.toml)"), "{text}");
     assert!(
@@ -87,7 +87,12 @@ issuer = "nope"
         "{text}"
     );
     assert!(e.0.len() >= 3);
+}
 
+/// One refusal at a time: each names the file, the field's path and the reason.
+#[test]
+fn each_refusal_names_file_field_and_reason() {
+    let defaults = Layer::parse(LayerKind::Firmware, "defaults.toml", EXAMPLE).unwrap();
     let text = local_error(
         &defaults,
         "/etc/edge-signer/agent.toml",

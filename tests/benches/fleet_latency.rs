@@ -22,15 +22,9 @@ fn main() {
     let _ca = dev.portal_ca(CaMode::Good);
     let _d = dev.quiet_daemon();
     dev.wait_current("gw", 1);
-    let start = Instant::now();
-    while !broker.log().contains("as dev-a") {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the agent never connected"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let p = |f: &str| op.path_str(f);
+    wait_for("the agent connects to the broker", 30, || {
+        broker.log().contains("as dev-a")
+    });
     let topic = "edge-signer/dev-a/bundle/result";
     let _sub = Guard(mqtt::operator_sub(
         &op,
@@ -40,50 +34,54 @@ fn main() {
         "results.txt",
     ));
     std::thread::sleep(Duration::from_millis(500));
-    let mut ms = Vec::new();
-    for v in 1..=n {
-        std::fs::write(
-            op.path("site.toml"),
-            format!(
-                "[log]\nlevel = \"{}\"\n",
-                if v % 2 == 0 { "info" } else { "debug" }
-            ),
-        )
-        .unwrap();
-        let out = format!("v{v}.bundle");
-        op.fleet_sign("fleet.key", &v.to_string(), "site.toml", &out);
-        let t0 = Instant::now();
-        let args = [
-            "fleet",
-            "publish",
-            "--broker",
-            &broker.url(),
-            "--ca",
-            &p("ca.pem"),
-            "--cert",
-            &p("operator.pem"),
-            "--key",
-            &p("operator.key"),
-            "--group",
-            "site",
-            &p(&out),
-        ];
-        op.ok(&args);
-        let want = format!("\"version\":{v}");
-        while !std::fs::read_to_string(op.path("results.txt"))
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.contains(&want) && l.contains("\"applied\":true"))
-        {
-            assert!(t0.elapsed() < Duration::from_secs(30), "no result for v{v}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        ms.push(t0.elapsed().as_secs_f64() * 1000.0);
-    }
+    let mut ms: Vec<f64> = (1..=n).map(|v| push_one(&op, &broker, v)).collect();
     ms.sort_by(|a, b| a.total_cmp(b));
     println!(
         "fleet channel, one agent on mosquitto: publish -> applied -> result received over {n} bundles: median {:.0} ms, max {:.0} ms (includes starting `fleet publish`)",
         ms[ms.len() / 2],
         ms[ms.len() - 1]
     );
+}
+
+/// Sign bundle `v`, publish it with `edge-signer fleet publish` and wait for the agent's
+/// result "applied": ms from the publish command's start.
+fn push_one(op: &Env, broker: &Mosquitto, v: u64) -> f64 {
+    let p = |f: &str| op.path_str(f);
+    std::fs::write(
+        op.path("site.toml"),
+        format!(
+            "[log]\nlevel = \"{}\"\n",
+            if v.is_multiple_of(2) { "info" } else { "debug" }
+        ),
+    )
+    .unwrap();
+    let out = format!("v{v}.bundle");
+    op.fleet_sign("fleet.key", &v.to_string(), "site.toml", &out);
+    let t0 = Instant::now();
+    let args = [
+        "fleet",
+        "publish",
+        "--broker",
+        &broker.url(),
+        "--ca",
+        &p("ca.pem"),
+        "--cert",
+        &p("operator.pem"),
+        "--key",
+        &p("operator.key"),
+        "--group",
+        "site",
+        &p(&out),
+    ];
+    op.ok(&args);
+    let want = format!("\"version\":{v}");
+    while !std::fs::read_to_string(op.path("results.txt"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.contains(&want) && l.contains("\"applied\":true"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no result for v{v}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    t0.elapsed().as_secs_f64() * 1000.0
 }

@@ -112,6 +112,22 @@ fn issuing_ca(
     (Arc::new(rcgen::Issuer::new(p, key)), inter_pem)
 }
 
+impl Seen {
+    /// What the server saw of one request; `basic` is the expected Authorization value.
+    fn of(conn: &rustls::ServerConnection, head: &str, basic: &str) -> Seen {
+        let auth = crate::httpd::header(head, "authorization");
+        Seen {
+            path: head.split_whitespace().nth(1).unwrap_or("").to_owned(),
+            client_cert: conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec()),
+            basic_ok: auth.as_deref() == Some(basic),
+            authorization: auth.is_some(),
+        }
+    }
+}
+
 impl EstServer {
     /// Start with HTTP basic credentials `user`/`pass`; the root CA is written to
     /// `dir/est-ca.pem` (the device's `ca_bundle`).
@@ -138,19 +154,10 @@ impl EstServer {
         };
         let mut held = std::collections::HashSet::new();
         let (port, handle) = crate::httpd::serve(cfg, stop.clone(), move |conn, head, body| {
-            let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-            let client_cert = conn
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.to_vec());
-            let auth = crate::httpd::header(head, "authorization");
-            let basic_ok = auth.as_deref() == Some(basic.as_str());
-            s2.lock().unwrap().push(Seen {
-                path: path.clone(),
-                client_cert: client_cert.clone(),
-                basic_ok,
-                authorization: auth.is_some(),
-            });
+            let req = Seen::of(conn, head, &basic);
+            let (path, has_cert, basic_ok) =
+                (req.path.clone(), req.client_cert.is_some(), req.basic_ok);
+            s2.lock().unwrap().push(req);
             let mode = *m2.lock().unwrap();
             if mode == EstMode::Slow && !path.ends_with("/cacerts") {
                 std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -160,14 +167,8 @@ impl EstServer {
                     return Some(raw);
                 }
             }
-            let (status, ctype, body_out) = authority.answer(
-                mode,
-                &path,
-                client_cert.is_some() || basic_ok,
-                client_cert.is_some(),
-                body,
-                &mut held,
-            );
+            let (status, ctype, body_out) =
+                authority.answer(mode, &path, has_cert || basic_ok, has_cert, body, &mut held);
             let extra = if status.starts_with("202") {
                 format!("Retry-After: {}\r\n", r2.lock().unwrap())
             } else {
