@@ -7,6 +7,7 @@ pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod issuer;
+pub mod keyshare;
 pub mod lifecycle;
 pub mod local_api;
 pub mod register;
