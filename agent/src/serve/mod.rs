@@ -72,10 +72,11 @@ impl Servers {
     /// One worker for the proxies: a proxied connection is a chain of short steps (accept,
     /// connect, handshake messages, splice), each woken by the network. With two workers
     /// the steps of one connection hop between threads, and every hop is a futex or
-    /// eventfd wake of the other one (~30 µs across CPUs on the bench VM): CPU per new
-    /// connection 215-220 µs with two, 185-200 µs with one; 1 client vs stunnel 1.90-1.95
-    /// with two, 1.97-2.04 with one; 4 clients at once, bulk and preconnect unchanged
-    /// (scripts/bench). One core splices faster than a gateway's uplink (~1.2 GB/s here).
+    /// eventfd wake of the other one (~30 µs across CPUs on the bench VM). scripts/bench,
+    /// alternated runs: 1 client vs stunnel 1.90-1.93 with two, 1.95-2.01 with one (every
+    /// pair in favour of one), CPU per new connection ~10% lower; 4 clients at once, bulk
+    /// and preconnect unchanged. One core splices faster than a gateway's uplink (~1.2 GB/s
+    /// here).
     /// The API keeps two: its signatures are CPU work that two clients run in parallel.
     pub fn new(
         identities: Arc<Identities>,
