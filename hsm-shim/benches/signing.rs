@@ -227,9 +227,7 @@ fn measure(kind: TokenKind) {
             let (raw, shim) = paired(
                 || {
                     let (r, c) = raw_rate_cost(&module, "test", PIN, &info.id, kt, threads);
-                    let mut sum = cost.get();
-                    sum.add(c);
-                    cost.set(sum);
+                    cost.set(cost.get() + c);
                     r
                 },
                 || shim_rate(&key, threads),

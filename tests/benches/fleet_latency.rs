@@ -75,13 +75,12 @@ fn push_one(op: &Env, broker: &Mosquitto, v: u64) -> f64 {
     ];
     op.ok(&args);
     let want = format!("\"version\":{v}");
-    while !std::fs::read_to_string(op.path("results.txt"))
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.contains(&want) && l.contains("\"applied\":true"))
-    {
-        assert!(t0.elapsed() < Duration::from_secs(30), "no result for v{v}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let applied = poll_until(30, Duration::from_millis(2), || {
+        std::fs::read_to_string(op.path("results.txt"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains(&want) && l.contains("\"applied\":true"))
+    });
+    assert!(applied, "no result for v{v}");
     t0.elapsed().as_secs_f64() * 1000.0
 }

@@ -48,14 +48,20 @@ pub struct Cost {
     sleeps: u64,
 }
 
-impl Cost {
-    /// Add another slice's cost.
-    pub fn add(&mut self, o: Cost) {
-        self.cpu_ns += o.cpu_ns;
-        self.wall_ns += o.wall_ns;
-        self.ops += o.ops;
-        self.sleeps += o.sleeps;
+impl std::ops::Add for Cost {
+    type Output = Cost;
+    /// Two slices' (or threads') costs together.
+    fn add(self, o: Cost) -> Cost {
+        Cost {
+            cpu_ns: self.cpu_ns + o.cpu_ns,
+            wall_ns: self.wall_ns + o.wall_ns,
+            ops: self.ops + o.ops,
+            sleeps: self.sleeps + o.sleeps,
+        }
     }
+}
+
+impl Cost {
     /// CPUs kept busy by the measured threads.
     pub fn cpus(&self) -> f64 {
         self.cpu_ns as f64 / self.wall_ns.max(1) as f64
@@ -92,39 +98,35 @@ fn thread_cost() -> (u64, u64) {
 pub fn rate_cost(threads: usize, f: impl Fn() + Sync) -> (f64, Cost) {
     let d = secs();
     let start = Instant::now();
-    let costs: Vec<(u64, u64, u64)> = std::thread::scope(|s| {
+    let threads_cost: Cost = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| {
                     let (cpu0, sleeps0) = thread_cost();
-                    let mut n = 0u64;
+                    let mut ops = 0u64;
                     while start.elapsed() < d {
                         f();
-                        n += 1;
+                        ops += 1;
                     }
                     let (cpu1, sleeps1) = thread_cost();
-                    (
-                        n,
-                        cpu1.saturating_sub(cpu0),
-                        sleeps1.saturating_sub(sleeps0),
-                    )
+                    Cost {
+                        ops,
+                        cpu_ns: cpu1.saturating_sub(cpu0),
+                        sleeps: sleeps1.saturating_sub(sleeps0),
+                        wall_ns: 0,
+                    }
                 })
             })
             .collect();
         hs.into_iter()
             .map(|h| h.join().expect("bench thread"))
-            .collect()
+            .fold(Cost::default(), |a, b| a + b)
     });
     let wall = start.elapsed();
-    let mut cost = Cost {
+    let cost = Cost {
         wall_ns: wall.as_nanos() as u64,
-        ..Cost::default()
+        ..threads_cost
     };
-    for (n, cpu, sleeps) in costs {
-        cost.ops += n;
-        cost.cpu_ns += cpu;
-        cost.sleeps += sleeps;
-    }
     (cost.ops as f64 / wall.as_secs_f64(), cost)
 }
 
