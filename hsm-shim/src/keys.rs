@@ -266,9 +266,15 @@ fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> R
     }
 }
 
+/// Every private key the token keeps (not the session copies that signatures use on SoftHSM).
+const TOKEN_PRIVATE_KEYS: [Attribute; 2] = [
+    Attribute::Class(ObjectClass::PRIVATE_KEY),
+    Attribute::Token(true),
+];
+
 fn find_one(session: &Session, class: ObjectClass, key: &KeyRef) -> Result<Option<ObjectHandle>> {
     Ok(session
-        .find_objects(&[Attribute::Class(class), key.attr()])?
+        .find_objects(&[Attribute::Class(class), key.attr(), Attribute::Token(true)])?
         .into_iter()
         .next())
 }
@@ -392,7 +398,7 @@ impl Token {
     pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
         self.with_session(|s| {
             let mut out = Vec::new();
-            for h in s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
+            for h in s.find_objects(&TOKEN_PRIVATE_KEYS)? {
                 match describe_key(s, h) {
                     Ok(k) => out.push(k),
                     // Another program's key of a type we do not use: not ours, left alone.
@@ -409,7 +415,7 @@ impl Token {
     pub fn list_key_labels(&self) -> Result<Vec<KeyLabel>> {
         self.with_session(|s| {
             let mut out = Vec::new();
-            for h in s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
+            for h in s.find_objects(&TOKEN_PRIVATE_KEYS)? {
                 let id = attr_bytes(s, h, AttributeType::Id)?.unwrap_or_default();
                 let label = attr_bytes(s, h, AttributeType::Label)?.unwrap_or_default();
                 out.push(KeyLabel {
@@ -465,12 +471,16 @@ impl Token {
         })
     }
 
-    /// Destroy private key, public key and certificate objects with this `CKA_ID`, then
-    /// prove by a fresh search that nothing with the id is left. Returns how many went.
+    /// Destroy private key, public key and certificate objects with this `CKA_ID` (and the
+    /// session copies of the key this process signs with), then prove by a fresh search that
+    /// nothing with the id is left. Returns how many token objects went.
     pub fn destroy(&self, id: &[u8]) -> Result<usize> {
         self.with_session(|s| {
             let objs = s.find_objects(&[Attribute::Id(id.to_vec())])?;
-            if objs.is_empty() {
+            let copies = s
+                .find_objects(&[Attribute::Id(id.to_vec()), Attribute::Token(false)])?
+                .len();
+            if objs.len() == copies {
                 return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
             }
             for o in &objs {
@@ -480,7 +490,7 @@ impl Token {
             if left != 0 {
                 return Err(Error::DestroyIncomplete(left));
             }
-            Ok(objs.len())
+            Ok(objs.len() - copies)
         })
     }
 

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod mechanisms;
 pub mod pin;
 pub mod sign;
+pub mod signing_object;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;

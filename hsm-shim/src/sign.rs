@@ -2,15 +2,15 @@
 
 use crate::der;
 use crate::error::{Error, Result};
-use crate::keys::{private_handle, KeyInfo, KeyRef, KeyType};
+use crate::keys::{KeyInfo, KeyRef, KeyType};
 use crate::mechanisms::SignPlan;
+use crate::signing_object::SigningObject;
 use crate::token::Token;
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::ObjectHandle;
 use sha2::Digest;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Hash functions the signers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,9 +119,9 @@ pub fn set_sign_observer(f: SignObserver) {
 pub struct TokenKey {
     token: Arc<Token>,
     info: Arc<KeyInfo>,
-    /// Object handles are valid in every session of the process; cache it so a signature
-    /// costs one C_Sign, and look the key up again by CKA_ID if the handle goes stale.
-    handle: Arc<Mutex<Option<ObjectHandle>>>,
+    /// The object signatures use (object handles are valid in every session of the
+    /// process): looked up once, so a signature costs one C_SignInit + C_Sign.
+    object: Arc<SigningObject>,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -145,9 +145,9 @@ impl TokenKey {
     /// A signer for a key already looked up (no further token call).
     pub fn from_info(token: Arc<Token>, info: KeyInfo) -> TokenKey {
         TokenKey {
+            object: Arc::new(SigningObject::new(token.clone(), info.id.clone())),
             token,
             info: Arc::new(info),
-            handle: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -253,17 +253,13 @@ impl TokenKey {
         data: &[u8],
     ) -> Result<Vec<u8>> {
         let raw = self.token.with_session(|s| {
-            let cached = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
-            let h = match cached {
-                Some(h) => h,
-                None => self.refresh_handle(s)?,
-            };
+            let h = self.object.get(s)?;
             match s.sign(&mech, h, data) {
                 Err(CkError::Pkcs11(
                     RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
                     _,
                 )) => {
-                    let h = self.refresh_handle(s)?;
+                    let h = self.object.refresh(s, h)?;
                     Ok(s.sign(&mech, h, data)?)
                 }
                 other => Ok(other?),
@@ -275,12 +271,6 @@ impl TokenKey {
             }),
             _ => Ok(raw),
         }
-    }
-
-    fn refresh_handle(&self, s: &cryptoki::session::Session) -> Result<ObjectHandle> {
-        let h = private_handle(s, &self.info.id)?;
-        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-        Ok(h)
     }
 }
 

@@ -183,6 +183,8 @@ pub struct Token {
     mechanisms: OnceLock<Mechanisms>,
     /// Typical time of a successful signature in µs, see `note_sign_time` (`u64::MAX`: none yet).
     sign_micros: AtomicU64,
+    /// Sign with session copies of keys (SoftHSM; see `signing_object`).
+    copies_keys: bool,
 }
 
 impl std::fmt::Debug for Token {
@@ -212,6 +214,7 @@ impl Token {
             max_idle: 8,
             mechanisms: OnceLock::new(),
             sign_micros: AtomicU64::new(u64::MAX),
+            copies_keys: s.manufacturer.starts_with("SoftHSM"),
         };
         // Open (and log in) one session now, so a wrong PIN is reported here.
         let first = token.open_session()?;
@@ -227,6 +230,12 @@ impl Token {
     /// Token serial.
     pub fn serial(&self) -> &str {
         &self.serial
+    }
+
+    /// Whether keys sign through a session copy (SoftHSM, whose token objects are checked
+    /// against their files on every use; see [`crate::signing_object`]).
+    pub fn copies_keys(&self) -> bool {
+        self.copies_keys
     }
 
     fn slot(&self) -> Slot {
