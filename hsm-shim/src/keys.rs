@@ -481,6 +481,10 @@ impl Token {
                 .find_objects(&[Attribute::Id(id.to_vec()), Attribute::Token(false)])?
                 .len();
             if objs.len() == copies {
+                // The key went behind our back; its copies cannot sign for long anyway.
+                for o in &objs {
+                    let _ = s.destroy_object(*o);
+                }
                 return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
             }
             for o in &objs {
