@@ -22,22 +22,32 @@ fn copies(t: &TestToken, id: &[u8]) -> Vec<ObjectHandle> {
         .unwrap()
 }
 
-fn new_key(t: &TestToken) -> (Vec<u8>, TokenKey) {
+/// A token with one P-256 key that has signed once (so its copy exists).
+fn key_that_signed() -> (TestToken, Vec<u8>, TokenKey) {
+    let t = TestToken::new();
     let info = t.token.generate_key(KeyType::EcP256, "gw").unwrap();
     let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
-    (info.id, key)
+    assert!(
+        copies(&t, &info.id).is_empty(),
+        "no copy before a signature"
+    );
+    key.sign(ES256, b"one").unwrap();
+    (t, info.id, key)
+}
+
+/// `key` is refused as a key the token no longer has.
+fn assert_gone(key: &TokenKey, why: &str) {
+    let err = key.sign(ES256, b"after").unwrap_err();
+    assert!(
+        matches!(err, hsm_shim::Error::KeyNotFound(_)),
+        "{why}: {err}"
+    );
 }
 
 #[test]
 fn signatures_use_a_protected_copy_that_listings_skip_and_destroy_removes() {
-    let t = TestToken::new();
+    let (t, id, key) = key_that_signed();
     assert!(t.token.copies_keys(), "SoftHSM gets session copies");
-    let (id, key) = new_key(&t);
-    assert!(
-        copies(&t, &id).is_empty(),
-        "no copy before the first signature"
-    );
-    key.sign(ES256, b"one").unwrap();
     key.clone().sign(ES256, b"two").unwrap();
     let made = copies(&t, &id);
     assert_eq!(made.len(), 1, "one copy, shared by the key's clones");
@@ -77,18 +87,12 @@ fn signatures_use_a_protected_copy_that_listings_skip_and_destroy_removes() {
         "token objects counted: private and public"
     );
     assert!(copies(&t, &id).is_empty(), "the copy went with the key");
-    let err = key.sign(ES256, b"three").unwrap_err();
-    assert!(
-        matches!(err, hsm_shim::Error::KeyNotFound(_)),
-        "a destroyed key does not sign: {err}"
-    );
+    assert_gone(&key, "a destroyed key does not sign");
 }
 
 #[test]
 fn a_copy_gone_under_the_signer_is_made_again_and_the_last_clone_destroys_it() {
-    let t = TestToken::new();
-    let (id, key) = new_key(&t);
-    key.sign(ES256, b"one").unwrap();
+    let (t, id, key) = key_that_signed();
     let first = copies(&t, &id);
     t.token
         .with_session(|s| Ok(s.destroy_object(first[0])?))
@@ -112,9 +116,7 @@ fn a_copy_gone_under_the_signer_is_made_again_and_the_last_clone_destroys_it() {
 
 #[test]
 fn a_key_deleted_by_another_program_stops_signing_within_the_recheck() {
-    let t = TestToken::new();
-    let (id, key) = new_key(&t);
-    key.sign(ES256, b"one").unwrap();
+    let (t, id, key) = key_that_signed();
     let hex_id = hsm_shim::keys::hex(&id);
     let out = std::process::Command::new("pkcs11-tool")
         .arg("--module")
@@ -132,10 +134,6 @@ fn a_key_deleted_by_another_program_stops_signing_within_the_recheck() {
     // token object at every signature.
     key.sign(ES256, b"inside the window").unwrap();
     std::thread::sleep(RECHECK + std::time::Duration::from_millis(100));
-    let err = key.sign(ES256, b"two").unwrap_err();
-    assert!(
-        matches!(err, hsm_shim::Error::KeyNotFound(_)),
-        "a key deleted by another program does not sign: {err}"
-    );
+    assert_gone(&key, "a key deleted by another program does not sign");
     assert!(copies(&t, &id).is_empty(), "and its copy is gone");
 }
