@@ -13,6 +13,8 @@
 //! last clone of its [`TokenKey`](crate::TokenKey). A token object deleted behind the
 //! process's back (another program on the token) stops the copy's signatures within
 //! [`RECHECK`]: the token object is asked for once a second while the copy is used.
+//! SoftHSM numbers handles from a counter and never reuses one, so the handle of a copy that
+//! died with its session is refused (and looked up again), never taken for another object.
 
 use crate::error::Result;
 use crate::keys::private_handle;
