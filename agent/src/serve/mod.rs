@@ -204,3 +204,4 @@ pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 mod http;
 mod preconnect;
 mod splice;
+mod target;

@@ -28,6 +28,8 @@ struct Route {
     /// after a promotion would carry the old certificate's authentication to the server.
     connector: std::sync::Mutex<(u32, TlsConnector)>,
     server_name: ServerName<'static>,
+    /// The target's addresses, looked up once and kept (`target.rs`).
+    target: Arc<super::target::Target>,
     slot: Arc<ServingIdentity>,
     own_uid: u32,
     /// The spare upstream connection (`preconnect = true`).
@@ -59,6 +61,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
     let first = connector(&roots, &slot)?;
     let route = Arc::new(Route {
         server_name: server_name(&cfg)?,
+        target: super::target::Target::new(&cfg.target),
         roots,
         connector: std::sync::Mutex::new((0, first)),
         slot,
@@ -254,7 +257,7 @@ impl Route {
     /// same write as our Finished, so the server reads both in one wake-up instead of two.
     async fn open_now(&self, generation: u32, first: &[u8]) -> Result<Upstream, &'static str> {
         let name = &self.cfg.name;
-        let tcp = TcpStream::connect(&self.cfg.target).await.map_err(|e| {
+        let tcp = self.target.connect().await.map_err(|e| {
             tracing::warn!(proxy = %name, target = %self.cfg.target, "cannot reach the target: {e}");
             "connect-failed"
         })?;
