@@ -4,8 +4,8 @@
 //! answer kept for [`FRESH`]: a proxied connection then makes no lookup of its own (each
 //! would cost a hand-off to tokio's blocking pool for `getaddrinfo`, and a DNS round trip for
 //! a name not in /etc/hosts; measured with `target = "localhost:PORT"`, 15% fewer proxied
-//! connections per second). After [`FRESH`] the kept answer is still used at once while one
-//! lookup in the background renews it. When lookups fail (DNS down on a flaky uplink), the
+//! connections per second). After [`FRESH`], or when none of its addresses accepts, the kept
+//! answer is still used at once while one lookup in the background renews it. When lookups fail (DNS down on a flaky uplink), the
 //! last answer keeps serving for up to [`STALE`], with a warning, so a resolver outage alone
 //! does not cut the box off a target it can still reach. Older than that, a connection waits
 //! for a lookup of its own, and fails with it.
@@ -39,6 +39,8 @@ pub struct Target {
     fixed: Option<Arc<[SocketAddr]>>,
     known: Mutex<Option<Known>>,
     renewing: AtomicBool,
+    /// When a failed renewal was last logged (at most once a minute).
+    said_at: Mutex<Option<Instant>>,
     lookup: Lookup,
 }
 
@@ -60,11 +62,13 @@ impl Target {
             fixed: spec.parse::<SocketAddr>().ok().map(|a| Arc::from([a])),
             known: Mutex::new(None),
             renewing: AtomicBool::new(false),
+            said_at: Mutex::new(None),
             lookup,
         })
     }
 
-    /// A TCP connection to the first of the target's addresses that accepts.
+    /// A TCP connection to the first of the target's addresses that accepts. When none
+    /// does, a kept answer is renewed at once (the target may have moved).
     pub async fn connect(self: &Arc<Self>) -> io::Result<TcpStream> {
         let mut last = None;
         for a in self.addrs().await?.iter() {
@@ -72,6 +76,10 @@ impl Target {
                 Ok(s) => return Ok(s),
                 Err(e) => last = Some(e),
             }
+        }
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(k) = known {
+            self.renew_later(k.at);
         }
         Err(last.unwrap_or_else(|| io::Error::other("the name has no address")))
     }
@@ -115,6 +123,11 @@ impl Target {
         tokio::spawn(async move {
             let _guard = guard;
             if let Err(e) = me.look_up().await {
+                let mut said = me.said_at.lock().unwrap_or_else(|p| p.into_inner());
+                if said.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                    return;
+                }
+                *said = Some(Instant::now());
                 tracing::warn!(
                     "cannot look the proxy target {} up ({e}); still connecting to the addresses found {} s ago",
                     me.spec,
@@ -189,6 +202,13 @@ mod tests {
         }
         assert_eq!(CALLS.load(Ordering::SeqCst), 2, "one renewal");
         assert!(t.known.lock().unwrap().as_ref().unwrap().at.elapsed() < FRESH);
+
+        // No address accepts (nothing listens on 127.0.0.1:9): a fresh answer is renewed.
+        assert!(t.connect().await.is_err());
+        while t.renewing.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(CALLS.load(Ordering::SeqCst), 3, "renewed after the refusal");
 
         // The resolver fails: the old answer serves until STALE, then the lookup's error.
         FAIL.store(true, Ordering::SeqCst);
