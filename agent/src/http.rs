@@ -210,21 +210,12 @@ async fn connect(url: &Url) -> Result<tokio::net::TcpStream, HttpError> {
         .await
         .map_err(|e| not_sent("resolving host", &e))?
         .collect();
-    let mut errors = Vec::new();
-    for a in &addrs {
-        match tokio::net::TcpStream::connect(a).await {
-            Ok(s) => return Ok(s),
-            Err(e) => errors.push(format!("{a}: {e}")),
-        }
-    }
-    Err(HttpError::NotSent {
-        stage: "connecting",
-        detail: if errors.is_empty() {
-            format!("{host} resolves to no address")
-        } else {
-            errors.join("; ")
-        },
-    })
+    crate::tcp::connect_any(host, &addrs)
+        .await
+        .map_err(|detail| HttpError::NotSent {
+            stage: "connecting",
+            detail,
+        })
 }
 
 /// TCP and TLS to the URL's host: the stream, the protocol version and the cipher suite.

@@ -15,6 +15,7 @@ pub mod serial;
 pub mod serve;
 pub mod statelock;
 pub mod systemd;
+pub mod tcp;
 pub mod text;
 pub mod tlsconf;
 pub mod validate;

@@ -70,18 +70,15 @@ impl Target {
     /// A TCP connection to the first of the target's addresses that accepts. When none
     /// does, a kept answer is renewed at once (the target may have moved).
     pub async fn connect(self: &Arc<Self>) -> io::Result<TcpStream> {
-        let mut last = None;
-        for a in self.addrs().await?.iter() {
-            match TcpStream::connect(a).await {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
-            }
-        }
+        let refused = match crate::tcp::connect_any(&self.spec, &self.addrs().await?).await {
+            Ok(s) => return Ok(s),
+            Err(why) => why,
+        };
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner()).clone();
         if let Some(k) = known {
             self.renew_later(k.at);
         }
-        Err(last.unwrap_or_else(|| io::Error::other("the name has no address")))
+        Err(io::Error::other(refused))
     }
 
     /// The addresses to try, in the resolver's order.
