@@ -77,9 +77,7 @@ fn scrub_env(var: &str) {
 
 /// Load the configuration and build the engine (issuers, token, register).
 pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Result<Engine> {
-    let loaded = sources
-        .load()
-        .map_err(|e| anyhow!("the configuration is invalid:\n{e}"))?;
+    let loaded = crate::configuration::load(sources)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
     }

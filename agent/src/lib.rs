@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod clock;
+pub mod configuration;
 pub mod daemon;
 pub mod events;
 pub mod fleet;

@@ -352,7 +352,7 @@ pub fn origin_of(
     match under.last() {
         Some(s) if under.iter().all(|x| x == s) => (*s).clone(),
         Some(_) => "merged configuration".into(),
-        None => "merged configuration (default)".into(),
+        None => "not set in any file".into(),
     }
 }
 

@@ -181,6 +181,19 @@ pub struct Loaded {
 }
 
 impl Sources {
+    /// The files the firmware and local layers are read from (`agent.d/*.toml` included),
+    /// each with whether it exists: for messages that say where the configuration was looked
+    /// for.
+    pub fn files(&self) -> Vec<(PathBuf, bool)> {
+        std::iter::once(self.defaults.clone())
+            .chain(local_files(&self.local))
+            .map(|f| {
+                let found = f.is_file();
+                (f, found)
+            })
+            .collect()
+    }
+
     fn firmware(&self) -> Result<Vec<Layer>, ConfigErrors> {
         Ok(Layer::read(LayerKind::Firmware, &self.defaults)
             .map_err(|e| ConfigErrors(vec![e]))?

@@ -4,9 +4,7 @@ use super::*;
 
 /// `config show`: every effective value and the layer it came from, and the trusted keys.
 fn config_show(g: &Global, json: bool) -> Result<i32> {
-    let loaded = sources(g)
-        .load()
-        .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let loaded = edge_signer::configuration::load(&sources(g))?;
     for w in &loaded.warnings {
         eprintln!(
             "warning: {}",

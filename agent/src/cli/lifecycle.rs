@@ -185,9 +185,7 @@ pub(crate) fn drive(
 
 /// `status`: from the register alone.
 fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
-    let loaded = sources(g)
-        .load()
-        .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let loaded = edge_signer::configuration::load(&sources(g))?;
     let cfg = loaded.effective.config;
     let reg = edge_signer::register::RegisterFile::new(&cfg.paths.state_dir).load()?;
     // While the daemon runs and serves its API, its own view; otherwise the register's.
@@ -343,9 +341,7 @@ impl Owner {
 
 /// The daemon that owns the state directory, if one runs.
 pub(crate) fn daemon_owner(g: &Global) -> Result<Option<Owner>> {
-    let loaded = sources(g)
-        .load()
-        .map_err(|e| anyhow::anyhow!("the configuration is invalid:\n{e}"))?;
+    let loaded = edge_signer::configuration::load(&sources(g))?;
     let cfg = loaded.effective.config;
     let dir = cfg.paths.state_dir;
     Ok(match StateLock::try_acquire(&dir, false)? {
