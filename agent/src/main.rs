@@ -419,18 +419,35 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let json = wants_json(&matches);
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            let text = format!("{e:#}");
+            // A script that asked for JSON reads one object on stdout, not an empty output.
+            if json {
+                let value = serde_json::json!({ "error": text });
+                println!(
+                    "{}",
+                    edge_signer::text::printable_json_text(&format!("{value:#}"))
+                );
+            }
             // Errors quote outside text (a config line, a CA's words): escaped for the terminal.
-            eprintln!(
-                "error: {}",
-                edge_signer::text::printable_lines(&format!("{e:#}"))
-            );
+            eprintln!("error: {}", edge_signer::text::printable_lines(&text));
             std::process::exit(2);
         }
     }
+}
+
+/// Whether the command line (at any subcommand level) asked for `--json`.
+fn wants_json(m: &clap::ArgMatches) -> bool {
+    matches!(m.try_get_one::<bool>("json"), Ok(Some(true)))
+        || m.subcommand().is_some_and(|(_, sub)| wants_json(sub))
 }
 
 fn run(cli: Cli) -> Result<i32> {

@@ -73,7 +73,11 @@ fn an_error_quoting_control_characters_reaches_the_terminal_escaped() {
     std::fs::create_dir_all(d.path().join("etc")).unwrap();
     let bad = "[paths]\nstate_dir = \"/var/lib/x\u{1b}]0;owned\u{7}\"\n";
     std::fs::write(d.path().join("etc/agent.toml"), bad).unwrap();
-    for args in [&["status"][..], &["config", "check", "etc/agent.toml"]] {
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["config", "check", "etc/agent.toml"],
+    ] {
         let o = es(d.path(), args);
         assert!(!o.status.success(), "{args:?}");
         let t = text(&o);
@@ -83,6 +87,30 @@ fn an_error_quoting_control_characters_reaches_the_terminal_escaped() {
         );
         assert!(t.contains("\\u{1b}]0;owned\\u{7}"), "{args:?}: {t}");
     }
+}
+
+/// A command asked for `--json` that fails prints one JSON object with the error on stdout
+/// (and the human line on stderr), exit 2; the error says where the configuration was
+/// looked for.
+#[test]
+fn a_failed_json_command_prints_its_error_as_json() {
+    let d = tempfile::tempdir().unwrap();
+    let o = es(d.path(), &["status", "--json"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = v["error"].as_str().unwrap();
+    assert!(e.starts_with("the configuration is invalid"), "{e}");
+    assert!(
+        e.contains("not set in any file: token.module: missing"),
+        "{e}"
+    );
+    assert!(e.contains("files read: none; not found: "), "{e}");
+    assert!(e.contains("defaults.toml"), "{e}");
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("error: the configuration is invalid"));
+    // Without --json, stdout stays empty.
+    let o = es(d.path(), &["status"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty());
 }
 
 #[test]
