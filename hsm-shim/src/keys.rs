@@ -480,15 +480,17 @@ impl Token {
             let copies = s
                 .find_objects(&[Attribute::Id(id.to_vec()), Attribute::Token(false)])?
                 .len();
-            if objs.len() == copies {
-                // The key went behind our back; its copies cannot sign for long anyway.
-                for o in &objs {
-                    let _ = s.destroy_object(*o);
-                }
-                return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
-            }
+            // Only copies left: the key went behind our back. They go too (they could not
+            // sign for long anyway), and the caller hears that the key is not there.
+            let gone = objs.len() == copies;
             for o in &objs {
-                s.destroy_object(*o)?;
+                match s.destroy_object(*o) {
+                    Err(e) if !gone => return Err(e.into()),
+                    _ => {}
+                }
+            }
+            if gone {
+                return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
             }
             let left = s.find_objects(&[Attribute::Id(id.to_vec())])?.len();
             if left != 0 {

@@ -196,6 +196,22 @@ fn run_within<T>(
     }
 }
 
+/// The gate of a WARN line that a flood of one cause would repeat: open at most once a minute.
+#[derive(Default)]
+pub(crate) struct OncePerMinute(std::sync::Mutex<Option<std::time::Instant>>);
+
+impl OncePerMinute {
+    /// Whether to say it now; if so, the next minute is closed.
+    pub(crate) fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(60));
+        if due {
+            *last = Some(std::time::Instant::now());
+        }
+        due
+    }
+}
+
 /// An optional id or name in a log line: the value, or `-`.
 pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())

@@ -34,8 +34,8 @@ struct Route {
     own_uid: u32,
     /// The spare upstream connection (`preconnect = true`).
     spare: Arc<Spare>,
-    /// When the route last said it was at `max_connections`.
-    said_full_at: std::sync::Mutex<Option<Instant>>,
+    /// Saying that the route is at `max_connections`.
+    said_full: super::OncePerMinute,
 }
 
 fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
@@ -68,7 +68,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
         // SAFETY: getuid cannot fail.
         own_uid: unsafe { libc::getuid() },
         spare: Arc::new(Spare::new(&cfg.name)),
-        said_full_at: std::sync::Mutex::new(None),
+        said_full: Default::default(),
         cfg,
     });
     let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
@@ -154,15 +154,7 @@ impl Route {
         if let Ok(p) = limit.clone().try_acquire_owned() {
             return Some(p);
         }
-        let say = {
-            let mut last = self.said_full_at.lock().unwrap_or_else(|p| p.into_inner());
-            let say = last.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-            if say {
-                *last = Some(Instant::now());
-            }
-            say
-        };
-        if say {
+        if self.said_full.due() {
             tracing::warn!(proxy = %self.cfg.name, max_connections = self.cfg.max_connections, "proxy at max_connections: new connections wait until one closes (raise max_connections, or lower idle_timeout if callers leave connections open)");
         }
         limit.clone().acquire_owned().await.ok()

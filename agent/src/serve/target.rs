@@ -39,8 +39,8 @@ pub struct Target {
     fixed: Option<Arc<[SocketAddr]>>,
     known: Mutex<Option<Known>>,
     renewing: AtomicBool,
-    /// When a failed renewal was last logged (at most once a minute).
-    said_at: Mutex<Option<Instant>>,
+    /// Saying that a renewal failed.
+    said: super::OncePerMinute,
     lookup: Lookup,
 }
 
@@ -62,7 +62,7 @@ impl Target {
             fixed: spec.parse::<SocketAddr>().ok().map(|a| Arc::from([a])),
             known: Mutex::new(None),
             renewing: AtomicBool::new(false),
-            said_at: Mutex::new(None),
+            said: Default::default(),
             lookup,
         })
     }
@@ -119,17 +119,13 @@ impl Target {
         let guard = Renewing(self.clone());
         tokio::spawn(async move {
             let _guard = guard;
-            if let Err(e) = me.look_up().await {
-                let mut said = me.said_at.lock().unwrap_or_else(|p| p.into_inner());
-                if said.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
-                    return;
-                }
-                *said = Some(Instant::now());
-                tracing::warn!(
+            match me.look_up().await {
+                Err(e) if me.said.due() => tracing::warn!(
                     "cannot look the proxy target {} up ({e}); still connecting to the addresses found {} s ago",
                     me.spec,
                     since.elapsed().as_secs()
-                );
+                ),
+                _ => {}
             }
         });
     }
