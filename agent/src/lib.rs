@@ -19,4 +19,5 @@ pub mod systemd;
 pub mod tcp;
 pub mod text;
 pub mod tlsconf;
+pub mod url;
 pub mod validate;

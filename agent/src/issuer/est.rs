@@ -160,9 +160,9 @@ impl Est {
         token: &Arc<hsm_shim::Token>,
         state_dir: &std::path::Path,
     ) -> anyhow::Result<Est> {
-        let mut base = http::join(&http::parse_https(&cfg.url)?, &[".well-known", "est"]);
+        let mut base = http::parse_https(&cfg.url)?.join(&[".well-known", "est"]);
         if let Some(l) = &cfg.label {
-            base = http::join(&base, &[l]);
+            base = base.join(&[l]);
         }
         let mut basic = None;
         let mut bootstrap = None;
@@ -220,13 +220,8 @@ impl Est {
         let roots = crate::tlsconf::roots_of(&self.ca).map_err(|e| e.to_string())?;
         let cfg = crate::tlsconf::client_config(identity, roots, crate::tlsconf::TlsVersions::Any)
             .map_err(|e| e.to_string())?;
-        http::request(
-            Arc::new(cfg),
-            &http::join(&self.base, &[op]),
-            req,
-            self.timeout,
-        )
-        .map_err(|e| e.to_string())
+        http::request(Arc::new(cfg), &self.base.join(&[op]), req, self.timeout)
+            .map_err(|e| e.to_string())
     }
 
     /// `GET cacerts` once per process: the answer must be anchored in the configured bundle;

@@ -161,10 +161,9 @@ impl Issuer for JwkApi {
         };
         let jws = sign_compact(c.signer, JwsAlg::Es256, c.signer_kid, c.body.as_bytes())
             .map_err(|e| Answer::Unreachable(format!("signing with the current key: {e}")))?;
-        let url = http::join(
-            &self.base,
-            &["api", "v1", "keys", "credential", "rotate-to", c.kid],
-        );
+        let url = self
+            .base
+            .join(&["api", "v1", "keys", "credential", "rotate-to", c.kid]);
         let hreq = http::Request {
             method: "PUT",
             headers: vec![
