@@ -132,14 +132,18 @@ impl Url {
             path = format!("{path}?{q}");
         }
         // The path holds only unreserved bytes, `%XX` and `/`, all valid in a path, and the
-        // query was valid in the URL this came from: the parse cannot fail, and if it ever
-        // did, the URL would be left as it was rather than made wrong.
+        // query was valid in the URL this came from: the parse cannot fail (the property test
+        // and the https_url fuzz target, both with debug assertions, hold it to that).
         match PathAndQuery::try_from(path) {
             Ok(path_and_query) => Url {
                 authority: self.authority.clone(),
                 path_and_query,
             },
-            Err(_) => self.clone(),
+            Err(e) => {
+                debug_assert!(false, "joined path refused: {e}");
+                tracing::error!("{self}: appending {segments:?} made an invalid path ({e}); using the URL as it was");
+                self.clone()
+            }
         }
     }
 }
