@@ -180,7 +180,7 @@ async fn connect(url: &Url) -> Result<tokio::net::TcpStream, HttpError> {
         stage,
         detail: chain(e),
     };
-    let host = url.host_str().trim_start_matches('[').trim_end_matches(']');
+    let host = url.bare_host();
     let port = url.port_or_default();
     let addrs: Vec<_> = tokio::net::lookup_host((host, port))
         .await
@@ -199,11 +199,7 @@ async fn tls_connect(
     config: Arc<rustls::ClientConfig>,
     url: &Url,
 ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, HttpError> {
-    let bare = url
-        .host_str()
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
+    let bare = url.bare_host().to_owned();
     let name = ServerName::try_from(bare).map_err(|e| HttpError::Url {
         url: url.to_string(),
         why: e.to_string(),

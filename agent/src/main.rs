@@ -450,15 +450,12 @@ fn main() {
 /// The log filter from `EDGE_SIGNER_LOG` (`LEVEL` or `target=LEVEL,...`; `warn` for what it
 /// does not name), and what was wrong with a value that could not be used (then `warn`).
 fn log_filter(value: Option<&str>) -> (Targets, Option<String>) {
-    let warn = || Targets::new().with_default(LevelFilter::WARN);
-    let (filter, bad) = match value.map(str::trim) {
-        None | Some("") => (warn(), None),
+    let (named, bad) = match value.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (Targets::new(), None),
         Some(v) => match v.parse::<Targets>() {
-            // Targets named without a bare level: everything else stays at warn.
-            Ok(t) if t.default_level().is_none() => (t.with_default(LevelFilter::WARN), None),
             Ok(t) => (t, None),
             Err(e) => (
-                warn(),
+                Targets::new(),
                 Some(format!(
                     "EDGE_SIGNER_LOG={:?} is not a log filter ({e}); logging at warn. Use a \
                      level (error, warn, info, debug, trace) or target=level pairs separated \
@@ -467,6 +464,11 @@ fn log_filter(value: Option<&str>) -> (Targets, Option<String>) {
                 )),
             ),
         },
+    };
+    // What the value does not name (all of it, unless it gives a bare level) logs at warn.
+    let filter = match named.default_level() {
+        Some(_) => named,
+        None => named.with_default(LevelFilter::WARN),
     };
     // cryptoki logs, at error level, each mechanism of the token's list that it has no name
     // for (SoftHSM has about 30): nothing is wrong, the mechanism is just skipped. The longest

@@ -77,6 +77,13 @@ impl Url {
         self.authority.host()
     }
 
+    /// The host to resolve and to name in TLS: an IPv6 address without its brackets.
+    pub fn bare_host(&self) -> &str {
+        self.host_str()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+    }
+
     /// The port, if the URL names one.
     pub fn port(&self) -> Option<u16> {
         self.authority.port_u16()
@@ -170,6 +177,7 @@ mod tests {
         assert_eq!(u.to_string(), "https://127.0.0.1:8443/health?x=1");
         let u = Url::parse_https("https://[::1]:9/").unwrap();
         assert_eq!((u.host_str(), u.port()), ("[::1]", Some(9)));
+        assert_eq!(u.bare_host(), "::1");
         let u = Url::parse_https("https://gw.example").unwrap();
         assert_eq!((u.port_or_default(), u.path()), (443, "/"));
         assert_eq!(u.host_header(), "gw.example");
