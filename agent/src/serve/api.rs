@@ -229,13 +229,23 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// Run one token call of a request (`run_api_token_call`): inline on the API's own runtime
-/// when the token's typical signature is under 2 ms (RSA-2048 on SoftHSM: ~0.6 ms), else
-/// under `block_in_place`. Inline, PS256 through the API with 2 clients reaches 0.8-0.9 of
-/// raw cryptoki's rate; with a hand-off per request (`block_in_place` or the blocking
-/// pool) it stayed at 0.60-0.62 (`scripts/bench`).
-fn token_call<T>(token: &hsm_shim::Token, f: impl FnOnce() -> T) -> T {
-    super::run_api_token_call(token.typical_sign_time(), f)
+/// Run one token call of a request: inline on its API thread when the token's typical
+/// signature is under `API_INLINE_MAX` (2 ms; RSA-2048 on SoftHSM: ~0.6 ms), else (a TPM,
+/// or a key's first call, not yet measured) on the blocking pool, so that the other
+/// connections of the thread go on meanwhile. Inline, PS256 through the API with 2 clients
+/// reaches 0.8-0.9 of raw cryptoki's rate; with a hand-off per request it stayed at
+/// 0.60-0.62 (`scripts/bench`). The error says what failed, for the caller.
+async fn token_call<R: Send + 'static>(
+    token: &hsm_shim::Token,
+    f: impl FnOnce() -> hsm_shim::Result<R> + Send + 'static,
+) -> Result<R, String> {
+    if super::runs_inline(super::API_INLINE_MAX, token.typical_sign_time()) {
+        return f().map_err(|e| e.to_string());
+    }
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("the token call ended abnormally: {e}")),
+    }
 }
 
 async fn sign(
@@ -258,6 +268,7 @@ async fn sign(
             key.sign(job.alg, &job.bytes)
         }
     })
+    .await
     .map_err(|e| {
         count(&c, Operation::Sign, "error");
         ApiError(
@@ -303,6 +314,7 @@ async fn jws(
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
         hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
     })
+    .await
     .map_err(|e| {
         ApiError(
             StatusCode::UNPROCESSABLE_ENTITY,

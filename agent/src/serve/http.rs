@@ -3,6 +3,7 @@
 //! connection is read once with `SO_PEERCRED` and attached to its requests.
 
 use super::api::{router, ApiState, Caller};
+use super::api_threads::ApiThreads;
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -37,13 +38,16 @@ fn builder(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     b
 }
 
-/// Serve the API on its socket.
-pub(super) fn serve_api(state: Arc<ApiState>) -> Result<JoinHandle<()>> {
+/// Serve the API on its socket: the accept loop runs on the first API thread, and each
+/// connection on the thread holding the fewest (`ApiThreads::dispatch`).
+pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Result<JoinHandle<()>> {
+    let rt = threads.handle().clone();
+    let _rt = rt.enter();
     let listener = bind_unix(&state.cfg.socket)?;
     let timeout = Duration::from_secs(state.cfg.header_timeout.0.max(1));
     let app = router(state.clone());
     tracing::info!(socket = %state.cfg.socket.display(), "signing API listening");
-    Ok(tokio::spawn(async move {
+    Ok(rt.spawn(async move {
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
@@ -64,9 +68,16 @@ pub(super) fn serve_api(state: Arc<ApiState>) -> Result<JoinHandle<()>> {
                     continue;
                 }
             };
+            let stream = match stream.into_std() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("API connection dropped: {e}");
+                    continue;
+                }
+            };
             let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(caller)));
-            let conn = builder(timeout).serve_connection(TokioIo::new(stream), svc);
-            tokio::spawn(async move {
+            threads.dispatch(stream, move |stream| async move {
+                let conn = builder(timeout).serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(uid = caller.uid, "API connection ended: {e}");
                 }

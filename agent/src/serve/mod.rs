@@ -56,18 +56,19 @@ pub type Reply = std::sync::mpsc::SyncSender<Result<serde_json::Value, String>>;
 /// The runtimes and the listeners started from one configuration.
 pub struct Servers {
     rt: tokio::runtime::Runtime,
-    /// The signing API's own runtime: what a local program asks of the API never holds up
-    /// a proxy's handshake or the fleet channel, and the other way round, and a signature
-    /// up to `API_INLINE_MAX` can run inline on its workers (see `run_api_token_call`).
-    api_rt: tokio::runtime::Runtime,
+    /// The signing API's own threads (`api_threads`): what a local program asks of the API
+    /// never holds up a proxy's handshake or the fleet channel, and the other way round,
+    /// and a signature up to `API_INLINE_MAX` runs inline on them (see `api::token_call`).
+    api: Arc<api_threads::ApiThreads>,
     listeners: Vec<JoinHandle<()>>,
     identities: Arc<Identities>,
     wake: std::sync::mpsc::Sender<Wake>,
 }
 
 impl Servers {
-    /// Two runtimes: the proxies, the fleet channel and the metrics port on one worker,
-    /// the API on two. Idle workers sleep in the I/O driver with no timer.
+    /// The proxies, the fleet channel and the metrics port on a runtime of one worker; the
+    /// API on two threads of its own (`api_threads`). Idle workers sleep in the I/O driver
+    /// with no timer.
     ///
     /// One worker for the proxies: a proxied connection is a chain of short steps (accept,
     /// connect, handshake messages, splice), each woken by the network. With two workers
@@ -77,7 +78,8 @@ impl Servers {
     /// pair in favour of one), CPU per new connection ~10% lower; 4 clients at once, bulk
     /// and preconnect unchanged. One core splices faster than a gateway's uplink (~1.2 GB/s
     /// here).
-    /// The API keeps two: its signatures are CPU work that two clients run in parallel.
+    /// The API has two threads: its signatures are CPU work that two clients run in
+    /// parallel.
     pub fn new(
         identities: Arc<Identities>,
         wake: std::sync::mpsc::Sender<Wake>,
@@ -92,7 +94,7 @@ impl Servers {
         };
         Ok(Servers {
             rt: runtime("edge-signer-io", 1)?,
-            api_rt: runtime("edge-signer-api", 2)?,
+            api: Arc::new(api_threads::ApiThreads::start(2)?),
             listeners: Vec::new(),
             identities,
             wake,
@@ -118,9 +120,8 @@ impl Servers {
                 self.identities.clone(),
                 self.wake.clone(),
             ));
-            let _api = self.api_rt.enter();
             self.listeners.push(
-                http::serve_api(state)
+                http::serve_api(state, self.api.clone())
                     .with_context(|| format!("API socket {}", cfg.api.socket.display()))?,
             );
         }
@@ -151,16 +152,22 @@ impl Servers {
     }
 }
 
-/// Token calls the token answers faster than this run inline on a worker of the shared
+/// Token calls the token answers faster than this run inline on the worker of the proxies'
 /// runtime; slower ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet
 /// run under `block_in_place` (see `run_token_call`).
 const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
 
-/// The same limit on the API's own runtime. Its workers serve nothing but API requests, so
-/// a signature inline there delays only the other API requests on its worker, each time by
-/// less than this; above it, `block_in_place`'s hand-off (tens of µs) is a few percent of
-/// the signature.
+/// The same limit on the API's threads. Each serves nothing but API requests, so a
+/// signature inline there delays only the other API requests on its thread, each time by
+/// less than this; above it, the hand-off to the blocking pool (tens of µs) is a few
+/// percent of the signature.
 const API_INLINE_MAX: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Whether a token call whose typical time is `typical` (None: not measured yet) runs
+/// inline under `limit`.
+fn runs_inline(limit: std::time::Duration, typical: Option<std::time::Duration>) -> bool {
+    typical.is_some_and(|t| t < limit)
+}
 
 /// Run a synchronous token call made inside an async task (a handshake signature of a
 /// proxy or of the fleet channel): inline when the token is fast, else under
@@ -169,24 +176,8 @@ const API_INLINE_MAX: std::time::Duration = std::time::Duration::from_millis(2);
 /// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
 /// just runs.
 pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
-    run_within(INLINE_MAX, typical, call)
-}
-
-/// `run_token_call` for an API request's token call, on the API's runtime.
-pub(crate) fn run_api_token_call<T>(
-    typical: Option<std::time::Duration>,
-    call: impl FnOnce() -> T,
-) -> T {
-    run_within(API_INLINE_MAX, typical, call)
-}
-
-fn run_within<T>(
-    inline_max: std::time::Duration,
-    typical: Option<std::time::Duration>,
-    call: impl FnOnce() -> T,
-) -> T {
     // The fast path (SoftHSM, every handshake) decides on the token alone.
-    let hand_off = typical.is_none_or(|t| t >= inline_max)
+    let hand_off = !runs_inline(INLINE_MAX, typical)
         && tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if hand_off {
@@ -217,6 +208,7 @@ pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
+mod api_threads;
 mod http;
 mod preconnect;
 mod splice;
