@@ -164,4 +164,33 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+
+    /// An accept loop holding the threads keeps them; once it is aborted (`Servers`' drop)
+    /// and the last holder lets go, the threads stop and their runtimes refuse new work.
+    #[test]
+    fn the_threads_stop_when_the_last_holder_is_gone() {
+        let threads = Arc::new(ApiThreads::start(2).unwrap());
+        let handles: Vec<_> = threads.threads.iter().map(|t| t.handle.clone()).collect();
+        let held = threads.clone();
+        let accept_loop = handles[0].spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await
+        });
+        drop(threads);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let probe = |h: &tokio::runtime::Handle| rt.block_on(h.spawn(async {})).is_ok();
+        assert!(handles.iter().all(probe), "held by the accept loop");
+        accept_loop.abort();
+        let t0 = std::time::Instant::now();
+        while handles.iter().any(probe) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "the threads still run"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }

@@ -152,6 +152,16 @@ impl Servers {
     }
 }
 
+/// The accept loops end with the servers: the API's holds the API threads, which would
+/// otherwise outlive them (the proxies' runtime ends its tasks when dropped).
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for l in self.listeners.drain(..) {
+            l.abort();
+        }
+    }
+}
+
 /// Token calls the token answers faster than this run inline on the worker of the proxies'
 /// runtime; slower ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet
 /// run under `block_in_place` (see `run_token_call`).
