@@ -128,12 +128,9 @@ fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
         let _ = tls.write_all(b"k");
     } else {
         let mut n = 0u64;
-        // Half a page in, as `stream_rate`'s chunk: rustls copies the plaintext into it, and
-        // without the lead some connections' copies ran 16 bytes apart modulo 4096 (a
-        // `perf probe` on memmove: 16,386 of 96,870 copies in 4 s), slowing the target.
-        let lead = 2 << 10;
-        let mut buf = vec![0u8; lead + (1 << 16)];
-        while let Ok(k @ 1..) = tls.read(&mut buf[lead..]) {
+        // rustls copies the plaintext into it (see `LEAD`).
+        let mut buf = vec![0u8; LEAD + (1 << 16)];
+        while let Ok(k @ 1..) = tls.read(&mut buf[LEAD..]) {
             n += k as u64;
         }
         let _ = tls.write_all(&n.to_be_bytes());
@@ -237,17 +234,19 @@ fn one_conn(port: u16) -> std::io::Result<()> {
     s.read_exact(&mut k)
 }
 
+/// Where the bulk part's buffers that rustls copies plaintext out of (the direct client's
+/// chunk) or into (the target's read buffer) start: half a page in, for the reason of the
+/// proxy's `splice::LEAD`. The allocator puts rustls' buffers just after ours, and on x86
+/// CPUs with fast `rep movsb` a copy 1-31 bytes apart modulo 4096 runs 12-20 times slower.
+/// Without it the direct baseline hit that in some runs and not others (sender CPU per GiB
+/// 643-904 ms between runs of one binary), and the target on some connections (a `perf
+/// probe` on memmove: 16,386 of 96,870 copies in 4 s at distance 16).
+const LEAD: usize = 2 << 10;
+
 /// Bytes/s of `total` bytes written through `s` (plain or TLS) to the sink.
-///
-/// The chunk starts half a page into its allocation, for the reason of the proxy's
-/// `splice::LEAD`: rustls copies it into record buffers the allocator places just after
-/// it, and on x86 CPUs with fast `rep movsb` a copy 1-31 bytes apart modulo 4096 runs
-/// 12-20 times slower. Without the lead, the direct TLS baseline hit that in some runs and
-/// not others (sender CPU per GiB 643-904 ms between runs of the same binary).
 fn stream_rate<S: Read + Write>(mut s: S, total: usize, done: impl FnOnce(&mut S)) -> f64 {
-    let lead = 2 << 10;
-    let buf = vec![0x42u8; lead + (1 << 16)];
-    let chunk = &buf[lead..];
+    let buf = vec![0x42u8; LEAD + (1 << 16)];
+    let chunk = &buf[LEAD..];
     let start = Instant::now();
     s.write_all(b"s").unwrap();
     let mut sent = 0;
