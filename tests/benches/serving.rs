@@ -74,7 +74,8 @@ fn paired_conns(a: (u16, u32), b: (u16, u32), clients: usize) -> [(f64, f64); 2]
 }
 
 /// The target: TLS, client certificate required (from ca.pem). One byte in: `q` answers `k`
-/// and closes; `s` reads to EOF and answers the byte count.
+/// and closes; `s` reads to EOF and answers the byte count; `d` and an 8-byte count sends
+/// that many bytes and closes.
 fn target(env: &Env) -> u16 {
     let roots = {
         let mut r = rustls::RootCertStore::empty();
@@ -115,7 +116,8 @@ fn target(env: &Env) -> u16 {
     port
 }
 
-/// One target connection: `q` answers `k`; `s` counts bytes to EOF and answers the count.
+/// One target connection: `q` answers `k`; `s` counts bytes to EOF and answers the count;
+/// `d` sends the count it is given.
 fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
     let conn = rustls::ServerConnection::new(cfg).unwrap();
@@ -124,16 +126,33 @@ fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
     if tls.read_exact(&mut cmd).is_err() {
         return;
     }
-    if cmd[0] == b'q' {
-        let _ = tls.write_all(b"k");
-    } else {
-        let mut n = 0u64;
-        // rustls copies the plaintext into it (see `LEAD`).
-        let mut buf = vec![0u8; LEAD + (1 << 16)];
-        while let Ok(k @ 1..) = tls.read(&mut buf[LEAD..]) {
-            n += k as u64;
+    // rustls copies the plaintext into it or out of it (see `LEAD`).
+    let mut buf = vec![0x42u8; LEAD + (1 << 16)];
+    match cmd[0] {
+        b'q' => {
+            let _ = tls.write_all(b"k");
         }
-        let _ = tls.write_all(&n.to_be_bytes());
+        b'd' => {
+            let mut n = [0u8; 8];
+            if tls.read_exact(&mut n).is_err() {
+                return;
+            }
+            let mut left = u64::from_be_bytes(n) as usize;
+            while left > 0 {
+                let k = left.min(buf.len() - LEAD);
+                if tls.write_all(&buf[LEAD..LEAD + k]).is_err() {
+                    return;
+                }
+                left -= k;
+            }
+        }
+        _ => {
+            let mut n = 0u64;
+            while let Ok(k @ 1..) = tls.read(&mut buf[LEAD..]) {
+                n += k as u64;
+            }
+            let _ = tls.write_all(&n.to_be_bytes());
+        }
     }
     tls.conn.send_close_notify();
     let _ = tls.flush();
@@ -259,6 +278,25 @@ fn stream_rate<S: Read + Write>(mut s: S, total: usize, done: impl FnOnce(&mut S
     s.read_exact(&mut n).unwrap();
     assert_eq!(u64::from_be_bytes(n) as usize, sent);
     sent as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Bytes/s of `total` bytes the target sends through `s` (plain or TLS), read to the end.
+fn fetch_rate<S: Read + Write>(mut s: S, total: usize) -> f64 {
+    let mut buf = vec![0u8; LEAD + (1 << 16)];
+    let start = Instant::now();
+    let mut ask = b"d".to_vec();
+    ask.extend_from_slice(&(total as u64).to_be_bytes());
+    s.write_all(&ask).unwrap();
+    let mut got = 0;
+    while got < total {
+        match s.read(&mut buf[LEAD..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("download after {got} bytes: {e}"),
+        }
+    }
+    assert_eq!(got, total);
+    got as f64 / start.elapsed().as_secs_f64()
 }
 
 fn stunnel(env: &Env, port: u16, target: u16, key_id: &str) -> Option<Guard> {

@@ -1,7 +1,7 @@
 //! Bytes/s through one long connection: the proxy (TCP and Unix-socket listeners) vs direct
 //! TLS with the same token key, and the sending side's CPU per GiB.
 
-use super::{proc_cpu_ns, provider, stream_rate, thread_cpu_ns, Bench};
+use super::{fetch_rate, proc_cpu_ns, provider, stream_rate, thread_cpu_ns, Bench};
 use edge_signer_tests::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -82,53 +82,99 @@ fn measured(sum: &mut Sums, daemon: Option<u32>, f: impl FnOnce() -> f64) {
     sum.cpu += thread_cpu_ns() - c0 + daemon.map(proc_cpu_ns).unwrap_or(0) - d0;
 }
 
+/// Which way the bytes go: from the caller to the target, or from the target to the caller
+/// (a download through the proxy: an updater fetching an image).
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Up,
+    Down,
+}
+
+/// Move `total` bytes `way` through `s`, plain or TLS; `done` ends the caller's side of an
+/// upload (close_notify, or a half-close the proxy passes on as close_notify).
+fn move_bytes<S: std::io::Read + Write>(
+    s: S,
+    total: usize,
+    way: Way,
+    done: impl FnOnce(&mut S),
+) -> f64 {
+    match way {
+        Way::Up => stream_rate(s, total, done),
+        Way::Down => fetch_rate(s, total),
+    }
+}
+
 pub(super) fn bulk_part(b: &Bench) {
     let client = direct_client(b);
     let total: usize = std::env::var("BENCH_BYTES")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(128 << 20);
-    // Ten rounds: this VM's direct baseline alone moves by a third between rounds.
-    let rounds = 10;
-    // CPU on the sending side: direct = the client thread (TLS); proxied = the client thread
-    // (plain writes) + the daemon (receive, TLS, send).
+    // BENCH_WAY=up|down measures one way (to profile it); both by default.
+    let only = std::env::var("BENCH_WAY").unwrap_or_default();
+    for (way, name, title) in [
+        (Way::Up, "up", "one connection, caller sends"),
+        (Way::Down, "down", "one connection, target sends"),
+    ] {
+        if !only.is_empty() && only != name {
+            continue;
+        }
+        let (direct, tcp, unix) = one_way(b, &client, total, way);
+        report(title, way, [&direct, &tcp, &unix], total);
+    }
+}
+
+/// Ten rounds (this VM's direct baseline alone moves by a third between rounds) of `total`
+/// bytes `way`: direct TLS, through the proxy's TCP and its Unix-socket listener. CPU on the
+/// party that does TLS with the target: direct = the client thread; proxied = the client
+/// thread (plain I/O) + the daemon.
+fn one_way(
+    b: &Bench,
+    client: &Arc<rustls::ClientConfig>,
+    total: usize,
+    way: Way,
+) -> (Sums, Sums, Sums) {
     let (mut direct, mut tcp, mut unix) = (Sums::default(), Sums::default(), Sums::default());
     let daemon = Some(b.daemon_pid());
-    for _ in 0..rounds {
+    for _ in 0..BULK_ROUNDS {
         measured(&mut direct, None, || {
             let s = TcpStream::connect(("127.0.0.1", b.tport)).unwrap();
             let name = ServerName::try_from("127.0.0.1").unwrap();
             let conn = rustls::ClientConnection::new(client.clone(), name).unwrap();
-            stream_rate(rustls::StreamOwned::new(conn, s), total, |s| {
+            move_bytes(rustls::StreamOwned::new(conn, s), total, way, |s| {
                 s.conn.send_close_notify();
                 let _ = s.flush();
             })
         });
-        // Half-close: the proxy passes the EOF on as close_notify.
         measured(&mut tcp, daemon, || {
             let s = TcpStream::connect(("127.0.0.1", b.pport)).unwrap();
-            stream_rate(s, total, |s| {
+            move_bytes(s, total, way, |s| {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             })
         });
         // The same through the proxy's Unix-socket listener (the recommended local door).
         measured(&mut unix, daemon, || {
             let s = UnixStream::connect(b.env.path("proxy.sock")).unwrap();
-            stream_rate(s, total, |s| {
+            move_bytes(s, total, way, |s| {
                 let _ = s.shutdown(std::net::Shutdown::Write);
             })
         });
     }
-    report(&direct, &tcp, &unix, total, rounds);
+    (direct, tcp, unix)
 }
 
-/// Print the bulk part's rows from its sums (`rounds` of `total` bytes each way).
-fn report(direct: &Sums, tcp: &Sums, unix: &Sums, total: usize, rounds: usize) {
+/// Rounds of each way in the bulk part.
+const BULK_ROUNDS: usize = 10;
+
+/// Print the bulk part's rows for one way from its sums (direct, proxy TCP, proxy Unix;
+/// `BULK_ROUNDS` of `total` bytes each).
+fn report(title: &str, way: Way, [direct, tcp, unix]: [&Sums; 3], total: usize) {
+    let rounds = BULK_ROUNDS;
     let mib = |r: f64| r / rounds as f64 / (1 << 20) as f64;
     let ms_per_gib = |ns: u64| ns as f64 / 1e6 / ((total * rounds) as f64 / (1u64 << 30) as f64);
     println!(
-        "{:<28} {:>14} {:>14} {:>7}",
-        "one connection, bulk", "direct MiB/s", "proxy MiB/s", "ratio"
+        "{title:<28} {:>14} {:>14} {:>7}",
+        "direct MiB/s", "proxy MiB/s", "ratio"
     );
     let row = |label: String, d: f64, p: f64, ratio: f64| {
         println!("{label:<28} {d:>14.0} {p:>14.0} {ratio:>7.3}");
@@ -165,12 +211,12 @@ fn report(direct: &Sums, tcp: &Sums, unix: &Sums, total: usize, rounds: usize) {
     }
     let (dc, tc, uc) = (direct.cpu, tcp.cpu, unix.cpu);
     let per = |x: u64| ms_per_gib(x);
-    row(
-        "  sender CPU ms per GiB".into(),
-        per(dc),
-        per(tc),
-        dc as f64 / tc as f64,
-    );
+    let cpu = if way == Way::Up {
+        "  sender CPU ms per GiB"
+    } else {
+        "  receiver CPU ms per GiB"
+    };
+    row(cpu.into(), per(dc), per(tc), dc as f64 / tc as f64);
     row(
         "  the same, Unix socket".into(),
         per(dc),
