@@ -411,7 +411,7 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
             }
             Ok(Wake::Command(req, reply)) => {
                 tracing::info!(request = ?req, "asked through the API");
-                let _ = reply.send(d.command(req));
+                reply.send(d.command(req));
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),

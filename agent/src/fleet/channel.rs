@@ -6,7 +6,7 @@
 
 use super::Topics;
 use crate::serve::identity::{Identities, Resolver, ServingIdentity};
-use crate::serve::{EngineRequest, Wake};
+use crate::serve::{ask, EngineRequest, Unanswered, Wake};
 use firmware_config::fleet_channel::MqttConfig;
 use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use std::path::PathBuf;
@@ -170,15 +170,12 @@ impl Channel {
             let version = firmware_config::Bundle::parse(&bytes)
                 .map(|b| b.version)
                 .ok();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let (tx, rx) = std::sync::mpsc::sync_channel(1);
-                wake.send(Wake::Command(EngineRequest::Apply(bytes), tx))
-                    .map_err(|_| "the engine is stopping".to_owned())?;
-                rx.recv_timeout(Duration::from_secs(120))
-                    .map_err(|_| "the engine did not answer".to_owned())?
-            })
-            .await
-            .unwrap_or_else(|e| Err(e.to_string()));
+            let outcome =
+                match ask(&wake, EngineRequest::Apply(bytes), Duration::from_secs(120)).await {
+                    Ok(answer) => answer,
+                    Err(Unanswered::Stopping) => Err("the engine is stopping".to_owned()),
+                    Err(Unanswered::Late) => Err("the engine did not answer".to_owned()),
+                };
             let msg = match &outcome {
                 Ok(v) => {
                     tracing::info!(target: "fleet", %topic, "bundle applied from the fleet channel");

@@ -9,7 +9,7 @@ pub mod session;
 
 use crate::clock::{rfc3339, Clock, Unix};
 use crate::serve::identity::Identities;
-use crate::serve::{EngineRequest, Wake};
+use crate::serve::{EngineRequest, Reply, Wake};
 use firmware_config::FleetKey;
 use hsm_shim::Token;
 use protocol::Answer;
@@ -274,7 +274,7 @@ impl Shared {
 
     /// Ask the engine (the one writer) and wait for its answer.
     fn ask(&self, req: EngineRequest) -> Answer {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (tx, rx) = Reply::blocking();
         if self.wake.send(Wake::Command(req, tx)).is_err() {
             return Answer::error(503, "the engine is stopping");
         }

@@ -335,23 +335,18 @@ async fn ask_engine(
     op: Operation,
     req: EngineRequest,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    st.wake.send(Wake::Command(req, tx)).map_err(|_| {
-        ApiError(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the engine is stopping".into(),
-        )
-    })?;
-    let answer =
-        tokio::task::spawn_blocking(move || rx.recv_timeout(std::time::Duration::from_secs(60)))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map_err(|_| {
-                ApiError(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the engine did not answer within 60 s; see `edge-signer status`".into(),
-                )
-            })?;
+    let answer = super::ask(&st.wake, req, std::time::Duration::from_secs(60))
+        .await
+        .map_err(|e| match e {
+            super::Unanswered::Stopping => ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the engine is stopping".into(),
+            ),
+            super::Unanswered::Late => ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the engine did not answer within 60 s; see `edge-signer status`".into(),
+            ),
+        })?;
     match answer {
         Ok(v) => {
             count(c, op, "ok");

@@ -12,10 +12,18 @@
 //!
 //! A token call too slow to make inline (a TPM, RSA on a slow token, the first call of a
 //! key) goes to the runtime's blocking pool (`api::token_call`), so it never holds up the
-//! other connections of its thread. An idle thread sleeps in `epoll_wait` with no timer.
+//! other connections of its thread (at most `BLOCKING_PER_THREAD` at once per thread). An
+//! idle thread sleeps in `epoll_wait` with no timer.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Token calls too slow to make inline that one API thread runs at once; more wait in its
+/// queue. A token signs one call at a time or close to it (a TPM behind tpm2-abrmd: one), so
+/// more threads would only wait on it; tokio's default (512) would let a burst of callers
+/// start hundreds of threads on a small gateway. Engine requests (up to a minute) hold no
+/// thread (`serve::ask`).
+const BLOCKING_PER_THREAD: usize = 4;
 
 /// The API's threads.
 pub(super) struct ApiThreads {
@@ -83,6 +91,7 @@ impl ApiThread {
     fn start(name: &str) -> anyhow::Result<ApiThread> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .max_blocking_threads(BLOCKING_PER_THREAD)
             .thread_name(name)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot start the tokio runtime {name}: {e}"))?;

@@ -11,6 +11,7 @@ pub mod proxy;
 pub mod requests;
 
 use anyhow::{Context, Result};
+pub use ask::{ask, Answer, Reply, Unanswered};
 use firmware_config::Config;
 use identity::Identities;
 use std::sync::Arc;
@@ -49,9 +50,6 @@ impl std::fmt::Debug for EngineRequest {
         }
     }
 }
-
-/// Where the engine answers a request.
-pub type Reply = std::sync::mpsc::SyncSender<Result<serde_json::Value, String>>;
 
 /// The runtimes and the listeners started from one configuration.
 pub struct Servers {
@@ -219,6 +217,7 @@ pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 }
 
 mod api_threads;
+mod ask;
 mod http;
 mod preconnect;
 mod splice;

@@ -1,0 +1,126 @@
+//! How a server asks the engine thread (the one writer of the register) to do something,
+//! and waits for its answer.
+
+use super::{EngineRequest, Wake};
+
+/// The engine's answer to a request: what it did, or why not.
+pub type Answer = Result<serde_json::Value, String>;
+
+/// Where the engine answers a request. Each asker waits its own way: the API and the fleet
+/// channel on a tokio oneshot (`ask`: no thread is held while the engine works, up to a
+/// minute), the serial console on its own thread.
+pub struct Reply(Box<dyn FnOnce(Answer) + Send>);
+
+impl Reply {
+    /// A reply to wait for on a thread of the asker's own.
+    pub fn blocking() -> (Reply, std::sync::mpsc::Receiver<Answer>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        (
+            Reply(Box::new(move |a| {
+                let _ = tx.send(a);
+            })),
+            rx,
+        )
+    }
+
+    /// Give the asker the engine's answer (nothing happens when it stopped waiting).
+    pub fn send(self, answer: Answer) {
+        (self.0)(answer)
+    }
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reply")
+    }
+}
+
+/// Why an asker got no answer from the engine.
+#[derive(Debug, PartialEq)]
+pub enum Unanswered {
+    /// The engine is stopping (its queue or the reply was dropped).
+    Stopping,
+    /// No answer within the asker's limit.
+    Late,
+}
+
+/// Ask the engine from async code and wait up to `limit` for its answer, holding no thread.
+pub async fn ask(
+    wake: &std::sync::mpsc::Sender<Wake>,
+    req: EngineRequest,
+    limit: std::time::Duration,
+) -> Result<Answer, Unanswered> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let reply = Reply(Box::new(move |a| {
+        let _ = tx.send(a);
+    }));
+    wake.send(Wake::Command(req, reply))
+        .map_err(|_| Unanswered::Stopping)?;
+    match tokio::time::timeout(limit, rx).await {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(_)) => Err(Unanswered::Stopping),
+        Err(_) => Err(Unanswered::Late),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// An engine thread that takes one request and does `what` with its reply.
+    fn engine(what: fn(Reply)) -> std::sync::mpsc::Sender<Wake> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            if let Ok(Wake::Command(_, reply)) = rx.recv() {
+                what(reply);
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        tx
+    }
+
+    fn rotate() -> EngineRequest {
+        EngineRequest::Rotate("gw".into())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_answer_comes_back_and_each_way_of_not_answering_is_told_apart() {
+        let answered = engine(|r| r.send(Ok(serde_json::json!({"queued": true}))));
+        let got = ask(&answered, rotate(), Duration::from_secs(5)).await;
+        assert_eq!(got, Ok(Ok(serde_json::json!({"queued": true}))));
+
+        let refused = engine(|r| r.send(Err("no such identity".into())));
+        let got = ask(&refused, rotate(), Duration::from_secs(5)).await;
+        assert_eq!(got, Ok(Err("no such identity".into())));
+
+        // The engine dropped the reply unanswered, or is gone: stopping.
+        let dropped = engine(drop);
+        let got = ask(&dropped, rotate(), Duration::from_secs(5)).await;
+        assert_eq!(got, Err(Unanswered::Stopping));
+        let (gone, rx) = std::sync::mpsc::channel();
+        drop(rx);
+        assert_eq!(
+            ask(&gone, rotate(), Duration::from_secs(5)).await,
+            Err(Unanswered::Stopping)
+        );
+
+        // Busy past the limit: late, and the answer that comes after is dropped unread.
+        let busy = engine(|r| {
+            std::thread::sleep(Duration::from_millis(200));
+            r.send(Ok(serde_json::Value::Null));
+        });
+        let got = ask(&busy, rotate(), Duration::from_millis(50)).await;
+        assert_eq!(got, Err(Unanswered::Late));
+    }
+
+    #[test]
+    fn a_blocking_reply_reaches_its_thread() {
+        let (reply, rx) = Reply::blocking();
+        std::thread::spawn(move || reply.send(Ok(serde_json::json!(1))));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Ok(serde_json::json!(1)))
+        );
+    }
+}
