@@ -193,12 +193,27 @@ fn api_sign(s: &mut UnixStream, identity: &str, body: &[u8]) {
     }
 }
 
+/// A sign request's body: the same 130-byte message as the raw baseline, base64.
+fn sign_body(alg: &str) -> String {
+    format!(
+        r#"{{"alg":"{alg}","data":"WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWg=="}}"#
+    )
+}
+
+/// Signatures/s of `alg` with `identity` through the API, one client opening a connection
+/// per request, as `curl --unix-socket` in a shell script does.
+fn api_rate_per_connection(sock: &std::path::Path, identity: &str, alg: &str) -> f64 {
+    let body = sign_body(alg);
+    rate(1, || {
+        let mut s = UnixStream::connect(sock).unwrap();
+        api_sign(&mut s, identity, body.as_bytes());
+    })
+}
+
 /// Signatures/s of `alg` with `identity` through the API, from `threads` keep-alive
 /// connections (the same 130-byte message as the raw baseline).
 fn api_rate(sock: &std::path::Path, identity: &str, alg: &str, threads: usize) -> f64 {
-    let body = format!(
-        r#"{{"alg":"{alg}","data":"WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWg=="}}"#
-    );
+    let body = sign_body(alg);
     let conns: Vec<_> = (0..threads)
         .map(|_| std::sync::Mutex::new(UnixStream::connect(sock).unwrap()))
         .collect();
@@ -465,6 +480,39 @@ fn handoff_rtt(cpus: [usize; 2]) -> f64 {
     rtt
 }
 
+/// The daemon's CPU time over the operations of measured slices.
+struct DaemonCpu {
+    pid: u32,
+    /// (CPU ns, operations) summed over slices.
+    sum: std::cell::Cell<(u64, f64)>,
+}
+
+impl DaemonCpu {
+    fn new(b: &Bench) -> DaemonCpu {
+        DaemonCpu {
+            pid: b.daemon_pid(),
+            sum: Default::default(),
+        }
+    }
+
+    /// Run one slice (`f` returns operations/s) and count what the daemon spent in it.
+    fn count(&self, f: impl FnOnce() -> f64) -> f64 {
+        let (c0, t0) = (proc_cpu_ns(self.pid), Instant::now());
+        let r = f();
+        let (cpu, ops) = self.sum.get();
+        self.sum.set((
+            cpu + proc_cpu_ns(self.pid) - c0,
+            ops + r * t0.elapsed().as_secs_f64(),
+        ));
+        r
+    }
+
+    fn per_op_us(&self) -> f64 {
+        let (cpu, ops) = self.sum.get();
+        cpu as f64 / 1e3 / ops.max(1.0)
+    }
+}
+
 /// Signatures/s through the API vs raw cryptoki, 1 and 2 threads.
 fn api_part(b: &Bench) {
     println!(
@@ -491,11 +539,21 @@ fn api_part(b: &Bench) {
             hsm_shim::KeyType::Rsa2048,
         ),
     ];
+    // The daemon's CPU per request, keep-alive and a connection per request (ES256, 1 client).
+    let (kept, fresh) = (DaemonCpu::new(b), DaemonCpu::new(b));
     for (label, identity, alg, id, kt) in keys {
         for threads in [1, 2] {
+            let es256_one = threads == 1 && identity == "gw";
             let (raw, api) = paired(
                 || raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads).0,
-                || api_rate(&sock, identity, alg, threads),
+                || {
+                    let api = || api_rate(&sock, identity, alg, threads);
+                    if es256_one {
+                        kept.count(api)
+                    } else {
+                        api()
+                    }
+                },
             );
             println!(
                 "{label:<28} {threads:>7} {raw:>14.0} {api:>14.0} {:>7.3}",
@@ -506,6 +564,32 @@ fn api_part(b: &Bench) {
             }
         }
     }
+    // A connection per request (accept, SO_PEERCRED, hand-off to an API thread, close).
+    let (raw, api) = paired(
+        || {
+            raw_rate_cost(
+                &module(),
+                LABEL,
+                USER_PIN,
+                &b.id,
+                hsm_shim::KeyType::EcP256,
+                1,
+            )
+            .0
+        },
+        || fresh.count(|| api_rate_per_connection(&sock, "gw", "ES256")),
+    );
+    println!(
+        "{:<28} {:>7} {raw:>14.0} {api:>14.0} {:>7.3}",
+        "ES256, connection per req",
+        1,
+        api / raw
+    );
+    println!(
+        "  daemon CPU µs per ES256 request, 1 client: keep-alive {:.0}, connection per request {:.0}",
+        kept.per_op_us(),
+        fresh.per_op_us()
+    );
     // Where one request's time goes (1 thread, nothing overlaps): the signature, the two
     // hand-offs between client and daemon threads (on a VM a wake-up that crosses cores
     // costs tens of µs), and the rest (HTTP, JSON, base64, syscalls on both sides).

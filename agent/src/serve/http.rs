@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
+use tower_layer::Layer;
 
 /// Bind a Unix socket at `path` (a stale socket file is replaced), mode 0666: who may do
 /// what is the policy's decision, made per request from the peer's credentials.
@@ -75,7 +76,9 @@ pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Resul
                     continue;
                 }
             };
-            let svc = TowerToHyperService::new(app.clone().layer(axum::Extension(caller)));
+            // The caller goes into each request of the connection by a wrapper around the
+            // shared router; `Router::layer` would rebuild every route per connection.
+            let svc = TowerToHyperService::new(axum::Extension(caller).layer(app.clone()));
             threads.dispatch(stream, move |stream| async move {
                 let conn = builder(timeout).serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {
