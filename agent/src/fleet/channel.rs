@@ -174,7 +174,9 @@ impl Channel {
                 match ask(&wake, EngineRequest::Apply(bytes), Duration::from_secs(120)).await {
                     Ok(answer) => answer,
                     Err(Unanswered::Stopping) => Err("the engine is stopping".to_owned()),
-                    Err(Unanswered::Late) => Err("the engine did not answer".to_owned()),
+                    // Not a refusal: the bundle stays queued, and the retained status shows
+                    // its config_version once the engine has applied it.
+                    Err(Unanswered::Late) => Err("the engine did not answer within 120 s; the bundle is still queued and may yet be applied: watch config_version in the status topic".to_owned()),
                 };
             let msg = match &outcome {
                 Ok(v) => {
