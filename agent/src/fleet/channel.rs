@@ -170,18 +170,24 @@ impl Channel {
             let version = firmware_config::Bundle::parse(&bytes)
                 .map(|b| b.version)
                 .ok();
-            let outcome =
-                match ask(&wake, EngineRequest::Apply(bytes), Duration::from_secs(120)).await {
-                    Ok(answer) => answer,
-                    Err(Unanswered::Stopping) => Err("the engine is stopping".to_owned()),
-                    // Not a refusal: the bundle stays queued, and the retained status shows
-                    // its config_version once the engine has applied it.
-                    Err(Unanswered::Late) => Err("the engine did not answer within 120 s; the bundle is still queued and may yet be applied: watch config_version in the status topic".to_owned()),
-                };
+            let asked = ask(&wake, EngineRequest::Apply(bytes), Duration::from_secs(120)).await;
+            // Late is not a refusal: the bundle stays queued, and the retained status shows
+            // its config_version once the engine has applied it.
+            let pending = asked == Err(Unanswered::Late);
+            let outcome = asked.unwrap_or_else(|e| {
+                Err(match e {
+                    Unanswered::Stopping => "the engine is stopping".to_owned(),
+                    Unanswered::Late => "the engine did not answer within 120 s; the bundle is still queued and may yet be applied: watch config_version in the status topic".to_owned(),
+                })
+            });
             let msg = match &outcome {
                 Ok(v) => {
                     tracing::info!(target: "fleet", %topic, "bundle applied from the fleet channel");
                     serde_json::json!({"device": device, "topic": topic, "applied": true, "version": v["version"], "kind": v["kind"], "changes": v["changes"].as_array().map(|c| c.len()).unwrap_or(0)})
+                }
+                Err(e) if pending => {
+                    tracing::warn!(target: "fleet", %topic, "bundle not answered yet: {e}");
+                    serde_json::json!({"device": device, "topic": topic, "applied": false, "pending": true, "version": version, "reason": e})
                 }
                 Err(e) => {
                     tracing::warn!(target: "fleet", %topic, "bundle refused: {e}");
