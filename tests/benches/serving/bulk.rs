@@ -1,14 +1,52 @@
 //! Bytes/s through one long connection: the proxy (TCP and Unix-socket listeners) vs direct
 //! TLS with the same token key, and the sending side's CPU per GiB.
 
-use super::{fetch_rate, proc_cpu_ns, provider, stream_rate, thread_cpu_ns, Bench};
+use super::{proc_cpu_ns, provider, thread_cpu_ns, Bench, LEAD};
 use edge_signer_tests::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Instant;
+
+/// Bytes/s of `total` bytes written through `s` (plain or TLS) to the sink.
+fn stream_rate<S: Read + Write>(mut s: S, total: usize, done: impl FnOnce(&mut S)) -> f64 {
+    let buf = vec![0x42u8; LEAD + (1 << 16)];
+    let chunk = &buf[LEAD..];
+    let start = Instant::now();
+    s.write_all(b"s").unwrap();
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(chunk).unwrap();
+        sent += chunk.len();
+    }
+    done(&mut s);
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).unwrap();
+    assert_eq!(u64::from_be_bytes(n) as usize, sent);
+    sent as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Bytes/s of `total` bytes the target sends through `s` (plain or TLS), read to the end.
+fn fetch_rate<S: Read + Write>(mut s: S, total: usize) -> f64 {
+    let mut buf = vec![0u8; LEAD + (1 << 16)];
+    let start = Instant::now();
+    let mut ask = b"d".to_vec();
+    ask.extend_from_slice(&(total as u64).to_be_bytes());
+    s.write_all(&ask).unwrap();
+    let mut got = 0;
+    while got < total {
+        match s.read(&mut buf[LEAD..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("download after {got} bytes: {e}"),
+        }
+    }
+    assert_eq!(got, total);
+    got as f64 / start.elapsed().as_secs_f64()
+}
 
 /// A client config presenting `gw`'s token key, for direct TLS to the target.
 fn direct_client(b: &Bench) -> Arc<rustls::ClientConfig> {
