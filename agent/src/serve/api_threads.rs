@@ -27,7 +27,9 @@ const BLOCKING_PER_THREAD: usize = 4;
 
 /// The API's threads.
 pub(super) struct ApiThreads {
-    threads: Vec<ApiThread>,
+    /// Runs the accept loop; there is always one.
+    first: ApiThread,
+    rest: Vec<ApiThread>,
 }
 
 struct ApiThread {
@@ -48,17 +50,24 @@ impl Drop for Open {
 }
 
 impl ApiThreads {
-    /// Start `n` threads named `edge-signer-api-<i>`.
+    /// Start `n` threads (at least one) named `edge-signer-api-<i>`.
     pub(super) fn start(n: usize) -> anyhow::Result<ApiThreads> {
-        let threads = (0..n.max(1))
+        let first = ApiThread::start("edge-signer-api-0")?;
+        let rest = (1..n)
             .map(|i| ApiThread::start(&format!("edge-signer-api-{i}")))
             .collect::<anyhow::Result<_>>()?;
-        Ok(ApiThreads { threads })
+        Ok(ApiThreads { first, rest })
+    }
+
+    /// Every thread, the first one first.
+    #[cfg(test)]
+    fn all(&self) -> impl Iterator<Item = &ApiThread> {
+        std::iter::once(&self.first).chain(&self.rest)
     }
 
     /// Where the accept loop runs (the first thread).
     pub(super) fn handle(&self) -> &tokio::runtime::Handle {
-        &self.threads[0].handle
+        &self.first.handle
     }
 
     /// Run `serve(stream)` on the thread holding the fewest connections; the stream is
@@ -68,13 +77,13 @@ impl ApiThreads {
         F: FnOnce(tokio::net::UnixStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let Some(t) = self
-            .threads
-            .iter()
-            .min_by_key(|t| t.open.load(Ordering::Relaxed))
-        else {
-            return;
-        };
+        let t = self.rest.iter().fold(&self.first, |best, t| {
+            if t.open.load(Ordering::Relaxed) < best.open.load(Ordering::Relaxed) {
+                t
+            } else {
+                best
+            }
+        });
         t.open.fetch_add(1, Ordering::Relaxed);
         let open = Open(t.open.clone());
         t.handle.spawn(async move {
@@ -119,10 +128,7 @@ mod tests {
     use std::time::Duration;
 
     fn open_counts(t: &ApiThreads) -> Vec<usize> {
-        t.threads
-            .iter()
-            .map(|t| t.open.load(Ordering::Relaxed))
-            .collect()
+        t.all().map(|t| t.open.load(Ordering::Relaxed)).collect()
     }
 
     #[test]
@@ -179,7 +185,7 @@ mod tests {
     #[test]
     fn the_threads_stop_when_the_last_holder_is_gone() {
         let threads = Arc::new(ApiThreads::start(2).unwrap());
-        let handles: Vec<_> = threads.threads.iter().map(|t| t.handle.clone()).collect();
+        let handles: Vec<_> = threads.all().map(|t| t.handle.clone()).collect();
         let held = threads.clone();
         let accept_loop = handles[0].spawn(async move {
             let _held = held;
