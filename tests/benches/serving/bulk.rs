@@ -130,12 +130,7 @@ enum Way {
 
 /// Move `total` bytes `way` through `s`, plain or TLS; `done` ends the caller's side of an
 /// upload (close_notify, or a half-close the proxy passes on as close_notify).
-fn move_bytes<S: std::io::Read + Write>(
-    s: S,
-    total: usize,
-    way: Way,
-    done: impl FnOnce(&mut S),
-) -> f64 {
+fn move_bytes<S: Read + Write>(s: S, total: usize, way: Way, done: impl FnOnce(&mut S)) -> f64 {
     match way {
         Way::Up => stream_rate(s, total, done),
         Way::Down => fetch_rate(s, total),
