@@ -108,3 +108,16 @@ impl Env {
 pub fn proxy_port() -> u16 {
     free_port()
 }
+
+/// The body length of an HTTP/1.1 response head (bytes before the blank line), which must
+/// say 200: what the API tests and the serving bench read of each answer.
+pub fn ok_body_len(head: &[u8]) -> usize {
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap_or_else(|| panic!("no content-length in {head}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("content-length in {head}: {e}"))
+}

@@ -3,6 +3,7 @@
 //! and where one request's time goes.
 
 use super::{Bench, ProcCpu};
+use edge_signer_tests::serving::ok_body_len;
 use edge_signer_tests::*;
 use hsm_shim::testing::bench::{paired, rate, raw_rate_cost};
 use std::io::{Read, Write};
@@ -26,15 +27,7 @@ fn api_sign(s: &mut UnixStream, identity: &str, body: &[u8]) {
         assert!(n > 0, "API closed the connection");
         got.extend_from_slice(&buf[..n]);
         if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
-            assert!(head.starts_with("http/1.1 200"), "{head}");
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let len = ok_body_len(&got[..end]);
             while got.len() < end + 4 + len {
                 let n = s.read(&mut buf).unwrap();
                 got.extend_from_slice(&buf[..n]);
