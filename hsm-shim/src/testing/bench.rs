@@ -94,18 +94,35 @@ fn thread_cost() -> (u64, u64) {
     (cpu, sleeps)
 }
 
+/// `rate` with one item per thread (see `rate_cost_each`).
+pub fn rate_each<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) -> f64 {
+    rate_cost_each(items, f).0
+}
+
 /// `rate`, and what its threads cost.
 pub fn rate_cost(threads: usize, f: impl Fn() + Sync) -> (f64, Cost) {
+    rate_cost_by_thread(threads, |_| f())
+}
+
+/// `rate_cost` with one item per thread: thread `i` runs `f(&items[i])` (its own session,
+/// its own connection).
+pub fn rate_cost_each<T: Sync>(items: &[T], f: impl Fn(&T) + Sync) -> (f64, Cost) {
+    rate_cost_by_thread(items.len(), |i| f(&items[i]))
+}
+
+/// `rate_cost`, telling each call which thread (0..threads) makes it.
+fn rate_cost_by_thread(threads: usize, f: impl Fn(usize) + Sync) -> (f64, Cost) {
     let d = secs();
     let start = Instant::now();
     let threads_cost: Cost = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
+            .map(|i| {
+                let f = &f;
+                s.spawn(move || {
                     let (cpu0, sleeps0) = thread_cost();
                     let mut ops = 0u64;
                     while start.elapsed() < d {
-                        f();
+                        f(i);
                         ops += 1;
                     }
                     let (cpu1, sleeps1) = thread_cost();
@@ -166,17 +183,8 @@ pub fn raw_rate_cost(
             std::sync::Mutex::new((s, h))
         })
         .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    thread_local!(static MINE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
-    rate_cost(threads, || {
-        let idx = MINE.with(|m| {
-            m.get().unwrap_or_else(|| {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                m.set(Some(i));
-                i
-            })
-        });
-        let guard = sessions[idx].lock().expect("own session");
+    rate_cost_each(&sessions, |session| {
+        let guard = session.lock().expect("own session");
         let (s, h) = &*guard;
         if kt.is_ec() {
             let digest = sha2::Sha256::digest(msg);

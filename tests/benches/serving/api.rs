@@ -5,7 +5,7 @@
 use super::{Bench, ProcCpu};
 use edge_signer_tests::serving::ok_body_len;
 use edge_signer_tests::*;
-use hsm_shim::testing::bench::{paired, rate, raw_rate_cost};
+use hsm_shim::testing::bench::{paired, rate, rate_each, raw_rate_cost};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
@@ -61,17 +61,8 @@ fn api_rate(sock: &std::path::Path, identity: &str, alg: &str, threads: usize) -
     let conns: Vec<_> = (0..threads)
         .map(|_| std::sync::Mutex::new(UnixStream::connect(sock).unwrap()))
         .collect();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    thread_local!(static MINE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) });
-    rate(threads, || {
-        let i = MINE.with(|m| {
-            m.get().unwrap_or_else(|| {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % threads;
-                m.set(Some(i));
-                i
-            })
-        });
-        api_sign(&mut conns[i].lock().unwrap(), identity, body.as_bytes());
+    rate_each(&conns, |conn| {
+        api_sign(&mut conn.lock().unwrap(), identity, body.as_bytes());
     })
 }
 
