@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::keys::KeyType;
+use crate::primed::Prime;
 use crate::sign::{Hash, SignAlg, TokenKey};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -63,6 +64,26 @@ pub fn b64url(data: &[u8]) -> String {
 /// Sign `payload` as a compact JWS with protected header `{"alg":..,"kid":..}`.
 /// The signature covers `BASE64URL(header) || '.' || BASE64URL(payload)` (RFC 7515 §5.1).
 pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Result<String> {
+    let signing_input = signing_input(key, alg, kid, payload)?;
+    let sig = key.sign(alg.sign_alg(), signing_input.as_bytes())?;
+    Ok(format!("{signing_input}.{}", b64url(&sig)))
+}
+
+/// [`sign_compact`] through [`TokenKey::sign_and_prime`]: the JWS and the prime of the
+/// next signature, for a server to run once its caller has the answer.
+pub fn sign_compact_and_prime(
+    key: &TokenKey,
+    alg: JwsAlg,
+    kid: &str,
+    payload: &[u8],
+) -> Result<(String, Option<Prime>)> {
+    let signing_input = signing_input(key, alg, kid, payload)?;
+    let (sig, prime) = key.sign_and_prime(alg.sign_alg(), signing_input.as_bytes(), false)?;
+    Ok((format!("{signing_input}.{}", b64url(&sig)), prime))
+}
+
+/// What a JWS signature covers, once `alg` fits the key.
+fn signing_input(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Result<String> {
     let compatible = matches!(
         (alg, key.key_type()),
         (JwsAlg::Es256, KeyType::EcP256)
@@ -80,11 +101,9 @@ pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> R
         )));
     }
     let header = serde_json::json!({ "alg": alg.name(), "kid": kid });
-    let signing_input = format!(
+    Ok(format!(
         "{}.{}",
         b64url(header.to_string().as_bytes()),
         b64url(payload)
-    );
-    let sig = key.sign(alg.sign_alg(), signing_input.as_bytes())?;
-    Ok(format!("{signing_input}.{}", b64url(&sig)))
+    ))
 }

@@ -4,6 +4,7 @@ use crate::der;
 use crate::error::{Error, Result};
 use crate::keys::{KeyInfo, KeyRef, KeyType};
 use crate::mechanisms::SignPlan;
+use crate::primed::{Kind, Prime};
 use crate::signing_object::SigningObject;
 use crate::token::Token;
 use cryptoki::error::{Error as CkError, RvError};
@@ -170,20 +171,11 @@ impl TokenKey {
     /// digest, RSA-PSS over the digest (CKM_RSA_PKCS_PSS), PKCS#1 v1.5 over its DigestInfo
     /// (CKM_RSA_PKCS).
     pub fn sign_digest(&self, alg: SignAlg, digest: &[u8]) -> Result<Vec<u8>> {
-        let hash = alg.hash();
-        if digest.len() as u64 != hash.output_len() {
-            return Err(Error::Unsupported(format!(
-                "a {} digest is {} bytes, not {}",
-                hash.name(),
-                hash.output_len(),
-                digest.len()
-            )));
-        }
         let plan = self
             .token
             .mechanisms()?
             .plan_digest(self.info.key_type, alg)?;
-        let (mech, data) = mechanism(plan, alg, digest);
+        let (mech, data) = input(plan, alg, digest, true)?;
         let out = self.sign_raw(alg, mech, &data);
         match out {
             // tpm2-pkcs11 makes CKM_RSA_PKCS a raw RSA decryption (TPM2_RSA_Decrypt), which a
@@ -222,11 +214,55 @@ impl TokenKey {
             .token
             .mechanisms()?
             .plan_message(self.info.key_type, alg)?;
-        let (mech, data) = match plan {
-            SignPlan::DigestInSoftware(_) => mechanism(plan, alg, &alg.hash().digest(msg)),
-            SignPlan::HashInToken(_) => mechanism(plan, alg, msg),
-        };
+        let (mech, data) = input(plan, alg, msg, false)?;
         self.sign_raw(alg, mech, &data)
+    }
+
+    /// Sign `data` (a message, or with `prehashed` a digest, as [`TokenKey::sign`] and
+    /// [`TokenKey::sign_digest`]) with a session primed for it when there is one; the
+    /// signature and the prime of the next one of its kind, to [`Prime::run`] once the
+    /// caller has its answer (see `primed`).
+    pub fn sign_and_prime(
+        &self,
+        alg: SignAlg,
+        data: &[u8],
+        prehashed: bool,
+    ) -> Result<(Vec<u8>, Option<Prime>)> {
+        let mechs = self.token.mechanisms()?;
+        let plan = if prehashed {
+            mechs.plan_digest(self.info.key_type, alg)?
+        } else {
+            mechs.plan_message(self.info.key_type, alg)?
+        };
+        let kind = |handle| Kind {
+            id: self.info.id.clone(),
+            handle,
+            alg,
+            plan,
+        };
+        let epoch = self.token.with_stash(|s| s.epoch());
+        if let Some(handle) = self.object.known() {
+            let (_, bytes) = input(plan, alg, data, prehashed)?;
+            let start = std::time::Instant::now();
+            if let Some((raw, next)) =
+                crate::primed::sign_primed(&self.token, &kind(handle), &bytes)
+            {
+                self.token.note_sign_time(start.elapsed());
+                observe(alg, start, None);
+                return Ok((finish(alg, raw)?, Some(next)));
+            }
+        }
+        let sig = if prehashed {
+            self.sign_digest(alg, data)?
+        } else {
+            self.sign(alg, data)?
+        };
+        let next = self
+            .object
+            .known()
+            .filter(|_| self.token.raw_sign().is_some())
+            .map(|h| Prime::new(self.token.clone(), None, kind(h), epoch));
+        Ok((sig, next))
     }
 
     fn sign_raw(&self, alg: SignAlg, mech: Mechanism<'static>, data: &[u8]) -> Result<Vec<u8>> {
@@ -235,14 +271,12 @@ impl TokenKey {
         if out.is_ok() {
             self.token.note_sign_time(start.elapsed());
         }
-        if let Some(observe) = OBSERVER.get() {
-            let ckr = match &out {
-                Err(Error::Pkcs11 { ckr, .. }) => Some(ckr.as_str()),
-                Err(_) => Some("other"),
-                Ok(_) => None,
-            };
-            observe(alg.mechanism_name(), start.elapsed().as_secs_f64(), ckr);
-        }
+        let ckr = match &out {
+            Err(Error::Pkcs11 { ckr, .. }) => Some(ckr.as_str()),
+            Err(_) => Some("other"),
+            Ok(_) => None,
+        };
+        observe(alg, start, ckr);
         out
     }
 
@@ -265,18 +299,56 @@ impl TokenKey {
                 other => Ok(other?),
             }
         })?;
-        match alg {
-            SignAlg::Ecdsa { der: true, .. } => der::ecdsa_raw_to_der(&raw).ok_or_else(|| {
-                Error::BadTokenData(format!("ECDSA signature of {} bytes", raw.len()))
-            }),
-            _ => Ok(raw),
-        }
+        finish(alg, raw)
     }
+}
+
+/// Tell the observer (metrics) of one signature begun at `start`.
+fn observe(alg: SignAlg, start: std::time::Instant, ckr: Option<&str>) {
+    if let Some(observe) = OBSERVER.get() {
+        observe(alg.mechanism_name(), start.elapsed().as_secs_f64(), ckr);
+    }
+}
+
+/// The signature as `alg` gives it from the token's output (ECDSA: r||s, or DER).
+fn finish(alg: SignAlg, raw: Vec<u8>) -> Result<Vec<u8>> {
+    match alg {
+        SignAlg::Ecdsa { der: true, .. } => der::ecdsa_raw_to_der(&raw)
+            .ok_or_else(|| Error::BadTokenData(format!("ECDSA signature of {} bytes", raw.len()))),
+        _ => Ok(raw),
+    }
+}
+
+/// The mechanism and the bytes to pass the token for `data`: a message (hashed here when
+/// the token signs digests) or, with `prehashed`, the caller's digest (its length checked).
+fn input(
+    plan: SignPlan,
+    alg: SignAlg,
+    data: &[u8],
+    prehashed: bool,
+) -> Result<(Mechanism<'static>, Vec<u8>)> {
+    let hash = alg.hash();
+    if prehashed && data.len() as u64 != hash.output_len() {
+        return Err(Error::Unsupported(format!(
+            "a {} digest is {} bytes, not {}",
+            hash.name(),
+            hash.output_len(),
+            data.len()
+        )));
+    }
+    Ok(match plan {
+        SignPlan::DigestInSoftware(_) if !prehashed => mechanism(plan, alg, &hash.digest(data)),
+        _ => mechanism(plan, alg, data),
+    })
 }
 
 /// The mechanism (with PSS parameters) and the data to pass for `plan`: `data` is the message
 /// when the token hashes, else the digest (wrapped in a DigestInfo for CKM_RSA_PKCS).
-fn mechanism(plan: SignPlan, alg: SignAlg, data: &[u8]) -> (Mechanism<'static>, Vec<u8>) {
+pub(crate) fn mechanism(
+    plan: SignPlan,
+    alg: SignAlg,
+    data: &[u8],
+) -> (Mechanism<'static>, Vec<u8>) {
     let h = alg.hash();
     let (hash_alg, mgf) = match h {
         Hash::Sha256 => (MechanismType::SHA256, PkcsMgfType::MGF1_SHA256),

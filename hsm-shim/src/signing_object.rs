@@ -80,6 +80,15 @@ impl SigningObject {
         self.look_up(s, &mut now)
     }
 
+    /// The handle to sign with, when it is known and needs no check now (a primed session
+    /// is only used for it: see `primed`).
+    pub(crate) fn known(&self) -> Option<ObjectHandle> {
+        match *self.now.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(c) if c.copy.is_none() || c.checked.elapsed() < RECHECK => Some(c.sign_with()),
+            _ => None,
+        }
+    }
+
     /// `stale` was refused as a key handle: look the key up again, unless another thread
     /// already did (then its handle is the answer, and stays valid for the thread using it).
     pub(crate) fn refresh(&self, s: &Session, stale: ObjectHandle) -> Result<ObjectHandle> {

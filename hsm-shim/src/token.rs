@@ -3,6 +3,7 @@
 use crate::error::{Error, Result};
 use crate::mechanisms::Mechanisms;
 use crate::pin::Pin;
+use crate::primed::{RawSign, Stash};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, UserType};
@@ -185,6 +186,10 @@ pub struct Token {
     sign_micros: AtomicU64,
     /// Sign with session copies of keys (SoftHSM; see `signing_object`).
     copies_keys: bool,
+    /// The module's own `C_Sign`, for primed sessions (`primed`).
+    raw: Option<RawSign>,
+    /// Sessions primed for a signature.
+    stash: Mutex<Stash>,
 }
 
 impl std::fmt::Debug for Token {
@@ -215,6 +220,8 @@ impl Token {
             mechanisms: OnceLock::new(),
             sign_micros: AtomicU64::new(u64::MAX),
             copies_keys: s.manufacturer.starts_with("SoftHSM"),
+            raw: RawSign::load(module),
+            stash: Mutex::new(Stash::default()),
         };
         // Open (and log in) one session now, so a wrong PIN is reported here.
         let first = token.open_session()?;
@@ -242,7 +249,7 @@ impl Token {
         *self.slot.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn open_session(&self) -> Result<Session> {
+    pub(crate) fn open_session(&self) -> Result<Session> {
         let session = self.ctx.open_rw_session(self.slot())?;
         if let Some(pin) = &self.pin {
             match session.login(UserType::User, Some(&pin.auth())) {
@@ -355,9 +362,28 @@ impl Token {
         })
     }
 
-    /// Forget all pooled sessions (they are closed on drop).
+    /// Forget all pooled and primed sessions (they are closed on drop).
     fn drop_pool(&self) {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let primed = self.with_stash(Stash::next_epoch);
+        drop(primed);
+    }
+
+    /// Sessions primed for a signature now (tests).
+    #[doc(hidden)]
+    pub fn primed_sessions(&self) -> usize {
+        self.with_stash(|s| s.len())
+    }
+
+    /// The module's own `C_Sign`, when it gave one.
+    pub(crate) fn raw_sign(&self) -> Option<&RawSign> {
+        self.raw.as_ref()
+    }
+
+    /// Run `f` on the primed sessions (return what is to be closed: it is closed after the
+    /// lock is let go).
+    pub(crate) fn with_stash<T>(&self, f: impl FnOnce(&mut Stash) -> T) -> T {
+        f(&mut self.stash.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Log the user out of the token (all sessions). For tests of the reopen path.

@@ -235,17 +235,32 @@ fn bad(msg: impl Into<String>) -> ApiError {
 /// connections of the thread go on meanwhile. Inline, PS256 through the API with 2 clients
 /// reaches 0.8-0.9 of raw cryptoki's rate; with a hand-off per request it stayed at
 /// 0.60-0.62 (`scripts/bench`). The error says what failed, for the caller.
+///
+/// A call that leaves a [`hsm_shim::Prime`] (the next signature's `C_SignInit`) has it run
+/// after the answer: a task queued on this thread runs once the response is written (the
+/// connection's task yields then), or on the blocking pool for a slow token.
 async fn token_call<R: Send + 'static>(
     token: &hsm_shim::Token,
-    f: impl FnOnce() -> hsm_shim::Result<R> + Send + 'static,
+    f: impl FnOnce() -> hsm_shim::Result<(R, Option<hsm_shim::Prime>)> + Send + 'static,
 ) -> Result<R, String> {
-    if super::runs_inline(super::API_INLINE_MAX, token.typical_sign_time()) {
-        return f().map_err(|e| e.to_string());
+    let inline = super::runs_inline(super::API_INLINE_MAX, token.typical_sign_time());
+    let out = if inline {
+        f()
+    } else {
+        match tokio::task::spawn_blocking(f).await {
+            Ok(r) => r,
+            Err(e) => return Err(format!("the token call ended abnormally: {e}")),
+        }
+    };
+    let (r, prime) = out.map_err(|e| e.to_string())?;
+    if let Some(p) = prime {
+        if inline {
+            tokio::task::spawn(async move { p.run() });
+        } else {
+            tokio::task::spawn_blocking(move || p.run());
+        }
     }
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("the token call ended abnormally: {e}")),
-    }
+    Ok(r)
 }
 
 async fn sign(
@@ -262,11 +277,7 @@ async fn sign(
     let job = req.check().map_err(bad)?;
     let key = s.key.clone();
     let sig = token_call(s.key.token(), move || {
-        if job.prehashed {
-            key.sign_digest(job.alg, &job.bytes)
-        } else {
-            key.sign(job.alg, &job.bytes)
-        }
+        key.sign_and_prime(job.alg, &job.bytes, job.prehashed)
     })
     .await
     .map_err(|e| {
@@ -312,7 +323,10 @@ async fn jws(
         .unwrap_or_else(|| s.fingerprint.clone());
     let out = token_call(s.key.token(), move || {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
-        hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
+        Ok((
+            hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)?,
+            None,
+        ))
     })
     .await
     .map_err(|e| {
