@@ -35,6 +35,16 @@ use std::sync::Arc;
 /// Primed sessions kept per token: enough for the API threads and a few keys.
 const KEPT: usize = 8;
 
+/// How many primed sessions a token whose `ulMaxSessionCount` is `limit` gets: at most a
+/// quarter of its sessions (a small HSM allows ten or so, and the pool needs them more), none
+/// when that is under one.
+pub(crate) fn kept_for(limit: Option<cryptoki::slot::Limit>) -> usize {
+    match limit {
+        Some(cryptoki::slot::Limit::Max(n)) => usize::try_from(n / 4).unwrap_or(KEPT).min(KEPT),
+        _ => KEPT,
+    }
+}
+
 /// The module's own `C_Sign`.
 pub(crate) struct RawSign {
     /// Keeps the module mapped for as long as the pointer is used (cryptoki holds it too).
@@ -116,14 +126,23 @@ pub(crate) struct Primed {
 }
 
 /// The primed sessions of a token.
-#[derive(Default)]
 pub(crate) struct Stash {
     /// Moves on with every destroy in the token (before and after it).
     epoch: u64,
     kept: Vec<Primed>,
+    /// How many are kept at most (`kept_for`).
+    cap: usize,
 }
 
 impl Stash {
+    pub(crate) fn new(cap: usize) -> Stash {
+        Stash {
+            epoch: 0,
+            kept: Vec::new(),
+            cap,
+        }
+    }
+
     /// Sessions primed before now can no longer be used; returns them, to be closed.
     pub(crate) fn next_epoch(&mut self) -> Vec<Primed> {
         self.epoch += 1;
@@ -156,13 +175,13 @@ impl Stash {
         found
     }
 
-    /// Keep `p` if it was primed in this epoch (else hand it back, to be closed); at
-    /// `KEPT`, the oldest one goes.
+    /// Keep `p` if it was primed in this epoch (else hand it back, to be closed); at the
+    /// cap, the oldest one goes.
     fn keep(&mut self, p: Primed) -> Option<Primed> {
-        if p.epoch != self.epoch {
+        if p.epoch != self.epoch || self.cap == 0 {
             return Some(p);
         }
-        let out = (self.kept.len() >= KEPT).then(|| self.kept.remove(0));
+        let out = (self.kept.len() >= self.cap).then(|| self.kept.remove(0));
         self.kept.push(p);
         out
     }
@@ -243,4 +262,20 @@ pub(crate) fn sign_primed(
         sig,
         Prime::new(token.clone(), Some(p.session), kind.clone(), epoch),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cryptoki::slot::Limit;
+
+    #[test]
+    fn a_small_token_keeps_a_quarter_of_its_sessions_primed_at_most() {
+        assert_eq!(kept_for(Some(Limit::Max(3))), 0);
+        assert_eq!(kept_for(Some(Limit::Max(10))), 2);
+        assert_eq!(kept_for(Some(Limit::Max(1000))), KEPT);
+        assert_eq!(kept_for(Some(Limit::Infinite)), KEPT);
+        assert_eq!(kept_for(Some(Limit::Unavailable)), KEPT);
+        assert_eq!(kept_for(None), KEPT);
+    }
 }

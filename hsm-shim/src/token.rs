@@ -208,6 +208,8 @@ impl Token {
         let ctx = load_module(module)?;
         let slot = find_slot(&ctx, selector)?;
         let s = summary(&ctx, slot)?;
+        let primed =
+            crate::primed::kept_for(ctx.get_token_info(slot).ok().map(|i| i.max_session_count()));
         let token = Token {
             ctx,
             selector: selector.clone(),
@@ -220,8 +222,8 @@ impl Token {
             mechanisms: OnceLock::new(),
             sign_micros: AtomicU64::new(u64::MAX),
             copies_keys: s.manufacturer.starts_with("SoftHSM"),
-            raw: RawSign::load(module),
-            stash: Mutex::new(Stash::default()),
+            raw: (primed > 0).then(|| RawSign::load(module)).flatten(),
+            stash: Mutex::new(Stash::new(primed)),
         };
         // Open (and log in) one session now, so a wrong PIN is reported here.
         let first = token.open_session()?;
@@ -264,7 +266,17 @@ impl Token {
         let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match pooled {
             Some(s) => Ok(s),
-            None => self.open_session(),
+            None => match self.open_session() {
+                // A token at its session limit: primed sessions make room before a call fails.
+                Err(Error::Pkcs11 {
+                    cause: CkError::Pkcs11(RvError::SessionCount, _),
+                    ..
+                }) if self.primed_sessions() > 0 => {
+                    drop(self.with_stash(Stash::next_epoch));
+                    self.open_session()
+                }
+                other => other,
+            },
         }
     }
 
