@@ -119,7 +119,29 @@ fn a_primed_session_serves_only_its_own_key_and_kind(kind: TokenKind) {
     assert_eq!(t.token.primed_sessions(), 0);
 }
 
+fn primed_jws_signatures_verify(kind: TokenKind) {
+    use base64::Engine;
+    use hsm_shim::jws::{sign_compact_and_prime, JwsAlg};
+    let t = TestToken::new_on(kind);
+    let k = key(&t, KeyType::EcP256);
+    for i in 0..3 {
+        let payload = format!(r#"{{"n":{i}}}"#);
+        let (jws, prime) =
+            sign_compact_and_prime(&k, JwsAlg::Es256, "kid", payload.as_bytes()).unwrap();
+        prime.expect("a prime").run();
+        let (input, sig) = jws.rsplit_once('.').unwrap();
+        let sig = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sig)
+            .unwrap();
+        UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &k.info().public_bits)
+            .verify(input.as_bytes(), &sig)
+            .unwrap_or_else(|_| panic!("JWS {i} does not verify"));
+    }
+    assert_eq!(t.token.primed_sessions(), 1);
+}
+
 hsm_shim::token_tests!(
+    primed_jws_signatures_verify,
     primed_signatures_verify_for_each_key_type_and_alg,
     no_session_primed_before_a_destroy_signs_after_it,
     a_primed_session_serves_only_its_own_key_and_kind,

@@ -323,10 +323,7 @@ async fn jws(
         .unwrap_or_else(|| s.fingerprint.clone());
     let out = token_call(s.key.token(), move || {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
-        Ok((
-            hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)?,
-            None,
-        ))
+        hsm_shim::jws::sign_compact_and_prime(&key, alg, &kid, &payload)
     })
     .await
     .map_err(|e| {
