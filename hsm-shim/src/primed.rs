@@ -223,25 +223,29 @@ impl Prime {
     /// Initialise the next signature of the same key and mechanism in this prime's session
     /// (a new one when the signature used the pool), and keep it for that signature.
     /// Failures are quiet: the next signature then takes the ordinary path.
-    pub fn run(mut self) {
-        let session = match self.session.take() {
-            Some(s) => s,
-            None => match self.token.open_session() {
-                Ok(s) => s,
-                Err(_) => return,
-            },
+    pub fn run(self) {
+        let Prime {
+            token,
+            session,
+            kind,
+            epoch,
+        } = self;
+        let session = match session.map_or_else(|| token.open_session(), Ok) {
+            Ok(s) => s,
+            Err(_) => return,
         };
-        let mech: Mechanism<'static> = crate::sign::mechanism(self.kind.plan, self.kind.alg, &[]).0;
-        if session.sign_init(&mech, self.kind.handle).is_err() {
+        let mech: Mechanism<'static> = crate::sign::mechanism(kind.plan, kind.alg, &[]).0;
+        if session.sign_init(&mech, kind.handle).is_err() {
             return;
         }
-        let p = Primed {
-            session,
-            kind: self.kind.clone(),
-            epoch: self.epoch,
-        };
-        let out = self.token.with_stash(|s| s.keep(p));
-        drop(out);
+        let closed = token.with_stash(|s| {
+            s.keep(Primed {
+                session,
+                kind,
+                epoch,
+            })
+        });
+        drop(closed);
     }
 }
 

@@ -171,13 +171,31 @@ impl TokenKey {
     /// digest, RSA-PSS over the digest (CKM_RSA_PKCS_PSS), PKCS#1 v1.5 over its DigestInfo
     /// (CKM_RSA_PKCS).
     pub fn sign_digest(&self, alg: SignAlg, digest: &[u8]) -> Result<Vec<u8>> {
-        let plan = self
-            .token
-            .mechanisms()?
-            .plan_digest(self.info.key_type, alg)?;
+        let plan = self.plan(alg, true)?;
         let (mech, data) = input(plan, alg, digest, true)?;
-        let out = self.sign_raw(alg, mech, &data);
-        match out {
+        self.sign_input(plan, alg, mech, &data, true)
+    }
+
+    /// How the token signs `alg`: over a caller's digest (`prehashed`) or a message.
+    fn plan(&self, alg: SignAlg, prehashed: bool) -> Result<SignPlan> {
+        let mechs = self.token.mechanisms()?;
+        if prehashed {
+            mechs.plan_digest(self.info.key_type, alg)
+        } else {
+            mechs.plan_message(self.info.key_type, alg)
+        }
+    }
+
+    /// Sign the token input `data` (from `input`) on a pooled session.
+    fn sign_input(
+        &self,
+        plan: SignPlan,
+        alg: SignAlg,
+        mech: Mechanism<'static>,
+        data: &[u8],
+        prehashed: bool,
+    ) -> Result<Vec<u8>> {
+        match self.sign_raw(alg, mech, data) {
             // tpm2-pkcs11 makes CKM_RSA_PKCS a raw RSA decryption (TPM2_RSA_Decrypt), which a
             // sign-only key refuses (TPM_RC_ATTRIBUTES, reported as CKR_GENERAL_ERROR). The
             // key stays sign-only: a key that decrypts is a signing oracle for anything.
@@ -186,7 +204,7 @@ impl TokenKey {
                 ckr,
                 cause,
                 ..
-            }) if plan == SignPlan::DigestInSoftware(MechanismType::RSA_PKCS) => {
+            }) if prehashed && plan == SignPlan::DigestInSoftware(MechanismType::RSA_PKCS) => {
                 Err(Error::Pkcs11 {
                     function,
                     ckr,
@@ -210,12 +228,9 @@ impl TokenKey {
 
     /// Sign `msg` in the token.
     pub fn sign(&self, alg: SignAlg, msg: &[u8]) -> Result<Vec<u8>> {
-        let plan = self
-            .token
-            .mechanisms()?
-            .plan_message(self.info.key_type, alg)?;
+        let plan = self.plan(alg, false)?;
         let (mech, data) = input(plan, alg, msg, false)?;
-        self.sign_raw(alg, mech, &data)
+        self.sign_input(plan, alg, mech, &data, false)
     }
 
     /// Sign `data` (a message, or with `prehashed` a digest, as [`TokenKey::sign`] and
@@ -228,12 +243,8 @@ impl TokenKey {
         data: &[u8],
         prehashed: bool,
     ) -> Result<(Vec<u8>, Option<Prime>)> {
-        let mechs = self.token.mechanisms()?;
-        let plan = if prehashed {
-            mechs.plan_digest(self.info.key_type, alg)?
-        } else {
-            mechs.plan_message(self.info.key_type, alg)?
-        };
+        let plan = self.plan(alg, prehashed)?;
+        let (mech, bytes) = input(plan, alg, data, prehashed)?;
         let kind = |handle| Kind {
             id: self.info.id.clone(),
             handle,
@@ -242,7 +253,6 @@ impl TokenKey {
         };
         let epoch = self.token.with_stash(|s| s.epoch());
         if let Some(handle) = self.object.known() {
-            let (_, bytes) = input(plan, alg, data, prehashed)?;
             let start = std::time::Instant::now();
             if let Some((raw, next)) =
                 crate::primed::sign_primed(&self.token, &kind(handle), &bytes)
@@ -252,11 +262,7 @@ impl TokenKey {
                 return Ok((finish(alg, raw)?, Some(next)));
             }
         }
-        let sig = if prehashed {
-            self.sign_digest(alg, data)?
-        } else {
-            self.sign(alg, data)?
-        };
+        let sig = self.sign_input(plan, alg, mech, &bytes, prehashed)?;
         let next = self
             .object
             .known()
