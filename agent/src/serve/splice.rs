@@ -8,7 +8,7 @@
 //! cost bulk throughput 13% instead. Here each direction starts at 16 KiB and doubles, up
 //! to 256 KiB, each time a read fills it.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -46,6 +46,12 @@ struct Pipe {
     unflushed: bool,
     moved: u64,
     done: bool,
+    /// Once the last byte is out, the shutdown (the target's: a close_notify to encrypt
+    /// and send, then the sockets shut and closed, ~10 syscalls) waits two turns of the
+    /// runtime, so that the I/O ready meanwhile is served first (`Pipe::closing_later`).
+    later: bool,
+    /// Those two turns, once started.
+    pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl Pipe {
@@ -59,6 +65,25 @@ impl Pipe {
             unflushed: false,
             moved: 0,
             done: false,
+            later: false,
+            pause: None,
+        }
+    }
+
+    /// A pipe whose writer's shutdown waits two turns of the runtime.
+    ///
+    /// A caller that makes one request per connection closes it and opens the next one at
+    /// once, and the same wake-up brings the old connection's end of input and the new
+    /// one's accept. The new one connects to the target and waits one turn for the connect
+    /// to complete; the old one's close ran in that turn, between the new one's connect
+    /// and its ClientHello, on the new connection's path. One `yield_now` is not enough:
+    /// tokio wakes a yielded task after the I/O of the next turn, into the slot it runs
+    /// first, so the old close would still come before the new ClientHello; after a second
+    /// yield it comes after (ARCHITECTURE.md, "one proxied connection", has the figures).
+    fn closing_later() -> Pipe {
+        Pipe {
+            later: true,
+            ..Pipe::new()
         }
     }
 
@@ -114,6 +139,10 @@ impl Pipe {
             }
             if self.eof {
                 ready!(w.as_mut().poll_flush(cx))?;
+                if self.later {
+                    let pause = self.pause.get_or_insert_with(|| Box::pin(two_turns()));
+                    ready!(pause.as_mut().poll(cx));
+                }
                 ready!(w.as_mut().poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(self.moved));
@@ -122,14 +151,20 @@ impl Pipe {
     }
 }
 
+async fn two_turns() {
+    tokio::task::yield_now().await;
+    tokio::task::yield_now().await;
+}
+
 /// Copy `a` → `b` and `b` → `a` until both reach end of input (each end is passed on as a
-/// shutdown of the other side's writer). Returns the bytes moved (a → b, b → a).
+/// shutdown of the other side's writer; `b`'s, the target's, waits two turns of the
+/// runtime: `Pipe::closing_later`). Returns the bytes moved (a → b, b → a).
 pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (mut up, mut down) = (Pipe::new(), Pipe::new());
+    let (mut up, mut down) = (Pipe::closing_later(), Pipe::new());
     let (mut up_n, mut down_n) = (0, 0);
     poll_fn(|cx| {
         if !up.done {
