@@ -143,3 +143,58 @@ fn a_session_lost_after_key_generation_does_not_make_a_second_key() {
     );
     assert!(objects.contains(&hsm_shim::keys::hex(&key.id)), "{objects}");
 }
+
+/// A token at its session limit: when the pool needs a session and the token has none
+/// left, the primed sessions (`hsm_shim::primed`) are closed to make room and the call goes
+/// on; with none primed, the limit is the caller's error.
+#[test]
+fn at_the_session_limit_primed_sessions_make_room() {
+    let env = Env::new();
+    // Safe: set before any module is loaded; one test per process (nextest).
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf"));
+        std::env::set_var("P11_FAULT_MODULE", module());
+        std::env::set_var("P11_FAULT_FILE", env.path("faults"));
+    }
+    let token = hsm_shim::Token::open(
+        &fault_module(),
+        &hsm_shim::TokenSelector::Label(LABEL.into()),
+        Some(hsm_shim::testing::pin(USER_PIN)),
+    )
+    .unwrap();
+    let info = token
+        .generate_key(hsm_shim::KeyType::EcP256, "edge-signer:gw:g1")
+        .unwrap();
+    let key = hsm_shim::TokenKey::open(token.clone(), &hsm_shim::KeyRef::Id(info.id)).unwrap();
+    let es256 = hsm_shim::SignAlg::Ecdsa {
+        hash: hsm_shim::Hash::Sha256,
+        der: true,
+    };
+    // The outer call holds the pool's only session, so the inner one must open another,
+    // and the token says it has none left.
+    let nested = || token.with_session(|_held| token.with_session(|_| Ok(())));
+    // Nothing primed to close: the limit reaches the caller as what it is.
+    env.set_faults("C_OpenSession SESSION_COUNT 1\n");
+    let e = nested().expect_err("no room to make").to_string();
+    assert!(e.contains("CKR_SESSION_COUNT"), "{e}");
+    let (_, prime) = key.sign_and_prime(es256, b"one", false).unwrap();
+    prime.expect("SoftHSM signatures prime the next one").run();
+    assert_eq!(token.primed_sessions(), 1);
+    env.set_faults("C_OpenSession SESSION_COUNT 1\n");
+    nested().expect("room made by closing the primed session");
+    assert_eq!(
+        env.faults_fired(),
+        "C_OpenSession SESSION_COUNT\nC_OpenSession SESSION_COUNT\n"
+    );
+    assert_eq!(token.primed_sessions(), 0);
+    // Signatures go on (the next one unprimed), and prime again.
+    let (sig, prime) = key.sign_and_prime(es256, b"two", false).unwrap();
+    prime.expect("primes again").run();
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        &key.info().public_bits,
+    )
+    .verify(b"two", &sig)
+    .expect("the signature verifies");
+    assert_eq!(token.primed_sessions(), 1);
+}

@@ -53,6 +53,7 @@ fn error_code(name: &str) -> Option<CK_RV> {
     Some(match name.trim_start_matches("CKR_") {
         "SESSION_HANDLE_INVALID" => CKR_SESSION_HANDLE_INVALID,
         "SESSION_CLOSED" => CKR_SESSION_CLOSED,
+        "SESSION_COUNT" => CKR_SESSION_COUNT,
         "DEVICE_REMOVED" => CKR_DEVICE_REMOVED,
         "DEVICE_ERROR" => CKR_DEVICE_ERROR,
         "TOKEN_NOT_PRESENT" => CKR_TOKEN_NOT_PRESENT,
