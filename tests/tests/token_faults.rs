@@ -116,18 +116,7 @@ fn a_session_lost_after_key_generation_does_not_make_a_second_key() {
     let env = Env::new();
     // In process, through the wrapper: the token forgets the session while the new key is
     // read back. The read is retried; the generation is not.
-    // Safe: set before any module is loaded; one test per process (nextest).
-    unsafe {
-        std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf"));
-        std::env::set_var("P11_FAULT_MODULE", module());
-        std::env::set_var("P11_FAULT_FILE", env.path("faults"));
-    }
-    let token = hsm_shim::Token::open(
-        &fault_module(),
-        &hsm_shim::TokenSelector::Label(LABEL.into()),
-        Some(hsm_shim::testing::pin(USER_PIN)),
-    )
-    .unwrap();
+    let token = fault_token(&env);
     env.set_faults("C_GetAttributeValue SESSION_HANDLE_INVALID 1\n");
     let key = token
         .generate_key(hsm_shim::KeyType::EcP256, "edge-signer:gw:g1")
@@ -150,18 +139,7 @@ fn a_session_lost_after_key_generation_does_not_make_a_second_key() {
 #[test]
 fn at_the_session_limit_primed_sessions_make_room() {
     let env = Env::new();
-    // Safe: set before any module is loaded; one test per process (nextest).
-    unsafe {
-        std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf"));
-        std::env::set_var("P11_FAULT_MODULE", module());
-        std::env::set_var("P11_FAULT_FILE", env.path("faults"));
-    }
-    let token = hsm_shim::Token::open(
-        &fault_module(),
-        &hsm_shim::TokenSelector::Label(LABEL.into()),
-        Some(hsm_shim::testing::pin(USER_PIN)),
-    )
-    .unwrap();
+    let token = fault_token(&env);
     let info = token
         .generate_key(hsm_shim::KeyType::EcP256, "edge-signer:gw:g1")
         .unwrap();
@@ -197,4 +175,21 @@ fn at_the_session_limit_primed_sessions_make_room() {
     .verify(b"two", &sig)
     .expect("the signature verifies");
     assert_eq!(token.primed_sessions(), 1);
+}
+
+/// The test token opened in this process through the fault wrapper, steered by `env`'s
+/// `faults` file.
+fn fault_token(env: &Env) -> std::sync::Arc<hsm_shim::Token> {
+    // Safe: set before any module is loaded; one test per process (nextest).
+    unsafe {
+        std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf"));
+        std::env::set_var("P11_FAULT_MODULE", module());
+        std::env::set_var("P11_FAULT_FILE", env.path("faults"));
+    }
+    hsm_shim::Token::open(
+        &fault_module(),
+        &hsm_shim::TokenSelector::Label(LABEL.into()),
+        Some(hsm_shim::testing::pin(USER_PIN)),
+    )
+    .unwrap()
 }
