@@ -142,6 +142,9 @@ impl Pipe {
                 if self.later {
                     let pause = self.pause.get_or_insert_with(|| Box::pin(two_turns()));
                     ready!(pause.as_mut().poll(cx));
+                    // Waited once: a shutdown that is itself pending must not poll the
+                    // finished pause again.
+                    (self.later, self.pause) = (false, None);
                 }
                 ready!(w.as_mut().poll_shutdown(cx))?;
                 self.done = true;
@@ -253,6 +256,50 @@ mod tests {
         let r = q.poll_copy(&mut cx, Pin::new(&mut small), Pin::new(&mut out));
         assert!(matches!(r, Poll::Ready(Ok(7))));
         assert_eq!(q.room(), START);
+    }
+
+    /// A pipe whose shutdown waits two turns still shuts down, also when the shutdown
+    /// itself is pending at first (a close_notify that waits for room in the socket).
+    #[tokio::test]
+    async fn a_late_close_that_is_pending_still_ends() {
+        struct SlowClose {
+            asked: u32,
+            closed: bool,
+        }
+        impl AsyncWrite for SlowClose {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                Poll::Ready(Ok(buf.len()))
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<io::Result<()>> {
+                self.asked += 1;
+                if self.asked < 3 {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                self.closed = true;
+                Poll::Ready(Ok(()))
+            }
+        }
+        let mut p = Pipe::closing_later();
+        let mut src: &[u8] = b"BYE";
+        let mut w = SlowClose {
+            asked: 0,
+            closed: false,
+        };
+        let n = poll_fn(|cx| p.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut w)))
+            .await
+            .unwrap();
+        assert_eq!((n, w.asked, w.closed), (3, 3, true));
     }
 
     /// What the writer is handed starts `LEAD` bytes into the buffer (see `LEAD`).
