@@ -251,7 +251,6 @@ impl TokenKey {
             alg,
             plan,
         };
-        let epoch = self.token.with_stash(|s| s.epoch());
         if let Some(handle) = self.object.known() {
             let start = std::time::Instant::now();
             if let Some((raw, next)) =
@@ -262,6 +261,8 @@ impl TokenKey {
                 return Ok((finish(alg, raw)?, Some(next)));
             }
         }
+        // Read before the signature: a destroy from here on makes the prime's session stale.
+        let epoch = self.token.with_stash(|s| s.epoch());
         let sig = self.sign_input(plan, alg, mech, &bytes, prehashed)?;
         let next = self
             .object

@@ -46,11 +46,10 @@ struct Pipe {
     unflushed: bool,
     moved: u64,
     done: bool,
-    /// Once the last byte is out, the shutdown (the target's: a close_notify to encrypt
-    /// and send, then the sockets shut and closed, ~10 syscalls) waits two turns of the
-    /// runtime, so that the I/O ready meanwhile is served first (`Pipe::closing_later`).
-    later: bool,
-    /// Those two turns, once started.
+    /// What the shutdown waits for once the last byte is out, until it is over: two turns
+    /// of the runtime for the target's (a close_notify to encrypt and send, then the
+    /// sockets shut and closed, ~10 syscalls), so that the I/O ready meanwhile is served
+    /// first (`Pipe::closing_later`); nothing for the caller's.
     pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
@@ -65,7 +64,6 @@ impl Pipe {
             unflushed: false,
             moved: 0,
             done: false,
-            later: false,
             pause: None,
         }
     }
@@ -82,7 +80,7 @@ impl Pipe {
     /// yield it comes after (ARCHITECTURE.md, "one proxied connection", has the figures).
     fn closing_later() -> Pipe {
         Pipe {
-            later: true,
+            pause: Some(Box::pin(two_turns())),
             ..Pipe::new()
         }
     }
@@ -139,12 +137,10 @@ impl Pipe {
             }
             if self.eof {
                 ready!(w.as_mut().poll_flush(cx))?;
-                if self.later {
-                    let pause = self.pause.get_or_insert_with(|| Box::pin(two_turns()));
+                if let Some(pause) = &mut self.pause {
                     ready!(pause.as_mut().poll(cx));
-                    // Waited once: a shutdown that is itself pending must not poll the
-                    // finished pause again.
-                    (self.later, self.pause) = (false, None);
+                    // Over: a shutdown that is itself pending must not poll it again.
+                    self.pause = None;
                 }
                 ready!(w.as_mut().poll_shutdown(cx))?;
                 self.done = true;
