@@ -113,7 +113,17 @@ pub(super) fn api_part(b: &Bench) {
         "signatures", "threads", "raw sig/s", "API sig/s", "ratio"
     );
     let sock = b.env.path("api.sock");
-    let mut one_thread = (0.0, 0.0);
+    let (one_thread, kept) = keep_alive_rows(b, &sock);
+    let fresh = connection_per_request_row(b, &sock);
+    println!(
+        "  daemon CPU µs per ES256 request, 1 client: keep-alive {kept:.0}, connection per request {fresh:.0}"
+    );
+    breakdown(one_thread);
+}
+
+/// The keep-alive rows, each key type with 1 and 2 client threads. Returns ES256's
+/// (raw, API) rates with 1 thread and the daemon's CPU µs per request there.
+fn keep_alive_rows(b: &Bench, sock: &std::path::Path) -> ((f64, f64), f64) {
     // ES256 is the case the target is about; PS256 (RSA-2048, a ~0.6 ms signature) shows
     // the same fixed cost per request against a slower signature.
     let keys = [
@@ -132,14 +142,13 @@ pub(super) fn api_part(b: &Bench) {
             hsm_shim::KeyType::Rsa2048,
         ),
     ];
-    // The daemon's CPU per ES256 request, 1 client: keep-alive, then a connection per request.
-    let mut kept = 0.0;
+    let (mut one_thread, mut kept) = ((0.0, 0.0), 0.0);
     for (label, identity, alg, id, kt) in keys {
         for threads in [1, 2] {
             let cpu = ProcCpu::start(b.daemon_pid());
             let (raw, api) = paired(
                 || raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads).0,
-                || cpu.count(|| api_rate(&sock, identity, alg, threads)),
+                || cpu.count(|| api_rate(sock, identity, alg, threads)),
             );
             println!(
                 "{label:<28} {threads:>7} {raw:>14.0} {api:>14.0} {:>7.3}",
@@ -151,21 +160,17 @@ pub(super) fn api_part(b: &Bench) {
             }
         }
     }
-    // A connection per request (accept, SO_PEERCRED, hand-off to an API thread, close).
+    (one_thread, kept)
+}
+
+/// ES256 with a connection per request (accept, SO_PEERCRED, hand-off to an API thread,
+/// close); returns the daemon's CPU µs per request.
+fn connection_per_request_row(b: &Bench, sock: &std::path::Path) -> f64 {
     let fresh = ProcCpu::start(b.daemon_pid());
+    let kt = hsm_shim::KeyType::EcP256;
     let (raw, api) = paired(
-        || {
-            raw_rate_cost(
-                &module(),
-                LABEL,
-                USER_PIN,
-                &b.id,
-                hsm_shim::KeyType::EcP256,
-                1,
-            )
-            .0
-        },
-        || fresh.count(|| api_rate_per_connection(&sock, "gw", "ES256")),
+        || raw_rate_cost(&module(), LABEL, USER_PIN, &b.id, kt, 1).0,
+        || fresh.count(|| api_rate_per_connection(sock, "gw", "ES256")),
     );
     println!(
         "{:<28} {:>7} {raw:>14.0} {api:>14.0} {:>7.3}",
@@ -173,14 +178,13 @@ pub(super) fn api_part(b: &Bench) {
         1,
         api / raw
     );
-    println!(
-        "  daemon CPU µs per ES256 request, 1 client: keep-alive {:.0}, connection per request {:.0}",
-        kept,
-        fresh.per_op_us()
-    );
-    // Where one request's time goes (1 thread, nothing overlaps): the signature, the two
-    // hand-offs between client and daemon threads (on a VM a wake-up that crosses cores
-    // costs tens of µs), and the rest (HTTP, JSON, base64, syscalls on both sides).
+    fresh.per_op_us()
+}
+
+/// Where one request's time goes (1 thread, nothing overlaps): the signature, the two
+/// hand-offs between client and daemon threads (on a VM a wake-up that crosses cores
+/// costs tens of µs), and the rest (HTTP, JSON, base64, syscalls on both sides).
+fn breakdown(one_thread: (f64, f64)) {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         return;
     }
