@@ -46,11 +46,11 @@ struct Pipe {
     unflushed: bool,
     moved: u64,
     done: bool,
-    /// What the shutdown waits for once the last byte is out, until it is over: two turns
-    /// of the runtime for the target's (a close_notify to encrypt and send, then the
-    /// sockets shut and closed, ~10 syscalls), so that the I/O ready meanwhile is served
-    /// first (`Pipe::closing_later`); nothing for the caller's.
-    pause: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Turns of the runtime the shutdown still waits once the last byte is out: two for
+    /// the target's (a close_notify to encrypt and send, then the sockets shut and closed,
+    /// ~10 syscalls), so that the I/O ready meanwhile is served first
+    /// (`Pipe::closing_later`); none for the caller's.
+    late_turns: u8,
 }
 
 impl Pipe {
@@ -64,7 +64,7 @@ impl Pipe {
             unflushed: false,
             moved: 0,
             done: false,
-            pause: None,
+            late_turns: 0,
         }
     }
 
@@ -80,7 +80,7 @@ impl Pipe {
     /// yield it comes after (ARCHITECTURE.md, "one proxied connection", has the figures).
     fn closing_later() -> Pipe {
         Pipe {
-            pause: Some(Box::pin(two_turns())),
+            late_turns: 2,
             ..Pipe::new()
         }
     }
@@ -137,10 +137,13 @@ impl Pipe {
             }
             if self.eof {
                 ready!(w.as_mut().poll_flush(cx))?;
-                if let Some(pause) = &mut self.pause {
-                    ready!(pause.as_mut().poll(cx));
-                    // Over: a shutdown that is itself pending must not poll it again.
-                    self.pause = None;
+                if self.late_turns > 0 {
+                    // A yield's first poll asks tokio to wake the task after the next turn's
+                    // I/O, and is pending; the wake-up stays asked for when it is dropped.
+                    self.late_turns -= 1;
+                    let pending = std::pin::pin!(tokio::task::yield_now()).poll(cx);
+                    debug_assert!(pending.is_pending());
+                    return Poll::Pending;
                 }
                 ready!(w.as_mut().poll_shutdown(cx))?;
                 self.done = true;
@@ -148,11 +151,6 @@ impl Pipe {
             }
         }
     }
-}
-
-async fn two_turns() {
-    tokio::task::yield_now().await;
-    tokio::task::yield_now().await;
 }
 
 /// Copy `a` → `b` and `b` → `a` until both reach end of input (each end is passed on as a
