@@ -87,8 +87,10 @@ impl RawSign {
     /// `C_Sign` of `data` in `session`, whose signing operation is initialised; the
     /// signature, or None (the operation is then in an unknown state: close the session).
     fn sign(&self, session: &Session, data: &[u8]) -> Option<Vec<u8>> {
-        // Room for any signature of the key types here (RSA-4096: 512 bytes).
-        let mut out = vec![0u8; 1024];
+        // Room for any signature of the key types here (RSA-4096: 512 bytes), on the stack:
+        // a 1 KiB heap buffer per signature is a large-bin allocation for glibc, which
+        // first consolidates every freed small chunk of the thread's arena.
+        let mut out = [0u8; 1024];
         let mut len = out.len() as CK_ULONG;
         // SAFETY: `data` and `out` are valid for their lengths; the module reads `data` and
         // writes at most `len` bytes to `out`, then the length it wrote to `len`.
@@ -104,8 +106,7 @@ impl RawSign {
         if rv != CKR_OK {
             return None;
         }
-        out.truncate(usize::try_from(len).ok()?.min(1024));
-        Some(out)
+        out.get(..usize::try_from(len).ok()?).map(<[u8]>::to_vec)
     }
 }
 
