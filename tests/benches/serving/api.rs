@@ -141,9 +141,10 @@ pub(super) fn api_part(b: &Bench) {
 
 /// ES256 with 2 client threads, the bench (raw threads and clients) and the daemon all held
 /// on CPU 0: no wake-up crosses CPUs. On a VM every one that does is an interrupt sent to
-/// another vCPU, paid by the daemon and the client on each request, never by the raw
-/// threads (which hand nothing off). The row shows what a request costs beside its
-/// signature when hand-offs are cheap.
+/// another vCPU, paid by the daemon and the client twice per request, by the raw threads
+/// only when they meet on one of SoftHSM's mutexes (`scripts/bench`: 0.26-0.86 sleeps per
+/// signature with 2 threads). The row shows what a request costs beside its signature when
+/// hand-offs are cheap.
 fn one_cpu_row(b: &Bench, sock: &std::path::Path) {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if cpus < 2 {
