@@ -42,8 +42,8 @@ overlap = "1d"
     let keys = env.json(&["key", "list"]);
     assert!(keys.as_array().unwrap().len() >= 2, "{keys}");
 
-    let mut daemon = Guard(env.cmd().arg("run").spawn().unwrap());
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut daemon = env.daemon();
+    env.wait_log("reconciled with the token");
     assert!(
         daemon.0.try_wait().unwrap().is_none(),
         "the daemon keeps running"

@@ -2,7 +2,7 @@
 //! moment. Signing recovers without a restart; a failed listing destroys nothing.
 
 use edge_signer_tests::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn daemon(env: &Env) -> Guard {
     Guard(
@@ -12,21 +12,6 @@ fn daemon(env: &Env) -> Guard {
             .spawn()
             .unwrap(),
     )
-}
-
-fn wait_log(env: &Env, what: &str) {
-    let start = Instant::now();
-    loop {
-        let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
-        if log.contains(what) {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "never logged {what:?}:\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]
@@ -81,7 +66,7 @@ fn a_listing_that_fails_destroys_nothing_and_the_daemon_goes_on() {
     // The token stops answering searches: every listing fails, the start-up reconcile too.
     env.set_faults("C_FindObjectsInit TOKEN_NOT_PRESENT *\n");
     let mut d = daemon(&env);
-    wait_log(&env, "nothing destroyed");
+    env.wait_log("nothing destroyed");
     // A reload meets the same token: still nothing destroyed, still running.
     let pid = d.0.id().to_string();
     std::process::Command::new("kill")
@@ -106,7 +91,7 @@ fn a_listing_that_fails_destroys_nothing_and_the_daemon_goes_on() {
         .args(["-HUP", &pid])
         .status()
         .unwrap();
-    wait_log(&env, "reconciled with the token");
+    env.wait_log("reconciled with the token");
     assert!(d.0.try_wait().unwrap().is_none());
     assert_eq!(env.pkcs11_objects().lines().count(), before.lines().count());
 }
