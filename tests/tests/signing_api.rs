@@ -277,7 +277,7 @@ fn a_thousand_concurrent_requests_on_fifty_connections_all_sign_right() {
     assert_metrics_count_signatures(&env, 1000.0);
 }
 
-/// The metrics parse as Prometheus text, name the series and count `signed` signatures.
+/// The metrics parse as Prometheus text, name the series and count `signed_ok` signatures.
 fn assert_metrics_count_signatures(env: &Env, signed_ok: f64) {
     let out = env.curl("api.sock", "/metrics", &[]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
