@@ -386,21 +386,13 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm(kind: Tok
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
     // The refusal comes once the daemon's loop takes the signal, which can be after the first
     // reload on a loaded CI machine: wait for the line, not for a fixed time.
-    let refused = || {
-        let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
-        log.contains("reload refused, the running configuration stays")
-            && log.contains("etc/agent.toml")
-    };
-    let seen = poll_until(15, std::time::Duration::from_millis(100), refused);
+    env.wait_log("reload refused, the running configuration stays");
     assert!(
         guard.0.try_wait().unwrap().is_none(),
         "the daemon must survive a broken reload"
     );
-    assert!(
-        seen,
-        "{}",
-        std::fs::read_to_string(env.path("daemon.log")).unwrap()
-    );
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
+    assert!(log.contains("etc/agent.toml"), "{log}");
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = guard.0.wait().unwrap();
     assert!(status.success(), "{status}");
