@@ -357,23 +357,7 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm(kind: Tok
         .unwrap();
     let pid = child.id().to_string();
     let mut guard = Guard(child);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
-        if std::fs::read(env.path("state/register.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .is_some_and(|r| r["identities"]["gw"]["current"] == 1)
-        {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(
-        env.register()["identities"]["gw"]["current"],
-        1,
-        "{}",
-        std::fs::read_to_string(env.path("daemon.log")).unwrap()
-    );
+    env.wait_current("gw", 1);
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert!(
