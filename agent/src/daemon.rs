@@ -82,6 +82,9 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
         tracing::warn!("{w}");
     }
     let cfg = loaded.effective.config;
+    for (at, why) in firmware_config::validate::files(&cfg) {
+        tracing::warn!("{at}: {why}");
+    }
     let token = open_token(&cfg, o)?;
     let mut issuers = BTreeMap::new();
     for i in &cfg.issuers {
@@ -194,16 +197,6 @@ fn publish(engine: &mut Engine, identities: &Identities) -> Vec<crate::lifecycle
     rows
 }
 
-/// (Re)start the listeners when what they serve changed.
-fn restart_servers(servers: &mut Servers, old: Option<&Config>, new: &Config) -> Result<()> {
-    if old.is_some_and(|o| {
-        o.api == new.api && o.proxies == new.proxies && o.fleet.mqtt == new.fleet.mqtt
-    }) {
-        return Ok(());
-    }
-    servers.start(new)
-}
-
 /// Forward SIGHUP/SIGTERM/SIGINT to the engine thread's channel.
 fn signal_thread(tx: mpsc::Sender<Wake>) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
@@ -247,8 +240,35 @@ impl Daemon<'_> {
     fn publish(&mut self) {
         let rows = publish(&mut self.engine, &self.identities);
         let now = self.engine.now();
-        self.systemd
-            .status(&crate::systemd::status_line(&rows, now));
+        let line = crate::systemd::status_line(&rows, now);
+        self.systemd.status(&self.with_down(line));
+    }
+
+    /// The listeners follow the configuration in force, each on its own; what is down is
+    /// logged (by `Servers::start`), an event, in `status` and in systemd's STATUS line.
+    fn restart_servers(&mut self) {
+        let down = self.servers.start(self.engine.config());
+        let now = self.engine.now();
+        for d in &down {
+            self.engine.events.emit(
+                now,
+                "listener-down",
+                "",
+                crate::events::Severity::Critical,
+                d.clone(),
+            );
+        }
+        self.identities.set_down(down);
+    }
+
+    /// systemd's STATUS line, with what is down first.
+    fn with_down(&self, line: String) -> String {
+        let down = self.identities.down();
+        if down.is_empty() {
+            line
+        } else {
+            format!("DOWN: {}; {line}", down.join("; "))
+        }
     }
 
     /// What the diagnostics port shows of the configuration in effect.
@@ -273,12 +293,12 @@ impl Daemon<'_> {
     fn status_line(&self) -> String {
         let now = self.engine.now();
         let rows = crate::lifecycle::plan::status(self.engine.config(), &self.engine.reg, now);
-        crate::systemd::status_line(&rows, now)
+        self.with_down(crate::systemd::status_line(&rows, now))
     }
 
     /// Only a configuration that validates and whose token opens replaces the running one;
-    /// otherwise the daemon keeps going and says why.
-    fn reload(&mut self) -> Result<()> {
+    /// otherwise the daemon keeps going and says why: Ok(Err(reason)) when refused.
+    fn reload(&mut self) -> Result<Result<(), String>> {
         self.systemd.reloading();
         let out = self.reload_inner();
         let line = self.status_line();
@@ -286,19 +306,16 @@ impl Daemon<'_> {
         out
     }
 
-    fn reload_inner(&mut self) -> Result<()> {
+    fn reload_inner(&mut self) -> Result<Result<(), String>> {
         pick_up_spool(self.sources);
         let mut lock = self.engine.release_lock();
-        match start_engine(self.sources, self.o, &self.clock, &mut lock) {
+        let outcome = match start_engine(self.sources, self.o, &self.clock, &mut lock) {
             Ok(e) => {
-                if let Err(err) =
-                    restart_servers(&mut self.servers, Some(self.engine.config()), e.config())
-                {
-                    tracing::error!("serving after reload: {err:#}");
-                }
                 self.engine = e;
+                self.restart_servers();
                 self.publish();
                 self.publish_view();
+                Ok(())
             }
             Err(e) => {
                 let now = self.clock.now();
@@ -315,10 +332,11 @@ impl Daemon<'_> {
                     None => relock(&self.engine.config().paths.state_dir)?,
                 };
                 self.engine.hold(l)?;
+                Err(format!("{e:#}"))
             }
-        }
+        };
         take_requests(&mut self.engine);
-        Ok(())
+        Ok(outcome)
     }
 
     /// Do what the API asked; a bundle applied reloads the configuration.
@@ -337,10 +355,16 @@ impl Daemon<'_> {
             EngineRequest::Apply(bytes) => {
                 let applied = self.sources.apply_any(&bytes).map_err(|e| e.to_string())?;
                 let v = serde_json::to_value(&applied).unwrap_or_default();
-                if let Err(err) = self.reload() {
-                    tracing::error!("reload after apply: {err:#}");
-                }
-                return Ok(v);
+                // Applied means in effect: only once the reload it needs went through.
+                let refused = match self.reload() {
+                    Ok(Ok(())) => return Ok(v),
+                    Ok(Err(why)) => why,
+                    Err(err) => format!("{err:#}"),
+                };
+                tracing::error!("reload after apply refused: {refused}");
+                return Err(format!(
+                    "the bundle verified and is stored, but the reload that puts it in effect was refused: {refused}; the running configuration stays, and the bundle takes effect at the next reload or restart that succeeds"
+                ));
             }
         };
         self.publish();
@@ -385,7 +409,7 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
             .spawn(move || crate::serial::serve(shared, sc.device, sc.baud))
             .context("cannot start the diagnostics port thread")?;
     }
-    restart_servers(&mut d.servers, None, d.engine.config())?;
+    d.restart_servers();
     let line = d.status_line();
     d.systemd.ready(&line);
     loop {
@@ -402,7 +426,7 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         match rx.recv_timeout(wait) {
             Ok(Wake::Reload) => {
                 tracing::info!("SIGHUP: reloading the configuration");
-                d.reload()?;
+                d.reload()?.ok();
             }
             Ok(Wake::Stop) => {
                 tracing::info!("stopping");

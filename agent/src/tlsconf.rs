@@ -164,3 +164,59 @@ pub fn server_config(
     };
     Ok(b.with_cert_resolver(Arc::new(SingleCertAndKey::from(identity))))
 }
+
+/// A verifier that checks the server's chain against `roots` and its name against `name`,
+/// whatever host was dialled: the MQTT client dials `broker`'s host, and
+/// `fleet.mqtt.server_name` says which name the broker's certificate must carry.
+pub fn named_verifier(
+    roots: Arc<RootCertStore>,
+    name: &str,
+) -> anyhow::Result<Arc<dyn rustls::client::danger::ServerCertVerifier>> {
+    let inner =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
+    let name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|_| anyhow::anyhow!("'{name}' is not a DNS name or IP address"))?;
+    Ok(Arc::new(NamedVerifier { inner, name }))
+}
+
+#[derive(Debug)]
+struct NamedVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for NamedVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _dialled: &rustls::pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &self.name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}

@@ -74,6 +74,19 @@ impl MqttConfig {
     }
 }
 
+impl MqttConfig {
+    /// This device's id in topics: `device_id`, else the CN of the channel's identity (None
+    /// when neither is there; `check` refuses an id that is not a safe topic level).
+    pub fn device(&self, c: &crate::schema::Config) -> Option<String> {
+        self.device_id.clone().or_else(|| {
+            c.identities
+                .iter()
+                .find(|i| i.name == self.identity)
+                .map(|i| i.subject.cn.clone())
+        })
+    }
+}
+
 /// A topic level we build from configuration: no wildcards, separators or control chars.
 pub fn topic_safe(s: &str) -> bool {
     !s.is_empty()
@@ -109,11 +122,22 @@ pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, Strin
             "must be a topic without + # or leading/trailing /".into(),
         );
     }
-    if let Some(d) = &m.device_id {
-        if !crate::validate::safe_name(d) {
+    match (&m.device_id, m.device(c)) {
+        (Some(d), _) if !crate::validate::safe_name(d) => err(
+            "fleet.mqtt.device_id".into(),
+            format!("'{d}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (it is a topic level, and the broker's ACL matches it with the certificate's CN)"),
+        ),
+        (None, Some(cn)) if !crate::validate::safe_name(&cn) => err(
+            "fleet.mqtt.device_id".into(),
+            format!("unset, so the device id would be the CN of identity '{}', '{cn}', which is not a safe topic level (no / + # or empty; 1 to 64 of A-Z a-z 0-9 . _ -): set fleet.mqtt.device_id", m.identity),
+        ),
+        _ => {}
+    }
+    if let Some(n) = &m.server_name {
+        if n.is_empty() || n.contains(['/', ' ', ':']) {
             err(
-                "fleet.mqtt.device_id".into(),
-                format!("'{d}' is not a safe name"),
+                "fleet.mqtt.server_name".into(),
+                format!("'{n}' is not a DNS name or IP address"),
             );
         }
     }

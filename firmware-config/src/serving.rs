@@ -90,8 +90,17 @@ pub struct ApiConfig {
     pub max_concurrent_per_caller: usize,
     /// Time a client has to send a request's headers (slow clients are cut off).
     pub header_timeout: Duration,
-    /// Optional TCP listener for `/metrics` only (`127.0.0.1:9464`).
+    /// Time an allowed client has to send a request's body once its headers are in.
+    pub body_timeout: Duration,
+    /// Open API connections at most, all callers together; more are closed at once.
+    pub max_connections: usize,
+    /// Open API connections one uid may hold; more are closed at once.
+    pub max_connections_per_caller: usize,
+    /// Optional TCP listener for `/metrics` only (`127.0.0.1:9464`); loopback unless
+    /// `unsafe_metrics_listen`.
     pub metrics_listen: Option<String>,
+    /// Allow a `metrics_listen` address that is not loopback.
+    pub unsafe_metrics_listen: bool,
 }
 
 impl Default for ApiConfig {
@@ -103,7 +112,11 @@ impl Default for ApiConfig {
             max_request_bytes: 64 * 1024,
             max_concurrent_per_caller: 16,
             header_timeout: Duration(5),
+            body_timeout: Duration(10),
+            max_connections: 256,
+            max_connections_per_caller: 64,
             metrics_listen: None,
+            unsafe_metrics_listen: false,
         }
     }
 }
@@ -213,11 +226,36 @@ pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, Strin
             );
         }
     }
-    if c.api.max_request_bytes == 0 || c.api.max_concurrent_per_caller == 0 {
-        err(
-            "api".into(),
-            "max_request_bytes and max_concurrent_per_caller must be > 0".into(),
-        );
+    for (field, zero) in [
+        ("max_request_bytes", c.api.max_request_bytes == 0),
+        (
+            "max_concurrent_per_caller",
+            c.api.max_concurrent_per_caller == 0,
+        ),
+        ("max_connections", c.api.max_connections == 0),
+        (
+            "max_connections_per_caller",
+            c.api.max_connections_per_caller == 0,
+        ),
+        ("header_timeout", c.api.header_timeout.0 == 0),
+        ("body_timeout", c.api.body_timeout.0 == 0),
+    ] {
+        if zero {
+            err(format!("api.{field}"), "must be more than 0".into());
+        }
+    }
+    if let Some(addr) = &c.api.metrics_listen {
+        match addr.parse::<std::net::SocketAddr>() {
+            Err(_) => err(
+                "api.metrics_listen".into(),
+                format!("'{addr}' is not IP:PORT"),
+            ),
+            Ok(a) if !a.ip().is_loopback() && !c.api.unsafe_metrics_listen => err(
+                "api.metrics_listen".into(),
+                format!("'{addr}' is not loopback: every host that reaches it would read this device's metrics; use 127.0.0.1:PORT (or set api.unsafe_metrics_listen = true)"),
+            ),
+            Ok(_) => {}
+        }
     }
     let mut names = std::collections::HashSet::new();
     for (i, p) in c.proxies.iter().enumerate() {
@@ -227,8 +265,13 @@ pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, Strin
         } else if !names.insert(p.name.as_str()) {
             err(at("name"), format!("'{}' is used twice", p.name));
         }
-        if let Err(e) = p.listen_addr() {
-            err(at("listen"), e);
+        match p.listen_addr() {
+            Err(e) => err(at("listen"), e),
+            Ok(Listen::Tcp(_)) if !p.allowed_uids.is_empty() || !p.allowed_gids.is_empty() => err(
+                at("allowed_uids"),
+                format!("'{}' is a TCP address, which cannot tell callers apart: allowed_uids and allowed_gids need a Unix socket path in listen", p.listen),
+            ),
+            Ok(_) => {}
         }
         if !p.target.contains(':') {
             err(at("target"), format!("'{}' is not host:port", p.target));

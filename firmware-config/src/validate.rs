@@ -14,6 +14,49 @@ pub fn safe_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// A CA bundle file the daemon will need: readable now, and holding at least one PEM
+/// certificate (a reload that names a missing file is refused instead of half-applied).
+pub fn pem_certificates_in(path: &std::path::Path) -> Result<(), String> {
+    let text = std::fs::read(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; the file must exist and be readable by the daemon's user",
+            path.display()
+        )
+    })?;
+    if !text
+        .windows(27)
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The files the daemon will read that are missing or unreadable now, as (field path,
+/// reason): `config check` reports them, the daemon warns of them at start and reload (a
+/// proxy whose `server_ca` cannot be read is reported down; everything else serves).
+pub fn files(c: &Config) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (i, p) in c.proxies.iter().enumerate() {
+        if !p.server_ca.as_os_str().is_empty() {
+            if let Err(e) = pem_certificates_in(&p.server_ca) {
+                out.push((format!("proxy[{i}].server_ca"), e));
+            }
+        }
+    }
+    if let Some(m) = &c.fleet.mqtt {
+        if !m.server_ca.as_os_str().is_empty() {
+            if let Err(e) = pem_certificates_in(&m.server_ca) {
+                out.push(("fleet.mqtt.server_ca".into(), e));
+            }
+        }
+    }
+    out
+}
+
 /// Every cross-field error, each naming its file and field path.
 pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError> {
     let mut errs = Vec::new();

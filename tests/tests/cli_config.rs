@@ -32,7 +32,30 @@ fn example() -> String {
 #[test]
 fn check_accepts_the_example_and_lists_every_error_of_a_bad_file() {
     let d = tempfile::tempdir().unwrap();
-    let ex = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/examples/agent.toml");
+    // The example names the broker's CA under /etc: not there, so check says so.
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/examples/agent.toml");
+    let o = es(d.path(), &["config", "check", shipped]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("proxy[0].server_ca: cannot read /etc/edge-signer/ca/broker-ca.pem"),
+        "{}",
+        text(&o)
+    );
+    // With the files it names in place, it passes.
+    let etc = d.path().join("etc/edge-signer");
+    std::fs::create_dir_all(etc.join("ca")).unwrap();
+    std::fs::copy(
+        "/etc/ssl/certs/ca-certificates.crt",
+        etc.join("ca/broker-ca.pem"),
+    )
+    .unwrap();
+    let ex = d.path().join("example.toml");
+    std::fs::write(
+        &ex,
+        example().replace("/etc/edge-signer/", &format!("{}/", etc.display())),
+    )
+    .unwrap();
+    let ex = ex.to_str().unwrap();
     let o = es(d.path(), &["config", "check", ex]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("3 identities, 3 issuers"));

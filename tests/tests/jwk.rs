@@ -304,3 +304,82 @@ fn out_of_bound_lifetimes_are_refused_locally() {
         "{err}"
     );
 }
+
+/// An attacker holding a `jws` + `sign` grant on the credential identity tries to sign a
+/// rotate-to request carrying its own key, as JSON, as base64 bytes and as a raw signature
+/// over a JWS signing input: all refused with 403, and the upstream API's current key stays.
+#[test]
+fn a_caller_granted_jws_and_sign_cannot_rotate_the_credential_to_its_own_key() {
+    let env = Env::new();
+    let api = JwkApi::start(env.dir.path());
+    jwk_config(&env, &api, "3s");
+    let mut cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    cfg += &format!(
+        r#"
+[api]
+enabled = true
+socket = "{p}/api.sock"
+
+[[api.allow]]
+uids = [65534]
+identities = ["api"]
+operations = ["jws", "sign"]
+"#,
+        p = env.dir.path().display()
+    );
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    let kid1 = onboard(&env, &api);
+    let _daemon = env.daemon();
+    env.wait_log("signing API listening");
+
+    let attacker = serde_json::json!({
+        "PublicKey": {"Kty": "EC", "Crv": "P-256", "Use": "sig", "Kid": "evil",
+                      "X": "AAAA", "Y": "AAAA"},
+        "Expiration": "2027-06-01T00:00:00Z",
+        "CurrentKeyExpiry": "2026-12-10T00:00:00Z",
+    });
+    let lower = serde_json::json!({ "publickey": attacker["PublicKey"] });
+    let b64 = |v: &serde_json::Value| {
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            v.to_string().as_bytes(),
+        )
+    };
+    let attempts = [
+        ("jws", serde_json::json!({ "payload": attacker })),
+        ("jws", serde_json::json!({ "payload": lower })),
+        ("jws", serde_json::json!({ "payload_b64": b64(&attacker) })),
+        (
+            "sign",
+            serde_json::json!({ "alg": "ES256", "data": b64(&attacker) }),
+        ),
+    ];
+    let post = |op: &str, body: &serde_json::Value| {
+        let out = env.curl_as_nobody(
+            "api.sock",
+            &format!("/v1/identities/api/{op}"),
+            &[
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &body.to_string(),
+                "-w",
+                "\n%{http_code}",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for (op, body) in &attempts {
+        let text = post(op, body);
+        assert!(text.ends_with("403"), "{op} {body}: {text}");
+        assert!(text.contains("JWK rotation API credential"), "{text}");
+    }
+    // An ordinary payload still signs for the granted caller.
+    let ok = post("jws", &serde_json::json!({ "payload": {"amount": 5} }));
+    assert!(ok.ends_with("200"), "{ok}");
+    let s = api.state.lock().unwrap();
+    assert_eq!(s.rotations, 0);
+    assert_eq!(s.keys.last().map(|k| k.kid.clone()), Some(kid1));
+}

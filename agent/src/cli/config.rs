@@ -80,6 +80,11 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
             if errors.is_empty() {
                 match layers::resolve(&layers_ok) {
                     Ok(eff) => {
+                        errors.extend(
+                            firmware_config::validate::files(&eff.config)
+                                .into_iter()
+                                .map(|(at, why)| format!("{at}: {why}")),
+                        );
                         summary = Some((eff.config.identities.len(), eff.config.issuers.len()))
                     }
                     Err(e) => errors.extend(e.0.iter().map(|x| x.to_string())),
@@ -88,7 +93,7 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
             print(
                 json,
                 json!({"ok": errors.is_empty(), "errors": errors}),
-                || match summary {
+                || match summary.filter(|_| errors.is_empty()) {
                     Some((ids, iss)) => format!(
                         "ok: {} file(s), {ids} identities, {iss} issuers\n",
                         files.len()
@@ -106,11 +111,11 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
             };
             // While the daemon owns the state, it applies the bundle (and reloads at once).
             let r: firmware_config::Applied = match super::lifecycle::daemon_owner(g)? {
-                Some(owner) => serde_json::from_value(
-                    owner
-                        .call("POST", "/v1/config/apply", bytes)
-                        .map_err(|e| refused(format!("{e:#}")))?,
-                )?,
+                Some(owner) => {
+                    serde_json::from_value(owner.call("POST", "/v1/config/apply", bytes).map_err(
+                        |e| anyhow::anyhow!("bundle {} not applied: {e:#}", bundle.display()),
+                    )?)?
+                }
                 None => sources(g)
                     .apply_any(&bytes)
                     .map_err(|e| refused(e.to_string()))?,

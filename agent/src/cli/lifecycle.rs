@@ -189,12 +189,17 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
     let cfg = loaded.effective.config;
     let reg = edge_signer::register::RegisterFile::new(&cfg.paths.state_dir).load()?;
     // While the daemon runs and serves its API, its own view; otherwise the register's.
+    let mut down: Vec<String> = Vec::new();
     let from_daemon = match daemon_owner(g)? {
-        Some(owner) if owner.api.is_some() => Some(serde_json::from_value(owner.call(
-            "GET",
-            "/v1/status",
-            Vec::new(),
-        )?)?),
+        Some(owner) if owner.api.is_some() => {
+            let listeners = owner.call("GET", "/v1/listeners", Vec::new())?;
+            down = serde_json::from_value(listeners["down"].clone()).unwrap_or_default();
+            Some(serde_json::from_value(owner.call(
+                "GET",
+                "/v1/status",
+                Vec::new(),
+            )?)?)
+        }
         _ => None,
     };
     let rows: Vec<edge_signer::lifecycle::plan::Status> = match from_daemon {
@@ -206,7 +211,7 @@ fn status_cmd(g: &Global, json: bool, timeline: bool) -> Result<i32> {
         ),
     };
     print(json, serde_json::to_value(&rows)?, || {
-        let mut out = String::new();
+        let mut out: String = down.iter().map(|d| format!("DOWN: {d}\n")).collect();
         for r in &rows {
             out += &status_text(r);
             if timeline {

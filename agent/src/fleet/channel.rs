@@ -25,6 +25,8 @@ pub struct Channel {
     pub wake: std::sync::mpsc::Sender<Wake>,
     /// This device's id in topics.
     pub device: String,
+    /// The groups it belongs to (a bundle's audience may name one).
+    pub groups: Vec<String>,
     /// The state dir (to recognise the bundle in effect when the broker re-delivers it).
     pub state_dir: PathBuf,
 }
@@ -37,6 +39,33 @@ fn jitter(d: Duration) -> Duration {
 }
 
 impl Channel {
+    /// The channel of `cfg`'s `[fleet.mqtt]` (`m`); the device id must be a safe topic level.
+    pub fn new(
+        cfg: &firmware_config::Config,
+        m: &MqttConfig,
+        identities: &Arc<Identities>,
+        wake: &std::sync::mpsc::Sender<Wake>,
+    ) -> anyhow::Result<Channel> {
+        let device = m
+            .device(cfg)
+            .filter(|d| firmware_config::validate::safe_name(d))
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no safe device id (fleet.mqtt.device_id, or the CN of identity '{}'): set fleet.mqtt.device_id",
+                    m.identity
+                )
+            })?;
+        Ok(Channel {
+            cfg: m.clone(),
+            slot: identities.slot(&m.identity),
+            identities: identities.clone(),
+            wake: wake.clone(),
+            device,
+            groups: m.groups.clone(),
+            state_dir: cfg.paths.state_dir.clone(),
+        })
+    }
+
     /// Run until the runtime ends.
     pub async fn run(self) {
         let max = Duration::from_secs(self.cfg.reconnect_max.0.max(1));
@@ -54,13 +83,19 @@ impl Channel {
     }
 
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        let roots = super::roots(&self.cfg.server_ca)?;
-        Ok(Arc::new(
-            rustls::ClientConfig::builder_with_provider(crate::tlsconf::provider())
-                .with_protocol_versions(rustls::ALL_VERSIONS)?
-                .with_root_certificates(roots)
-                .with_client_cert_resolver(Arc::new(Resolver(self.slot.clone()))),
-        ))
+        let roots = Arc::new(super::roots(&self.cfg.server_ca)?);
+        let builder = rustls::ClientConfig::builder_with_provider(crate::tlsconf::provider())
+            .with_protocol_versions(rustls::ALL_VERSIONS)?;
+        let builder = match &self.cfg.server_name {
+            // The broker's certificate must name `server_name`, whatever host is dialled.
+            Some(name) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(crate::tlsconf::named_verifier(roots, name)?),
+            None => builder.with_root_certificates(roots),
+        };
+        Ok(Arc::new(builder.with_client_cert_resolver(Arc::new(
+            Resolver(self.slot.clone()),
+        ))))
     }
 
     /// One connection, until it fails or the identity rotates (Ok: reconnect at once).

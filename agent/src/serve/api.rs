@@ -15,8 +15,8 @@ use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use firmware_config::schema::{ApiConfig, Operation};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::Semaphore;
 
 /// Who is calling, from `SO_PEERCRED`.
@@ -30,17 +30,58 @@ pub struct Caller {
     pub pid: Option<i32>,
 }
 
-/// Shared by every request.
+/// What the API enforces, swapped whole at a reload: an open keep-alive connection reads
+/// the policy in force at each request, not the one of the listener it came in on.
+pub struct Policy {
+    /// `[api]`.
+    pub api: ApiConfig,
+    /// Identities whose issuer is a JWK rotation API: their key authenticates the
+    /// rotate-to request itself, so the API never makes raw signatures with it and refuses
+    /// a JWS whose payload is shaped like a rotation request.
+    pub credentials: HashSet<String>,
+}
+
+impl Policy {
+    /// The policy of a configuration.
+    pub fn of(cfg: &firmware_config::Config) -> Policy {
+        let jwk: HashSet<&str> = cfg
+            .issuers
+            .iter()
+            .filter(|i| matches!(i, firmware_config::schema::IssuerConfig::JwkRotation(_)))
+            .map(|i| i.name())
+            .collect();
+        Policy {
+            api: cfg.api.clone(),
+            credentials: cfg
+                .identities
+                .iter()
+                .filter(|i| jwk.contains(i.issuer.as_str()))
+                .map(|i| i.name.clone())
+                .collect(),
+        }
+    }
+}
+
+/// Shared by every request, and kept across reloads (the policy inside is swapped).
 pub struct ApiState {
-    pub(super) cfg: ApiConfig,
+    policy: RwLock<Arc<Policy>>,
     pub(super) identities: Arc<Identities>,
     pub(super) wake: std::sync::mpsc::Sender<Wake>,
     own_uid: u32,
     in_flight: Mutex<HashMap<u32, Arc<Semaphore>>>,
+    pub(super) connections: Arc<super::gate::Connections>,
+    pub(super) refusals: super::gate::Refusals,
 }
 
 /// A refusal or failure, as JSON `{"error": ...}` with its status.
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    /// A refusal with its status and reason.
+    pub fn new(status: StatusCode, why: impl Into<String>) -> ApiError {
+        ApiError(status, why.into())
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -52,18 +93,38 @@ type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiState {
     pub(super) fn new(
-        cfg: ApiConfig,
+        policy: Policy,
         identities: Arc<Identities>,
         wake: std::sync::mpsc::Sender<Wake>,
     ) -> ApiState {
         ApiState {
-            cfg,
+            policy: RwLock::new(Arc::new(policy)),
             identities,
             wake,
             // SAFETY: getuid cannot fail.
             own_uid: unsafe { libc::getuid() },
             in_flight: Mutex::new(HashMap::new()),
+            connections: Default::default(),
+            refusals: Default::default(),
         }
+    }
+
+    /// The policy in force now.
+    pub(super) fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Put a reloaded policy in force for every connection, open ones included.
+    pub(super) fn set_policy(&self, p: Policy) {
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(p);
+        // A changed cap applies to the next request of each uid.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     /// Allowed by a rule. The daemon's own uid may read status and ask for the engine's
@@ -71,38 +132,42 @@ impl ApiState {
     /// and the state); it gets no signatures without a rule. Nothing else is implicit, root
     /// included (unless the daemon itself runs as root).
     fn allowed(&self, c: &Caller, op: Operation, identity: Option<&str>) -> bool {
-        (c.uid == self.own_uid
-            && matches!(
-                op,
-                Operation::Status
-                    | Operation::List
-                    | Operation::Rotate
-                    | Operation::Retire
-                    | Operation::Revoke
-                    | Operation::Apply
-            ))
-            || self
-                .cfg
-                .rules
-                .iter()
-                .any(|r| r.allows(c.uid, c.gid, op, identity))
+        let p = self.policy();
+        p.api.enabled
+            && ((c.uid == self.own_uid
+                && matches!(
+                    op,
+                    Operation::Status
+                        | Operation::List
+                        | Operation::Rotate
+                        | Operation::Retire
+                        | Operation::Revoke
+                        | Operation::Apply
+                ))
+                || p.api
+                    .rules
+                    .iter()
+                    .any(|r| r.allows(c.uid, c.gid, op, identity)))
     }
 
-    fn check(&self, c: &Caller, op: Operation, identity: Option<&str>) -> ApiResult<()> {
+    /// Refuse with 403 unless the policy allows it; raw signatures with an API credential's
+    /// key are refused whatever the rules say.
+    pub(super) fn check(&self, c: &Caller, op: Operation, identity: Option<&str>) -> ApiResult<()> {
+        let credential = op == Operation::Sign
+            && identity.is_some_and(|i| self.policy().credentials.contains(i));
+        if credential {
+            return Err(self.refuse(c, op, identity, format!(
+                "identity '{}' is a JWK rotation API credential: its key also signs the rotate-to request, so the API makes no raw signatures with it (use /jws)",
+                identity.unwrap_or_default()
+            )));
+        }
         if self.allowed(c, op, identity) {
             return Ok(());
         }
-        count(c, op, "refused");
-        tracing::warn!(
-            uid = c.uid,
-            gid = c.gid,
-            pid = %super::or_dash(c.pid),
-            op = %op.as_str(),
-            identity = %super::or_dash(identity),
-            "API request refused by policy"
-        );
-        Err(ApiError(
-            StatusCode::FORBIDDEN,
+        Err(self.refuse(
+            c,
+            op,
+            identity,
             format!(
                 "uid {} (gid {}) may not {}{}: no [[api.allow]] rule grants it",
                 c.uid,
@@ -115,21 +180,39 @@ impl ApiState {
         ))
     }
 
+    /// Count a refusal, log it (once a minute per uid), and make its 403.
+    fn refuse(&self, c: &Caller, op: Operation, identity: Option<&str>, why: String) -> ApiError {
+        count(c, op, "refused");
+        if let Some(unlogged) = self.refusals.note(c.uid) {
+            tracing::warn!(
+                uid = c.uid,
+                gid = c.gid,
+                pid = %super::or_dash(c.pid),
+                op = %op.as_str(),
+                identity = %super::or_dash(identity),
+                unlogged,
+                "API request refused: {why} (further refusals of this uid are counted, and logged once a minute)"
+            );
+        }
+        ApiError(StatusCode::FORBIDDEN, why)
+    }
+
     /// One slot of the caller's in-flight cap (429 when full).
     fn slot(&self, c: &Caller) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+        let cap = self.policy().api.max_concurrent_per_caller;
         let sem = self
             .in_flight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(c.uid)
-            .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.max_concurrent_per_caller)))
+            .or_insert_with(|| Arc::new(Semaphore::new(cap)))
             .clone();
         sem.try_acquire_owned().map_err(|_| {
             ApiError(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
                     "uid {} has {} requests in flight (api.max_concurrent_per_caller); retry when one finishes",
-                    c.uid, self.cfg.max_concurrent_per_caller
+                    c.uid, cap
                 ),
             )
         })
@@ -152,9 +235,9 @@ fn count(c: &Caller, op: Operation, result: &'static str) {
     metrics::get().api_request(c.uid, op.as_str(), result);
 }
 
-/// The routes, with the body size cap.
+/// The routes, behind the policy gate (`gate::before_body`), which has already read the
+/// body within its size cap when a handler runs.
 pub fn router(state: Arc<ApiState>) -> Router {
-    let limit = state.cfg.max_request_bytes;
     Router::new()
         .route("/v1/identities", get(list))
         .route("/v1/identities/{name}/chain", get(chain))
@@ -166,9 +249,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route(
             "/v1/config/apply",
             // A bundle may be up to 1 MiB of payload plus its header.
-            post(apply).layer(DefaultBodyLimit::max((1 << 20) + 4096)),
+            post(apply),
         )
         .route("/v1/status", get(status))
+        .route("/v1/listeners", get(listeners))
         .route("/metrics", get(metrics_text))
         .fallback(|| async {
             ApiError(
@@ -176,7 +260,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
                 "no such endpoint: see /v1/identities, /v1/status, /metrics".into(),
             )
         })
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            super::gate::before_body,
+        ))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -317,6 +405,16 @@ async fn jws(
     let s = st.served(&name)?;
     let key = s.key.clone();
     let payload = req.payload().map_err(bad)?;
+    if st.policy().credentials.contains(&name) {
+        if let Err(why) = super::requests::not_a_rotation_request(&payload) {
+            return Err(st.refuse(
+                &c,
+                Operation::Jws,
+                Some(&name),
+                format!("identity '{name}' is a JWK rotation API credential: {why}"),
+            ));
+        }
+    }
     let kid = req
         .kid
         .or_else(|| s.kid.clone())
@@ -466,4 +564,14 @@ async fn metrics_text(
         metrics::get().render(),
     )
         .into_response())
+}
+
+/// `GET /v1/listeners`: the listeners that could not start (`{"down": [...]}`).
+async fn listeners(
+    State(st): State<Arc<ApiState>>,
+    Extension(c): Extension<Caller>,
+) -> ApiResult<Json<serde_json::Value>> {
+    st.check(&c, Operation::Status, None)?;
+    count(&c, Operation::Status, "ok");
+    Ok(Json(serde_json::json!({ "down": st.identities.down() })))
 }

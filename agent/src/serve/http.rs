@@ -4,6 +4,7 @@
 
 use super::api::{router, ApiState, Caller};
 use super::api_threads::ApiThreads;
+use super::gate::Full;
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -40,21 +41,23 @@ fn builder(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
 }
 
 /// Serve the API on its socket: the accept loop runs on the first API thread, and each
-/// connection on the thread holding the fewest (`ApiThreads::dispatch`).
+/// connection on the thread holding the fewest (`ApiThreads::dispatch`). A connection over
+/// `api.max_connections` in all, or over `api.max_connections_per_caller` of its uid, is
+/// answered 503 and closed at once, so one local uid cannot hold the others out.
 pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Result<JoinHandle<()>> {
     let rt = threads.handle().clone();
     let _rt = rt.enter();
-    let listener = bind_unix(&state.cfg.socket)?;
-    let timeout = Duration::from_secs(state.cfg.header_timeout.0.max(1));
+    let socket = state.policy().api.socket.clone();
+    let listener = bind_unix(&socket)?;
     let app = router(state.clone());
-    tracing::info!(socket = %state.cfg.socket.display(), "signing API listening");
+    tracing::info!(socket = %socket.display(), "signing API listening");
+    let said = super::OncePerMinute::default();
     Ok(rt.spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!("API accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    super::accept_failed("API", &e, &said).await;
                     continue;
                 }
             };
@@ -69,6 +72,19 @@ pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Resul
                     continue;
                 }
             };
+            let policy = state.policy();
+            let admitted = match state.connections.admit(
+                caller.uid,
+                policy.api.max_connections,
+                policy.api.max_connections_per_caller,
+            ) {
+                Ok(a) => a,
+                Err(full) => {
+                    turn_away(&state, &caller, full, &stream);
+                    continue;
+                }
+            };
+            let timeout = Duration::from_secs(policy.api.header_timeout.0.max(1));
             let stream = match stream.into_std() {
                 Ok(s) => s,
                 Err(e) => {
@@ -80,6 +96,7 @@ pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Resul
             // shared router; `Router::layer` would rebuild every route per connection.
             let svc = TowerToHyperService::new(axum::Extension(caller).layer(app.clone()));
             threads.dispatch(stream, move |stream| async move {
+                let _admitted = admitted;
                 let conn = builder(timeout).serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {
                     tracing::debug!(uid = caller.uid, "API connection ended: {e}");
@@ -87,6 +104,27 @@ pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Resul
             });
         }
     }))
+}
+
+/// Answer a connection over a cap with a 503 if its socket takes it now, and close it.
+fn turn_away(state: &ApiState, c: &Caller, full: Full, stream: &tokio::net::UnixStream) {
+    let why = match full {
+        Full::All(n) => format!("the API has {n} connections open (api.max_connections); retry later"),
+        Full::Caller(n) => format!(
+            "uid {} has {n} API connections open (api.max_connections_per_caller); close one or reuse it",
+            c.uid
+        ),
+    };
+    crate::serve::metrics::get().api_request(c.uid, "connect", "refused");
+    if let Some(unlogged) = state.refusals.note(c.uid) {
+        tracing::warn!(uid = c.uid, gid = c.gid, unlogged, "API connection refused: {why} (further refusals of this uid are counted, and logged once a minute)");
+    }
+    let body = serde_json::json!({ "error": why }).to_string();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// Serve `/metrics` only, on a TCP address (loopback in practice).
@@ -104,11 +142,15 @@ pub(super) fn serve_metrics(addr: &str) -> Result<JoinHandle<()>> {
             )
         }),
     );
+    let said = super::OncePerMinute::default();
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    super::accept_failed("metrics", &e, &said).await;
+                    continue;
+                }
             };
             let svc = TowerToHyperService::new(app.clone());
             let conn = builder(Duration::from_secs(5)).serve_connection(TokioIo::new(stream), svc);

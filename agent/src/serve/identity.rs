@@ -73,6 +73,8 @@ pub struct Identities {
     fleet_version: std::sync::atomic::AtomicU64,
     /// Bumped when status, a served pair or events change (the fleet channel waits on it).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Listeners that could not start, one line each.
+    down: RwLock<Vec<String>>,
 }
 
 impl Default for Identities {
@@ -84,6 +86,7 @@ impl Default for Identities {
             events_seen: Default::default(),
             fleet_version: Default::default(),
             changes: tokio::sync::watch::channel(0).0,
+            down: Default::default(),
         }
     }
 }
@@ -206,6 +209,17 @@ impl Identities {
     }
 
     /// The status JSON last published by the engine, its `days_left` as of now.
+    /// Record what is down (listeners that could not start), for `status` and systemd.
+    pub fn set_down(&self, down: Vec<String>) {
+        *self.down.write().unwrap_or_else(|p| p.into_inner()) = down;
+    }
+
+    /// What is down now.
+    pub fn down(&self) -> Vec<String> {
+        self.down.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The status rows as the API shows them.
     pub fn status(&self) -> serde_json::Value {
         let mut rows = self
             .status

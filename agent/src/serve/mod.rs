@@ -10,12 +10,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod requests;
 
-use anyhow::{Context, Result};
 pub use ask::{ask, Answer, Reply, Unanswered};
-use firmware_config::Config;
-use identity::Identities;
-use std::sync::Arc;
-use tokio::task::JoinHandle;
 
 /// What wakes the engine thread.
 #[derive(Debug)]
@@ -51,114 +46,7 @@ impl std::fmt::Debug for EngineRequest {
     }
 }
 
-/// The runtimes and the listeners started from one configuration.
-pub struct Servers {
-    rt: tokio::runtime::Runtime,
-    /// The signing API's own threads (`api_threads`): what a local program asks of the API
-    /// never holds up a proxy's handshake or the fleet channel, and the other way round,
-    /// and a signature up to `API_INLINE_MAX` runs inline on them (see `api::token_call`).
-    api: Arc<api_threads::ApiThreads>,
-    listeners: Vec<JoinHandle<()>>,
-    identities: Arc<Identities>,
-    wake: std::sync::mpsc::Sender<Wake>,
-}
-
-impl Servers {
-    /// The proxies, the fleet channel and the metrics port on a runtime of one worker; the
-    /// API on two threads of its own (`api_threads`). Idle workers sleep in the I/O driver
-    /// with no timer.
-    ///
-    /// One worker for the proxies: a proxied connection is a chain of short steps (accept,
-    /// connect, handshake messages, splice), each woken by the network. With two workers
-    /// the steps of one connection hop between threads, and every hop is a futex or
-    /// eventfd wake of the other one (~30 µs across CPUs on the bench VM). scripts/bench,
-    /// alternated runs: 1 client vs stunnel 1.90-1.93 with two, 1.95-2.01 with one (every
-    /// pair in favour of one), CPU per new connection ~10% lower; 4 clients at once, bulk
-    /// and preconnect unchanged. One core splices faster than a gateway's uplink (~1.2 GB/s
-    /// here).
-    /// The API has two threads: its signatures are CPU work that two clients run in
-    /// parallel.
-    pub fn new(
-        identities: Arc<Identities>,
-        wake: std::sync::mpsc::Sender<Wake>,
-    ) -> Result<Servers> {
-        let runtime = |name: &str, workers: usize| {
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(workers)
-                .thread_name(name)
-                .enable_all()
-                .build()
-                .with_context(|| format!("cannot start the tokio runtime {name}"))
-        };
-        Ok(Servers {
-            rt: runtime("edge-signer-io", 1)?,
-            api: Arc::new(api_threads::ApiThreads::start(2)?),
-            listeners: Vec::new(),
-            identities,
-            wake,
-        })
-    }
-
-    /// (Re)start every listener for `cfg`. Connections already open keep running: only
-    /// the accept loops are replaced.
-    pub fn start(&mut self, cfg: &Config) -> Result<()> {
-        for l in self.listeners.drain(..) {
-            l.abort();
-        }
-        let _guard = self.rt.enter();
-        for p in &cfg.proxies {
-            let slot = self.identities.slot(&p.identity);
-            let task =
-                proxy::start(p.clone(), slot).with_context(|| format!("proxy '{}'", p.name))?;
-            self.listeners.push(task);
-        }
-        if cfg.api.enabled {
-            let state = Arc::new(api::ApiState::new(
-                cfg.api.clone(),
-                self.identities.clone(),
-                self.wake.clone(),
-            ));
-            self.listeners.push(
-                http::serve_api(state, self.api.clone())
-                    .with_context(|| format!("API socket {}", cfg.api.socket.display()))?,
-            );
-        }
-        if let Some(m) = &cfg.fleet.mqtt {
-            let device = m.device_id.clone().unwrap_or_else(|| {
-                cfg.identities
-                    .iter()
-                    .find(|i| i.name == m.identity)
-                    .map(|i| i.subject.cn.clone())
-                    .filter(|cn| !cn.is_empty())
-                    .unwrap_or_else(|| m.identity.clone())
-            });
-            let channel = crate::fleet::channel::Channel {
-                cfg: m.clone(),
-                slot: self.identities.slot(&m.identity),
-                identities: self.identities.clone(),
-                wake: self.wake.clone(),
-                device,
-                state_dir: cfg.paths.state_dir.clone(),
-            };
-            self.listeners.push(tokio::spawn(channel.run()));
-        }
-        if let Some(addr) = &cfg.api.metrics_listen {
-            self.listeners
-                .push(http::serve_metrics(addr).with_context(|| format!("metrics on {addr}"))?);
-        }
-        Ok(())
-    }
-}
-
-/// The accept loops end with the servers: the API's holds the API threads, which would
-/// otherwise outlive them (the proxies' runtime ends its tasks when dropped).
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for l in self.listeners.drain(..) {
-            l.abort();
-        }
-    }
-}
+pub use listeners::Servers;
 
 /// Token calls the token answers faster than this run inline on the worker of the proxies'
 /// runtime; slower ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet
@@ -211,6 +99,15 @@ impl OncePerMinute {
     }
 }
 
+/// After a failed `accept` (EMFILE, ENFILE, ENOBUFS...): say so at most once a minute and
+/// pause the loop, so that it does not spin while the process is out of descriptors.
+pub(crate) async fn accept_failed(what: &str, e: &std::io::Error, said: &OncePerMinute) {
+    if said.due() {
+        tracing::warn!("{what}: accepting a connection failed: {e}; pausing new connections for 250 ms (out of file descriptors: raise LimitNOFILE or lower the connection caps)");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+}
+
 /// An optional id or name in a log line: the value, or `-`.
 pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
@@ -218,7 +115,9 @@ pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
 
 mod api_threads;
 mod ask;
+pub mod gate;
 mod http;
+mod listeners;
 mod preconnect;
 mod splice;
 mod target;

@@ -21,7 +21,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 
-struct Route {
+/// One proxy's route: its configuration and what its connections share.
+pub struct Route {
     cfg: ProxyConfig,
     roots: Arc<rustls::RootCertStore>,
     /// One client config (and so one TLS session cache) per generation: a session resumed
@@ -36,6 +37,10 @@ struct Route {
     spare: Arc<Spare>,
     /// Saying that the route is at `max_connections`.
     said_full: super::OncePerMinute,
+    /// Saying that accepting failed.
+    said_accept: super::OncePerMinute,
+    /// Who may use it now (follows reloads).
+    access: tokio::sync::watch::Receiver<Access>,
 }
 
 fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
@@ -52,14 +57,56 @@ fn server_name(cfg: &ProxyConfig) -> Result<ServerName<'static>> {
     ServerName::try_from(host.clone()).with_context(|| format!("'{host}' is not a server name"))
 }
 
-/// Bind the proxy's listener and start its accept loop.
-pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<()>> {
+/// Who may use a proxy now. Sent again at each reload; every open connection of the proxy
+/// watches it, so a caller no longer allowed is cut off at the reload, not at its next
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Access {
+    /// The proxy is configured (false: removed by a reload, every connection ends).
+    pub open: bool,
+    /// `allowed_uids`.
+    pub uids: Vec<u32>,
+    /// `allowed_gids`.
+    pub gids: Vec<u32>,
+}
+
+impl Access {
+    /// The access a proxy's configuration gives.
+    pub fn of(cfg: &ProxyConfig) -> Access {
+        Access {
+            open: true,
+            uids: cfg.allowed_uids.clone(),
+            gids: cfg.allowed_gids.clone(),
+        }
+    }
+
+    /// Whether a caller may use the proxy (`cred`: None for a TCP caller, which no list
+    /// names: TCP listeners take no uid lists).
+    fn admits(&self, own_uid: u32, cred: Option<(u32, u32)>) -> bool {
+        self.open
+            && match cred {
+                None => true,
+                Some((uid, gid)) => {
+                    uid == own_uid || self.uids.contains(&uid) || self.gids.contains(&gid)
+                }
+            }
+    }
+}
+
+/// A proxy made ready to listen: everything that can fail but the bind (the CA bundle is
+/// read, the server name checked), so a reload can keep the old listener when this fails.
+pub fn prepare(
+    cfg: ProxyConfig,
+    slot: Arc<ServingIdentity>,
+    access: tokio::sync::watch::Receiver<Access>,
+) -> Result<Arc<Route>> {
     let roots = Arc::new(
         crate::tlsconf::load_roots(&cfg.server_ca)
             .with_context(|| format!("server_ca {}", cfg.server_ca.display()))?,
     );
     let first = connector(&roots, &slot)?;
-    let route = Arc::new(Route {
+    cfg.listen_addr().map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(Route {
         server_name: server_name(&cfg)?,
         target: super::target::Target::new(&cfg.target),
         roots,
@@ -69,22 +116,33 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
         own_uid: unsafe { libc::getuid() },
         spare: Arc::new(Spare::new(&cfg.name)),
         said_full: Default::default(),
+        said_accept: Default::default(),
+        access,
         cfg,
-    });
+    }))
+}
+
+/// Bind the proxy's listener and start its accept loop.
+pub fn listen(route: Arc<Route>) -> Result<JoinHandle<()>> {
     let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
     let limit = Arc::new(Semaphore::new(route.cfg.max_connections));
     tracing::info!(proxy = %route.cfg.name, listen = %route.cfg.listen, target = %route.cfg.target, identity = %route.cfg.identity, "proxy listening");
-    Ok(match listen {
+    let task = match listen {
         Listen::Unix(path) => {
             let l = super::http::bind_unix(&path)?;
             tokio::spawn(async move {
                 loop {
-                    let Ok((s, _)) = l.accept().await else {
-                        continue;
+                    let s = match l.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            let what = format!("proxy '{}'", route.cfg.name);
+                            super::accept_failed(&what, &e, &route.said_accept).await;
+                            continue;
+                        }
                     };
-                    let cred = s.peer_cred().ok();
-                    if !route.caller_allowed(cred.map(|c| (c.uid(), c.gid()))) {
-                        tracing::warn!(proxy = %route.cfg.name, uid = %super::or_dash(cred.map(|c| c.uid())), gid = %super::or_dash(cred.map(|c| c.gid())), "proxy connection refused: caller not in allowed_uids/allowed_gids");
+                    let cred = s.peer_cred().ok().map(|c| (c.uid(), c.gid()));
+                    if !route.caller_allowed(cred) {
+                        tracing::warn!(proxy = %route.cfg.name, uid = %super::or_dash(cred.map(|c| c.0)), gid = %super::or_dash(cred.map(|c| c.1)), "proxy connection refused: caller not in allowed_uids/allowed_gids");
                         route.count("refused-caller", "-");
                         continue;
                     }
@@ -93,7 +151,7 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
                     };
                     let r = route.clone();
                     tokio::spawn(async move {
-                        r.serve(s).await;
+                        r.serve(s, cred).await;
                         drop(permit);
                     });
                 }
@@ -106,8 +164,13 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
             let l = TcpListener::from_std(std_l)?;
             tokio::spawn(async move {
                 loop {
-                    let Ok((s, _)) = l.accept().await else {
-                        continue;
+                    let s = match l.accept().await {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            let what = format!("proxy '{}'", route.cfg.name);
+                            super::accept_failed(&what, &e, &route.said_accept).await;
+                            continue;
+                        }
                     };
                     // Bytes go on as they come: batching small writes is the caller's call.
                     let _ = s.set_nodelay(true);
@@ -116,13 +179,14 @@ pub fn start(cfg: ProxyConfig, slot: Arc<ServingIdentity>) -> Result<JoinHandle<
                     };
                     let r = route.clone();
                     tokio::spawn(async move {
-                        r.serve(s).await;
+                        r.serve(s, None).await;
                         drop(permit);
                     });
                 }
             })
         }
-    })
+    };
+    Ok(task)
 }
 
 fn connector(
@@ -160,12 +224,23 @@ impl Route {
         limit.clone().acquire_owned().await.ok()
     }
 
+    /// A Unix caller without credentials is refused.
     fn caller_allowed(&self, cred: Option<(u32, u32)>) -> bool {
-        cred.is_some_and(|(uid, gid)| {
-            uid == self.own_uid
-                || self.cfg.allowed_uids.contains(&uid)
-                || self.cfg.allowed_gids.contains(&gid)
-        })
+        cred.is_some() && self.access.borrow().admits(self.own_uid, cred)
+    }
+
+    /// Resolves when a reload takes the caller's access away (or removes the proxy).
+    async fn access_lost(&self, cred: Option<(u32, u32)>) {
+        let mut rx = self.access.clone();
+        loop {
+            if !rx.borrow_and_update().admits(self.own_uid, cred) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // The proxy's sender is gone with the servers: nothing changes any more.
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     fn count(&self, result: &str, generation: &str) {
@@ -179,7 +254,11 @@ impl Route {
             .inc();
     }
 
-    async fn serve<S: AsyncRead + AsyncWrite + ReadNow + Unpin>(self: Arc<Self>, local: S) {
+    async fn serve<S: AsyncRead + AsyncWrite + ReadNow + Unpin>(
+        self: Arc<Self>,
+        local: S,
+        cred: Option<(u32, u32)>,
+    ) {
         let name = &self.cfg.name;
         let Some(served) = self.slot.get() else {
             tracing::warn!(proxy = %name, identity = %self.cfg.identity, "proxy connection refused: the identity has no certificate yet");
@@ -208,7 +287,7 @@ impl Route {
         let now = crate::clock::SystemClock.now();
         let lapse = Duration::from_secs(served.not_after.saturating_sub(now));
         drop(served);
-        self.splice(local, tls, (&early, first.len() as u64), lapse)
+        self.splice(local, tls, (&early, first.len() as u64), lapse, cred)
             .await;
     }
 
@@ -277,8 +356,14 @@ impl Route {
 
     /// Copy both ways; `early` (what the server sent to a spare before the hand-off) goes
     /// to the caller first; `sent` bytes of the caller's already went with the handshake.
-    async fn splice<A, B>(&self, local: A, remote: B, (early, sent): (&[u8], u64), lapse: Duration)
-    where
+    async fn splice<A, B>(
+        &self,
+        local: A,
+        remote: B,
+        (early, sent): (&[u8], u64),
+        lapse: Duration,
+        cred: Option<(u32, u32)>,
+    ) where
         A: AsyncRead + AsyncWrite + Unpin,
         B: AsyncRead + AsyncWrite + Unpin,
     {
@@ -317,6 +402,7 @@ impl Route {
             },
             why = watchdog => (0, 0, why),
             _ = tokio::time::sleep(lapse) => (0, 0, "certificate expired"),
+            _ = self.access_lost(cred) => (0, 0, "the caller is no longer allowed (reload)"),
         };
         let m = metrics::get();
         for (dir, n) in [("up", up), ("down", down)] {

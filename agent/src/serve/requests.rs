@@ -104,9 +104,31 @@ impl JwsRequest {
     }
 }
 
+/// The top-level members of a JWK rotation API's rotate-to request. A JWS over a payload
+/// that has one of them, in any case, would move the credential to a key of the caller's.
+const ROTATION_MEMBERS: [&str; 3] = ["publickey", "expiration", "currentkeyexpiry"];
+
+/// For an API credential's key: the payload must be a JSON document (what the rotation API
+/// parses) with none of a rotation request's top-level members.
+pub fn not_a_rotation_request(payload: &[u8]) -> Result<(), String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).map_err(|_| {
+        "its JWS payloads must be JSON documents (this one is not), so that a rotation request cannot hide in one".to_owned()
+    })?;
+    if let Some(member) = v.as_object().and_then(|o| {
+        o.keys()
+            .find(|k| ROTATION_MEMBERS.contains(&k.to_ascii_lowercase().as_str()))
+    }) {
+        return Err(format!(
+            "the payload has a top-level '{member}' member, the shape of a rotate-to request, which only the agent itself may sign"
+        ));
+    }
+    Ok(())
+}
+
 /// Parse and check a request body as the API would (for the fuzz target and tests).
 pub fn parse(kind: &str, body: &[u8]) -> Result<(), String> {
     match kind {
+        "rotation" => not_a_rotation_request(body),
         "sign" => serde_json::from_slice::<SignRequest>(body)
             .map_err(|e| e.to_string())?
             .check()
@@ -147,11 +169,32 @@ mod tests {
         assert!(parse("jws", br#"{"payload":1,"payload_b64":"aGk="}"#).is_err());
     }
 
+    #[test]
+    fn rotation_shaped_payloads_are_refused_in_any_case() {
+        for body in [
+            &br#"{"PublicKey":{"kty":"EC"}}"#[..],
+            br#"{"publickey":1}"#,
+            br#"{"a":1,"EXPIRATION":"2027-01-01"}"#,
+            br#"{"CurrentKeyExpiry":"x"}"#,
+            br#"{"\u0050ublicKey":{}}"#,
+            br#"not json"#,
+        ] {
+            assert!(
+                not_a_rotation_request(body).is_err(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        assert!(not_a_rotation_request(br#"{"order":1,"nested":{"PublicKey":1}}"#).is_ok());
+        assert!(not_a_rotation_request(b"[1,2]").is_ok());
+    }
+
     proptest! {
         #[test]
         fn request_parsers_never_panic(body in proptest::collection::vec(any::<u8>(), 0..400)) {
             let _ = parse("sign", &body);
             let _ = parse("jws", &body);
+            let _ = parse("rotation", &body);
         }
 
         #[test]

@@ -1,0 +1,237 @@
+//! The daemon's listeners (each proxy, the API, the metrics port, the fleet channel), each
+//! started and failed on its own: a reload whose new proxy cannot start keeps every other
+//! listener serving, keeps the proxy's old listener when it had one, and says what is down.
+
+use super::api::{ApiState, Policy};
+use super::api_threads::ApiThreads;
+use super::identity::Identities;
+use super::proxy::{self, Access};
+use super::{http, Wake};
+use anyhow::{Context, Result};
+use firmware_config::fleet_channel::MqttConfig;
+use firmware_config::schema::ProxyConfig;
+use firmware_config::Config;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A running proxy: its configuration, accept loop and the access its connections watch.
+struct RunningProxy {
+    cfg: ProxyConfig,
+    task: Option<JoinHandle<()>>,
+    access: watch::Sender<Access>,
+}
+
+/// The runtimes and the listeners started from the configuration in force.
+pub struct Servers {
+    rt: tokio::runtime::Runtime,
+    /// The signing API's own threads (`api_threads`): what a local program asks of the API
+    /// never holds up a proxy's handshake or the fleet channel, and the other way round.
+    api_threads: Arc<ApiThreads>,
+    identities: Arc<Identities>,
+    wake: std::sync::mpsc::Sender<Wake>,
+    /// The API's state, kept across reloads (its policy is swapped), its socket and loop.
+    api: Option<(Arc<ApiState>, std::path::PathBuf, JoinHandle<()>)>,
+    proxies: BTreeMap<String, RunningProxy>,
+    fleet: Option<(MqttConfig, JoinHandle<()>)>,
+    metrics: Option<(String, JoinHandle<()>)>,
+}
+
+impl Servers {
+    /// The proxies, the fleet channel and the metrics port on a runtime of one worker; the
+    /// API on two threads of its own (`api_threads`). Idle workers sleep in the I/O driver
+    /// with no timer.
+    pub fn new(
+        identities: Arc<Identities>,
+        wake: std::sync::mpsc::Sender<Wake>,
+    ) -> Result<Servers> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("edge-signer-io")
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime edge-signer-io")?;
+        Ok(Servers {
+            rt,
+            api_threads: Arc::new(ApiThreads::start(2)?),
+            identities,
+            wake,
+            api: None,
+            proxies: BTreeMap::new(),
+            fleet: None,
+            metrics: None,
+        })
+    }
+
+    /// Make the listeners follow `cfg`: unchanged ones keep running, changed ones restart,
+    /// removed ones stop. Returns what is down, one line each (empty: all serving).
+    pub fn start(&mut self, cfg: &Config) -> Vec<String> {
+        let _guard = self.rt.enter();
+        let mut down = Vec::new();
+        self.start_proxies(cfg, &mut down);
+        if let Err(e) = self.start_api(cfg) {
+            down.push(format!("the signing API is down: {e:#}"));
+        }
+        self.start_fleet(cfg, &mut down);
+        if let Err(e) = self.start_metrics(cfg) {
+            down.push(format!("the metrics listener is down: {e:#}"));
+        }
+        for d in &down {
+            tracing::error!("{d}");
+        }
+        down
+    }
+
+    fn start_proxies(&mut self, cfg: &Config, down: &mut Vec<String>) {
+        let wanted: BTreeMap<&str, &ProxyConfig> =
+            cfg.proxies.iter().map(|p| (p.name.as_str(), p)).collect();
+        self.proxies.retain(|name, running| {
+            let keep = wanted.contains_key(name.as_str());
+            if !keep {
+                if let Some(t) = running.task.take() {
+                    t.abort();
+                }
+                // Its open connections end too.
+                running.access.send_replace(Access::default());
+                tracing::info!(proxy = %name, "proxy removed by the reload");
+            }
+            keep
+        });
+        for (name, p) in wanted {
+            let running = self
+                .proxies
+                .entry(name.to_owned())
+                .or_insert_with(|| RunningProxy {
+                    cfg: p.clone(),
+                    task: None,
+                    access: watch::Sender::new(Access::of(p)),
+                });
+            // Open connections of a caller no longer allowed end now.
+            running.access.send_replace(Access::of(p));
+            if running.task.is_some() && running.cfg == *p {
+                continue;
+            }
+            let slot = self.identities.slot(&p.identity);
+            let route = match proxy::prepare(p.clone(), slot, running.access.subscribe()) {
+                Ok(r) => r,
+                Err(e) => {
+                    down.push(format!(
+                        "proxy '{name}': {e:#}; {}",
+                        if running.task.is_some() {
+                            "its previous configuration keeps serving"
+                        } else {
+                            "it is not serving"
+                        }
+                    ));
+                    if running.task.is_some() {
+                        running.access.send_replace(Access::of(&running.cfg));
+                    }
+                    continue;
+                }
+            };
+            if let Some(t) = running.task.take() {
+                t.abort();
+            }
+            match proxy::listen(route) {
+                Ok(t) => {
+                    running.task = Some(t);
+                    running.cfg = p.clone();
+                }
+                Err(e) => {
+                    let old = running.cfg.clone();
+                    let back = (old != *p)
+                        .then(|| {
+                            let slot = self.identities.slot(&old.identity);
+                            running.access.send_replace(Access::of(&old));
+                            proxy::prepare(old, slot, running.access.subscribe())
+                                .and_then(proxy::listen)
+                                .ok()
+                        })
+                        .flatten();
+                    let keeps = back.is_some();
+                    running.task = back;
+                    down.push(format!(
+                        "proxy '{name}': {e:#}; {}",
+                        if keeps {
+                            "its previous configuration keeps serving"
+                        } else {
+                            "it is not serving"
+                        }
+                    ));
+                }
+            }
+        }
+    }
+
+    fn start_api(&mut self, cfg: &Config) -> Result<()> {
+        let policy = Policy::of(cfg);
+        if let Some((state, socket, task)) = &self.api {
+            // Open connections follow the new policy at their next request.
+            state.set_policy(Policy::of(cfg));
+            if cfg.api.enabled && *socket == cfg.api.socket && !task.is_finished() {
+                return Ok(());
+            }
+            task.abort();
+        }
+        let state = match self.api.take() {
+            Some((state, _, _)) => state,
+            None => Arc::new(ApiState::new(
+                policy,
+                self.identities.clone(),
+                self.wake.clone(),
+            )),
+        };
+        if !cfg.api.enabled {
+            return Ok(());
+        }
+        let task = http::serve_api(state.clone(), self.api_threads.clone())
+            .with_context(|| format!("API socket {}", cfg.api.socket.display()))?;
+        self.api = Some((state, cfg.api.socket.clone(), task));
+        Ok(())
+    }
+
+    fn start_fleet(&mut self, cfg: &Config, down: &mut Vec<String>) {
+        if self.fleet.as_ref().map(|f| Some(&f.0)) == Some(cfg.fleet.mqtt.as_ref()) {
+            return;
+        }
+        if let Some((_, t)) = self.fleet.take() {
+            t.abort();
+        }
+        let Some(m) = &cfg.fleet.mqtt else { return };
+        match crate::fleet::channel::Channel::new(cfg, m, &self.identities, &self.wake) {
+            Ok(channel) => self.fleet = Some((m.clone(), tokio::spawn(channel.run()))),
+            Err(e) => down.push(format!("the fleet channel is down: {e:#}")),
+        }
+    }
+
+    fn start_metrics(&mut self, cfg: &Config) -> Result<()> {
+        let wanted = cfg.api.metrics_listen.clone();
+        if self.metrics.as_ref().map(|m| &m.0) == wanted.as_ref() {
+            return Ok(());
+        }
+        if let Some((_, t)) = self.metrics.take() {
+            t.abort();
+        }
+        if let Some(addr) = wanted {
+            let t = http::serve_metrics(&addr).with_context(|| format!("metrics on {addr}"))?;
+            self.metrics = Some((addr, t));
+        }
+        Ok(())
+    }
+}
+
+/// The accept loops end with the servers: the API's holds the API threads, which would
+/// otherwise outlive them (the proxies' runtime ends its tasks when dropped).
+impl Drop for Servers {
+    fn drop(&mut self) {
+        if let Some((_, _, t)) = self.api.take() {
+            t.abort();
+        }
+        for p in self.proxies.values_mut() {
+            if let Some(t) = p.task.take() {
+                t.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The signing API and the proxies played from an attacker's side, through the real binary:
+//! a second uid (`nobody`, through setpriv) floods the API socket, a reload takes a grant
+//! away from an open keep-alive connection and from an open proxy connection, and a reload
+//! whose new proxy cannot start keeps everything else serving.
+
+use edge_signer_tests::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Identity gw; the API on api.sock, this uid may sign with gw and read status.
+fn api_config(env: &Env, extra: &str) {
+    env.make_ca("ca");
+    env.serving_config(
+        "1d",
+        &format!(
+            r#"
+[api]
+enabled = true
+socket = "{{p}}/api.sock"
+
+[[api.allow]]
+uids = [{uid}]
+identities = ["gw"]
+operations = ["sign", "status", "list"]
+{extra}"#,
+            uid = my_uid()
+        ),
+    );
+}
+
+fn start(env: &Env) -> (Guard, PortalCa) {
+    let ca = env.portal_ca(CaMode::Good);
+    let daemon = env.daemon();
+    env.wait_served("gw", 1);
+    env.wait_log("signing API listening");
+    (daemon, ca)
+}
+
+const SIGN: &str = r#"{"alg":"ES256","data":"aGVsbG8="}"#;
+
+/// One keep-alive request on `s`: (status code, body).
+fn ask(s: &mut UnixStream, path: &str, body: &str) -> (u16, String) {
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let mut len = 0;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut b = vec![0; len];
+    r.read_exact(&mut b).unwrap();
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap();
+    (code, String::from_utf8_lossy(&b).into_owned())
+}
+
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn helper() -> std::path::PathBuf {
+    bin().with_file_name("edge-signer-test-servers")
+}
+
+/// 1,100 connections of a uid with no rule, each half-sending a 1 MB bundle: the daemon
+/// buffers none of it (403 before the body), holds at most its per-uid cap of them, and an
+/// allowed caller is answered within 1 s throughout. Fds and RSS go back afterwards.
+#[test]
+fn a_local_uid_flooding_the_api_holds_nobody_out_and_grows_nothing() {
+    let env = Env::new();
+    api_config(&env, "");
+    let (daemon, _ca) = start(&env);
+    let pid = daemon.0.id();
+    let mut me = UnixStream::connect(env.path("api.sock")).unwrap();
+    assert_eq!(ask(&mut me, "/v1/identities/gw/sign", SIGN).0, 200);
+    let (rss0, fds0) = (proc_status(pid, "VmRSS:"), fds(pid));
+
+    std::fs::set_permissions(
+        env.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut attacker = Guard(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(helper())
+            .args(["flood", &env.path_str("api.sock"), "1100"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(attacker.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.starts_with("opened "), "{line}");
+
+    // While the attacker sends: the allowed caller, on a fresh connection each time.
+    let (mut worst, mut peak_rss, mut peak_fds) = (Duration::ZERO, 0, 0);
+    let until = Instant::now() + Duration::from_secs(6);
+    while Instant::now() < until {
+        let t = Instant::now();
+        let mut c = UnixStream::connect(env.path("api.sock")).unwrap();
+        let (code, body) = ask(&mut c, "/v1/identities/gw/sign", SIGN);
+        assert_eq!(code, 200, "{body}");
+        worst = worst.max(t.elapsed());
+        peak_rss = peak_rss.max(proc_status(pid, "VmRSS:"));
+        peak_fds = peak_fds.max(fds(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "sent");
+    peak_rss = peak_rss.max(proc_status(pid, "VmRSS:"));
+    peak_fds = peak_fds.max(fds(pid));
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
+    assert!(worst < Duration::from_secs(1), "slowest answer {worst:?}");
+    assert!(
+        peak_rss < rss0 + 64 * 1024,
+        "RSS {rss0} -> {peak_rss} KiB\n{log}"
+    );
+    // Its per-uid cap (64) of connections at most, beside ours and the daemon's own.
+    assert!(peak_fds < fds0 + 64 + 8, "fds {fds0} -> {peak_fds}");
+    // Refusals are logged once a minute per uid, not once per request.
+    let said = log
+        .lines()
+        .filter(|l| l.contains("refused") && l.contains("uid=65534"))
+        .count();
+    assert!((1..=2).contains(&said), "{said} refusal lines\n{log}");
+
+    drop(attacker);
+    let back = poll_until(10, Duration::from_millis(100), || fds(pid) <= fds0 + 2);
+    assert!(back, "fds {fds0} -> {} after the attacker left", fds(pid));
+    assert!(proc_status(pid, "VmRSS:") < rss0 + 64 * 1024);
+    let mut c = UnixStream::connect(env.path("api.sock")).unwrap();
+    assert_eq!(ask(&mut c, "/v1/identities/gw/sign", SIGN).0, 200);
+    eprintln!(
+        "flood: slowest allowed answer {worst:?}; RSS {rss0} -> {peak_rss} KiB; fds {fds0} -> {peak_fds}"
+    );
+}
+
+/// A rule removed by a reload stops the next request of an already open keep-alive
+/// connection.
+#[test]
+fn a_removed_rule_stops_the_next_request_on_an_open_connection() {
+    let env = Env::new();
+    api_config(&env, "");
+    let (daemon, _ca) = start(&env);
+    let mut open = UnixStream::connect(env.path("api.sock")).unwrap();
+    assert_eq!(ask(&mut open, "/v1/identities/gw/sign", SIGN).0, 200);
+
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(
+            r#"operations = ["sign", "status", "list"]"#,
+            r#"operations = ["status"]"#,
+        ),
+    )
+    .unwrap();
+    let pid = daemon.0.id().to_string();
+    run_ok(Command::new("kill").args(["-HUP", &pid]), "kill -HUP");
+    let refused = poll_until(10, Duration::from_millis(100), || {
+        ask(&mut open, "/v1/identities/gw/sign", SIGN).0 == 403
+    });
+    assert!(refused, "the open connection still signs after the reload");
+}
