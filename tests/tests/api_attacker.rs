@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Identity gw; the API on api.sock, this uid may sign with gw and read status.
+/// (`ca` must exist: `env.make_ca("ca")`.)
 fn api_config(env: &Env, extra: &str) {
-    env.make_ca("ca");
     env.serving_config(
         "1d",
         &format!(
@@ -98,6 +98,7 @@ fn helper() -> std::path::PathBuf {
 #[test]
 fn a_local_uid_flooding_the_api_holds_nobody_out_and_grows_nothing() {
     let env = Env::new();
+    env.make_ca("ca");
     api_config(&env, "");
     let (daemon, _ca) = start(&env);
     let pid = daemon.0.id();
@@ -173,6 +174,7 @@ fn a_local_uid_flooding_the_api_holds_nobody_out_and_grows_nothing() {
 #[test]
 fn a_removed_rule_stops_the_next_request_on_an_open_connection() {
     let env = Env::new();
+    env.make_ca("ca");
     api_config(&env, "");
     let (daemon, _ca) = start(&env);
     let mut open = UnixStream::connect(env.path("api.sock")).unwrap();
@@ -193,4 +195,117 @@ fn a_removed_rule_stops_the_next_request_on_an_open_connection() {
         ask(&mut open, "/v1/identities/gw/sign", SIGN).0 == 403
     });
     assert!(refused, "the open connection still signs after the reload");
+}
+
+/// A `[[proxy]]` for identity gw to `127.0.0.1:target`, checked against `server_ca`.
+fn proxy(name: &str, listen: &str, target: u16, server_ca: &str, extra: &str) -> String {
+    format!(
+        "\n[[proxy]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"127.0.0.1:{target}\"\n\
+         identity = \"gw\"\nserver_ca = \"{server_ca}\"\n{extra}\n"
+    )
+}
+
+/// `socat - UNIX-CONNECT:sock` as nobody: a caller holding one proxied connection open.
+fn nobody_connected(env: &Env, sock: &str) -> Guard {
+    std::fs::set_permissions(
+        env.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    Guard(
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "socat"])
+            .args(["-", &format!("UNIX-CONNECT:{}", env.path_str(sock))])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn reload_with(env: &Env, daemon: &Guard, from: &str, to: &str) {
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    assert!(cfg.contains(from), "{from} not in the config");
+    std::fs::write(env.path("defaults.toml"), cfg.replace(from, to)).unwrap();
+    let pid = daemon.0.id().to_string();
+    run_ok(Command::new("kill").args(["-HUP", &pid]), "kill -HUP");
+}
+
+/// A reload that takes a uid off a proxy's list cuts its open connection; a reload whose
+/// new proxy cannot start (an unreadable server_ca, a port in use) keeps every other
+/// listener, and the old configuration of a changed proxy, serving, and says what is down.
+#[test]
+fn a_reload_cuts_callers_no_longer_allowed_and_a_broken_proxy_downs_only_itself() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "server");
+    let (_www, www) = env.s_server("ca", &[], None);
+    let (_rev, rev) = env.s_server("ca", &["-rev"], None);
+    let ca = env.path_str("ca.pem");
+    api_config(
+        &env,
+        &(proxy("web", "{p}/web.sock", www, &ca, "")
+            + &proxy("rev", "{p}/rev.sock", rev, &ca, "allowed_uids = [65534]")),
+    );
+    let (daemon, _portal) = start(&env);
+    env.wait_log("proxy listening");
+    let mut held = nobody_connected(&env, "rev.sock");
+    let mut to = held.0.stdin.take().unwrap();
+    let mut from = BufReader::new(held.0.stdout.take().unwrap());
+    to.write_all(b"hello\n").unwrap();
+    let mut line = String::new();
+    from.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "olleh",
+        "{}",
+        std::fs::read_to_string(env.path("daemon.log")).unwrap()
+    );
+
+    // Take nobody off rev; add a proxy whose CA file is missing and one on a busy port.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_port = busy.local_addr().unwrap().port();
+    let missing = env.path_str("missing-ca.pem");
+    reload_with(
+        &env,
+        &daemon,
+        "allowed_uids = [65534]",
+        &format!(
+            "allowed_uids = []\n{}{}",
+            proxy("broken", "{p}/broken.sock", www, &missing, ""),
+            proxy("busy", &format!("127.0.0.1:{busy_port}"), www, &ca, "")
+        )
+        .replace("{p}", &env.dir.path().display().to_string()),
+    );
+    // nobody's open connection ends (EOF), within the reload.
+    line.clear();
+    let t = Instant::now();
+    let n = from.read_line(&mut line).unwrap_or(0);
+    assert_eq!(n, 0, "still connected: {line}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+    env.wait_log("proxy 'broken': server_ca");
+    env.wait_log("proxy 'busy': cannot listen");
+    // Everything else serves, and status says what is down.
+    let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    let mut me = UnixStream::connect(env.path("api.sock")).unwrap();
+    assert_eq!(ask(&mut me, "/v1/identities/gw/sign", SIGN).0, 200);
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("DOWN: proxy 'broken'") && status.contains("DOWN: proxy 'busy'"),
+        "{status}"
+    );
+
+    // A changed proxy that cannot start keeps its old configuration serving.
+    reload_with(
+        &env,
+        &daemon,
+        &format!("name = \"web\"\nlisten = \"{}/web.sock\"\ntarget = \"127.0.0.1:{www}\"\nidentity = \"gw\"\nserver_ca = \"{ca}\"", env.dir.path().display()),
+        &format!("name = \"web\"\nlisten = \"{}/web.sock\"\ntarget = \"127.0.0.1:{www}\"\nidentity = \"gw\"\nserver_ca = \"{missing}\"", env.dir.path().display()),
+    );
+    env.wait_log("proxy 'web': server_ca");
+    env.wait_log("its previous configuration keeps serving");
+    let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
+    drop(busy);
 }

@@ -104,3 +104,41 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
     let mut daemon = daemon;
     assert!(daemon.0.try_wait().unwrap().is_none());
 }
+
+/// A bundle is reported applied only when the reload that puts it in effect went through:
+/// here the PIN file is gone, so the token cannot open for the new configuration.
+#[test]
+fn a_bundle_whose_reload_is_refused_is_not_reported_applied() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let key = env.json(&["fleet", "keygen", "--out", "fleet.key"]);
+    let public = key["public_key"].as_str().unwrap().to_owned();
+    env.serving_config(
+        "1d",
+        &format!(
+            "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\n\n[fleet]\ntrusted_keys = [\"{public}\"]\n"
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let mut daemon = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("signing API listening");
+    std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
+    env.fleet_sign("fleet.key", "1", "v1.toml", "v1.bundle");
+    std::fs::rename(env.path("pin"), env.path("pin.away")).unwrap();
+    let err = env.fails(&["config", "apply", "v1.bundle"]);
+    assert!(
+        err.contains("not applied") && err.contains("reload that puts it in effect was refused"),
+        "{err}"
+    );
+    assert!(
+        daemon.0.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    // With the PIN back, the next bundle is applied and says so.
+    std::fs::rename(env.path("pin.away"), env.path("pin")).unwrap();
+    std::fs::write(env.path("v2.toml"), "[log]\nlevel = \"info\"\n").unwrap();
+    env.fleet_sign("fleet.key", "2", "v2.toml", "v2.bundle");
+    let out = env.ok(&["config", "apply", "v2.bundle"]);
+    assert!(out.contains("applied fleet bundle v2"), "{out}");
+}
