@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 /// A held lock; released when dropped (or when the process dies, whatever the way).
@@ -34,17 +34,17 @@ impl StateLock {
         daemon: bool,
     ) -> std::io::Result<Result<StateLock, Holder>> {
         std::fs::create_dir_all(state_dir)?;
+        // Never through a symlink: a link planted at the lock's name would make the agent
+        // truncate and write whatever file it points to.
         let mut f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(lock_path(state_dir))?;
-        // SAFETY: flock on a file descriptor we own for the duration of the call.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        if let Err(e) = f.try_lock() {
+            if let std::fs::TryLockError::Error(err) = e {
                 return Err(err);
             }
             let mut text = String::new();
@@ -114,4 +114,19 @@ pub fn take_rotation_requests(state_dir: &Path) -> Vec<String> {
     }
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_at_the_lock_is_never_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        std::os::unix::fs::symlink(&victim, lock_path(d.path())).unwrap();
+        assert!(StateLock::try_acquire(d.path(), true).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+    }
 }

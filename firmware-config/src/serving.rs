@@ -338,6 +338,43 @@ mod tests {
     }
 
     #[test]
+    fn uid_lists_need_a_unix_socket_and_metrics_stay_on_loopback() {
+        let mut c = crate::schema::Config::default();
+        c.proxies.push(ProxyConfig {
+            name: "p".into(),
+            listen: "127.0.0.1:8080".into(),
+            allowed_uids: vec![1000],
+            ..Default::default()
+        });
+        c.api.metrics_listen = Some("0.0.0.0:9464".into());
+        let mut errors = Vec::new();
+        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        let has = |errors: &[String], p: &str| errors.iter().any(|e| e.starts_with(p));
+        assert!(
+            has(
+                &errors,
+                "proxy[0].allowed_uids: '127.0.0.1:8080' is a TCP address"
+            ),
+            "{errors:?}"
+        );
+        assert!(
+            has(
+                &errors,
+                "api.metrics_listen: '0.0.0.0:9464' is not loopback"
+            ),
+            "{errors:?}"
+        );
+        c.api.unsafe_metrics_listen = true;
+        c.proxies[0].listen = "/run/edge-signer/p.sock".into();
+        errors.clear();
+        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        assert!(
+            !has(&errors, "proxy[0].allowed_uids") && !has(&errors, "api.metrics_listen"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
     fn a_zero_limit_is_named_by_its_own_field() {
         let mut c = crate::schema::Config::default();
         c.proxies.push(ProxyConfig {

@@ -15,19 +15,45 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 use tower_layer::Layer;
 
-/// Bind a Unix socket at `path` (a stale socket file is replaced), mode 0666: who may do
-/// what is the policy's decision, made per request from the peer's credentials.
+/// Bind a Unix socket at `path`, mode 0666: who may do what is the policy's decision, made
+/// per request from the peer's credentials. Only our own kind of file is ever replaced or
+/// chmodded: a stale socket is removed, anything else (a symlink, a file) is refused, and so
+/// is a parent directory that others may write without the sticky bit (they could swap
+/// the socket for a link between the bind and the chmod).
 pub(super) fn bind_unix(path: &std::path::Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    use std::os::unix::fs::FileTypeExt;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o002 != 0 && mode & 0o1000 == 0 {
+        anyhow::bail!(
+            "{} is writable by every user and not sticky (mode {:o}): another user could replace the socket; put it in a directory only the agent writes (e.g. /run/edge-signer)",
+            dir.display(),
+            mode & 0o7777
+        );
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("cannot replace the stale socket {}", path.display()))?,
+        Ok(_) => anyhow::bail!(
+            "{} exists and is not a socket (a file, directory or symlink): refusing to replace it; remove it if it is not needed",
+            path.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot replace {}", path.display())),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     }
     let l =
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // chmod follows links: insist the name is still our socket.
+    if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        anyhow::bail!("{} was replaced right after the bind", path.display());
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(l)
 }
@@ -159,4 +185,44 @@ pub(super) fn serve_metrics(addr: &str) -> Result<JoinHandle<()>> {
             });
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bind_unix;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &std::path::Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[tokio::test]
+    async fn only_our_own_socket_is_replaced_or_chmodded() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "secret").unwrap();
+        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let sock = d.path().join("api.sock");
+        std::os::unix::fs::symlink(&victim, &sock).unwrap();
+        let e = bind_unix(&sock).unwrap_err().to_string();
+        assert!(e.contains("is not a socket"), "{e}");
+        assert_eq!(mode(&victim), 0o600, "the link's target is untouched");
+        std::fs::remove_file(&sock).unwrap();
+        // A stale socket of ours is replaced.
+        drop(bind_unix(&sock).unwrap());
+        drop(bind_unix(&sock).unwrap());
+        assert_eq!(mode(&sock), 0o666);
+    }
+
+    #[tokio::test]
+    async fn a_directory_others_may_write_is_refused_unless_sticky() {
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = bind_unix(&open.join("api.sock")).unwrap_err().to_string();
+        assert!(e.contains("writable by every user and not sticky"), "{e}");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert!(bind_unix(&open.join("api.sock")).is_ok());
+    }
 }

@@ -48,6 +48,9 @@ impl Servers {
     ) -> Result<Servers> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
+            // Slow token calls of handshakes (`run_token_call`); the unit's TasksMax bounds
+            // the process's threads, so this pool is bounded well under it.
+            .max_blocking_threads(8)
             .thread_name("edge-signer-io")
             .enable_all()
             .build()
