@@ -352,8 +352,11 @@ impl Daemon<'_> {
             EngineRequest::Revoke(name, n) => e
                 .revoke(&name, n)
                 .map(|()| serde_json::json!({ "revoked": n, "identity": name })),
-            EngineRequest::Apply(bytes) => {
-                let applied = self.sources.apply_any(&bytes).map_err(|e| e.to_string())?;
+            EngineRequest::Apply(bytes, channel) => {
+                let applied = self
+                    .sources
+                    .apply_from(&bytes, channel)
+                    .map_err(|e| e.to_string())?;
                 let v = serde_json::to_value(&applied).unwrap_or_default();
                 // Applied means in effect: only once the reload it needs went through.
                 let refused = match self.reload() {

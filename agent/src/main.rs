@@ -241,6 +241,13 @@ enum ConfigCmd {
         #[arg(long)]
         json: bool,
     },
+    /// The fleet bundles on this device: which is in effect, which key signed it under which
+    /// trust version, the trusted keys, and the lowest version a new bundle may have
+    Status {
+        /// Machine-readable output (JSON)
+        #[arg(long)]
+        json: bool,
+    },
     /// Verify and apply a signed fleet bundle (atomic; the previous one is kept)
     Apply {
         bundle: PathBuf,
@@ -327,6 +334,8 @@ enum FleetCmd {
         /// Where to write the bundle
         #[arg(short, long)]
         out: PathBuf,
+        #[command(flatten)]
+        audience: AudienceArgs,
     },
     /// Publish a signed bundle retained to a group (or one device) on the fleet's MQTT broker
     Publish {
@@ -370,7 +379,25 @@ enum FleetCmd {
         /// Where to write the trust bundle
         #[arg(short, long)]
         out: PathBuf,
+        /// The configuration version the fleet continues from: devices reset their
+        /// anti-rollback floor to it (recovery from a leaked key that signed a huge version)
+        #[arg(long)]
+        continue_from: Option<u64>,
+        #[command(flatten)]
+        audience: AudienceArgs,
     },
+}
+
+/// Who a bundle is for; signed into it. A device takes a bundle from the fleet channel only
+/// when it is named here, by its id or one of its groups.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct AudienceArgs {
+    /// A device id the bundle is for (repeat for several)
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// A group the bundle is for (repeat for several)
+    #[arg(long = "group")]
+    pub groups: Vec<String>,
 }
 
 #[derive(Subcommand)]

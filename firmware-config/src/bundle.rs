@@ -19,13 +19,15 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use ring::rand::SystemRandom;
-use ring::signature::{self, KeyPair};
+use ring::signature;
 use std::fmt;
 use std::str::FromStr;
 
 const MAGIC: &str = "edge-signer-bundle v1";
 const TRUST_MAGIC: &str = "edge-signer-trust v1";
+/// The same kinds bound to an audience (an `audience` header line, signed).
+const MAGIC_V2: &str = "edge-signer-bundle v2";
+const TRUST_MAGIC_V2: &str = "edge-signer-trust v2";
 
 /// What a bundle carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -38,27 +40,80 @@ pub enum BundleKind {
 }
 
 impl BundleKind {
-    fn magic(self) -> &'static str {
-        match self {
-            BundleKind::Config => MAGIC,
-            BundleKind::Trust => TRUST_MAGIC,
+    /// The first line: v2 when the bundle names an audience.
+    pub(crate) fn magic(self, bound: bool) -> &'static str {
+        match (self, bound) {
+            (BundleKind::Config, false) => MAGIC,
+            (BundleKind::Trust, false) => TRUST_MAGIC,
+            (BundleKind::Config, true) => MAGIC_V2,
+            (BundleKind::Trust, true) => TRUST_MAGIC_V2,
         }
     }
 
-    fn domain(self) -> &'static [u8] {
-        match self {
-            BundleKind::Config => b"edge-signer-bundle/v1\0",
-            BundleKind::Trust => b"edge-signer-trust/v1\0",
+    fn domain(self, bound: bool) -> &'static [u8] {
+        match (self, bound) {
+            (BundleKind::Config, false) => b"edge-signer-bundle/v1\0",
+            (BundleKind::Trust, false) => b"edge-signer-trust/v1\0",
+            (BundleKind::Config, true) => b"edge-signer-bundle/v2\0",
+            (BundleKind::Trust, true) => b"edge-signer-trust/v2\0",
         }
     }
 }
-const MAX_PAYLOAD: usize = 1 << 20;
+
+/// Who a bundle is for: a device id or a group name. Signed with the bundle, so a bundle
+/// for one device or group cannot be replayed to another, whatever topic carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Audience {
+    /// One device, by its id (`fleet.mqtt.device_id` or its identity's CN).
+    Device(String),
+    /// Every device of a group (`fleet.mqtt.groups`).
+    Group(String),
+}
+
+impl fmt::Display for Audience {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Audience::Device(d) => write!(f, "device:{d}"),
+            Audience::Group(g) => write!(f, "group:{g}"),
+        }
+    }
+}
+
+impl FromStr for Audience {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, name) = s
+            .split_once(':')
+            .ok_or_else(|| format!("audience '{s}': write device:ID or group:NAME"))?;
+        if !crate::validate::safe_name(name) {
+            return Err(format!(
+                "audience '{s}': '{name}' is not a safe device id or group name"
+            ));
+        }
+        match kind {
+            "device" => Ok(Audience::Device(name.to_owned())),
+            "group" => Ok(Audience::Group(name.to_owned())),
+            _ => Err(format!("audience '{s}': write device:ID or group:NAME")),
+        }
+    }
+}
+
+/// The audience header's value, as signed.
+fn audience_line(audience: &[Audience]) -> String {
+    audience
+        .iter()
+        .map(Audience::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub(crate) const MAX_PAYLOAD: usize = 1 << 20;
 
 /// Why a bundle was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BundleError {
     /// Not a bundle at all.
-    #[error("not an edge-signer bundle (first line must be '{MAGIC}' or '{TRUST_MAGIC}')")]
+    #[error("not an edge-signer bundle (first line must be '{MAGIC}', '{MAGIC_V2}', '{TRUST_MAGIC}' or '{TRUST_MAGIC_V2}')")]
     NotABundle,
     /// A header line is wrong.
     #[error("bundle header: {0}")]
@@ -177,13 +232,34 @@ impl fmt::Display for FleetKey {
     }
 }
 
-fn signed_message(kind: BundleKind, version: u64, payload: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(payload.len() + 48);
-    m.extend_from_slice(kind.domain());
+/// What the signature covers: v1 `domain || version || 0 || payload`; with an audience, v2
+/// `domain || version || 0 || audience line || 0 || payload`.
+pub(crate) fn signed_message(
+    kind: BundleKind,
+    version: u64,
+    audience: &[Audience],
+    payload: &[u8],
+) -> Vec<u8> {
+    let bound = !audience.is_empty();
+    let mut m = Vec::with_capacity(payload.len() + 128);
+    m.extend_from_slice(kind.domain(bound));
     m.extend_from_slice(version.to_string().as_bytes());
     m.push(0);
+    if bound {
+        m.extend_from_slice(audience_line(audience).as_bytes());
+        m.push(0);
+    }
     m.extend_from_slice(payload);
     m
+}
+
+/// The header lines of a bundle up to its signature line.
+pub(crate) fn header(kind: BundleKind, version: u64, audience: &[Audience]) -> String {
+    let mut h = format!("{}\nversion {version}\n", kind.magic(!audience.is_empty()));
+    if !audience.is_empty() {
+        h += &format!("audience {}\n", audience_line(audience));
+    }
+    h
 }
 
 /// A parsed bundle (not yet verified).
@@ -193,6 +269,8 @@ pub struct Bundle {
     pub kind: BundleKind,
     /// Monotonic version.
     pub version: u64,
+    /// Who it is for (empty: anyone, a v1 bundle; accepted only from the local CLI and spool).
+    pub audience: Vec<Audience>,
     /// `ed25519` or `p256`.
     pub alg: String,
     /// Key id of the signer.
@@ -220,9 +298,11 @@ impl Bundle {
             rest = &rest[end + 1..];
             Ok(l)
         };
-        let kind = match line().map_err(|_| BundleError::NotABundle)? {
-            MAGIC => BundleKind::Config,
-            TRUST_MAGIC => BundleKind::Trust,
+        let (kind, bound) = match line().map_err(|_| BundleError::NotABundle)? {
+            MAGIC => (BundleKind::Config, false),
+            TRUST_MAGIC => (BundleKind::Trust, false),
+            MAGIC_V2 => (BundleKind::Config, true),
+            TRUST_MAGIC_V2 => (BundleKind::Trust, true),
             _ => return Err(BundleError::NotABundle),
         };
         let header = |l: &str, key: &str| -> Result<String, BundleError> {
@@ -239,6 +319,21 @@ impl Bundle {
         let version: u64 = header(line()?, "version")?
             .parse()
             .map_err(|_| BundleError::Header("version is not a whole number".into()))?;
+        let audience = if bound {
+            let names = header(line()?, "audience")?
+                .split(' ')
+                .map(str::parse)
+                .collect::<Result<Vec<Audience>, String>>()
+                .map_err(BundleError::Header)?;
+            if names.is_empty() || names.len() > 256 {
+                return Err(BundleError::Header(
+                    "audience must name 1 to 256 devices or groups".into(),
+                ));
+            }
+            names
+        } else {
+            Vec::new()
+        };
         let sig_line = header(line()?, "signature")?;
         let parts: Vec<&str> = sig_line.split(' ').collect();
         let [alg, key_id, sig_b64] = parts[..] else {
@@ -274,6 +369,7 @@ impl Bundle {
         Ok(Bundle {
             kind,
             version,
+            audience,
             alg: alg.to_owned(),
             key_id: key_id.to_owned(),
             signature,
@@ -299,13 +395,22 @@ impl Bundle {
                 },
             })?;
         if key.verify(
-            &signed_message(self.kind, self.version, &self.payload),
+            &signed_message(self.kind, self.version, &self.audience, &self.payload),
             &self.signature,
         ) {
             Ok(key)
         } else {
             Err(BundleError::BadSignature(key.key_id()))
         }
+    }
+
+    /// Whether the audience names this device (its id) or one of its groups; a bundle
+    /// without an audience names nobody.
+    pub fn addressed_to(&self, device: Option<&str>, groups: &[String]) -> bool {
+        self.audience.iter().any(|a| match a {
+            Audience::Device(d) => Some(d.as_str()) == device,
+            Audience::Group(g) => groups.contains(g),
+        })
     }
 
     /// The payload as text.
@@ -315,133 +420,12 @@ impl Bundle {
     }
 }
 
-/// A fleet signing key (PKCS#8), held by the fleet operator, never by a device.
-pub enum FleetSigner {
-    /// Ed25519.
-    Ed25519(signature::Ed25519KeyPair),
-    /// ECDSA P-256.
-    P256(signature::EcdsaKeyPair),
-}
-
-fn pem_body(pem: &str) -> Result<Vec<u8>, BundleError> {
-    let mut inside = false;
-    let mut b64 = String::new();
-    for l in pem.lines() {
-        let l = l.trim();
-        if l.starts_with("-----BEGIN ") {
-            inside = true;
-        } else if l.starts_with("-----END ") {
-            return B64
-                .decode(&b64)
-                .map_err(|e| BundleError::Key(format!("bad PEM body: {e}")));
-        } else if inside {
-            b64.push_str(l);
-        }
-    }
-    Err(BundleError::Key("no PEM block found".into()))
-}
-
-impl FleetSigner {
-    /// A new Ed25519 key: returns (PKCS#8 PEM of the private key, public key).
-    pub fn generate_ed25519() -> Result<(String, FleetKey), BundleError> {
-        let pkcs8 = signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
-            .map_err(|_| BundleError::Key("key generation failed".into()))?;
-        let signer = FleetSigner::from_pkcs8(pkcs8.as_ref())?;
-        Ok((pem("PRIVATE KEY", pkcs8.as_ref()), signer.public()))
-    }
-
-    /// A signer from a PKCS#8 PEM file's text (Ed25519 or P-256).
-    pub fn from_pem(text: &str) -> Result<FleetSigner, BundleError> {
-        FleetSigner::from_pkcs8(&pem_body(text)?)
-    }
-
-    fn from_pkcs8(der: &[u8]) -> Result<FleetSigner, BundleError> {
-        if let Ok(k) = signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(der) {
-            return Ok(FleetSigner::Ed25519(k));
-        }
-        signature::EcdsaKeyPair::from_pkcs8(
-            &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-            der,
-            &SystemRandom::new(),
-        )
-        .map(FleetSigner::P256)
-        .map_err(|_| BundleError::Key("not an Ed25519 or P-256 PKCS#8 private key".into()))
-    }
-
-    /// The public key to pin in firmware.
-    pub fn public(&self) -> FleetKey {
-        match self {
-            FleetSigner::Ed25519(k) => FleetKey::Ed25519(k.public_key().as_ref().to_vec()),
-            FleetSigner::P256(k) => FleetKey::P256(k.public_key().as_ref().to_vec()),
-        }
-    }
-
-    /// A JWS signature over `msg` (EdDSA, or ES256 as raw r||s).
-    pub fn sign_jws(&self, msg: &[u8]) -> Result<Vec<u8>, BundleError> {
-        match self {
-            FleetSigner::Ed25519(k) => Ok(k.sign(msg).as_ref().to_vec()),
-            FleetSigner::P256(_) => Err(BundleError::Key(
-                "technician tokens are signed with Ed25519 keys (edge-signer fleet keygen)".into(),
-            )),
-        }
-    }
-
-    /// Produce a configuration bundle file.
-    pub fn sign(&self, version: u64, payload: &[u8]) -> Result<Vec<u8>, BundleError> {
-        self.sign_kind(BundleKind::Config, version, payload)
-    }
-
-    /// Produce a bundle file of either kind.
-    pub fn sign_kind(
-        &self,
-        kind: BundleKind,
-        version: u64,
-        payload: &[u8],
-    ) -> Result<Vec<u8>, BundleError> {
-        if payload.len() > MAX_PAYLOAD {
-            return Err(BundleError::Header(format!(
-                "payload larger than {MAX_PAYLOAD} bytes"
-            )));
-        }
-        let msg = signed_message(kind, version, payload);
-        let sig = match self {
-            FleetSigner::Ed25519(k) => k.sign(&msg).as_ref().to_vec(),
-            FleetSigner::P256(k) => k
-                .sign(&SystemRandom::new(), &msg)
-                .map_err(|_| BundleError::Key("signing failed".into()))?
-                .as_ref()
-                .to_vec(),
-        };
-        let public = self.public();
-        let mut out = format!(
-            "{}\nversion {version}\nsignature {} {} {}\npayload-length {}\n\n",
-            kind.magic(),
-            public.alg(),
-            public.key_id(),
-            B64.encode(sig),
-            payload.len()
-        )
-        .into_bytes();
-        out.extend_from_slice(payload);
-        Ok(out)
-    }
-}
-
-/// PEM-encode.
-pub fn pem(label: &str, der: &[u8]) -> String {
-    let b64 = B64.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out + &format!("-----END {label}-----\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signer::{pem, FleetSigner};
     use proptest::prelude::*;
+    use ring::rand::SystemRandom;
 
     fn signer() -> (FleetSigner, FleetKey) {
         let (pem, public) = FleetSigner::generate_ed25519().unwrap();

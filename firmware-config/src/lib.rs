@@ -6,18 +6,22 @@
 //! and applied atomically with the previous one kept as last-known-good.
 #![deny(missing_docs)]
 
+mod atomic;
 pub mod bundle;
 pub mod fleet_channel;
+pub mod fleet_store;
 pub mod layers;
 pub mod schema;
 pub mod serving;
+pub mod signer;
 pub mod store;
 pub mod trust;
 pub mod units;
 pub mod validate;
 
-pub use bundle::{Bundle, BundleError, BundleKind, FleetKey, FleetSigner};
+pub use bundle::{Audience, Bundle, BundleError, BundleKind, FleetKey};
 pub use layers::{ConfigError, ConfigErrors, Effective, Layer, LayerKind};
 pub use schema::Config;
-pub use store::{Applied, ApplyError, ApplyReport, ApplyStep, Loaded, Sources};
+pub use signer::FleetSigner;
+pub use store::{Applied, ApplyError, ApplyReport, ApplyStep, Channel, Loaded, Sources};
 pub use units::{Duration, Percent};

@@ -3,50 +3,19 @@
 //! the previous bundle as last-known-good.
 
 use crate::bundle::{Bundle, BundleError, BundleKind};
+use crate::fleet_store::{AppliedUnder, FleetStore, CURRENT, LAST_GOOD};
 use crate::layers::{local_files, resolve, ConfigError, ConfigErrors, Effective, Layer, LayerKind};
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::PathBuf;
 
 /// Default firmware layer.
 pub const DEFAULTS_PATH: &str = "/usr/lib/edge-signer/defaults.toml";
 /// Default local override file (`agent.d/` beside it).
 pub const LOCAL_PATH: &str = "/etc/edge-signer/agent.toml";
 
-/// Write a file so that a power cut leaves either the old or the new content:
-/// temp file, fsync, rename, fsync of the directory.
-pub fn atomic_write(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = tmp_path(path);
-    write_synced(&tmp, data)?;
-    rename_synced(&tmp, path)
-}
-
-/// A temp name unique to this process and call, so two writers never share one.
-fn tmp_path(path: &Path) -> PathBuf {
-    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    path.with_file_name(format!(".{name}.{}.{seq}.tmp", std::process::id()))
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = File::create(path)?;
-    f.write_all(data)?;
-    f.sync_all()
-}
-
-fn rename_synced(from: &Path, to: &Path) -> std::io::Result<()> {
-    fs::rename(from, to)?;
-    let dir = to
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
-}
+pub use crate::atomic::atomic_write;
+use crate::atomic::{rename_synced, tmp_path, write_synced};
 
 /// Why `apply` refused a bundle. Nothing was changed in any of these cases.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +34,9 @@ pub enum ApplyError {
     /// A trust bundle was refused.
     #[error("{0}")]
     Trust(#[from] crate::trust::TrustError),
+    /// The bundle is not addressed to this device.
+    #[error("{0}")]
+    Audience(String),
     /// The merged configuration is invalid.
     #[error("the configuration with this bundle is invalid:\n{0}")]
     Config(ConfigErrors),
@@ -77,6 +49,24 @@ pub enum ApplyError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Where a bundle came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// `config apply` or the spool directory: someone with access to the device.
+    Local,
+    /// The fleet channel (MQTT): the broker and every other device are on the way.
+    Fleet,
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Channel::Local => "local command line or spool",
+            Channel::Fleet => "fleet channel",
+        })
+    }
 }
 
 /// The steps of `apply` that touch the disk, in order.
@@ -294,21 +284,18 @@ impl Sources {
     /// falls back to last-known-good if it does not verify or validate), local overrides.
     pub fn load(&self) -> Result<Loaded, ConfigErrors> {
         let store = self.store()?;
-        let trusted = self.trusted_keys()?;
+        let trust = self.trust()?;
         let mut warnings = Vec::new();
         for (name, which) in [(CURRENT, "current"), (LAST_GOOD, "last-known-good")] {
-            let Some(bytes) = store.read(name) else {
+            if store.read(name).is_none() {
                 continue;
-            };
-            let attempt = Bundle::parse(&bytes)
-                .and_then(|b| b.verify(&trusted).map(|_| ()).map(|()| b))
-                .map_err(|e| e.to_string())
-                .and_then(|b| {
-                    let layer = fleet_layer(&b).map_err(|e| e.to_string())?;
-                    self.resolve_with(Some(layer))
-                        .map(|eff| (b.version, eff))
-                        .map_err(|e| e.to_string())
-                });
+            }
+            let attempt = store.verified(name, &trust).and_then(|b| {
+                let layer = fleet_layer(&b).map_err(|e| e.to_string())?;
+                self.resolve_with(Some(layer))
+                    .map(|eff| (b.version, eff))
+                    .map_err(|e| e.to_string())
+            });
             match attempt {
                 Ok((version, effective)) => {
                     return Ok(Loaded {
@@ -330,12 +317,54 @@ impl Sources {
     /// Apply a bundle of either kind: a configuration bundle (`apply`) or a trust bundle
     /// (replaces the trusted fleet keys, see `trust.rs`).
     pub fn apply_any(&self, bytes: &[u8]) -> Result<Applied, ApplyError> {
-        if Bundle::parse(bytes)?.kind == BundleKind::Trust {
+        self.apply_from(bytes, Channel::Local)
+    }
+
+    /// `apply_any` for a bundle that came through `channel`: from the fleet channel it must
+    /// name this device or one of its groups; from the local CLI or spool it may name
+    /// nobody (a v1 bundle), and if it names anyone, it must name this device.
+    pub fn apply_from(&self, bytes: &[u8], channel: Channel) -> Result<Applied, ApplyError> {
+        let bundle = Bundle::parse(bytes)?;
+        if channel == Channel::Fleet || !bundle.audience.is_empty() {
+            self.check_audience(&bundle, channel)?;
+        }
+        if bundle.kind == BundleKind::Trust {
             let current = self.trust().map_err(ApplyError::Config)?;
             let dir = self.store().map_err(ApplyError::Config)?.dir.join("trust");
             return Ok(Applied::Trust(crate::trust::apply(&current, &dir, bytes)?));
         }
         self.apply(bytes).map(Applied::Config)
+    }
+
+    /// The fleet store's state (`config status`).
+    pub fn fleet_status(&self) -> Result<crate::fleet_store::FleetStatus, ConfigErrors> {
+        Ok(self.store()?.status(&self.trust()?))
+    }
+
+    /// This device's id and groups (from `[fleet.mqtt]` in effect) must be in the audience.
+    fn check_audience(&self, bundle: &Bundle, channel: Channel) -> Result<(), ApplyError> {
+        let cfg = self.load().map_err(ApplyError::Config)?.effective.config;
+        let (device, groups) = match &cfg.fleet.mqtt {
+            Some(m) => (m.device(&cfg), m.groups.clone()),
+            None => (None, Vec::new()),
+        };
+        if bundle.addressed_to(device.as_deref(), &groups) {
+            return Ok(());
+        }
+        let me = format!(
+            "this device is {} in groups [{}]",
+            device.as_deref().unwrap_or("(no fleet.mqtt device id)"),
+            groups.join(", ")
+        );
+        Err(ApplyError::Audience(if bundle.audience.is_empty() {
+            format!("a bundle from the {channel} must name its audience (fleet sign --device/--group); this one names nobody; {me}")
+        } else {
+            let names: Vec<String> = bundle.audience.iter().map(|a| a.to_string()).collect();
+            format!(
+                "the bundle is for {}, not for this device: {me}",
+                names.join(" ")
+            )
+        }))
     }
 
     /// Apply a configuration bundle file's bytes. On any error nothing on disk has changed, except
@@ -356,10 +385,12 @@ impl Sources {
                 "this is a trust bundle, not a configuration bundle".into(),
             )));
         }
-        let trusted = self.trusted_keys().map_err(ApplyError::Config)?;
-        let key = bundle.verify(&trusted)?.key_id();
+        let trust = self.trust().map_err(ApplyError::Config)?;
+        let signer = bundle.verify(&trust.keys)?;
+        let key = signer.key_id();
+        let key_name = format!("{} {key}", signer.alg());
         let store = self.store().map_err(ApplyError::Config)?;
-        let applied = store.highest();
+        let applied = store.floor(&trust);
         if bundle.version <= applied {
             return Err(ApplyError::Rollback {
                 version: bundle.version,
@@ -385,14 +416,22 @@ impl Sources {
         // Only a current bundle that still verifies may become last-known-good: a damaged
         // or tampered file must never replace the good copy kept for revert.
         let verified_current = store
-            .read(CURRENT)
-            .filter(|b| Bundle::parse(b).is_ok_and(|p| p.verify(&trusted).is_ok()));
+            .verified(CURRENT, &trust)
+            .ok()
+            .and_then(|_| store.read(CURRENT));
         if let Some(prev) = verified_current {
+            let prev_meta = store.applied_under(CURRENT);
             step(ApplyStep::WriteLastKnownGoodTemp, hook, &|| {
                 write_synced(&last_good_tmp, &prev)
             })?;
             step(ApplyStep::RenameLastKnownGood, hook, &|| {
-                rename_synced(&last_good_tmp, &last_good)
+                rename_synced(&last_good_tmp, &last_good)?;
+                match &prev_meta {
+                    Some(m) => {
+                        atomic_write(&store.meta_path(LAST_GOOD), &FleetStore::meta_bytes(m))
+                    }
+                    None => Ok(()),
+                }
             })?;
         }
         step(ApplyStep::WriteCurrentTemp, hook, &|| {
@@ -401,10 +440,16 @@ impl Sources {
         step(ApplyStep::RenameCurrent, hook, &|| {
             rename_synced(&current_tmp, &current)
         })?;
+        let under = AppliedUnder {
+            version: bundle.version,
+            key_id: key_name.clone(),
+            trust_version: trust.version,
+        };
         step(ApplyStep::RecordVersion, hook, &|| {
+            atomic_write(&store.meta_path(CURRENT), &FleetStore::meta_bytes(&under))?;
             atomic_write(
-                &store.dir.join(HIGHEST),
-                format!("{}\n", bundle.version).as_bytes(),
+                &store.highest_path(),
+                FleetStore::record(bundle.version, &trust).as_bytes(),
             )
         })?;
         Ok(ApplyReport {
@@ -416,10 +461,6 @@ impl Sources {
     }
 }
 
-const CURRENT: &str = "current.bundle";
-const LAST_GOOD: &str = "last-known-good.bundle";
-const HIGHEST: &str = "highest-version";
-
 fn fleet_layer(b: &Bundle) -> Result<Layer, ConfigError> {
     let source = format!("fleet bundle v{}", b.version);
     let text = b.payload_str().map_err(|e| ConfigError {
@@ -428,33 +469,6 @@ fn fleet_layer(b: &Bundle) -> Result<Layer, ConfigError> {
         reason: e.to_string(),
     })?;
     Layer::parse(LayerKind::Fleet, &source, text)
-}
-
-struct FleetStore {
-    dir: PathBuf,
-}
-
-impl FleetStore {
-    fn read(&self, name: &str) -> Option<Vec<u8>> {
-        fs::read(self.dir.join(name)).ok()
-    }
-
-    /// The highest version ever applied: the record, or any bundle on disk if higher (a crash
-    /// between renaming the bundle and recording its version loses nothing).
-    fn highest(&self) -> u64 {
-        let recorded = self
-            .read(HIGHEST)
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0);
-        [CURRENT, LAST_GOOD]
-            .iter()
-            .filter_map(|n| self.read(n))
-            .filter_map(|b| Bundle::parse(&b).ok())
-            .filter(|b| b.kind == BundleKind::Config)
-            .map(|b| b.version)
-            .fold(recorded, u64::max)
-    }
 }
 
 /// Every effective value as (path, value, the layer it came from), built-in defaults

@@ -5,7 +5,13 @@
 //!
 //! ```toml
 //! trusted_keys = ["ed25519:...", "p256:..."]
+//! continue_from = 120   # optional: the configuration version the fleet continues from
 //! ```
+//!
+//! `continue_from` is how a fleet recovers from a leaked key: the anti-rollback floor counts
+//! only bundles that verify under the set in effect, and a trust bundle that drops a key sets
+//! the floor to `continue_from`, so a huge version the leaked key signed stops blocking the
+//! operator's next bundle. The configuration in effect stays until a bundle replaces it.
 //!
 //! replaces the trusted set when it is signed by a key of the set in effect and its version is
 //! higher than every trust version seen (the firmware's included). Each applied trust bundle is
@@ -28,6 +34,21 @@ pub struct TrustSet {
     pub source: String,
     /// Stored trust bundles that were skipped, and why.
     pub warnings: Vec<String>,
+    /// Where the newest trust bundle says configuration versions continue from.
+    pub continue_from: Option<u64>,
+    /// Every set on the way, by trust version (the firmware's first): a bundle applied
+    /// under an earlier set stays in effect until replaced.
+    pub history: Vec<(u64, Vec<FleetKey>)>,
+}
+
+impl TrustSet {
+    /// The keys trusted at trust version `v`.
+    pub fn keys_at(&self, v: u64) -> Option<&[FleetKey]> {
+        self.history
+            .iter()
+            .find(|(at, _)| *at == v)
+            .map(|(_, k)| k.as_slice())
+    }
 }
 
 /// Why a trust bundle was refused. Nothing changed.
@@ -67,22 +88,32 @@ pub struct TrustReport {
     pub trusted: Vec<String>,
     /// Keys no longer trusted.
     pub removed: Vec<String>,
+    /// The configuration version the fleet continues from, when the bundle says.
+    #[serde(default)]
+    pub continue_from: Option<u64>,
 }
 
-/// The keys a trust bundle's payload names (at least one; each valid).
-pub fn payload_keys(bundle: &Bundle) -> Result<Vec<FleetKey>, TrustError> {
+/// A trust bundle's payload.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Doc {
+    trusted_keys: Vec<String>,
+    continue_from: Option<u64>,
+}
+
+fn doc(bundle: &Bundle) -> Result<Doc, TrustError> {
     if bundle.kind != BundleKind::Trust {
         return Err(TrustError::Payload("not a trust bundle".into()));
     }
     let text = bundle
         .payload_str()
         .map_err(|e| TrustError::Payload(e.to_string()))?;
-    #[derive(serde::Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Doc {
-        trusted_keys: Vec<String>,
-    }
-    let doc: Doc = toml::from_str(text).map_err(|e| TrustError::Payload(e.to_string()))?;
+    toml::from_str(text).map_err(|e| TrustError::Payload(e.to_string()))
+}
+
+/// The keys a trust bundle's payload names (at least one; each valid).
+pub fn payload_keys(bundle: &Bundle) -> Result<Vec<FleetKey>, TrustError> {
+    let doc = doc(bundle)?;
     if doc.trusted_keys.is_empty() {
         return Err(TrustError::Payload(
             "trusted_keys is empty: a device with no trusted key could never be reached again"
@@ -124,10 +155,12 @@ fn stored(dir: &Path) -> Vec<(u64, PathBuf)> {
 /// version that verifies with the set before it.
 pub fn effective(firmware: Vec<FleetKey>, firmware_version: u64, dir: &Path) -> TrustSet {
     let mut set = TrustSet {
+        history: vec![(firmware_version, firmware.clone())],
         keys: firmware,
         version: firmware_version,
         source: "firmware defaults".into(),
         warnings: Vec::new(),
+        continue_from: None,
     };
     for (v, path) in stored(dir) {
         if v <= set.version {
@@ -144,13 +177,15 @@ pub fn effective(firmware: Vec<FleetKey>, firmware_version: u64, dir: &Path) -> 
                         b.version
                     )));
                 }
-                payload_keys(&b)
+                Ok((payload_keys(&b)?, doc(&b)?.continue_from))
             });
         match step {
-            Ok(keys) => {
+            Ok((keys, continue_from)) => {
+                set.history.push((v, keys.clone()));
                 set.keys = keys;
                 set.version = v;
                 set.source = format!("trust bundle v{v}");
+                set.continue_from = continue_from;
             }
             Err(e) => set
                 .warnings
@@ -173,6 +208,7 @@ pub fn apply(current: &TrustSet, dir: &Path, bytes: &[u8]) -> Result<TrustReport
         });
     }
     let keys = payload_keys(&bundle)?;
+    let continue_from = doc(&bundle)?.continue_from;
     std::fs::create_dir_all(dir)?;
     crate::store::atomic_write(&dir.join(format!("v{}.bundle", bundle.version)), bytes)?;
     let new = describe(&keys);
@@ -185,13 +221,14 @@ pub fn apply(current: &TrustSet, dir: &Path, bytes: &[u8]) -> Result<TrustReport
             .filter(|k| !new.contains(k))
             .collect(),
         trusted: new,
+        continue_from,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::FleetSigner;
+    use crate::signer::FleetSigner;
 
     fn key() -> (FleetSigner, FleetKey) {
         let (pem, public) = FleetSigner::generate_ed25519().unwrap();
@@ -202,7 +239,7 @@ mod tests {
         let list: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
         let payload = format!("trusted_keys = [{}]\n", list.join(", "));
         signer
-            .sign_kind(BundleKind::Trust, version, payload.as_bytes())
+            .sign_kind(BundleKind::Trust, version, &[], payload.as_bytes())
             .unwrap()
     }
 
@@ -265,7 +302,7 @@ mod tests {
         let (a, ka) = key();
         let fw = effective(vec![ka], 0, dir.path());
         let b = a
-            .sign_kind(BundleKind::Trust, 1, b"trusted_keys = []\n")
+            .sign_kind(BundleKind::Trust, 1, &[], b"trusted_keys = []\n")
             .unwrap();
         assert!(matches!(
             apply(&fw, dir.path(), &b),

@@ -56,7 +56,7 @@ fn push_one(op: &Env, broker: &Mosquitto, v: u64) -> f64 {
     )
     .unwrap();
     let out = format!("v{v}.bundle");
-    op.fleet_sign("fleet.key", &v.to_string(), "site.toml", &out);
+    op.fleet_sign_group("fleet.key", &v.to_string(), "site.toml", &out, "site");
     let t0 = Instant::now();
     let args = [
         "fleet",

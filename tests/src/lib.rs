@@ -217,6 +217,20 @@ impl Env {
         self.ok(&fleet_sign_args(key, version, input, out))
     }
 
+    /// The same, for the devices of `group` (the audience the fleet channel requires).
+    pub fn fleet_sign_group(
+        &self,
+        key: &str,
+        version: &str,
+        input: &str,
+        out: &str,
+        group: &str,
+    ) -> String {
+        let mut args = fleet_sign_args(key, version, input, out).to_vec();
+        args.extend(["--group", group]);
+        self.ok(&args)
+    }
+
     /// Generate a key; returns its URI.
     pub fn generate(&self, key_type: &str, label: &str) -> String {
         self.json(&["key", "generate", "--type", key_type, "--label", label])["uri"]

@@ -24,6 +24,11 @@ impl Mosquitto {
     /// Start mosquitto with `env`'s `broker.pem`/`broker.key` (made here from `ca`) and
     /// trusting every CA file in `cas` for clients.
     pub fn start(env: &Env, cas: &[PathBuf]) -> Mosquitto {
+        Mosquitto::start_with(env, cas, "")
+    }
+
+    /// The same with `extra` lines in mosquitto.conf (an `acl_file`, say).
+    pub fn start_with(env: &Env, cas: &[PathBuf], extra: &str) -> Mosquitto {
         env.openssl_leaf("ca", "broker");
         let bundle: String = cas
             .iter()
@@ -41,7 +46,7 @@ impl Mosquitto {
                  cafile {p}/clients-ca.pem\ncertfile {p}/broker.pem\nkeyfile {p}/broker.key\n\
                  require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
                  persistence true\npersistence_location {p}/mosq/\nautosave_interval 1\n\
-                 log_dest file {p}/mosquitto.log\nlog_type all\nconnection_messages true\n",
+                 log_dest file {p}/mosquitto.log\nlog_type all\nconnection_messages true\n{extra}",
                 // As root, mosquitto drops to user `mosquitto`, who cannot read the test's
                 // private temp dir: stay the test's own user.
                 user = if is_root() { "user root\n" } else { "" }

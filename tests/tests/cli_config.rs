@@ -351,3 +351,89 @@ fn fleet_keys_rotate_through_a_trust_bundle() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["trust"]["source"], "firmware defaults", "{v}");
 }
+
+/// A leaked fleet key signs version 2^64-1 and the device takes it. A trust bundle that
+/// drops the key and says where versions continue brings the floor back, and the
+/// operator's next bundle applies. Rotating the key never dropped the configuration that
+/// was in effect, and `config status` says which key signed what under which trust.
+#[test]
+fn a_leaked_fleet_key_is_recovered_from_with_a_trust_bundle() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    pinned_device(p);
+    ok(es(p, &["fleet", "keygen", "--out", "next.key"]));
+    std::fs::write(p.join("v5.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
+    ok(fleet_sign(p, "fleet.key", "5", "v5.toml", "v5.bundle"));
+    ok(es(p, &["config", "apply", "v5.bundle"]));
+    // The attacker, with a copy of fleet.key.
+    std::fs::write(p.join("evil.toml"), "[log]\nlevel = \"error\"\n").unwrap();
+    let max = u64::MAX.to_string();
+    ok(fleet_sign(p, "fleet.key", &max, "evil.toml", "evil.bundle"));
+    ok(es(p, &["config", "apply", "evil.bundle"]));
+    std::fs::write(p.join("v6.toml"), "[log]\nlevel = \"info\"\n").unwrap();
+    ok(fleet_sign(p, "fleet.key", "6", "v6.toml", "v6.bundle"));
+    let o = es(p, &["config", "apply", "v6.bundle"]);
+    assert!(
+        text(&o).contains("not newer than the applied version"),
+        "{}",
+        text(&o)
+    );
+
+    // Recovery: a trust bundle (signed by a key trusted now) drops fleet.key.
+    let o = es(
+        p,
+        &[
+            "fleet",
+            "trust",
+            "--key",
+            "fleet.key",
+            "--version",
+            "1",
+            "--trusted",
+            "next.key.pub",
+            "--continue-from",
+            "5",
+            "-o",
+            "t1.bundle",
+        ],
+    );
+    ok(o);
+    ok(es(p, &["config", "apply", "t1.bundle"]));
+    // The configuration in effect stays (applied under trust v0) until replaced.
+    let st: serde_json::Value =
+        serde_json::from_slice(&es(p, &["config", "status", "--json"]).stdout).unwrap();
+    assert_eq!(st["current"]["version"].as_u64(), Some(u64::MAX), "{st}");
+    assert_eq!(st["current"]["applied_under_trust"], 0, "{st}");
+    assert_eq!(st["current"]["verifies"], true, "{st}");
+    assert_eq!(st["trust_version"], 1, "{st}");
+    assert_eq!(st["floor"], 5, "{st}");
+    let show: serde_json::Value =
+        serde_json::from_slice(&es(p, &["config", "show", "--json"]).stdout).unwrap();
+    assert_eq!(show["fleet_version"].as_u64(), Some(u64::MAX), "{show}");
+    // The old key's bundles are refused now; the operator's next one applies.
+    let o = es(p, &["config", "apply", "v6.bundle"]);
+    assert!(
+        text(&o).contains("not trusted on this device"),
+        "{}",
+        text(&o)
+    );
+    ok(fleet_sign(p, "next.key", "6", "v6.toml", "v6n.bundle"));
+    let o = es(p, &["config", "apply", "v6n.bundle"]);
+    assert!(text(&o).contains("applied fleet bundle v6"), "{}", text(&o));
+    let o = es(p, &["config", "status"]);
+    let t = text(&o);
+    assert!(
+        t.contains("in effect: v6 signed by fleet key ed25519")
+            && t.contains("applied under trust v1")
+            && t.contains("next bundle must be above v6"),
+        "{t}"
+    );
+    // Replaying the operator's older bundle stays refused.
+    ok(fleet_sign(p, "next.key", "4", "v6.toml", "v4n.bundle"));
+    let o = es(p, &["config", "apply", "v4n.bundle"]);
+    assert!(
+        text(&o).contains("not newer than the applied version 6"),
+        "{}",
+        text(&o)
+    );
+}

@@ -189,7 +189,7 @@ fn only_signed_newer_bundles_apply(op: &Operator, devices: &[&Env]) {
             ),
         )
         .unwrap();
-        op_env.fleet_sign(key, v, "site.toml", out);
+        op_env.fleet_sign_group(key, v, "site.toml", out, "site");
     };
     sign("fleet.key", "1", "v1.bundle");
     sign("fleet.key", "2", "v2.bundle");
@@ -261,7 +261,7 @@ fn a_broker_outage_changes_nothing_and_the_agent_comes_back_by_itself() {
     std::thread::sleep(outage.saturating_sub(Duration::from_secs(2)));
     broker.restart();
     std::fs::write(op_env.path("site.toml"), "[log]\nlevel = \"debug\"\n").unwrap();
-    op_env.fleet_sign("fleet.key", "1", "site.toml", "v1.bundle");
+    op_env.fleet_sign_group("fleet.key", "1", "site.toml", "v1.bundle", "site");
     op.publish("v1.bundle");
     wait_for("the retained bundle applied after the outage", 30, || {
         std::fs::read(a.path("state/fleet/current.bundle")).is_ok()

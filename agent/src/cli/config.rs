@@ -57,10 +57,55 @@ fn config_show(g: &Global, json: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// `config status`: the fleet store, which key signed what.
+fn config_status(g: &Global, json: bool) -> Result<i32> {
+    let st = sources(g).fleet_status()?;
+    print(json, serde_json::to_value(&st)?, || {
+        let line = |what: &str, b: &Option<firmware_config::fleet_store::StoredBundle>| match b {
+            None => format!("{what}: none\n"),
+            Some(b) => format!(
+                "{what}: v{} signed by fleet key {}, applied under trust v{}{}{}\n",
+                b.version,
+                b.signed_by,
+                b.applied_under_trust
+                    .map_or_else(|| "? (an older release)".into(), |t| t.to_string()),
+                if b.audience.is_empty() {
+                    String::new()
+                } else {
+                    format!(", for {}", b.audience.join(" "))
+                },
+                if b.verifies {
+                    ""
+                } else {
+                    " (DOES NOT VERIFY: ignored)"
+                }
+            ),
+        };
+        let mut out = line("in effect", &st.current);
+        out += &line("last known good", &st.last_known_good);
+        out += &format!(
+            "trust v{} (from {}): {}\n",
+            st.trust_version,
+            st.trust_source,
+            st.trusted.join(", ")
+        );
+        if let Some(c) = st.continue_from {
+            out += &format!(
+                "versions continue from v{c} (trust v{})\n",
+                st.trust_version
+            );
+        }
+        out += &format!("next bundle must be above v{}\n", st.floor);
+        out
+    });
+    Ok(0)
+}
+
 pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
     use firmware_config::{layers, Layer, LayerKind};
     match cmd {
         ConfigCmd::Show { json } => config_show(g, json),
+        ConfigCmd::Status { json } => config_status(g, json),
         ConfigCmd::Check { files, json } => {
             let mut errors = Vec::new();
             let mut layers_ok = Vec::new();
@@ -232,8 +277,48 @@ fn fleet_status(
     Ok(0)
 }
 
+/// The audience a person named, checked as devices will parse it.
+fn audience(a: &crate::AudienceArgs) -> Result<Vec<firmware_config::Audience>> {
+    let named = a
+        .devices
+        .iter()
+        .map(|d| format!("device:{d}"))
+        .chain(a.groups.iter().map(|g| format!("group:{g}")));
+    named
+        .map(|n| n.parse().map_err(|e: String| anyhow::anyhow!("{e}")))
+        .collect()
+}
+
+/// " for device:a group:b", or a note that only the local CLI and spool will take it.
+fn audience_note(audience: &[firmware_config::Audience]) -> String {
+    if audience.is_empty() {
+        " (no audience: devices take it only from `config apply` or the spool, never from MQTT; name --device/--group)".into()
+    } else {
+        let names: Vec<String> = audience.iter().map(|a| a.to_string()).collect();
+        format!(" for {}", names.join(" "))
+    }
+}
+
+/// What `fleet trust` signs.
+struct TrustArgs<'a> {
+    key: &'a Path,
+    version: u64,
+    trusted: &'a [String],
+    continue_from: Option<u64>,
+    audience: Vec<firmware_config::Audience>,
+    out: &'a Path,
+}
+
 /// `fleet trust`: a trust bundle naming the keys devices trust from now on.
-fn sign_trust(key: &std::path::Path, version: u64, trusted: &[String], out: &Path) -> Result<i32> {
+fn sign_trust(a: TrustArgs) -> Result<i32> {
+    let TrustArgs {
+        key,
+        version,
+        trusted,
+        continue_from,
+        audience,
+        out,
+    } = a;
     let signer = fleet_signer(key)?;
     let mut keys = Vec::new();
     for t in trusted {
@@ -246,17 +331,22 @@ fn sign_trust(key: &std::path::Path, version: u64, trusted: &[String], out: &Pat
             .map_err(|e: String| anyhow::anyhow!("--trusted {t}: {e}"))?;
         keys.push(format!("\"{k}\""));
     }
-    let payload = format!("trusted_keys = [{}]\n", keys.join(", "));
+    let mut payload = format!("trusted_keys = [{}]\n", keys.join(", "));
+    if let Some(c) = continue_from {
+        payload += &format!("continue_from = {c}\n");
+    }
     let bundle = signer.sign_kind(
         firmware_config::BundleKind::Trust,
         version,
+        &audience,
         payload.as_bytes(),
     )?;
     write_file(out, &bundle)?;
     println!(
-        "signed trust bundle v{version} ({} key(s)) with fleet key {} -> {}",
+        "signed trust bundle v{version} ({} key(s)) with fleet key {}{} -> {}",
         keys.len(),
         signer.public().key_id(),
+        audience_note(&audience),
         out.display()
     );
     Ok(0)
@@ -308,7 +398,9 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
             version,
             file,
             out,
+            audience: to,
         } => {
+            let to = audience(&to)?;
             let signer = fleet_signer(&key)?;
             let payload =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -330,12 +422,14 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
                         .join("\n")
                 );
             }
-            let bundle = signer.sign(version, &payload)?;
+            let bundle =
+                signer.sign_kind(firmware_config::BundleKind::Config, version, &to, &payload)?;
             write_file(&out, &bundle)?;
             println!(
-                "signed {} as bundle v{version} with fleet key {} -> {}",
+                "signed {} as bundle v{version} with fleet key {}{} -> {}",
                 file.display(),
                 signer.public().key_id(),
+                audience_note(&to),
                 out.display()
             );
             Ok(0)
@@ -366,6 +460,15 @@ pub(crate) fn fleet_cmd(cmd: FleetCmd) -> Result<i32> {
             version,
             trusted,
             out,
-        } => sign_trust(&key, version, &trusted, &out),
+            continue_from,
+            audience: to,
+        } => sign_trust(TrustArgs {
+            key: &key,
+            version,
+            trusted: &trusted,
+            continue_from,
+            audience: audience(&to)?,
+            out: &out,
+        }),
     }
 }

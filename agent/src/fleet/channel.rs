@@ -205,7 +205,12 @@ impl Channel {
             let version = firmware_config::Bundle::parse(&bytes)
                 .map(|b| b.version)
                 .ok();
-            let asked = ask(&wake, EngineRequest::Apply(bytes), Duration::from_secs(120)).await;
+            let asked = ask(
+                &wake,
+                EngineRequest::Apply(bytes, firmware_config::Channel::Fleet),
+                Duration::from_secs(120),
+            )
+            .await;
             // Late is not a refusal: the bundle stays queued, and the retained status shows
             // its config_version once the engine has applied it.
             let pending = asked == Err(Unanswered::Late);

@@ -67,13 +67,30 @@ pub fn publish(
     file: &Path,
 ) -> Result<String> {
     let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    firmware_config::Bundle::parse(&bytes)
+    let bundle = firmware_config::Bundle::parse(&bytes)
         .context("not a bundle (edge-signer fleet sign makes one)")?;
     let topic = match (group, device) {
         (Some(g), None) => format!("{}/group/{g}/bundle", b.prefix),
         (None, Some(d)) => format!("{}/{d}/bundle", b.prefix),
         _ => bail!("give exactly one of --group NAME or --device ID"),
     };
+    // Devices take from the channel only bundles whose signed audience names them.
+    let groups: Vec<String> = group.iter().map(|g| g.to_string()).collect();
+    if !bundle.addressed_to(device, &groups) {
+        bail!(
+            "{} is for [{}], not for {}: devices would refuse it; sign it with fleet sign --{} {}",
+            file.display(),
+            bundle
+                .audience
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            topic,
+            if group.is_some() { "group" } else { "device" },
+            group.or(device).unwrap_or_default()
+        );
+    }
     let (client, mut ev) = b.connect()?;
     runtime()?.block_on(async {
         tokio::time::timeout(Duration::from_secs(20), async {

@@ -372,7 +372,9 @@ impl<'a> Session<'a> {
         let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(b64.as_bytes()) else {
             return Answer::error(400, "the bundle is not base64; nothing changed");
         };
-        let a = self.shared.ask(EngineRequest::Apply(bytes));
+        let a = self
+            .shared
+            .ask(EngineRequest::Apply(bytes, firmware_config::Channel::Local));
         match &a.error {
             None => self.log("serial-apply", "bundle applied over the port".into()),
             Some((_, e)) => self.log("serial-apply-refused", format!("bundle refused: {e}")),

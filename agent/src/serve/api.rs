@@ -539,7 +539,7 @@ async fn apply(
         &st,
         &c,
         Operation::Apply,
-        EngineRequest::Apply(body.to_vec()),
+        EngineRequest::Apply(body.to_vec(), firmware_config::Channel::Local),
     )
     .await
 }

@@ -31,8 +31,8 @@ pub enum EngineRequest {
     Retire(String, u32),
     /// Revoke a generation.
     Revoke(String, u32),
-    /// Apply a signed bundle (then reload).
-    Apply(Vec<u8>),
+    /// Apply a signed bundle that came through a channel (then reload).
+    Apply(Vec<u8>, firmware_config::Channel),
 }
 
 impl std::fmt::Debug for EngineRequest {
@@ -41,7 +41,9 @@ impl std::fmt::Debug for EngineRequest {
             EngineRequest::Rotate(n) => write!(f, "rotate {n}"),
             EngineRequest::Retire(n, g) => write!(f, "retire {n} generation {g}"),
             EngineRequest::Revoke(n, g) => write!(f, "revoke {n} generation {g}"),
-            EngineRequest::Apply(b) => write!(f, "apply a bundle of {} bytes", b.len()),
+            EngineRequest::Apply(b, c) => {
+                write!(f, "apply a bundle of {} bytes from the {c}", b.len())
+            }
         }
     }
 }
