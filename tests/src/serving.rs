@@ -26,6 +26,15 @@ impl Env {
         self.daemon_logging(Some("warn"))
     }
 
+    /// The daemon with `vars` in its environment (test hooks).
+    pub fn daemon_with(&self, vars: &[(&str, &str)]) -> Guard {
+        let mut cmd = self.cmd();
+        cmd.envs(vars.iter().copied())
+            .arg("run")
+            .stderr(std::fs::File::create(self.path("daemon.log")).expect("log"));
+        Guard(cmd.spawn().expect("daemon"))
+    }
+
     fn daemon_logging(&self, level: Option<&str>) -> Guard {
         let mut cmd = self.cmd();
         cmd.arg("run")

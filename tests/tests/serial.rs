@@ -235,6 +235,11 @@ fn token(env: &Env, key: &str, device: &str, nonce: &str, ttl: &str) -> String {
 
 /// A device with privileged commands on, `tech.key` pinned, `fleet.key` trusted for bundles.
 fn privileged_env() -> (Env, Pty, Guard, PortalCa) {
+    privileged_env_with(&[])
+}
+
+/// The same, the daemon started with `vars` (test hooks).
+fn privileged_env_with(vars: &[(&str, &str)]) -> (Env, Pty, Guard, PortalCa) {
     let env = Env::new();
     let tech = tech_key(&env, "tech.key");
     let fleet = tech_key(&env, "fleet.key");
@@ -250,7 +255,7 @@ fn privileged_env() -> (Env, Pty, Guard, PortalCa) {
             ),
         );
         let ca = env.portal_ca(CaMode::Good);
-        let d = env.daemon();
+        let d = env.daemon_with(vars);
         env.wait_served("gw", 1);
         env.wait_log("diagnostics port open");
         (env, pty, d, ca)
@@ -520,4 +525,95 @@ fn diag_shows_a_hostile_device_escaped_and_caps_its_lines() {
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("longer than 1048576 bytes"), "{text}");
     fake.join().unwrap();
+}
+
+fn log_count(env: &Env, what: &str) -> usize {
+    std::fs::read_to_string(env.path("daemon.log"))
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+}
+
+/// A grant ends after the idle time without a command (2 s here, 60 s in production) and at
+/// `quit`; `edge-signer diag` sends `quit` when its command is done.
+#[test]
+fn a_technician_grant_ends_when_idle_at_quit_and_when_diag_is_done() {
+    let (env, _pty, _d, _ca) = privileged_env_with(&[("EDGE_SIGNER_TEST_GRANT_IDLE_SECS", "2")]);
+    let mut line = Line::open(&env);
+    let (serial, nonce) = line.session();
+    let t = token(&env, "tech.key", &serial, &nonce, "10m");
+    assert!(line.ask(&format!("auth {t}")).contains("OK"));
+    std::thread::sleep(Duration::from_millis(2600));
+    let a = line.ask("rotate gw");
+    assert!(a.contains("ERR 403 rotate needs `auth TOKEN` first"), "{a}");
+    env.wait_log("technician grant ended: no command for a minute");
+    // At quit.
+    let (serial, nonce) = line.session();
+    let t = token(&env, "tech.key", &serial, &nonce, "10m");
+    assert!(line.ask(&format!("auth {t}")).contains("OK"));
+    let before = log_count(&env, "technician grant ended: quit");
+    line.session();
+    assert_eq!(log_count(&env, "technician grant ended: quit"), before + 1);
+    drop(line);
+    // diag: its session ends with a quit once the answer is in.
+    let quits = log_count(&env, "session ended: quit");
+    let out = env
+        .cmd()
+        .args(["diag", "--port", &env.path_str("ttyB"), "version"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let done = poll_until(5, Duration::from_millis(100), || {
+        log_count(&env, "session ended: quit") >= quits + 2
+    });
+    assert!(done, "diag left its session open");
+}
+
+/// A peer that stops reading (a paused terminal) does not end the session or reset its
+/// nonce: answers that cannot be written are dropped and counted; once a reader is back,
+/// it is answered at once, in the same session.
+#[test]
+fn a_peer_that_stops_reading_keeps_its_session_and_is_answered_when_back() {
+    let (env, _pty, _d, _ca) = serial_env("");
+    let mut line = Line::open(&env);
+    line.session();
+    let sessions = log_count(&env, "session started");
+    // 200 KB of noise, nobody reading: every line of it is answered into a full pipe.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let noise: Vec<u8> = (0..200 * 1024)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect();
+    line.f.write_all(&noise).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    // A reader appears: drain what is there, then ask.
+    while libc_poll(&line.f) {
+        line.pump();
+    }
+    let t = Instant::now();
+    let from = line.seen.len();
+    line.send("");
+    line.send("status");
+    let a = line.until_from(from, "the status answer", |t| {
+        t.contains("gw.state: active")
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "{:?}: {a}",
+        t.elapsed()
+    );
+    assert!(
+        !a.contains("edge-signer-diag 1 serial="),
+        "a new session: {a}"
+    );
+    assert_eq!(
+        log_count(&env, "session started"),
+        sessions,
+        "the session was reset"
+    );
+    env.wait_log("the peer is not reading");
 }

@@ -91,6 +91,18 @@ impl Port {
     /// A fresh session: its banner's serial and nonce. `quit` ends whatever session the
     /// port was in (its banner may still be waiting unread): the banner after its OK counts.
     fn session(&mut self) -> Result<(String, String)> {
+        // What an earlier client left unread (the OK and banner after its own quit) would
+        // pass for this quit's answer: drop it first (quiet for 200 ms, 2 s at most).
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 512];
+        while start.elapsed() < Duration::from_secs(2) {
+            match self.port.read(&mut buf) {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+        }
+        self.reader = LineReader::with_max(MAX_ANSWER_LINE);
+        self.lines.clear();
         // An empty line first: it ends a half line someone left on the port.
         self.send("")?;
         self.send("quit")?;
@@ -143,13 +155,23 @@ pub(crate) fn diag_cmd(a: DiagArgs) -> Result<i32> {
         .context("diag needs --port /dev/ttyUSB0 (or `diag token ...`)")?;
     let mut port = Port::open(path, a.baud)?;
     let (device, nonce) = port.session()?;
+    let result = on_session(&a, &mut port, (&device, &nonce));
+    // The technician's grant ends with the command: a session left open would keep it for
+    // whoever plugs in next.
+    let _ = port.send("quit");
+    result
+}
+
+/// What `diag` does inside one session (`session`: the banner's serial and nonce).
+fn on_session(a: &DiagArgs, port: &mut Port, (device, nonce): (&str, &str)) -> Result<i32> {
+    let path = a.port.as_deref().unwrap_or(std::path::Path::new("-"));
     let mut stdout = std::io::stdout();
     if let Some(key) = &a.auth_key {
         let mut allow = a.allow.clone();
         if allow.is_empty() {
             allow.extend(a.words.first().cloned());
         }
-        let token = sign_token(key, &device, &nonce, &allow, &a.ttl)?;
+        let token = sign_token(key, device, nonce, &allow, &a.ttl)?;
         port.send(&format!("auth {token}"))?;
         if !port.answer(false, &mut std::io::sink())? {
             return Ok(2);
@@ -164,7 +186,7 @@ pub(crate) fn diag_cmd(a: DiagArgs) -> Result<i32> {
         eprintln!(
             "connected to {} (serial {}); type help, quit to end",
             path.display(),
-            edge_signer::text::printable(&device)
+            edge_signer::text::printable(device)
         );
         for line in std::io::stdin().lock().lines() {
             let line = line?;

@@ -309,7 +309,7 @@ pub fn serve(shared: Arc<Shared>, device: std::path::PathBuf, baud: u32) {
     let mut said = false;
     loop {
         let port = serialport::new(device.to_string_lossy(), baud)
-            .timeout(Duration::from_millis(500))
+            .timeout(session::READ_WAIT)
             .open_native();
         let mut port = match port {
             Ok(p) => {

@@ -11,6 +11,75 @@ use crate::serve::EngineRequest;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
+/// The port as a session uses it: a write may wait for room at most `set_wait` (the
+/// serial port has one timeout for reads and writes; other streams ignore it).
+pub trait Wire: Read + Write {
+    /// Reads and writes wait at most `d` from now on.
+    fn set_wait(&mut self, _d: Duration) {}
+}
+
+impl Wire for serialport::TTYPort {
+    fn set_wait(&mut self, d: Duration) {
+        let _ = serialport::SerialPort::set_timeout(self, d);
+    }
+}
+
+/// How long a read waits (the loop then checks the idle timers).
+pub const READ_WAIT: Duration = Duration::from_millis(500);
+/// How long an answer may wait for the peer to take it; past that the peer counts as not
+/// reading, and answers are dropped (and counted) without waiting until it reads again.
+const WRITE_WAIT: Duration = Duration::from_secs(2);
+/// A technician's grant ends after this long without a command.
+const GRANT_IDLE: Duration = Duration::from_secs(60);
+
+/// What was written to a peer that may stop reading.
+#[derive(Default)]
+struct Outbox {
+    /// The last write timed out: the peer is not reading.
+    stalled: bool,
+    /// Answers dropped since the session started.
+    dropped: u64,
+}
+
+impl Outbox {
+    /// Write `bytes`, waiting for room only while the peer reads; None, or PortGone when
+    /// the port failed (not merely full).
+    fn send(&mut self, port: &mut impl Wire, bytes: &[u8]) -> Option<End> {
+        port.set_wait(if self.stalled {
+            Duration::ZERO
+        } else {
+            WRITE_WAIT
+        });
+        let r = port.write_all(bytes);
+        port.set_wait(READ_WAIT);
+        match r {
+            Ok(()) => {
+                if self.stalled {
+                    tracing::info!(target: "serial", dropped = self.dropped, "the peer reads again");
+                }
+                self.stalled = false;
+                None
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                self.dropped += 1;
+                if !self.stalled {
+                    tracing::warn!(target: "serial", "the peer is not reading (paused terminal, flow control): answers are dropped and counted until it reads again");
+                }
+                self.stalled = true;
+                None
+            }
+            Err(_) => Some(End::PortGone),
+        }
+    }
+}
+
 /// How a session ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum End {
@@ -29,6 +98,9 @@ pub struct Session<'a> {
     idle: Duration,
     /// While `apply-bundle` collects base64 lines.
     collecting: Option<String>,
+    out: Outbox,
+    /// When the last command came (a grant ends after `GRANT_IDLE` without one).
+    last_command: Instant,
 }
 
 /// The largest bundle accepted over the port, as base64 text (a 1 MiB payload and header).
@@ -61,6 +133,30 @@ impl<'a> Session<'a> {
             grant: None,
             idle,
             collecting: None,
+            out: Outbox::default(),
+            last_command: Instant::now(),
+        }
+    }
+
+    /// How long a grant lasts without a command (shorter in tests, with the test hooks).
+    fn grant_idle() -> Duration {
+        #[cfg(feature = "test-hooks")]
+        if let Some(s) = std::env::var("EDGE_SIGNER_TEST_GRANT_IDLE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            return Duration::from_secs(s);
+        }
+        GRANT_IDLE
+    }
+
+    /// End the technician's grant, saying why (no-op without one).
+    fn end_grant(&mut self, why: &str) {
+        if self.grant.take().is_some() {
+            self.log(
+                "serial-auth-ended",
+                format!("technician grant ended: {why}"),
+            );
         }
     }
 
@@ -84,13 +180,14 @@ impl<'a> Session<'a> {
     }
 
     /// Serve until `quit`, the idle timeout, or a port error.
-    pub fn run(&mut self, port: &mut (impl Read + Write), reader: &mut LineReader) -> End {
+    pub fn run(&mut self, port: &mut impl Wire, reader: &mut LineReader) -> End {
         self.log(
             "serial-session",
             format!("session started (nonce {})", self.nonce),
         );
-        if port.write_all(self.banner().as_bytes()).is_err() {
-            return End::PortGone;
+        let banner = self.banner();
+        if let Some(end) = self.out.send(port, banner.as_bytes()) {
+            return end;
         }
         let mut buf = [0u8; 512];
         let mut last = Instant::now();
@@ -102,9 +199,14 @@ impl<'a> Session<'a> {
                     None => continue,
                 }
             }
+            if self.grant.is_some() && self.last_command.elapsed() > Self::grant_idle() {
+                self.end_grant("no command for a minute");
+            }
             let n = match port.read(&mut buf) {
                 Ok(0) => {
-                    // A pty whose other side is closed reads 0: wait, do not spin.
+                    // A pty whose other side is closed reads 0: the technician is gone, and
+                    // so is the grant. Wait, do not spin.
+                    self.end_grant("the port was closed");
                     std::thread::sleep(Duration::from_millis(100));
                     0
                 }
@@ -123,11 +225,8 @@ impl<'a> Session<'a> {
             };
             if n == 0 {
                 if last.elapsed() > self.idle {
-                    let _ = port.write_all(
-                        Answer::error(408, "idle timeout: session ended")
-                            .render(self.json)
-                            .as_bytes(),
-                    );
+                    let bye = Answer::error(408, "idle timeout: session ended").render(self.json);
+                    let _ = self.out.send(port, bye.as_bytes());
                     self.log("serial-session", "session ended: idle timeout".into());
                     return End::Again;
                 }
@@ -138,15 +237,17 @@ impl<'a> Session<'a> {
     }
 
     /// Handle one line; `Some` ends the session.
-    fn line(&mut self, line: Line, port: &mut impl Write) -> Option<End> {
+    fn line(&mut self, line: Line, port: &mut impl Wire) -> Option<End> {
+        if self.grant.is_some() && self.last_command.elapsed() > Self::grant_idle() {
+            self.end_grant("no command for a minute");
+        }
+        self.last_command = Instant::now();
         let line = match self.collect(line) {
             Ok(None) => return None,
             Ok(Some(line)) => line,
             Err(out) => {
-                return port
-                    .write_all(out.render(self.json).as_bytes())
-                    .err()
-                    .map(|_| End::PortGone);
+                let text = out.render(self.json);
+                return self.out.send(port, text.as_bytes());
             }
         };
         let cmd = match line {
@@ -159,7 +260,9 @@ impl<'a> Session<'a> {
         let out = match cmd {
             Ok(Command::Empty) => return None,
             Ok(Command::Quit) => {
-                let _ = port.write_all(Answer::default().render(self.json).as_bytes());
+                let ok = Answer::default().render(self.json);
+                let _ = self.out.send(port, ok.as_bytes());
+                self.end_grant("quit");
                 self.log("serial-session", "session ended: quit".into());
                 return Some(End::Again);
             }
@@ -168,22 +271,21 @@ impl<'a> Session<'a> {
                 Ok(()) => {
                     self.log("serial-command", "ApplyBundle".into());
                     self.collecting = Some(String::new());
-                    return port
-                        .write_all(b"bundle: send it as base64 lines, then a line: end\r\n")
-                        .err()
-                        .map(|_| End::PortGone);
+                    return self.out.send(
+                        port,
+                        b"bundle: send it as base64 lines, then a line: end\r\n",
+                    );
                 }
             },
             Ok(c) => self.answer(c, port),
             Err(e) => Answer::error(e.code, e.text),
         };
-        port.write_all(out.render(self.json).as_bytes())
-            .err()
-            .map(|_| End::PortGone)
+        let text = out.render(self.json);
+        self.out.send(port, text.as_bytes())
     }
 
     /// The answer to one command (progress of a rotation is written to `port` meanwhile).
-    fn answer(&mut self, c: Command, port: &mut impl Write) -> Answer {
+    fn answer(&mut self, c: Command, port: &mut impl Wire) -> Answer {
         let name = format!("{c:?}");
         let shown = if matches!(c, Command::Auth(_)) {
             "Auth(..)".to_owned()
@@ -282,7 +384,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn rotate(&self, name: &str, port: &mut impl Write) -> Answer {
+    fn rotate(&mut self, name: &str, port: &mut impl Wire) -> Answer {
         let sh = self.shared;
         let before = sh.generation(name);
         let a = sh.ask(EngineRequest::Rotate(name.to_owned()));
@@ -309,7 +411,7 @@ impl<'a> Session<'a> {
                 } else {
                     text.trim_end_matches("OK\r\n").to_owned()
                 };
-                if port.write_all(text.as_bytes()).is_err() {
+                if self.out.send(port, text.as_bytes()).is_some() {
                     break;
                 }
                 last = line;
