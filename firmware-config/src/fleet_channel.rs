@@ -150,3 +150,48 @@ pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, Strin
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cn(cn: &str, device_id: Option<&str>) -> Vec<String> {
+        let mut c = crate::schema::Config::default();
+        let mut id = crate::schema::IdentityConfig {
+            name: "gw".into(),
+            ..Default::default()
+        };
+        id.subject.cn = cn.into();
+        c.identities.push(id);
+        c.fleet.mqtt = Some(MqttConfig {
+            broker: "mqtts://broker:8883".into(),
+            identity: "gw".into(),
+            device_id: device_id.map(str::to_owned),
+            ..Default::default()
+        });
+        let mut errors = Vec::new();
+        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        errors
+    }
+
+    #[test]
+    fn a_device_id_taken_from_the_cn_must_be_a_safe_topic_level() {
+        for cn in ["site/+/#", "", "a b"] {
+            let e = with_cn(cn, None);
+            assert!(
+                e.iter().any(|e| e.starts_with("fleet.mqtt.device_id: unset, so the device id would be the CN")),
+                "{cn:?}: {e:?}"
+            );
+        }
+        assert!(!with_cn("gw-0042", None)
+            .iter()
+            .any(|e| e.contains("device_id")));
+        // An explicit id is checked, and then the CN does not matter.
+        assert!(!with_cn("site/+", Some("gw-0042"))
+            .iter()
+            .any(|e| e.contains("device_id")));
+        assert!(with_cn("gw", Some("a/b"))
+            .iter()
+            .any(|e| e.starts_with("fleet.mqtt.device_id: 'a/b' is not a safe name")));
+    }
+}

@@ -153,3 +153,43 @@ fn a_device_with_its_own_certificate_cannot_steer_others_and_bundles_keep_to_the
     let out = a.ok(&["config", "apply", &op.path_str("nobody.bundle")]);
     assert!(out.contains("applied fleet bundle v3"), "{out}");
 }
+
+/// `fleet.mqtt.server_name` decides which name the broker's certificate must carry,
+/// whatever host is dialled: the broker's certificate names only IP 127.0.0.1, the agent
+/// dials `localhost`. With a wrong server_name the agent refuses the broker; with
+/// "127.0.0.1" it connects.
+#[test]
+fn the_broker_certificate_must_name_server_name() {
+    let (op, fleet_pub) = operator_env(&[]);
+    let a = Env::new();
+    a.make_ca("ca");
+    let broker = Mosquitto::start(&op, &[op.path("ca.pem"), a.path("ca.pem")]);
+    a.fleet_mqtt_config(
+        "gw-0042",
+        &broker,
+        &op.path("ca.pem"),
+        &fleet_pub,
+        "1d",
+        "keepalive = \"5s\"\nreconnect_max = \"1s\"\nserver_name = \"wrong.example\"\n",
+    );
+    let cfg = std::fs::read_to_string(a.path("defaults.toml"))
+        .unwrap()
+        .replace("mqtts://127.0.0.1:", "mqtts://localhost:");
+    std::fs::write(a.path("defaults.toml"), &cfg).unwrap();
+    let _portal = a.portal_ca(CaMode::Good);
+    let agent = a.daemon();
+    a.wait_current("gw", 1);
+    a.wait_log("fleet channel: ");
+    a.wait_log("certificate not valid for name \"wrong.example\"");
+    assert!(!broker.log().contains("as gw-0042"), "{}", broker.log());
+    std::fs::write(
+        a.path("defaults.toml"),
+        cfg.replace("server_name = \"wrong.example\"", "server_name = \"127.0.0.1\""),
+    )
+    .unwrap();
+    let pid = agent.0.id().to_string();
+    run_ok(Command::new("kill").args(["-HUP", &pid]), "kill -HUP");
+    wait_for("connected with server_name 127.0.0.1", 20, || {
+        broker.log().contains("as gw-0042")
+    });
+}
