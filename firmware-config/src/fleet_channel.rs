@@ -179,7 +179,8 @@ mod tests {
         for cn in ["site/+/#", "", "a b"] {
             let e = with_cn(cn, None);
             assert!(
-                e.iter().any(|e| e.starts_with("fleet.mqtt.device_id: unset, so the device id would be the CN")),
+                e.iter().any(|e| e
+                    .starts_with("fleet.mqtt.device_id: unset, so the device id would be the CN")),
                 "{cn:?}: {e:?}"
             );
         }

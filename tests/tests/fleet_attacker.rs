@@ -184,7 +184,10 @@ fn the_broker_certificate_must_name_server_name() {
     assert!(!broker.log().contains("as gw-0042"), "{}", broker.log());
     std::fs::write(
         a.path("defaults.toml"),
-        cfg.replace("server_name = \"wrong.example\"", "server_name = \"127.0.0.1\""),
+        cfg.replace(
+            "server_name = \"wrong.example\"",
+            "server_name = \"127.0.0.1\"",
+        ),
     )
     .unwrap();
     let pid = agent.0.id().to_string();

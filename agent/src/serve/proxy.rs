@@ -237,7 +237,11 @@ impl Route {
                 return;
             }
             if rx.changed().await.is_err() {
-                // The proxy's sender is gone with the servers: nothing changes any more.
+                // The proxy's sender is gone (removed by a reload, or the servers ended):
+                // its last word stands, and nothing changes any more.
+                if !rx.borrow().admits(self.own_uid, cred) {
+                    return;
+                }
                 std::future::pending::<()>().await;
             }
         }
