@@ -9,10 +9,12 @@ use std::sync::Arc;
 const DAY: u64 = 86_400;
 
 /// An in-process CA behind the `Issuer` trait: answers at once (when `up`), 90-day certs
-/// dated by the fake clock.
+/// (or `life` seconds) dated by the fake clock.
 pub struct SimCa {
     clock: FakeClock,
     up: Arc<AtomicBool>,
+    /// The lifetime of what it issues, in seconds.
+    pub life: u64,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     ca: Vec<CertificateDer<'static>>,
 }
@@ -31,6 +33,7 @@ impl SimCa {
         SimCa {
             clock,
             up,
+            life: 90 * DAY,
             ca: vec![cert.der().clone()],
             issuer: rcgen::Issuer::new(p, key),
         }
@@ -54,7 +57,7 @@ impl Issuer for SimCa {
         let now = self.clock.now();
         csr.params.not_before = time::OffsetDateTime::from_unix_timestamp(now as i64).unwrap();
         csr.params.not_after =
-            time::OffsetDateTime::from_unix_timestamp((now + 90 * DAY) as i64).unwrap();
+            time::OffsetDateTime::from_unix_timestamp((now + self.life) as i64).unwrap();
         Answer::Issued(csr.signed_by(&self.issuer).unwrap().pem())
     }
 

@@ -276,3 +276,73 @@ fn a_promoted_pair_whose_key_was_replaced_is_never_served() {
     served.refresh(&e);
     assert_eq!(generation(), Some(1));
 }
+
+/// A CA whose certificates are as short as the renewal window or shorter (30-day ones with
+/// the default `before = "30d"`, 1-day and 1-hour ones): one generation per renewal period
+/// (a third of the life at the earliest), never one after another at once; `status` warns.
+fn short_lived_certificates_renew_once_per_period(life: u64) {
+    {
+        let t = TestToken::new();
+        let clock = FakeClock::at(T0);
+        let up = Arc::new(AtomicBool::new(true));
+        let mut ca = SimCa::new(clock.clone(), up.clone());
+        ca.life = life;
+        let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
+        issuers.insert("sim".into(), Box::new(ca));
+        let cfg = config(
+            &t.dir.path().join("state"),
+            &t.module,
+            "ec-p256",
+            "1m",
+            "0s",
+        );
+        let mut e = Engine::new(
+            cfg.clone(),
+            t.token.clone(),
+            Arc::new(clock.clone()),
+            issuers,
+        )
+        .unwrap();
+        e.force("gw").unwrap();
+        run_to(&mut e, &clock, 1);
+        let rows = edge_signer::lifecycle::status(&cfg, &e.reg, clock.now());
+        assert!(
+            rows[0]
+                .warnings
+                .iter()
+                .any(|w| w.contains("renewal.before (30d)")),
+            "{:?}",
+            rows[0].warnings
+        );
+        // Three lifetimes on the fake clock, a deadline (or a minute) at a time.
+        let end = clock.now() + 3 * life;
+        let mut ticks = 0;
+        while clock.now() < end {
+            let next = e.tick();
+            clock.set(next.min(clock.now() + life / 20).max(clock.now() + 1));
+            ticks += 1;
+            assert!(ticks < 10_000, "the engine never sleeps");
+        }
+        let generations = e.reg.identities["gw"].generations.len() as u64;
+        // Renewal at 2/3 of the life left (a third of it lived): at most 3/(1/3) + 1.
+        assert!(
+            (4..=11).contains(&generations),
+            "{generations} generations in 3 lifetimes of {life} s"
+        );
+    }
+}
+
+#[test]
+fn thirty_day_certificates_with_a_thirty_day_window_renew_once_per_period() {
+    short_lived_certificates_renew_once_per_period(30 * DAY);
+}
+
+#[test]
+fn one_day_certificates_renew_once_per_period() {
+    short_lived_certificates_renew_once_per_period(DAY);
+}
+
+#[test]
+fn one_hour_certificates_renew_once_per_period() {
+    short_lived_certificates_renew_once_per_period(3600);
+}

@@ -142,3 +142,34 @@ fn a_bundle_whose_reload_is_refused_is_not_reported_applied() {
     let out = env.ok(&["config", "apply", "v2.bundle"]);
     assert!(out.contains("applied fleet bundle v2"), "{out}");
 }
+
+/// Beside a running daemon: `needs-renewal` answers from the renewal point (an overlap after
+/// a promotion is not "renew now"), `rotate --now` during the overlap says it is queued and
+/// how to end the overlap, and `status` names the old generation that `retire` takes.
+#[test]
+fn needs_renewal_and_rotate_during_an_overlap_beside_the_daemon_say_what_is_true() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.serving_config("1d", "\n[api]\nenabled = true\nsocket = \"{p}/api.sock\"\n");
+    let _ca = env.portal_ca(CaMode::Good);
+    let _daemon = env.daemon();
+    env.wait_current("gw", 1);
+    env.wait_log("signing API listening");
+    assert_eq!(env.run(&["needs-renewal", "gw"]).status.code(), Some(1));
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
+    // Generation 2 current, generation 1 overlapping: nothing is due.
+    assert_eq!(env.run(&["needs-renewal", "gw"]).status.code(), Some(1));
+    let out = env.run(&["rotate", "gw", "--now", "--timeout", "5"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("the rotation is queued") && text.contains("retire gw --generation 1"),
+        "{text}"
+    );
+    let st = env.ok(&["status"]);
+    assert!(
+        st.contains("generation 1: overlapping") && st.contains("retire gw --generation 1"),
+        "{st}"
+    );
+}

@@ -30,8 +30,19 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
         Cmd::Retire { name, generation } => return end_generation(g, &name, generation, false),
         Cmd::Revoke { name, generation } => return end_generation(g, &name, generation, true),
         Cmd::NeedsRenewal { name } => {
-            let e = lifecycle_engine(g)?;
-            return Ok(if e.needs_renewal(&name)? { 0 } else { 1 });
+            // Read-only, from the configuration and the register: beside a running daemon too.
+            let cfg = edge_signer::configuration::load(&sources(g))?
+                .effective
+                .config;
+            let ic = cfg
+                .identities
+                .iter()
+                .find(|i| i.name == name)
+                .with_context(|| format!("no identity '{name}' in the configuration"))?;
+            let reg = edge_signer::register::RegisterFile::new(&cfg.paths.state_dir).load()?;
+            let now = edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock);
+            let due = edge_signer::lifecycle::needs_renewal(ic, reg.identities.get(&name), now);
+            return Ok(if due { 0 } else { 1 });
         }
         Cmd::Jwk(JwkCmd::Export { name }) => {
             let mut e = lifecycle_engine(g)?;
@@ -258,8 +269,21 @@ fn status_text(r: &edge_signer::lifecycle::plan::Status) -> String {
         }
         None => out += "  no current generation\n",
     }
+    for old in r
+        .live_generations
+        .iter()
+        .filter(|g| Some(**g) != r.generation && Some(**g) != r.pending_generation)
+    {
+        out += &format!(
+            "  generation {old}: overlapping, still valid (`edge-signer retire {} --generation {old}` ends it now)\n",
+            r.name
+        );
+    }
     if let Some(p) = r.pending_generation {
         out += &format!("  enrolling generation {p}\n");
+    }
+    for w in &r.warnings {
+        out += &format!("  warning: {w}\n");
     }
     // "renewal at T" already says when.
     let at = r
@@ -275,6 +299,26 @@ fn status_text(r: &edge_signer::lifecycle::plan::Status) -> String {
     out
 }
 
+/// During an overlap a rotation is queued until the old generation retires: what to say.
+fn queued_in_overlap(name: &str, rec: &edge_signer::register::IdentityRecord) -> Option<String> {
+    if rec.step != edge_signer::register::Step::Overlap || rec.pending.is_some() {
+        return None;
+    }
+    let lines: Vec<String> = rec
+        .generations
+        .iter()
+        .filter(|g| g.status == edge_signer::register::GenStatus::Overlap)
+        .map(|old| format!(
+            "{name}: generation {} overlaps with the current generation {} until {}; the rotation is queued and starts when the overlap ends (the daemon, or `edge-signer rotate {name}` then).\n  To start it sooner: `edge-signer retire {name} --generation {}` destroys the old key now, then `edge-signer rotate {name} --now`.",
+            old.number,
+            rec.current.unwrap_or(0),
+            old.overlap_until.map(edge_signer::clock::rfc3339).unwrap_or_default(),
+            old.number
+        ))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
 /// `rotate`: when due, or now; during an overlap a rotation is queued.
 fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Result<i32> {
     if let Some(owner) = daemon_owner(g)? {
@@ -286,27 +330,17 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
     }
     let mut e = lifecycle_engine(g)?;
     let rec = e.reg.identities.get(&name).cloned().unwrap_or_default();
-    if now && rec.step == edge_signer::register::Step::Overlap && rec.pending.is_none() {
+    if let Some(note) = now.then(|| queued_in_overlap(&name, &rec)).flatten() {
         // A new rotation cannot start while the old generation still overlaps: queue it.
         e.force(&name)?;
-        for old in rec
-            .generations
-            .iter()
-            .filter(|g| g.status == edge_signer::register::GenStatus::Overlap)
-        {
-            println!(
-                "{name}: generation {} overlaps with the current generation {} until {}; the rotation is queued and starts when the overlap ends (the daemon, or `edge-signer rotate {name}` then).\n  To start it sooner: `edge-signer retire {name} --generation {}` destroys the old key now, then `edge-signer rotate {name} --now`.",
-                old.number,
-                rec.current.unwrap_or(0),
-                old.overlap_until.map(edge_signer::clock::rfc3339).unwrap_or_default(),
-                old.number
-            );
-        }
+        println!("{note}");
         return Ok(0);
     }
+    // An overlap is the end of a rotation: `rotate` (not --now) finishes it when it is due.
+    let unfinished = rec.step != edge_signer::register::Step::Active;
     if now {
         e.force(&name)?;
-    } else if !e.needs_renewal(&name)? {
+    } else if !unfinished && !e.needs_renewal(&name)? {
         let t = e
             .renewal_time(&name)
             .map(edge_signer::clock::rfc3339)
@@ -369,7 +403,13 @@ fn hand_to_daemon(owner: &Owner, name: &str, timeout: Option<u64>) -> Result<i32
     }
     let (dir, h) = (&owner.dir, &owner.holder);
     let file = edge_signer::register::RegisterFile::new(dir);
-    let before = file.load()?.identities.get(name).and_then(|r| r.current);
+    let at_start = file
+        .load()?
+        .identities
+        .get(name)
+        .cloned()
+        .unwrap_or_default();
+    let before = at_start.current;
     match owner.api {
         Some(_) => {
             owner.call("POST", &format!("/v1/identities/{name}/rotate"), Vec::new())?;
@@ -381,6 +421,10 @@ fn hand_to_daemon(owner: &Owner, name: &str, timeout: Option<u64>) -> Result<i32
         h.pid,
         dir.display()
     );
+    if let Some(note) = queued_in_overlap(name, &at_start) {
+        println!("{note}");
+        return Ok(0);
+    }
     let start = std::time::Instant::now();
     let limit = Duration::from_secs(timeout.unwrap_or(3600));
     let mut last = String::new();

@@ -69,6 +69,18 @@ pub struct Engine {
     kill_at: Option<String>,
 }
 
+/// Whether `rec` (None: never enrolled) needs a rotation at `now`: not enrolled yet, one
+/// asked for or under way, or past the renewal point of the current generation. An overlap
+/// after a promotion is not a reason: the new generation is current and far from due.
+/// Read-only: the CLI answers from the register beside a running daemon.
+pub fn needs_renewal(cfg: &IdentityConfig, rec: Option<&IdentityRecord>, now: Unix) -> bool {
+    let Some(rec) = rec else { return true };
+    if rec.current.is_none() || rec.pending.is_some() || rec.forced_at.is_some() {
+        return true;
+    }
+    renewal_time(cfg, rec).is_some_and(|t| now >= t)
+}
+
 /// The label of a generation's key objects.
 pub fn key_label(identity: &str, generation: u32) -> String {
     format!("edge-signer:{identity}:g{generation}")
@@ -206,15 +218,12 @@ impl Engine {
 
     /// True when a rotation should start now (or one is under way).
     pub fn needs_renewal(&self, name: &str) -> Result<bool> {
-        self.identity_cfg(name)?;
-        let now = self.now();
-        let Some(rec) = self.reg.identities.get(name) else {
-            return Ok(true);
-        };
-        if rec.step != Step::Active || rec.current.is_none() || rec.forced_at.is_some() {
-            return Ok(true);
-        }
-        Ok(self.renewal_time(name).is_some_and(|t| now >= t))
+        let cfg = self.identity_cfg(name)?;
+        Ok(needs_renewal(
+            &cfg,
+            self.reg.identities.get(name),
+            self.now(),
+        ))
     }
 
     fn fail(&mut self, name: &str, reason: String) -> Result<Progress> {

@@ -234,6 +234,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Generations still holding keys in the token.
     pub live_generations: Vec<u32>,
+    /// What a person should change (a renewal window as long as the certificates, ...).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// Whole days from `now` until `not_after` (negative once it has passed).
@@ -285,6 +288,11 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
                     .iter()
                     .filter(|g| g.status.is_live())
                     .map(|g| g.number)
+                    .collect(),
+                warnings: cur
+                    .and_then(|g| Some(g.not_after?.saturating_sub(g.not_before?)))
+                    .and_then(|life| super::schedule::window_warning(ic, life))
+                    .into_iter()
                     .collect(),
             }
         })

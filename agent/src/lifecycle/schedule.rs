@@ -27,15 +27,24 @@ fn jitter(seed: &str, identity: &str, generation: u32, span: u64) -> u64 {
     h % span
 }
 
+/// A renewal point given as "this long before expiry" is never earlier than a third of the
+/// certificate's life: a CA that issues certificates as short as the window (30-day ones
+/// with `before = "30d"`, or 24-hour ones) would otherwise have each new generation due at
+/// once, forever.
+pub const EARLIEST_FRACTION: u64 = 3;
+
 /// When the current generation should be renewed: the policy point, minus a stable jitter
-/// offset (earlier, never later than the policy says).
+/// offset (earlier, never later than the policy says), never before a third of its life
+/// for a `before` window.
 pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> {
     let g = rec.current_gen()?;
     let (nb, na) = (g.not_before?, g.not_after?);
-    let point = match cfg.renewal.renew_at() {
-        RenewAt::Before(d) => na.saturating_sub(d.secs()),
-        RenewAt::Fraction(p) => nb + (na.saturating_sub(nb)) * p.0 as u64 / 100,
+    let life = na.saturating_sub(nb);
+    let (point, earliest) = match cfg.renewal.renew_at() {
+        RenewAt::Before(d) => (na.saturating_sub(d.secs()), nb + life / EARLIEST_FRACTION),
+        RenewAt::Fraction(p) => (nb + life * p.0 as u64 / 100, nb),
     };
+    let point = point.max(earliest);
     Some(
         point
             .saturating_sub(jitter(
@@ -44,8 +53,23 @@ pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> 
                 g.number,
                 cfg.renewal.jitter.secs(),
             ))
-            .max(nb),
+            .max(earliest),
     )
+}
+
+/// A warning when the `before` window is not shorter than the certificates the issuer hands
+/// out (`life`, the current generation's): renewal then happens at a third of their life.
+pub fn window_warning(cfg: &IdentityConfig, life: u64) -> Option<String> {
+    match cfg.renewal.renew_at() {
+        RenewAt::Before(d) if d.secs() >= life.saturating_sub(life / EARLIEST_FRACTION) => {
+            Some(format!(
+                "renewal.before ({}) leaves less than a third of the life of the certificates the issuer hands out ({}): renewing at a third of their life instead; set a shorter renewal.before or renewal.at = \"66%\"",
+                d,
+                firmware_config::Duration(life)
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Renewal times of a fleet sharing `cfg` whose current certificates all run `nb..na`, one
