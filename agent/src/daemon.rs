@@ -481,6 +481,7 @@ fn start_engine(
     lock: &mut Option<crate::statelock::StateLock>,
 ) -> Result<Engine> {
     let mut engine = engine(sources, o, clock.clone())?;
+    crate::logging::apply(&engine.config().log);
     let l = match lock.take() {
         Some(l) => l,
         None => relock(&engine.config().paths.state_dir)?,

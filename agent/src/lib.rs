@@ -11,6 +11,7 @@ pub mod issuer;
 pub mod keyshare;
 pub mod lifecycle;
 pub mod local_api;
+pub mod logging;
 pub mod register;
 pub mod serial;
 pub mod serve;

@@ -3,9 +3,6 @@ use clap::{Args, Parser, Subcommand};
 use edge_signer::tlsconf;
 use hsm_shim::KeyType;
 use std::path::PathBuf;
-use tracing_subscriber::filter::{LevelFilter, Targets};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 mod cli;
 
@@ -435,26 +432,23 @@ fn parse_key_type(s: &str) -> Result<KeyType, String> {
 }
 
 fn main() {
-    let (filter, bad_filter) = log_filter(std::env::var("EDGE_SIGNER_LOG").ok().as_deref());
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                // Colour only on a terminal: under systemd stderr goes to the journal, where
-                // escape codes would be stored as text.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_writer(std::io::stderr),
-        )
-        .with(filter)
-        .init();
-    if let Some(why) = bad_filter {
-        tracing::warn!("{why}");
-    }
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let json = wants_json(&matches);
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // The daemon logs as its configuration says ([log]); a command, warnings only.
+    let log = match cli.cmd {
+        Cmd::Run => edge_signer::configuration::load(&cli::sources(&cli.global))
+            .map(|l| l.effective.config.log)
+            .unwrap_or_default(),
+        _ => firmware_config::schema::LogConfig {
+            level: firmware_config::schema::LogLevel::Warn,
+            ..Default::default()
+        },
+    };
+    edge_signer::logging::init(log.format, log.level);
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -472,38 +466,6 @@ fn main() {
             std::process::exit(2);
         }
     }
-}
-
-/// The log filter from `EDGE_SIGNER_LOG` (`LEVEL` or `target=LEVEL,...`; `warn` for what it
-/// does not name), and what was wrong with a value that could not be used (then `warn`).
-fn log_filter(value: Option<&str>) -> (Targets, Option<String>) {
-    let (named, bad) = match value.map(str::trim).filter(|v| !v.is_empty()) {
-        None => (Targets::new(), None),
-        Some(v) => match v.parse::<Targets>() {
-            Ok(t) => (t, None),
-            Err(e) => (
-                Targets::new(),
-                Some(format!(
-                    "EDGE_SIGNER_LOG={:?} is not a log filter ({e}); logging at warn. Use a \
-                     level (error, warn, info, debug, trace) or target=level pairs separated \
-                     by commas, e.g. info,edge_signer::serve=debug",
-                    edge_signer::text::one_line(v)
-                )),
-            ),
-        },
-    };
-    // What the value does not name (all of it, unless it gives a bare level) logs at warn.
-    let filter = match named.default_level() {
-        Some(_) => named,
-        None => named.with_default(LevelFilter::WARN),
-    };
-    // cryptoki logs, at error level, each mechanism of the token's list that it has no name
-    // for (SoftHSM has about 30): nothing is wrong, the mechanism is just skipped. The longest
-    // matching target wins, so this holds whatever the value says of `cryptoki`.
-    (
-        filter.with_target("cryptoki::mechanism", LevelFilter::OFF),
-        bad,
-    )
 }
 
 /// Whether the command line (at any subcommand level) asked for `--json`.
@@ -524,46 +486,5 @@ fn run(cli: Cli) -> Result<i32> {
         | Cmd::Probe { .. }
         | Cmd::TlsServe { .. }) => cli::keys::run(g, c),
         c => cli::lifecycle::run(g, c),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::log_filter;
-    use tracing::Level;
-
-    #[test]
-    fn log_filter_reads_levels_and_targets_and_says_what_it_cannot_use() {
-        let (f, bad) = log_filter(None);
-        assert!(bad.is_none());
-        assert!(f.would_enable("edge_signer::serve", &Level::WARN));
-        assert!(!f.would_enable("edge_signer::serve", &Level::INFO));
-
-        let (f, bad) = log_filter(Some("info,edge_signer::serve=trace,cryptoki=trace"));
-        assert!(bad.is_none());
-        assert!(f.would_enable("edge_signer::daemon", &Level::INFO));
-        assert!(!f.would_enable("edge_signer::daemon", &Level::DEBUG));
-        assert!(f.would_enable("edge_signer::serve::proxy", &Level::TRACE));
-        assert!(f.would_enable("cryptoki::session", &Level::TRACE));
-        // The token's unnamed mechanisms stay quiet whatever the value says.
-        assert!(!f.would_enable("cryptoki::mechanism", &Level::ERROR));
-
-        // A target alone is that target at trace, the rest at warn.
-        let (f, bad) = log_filter(Some("edge_signer::serve"));
-        assert!(bad.is_none());
-        assert!(f.would_enable("edge_signer::serve", &Level::TRACE));
-        assert!(f.would_enable("edge_signer::daemon", &Level::WARN));
-        assert!(!f.would_enable("edge_signer::daemon", &Level::INFO));
-
-        for v in ["edge_signer=verbose", "a=b=c", "=loud"] {
-            let (f, bad) = log_filter(Some(v));
-            let why = bad.unwrap_or_default();
-            assert!(
-                why.contains("EDGE_SIGNER_LOG") && why.contains("e.g. info"),
-                "{v}: {why}"
-            );
-            assert!(f.would_enable("edge_signer", &Level::WARN), "{v}");
-            assert!(!f.would_enable("edge_signer", &Level::INFO), "{v}");
-        }
     }
 }

@@ -17,6 +17,7 @@ fn config_show(g: &Global, json: bool) -> Result<i32> {
         json,
         json!({
             "fleet_version": loaded.fleet_version,
+            "log_level_from": edge_signer::logging::level_source(&loaded.effective.config.log),
             "trust": {"version": trust.version, "source": trust.source,
                       "keys": trust.keys.iter().map(|k| k.to_string()).collect::<Vec<_>>()},
             "warnings": loaded.warnings.iter().chain(&trust.warnings).collect::<Vec<_>>(),
@@ -44,6 +45,10 @@ fn config_show(g: &Global, json: bool) -> Result<i32> {
                     .join(", "),
                 trust.version,
                 trust.source
+            );
+            out += &format!(
+                "# the daemon logs at: {}\n",
+                edge_signer::logging::level_source(&loaded.effective.config.log)
             );
             for w in &trust.warnings {
                 out += &format!("# warning: {w}\n");
