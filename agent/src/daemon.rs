@@ -148,8 +148,9 @@ pub fn drive_to_promotion(
         if let Some(t) = timeout {
             if start.elapsed() + wait > t {
                 anyhow::bail!(
-                    "gave up waiting after {}s; the rotation stays at step {} and resumes with the daemon or the next command",
+                    "gave up waiting after {}s; the {} stays at step {} ({last}) and resumes with the daemon or the next command",
                     t.as_secs(),
+                    if before.is_none() { "enrolment" } else { "rotation" },
                     rec.step.as_str()
                 );
             }

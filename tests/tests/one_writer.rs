@@ -173,3 +173,56 @@ fn needs_renewal_and_rotate_during_an_overlap_beside_the_daemon_say_what_is_true
         "{st}"
     );
 }
+
+/// The first portal enrolment with `poll_interval = "5m"`: once the certificate is in the
+/// inbox, `enroll` (handed to the daemon) looks at once instead of at the scheduled check;
+/// and a lowered `poll_interval` moves a check already scheduled at the reload.
+#[test]
+fn an_interactive_enroll_and_a_lowered_poll_interval_look_at_the_inbox_at_once() {
+    let env = Env::new();
+    env.make_ca("ca");
+    env.serving_config("1d", "\n[api]\nenabled = true\nsocket = \"{p}/api.sock\"\n");
+    let slow = |env: &Env| {
+        let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+        std::fs::write(
+            env.path("defaults.toml"),
+            cfg.replace("poll_interval = \"1s\"", "poll_interval = \"5m\""),
+        )
+        .unwrap();
+    };
+    slow(&env);
+    let _ca = env.portal_ca(CaMode::Good);
+    let daemon = env.daemon();
+    env.wait_log("signing API listening");
+    // The CSR went out and was signed into the inbox; the daemon's next look is 5 min away.
+    wait_for("the certificate in the inbox", 20, || {
+        std::fs::read_dir(env.path("inbox")).is_ok_and(|mut d| d.next().is_some())
+    });
+    let t = std::time::Instant::now();
+    let out = env.ok(&["enroll", "gw", "--timeout", "20"]);
+    assert!(out.contains("generation 1 is current"), "{out}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(10));
+    drop(daemon);
+
+    // A second device state: the same wait, then poll_interval lowered and SIGHUP.
+    let env = Env::new();
+    env.make_ca("ca");
+    env.serving_config("1d", "");
+    slow(&env);
+    let _ca = env.portal_ca(CaMode::Good);
+    let daemon = env.daemon();
+    wait_for("the certificate in the inbox", 20, || {
+        std::fs::read_dir(env.path("inbox")).is_ok_and(|mut d| d.next().is_some())
+    });
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace("poll_interval = \"5m\"", "poll_interval = \"1s\""),
+    )
+    .unwrap();
+    run_ok(
+        std::process::Command::new("kill").args(["-HUP", &daemon.0.id().to_string()]),
+        "kill -HUP",
+    );
+    env.wait_current("gw", 1);
+}

@@ -338,6 +338,10 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
     }
     // An overlap is the end of a rotation: `rotate` (not --now) finishes it when it is due.
     let unfinished = rec.step != edge_signer::register::Step::Active;
+    if unfinished {
+        // Someone waits at the terminal: look at a submission now, not at its next check.
+        e.check_now(&name);
+    }
     if now {
         e.force(&name)?;
     } else if !unfinished && !e.needs_renewal(&name)? {
@@ -461,9 +465,16 @@ fn hand_to_daemon(owner: &Owner, name: &str, timeout: Option<u64>) -> Result<i32
             last = step;
         }
         if start.elapsed() > limit {
+            let waits = rec
+                .waiting
+                .as_ref()
+                .map(|w| format!(", waiting for {}", w.what))
+                .unwrap_or_default();
             bail!(
-                "gave up waiting after {}s; the daemon goes on (see `edge-signer status`)",
-                limit.as_secs()
+                "gave up waiting after {}s; the daemon goes on with the {} of {name} at step {}{waits} (see `edge-signer status`)",
+                limit.as_secs(),
+                if before.is_none() { "enrolment" } else { "rotation" },
+                rec.step.as_str()
             );
         }
     }

@@ -123,6 +123,11 @@ pub trait Issuer: Send {
     fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, Answer>;
     /// Ask about a submission.
     fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> Answer;
+    /// How often this issuer is polled by its configuration (`poll_interval`), when that is
+    /// the only thing that says when to look again (not a server's Retry-After).
+    fn poll_interval(&self) -> Option<u64> {
+        None
+    }
     /// The CA certificates issued chains must reach (trust anchors).
     fn ca_bundle(&self) -> &[CertificateDer<'static>];
     /// Intermediate CA certificates the issuer published (EST `/cacerts`), for chain building.

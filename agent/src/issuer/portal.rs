@@ -124,4 +124,8 @@ impl Issuer for Portal {
     fn ca_bundle(&self) -> &[CertificateDer<'static>] {
         &self.ca
     }
+
+    fn poll_interval(&self) -> Option<u64> {
+        Some(self.poll)
+    }
 }

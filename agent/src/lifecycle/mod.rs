@@ -98,7 +98,7 @@ impl Engine {
         let file = RegisterFile::new(&state_dir);
         let reg = file.load()?;
         let events = Events::new(cfg.notify.exec.clone());
-        Ok(Engine {
+        let mut e = Engine {
             cfg,
             token,
             clock,
@@ -111,7 +111,42 @@ impl Engine {
             clock_in_doubt: false,
             #[cfg(feature = "test-hooks")]
             kill_at: std::env::var("EDGE_SIGNER_TEST_KILL_AT").ok(),
-        })
+        };
+        e.follow_poll_intervals();
+        Ok(e)
+    }
+
+    /// A check already scheduled by an issuer's `poll_interval` comes no later than the
+    /// interval configured now (a lowered interval takes effect at the reload, not after
+    /// the old one ran out).
+    fn follow_poll_intervals(&mut self) {
+        let now = self.now();
+        for ic in &self.cfg.identities {
+            let Some(every) = self.issuers.get(&ic.issuer).and_then(|i| i.poll_interval()) else {
+                continue;
+            };
+            if let Some(w) = self
+                .reg
+                .identities
+                .get_mut(&ic.name)
+                .filter(|r| r.step == Step::Submitted)
+                .and_then(|r| r.waiting.as_mut())
+            {
+                w.until = w.until.min(now.saturating_add(every));
+            }
+        }
+    }
+
+    /// Look at a submission now instead of at its scheduled check (an interactive `enroll`
+    /// or `rotate`: someone is waiting for the answer).
+    pub fn check_now(&mut self, name: &str) {
+        if let Some(r) = self.reg.identities.get_mut(name) {
+            if r.step == Step::Submitted {
+                if let Some(w) = r.waiting.as_mut() {
+                    w.until = 0;
+                }
+            }
+        }
     }
 
     /// Become the one writer: keep `lock` and read the register again under it (whoever
@@ -119,6 +154,7 @@ impl Engine {
     pub fn hold(&mut self, lock: crate::statelock::StateLock) -> Result<()> {
         self.lock = Some(lock);
         self.reg = self.file.load()?;
+        self.follow_poll_intervals();
         Ok(())
     }
 
@@ -205,7 +241,9 @@ impl Engine {
             rec.forced_at = Some(now);
         }
         rec.failure = None;
-        self.save(name)
+        self.save(name)?;
+        self.check_now(name);
+        Ok(())
     }
 
     /// When the current generation should be renewed.
