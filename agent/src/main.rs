@@ -6,10 +6,20 @@ use std::path::PathBuf;
 
 mod cli;
 
+/// `--version`: the release, the commit and the build date.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("EDGE_SIGNER_COMMIT"),
+    ", built ",
+    env!("EDGE_SIGNER_BUILD_DATE"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
     name = "edge-signer",
-    version,
+    version = VERSION,
     about = "Credential agent: keys in a PKCS#11 token, CSRs, mTLS identities"
 )]
 struct Cli {

@@ -308,4 +308,14 @@ fn a_reload_cuts_callers_no_longer_allowed_and_a_broken_proxy_downs_only_itself(
     let out = env.curl("web.sock", "/", &["-o", "/dev/null", "-w", "%{http_code}"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "{out:?}");
     drop(busy);
+    // SIGTERM: the daemon takes its sockets with it.
+    let mut daemon = daemon;
+    run_ok(
+        Command::new("kill").args(["-TERM", &daemon.0.id().to_string()]),
+        "kill -TERM",
+    );
+    let _ = daemon.0.wait();
+    for s in ["api.sock", "web.sock", "rev.sock"] {
+        assert!(!env.path(s).exists(), "{s} left behind");
+    }
 }

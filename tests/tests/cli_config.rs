@@ -437,3 +437,16 @@ fn a_leaked_fleet_key_is_recovered_from_with_a_trust_bundle() {
         text(&o)
     );
 }
+
+/// `--version` says the release, the commit and the build date.
+#[test]
+fn version_names_the_release_the_commit_and_the_build_date() {
+    let d = tempfile::tempdir().unwrap();
+    let o = es(d.path(), &["--version"]);
+    assert!(o.status.success());
+    let re = regex::Regex::new(
+        r"^edge-signer \d+\.\d+\.\d+ \(commit ([0-9a-f]{12}|unknown), built \d{4}-\d{2}-\d{2}\)\n$",
+    )
+    .unwrap();
+    assert!(re.is_match(&text(&o)), "{}", text(&o));
+}

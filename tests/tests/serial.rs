@@ -615,5 +615,5 @@ fn a_peer_that_stops_reading_keeps_its_session_and_is_answered_when_back() {
         sessions,
         "the session was reset"
     );
-    env.wait_log("the peer is not reading");
+    env.wait_log("edge_signer::serial: the peer is not reading");
 }

@@ -74,7 +74,7 @@ impl Channel {
             match self.connection().await {
                 Ok(()) => backoff = Duration::from_secs(1),
                 Err(e) => {
-                    tracing::warn!(target: "fleet", "fleet channel: {e:#}; reconnecting in about {}s", backoff.as_secs())
+                    tracing::warn!(target: "edge_signer::fleet", "fleet channel: {e:#}; reconnecting in about {}s", backoff.as_secs())
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
@@ -130,7 +130,7 @@ impl Channel {
             tokio::select! {
                 ev = events.poll() => match ev? {
                     Event::Incoming(Packet::ConnAck(_)) => {
-                        tracing::info!(target: "fleet", device = %self.device, generation, "fleet channel connected");
+                        tracing::info!(target: "edge_signer::fleet", device = %self.device, generation, "fleet channel connected");
                         for t in &topics.bundles_in {
                             client.try_subscribe(t, QoS::AtLeastOnce)?;
                         }
@@ -146,7 +146,7 @@ impl Channel {
                 r = changes.changed() => {
                     r?;
                     if self.slot.get().is_some_and(|s| s.generation != generation) {
-                        tracing::info!(target: "fleet", "identity rotated: reconnecting with the new certificate");
+                        tracing::info!(target: "edge_signer::fleet", "identity rotated: reconnecting with the new certificate");
                         let _ = client.try_disconnect();
                         return Ok(());
                     }
@@ -192,7 +192,7 @@ impl Channel {
     /// Hand a bundle to the engine off the event loop; publish what happened.
     fn bundle(&self, client: &AsyncClient, topics: &Topics, topic: String, bytes: Vec<u8>) {
         if self.already_applied(&bytes) {
-            tracing::debug!(target: "fleet", %topic, "retained bundle already in effect");
+            tracing::debug!(target: "edge_signer::fleet", %topic, "retained bundle already in effect");
             return;
         }
         let (client, wake, result_topic) = (
@@ -222,15 +222,15 @@ impl Channel {
             });
             let msg = match &outcome {
                 Ok(v) => {
-                    tracing::info!(target: "fleet", %topic, "bundle applied from the fleet channel");
+                    tracing::info!(target: "edge_signer::fleet", %topic, "bundle applied from the fleet channel");
                     serde_json::json!({"device": device, "topic": topic, "applied": true, "version": v["version"], "kind": v["kind"], "changes": v["changes"].as_array().map(|c| c.len()).unwrap_or(0)})
                 }
                 Err(e) if pending => {
-                    tracing::warn!(target: "fleet", %topic, "bundle not answered yet: {e}");
+                    tracing::warn!(target: "edge_signer::fleet", %topic, "bundle not answered yet: {e}");
                     serde_json::json!({"device": device, "topic": topic, "applied": false, "pending": true, "version": version, "reason": e})
                 }
                 Err(e) => {
-                    tracing::warn!(target: "fleet", %topic, "bundle refused: {e}");
+                    tracing::warn!(target: "edge_signer::fleet", %topic, "bundle refused: {e}");
                     serde_json::json!({"device": device, "topic": topic, "applied": false, "version": version, "reason": e})
                 }
             };

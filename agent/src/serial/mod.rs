@@ -313,13 +313,13 @@ pub fn serve(shared: Arc<Shared>, device: std::path::PathBuf, baud: u32) {
             .open_native();
         let mut port = match port {
             Ok(p) => {
-                tracing::info!(target: "serial", device = %device.display(), baud, "diagnostics port open");
+                tracing::info!(target: "edge_signer::serial", device = %device.display(), baud, "diagnostics port open");
                 said = false;
                 p
             }
             Err(e) => {
                 if !said {
-                    tracing::warn!(target: "serial", device = %device.display(), "cannot open the diagnostics port (retrying every 2 s): {e}");
+                    tracing::warn!(target: "edge_signer::serial", device = %device.display(), "cannot open the diagnostics port (retrying every 2 s): {e}");
                     said = true;
                 }
                 std::thread::sleep(Duration::from_secs(2));
@@ -330,7 +330,7 @@ pub fn serve(shared: Arc<Shared>, device: std::path::PathBuf, baud: u32) {
         loop {
             let mut s = session::Session::new(&shared, Duration::from_secs(600));
             if s.run(&mut port, &mut reader) == session::End::PortGone {
-                tracing::warn!(target: "serial", device = %device.display(), "diagnostics port lost; reopening");
+                tracing::warn!(target: "edge_signer::serial", device = %device.display(), "diagnostics port lost; reopening");
                 break;
             }
         }

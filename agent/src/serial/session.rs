@@ -55,7 +55,7 @@ impl Outbox {
         match r {
             Ok(()) => {
                 if self.stalled {
-                    tracing::info!(target: "serial", dropped = self.dropped, "the peer reads again");
+                    tracing::info!(target: "edge_signer::serial", dropped = self.dropped, "the peer reads again");
                 }
                 self.stalled = false;
                 None
@@ -70,7 +70,7 @@ impl Outbox {
             {
                 self.dropped += 1;
                 if !self.stalled {
-                    tracing::warn!(target: "serial", "the peer is not reading (paused terminal, flow control): answers are dropped and counted until it reads again");
+                    tracing::warn!(target: "edge_signer::serial", "the peer is not reading (paused terminal, flow control): answers are dropped and counted until it reads again");
                 }
                 self.stalled = true;
                 None
@@ -161,7 +161,7 @@ impl<'a> Session<'a> {
     }
 
     fn log(&self, kind: &str, message: String) {
-        tracing::info!(target: "serial", kind, "{message}");
+        tracing::info!(target: "edge_signer::serial", kind, "{message}");
         self.shared.identities.remember(vec![Event {
             kind: kind.into(),
             identity: String::new(),

@@ -228,13 +228,26 @@ impl Servers {
 /// otherwise outlive them (the proxies' runtime ends its tasks when dropped).
 impl Drop for Servers {
     fn drop(&mut self) {
-        if let Some((_, _, t)) = self.api.take() {
+        if let Some((_, socket, t)) = self.api.take() {
             t.abort();
+            remove_socket(&socket);
         }
         for p in self.proxies.values_mut() {
             if let Some(t) = p.task.take() {
                 t.abort();
+                if let Ok(firmware_config::schema::Listen::Unix(path)) = p.cfg.listen_addr() {
+                    remove_socket(&path);
+                }
             }
         }
+    }
+}
+
+/// At the end (SIGTERM): our sockets go, so nothing connects to a daemon that is gone; only
+/// a socket is removed, never what else may stand at its name.
+fn remove_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
