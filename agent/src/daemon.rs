@@ -359,6 +359,13 @@ impl Daemon<'_> {
                     .apply_from(&bytes, channel)
                     .map_err(|e| e.to_string())?;
                 let v = serde_json::to_value(&applied).unwrap_or_default();
+                let unchanged = match &applied {
+                    firmware_config::Applied::Config(r) => r.already_in_effect,
+                    firmware_config::Applied::Trust(t) => t.already_in_effect,
+                };
+                if unchanged {
+                    return Ok(v);
+                }
                 // Applied means in effect: only once the reload it needs went through.
                 let refused = match self.reload() {
                     Ok(Ok(())) => return Ok(v),

@@ -139,6 +139,10 @@ pub struct ApplyReport {
     pub key_id: String,
     /// Every value that changed in the effective configuration.
     pub changes: Vec<Change>,
+    /// The bundle was the one in effect already: nothing changed (a success, so that tools
+    /// that push configuration again and again can tell it from a refusal).
+    #[serde(default)]
+    pub already_in_effect: bool,
 }
 
 /// The device's configuration sources.
@@ -328,12 +332,37 @@ impl Sources {
         if channel == Channel::Fleet || !bundle.audience.is_empty() {
             self.check_audience(&bundle, channel)?;
         }
+        if let Some(r) = self.already_in_effect(bytes)? {
+            return Ok(r);
+        }
         if bundle.kind == BundleKind::Trust {
             let current = self.trust().map_err(ApplyError::Config)?;
             let dir = self.store().map_err(ApplyError::Config)?.dir.join("trust");
             return Ok(Applied::Trust(crate::trust::apply(&current, &dir, bytes)?));
         }
         self.apply(bytes).map(Applied::Config)
+    }
+
+    /// The same bytes as the bundle in effect (or a stored trust bundle): a success that
+    /// changes nothing.
+    fn already_in_effect(&self, bytes: &[u8]) -> Result<Option<Applied>, ApplyError> {
+        let store = self.store().map_err(ApplyError::Config)?;
+        let trust = self.trust().map_err(ApplyError::Config)?;
+        if store.read(CURRENT).as_deref() == Some(bytes) {
+            if let Ok(b) = store.verified(CURRENT, &trust) {
+                return Ok(Some(Applied::Config(ApplyReport {
+                    version: b.version,
+                    previous: b.version,
+                    key_id: b.key_id.clone(),
+                    changes: Vec::new(),
+                    already_in_effect: true,
+                })));
+            }
+        }
+        Ok(
+            crate::trust::already_applied(&trust, &store.dir.join("trust"), bytes)
+                .map(Applied::Trust),
+        )
     }
 
     /// The fleet store's state (`config status`).
@@ -457,6 +486,7 @@ impl Sources {
             previous,
             key_id: key,
             changes,
+            already_in_effect: false,
         })
     }
 }

@@ -91,6 +91,9 @@ pub struct TrustReport {
     /// The configuration version the fleet continues from, when the bundle says.
     #[serde(default)]
     pub continue_from: Option<u64>,
+    /// It was the trust bundle in effect already: nothing changed.
+    #[serde(default)]
+    pub already_in_effect: bool,
 }
 
 /// A trust bundle's payload.
@@ -222,6 +225,25 @@ pub fn apply(current: &TrustSet, dir: &Path, bytes: &[u8]) -> Result<TrustReport
             .collect(),
         trusted: new,
         continue_from,
+        already_in_effect: false,
+    })
+}
+
+/// The same bytes as the trust bundle in effect: a report that says so (nothing changes).
+pub fn already_applied(current: &TrustSet, dir: &Path, bytes: &[u8]) -> Option<TrustReport> {
+    let stored = std::fs::read(dir.join(format!("v{}.bundle", current.version))).ok()?;
+    if stored != bytes {
+        return None;
+    }
+    let b = Bundle::parse(bytes).ok()?;
+    Some(TrustReport {
+        version: current.version,
+        previous: current.version,
+        key_id: b.key_id,
+        trusted: describe(&current.keys),
+        removed: Vec::new(),
+        continue_from: current.continue_from,
+        already_in_effect: true,
     })
 }
 

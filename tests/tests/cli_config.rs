@@ -162,9 +162,19 @@ fn fleet_keygen_sign_apply_show_and_refusals() {
 
     show_names_each_source(p);
 
-    // Replay: refused, nothing changed.
+    // The bundle in effect again: a success that changes nothing.
     let before = std::fs::read(p.join("state/fleet/current.bundle")).unwrap();
     let o = es(p, &["config", "apply", "v1.bundle"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("fleet bundle v1 is already in effect"),
+        "{}",
+        text(&o)
+    );
+    // Another bundle with the same version: refused, nothing changed.
+    std::fs::write(p.join("v1b.toml"), "[log]\nlevel = \"warn\"\n").unwrap();
+    ok(fleet_sign(p, "fleet.key", "1", "v1b.toml", "v1b.bundle"));
+    let o = es(p, &["config", "apply", "v1b.bundle"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
         text(&o).contains("not newer than the applied version 1")
@@ -320,11 +330,12 @@ fn fleet_keys_rotate_through_a_trust_bundle() {
     ok(fleet_sign(p, "next.key", "1", "v1.toml", "new.bundle"));
     let o = es(p, &["config", "apply", "new.bundle"]);
     assert!(o.status.success(), "{}", text(&o));
-    // A replayed trust bundle is refused (its signer is no longer trusted), and so is one
-    // by the trusted key that does not raise the version; show names where the set comes from.
+    // The trust bundle in effect again is a success that changes nothing; one by the
+    // trusted key that does not raise the version is refused; show names where the set
+    // comes from.
     let o = es(p, &["config", "apply", "t1.bundle"]);
     assert!(
-        text(&o).contains("not trusted on this device"),
+        o.status.success() && text(&o).contains("trust bundle v1 is already in effect"),
         "{}",
         text(&o)
     );
@@ -420,6 +431,15 @@ fn a_leaked_fleet_key_is_recovered_from_with_a_trust_bundle() {
     ok(fleet_sign(p, "next.key", "6", "v6.toml", "v6n.bundle"));
     let o = es(p, &["config", "apply", "v6n.bundle"]);
     assert!(text(&o).contains("applied fleet bundle v6"), "{}", text(&o));
+    // Pushed again (tools that push idempotently): a success that changes nothing.
+    for (file, what) in [
+        ("v6n.bundle", "fleet bundle v6 is already in effect"),
+        ("t1.bundle", "trust bundle v1 is already in effect"),
+    ] {
+        let o = es(p, &["config", "apply", file]);
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains(what), "{}", text(&o));
+    }
     let o = es(p, &["config", "status"]);
     let t = text(&o);
     assert!(

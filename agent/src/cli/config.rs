@@ -179,6 +179,21 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
 /// What `config apply` says a person.
 fn applied_text(r: &firmware_config::Applied) -> String {
     use firmware_config::Applied;
+    match r {
+        Applied::Config(c) if c.already_in_effect => {
+            return format!(
+                "fleet bundle v{} is already in effect (signed by fleet key {}); nothing changed\n",
+                c.version, c.key_id
+            )
+        }
+        Applied::Trust(t) if t.already_in_effect => {
+            return format!(
+                "trust bundle v{} is already in effect; nothing changed\n",
+                t.version
+            )
+        }
+        _ => {}
+    }
     let r = match r {
         Applied::Trust(t) => {
             let mut out = format!(

@@ -234,8 +234,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Generations still holding keys in the token.
     pub live_generations: Vec<u32>,
-    /// What a person should change (a renewal window as long as the certificates, ...).
-    #[serde(default)]
+    /// What a person should change (a renewal window as long as the certificates, ...);
+    /// left out when empty (the serial protocol's answers stay as they were).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
 
