@@ -358,9 +358,11 @@ fn bundles_over_the_port_are_checked_like_config_apply() {
         String::from_utf8_lossy(&out.stdout).contains("version: 1"),
         "{out:?}"
     );
+    // The bundle in effect again: a success that changes nothing.
     let out = diag("v1.bundle");
+    assert!(out.status.success(), "{out:?}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not newer than the applied version 1"),
+        String::from_utf8_lossy(&out.stdout).contains("already_in_effect: true"),
         "{out:?}"
     );
 }
