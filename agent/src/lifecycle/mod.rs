@@ -138,8 +138,19 @@ impl Engine {
     }
 
     /// Look at a submission now instead of at its scheduled check (an interactive `enroll`
-    /// or `rotate`: someone is waiting for the answer).
+    /// or `rotate`: someone is waiting for the answer). Only a check its issuer schedules by
+    /// `poll_interval` (a portal inbox): a server's Retry-After is honoured by every process.
     pub fn check_now(&mut self, name: &str) {
+        let by_interval = self
+            .cfg
+            .identities
+            .iter()
+            .find(|i| i.name == name)
+            .and_then(|i| self.issuers.get(&i.issuer))
+            .is_some_and(|i| i.poll_interval().is_some());
+        if !by_interval {
+            return;
+        }
         if let Some(r) = self.reg.identities.get_mut(name) {
             if r.step == Step::Submitted {
                 if let Some(w) = r.waiting.as_mut() {
