@@ -358,42 +358,147 @@ pub fn origin_of(
 
 /// Merge layers in order, then type-check and validate the result.
 pub fn resolve(layers: &[Layer]) -> Result<Effective, ConfigErrors> {
-    let mut errors: Vec<ConfigError> = layers.iter().flat_map(restricted_errors).collect();
+    let (merged, origins) = merged(layers);
+    match check_merged(layers, &merged, &origins) {
+        (Some(config), errors) if errors.is_empty() => Ok(Effective {
+            config,
+            merged,
+            origins,
+        }),
+        (_, errors) => Err(ConfigErrors(errors)),
+    }
+}
+
+/// Every error of the merged layers at once (`config check`), and the configuration with
+/// the values that had type errors left out (their defaults in their place), when that much
+/// deserializes: for the checks that look at files.
+pub fn check_all(layers: &[Layer]) -> (Option<Config>, Vec<ConfigError>) {
+    let (merged, origins) = merged(layers);
+    check_merged(layers, &merged, &origins)
+}
+
+fn merged(layers: &[Layer]) -> (Table, BTreeMap<String, String>) {
     let mut merged = Table::new();
     let mut origins = BTreeMap::new();
     for l in layers {
         merge(&mut merged, &l.table, "", &l.source, &mut origins);
     }
-    let config: Config = match serde_path_to_error::deserialize(Value::Table(merged.clone())) {
-        Ok(c) => c,
-        Err(e) => {
-            let path = e.path().to_string().trim_start_matches('.').to_owned();
-            let reason = e.inner().to_string();
-            let unknown = reason
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-                .map(str::to_owned);
-            let path = if path == "?" { String::new() } else { path };
-            errors.push(ConfigError {
-                file: origin_of(&origins, &path, unknown.as_deref()),
-                path,
-                reason,
-            });
-            return Err(ConfigErrors(errors));
+    (merged, origins)
+}
+
+fn check_merged(
+    layers: &[Layer],
+    merged: &Table,
+    origins: &BTreeMap<String, String>,
+) -> (Option<Config>, Vec<ConfigError>) {
+    let mut errors: Vec<ConfigError> = layers.iter().flat_map(restricted_errors).collect();
+    // Every type error at once: each bad value is reported, then left out (its default
+    // applies) and the rest checked again, until it deserializes or nothing can be left out.
+    let mut table = merged.clone();
+    let mut left_out: Vec<String> = Vec::new();
+    let config: Config = loop {
+        match serde_path_to_error::deserialize(Value::Table(table.clone())) {
+            Ok(c) => break c,
+            Err(e) => {
+                let (path, reason) = precise(&table, &e);
+                let unknown = reason
+                    .strip_prefix("unknown field `")
+                    .and_then(|r| r.split('`').next())
+                    .map(str::to_owned);
+                errors.push(ConfigError {
+                    file: origin_of(origins, &path, unknown.as_deref()),
+                    path: path.clone(),
+                    reason,
+                });
+                let target = match &unknown {
+                    Some(u) if path == *u || path.ends_with(&format!(".{u}")) => path,
+                    Some(u) if !path.is_empty() => format!("{path}.{u}"),
+                    Some(u) => u.clone(),
+                    None => path,
+                };
+                if left_out.len() >= 100 || !remove_at(&mut table, &target) {
+                    return (None, errors);
+                }
+                left_out.push(target);
+            }
         }
     };
-    errors.extend(validate::check(&config, &origins));
-    if errors.is_empty() {
-        Ok(Effective {
-            config,
-            merged,
-            origins,
-        })
-    } else {
-        Err(ConfigErrors(errors))
+    let mut checks = validate::check(&config, origins);
+    // What was left out for a type error is not reported again as missing.
+    checks.retain(|c| !left_out.iter().any(|l| c.path.starts_with(l.as_str())));
+    errors.extend(checks);
+    (Some(config), errors)
+}
+
+/// The path and reason of a deserialization error, inside an `[[issuer]]` too (a table
+/// tagged by `kind`: serde reports its errors at the element, so it is read again by kind).
+fn precise(table: &Table, e: &serde_path_to_error::Error<toml::de::Error>) -> (String, String) {
+    let path = e.path().to_string().trim_start_matches('.').to_owned();
+    let path = if path == "?" { String::new() } else { path };
+    let reason = e.inner().message().to_owned();
+    let element = path
+        .strip_prefix("issuer[")
+        .and_then(|r| r.strip_suffix(']'))
+        .and_then(|i| i.parse::<usize>().ok())
+        .and_then(|i| table.get("issuer")?.as_array()?.get(i));
+    let Some(Value::Table(t)) = element else {
+        return (path, reason);
+    };
+    let mut fields = t.clone();
+    let kind = fields.remove("kind");
+    let inner = match kind.as_ref().and_then(Value::as_str) {
+        Some("est") => {
+            serde_path_to_error::deserialize::<_, crate::schema::EstIssuer>(Value::Table(fields))
+                .err()
+        }
+        Some("portal") => {
+            serde_path_to_error::deserialize::<_, crate::schema::PortalIssuer>(Value::Table(fields))
+                .err()
+        }
+        Some("jwk-rotation") => {
+            serde_path_to_error::deserialize::<_, crate::schema::JwkIssuer>(Value::Table(fields))
+                .err()
+        }
+        _ => None,
+    };
+    match inner {
+        Some(i) if i.path().to_string() != "?" && i.path().to_string() != "." => (
+            format!("{path}.{}", i.path().to_string().trim_start_matches('.')),
+            i.inner().message().to_owned(),
+        ),
+        Some(i) => (path, i.inner().message().to_owned()),
+        None => (path, reason),
     }
 }
 
+/// Remove the value at `path` (`a.b[2].c`) from `table`; false when there is none, or it is
+/// a whole array element (removing it would renumber the others).
+fn remove_at(table: &mut Table, path: &str) -> bool {
+    let mut parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    if last.ends_with(']') {
+        return false;
+    }
+    let mut here = table;
+    for part in parts {
+        let (key, index) = match part.split_once('[') {
+            Some((k, i)) => (k, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let next = match (here.get_mut(key), index) {
+            (Some(Value::Table(t)), None) => t,
+            (Some(Value::Array(a)), Some(i)) => match a.get_mut(i) {
+                Some(Value::Table(t)) => t,
+                _ => return false,
+            },
+            _ => return false,
+        };
+        here = next;
+    }
+    here.remove(last).is_some()
+}
 /// Secret-looking keys are redacted in `config show` (the schema holds none, by design:
 /// only where to read secrets from).
 pub fn redacted(path: &str) -> bool {

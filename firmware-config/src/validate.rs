@@ -35,23 +35,92 @@ pub fn pem_certificates_in(path: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A file the daemon will read: there and readable now.
+fn readable(path: &std::path::Path) -> Result<(), String> {
+    std::fs::File::open(path).map(drop).map_err(|e| {
+        format!(
+            "cannot read {}: {e}; the file must exist and be readable by the daemon's user",
+            path.display()
+        )
+    })
+}
+
+/// A directory where the daemon makes a socket or file: there, or makeable under a
+/// directory that is there.
+fn dir_for(path: &std::path::Path) -> Result<(), String> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let mut d = Some(dir);
+    while let Some(here) = d {
+        if here.is_dir() {
+            return Ok(());
+        }
+        if here.exists() {
+            return Err(format!("{} is not a directory", here.display()));
+        }
+        d = here.parent();
+    }
+    Ok(())
+}
+
 /// The files the daemon will read that are missing or unreadable now, as (field path,
 /// reason): `config check` reports them, the daemon warns of them at start and reload (a
 /// proxy whose `server_ca` cannot be read is reported down; everything else serves).
 pub fn files(c: &Config) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for (i, p) in c.proxies.iter().enumerate() {
-        if !p.server_ca.as_os_str().is_empty() {
-            if let Err(e) = pem_certificates_in(&p.server_ca) {
-                out.push((format!("proxy[{i}].server_ca"), e));
+    let mut check = |at: String, r: Result<(), String>| {
+        if let Err(e) = r {
+            out.push((at, e));
+        }
+    };
+    if let Some(crate::schema::PinConfig::File(f)) = &c.token.pin {
+        check("token.pin.file".into(), readable(f));
+    }
+    for (i, iss) in c.issuers.iter().enumerate() {
+        let (ca, boot) = match iss {
+            IssuerConfig::Est(e) => (&e.ca_bundle, e.bootstrap.as_ref()),
+            IssuerConfig::Portal(p) => (&p.ca_bundle, None),
+            IssuerConfig::JwkRotation(j) => (&j.ca_bundle, None),
+        };
+        check(format!("issuer[{i}].ca_bundle"), pem_certificates_in(ca));
+        if let Some(b) = boot {
+            if let Some(f) = &b.password_file {
+                check(format!("issuer[{i}].bootstrap.password_file"), readable(f));
+            }
+            if let Some(f) = &b.cert {
+                check(
+                    format!("issuer[{i}].bootstrap.cert"),
+                    pem_certificates_in(f),
+                );
             }
         }
     }
+    for (i, id) in c.identities.iter().enumerate() {
+        if let Some(f) = &id.probe_ca {
+            check(format!("identity[{i}].probe_ca"), pem_certificates_in(f));
+        }
+    }
+    for (i, p) in c.proxies.iter().enumerate() {
+        if !p.server_ca.as_os_str().is_empty() {
+            check(
+                format!("proxy[{i}].server_ca"),
+                pem_certificates_in(&p.server_ca),
+            );
+        }
+        if let Ok(crate::serving::Listen::Unix(path)) = p.listen_addr() {
+            check(format!("proxy[{i}].listen"), dir_for(&path));
+        }
+    }
+    if c.api.enabled {
+        check("api.socket".into(), dir_for(&c.api.socket));
+    }
     if let Some(m) = &c.fleet.mqtt {
         if !m.server_ca.as_os_str().is_empty() {
-            if let Err(e) = pem_certificates_in(&m.server_ca) {
-                out.push(("fleet.mqtt.server_ca".into(), e));
-            }
+            check(
+                "fleet.mqtt.server_ca".into(),
+                pem_certificates_in(&m.server_ca),
+            );
         }
     }
     out

@@ -37,18 +37,28 @@ fn check_accepts_the_example_and_lists_every_error_of_a_bad_file() {
     let o = es(d.path(), &["config", "check", shipped]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
-        text(&o).contains("proxy[0].server_ca: cannot read /etc/edge-signer/ca/broker-ca.pem"),
+        text(&o).contains("proxy[0].server_ca: cannot read /etc/edge-signer/ca/broker-ca.pem")
+            && text(&o).contains("token.pin.file: cannot read /etc/edge-signer/pin")
+            && text(&o).contains("issuer[1].ca_bundle: cannot read /etc/edge-signer/ca/est.pem"),
         "{}",
         text(&o)
     );
     // With the files it names in place, it passes.
     let etc = d.path().join("etc/edge-signer");
     std::fs::create_dir_all(etc.join("ca")).unwrap();
-    std::fs::copy(
-        "/etc/ssl/certs/ca-certificates.crt",
-        etc.join("ca/broker-ca.pem"),
-    )
-    .unwrap();
+    for pem in [
+        "ca/broker-ca.pem",
+        "ca/acme-api.pem",
+        "ca/acme-portal.pem",
+        "ca/est.pem",
+        "ca/cards-api.pem",
+        "bootstrap.pem",
+    ] {
+        std::fs::copy("/etc/ssl/certs/ca-certificates.crt", etc.join(pem)).unwrap();
+    }
+    for secret in ["pin", "est-password"] {
+        std::fs::write(etc.join(secret), "not-a-real-one\n").unwrap();
+    }
     let ex = d.path().join("example.toml");
     std::fs::write(
         &ex,
@@ -469,4 +479,37 @@ fn version_names_the_release_the_commit_and_the_build_date() {
     )
     .unwrap();
     assert!(re.is_match(&text(&o)), "{}", text(&o));
+}
+
+/// A file with mistakes of every kind: every one is reported at once, with its file and its
+/// path inside arrays of tables, and the exit code is 1.
+#[test]
+fn check_reports_every_type_error_at_once_with_its_path() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("bad.toml"),
+        "[token]\nmodule = 5\nlabel = \"x\"\npin = { file = \"/nonexistent/pin\" }\n\n\
+         [[identity]]\nname = \"gw\"\nsubject = { cn = 7 }\nissuer = \"p\"\noverlap = \"zz\"\n\
+         [identity.renewal]\nbefore = 30\n\n[[issuer]]\nname = \"p\"\nkind = \"portal\"\n\
+         outbox = \"/tmp/o\"\ninbox = \"/tmp/i\"\nca_bundle = \"/nonexistent/ca.pem\"\n\
+         poll_interval = 10\nbogus = 1\n\n[serial]\nbaud = \"fast\"\n",
+    )
+    .unwrap();
+    let o = es(d.path(), &["config", "check", "bad.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    let t = text(&o);
+    for want in [
+        "bad.toml: token.module: invalid type: integer `5`",
+        "bad.toml: identity[0].subject.cn: invalid type: integer `7`",
+        "bad.toml: identity[0].overlap: 'zz' is not a duration",
+        "bad.toml: identity[0].renewal.before: invalid type: integer `30`",
+        "bad.toml: issuer[0].poll_interval: invalid type: integer `10`",
+        "bad.toml: issuer[0].bogus: unknown field `bogus`",
+        "bad.toml: serial.baud: invalid type: string \"fast\"",
+        "token.pin.file: cannot read /nonexistent/pin",
+        "issuer[0].ca_bundle: cannot read /nonexistent/ca.pem",
+        "9 error(s)",
+    ] {
+        assert!(t.contains(want), "{want}:\n{t}");
+    }
 }

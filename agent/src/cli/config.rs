@@ -128,16 +128,16 @@ pub(crate) fn config_cmd(g: &Global, cmd: ConfigCmd) -> Result<i32> {
             }
             let mut summary = None;
             if errors.is_empty() {
-                match layers::resolve(&layers_ok) {
-                    Ok(eff) => {
-                        errors.extend(
-                            firmware_config::validate::files(&eff.config)
-                                .into_iter()
-                                .map(|(at, why)| format!("{at}: {why}")),
-                        );
-                        summary = Some((eff.config.identities.len(), eff.config.issuers.len()))
-                    }
-                    Err(e) => errors.extend(e.0.iter().map(|x| x.to_string())),
+                // Every error at once: types, cross-field checks, and the files it names.
+                let (config, found) = layers::check_all(&layers_ok);
+                errors.extend(found.iter().map(|x| x.to_string()));
+                if let Some(c) = config {
+                    errors.extend(
+                        firmware_config::validate::files(&c)
+                            .into_iter()
+                            .map(|(at, why)| format!("{at}: {why}")),
+                    );
+                    summary = Some((c.identities.len(), c.issuers.len()));
                 }
             }
             print(
