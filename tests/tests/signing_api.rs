@@ -188,6 +188,37 @@ fn refusals_are_clear_and_hostile_clients_stall_nobody() {
     );
     assert_eq!(code, "400");
     assert!(v["error"].as_str().unwrap().contains("ES256"), "{v}");
+    // The agent's own check is not passed off as the token's refusal.
+    let (code, v) = post(
+        &env,
+        "/v1/identities/rsa/sign",
+        r#"{"alg":"ES256","data":"aGk="}"#,
+    );
+    assert_eq!(code, "400", "{v}");
+    assert!(
+        !v["error"].as_str().unwrap().contains("token refused"),
+        "{v}"
+    );
+    // JSON only, and said so: 415 without the content type.
+    let out = env.curl(
+        "api.sock",
+        "/v1/identities/gw/sign",
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            r#"{"alg":"ES256","data":"aGk="}"#,
+            "-H",
+            "Content-Type: text/plain",
+            "-w",
+            "\n%{http_code}",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("415") && text.contains("application/json"),
+        "{text}"
+    );
     let big = format!(r#"{{"alg":"ES256","data":"{}"}}"#, "A".repeat(8000));
     let (code, _) = post(&env, "/v1/identities/gw/sign", &big);
     assert_eq!(code, "413");

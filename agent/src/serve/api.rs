@@ -330,17 +330,22 @@ fn bad(msg: impl Into<String>) -> ApiError {
 async fn token_call<R: Send + 'static>(
     token: &hsm_shim::Token,
     f: impl FnOnce() -> hsm_shim::Result<(R, Option<hsm_shim::Prime>)> + Send + 'static,
-) -> Result<R, String> {
+) -> ApiResult<R> {
     let inline = super::runs_inline(super::API_INLINE_MAX, token.typical_sign_time());
     let out = if inline {
         f()
     } else {
         match tokio::task::spawn_blocking(f).await {
             Ok(r) => r,
-            Err(e) => return Err(format!("the token call ended abnormally: {e}")),
+            Err(e) => {
+                return Err(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("the token call ended abnormally: {e}"),
+                ))
+            }
         }
     };
-    let (r, prime) = out.map_err(|e| e.to_string())?;
+    let (r, prime) = out.map_err(token_error)?;
     if let Some(p) = prime {
         if inline {
             tokio::task::spawn(async move { p.run() });
@@ -349,6 +354,27 @@ async fn token_call<R: Send + 'static>(
         }
     }
     Ok(r)
+}
+
+/// What a failed token call answers: the token's own refusal (422), a key gone from the
+/// token (409: the daemon replaces it), or the agent's own check of the request (400), never
+/// one passed off as another.
+fn token_error(e: hsm_shim::Error) -> ApiError {
+    use hsm_shim::Error as E;
+    match e {
+        E::Pkcs11 { .. } | E::Cryptoki(_) | E::BadTokenData(_) => ApiError(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the token refused: {e}"),
+        ),
+        E::KeyNotFound(_) => ApiError(
+            StatusCode::CONFLICT,
+            format!("the identity's key is no longer in the token: {e}"),
+        ),
+        other => ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("this key cannot make that signature: {other}"),
+        ),
+    }
 }
 
 async fn sign(
@@ -368,13 +394,7 @@ async fn sign(
         key.sign_and_prime(job.alg, &job.bytes, job.prehashed)
     })
     .await
-    .map_err(|e| {
-        count(&c, Operation::Sign, "error");
-        ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the token refused: {e}"),
-        )
-    })?;
+    .inspect_err(|_| count(&c, Operation::Sign, "error"))?;
     count(&c, Operation::Sign, "ok");
     Ok(Json(SignResponse {
         signature: B64.encode(sig),
@@ -424,12 +444,7 @@ async fn jws(
         hsm_shim::jws::sign_compact_and_prime(&key, alg, &kid, &payload)
     })
     .await
-    .map_err(|e| {
-        ApiError(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("the token refused: {e}"),
-        )
-    })?;
+    .inspect_err(|_| count(&c, Operation::Jws, "error"))?;
     count(&c, Operation::Jws, "ok");
     Ok(Json(
         serde_json::json!({ "jws": out, "generation": s.generation }),
