@@ -104,7 +104,19 @@ pub fn init_token(
     so_pin: &Pin,
     user_pin: &Pin,
 ) -> Result<TokenSummary> {
-    let ctx = load_module(module)?;
+    // SoftHSM numbers a new token's slot when the module is initialised: to say the slot a
+    // later process (`token list`, the daemon) sees, this process initialises it afresh
+    // after the token is made, unless it already holds the module for something else.
+    let cached = MODULES.get().is_some_and(|m| {
+        m.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(module)
+    });
+    let ctx = if cached {
+        load_module(module)?
+    } else {
+        uncached_module(module)?
+    };
     let mut free = None;
     for slot in ctx.get_slots_with_token()? {
         let s = summary(&ctx, slot)?;
@@ -126,7 +138,30 @@ pub fn init_token(
     session.login(UserType::So, Some(&so_pin.auth()))?;
     session.init_pin(&user_pin.auth())?;
     session.logout()?;
+    drop(session);
+    if cached {
+        return summary(&ctx, slot);
+    }
+    ctx.finalize()?;
+    let ctx = load_module(module)?;
+    let slot = find_slot(&ctx, &TokenSelector::Label(label.to_owned()))?;
     summary(&ctx, slot)
+}
+
+/// The module initialised for one use, not kept in the process-wide map.
+fn uncached_module(path: &Path) -> Result<Pkcs11> {
+    if !path.exists() {
+        return Err(Error::ModuleMissing(path.to_owned()));
+    }
+    let ctx = Pkcs11::new(path).map_err(|e| Error::ModuleLoad {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(ctx)
 }
 
 fn find_slot(ctx: &Pkcs11, sel: &TokenSelector) -> Result<Slot> {

@@ -217,3 +217,53 @@ hsm_shim::token_tests!(
     csr_of_every_key_type_passes_openssl_verify_with_subject_and_sans,
     generated_keys_show_in_pkcs11_tool_and_destroy_leaves_nothing,
 );
+
+/// `token init` names the slot `token list` shows; `key list` and `token list` take the
+/// module, token and PIN from the configuration like every other command.
+#[test]
+fn token_init_and_list_agree_and_key_list_takes_the_token_from_the_configuration() {
+    let env = Env::new();
+    std::fs::write(env.path("so2"), "5678\n").unwrap();
+    let made = env.json(&[
+        "token",
+        "init",
+        "--label",
+        "second",
+        "--so-pin-file",
+        &env.path_str("so2"),
+    ]);
+    let listed = env.json(&["token", "list"]);
+    let row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["label"] == "second")
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(row["slot"], made["slot"], "{made} vs {listed}");
+    // Only the configuration: no --module/--token/--pin-file, no EDGE_SIGNER_* for them.
+    env.generate("ec-p256", "from-config");
+    env.lifecycle_config("");
+    let out = env
+        .cmd()
+        .env_remove("EDGE_SIGNER_MODULE")
+        .env_remove("EDGE_SIGNER_TOKEN")
+        .env_remove("EDGE_SIGNER_PIN_FILE")
+        .args(["key", "list"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("from-config"),
+        "{out:?}"
+    );
+    let out = env
+        .cmd()
+        .env_remove("EDGE_SIGNER_MODULE")
+        .args(["token", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("second"),
+        "{out:?}"
+    );
+}

@@ -17,6 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 impl Global {
+    /// `[token]` of the configuration, when it loads: what every command falls back to
+    /// after the options, the environment and the key URI.
+    fn configured_token(&self) -> Option<firmware_config::schema::TokenConfig> {
+        edge_signer::configuration::load(&sources(self))
+            .ok()
+            .map(|l| l.effective.config.token)
+    }
+
     pub(crate) fn module(&self, uri: Option<&Pkcs11Uri>) -> Result<PathBuf> {
         if let Some(m) = &self.module {
             return Ok(m.clone());
@@ -24,14 +32,20 @@ impl Global {
         if let Some(m) = uri.and_then(|u| u.module_path.as_ref()) {
             return Ok(PathBuf::from(m));
         }
-        bail!("no PKCS#11 module: pass --module PATH or set EDGE_SIGNER_MODULE (SoftHSM: /usr/lib/softhsm/libsofthsm2.so)")
+        if let Some(m) = self.configured_token().and_then(|t| t.module) {
+            return Ok(m);
+        }
+        bail!("no PKCS#11 module: pass --module PATH, set EDGE_SIGNER_MODULE, or token.module in the configuration (SoftHSM: /usr/lib/softhsm/libsofthsm2.so)")
     }
 
     pub(crate) fn pin(&self, uri: Option<&Pkcs11Uri>) -> Result<Pin> {
         let src = match (&self.pin_file, uri.and_then(|u| u.pin_source.as_ref())) {
             (Some(f), _) => PinSource::File(f.clone()),
             (None, Some(s)) => PinSource::File(PathBuf::from(s.strip_prefix("file:").unwrap_or(s))),
-            (None, None) => return Err(hsm_shim::Error::PinRequired.into()),
+            (None, None) => match self.configured_token().and_then(|t| t.pin) {
+                Some(p) => p.source(),
+                None => return Err(hsm_shim::Error::PinRequired.into()),
+            },
         };
         Ok(src.read()?)
     }
@@ -41,11 +55,20 @@ impl Global {
             return Ok(TokenSelector::Label(t.clone()));
         }
         match uri {
-            Some(Pkcs11Uri { token: Some(t), .. }) => Ok(TokenSelector::Label(t.clone())),
+            Some(Pkcs11Uri { token: Some(t), .. }) => return Ok(TokenSelector::Label(t.clone())),
             Some(Pkcs11Uri {
                 serial: Some(s), ..
-            }) => Ok(TokenSelector::Serial(s.clone())),
-            _ => bail!("no token: pass --token LABEL or set EDGE_SIGNER_TOKEN"),
+            }) => return Ok(TokenSelector::Serial(s.clone())),
+            _ => {}
+        }
+        match self.configured_token() {
+            Some(firmware_config::schema::TokenConfig { label: Some(l), .. }) => {
+                Ok(TokenSelector::Label(l))
+            }
+            Some(firmware_config::schema::TokenConfig {
+                serial: Some(s), ..
+            }) => Ok(TokenSelector::Serial(s)),
+            _ => bail!("no token: pass --token LABEL, set EDGE_SIGNER_TOKEN, or token.label in the configuration"),
         }
     }
 
