@@ -30,6 +30,7 @@ struct Cli {
 }
 
 #[derive(Args)]
+#[command(next_help_heading = "Global options (every command; each also from the environment)")]
 struct Global {
     /// PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so)
     #[arg(long, global = true, env = "EDGE_SIGNER_MODULE")]
@@ -107,6 +108,7 @@ enum Cmd {
     },
     /// First enrolment of an identity; waits for the certificate, showing progress
     Enroll {
+        /// The identity (its `name` in the configuration)
         name: String,
         /// Give up waiting after this many seconds (the enrolment resumes later)
         #[arg(long)]
@@ -114,6 +116,7 @@ enum Cmd {
     },
     /// Rotate an identity when due (or now), waiting until the new generation is promoted
     Rotate {
+        /// The identity (its `name` in the configuration)
         name: String,
         /// Rotate even if renewal is not due
         #[arg(long)]
@@ -124,6 +127,7 @@ enum Cmd {
     },
     /// Destroy the key objects of a replaced generation now
     Retire {
+        /// The identity (its `name` in the configuration)
         name: String,
         /// The replaced generation (`status` lists them)
         #[arg(long)]
@@ -131,13 +135,17 @@ enum Cmd {
     },
     /// Mark a generation revoked and destroy its key (a revoked current one is replaced)
     Revoke {
+        /// The identity (its `name` in the configuration)
         name: String,
         /// The generation to revoke (`status` lists them)
         #[arg(long)]
         generation: u32,
     },
     /// Exit 0 if the identity should be renewed now, 1 if still valid, 2 on error
-    NeedsRenewal { name: String },
+    NeedsRenewal {
+        /// The identity (its `name` in the configuration)
+        name: String,
+    },
     /// API credentials (JWK rotation): onboard the first key
     #[command(subcommand)]
     Jwk(JwkCmd),
@@ -147,13 +155,21 @@ enum Cmd {
     /// Show, check and apply the device configuration
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Fleet-side tools: make a fleet key, sign a configuration bundle
+    /// Fleet-side tools: keygen, sign (a configuration bundle), trust (rotate fleet keys), publish and status (the MQTT fleet channel)
     #[command(subcommand)]
     Fleet(FleetCmd),
     /// Technician diagnostics over a serial port: `diag --port /dev/ttyUSB0 [--json] [COMMAND]`
     /// (no COMMAND: interactive); `diag token --key K --device S --nonce N --allow rotate`
     /// makes a technician token
     Diag(DiagArgs),
+    /// Write the man page (edge-signer.1) and bash, zsh and fish completions into a directory
+    /// (what the package installs; made from these very definitions)
+    #[command(hide = true)]
+    Docs {
+        /// The directory to write into
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Serve HTTPS with the token key as the server identity (a diagnostic peer)
     TlsServe {
         #[command(flatten)]
@@ -213,6 +229,7 @@ enum JwkCmd {
     Export { name: String },
     /// Record the exported key as the current credential
     Activate {
+        /// The identity (its `name` in the configuration)
         name: String,
         /// Its expiration as registered with the API (2027-11-01 or 2027-11-01T00:00:00Z)
         #[arg(long)]
@@ -224,6 +241,7 @@ enum JwkCmd {
 enum JwsCmd {
     /// Print a compact JWS (ES256, kid header) of a payload, signed by the current key
     Sign {
+        /// The identity (its `name` in the configuration)
         name: String,
         /// Payload file ("-" for standard input; empty payload when absent)
         #[arg(long)]
@@ -242,6 +260,7 @@ enum ConfigCmd {
     /// Check files as one configuration (the first as firmware defaults, the rest as local
     /// overrides, in order); prints every error at once
     Check {
+        /// Configuration files: the firmware defaults first, then local overrides in order
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Machine-readable output (JSON)
@@ -257,6 +276,7 @@ enum ConfigCmd {
     },
     /// Verify and apply a signed fleet bundle (atomic; the previous one is kept)
     Apply {
+        /// The bundle file (edge-signer fleet sign / fleet trust)
         bundle: PathBuf,
         /// Machine-readable output (JSON)
         #[arg(long)]
@@ -478,6 +498,26 @@ fn main() {
     }
 }
 
+/// `docs --out DIR`: the man page and the shell completions.
+fn write_docs(out: &std::path::Path) -> Result<i32> {
+    use anyhow::Context as _;
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+    std::fs::write(out.join("edge-signer.1"), page)?;
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "edge-signer.bash"),
+        (clap_complete::Shell::Zsh, "_edge-signer"),
+        (clap_complete::Shell::Fish, "edge-signer.fish"),
+    ] {
+        let mut f = std::fs::File::create(out.join(file))?;
+        clap_complete::generate(shell, &mut Cli::command(), "edge-signer", &mut f);
+    }
+    println!("man page and completions written to {}", out.display());
+    Ok(0)
+}
+
 /// Whether the command line (at any subcommand level) asked for `--json`.
 fn wants_json(m: &clap::ArgMatches) -> bool {
     matches!(m.try_get_one::<bool>("json"), Ok(Some(true)))
@@ -490,6 +530,7 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Config(c) => cli::config::config_cmd(g, c),
         Cmd::Fleet(f) => cli::config::fleet_cmd(f),
         Cmd::Diag(a) => cli::diag::diag_cmd(a),
+        Cmd::Docs { out } => write_docs(&out),
         c @ (Cmd::Token(_)
         | Cmd::Key(_)
         | Cmd::Csr { .. }

@@ -80,6 +80,15 @@ fn unpack_and_check(deb: &Path, root: &Path) {
         ("etc/edge-signer/agent.toml", 0o644),
         ("usr/share/doc/edge-signer/README.md", 0o644),
         ("usr/share/doc/edge-signer/copyright", 0o644),
+        ("usr/share/doc/edge-signer/security.md", 0o644),
+        ("usr/share/doc/edge-signer/edge-signer.acl", 0o644),
+        ("usr/share/man/man1/edge-signer.1.gz", 0o644),
+        ("usr/share/bash-completion/completions/edge-signer", 0o644),
+        ("usr/share/zsh/vendor-completions/_edge-signer", 0o644),
+        (
+            "usr/share/fish/vendor_completions.d/edge-signer.fish",
+            0o644,
+        ),
     ] {
         let m = std::fs::metadata(root.join(f))
             .unwrap_or_else(|_| panic!("{f} in the package"))
