@@ -97,13 +97,18 @@ impl Line {
         // An empty line first: it ends a half line left on the port.
         self.send("");
         self.send("quit");
-        // The quit's OK, then the next session's banner.
+        // The quit's OK, then the next session's banner (and its prompt: echo is on).
         let text = self.until_from(from, "a banner", |t| {
             t.split_once("OK\r\n").is_some_and(|(_, after)| {
-                after.lines().any(|l| l.starts_with("edge-signer-diag 1"))
-                    && after.ends_with("\r\n")
+                after
+                    .split_once("edge-signer-diag 1")
+                    .is_some_and(|(_, b)| b.contains("\r\n"))
             })
         });
+        // A program reads the answers: no echo, no prompt.
+        let off = self.seen.len();
+        self.send("echo off");
+        self.until_from(off, "echo off answered", |t| t.contains("OK\r\n"));
         let banner = text
             .lines()
             .rfind(|l| l.starts_with("edge-signer-diag 1"))
@@ -483,6 +488,7 @@ fn diag_shows_a_hostile_device_escaped_and_caps_its_lines() {
             // Each `diag` run: an empty line, `quit`, then the command.
             while let Some(Ok(l)) = lines.next() {
                 match l.trim() {
+                    "echo off" => w.write_all(b"OK\r\n").unwrap(),
                     "quit" => w
                         .write_all(
                             b"OK\r\nedge-signer-diag 1 serial=SN\x1b]0;owned\x07 nonce=ab\r\n",
@@ -578,7 +584,7 @@ fn a_technician_grant_ends_when_idle_at_quit_and_when_diag_is_done() {
 fn a_peer_that_stops_reading_keeps_its_session_and_is_answered_when_back() {
     let (env, _pty, _d, _ca) = serial_env("");
     let mut line = Line::open(&env);
-    line.session();
+    let (_, nonce) = line.session();
     let sessions = log_count(&env, "session started");
     // 200 KB of noise, nobody reading: every line of it is answered into a full pipe.
     let mut seed = 0x2545_f491_4f6c_dd1du64;
@@ -601,21 +607,53 @@ fn a_peer_that_stops_reading_keeps_its_session_and_is_answered_when_back() {
     line.send("");
     line.send("status");
     let a = line.until_from(from, "the status answer", |t| {
-        t.contains("gw.state: active")
+        t.contains("gw.state: active") && t.contains("OK\r\n")
     });
     assert!(
         t.elapsed() < Duration::from_secs(2),
         "{:?}: {a}",
         t.elapsed()
     );
-    assert!(
-        !a.contains("edge-signer-diag 1 serial="),
-        "a new session: {a}"
-    );
+    // The empty line shows the banner again: the same session, the same nonce.
+    assert!(a.contains(&format!("nonce={nonce}")), "a new session: {a}");
     assert_eq!(
         log_count(&env, "session started"),
         sessions,
         "the session was reset"
     );
     env.wait_log("edge_signer::serial: the peer is not reading");
+}
+
+/// A person in picocom (a terminal that does not echo): Enter on an empty line shows the
+/// banner, what is typed comes back, backspace edits the line, a prompt waits after each
+/// answer, and the event log names commands as typed.
+#[test]
+fn a_person_at_a_terminal_sees_the_banner_their_typing_and_a_prompt() {
+    let (env, _pty, _d, _ca) = serial_env("");
+    let mut line = Line::open(&env);
+    // What the session said when the port opened, before anyone was there.
+    line.until_from(0, "the first banner", |t| t.ends_with("\r\n> "));
+    std::thread::sleep(Duration::from_millis(200));
+    while libc_poll(&line.f) {
+        line.pump();
+    }
+    let from = line.seen.len();
+    line.f.write_all(b"\r").unwrap();
+    let t = line.until_from(from, "the banner and a prompt", |t| {
+        t.contains("edge-signer-diag 1 serial=") && t.ends_with("\r\n> ")
+    });
+    assert!(t.contains(" nonce="), "{t}");
+    let from = line.seen.len();
+    line.f.write_all(b"statx\x7fus\r").unwrap();
+    let t = line.until_from(from, "the status answer and a prompt", |t| {
+        t.contains("OK\r\n> ")
+    });
+    assert!(t.starts_with("statx\x08 \x08us\r\n"), "{t:?}");
+    assert!(t.contains("gw.state: active"), "{t:?}");
+    let from = line.seen.len();
+    line.f.write_all(b"events 5\r").unwrap();
+    line.until_from(from, "the events answer", |t| t.contains("OK\r\n> "));
+    env.wait_log("events 5");
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
+    assert!(!log.contains("Events(5)"), "{log}");
 }

@@ -117,6 +117,9 @@ impl Port {
                 continue;
             }
             if let Some(fields) = client::banner(&l) {
+                // A program reads the answers: no echo, no prompt.
+                self.send("echo off")?;
+                self.answer(false, &mut std::io::sink())?;
                 return Ok(fields);
             }
         }

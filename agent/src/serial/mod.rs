@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod port;
 pub mod protocol;
 pub mod session;
 
@@ -308,10 +309,7 @@ impl Shared {
 pub fn serve(shared: Arc<Shared>, device: std::path::PathBuf, baud: u32) {
     let mut said = false;
     loop {
-        let port = serialport::new(device.to_string_lossy(), baud)
-            .timeout(session::READ_WAIT)
-            .open_native();
-        let mut port = match port {
+        let mut port = match port::Port::open(&device, baud, session::READ_WAIT) {
             Ok(p) => {
                 tracing::info!(target: "edge_signer::serial", device = %device.display(), baud, "diagnostics port open");
                 said = false;

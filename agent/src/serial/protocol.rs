@@ -42,6 +42,9 @@ pub enum Command {
     Version,
     /// Answers as one JSON object per line (`json on|off`).
     Json(bool),
+    /// Echo what is typed, and prompt, for a terminal that does not echo (`echo on|off`;
+    /// on at the start of a session; clients turn it off).
+    Echo(bool),
     /// Present a technician token.
     Auth(String),
     /// Rotate an identity now (privileged).
@@ -59,6 +62,30 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command as a person would type it (for the event log; a token is not shown).
+    pub fn describe(&self) -> String {
+        let on = |b: bool| if b { "on" } else { "off" };
+        match self {
+            Command::Help => "help".into(),
+            Command::Status => "status".into(),
+            Command::Identity(n) => format!("identity {n}"),
+            Command::Token => "token".into(),
+            Command::Config => "config".into(),
+            Command::Clock => "clock".into(),
+            Command::Events(n) => format!("events {n}"),
+            Command::Version => "version".into(),
+            Command::Json(b) => format!("json {}", on(*b)),
+            Command::Echo(b) => format!("echo {}", on(*b)),
+            Command::Auth(_) => "auth (token not shown)".into(),
+            Command::Rotate(n) => format!("rotate {n}"),
+            Command::Retire(n, g) => format!("retire {n} {g}"),
+            Command::ApplyBundle => "apply-bundle".into(),
+            Command::Collect => "collect".into(),
+            Command::Quit => "quit".into(),
+            Command::Empty => "(empty line)".into(),
+        }
+    }
+
     /// The privilege name a technician token must allow, if any.
     pub fn privilege(&self) -> Option<&'static str> {
         match self {
@@ -137,6 +164,9 @@ pub fn parse(line: &[u8]) -> Result<Command, LineError> {
         ("json", Some("on")) => no_more(Command::Json(true)),
         ("json", Some("off")) => no_more(Command::Json(false)),
         ("json", None) => Ok(Command::Json(true)),
+        ("echo", Some("on")) => no_more(Command::Echo(true)),
+        ("echo", Some("off")) => no_more(Command::Echo(false)),
+        ("echo", _) => Err(err(400, "usage: echo on|off")),
         ("auth", Some(t)) => no_more(Command::Auth(t.to_owned())),
         ("auth", None) => Err(err(
             400,
@@ -227,6 +257,11 @@ impl LineReader {
         }
     }
 
+    /// Bytes of the line being typed (not complete yet).
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The next complete line.
     pub fn next_line(&mut self) -> Option<Line> {
         self.queue.pop_front()
@@ -252,6 +287,11 @@ impl LineReader {
                 continue;
             }
             if self.overflow {
+                continue;
+            }
+            // Backspace and delete edit the line, as a person at a terminal expects.
+            if b == 0x08 || b == 0x7f {
+                self.buf.pop();
                 continue;
             }
             if self.buf.len() >= self.max.unwrap_or(MAX_LINE) {

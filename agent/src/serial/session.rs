@@ -11,17 +11,11 @@ use crate::serve::EngineRequest;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-/// The port as a session uses it: a write may wait for room at most `set_wait` (the
-/// serial port has one timeout for reads and writes; other streams ignore it).
+/// The port as a session uses it: a read or write waits at most `set_wait` (`port::Port`;
+/// other streams ignore it).
 pub trait Wire: Read + Write {
     /// Reads and writes wait at most `d` from now on.
     fn set_wait(&mut self, _d: Duration) {}
-}
-
-impl Wire for serialport::TTYPort {
-    fn set_wait(&mut self, d: Duration) {
-        let _ = serialport::SerialPort::set_timeout(self, d);
-    }
 }
 
 /// How long a read waits (the loop then checks the idle timers).
@@ -101,7 +95,17 @@ pub struct Session<'a> {
     out: Outbox,
     /// When the last command came (a grant ends after `GRANT_IDLE` without one).
     last_command: Instant,
+    /// Echo what is typed and prompt (a person at a terminal); clients turn it off.
+    echo: bool,
+    /// The last byte echoed was CR (its LF is not echoed again).
+    echoed_cr: bool,
+    /// An answer or banner went out: prompt before waiting for the next line (not between
+    /// lines typed ahead, which would put the prompt in front of an answer).
+    prompt_due: bool,
 }
+
+/// What a person sees before typing a command (echo on only).
+const PROMPT: &[u8] = b"> ";
 
 /// The largest bundle accepted over the port, as base64 text (a 1 MiB payload and header).
 const MAX_BUNDLE_B64: usize = 1_500_000;
@@ -135,7 +139,34 @@ impl<'a> Session<'a> {
             collecting: None,
             out: Outbox::default(),
             last_command: Instant::now(),
+            echo: true,
+            echoed_cr: false,
+            prompt_due: false,
         }
+    }
+
+    /// Take bytes from the port; with echo on, write back what a terminal shows for them
+    /// (printable text, a line end, backspace erasing one character).
+    fn take(&mut self, bytes: &[u8], reader: &mut LineReader, port: &mut impl Wire) -> Option<End> {
+        if !self.echo || self.collecting.is_some() {
+            reader.push(bytes);
+            return None;
+        }
+        let mut shown = Vec::with_capacity(bytes.len() + 8);
+        for &b in bytes {
+            let had = reader.pending();
+            reader.push(&[b]);
+            match b {
+                b'\r' => shown.extend_from_slice(b"\r\n"),
+                b'\n' if !self.echoed_cr => shown.extend_from_slice(b"\r\n"),
+                b'\n' => {}
+                0x08 | 0x7f if had > 0 => shown.extend_from_slice(b"\x08 \x08"),
+                b if b >= 0x20 && b != 0x7f => shown.push(b),
+                _ => {}
+            }
+            self.echoed_cr = b == b'\r';
+        }
+        self.out.send(port, &shown)
     }
 
     /// How long a grant lasts without a command (shorter in tests, with the test hooks).
@@ -189,6 +220,7 @@ impl<'a> Session<'a> {
         if let Some(end) = self.out.send(port, banner.as_bytes()) {
             return end;
         }
+        self.prompt_due = true;
         let mut buf = [0u8; 512];
         let mut last = Instant::now();
         loop {
@@ -201,6 +233,11 @@ impl<'a> Session<'a> {
             }
             if self.grant.is_some() && self.last_command.elapsed() > Self::grant_idle() {
                 self.end_grant("no command for a minute");
+            }
+            if std::mem::take(&mut self.prompt_due) && self.echo && self.collecting.is_none() {
+                if let Some(end) = self.out.send(port, PROMPT) {
+                    return end;
+                }
             }
             let n = match port.read(&mut buf) {
                 Ok(0) => {
@@ -232,7 +269,9 @@ impl<'a> Session<'a> {
                 }
                 continue;
             }
-            reader.push(&buf[..n]);
+            if let Some(end) = self.take(&buf[..n], reader, port) {
+                return end;
+            }
         }
     }
 
@@ -258,7 +297,13 @@ impl<'a> Session<'a> {
             Line::Text(t) => parse(&t),
         };
         let out = match cmd {
-            Ok(Command::Empty) => return None,
+            // An empty line (Enter at a terminal) shows the banner again: the serial number
+            // and the nonce a technician token is made for.
+            Ok(Command::Empty) => {
+                let banner = self.banner();
+                self.prompt_due = true;
+                return self.out.send(port, banner.as_bytes());
+            }
             Ok(Command::Quit) => {
                 let ok = Answer::default().render(self.json);
                 let _ = self.out.send(port, ok.as_bytes());
@@ -269,7 +314,7 @@ impl<'a> Session<'a> {
             Ok(Command::ApplyBundle) => match self.authorised("apply-bundle") {
                 Err(a) => a,
                 Ok(()) => {
-                    self.log("serial-command", "ApplyBundle".into());
+                    self.log("serial-command", "apply-bundle".into());
                     self.collecting = Some(String::new());
                     return self.out.send(
                         port,
@@ -281,18 +326,13 @@ impl<'a> Session<'a> {
             Err(e) => Answer::error(e.code, e.text),
         };
         let text = out.render(self.json);
+        self.prompt_due = true;
         self.out.send(port, text.as_bytes())
     }
 
     /// The answer to one command (progress of a rotation is written to `port` meanwhile).
     fn answer(&mut self, c: Command, port: &mut impl Wire) -> Answer {
-        let name = format!("{c:?}");
-        let shown = if matches!(c, Command::Auth(_)) {
-            "Auth(..)".to_owned()
-        } else {
-            name
-        };
-        self.log("serial-command", shown);
+        self.log("serial-command", c.describe());
         if let Some(privilege) = c.privilege() {
             if let Err(a) = self.authorised(privilege) {
                 return a;
@@ -310,6 +350,10 @@ impl<'a> Session<'a> {
             Command::Version => sh.version_answer(),
             Command::Json(on) => {
                 self.json = on;
+                Answer::default()
+            }
+            Command::Echo(on) => {
+                self.echo = on;
                 Answer::default()
             }
             Command::Auth(t) => self.auth(&t),
@@ -502,6 +546,10 @@ fn help() -> Answer {
         ("events [N]", "the newest N events"),
         ("version", "agent version, build time, protocol"),
         ("json on|off", "answers as one JSON object per line"),
+        (
+            "echo on|off",
+            "echo what is typed and prompt (on for a terminal; clients turn it off)",
+        ),
         (
             "auth TOKEN",
             "technician token (edge-signer diag token) for the commands below",
