@@ -33,13 +33,35 @@ fn pem_body(pem: &str) -> Result<Vec<u8>, BundleError> {
     Err(BundleError::Key("no PEM block found".into()))
 }
 
+/// ring writes Ed25519 keys as PKCS#8 v2 (RFC 8410 `OneAsymmetricKey` with the public key),
+/// which Debian 12's OpenSSL 3.0 does not read; the v1 form (the 32-byte seed alone) every
+/// tool reads, ring included. The seed is the `CurvePrivateKey` OCTET STRING (04 20) inside
+/// the `privateKey` OCTET STRING (04 22).
+fn pkcs8_v1(v2: &[u8]) -> Result<Vec<u8>, BundleError> {
+    const V1: [u8; 16] = [
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    let at = v2
+        .windows(4)
+        .position(|w| w == [0x04, 0x22, 0x04, 0x20])
+        .ok_or_else(|| BundleError::Key("unexpected Ed25519 PKCS#8 layout from ring".into()))?;
+    let seed = v2
+        .get(at + 4..at + 36)
+        .ok_or_else(|| BundleError::Key("truncated Ed25519 PKCS#8 from ring".into()))?;
+    Ok([&V1[..], seed].concat())
+}
+
 impl FleetSigner {
     /// A new Ed25519 key: returns (PKCS#8 PEM of the private key, public key).
     pub fn generate_ed25519() -> Result<(String, FleetKey), BundleError> {
         let pkcs8 = signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
             .map_err(|_| BundleError::Key("key generation failed".into()))?;
         let signer = FleetSigner::from_pkcs8(pkcs8.as_ref())?;
-        Ok((pem("PRIVATE KEY", pkcs8.as_ref()), signer.public()))
+        Ok((
+            pem("PRIVATE KEY", &pkcs8_v1(pkcs8.as_ref())?),
+            signer.public(),
+        ))
     }
 
     /// A signer from a PKCS#8 PEM file's text (Ed25519 or P-256).

@@ -513,3 +513,52 @@ fn check_reports_every_type_error_at_once_with_its_path() {
         assert!(t.contains(want), "{want}:\n{t}");
     }
 }
+
+/// Technician (and fleet) keys as docs/config.md says to make them: `fleet keygen`'s key is
+/// read by Debian's OpenSSL 3.0, whose public key is the `.pub` line to pin; a key from
+/// `openssl genpkey -algorithm ed25519` signs technician tokens.
+#[test]
+fn technician_keys_from_keygen_or_openssl_work_both_ways() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path();
+    ok(es(p, &["fleet", "keygen", "--out", "tech.key"]));
+    let sh = |cmd: &str| {
+        let o = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{cmd}: {o:?}");
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    let pinned = sh(
+        r#"echo "ed25519:$(openssl pkey -in tech.key -pubout -outform DER | tail -c 32 | base64)""#,
+    );
+    assert_eq!(
+        pinned,
+        std::fs::read_to_string(p.join("tech.key.pub"))
+            .unwrap()
+            .trim()
+    );
+    sh("openssl genpkey -algorithm ed25519 -out tech2.key");
+    let o = es(
+        p,
+        &[
+            "diag",
+            "token",
+            "--key",
+            "tech2.key",
+            "--device",
+            "SN",
+            "--nonce",
+            "ab",
+            "--allow",
+            "rotate",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim().split('.').count(),
+        3
+    );
+}
