@@ -325,7 +325,16 @@ impl Daemon<'_> {
                     "reload-refused",
                     "",
                     crate::events::Severity::Critical,
-                    format!("reload refused, the running configuration stays: {e:#}"),
+                    // One line in the journal: a multi-line reason would lose its prefix.
+                    format!(
+                        "reload refused, the running configuration stays: {}",
+                        format!("{e:#}")
+                            .lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty())
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ),
                 );
                 // The lock goes back to the running engine (or is taken again).
                 let l = match lock.take() {

@@ -376,7 +376,15 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm(kind: Tok
         "the daemon must survive a broken reload"
     );
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap();
-    assert!(log.contains("etc/agent.toml"), "{log}");
+    // The reason and the files it names on the refusal's own line (readable in a journal).
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("reload refused, the running configuration stays"))
+        .unwrap_or_default();
+    assert!(
+        refusal.contains("etc/agent.toml") && refusal.contains("identity[1].name"),
+        "{log}"
+    );
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = guard.0.wait().unwrap();
     assert!(status.success(), "{status}");
