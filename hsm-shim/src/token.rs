@@ -60,17 +60,7 @@ pub fn load_module(path: &Path) -> Result<Pkcs11> {
     if let Some(ctx) = map.get(path) {
         return Ok(ctx.clone());
     }
-    if !path.exists() {
-        return Err(Error::ModuleMissing(path.to_owned()));
-    }
-    let ctx = Pkcs11::new(path).map_err(|e| Error::ModuleLoad {
-        path: path.to_owned(),
-        reason: e.to_string(),
-    })?;
-    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-        Err(e) => return Err(e.into()),
-    }
+    let ctx = uncached_module(path)?;
     map.insert(path.to_owned(), ctx.clone());
     Ok(ctx)
 }

@@ -319,3 +319,31 @@ fn a_reload_cuts_callers_no_longer_allowed_and_a_broken_proxy_downs_only_itself(
         assert!(!env.path(s).exists(), "{s} left behind");
     }
 }
+
+/// An allowed caller that sends its headers and then only part of its body gets 408 after
+/// `api.body_timeout`, and its connection is closed.
+#[test]
+fn a_body_that_does_not_arrive_in_time_is_answered_408() {
+    let env = Env::new();
+    env.make_ca("ca");
+    api_config(&env, "");
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace("[api]\n", "[api]\nbody_timeout = \"1s\"\n"),
+    )
+    .unwrap();
+    let (_daemon, _ca) = start(&env);
+    let mut s = UnixStream::connect(env.path("api.sock")).unwrap();
+    s.write_all(
+        b"POST /v1/identities/gw/sign HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"alg\":",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("api.body_timeout"), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+}

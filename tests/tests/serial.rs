@@ -596,12 +596,23 @@ fn a_peer_that_stops_reading_keeps_its_session_and_is_answered_when_back() {
             (seed >> 24) as u8
         })
         .collect();
-    line.f.write_all(&noise).unwrap();
+    // From another thread: socat, between the two ptys, stops taking input while its
+    // output to us is full, which a real serial line does not.
+    let mut w = line.f.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&noise).unwrap());
     std::thread::sleep(Duration::from_secs(4));
-    // A reader appears: drain what is there, then ask.
-    while libc_poll(&line.f) {
+    // A reader appears: drain what is there until the noise is through and the port quiet.
+    loop {
+        let quiet = !libc_poll(&line.f);
+        if quiet && writer.is_finished() {
+            std::thread::sleep(Duration::from_millis(300));
+            if !libc_poll(&line.f) {
+                break;
+            }
+        }
         line.pump();
     }
+    writer.join().unwrap();
     let t = Instant::now();
     let from = line.seen.len();
     // The first empty line may only end a half line of noise; the second is empty.

@@ -26,6 +26,16 @@ const WRITE_WAIT: Duration = Duration::from_secs(2);
 /// A technician's grant ends after this long without a command.
 const GRANT_IDLE: Duration = Duration::from_secs(60);
 
+/// An error that only says "not now" (the port was not ready within the wait).
+fn not_yet(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
 /// What was written to a peer that may stop reading.
 #[derive(Default)]
 struct Outbox {
@@ -54,14 +64,7 @@ impl Outbox {
                 self.stalled = false;
                 None
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::TimedOut
-                        | std::io::ErrorKind::WouldBlock
-                        | std::io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if not_yet(&e) => {
                 self.dropped += 1;
                 if !self.stalled {
                     tracing::warn!(target: "edge_signer::serial", "the peer is not reading (paused terminal, flow control): answers are dropped and counted until it reads again");
@@ -248,16 +251,7 @@ impl<'a> Session<'a> {
                     0
                 }
                 Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::TimedOut
-                            | std::io::ErrorKind::WouldBlock
-                            | std::io::ErrorKind::Interrupted
-                    ) =>
-                {
-                    0
-                }
+                Err(e) if not_yet(&e) => 0,
                 Err(_) => return End::PortGone,
             };
             if n == 0 {
