@@ -347,3 +347,53 @@ fn a_body_that_does_not_arrive_in_time_is_answered_408() {
     assert!(answer.contains("api.body_timeout"), "{answer}");
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
 }
+
+/// CPU time (user + system) of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors (a local caller holding many proxied connections, the daemon at
+/// its limit): the accept loop pauses and says so, instead of spinning a core.
+#[test]
+fn out_of_descriptors_the_accept_loop_pauses_instead_of_spinning() {
+    let env = Env::new();
+    env.make_ca("ca");
+    // A target that accepts and then says nothing: each proxied connection holds two fds.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let held: Vec<_> = target.incoming().collect();
+        drop(held);
+    });
+    let ca = env.path_str("ca.pem");
+    api_config(&env, &proxy("held", "{p}/held.sock", port, &ca, ""));
+    let _portal = env.portal_ca(CaMode::Good);
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=64:64")
+        .arg(bin())
+        .arg("run")
+        .envs(env.envs())
+        .current_dir(env.dir.path())
+        .stderr(std::fs::File::create(env.path("daemon.log")).unwrap());
+    let daemon = Guard(cmd.spawn().unwrap());
+    env.wait_served("gw", 1);
+    env.wait_log("proxy listening");
+    let conns: Vec<_> = (0..100)
+        .filter_map(|_| UnixStream::connect(env.path("held.sock")).ok())
+        .collect();
+    env.wait_log("accepting a connection failed");
+    let pid = daemon.0.id();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_ticks(pid) - before;
+    assert!(
+        spent < 40,
+        "{spent} ticks of CPU in 2 s while out of descriptors"
+    );
+    drop(conns);
+    eprintln!("out of descriptors: {spent} clock ticks of CPU in 2 s");
+}
