@@ -83,15 +83,17 @@ pub fn ask_daemon_to_rotate(
     let dir = requests_dir(state_dir);
     std::fs::create_dir_all(&dir)?;
     firmware_config::store::atomic_write(&dir.join(format!("{identity}.rotate")), b"rotate\n")?;
-    let pid = i32::try_from(holder.pid).map_err(|_| std::io::Error::other("bad pid"))?;
-    // SAFETY: kill(2) with a pid read from the lock file and a fixed signal.
-    if pid <= 1 || unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
-        return Err(std::io::Error::other(format!(
-            "cannot signal the daemon (pid {pid}): {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    let pid = i32::try_from(holder.pid)
+        .ok()
+        .filter(|p| *p > 1)
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("bad daemon pid {}", holder.pid)))?;
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot signal the daemon (pid {}): {e}",
+            pid.as_raw_nonzero()
+        ))
+    })
 }
 
 /// Take the rotation requests waiting for the daemon (identity names); the files go.

@@ -5,6 +5,7 @@
 //! Fleet bundles are signed by a key pinned in the firmware layer, versioned (no rollback),
 //! and applied atomically with the previous one kept as last-known-good.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod atomic;
 pub mod bundle;

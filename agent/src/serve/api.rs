@@ -101,8 +101,7 @@ impl ApiState {
             policy: RwLock::new(Arc::new(policy)),
             identities,
             wake,
-            // SAFETY: getuid cannot fail.
-            own_uid: unsafe { libc::getuid() },
+            own_uid: rustix::process::getuid().as_raw(),
             in_flight: Mutex::new(HashMap::new()),
             connections: Default::default(),
             refusals: Default::default(),

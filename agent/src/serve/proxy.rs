@@ -112,8 +112,7 @@ pub fn prepare(
         roots,
         connector: std::sync::Mutex::new((0, first)),
         slot,
-        // SAFETY: getuid cannot fail.
-        own_uid: unsafe { libc::getuid() },
+        own_uid: rustix::process::getuid().as_raw(),
         spare: Arc::new(Spare::new(&cfg.name)),
         said_full: Default::default(),
         said_accept: Default::default(),
