@@ -113,6 +113,16 @@ impl Env {
     }
 }
 
+/// A `[[proxy]]` table for `serving_config`: `name` listening on `listen` (`{p}/x.sock` or
+/// `127.0.0.1:PORT`) for identity gw, to `127.0.0.1:target` checked against `server_ca`,
+/// then the `extra` lines.
+pub fn proxy_table(name: &str, listen: &str, target: u16, server_ca: &str, extra: &str) -> String {
+    format!(
+        "\n[[proxy]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"127.0.0.1:{target}\"\n\
+         identity = \"gw\"\nserver_ca = \"{server_ca}\"\n{extra}\n"
+    )
+}
+
 /// A loopback port for a TCP proxy listener.
 pub fn proxy_port() -> u16 {
     free_port()

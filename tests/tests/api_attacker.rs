@@ -197,13 +197,7 @@ fn a_removed_rule_stops_the_next_request_on_an_open_connection() {
     assert!(refused, "the open connection still signs after the reload");
 }
 
-/// A `[[proxy]]` for identity gw to `127.0.0.1:target`, checked against `server_ca`.
-fn proxy(name: &str, listen: &str, target: u16, server_ca: &str, extra: &str) -> String {
-    format!(
-        "\n[[proxy]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"127.0.0.1:{target}\"\n\
-         identity = \"gw\"\nserver_ca = \"{server_ca}\"\n{extra}\n"
-    )
-}
+use edge_signer_tests::serving::proxy_table as proxy;
 
 /// `socat - UNIX-CONNECT:sock` as nobody: a caller holding one proxied connection open.
 fn nobody_connected(env: &Env, sock: &str) -> Guard {

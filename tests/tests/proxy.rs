@@ -12,10 +12,7 @@ use std::time::Duration;
 /// `127.0.0.1:PORT`) for identity gw, to `127.0.0.1:target` checked against `{p}/ca.pem`,
 /// then the `extra` lines.
 fn route(name: &str, listen: &str, target: u16, extra: &str) -> String {
-    format!(
-        "\n[[proxy]]\nname = \"{name}\"\nlisten = \"{listen}\"\ntarget = \"127.0.0.1:{target}\"\n\
-         identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\n{extra}\n"
-    )
+    serving::proxy_table(name, listen, target, "{p}/ca.pem", extra)
 }
 
 fn last_client_cn(env: &Env, log: &str) -> String {

@@ -131,13 +131,8 @@ pub fn listen(route: Arc<Route>) -> Result<JoinHandle<()>> {
             let l = super::http::bind_unix(&path)?;
             tokio::spawn(async move {
                 loop {
-                    let s = match l.accept().await {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            let what = format!("proxy '{}'", route.cfg.name);
-                            super::accept_failed(&what, &e, &route.said_accept).await;
-                            continue;
-                        }
+                    let Some((s, _)) = route.accepted(l.accept()).await else {
+                        continue;
                     };
                     let cred = s.peer_cred().ok().map(|c| (c.uid(), c.gid()));
                     if !route.caller_allowed(cred) {
@@ -163,13 +158,8 @@ pub fn listen(route: Arc<Route>) -> Result<JoinHandle<()>> {
             let l = TcpListener::from_std(std_l)?;
             tokio::spawn(async move {
                 loop {
-                    let s = match l.accept().await {
-                        Ok((s, _)) => s,
-                        Err(e) => {
-                            let what = format!("proxy '{}'", route.cfg.name);
-                            super::accept_failed(&what, &e, &route.said_accept).await;
-                            continue;
-                        }
+                    let Some((s, _)) = route.accepted(l.accept()).await else {
+                        continue;
                     };
                     // Bytes go on as they come: batching small writes is the caller's call.
                     let _ = s.set_nodelay(true);
@@ -221,6 +211,21 @@ impl Route {
             tracing::warn!(proxy = %self.cfg.name, max_connections = self.cfg.max_connections, "proxy at max_connections: new connections wait until one closes (raise max_connections, or lower idle_timeout if callers leave connections open)");
         }
         limit.clone().acquire_owned().await.ok()
+    }
+
+    /// What `accept` gave; after a failure, say so (once a minute) and pause the loop.
+    async fn accepted<S>(
+        &self,
+        accept: impl std::future::Future<Output = std::io::Result<S>>,
+    ) -> Option<S> {
+        match accept.await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                let what = format!("proxy '{}'", self.cfg.name);
+                super::accept_failed(&what, &e, &self.said_accept).await;
+                None
+            }
+        }
     }
 
     /// A Unix caller without credentials is refused.
