@@ -454,6 +454,7 @@ pub mod httpd;
 pub mod jwk;
 pub mod mqtt;
 pub mod portal;
+pub mod serial_port;
 pub mod serving;
 pub mod sim;
 
