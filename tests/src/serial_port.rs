@@ -130,25 +130,13 @@ impl Line {
 
 /// Whether the fd has bytes to read now.
 pub fn libc_poll(f: &std::fs::File) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut p = [PollFd {
-        fd: f.as_raw_fd(),
-        events: 1,
-        revents: 0,
-    }];
-    // SAFETY: one valid pollfd, 0 ms timeout.
-    unsafe { poll(p.as_mut_ptr(), 1, 0) > 0 && p[0].revents & 1 != 0 }
-}
-
-#[repr(C)]
-struct PollFd {
-    fd: i32,
-    events: i16,
-    revents: i16,
-}
-
-extern "C" {
-    fn poll(fds: *mut PollFd, n: u64, timeout: i32) -> i32;
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(f, PollFlags::IN)];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    poll(&mut fds, Some(&now)).is_ok_and(|n| n > 0) && fds[0].revents().contains(PollFlags::IN)
 }
 
 pub fn serial_env(extra: &str) -> (Env, Pty, Guard, PortalCa) {
