@@ -503,9 +503,10 @@ fn write_docs(out: &std::path::Path) -> Result<i32> {
     use anyhow::Context as _;
     use clap::CommandFactory as _;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let mut page = Vec::new();
-    clap_mangen::Man::new(Cli::command()).render(&mut page)?;
-    std::fs::write(out.join("edge-signer.1"), page)?;
+    // edge-signer.1 and one page per subcommand (edge-signer-key-generate.1, ...), which the
+    // main page's SUBCOMMANDS section names.
+    clap_mangen::generate_to(Cli::command(), out)
+        .with_context(|| format!("cannot write the man pages to {}", out.display()))?;
     for (shell, file) in [
         (clap_complete::Shell::Bash, "edge-signer.bash"),
         (clap_complete::Shell::Zsh, "_edge-signer"),
@@ -514,7 +515,7 @@ fn write_docs(out: &std::path::Path) -> Result<i32> {
         let mut f = std::fs::File::create(out.join(file))?;
         clap_complete::generate(shell, &mut Cli::command(), "edge-signer", &mut f);
     }
-    println!("man page and completions written to {}", out.display());
+    println!("man pages and completions written to {}", out.display());
     Ok(0)
 }
 

@@ -83,6 +83,9 @@ fn unpack_and_check(deb: &Path, root: &Path) {
         ("usr/share/doc/edge-signer/security.md", 0o644),
         ("usr/share/doc/edge-signer/edge-signer.acl", 0o644),
         ("usr/share/man/man1/edge-signer.1.gz", 0o644),
+        // One page per subcommand: the main page's SUBCOMMANDS section names them.
+        ("usr/share/man/man1/edge-signer-key-generate.1.gz", 0o644),
+        ("usr/share/man/man1/edge-signer-fleet-sign.1.gz", 0o644),
         ("usr/share/bash-completion/completions/edge-signer", 0o644),
         ("usr/share/zsh/vendor-completions/_edge-signer", 0o644),
         (
