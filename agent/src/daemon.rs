@@ -43,36 +43,7 @@ pub fn open_token(cfg: &Config, o: &TokenOverride) -> Result<Arc<Token>> {
         (None, None) => return Err(hsm_shim::Error::PinRequired.into()),
     };
     let pin = source.read()?;
-    if let hsm_shim::PinSource::Env(var) = &source {
-        // Read once, then gone from the process environment (and from every child's).
-        scrub_env(var);
-    }
     Ok(Token::open(&module, &sel, Some(pin))?)
-}
-
-/// Remove `var` from the environment and overwrite its bytes where they were, so that
-/// `/proc/<pid>/environ` (which reads the process's original environment block) no
-/// longer shows it either.
-fn scrub_env(var: &str) {
-    extern "C" {
-        static mut environ: *mut *mut libc::c_char;
-    }
-    let prefix = format!("{var}=");
-    // SAFETY: called while the token opens, before the engine starts other threads that
-    // read the environment; every pointer walked is a NUL-terminated string of `environ`,
-    // overwritten within its own length, and the array is NULL-terminated.
-    unsafe {
-        let mut p = std::ptr::addr_of!(environ).read();
-        while !p.is_null() && !(*p).is_null() {
-            let entry = std::ffi::CStr::from_ptr(*p);
-            let len = entry.to_bytes().len();
-            if entry.to_bytes().starts_with(prefix.as_bytes()) {
-                std::ptr::write_bytes(*p, 0, len);
-            }
-            p = p.add(1);
-        }
-    }
-    std::env::remove_var(var);
 }
 
 /// Load the configuration and build the engine (issuers, token, register).

@@ -1,5 +1,6 @@
 //! edge-signer: the credential agent. This library holds what the CLI and the daemon share.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod clock;
 pub mod configuration;
@@ -8,7 +9,6 @@ pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod issuer;
-pub mod keyshare;
 pub mod lifecycle;
 pub mod local_api;
 pub mod logging;

@@ -1,3 +1,4 @@
+#![forbid(unsafe_code)]
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use edge_signer::tlsconf;

@@ -292,6 +292,18 @@ pub struct Register {
     pub identities: BTreeMap<String, IdentityRecord>,
 }
 
+impl Register {
+    /// The identity and generation whose live key has this `CKA_ID` (hex), if any.
+    pub fn live_generation_with_key(&self, key_id: &str) -> Option<(&str, u32)> {
+        self.identities.iter().find_map(|(name, rec)| {
+            rec.generations
+                .iter()
+                .find(|g| g.status.is_live() && g.key_id.as_deref() == Some(key_id))
+                .map(|g| (name.as_str(), g.number))
+        })
+    }
+}
+
 impl Default for Register {
     fn default() -> Self {
         Register {

@@ -41,7 +41,7 @@ impl StateLock {
             .write(true)
             .create(true)
             .truncate(false)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(lock_path(state_dir))?;
         if let Err(e) = f.try_lock() {
             if let std::fs::TryLockError::Error(err) = e {

@@ -60,8 +60,7 @@ impl TlsVersions {
 /// no strength; and gateway CPUs (Cortex-A53/A7) hash SHA-256 in hardware or far faster than
 /// SHA-384, which TLS 1.3 uses for every handshake secret and transcript hash of that suite.
 ///
-/// Key exchange: ring's groups in ring's order (x25519, P-256, P-384), x25519's ephemeral
-/// pairs made ahead of the connection that takes them (`keyshare`).
+/// Key exchange: ring's groups in ring's order (x25519, P-256, P-384).
 pub fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as cs;
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
@@ -78,11 +77,6 @@ pub fn provider() -> Arc<CryptoProvider> {
                     cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
                     cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
                     cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-                ],
-                kx_groups: vec![
-                    crate::keyshare::X25519,
-                    rustls::crypto::ring::kx_group::SECP256R1,
-                    rustls::crypto::ring::kx_group::SECP384R1,
                 ],
                 ..rustls::crypto::ring::default_provider()
             })

@@ -81,14 +81,13 @@ pub struct TokenConfig {
     pub pin: Option<PinConfig>,
 }
 
-/// Where a PIN comes from: `{ file = ".." }`, `{ env = ".." }` or `{ credential = ".." }`.
+/// Where a PIN comes from: `{ file = ".." }` or `{ credential = ".." }` (never the
+/// environment: every child inherits it and /proc shows it to the process's uid).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum PinConfig {
     /// A file holding the PIN.
     File(PathBuf),
-    /// An environment variable holding the PIN.
-    Env(String),
     /// A systemd credential name (`$CREDENTIALS_DIRECTORY/<name>`).
     Credential(String),
 }
@@ -98,7 +97,6 @@ impl PinConfig {
     pub fn source(&self) -> hsm_shim::PinSource {
         match self {
             PinConfig::File(p) => hsm_shim::PinSource::File(p.clone()),
-            PinConfig::Env(v) => hsm_shim::PinSource::Env(v.clone()),
             PinConfig::Credential(c) => hsm_shim::PinSource::Credential(c.clone()),
         }
     }

@@ -2,7 +2,6 @@
 
 use crate::error::{Error, Result};
 use crate::keys::KeyType;
-use crate::primed::Prime;
 use crate::sign::{Hash, SignAlg, TokenKey};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -67,19 +66,6 @@ pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> R
     let signing_input = signing_input(key, alg, kid, payload)?;
     let sig = key.sign(alg.sign_alg(), signing_input.as_bytes())?;
     Ok(format!("{signing_input}.{}", b64url(&sig)))
-}
-
-/// [`sign_compact`] through [`TokenKey::sign_and_prime`]: the JWS and the prime of the
-/// next signature, for a server to run once its caller has the answer.
-pub fn sign_compact_and_prime(
-    key: &TokenKey,
-    alg: JwsAlg,
-    kid: &str,
-    payload: &[u8],
-) -> Result<(String, Option<Prime>)> {
-    let signing_input = signing_input(key, alg, kid, payload)?;
-    let (sig, prime) = key.sign_and_prime(alg.sign_alg(), signing_input.as_bytes(), false)?;
-    Ok((format!("{signing_input}.{}", b64url(&sig)), prime))
 }
 
 /// What a JWS signature covers, once `alg` fits the key.

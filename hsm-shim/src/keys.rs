@@ -471,40 +471,24 @@ impl Token {
         })
     }
 
-    /// Destroy private key, public key and certificate objects with this `CKA_ID` (and the
-    /// session copies of the key this process signs with), then prove by a fresh search that
-    /// nothing with the id is left. Returns how many token objects went.
+    /// Destroy private key, public key and certificate objects with this `CKA_ID`, then
+    /// prove by a fresh search that nothing with the id is left. Returns how many objects
+    /// went. No signature made after this returns uses the key: every signature looks its
+    /// key up by id first ([`crate::TokenKey`]).
     pub fn destroy(&self, id: &[u8]) -> Result<usize> {
-        // No session primed before the destroy ends signs after it (`primed`).
-        drop(self.with_stash(crate::primed::Stash::next_epoch));
-        let out = self.destroy_objects(id);
-        drop(self.with_stash(crate::primed::Stash::next_epoch));
-        out
-    }
-
-    fn destroy_objects(&self, id: &[u8]) -> Result<usize> {
         self.with_session(|s| {
             let objs = s.find_objects(&[Attribute::Id(id.to_vec())])?;
-            let copies = s
-                .find_objects(&[Attribute::Id(id.to_vec()), Attribute::Token(false)])?
-                .len();
-            // Only copies left: the key went behind our back. They go too (they could not
-            // sign for long anyway), and the caller hears that the key is not there.
-            let gone = objs.len() == copies;
-            for o in &objs {
-                match s.destroy_object(*o) {
-                    Err(e) if !gone => return Err(e.into()),
-                    _ => {}
-                }
-            }
-            if gone {
+            if objs.is_empty() {
                 return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
+            }
+            for o in &objs {
+                s.destroy_object(*o)?;
             }
             let left = s.find_objects(&[Attribute::Id(id.to_vec())])?.len();
             if left != 0 {
                 return Err(Error::DestroyIncomplete(left));
             }
-            Ok(objs.len() - copies)
+            Ok(objs.len())
         })
     }
 }

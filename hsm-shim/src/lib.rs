@@ -15,10 +15,8 @@ pub mod jws;
 pub mod keys;
 pub mod mechanisms;
 pub mod pin;
-mod primed;
 mod protection;
 pub mod sign;
-pub mod signing_object;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod tls;
@@ -30,7 +28,6 @@ pub use error::{Error, Result};
 pub use keys::{KeyInfo, KeyRef, KeyType};
 pub use mechanisms::Mechanisms;
 pub use pin::{Pin, PinSource};
-pub use primed::Prime;
 pub use sign::{Hash, SignAlg, TokenKey};
 pub use tls::TlsSigningKey;
 pub use token::{Token, TokenSelector, TokenSummary};

@@ -26,13 +26,12 @@ impl fmt::Debug for Pin {
     }
 }
 
-/// Where a PIN is read from. The PIN itself is never part of configuration.
+/// Where a PIN is read from. The PIN itself is never part of configuration, nor of the
+/// environment (which every child process inherits and /proc shows to the process's uid).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PinSource {
     /// A file holding the PIN (trailing newline stripped).
     File(PathBuf),
-    /// An environment variable holding the PIN.
-    Env(String),
     /// A systemd credential: `$CREDENTIALS_DIRECTORY/<name>`.
     Credential(String),
 }
@@ -44,12 +43,6 @@ impl PinSource {
             PinSource::File(p) => {
                 Zeroizing::new(std::fs::read_to_string(p).map_err(|e| Error::Pin {
                     source_desc: format!("file {}", p.display()),
-                    reason: e.to_string(),
-                })?)
-            }
-            PinSource::Env(name) => {
-                Zeroizing::new(std::env::var(name).map_err(|e| Error::Pin {
-                    source_desc: format!("environment variable {name}"),
                     reason: e.to_string(),
                 })?)
             }
@@ -77,7 +70,6 @@ impl PinSource {
     pub fn describe(&self) -> String {
         match self {
             PinSource::File(p) => format!("file {}", p.display()),
-            PinSource::Env(n) => format!("environment variable {n}"),
             PinSource::Credential(n) => format!("systemd credential {n}"),
         }
     }

@@ -4,10 +4,7 @@ use crate::der;
 use crate::error::{Error, Result};
 use crate::keys::{KeyInfo, KeyRef, KeyType};
 use crate::mechanisms::SignPlan;
-use crate::primed::{Kind, Prime};
-use crate::signing_object::SigningObject;
 use crate::token::Token;
-use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
 use sha2::Digest;
@@ -116,13 +113,16 @@ pub fn set_sign_observer(f: SignObserver) {
 }
 
 /// A key pair in the token that can sign. Cheap to clone; shares the token's session pool.
+///
+/// Every signature finds the private key by its `CKA_ID` first (C_FindObjects, then
+/// C_SignInit + C_Sign): no handle is kept between signatures, so a key destroyed by this
+/// process or by another program on the token (as far as the token shows it) makes the next
+/// signature fail with an error that names the key, and a handle the token hands out again
+/// for another object is never taken for this key.
 #[derive(Clone)]
 pub struct TokenKey {
     token: Arc<Token>,
     info: Arc<KeyInfo>,
-    /// The object signatures use (object handles are valid in every session of the
-    /// process): looked up once, so a signature costs one C_SignInit + C_Sign.
-    object: Arc<SigningObject>,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -146,10 +146,19 @@ impl TokenKey {
     /// A signer for a key already looked up (no further token call).
     pub fn from_info(token: Arc<Token>, info: KeyInfo) -> TokenKey {
         TokenKey {
-            object: Arc::new(SigningObject::new(token.clone(), info.id.clone())),
             token,
             info: Arc::new(info),
         }
+    }
+
+    /// The key as errors name it: its label and id.
+    fn describe(&self) -> String {
+        format!(
+            "'{}' (id {}) in token '{}'",
+            self.info.label,
+            crate::keys::hex(&self.info.id),
+            self.token.label()
+        )
     }
 
     /// What is known of the key.
@@ -233,51 +242,9 @@ impl TokenKey {
         self.sign_input(plan, alg, mech, &data, false)
     }
 
-    /// Sign `data` (a message, or with `prehashed` a digest, as [`TokenKey::sign`] and
-    /// [`TokenKey::sign_digest`]) with a session primed for it when there is one; the
-    /// signature and the prime of the next one of its kind, to [`Prime::run`] once the
-    /// caller has its answer (see `primed`).
-    pub fn sign_and_prime(
-        &self,
-        alg: SignAlg,
-        data: &[u8],
-        prehashed: bool,
-    ) -> Result<(Vec<u8>, Option<Prime>)> {
-        let plan = self.plan(alg, prehashed)?;
-        let (mech, bytes) = input(plan, alg, data, prehashed)?;
-        let kind = |handle| Kind {
-            id: self.info.id.clone(),
-            handle,
-            alg,
-            plan,
-        };
-        if let Some(handle) = self.object.known() {
-            let start = std::time::Instant::now();
-            if let Some((raw, next)) =
-                crate::primed::sign_primed(&self.token, &kind(handle), &bytes)
-            {
-                self.token.note_sign_time(start.elapsed());
-                observe(alg, start, None);
-                return Ok((finish(alg, raw)?, Some(next)));
-            }
-        }
-        // Read before the signature: a destroy from here on makes the prime's session stale.
-        let epoch = self.token.with_stash(|s| s.epoch());
-        let sig = self.sign_input(plan, alg, mech, &bytes, prehashed)?;
-        let next = self
-            .object
-            .known()
-            .filter(|_| self.token.raw_sign().is_some())
-            .map(|h| Prime::new(self.token.clone(), None, kind(h), epoch));
-        Ok((sig, next))
-    }
-
     fn sign_raw(&self, alg: SignAlg, mech: Mechanism<'static>, data: &[u8]) -> Result<Vec<u8>> {
         let start = std::time::Instant::now();
         let out = self.sign_in_token(alg, mech, data);
-        if out.is_ok() {
-            self.token.note_sign_time(start.elapsed());
-        }
         let ckr = match &out {
             Err(Error::Pkcs11 { ckr, .. }) => Some(ckr.as_str()),
             Err(_) => Some("other"),
@@ -294,17 +261,11 @@ impl TokenKey {
         data: &[u8],
     ) -> Result<Vec<u8>> {
         let raw = self.token.with_session(|s| {
-            let h = self.object.get(s)?;
-            match s.sign(&mech, h, data) {
-                Err(CkError::Pkcs11(
-                    RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid,
-                    _,
-                )) => {
-                    let h = self.object.refresh(s, h)?;
-                    Ok(s.sign(&mech, h, data)?)
-                }
-                other => Ok(other?),
-            }
+            let h = crate::keys::private_handle(s, &self.info.id).map_err(|e| match e {
+                Error::KeyNotFound(_) => Error::KeyNotFound(self.describe()),
+                other => other,
+            })?;
+            Ok(s.sign(&mech, h, data)?)
         })?;
         finish(alg, raw)
     }

@@ -7,11 +7,10 @@ use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use std::sync::{Arc, Mutex};
 
-/// How a handshake signature is run, given the token's typical signature time (None: not
-/// measured yet). rustls signs synchronously, inside the task that drives the handshake: a
-/// server on an async runtime passes a function that tells the runtime first when the
-/// token is slow (a TPM takes milliseconds), so that the worker's other tasks move on.
-pub type SignRunner = fn(Option<std::time::Duration>, &mut dyn FnMut());
+/// How a handshake signature is run. rustls signs synchronously, inside the task that drives
+/// the handshake: a server on an async runtime passes a function that tells the runtime
+/// first (a TPM takes milliseconds), so that the worker's other tasks move on.
+pub type SignRunner = fn(&mut dyn FnMut());
 
 /// A rustls signing key backed by the token.
 #[derive(Debug, Clone)]
@@ -23,7 +22,7 @@ pub struct TlsSigningKey {
 }
 
 /// The default runner: sign right here.
-fn inline(_typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
+fn inline(call: &mut dyn FnMut()) {
     call()
 }
 
@@ -130,9 +129,7 @@ struct TlsSigner {
 impl Signer for TlsSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         let mut out = None;
-        (self.runner)(self.key.token().typical_sign_time(), &mut || {
-            out = Some(self.key.sign(self.alg, message))
-        });
+        (self.runner)(&mut || out = Some(self.key.sign(self.alg, message)));
         let signed = out.unwrap_or_else(|| {
             Err(crate::Error::Unsupported(
                 "the signature runner never ran the signature".into(),

@@ -3,16 +3,13 @@
 use crate::error::{Error, Result};
 use crate::mechanisms::Mechanisms;
 use crate::pin::Pin;
-use crate::primed::{RawSign, Stash};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
-use std::time::Duration;
 
 /// How a token is chosen among the module's slots.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -207,14 +204,6 @@ pub struct Token {
     pool: Mutex<Vec<Session>>,
     max_idle: usize,
     mechanisms: OnceLock<Mechanisms>,
-    /// Typical time of a successful signature in µs, see `note_sign_time` (`u64::MAX`: none yet).
-    sign_micros: AtomicU64,
-    /// Sign with session copies of keys (SoftHSM; see `signing_object`).
-    copies_keys: bool,
-    /// The module's own `C_Sign`, for primed sessions (`primed`).
-    raw: Option<RawSign>,
-    /// Sessions primed for a signature.
-    stash: Mutex<Stash>,
 }
 
 impl std::fmt::Debug for Token {
@@ -233,8 +222,6 @@ impl Token {
         let ctx = load_module(module)?;
         let slot = find_slot(&ctx, selector)?;
         let s = summary(&ctx, slot)?;
-        let primed =
-            crate::primed::kept_for(ctx.get_token_info(slot).ok().map(|i| i.max_session_count()));
         let token = Token {
             ctx,
             selector: selector.clone(),
@@ -245,10 +232,6 @@ impl Token {
             pool: Mutex::new(Vec::new()),
             max_idle: 8,
             mechanisms: OnceLock::new(),
-            sign_micros: AtomicU64::new(u64::MAX),
-            copies_keys: s.manufacturer.starts_with("SoftHSM"),
-            raw: (primed > 0).then(|| RawSign::load(module)).flatten(),
-            stash: Mutex::new(Stash::new(primed)),
         };
         // Open (and log in) one session now, so a wrong PIN is reported here.
         let first = token.open_session()?;
@@ -264,12 +247,6 @@ impl Token {
     /// Token serial.
     pub fn serial(&self) -> &str {
         &self.serial
-    }
-
-    /// Whether keys sign through a session copy (SoftHSM, whose token objects are checked
-    /// against their files on every use; see [`crate::signing_object`]).
-    pub fn copies_keys(&self) -> bool {
-        self.copies_keys
     }
 
     fn slot(&self) -> Slot {
@@ -291,17 +268,7 @@ impl Token {
         let pooled = self.pool.lock().unwrap_or_else(|p| p.into_inner()).pop();
         match pooled {
             Some(s) => Ok(s),
-            None => match self.open_session() {
-                // A token at its session limit: primed sessions make room before a call fails.
-                Err(Error::Pkcs11 {
-                    cause: CkError::Pkcs11(RvError::SessionCount, _),
-                    ..
-                }) if self.primed_sessions() > 0 => {
-                    drop(self.with_stash(Stash::next_epoch));
-                    self.open_session()
-                }
-                other => other,
-            },
+            None => self.open_session(),
         }
     }
 
@@ -363,33 +330,6 @@ impl Token {
         Ok(self.mechanisms.get_or_init(|| Mechanisms::new(list)))
     }
 
-    /// Fold one signature's wall time into the typical time: a faster signature lowers it at
-    /// once, a slower one raises it by 1/32 (at most to that signature's time).
-    ///
-    /// Not a mean: on a busy 2-core box a thread preempted in the middle of a 50 µs SoftHSM
-    /// signature measures milliseconds, and a mean of such samples flips a fast token to the
-    /// slow path under exactly the load where the fast path matters. A token that really
-    /// became slower (a network HSM, a busy TPM) still gets there: from 50 µs to 250 µs in
-    /// about 50 signatures.
-    pub(crate) fn note_sign_time(&self, took: Duration) {
-        let sample = u64::try_from(took.as_micros()).unwrap_or(u64::MAX - 1);
-        let _ = self
-            .sign_micros
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                Some(typical_after(old, sample))
-            });
-    }
-
-    /// The typical time of one signature on this token (see `note_sign_time`), once one was
-    /// made. Servers use it to decide whether a signature is cheaper inline than handed to
-    /// a blocking thread.
-    pub fn typical_sign_time(&self) -> Option<Duration> {
-        match self.sign_micros.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            us => Some(Duration::from_micros(us)),
-        }
-    }
-
     /// Whether the token answers now (one C_GetSessionInfo on a pooled session; a dead
     /// session is reopened first). The daemon's watchdog pings only when it does.
     pub fn ping(&self) -> Result<()> {
@@ -399,66 +339,14 @@ impl Token {
         })
     }
 
-    /// Forget all pooled and primed sessions (they are closed on drop).
+    /// Forget all pooled sessions (they are closed on drop).
     fn drop_pool(&self) {
         self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        let primed = self.with_stash(Stash::next_epoch);
-        drop(primed);
-    }
-
-    /// Sessions primed for a signature now (tests).
-    #[doc(hidden)]
-    pub fn primed_sessions(&self) -> usize {
-        self.with_stash(|s| s.len())
-    }
-
-    /// The module's own `C_Sign`, when it gave one.
-    pub(crate) fn raw_sign(&self) -> Option<&RawSign> {
-        self.raw.as_ref()
-    }
-
-    /// Run `f` on the primed sessions (return what is to be closed: it is closed after the
-    /// lock is let go).
-    pub(crate) fn with_stash<T>(&self, f: impl FnOnce(&mut Stash) -> T) -> T {
-        f(&mut self.stash.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Log the user out of the token (all sessions). For tests of the reopen path.
     #[doc(hidden)]
     pub fn logout_for_test(&self) -> Result<()> {
         self.with_session(|s| Ok(s.logout()?))
-    }
-}
-
-/// The typical signature time after one more sample (µs; `u64::MAX` = none yet).
-fn typical_after(old: u64, sample: u64) -> u64 {
-    if old == u64::MAX || sample <= old {
-        sample
-    } else {
-        (old + old / 32 + 1).min(sample)
-    }
-}
-
-#[cfg(test)]
-mod typical_time_tests {
-    use super::typical_after;
-
-    #[test]
-    fn outliers_barely_move_it_and_a_slower_token_gets_there() {
-        let mut t = typical_after(u64::MAX, 50);
-        // A preempted signature now and then (5 ms) among 50 µs ones.
-        for i in 0..1000 {
-            t = typical_after(t, if i % 10 == 0 { 5000 } else { 50 });
-        }
-        assert!(t < 60, "{t}");
-        // The token became slow: 2 ms per signature.
-        let mut n = 0;
-        while t < 250 {
-            t = typical_after(t, 2000);
-            n += 1;
-        }
-        assert!(n < 60, "{n} signatures to notice");
-        // And fast again at once.
-        assert_eq!(typical_after(t, 40), 40);
     }
 }

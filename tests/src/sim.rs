@@ -79,7 +79,7 @@ pub fn config(
 [token]
 module = "{}"
 label = "test"
-pin = {{ env = "UNUSED" }}
+pin = {{ file = "/nonexistent/unused" }}
 
 [[identity]]
 name = "gw"

@@ -1,10 +1,11 @@
-//! Where a PIN must never be: the daemon's environment, the notify hook's environment.
+//! Where a PIN must never be: the configuration's environment source (refused), the
+//! daemon's environment, the notify hook's environment.
 
 use edge_signer_tests::*;
 use std::os::unix::fs::PermissionsExt;
 
 #[test]
-fn an_env_pin_is_read_once_and_reaches_neither_the_daemon_environ_nor_the_hook() {
+fn a_pin_in_the_environment_is_refused_and_the_pin_reaches_neither_environ_nor_the_hook() {
     let env = Env::new();
     env.make_ca("ca");
     env.lifecycle_config("");
@@ -18,12 +19,28 @@ fn an_env_pin_is_read_once_and_reaches_neither_the_daemon_environ_nor_the_hook()
     )
     .unwrap();
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let cfg = std::fs::read_to_string(env.path("defaults.toml"))
-        .unwrap()
-        .replace(
-            &format!("pin = {{ file = \"{}\" }}", env.path_str("pin")),
-            "pin = { env = \"GW_TOKEN_PIN\" }",
-        );
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    // The environment is no place for a PIN (every child inherits it): refused, clearly.
+    let env_pin = cfg.replace(
+        &format!("pin = {{ file = \"{}\" }}", env.path_str("pin")),
+        "pin = { env = \"GW_TOKEN_PIN\" }",
+    );
+    std::fs::write(env.path("env-pin.toml"), &env_pin).unwrap();
+    let out = env
+        .cmd()
+        .args(["config", "check"])
+        .arg(env.path("env-pin.toml"))
+        .output()
+        .unwrap();
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && err.contains("token.pin") && err.contains("credential"),
+        "{err}"
+    );
     std::fs::write(
         env.path("defaults.toml"),
         format!("{cfg}\n[notify]\nexec = \"{}\"\n", hook.display()),
@@ -33,8 +50,6 @@ fn an_env_pin_is_read_once_and_reaches_neither_the_daemon_environ_nor_the_hook()
     let child = env
         .cmd()
         .arg("run")
-        .env_remove("EDGE_SIGNER_PIN_FILE")
-        .env("GW_TOKEN_PIN", USER_PIN)
         .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
         .spawn()
         .unwrap();
@@ -52,7 +67,6 @@ fn an_env_pin_is_read_once_and_reaches_neither_the_daemon_environ_nor_the_hook()
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     let environ = String::from_utf8_lossy(&environ);
     assert!(!environ.contains(USER_PIN), "PIN in the daemon's environ");
-    assert!(!environ.contains("GW_TOKEN_PIN"), "{environ}");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     assert!(!String::from_utf8_lossy(&cmdline).contains(USER_PIN));
     let hook_env = std::fs::read_to_string(env.path("hook-environ")).unwrap_or_default();

@@ -118,11 +118,10 @@ fn a_session_lost_after_key_generation_does_not_make_a_second_key() {
     assert!(objects.contains(&hsm_shim::keys::hex(&key.id)), "{objects}");
 }
 
-/// A token at its session limit: when the pool needs a session and the token has none
-/// left, the primed sessions (`hsm_shim::primed`) are closed to make room and the call goes
-/// on; with none primed, the limit is the caller's error.
+/// A token at its session limit: the call that needs one more session fails with the
+/// token's own error, and signatures go on with the sessions the pool has.
 #[test]
-fn at_the_session_limit_primed_sessions_make_room() {
+fn at_the_session_limit_the_call_says_so_and_signatures_go_on() {
     let env = Env::new();
     let token = fault_token(&env);
     let info = token
@@ -136,30 +135,16 @@ fn at_the_session_limit_primed_sessions_make_room() {
     // The outer call holds the pool's only session, so the inner one must open another,
     // and the token says it has none left.
     let nested = || token.with_session(|_held| token.with_session(|_| Ok(())));
-    // Nothing primed to close: the limit reaches the caller as what it is.
     env.set_faults("C_OpenSession SESSION_COUNT 1\n");
     let e = nested().expect_err("no room to make").to_string();
     assert!(e.contains("CKR_SESSION_COUNT"), "{e}");
-    let (_, prime) = key.sign_and_prime(es256, b"one", false).unwrap();
-    prime.expect("SoftHSM signatures prime the next one").run();
-    assert_eq!(token.primed_sessions(), 1);
-    env.set_faults("C_OpenSession SESSION_COUNT 1\n");
-    nested().expect("room made by closing the primed session");
-    assert_eq!(
-        env.faults_fired(),
-        "C_OpenSession SESSION_COUNT\nC_OpenSession SESSION_COUNT\n"
-    );
-    assert_eq!(token.primed_sessions(), 0);
-    // Signatures go on (the next one unprimed), and prime again.
-    let (sig, prime) = key.sign_and_prime(es256, b"two", false).unwrap();
-    prime.expect("primes again").run();
+    let sig = key.sign(es256, b"two").unwrap();
     ring::signature::UnparsedPublicKey::new(
         &ring::signature::ECDSA_P256_SHA256_ASN1,
         &key.info().public_bits,
     )
     .verify(b"two", &sig)
     .expect("the signature verifies");
-    assert_eq!(token.primed_sessions(), 1);
 }
 
 /// The test token opened in this process through the fault wrapper, steered by `env`'s

@@ -165,6 +165,7 @@ fn key_cmd(g: &Global, cmd: KeyCmd) -> Result<()> {
                 KeyRef::Id(id) => id,
                 by_label => token.find_key(&by_label)?.id,
             };
+            refuse_a_served_key(g, &id)?;
             let n = token.destroy(&id)?;
             print(
                 json,
@@ -219,6 +220,27 @@ pub(crate) fn serve(
         if max.is_some_and(|m| served >= m) {
             break;
         }
+    }
+    Ok(())
+}
+
+/// `key destroy` of a key a running daemon holds for an identity's generation: refused, with
+/// the command that does it through the daemon. A token module may keep its objects per
+/// process (tpm2-pkcs11 reads its store once), so only the daemon itself can make sure that
+/// none of its signers uses the key afterwards.
+fn refuse_a_served_key(g: &Global, id: &[u8]) -> Result<()> {
+    let Ok(Some(owner)) = super::lifecycle::daemon_owner(g) else {
+        return Ok(());
+    };
+    let register = edge_signer::register::RegisterFile::new(&owner.dir).load()?;
+    if let Some((name, generation)) = register.live_generation_with_key(&hsm_shim::keys::hex(id)) {
+        anyhow::bail!(
+            "the key is generation {generation} of identity '{name}', which the daemon (pid {}) holds: \
+             destroy it through the daemon, so none of its signers keeps it: \
+             `edge-signer retire {name} --generation {generation}` (a replaced generation) or \
+             `edge-signer revoke {name} --generation {generation}` (the current one)",
+            owner.holder.pid
+        );
     }
     Ok(())
 }

@@ -358,8 +358,8 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
 
 /// The daemon that owns the state directory, and its API socket when it serves one.
 pub(crate) struct Owner {
-    dir: PathBuf,
-    holder: Holder,
+    pub(crate) dir: PathBuf,
+    pub(crate) holder: Holder,
     api: Option<PathBuf>,
 }
 

@@ -316,43 +316,19 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// Run one token call of a request: inline on its API thread when the token's typical
-/// signature is under `API_INLINE_MAX` (2 ms; RSA-2048 on SoftHSM: ~0.6 ms), else (a TPM,
-/// or a key's first call, not yet measured) on the blocking pool, so that the other
-/// connections of the thread go on meanwhile. Inline, PS256 through the API with 2 clients
-/// reaches 0.8-0.9 of raw cryptoki's rate; with a hand-off per request it stayed at
-/// 0.60-0.62 (`scripts/bench`). The error says what failed, for the caller.
-///
-/// A call that leaves a [`hsm_shim::Prime`] (the next signature's `C_SignInit`) has it run
-/// after the answer: a task queued on this thread runs once the response is written (the
-/// connection's task yields then), or on the blocking pool for a slow token.
+/// Run one token call of a request on tokio's blocking pool, so that the runtime's workers
+/// go on serving other connections while the token works (a TPM takes milliseconds). The
+/// error says what failed, for the caller.
 async fn token_call<R: Send + 'static>(
-    token: &hsm_shim::Token,
-    f: impl FnOnce() -> hsm_shim::Result<(R, Option<hsm_shim::Prime>)> + Send + 'static,
+    f: impl FnOnce() -> hsm_shim::Result<R> + Send + 'static,
 ) -> ApiResult<R> {
-    let inline = super::runs_inline(super::API_INLINE_MAX, token.typical_sign_time());
-    let out = if inline {
-        f()
-    } else {
-        match tokio::task::spawn_blocking(f).await {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(ApiError(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("the token call ended abnormally: {e}"),
-                ))
-            }
-        }
-    };
-    let (r, prime) = out.map_err(token_error)?;
-    if let Some(p) = prime {
-        if inline {
-            tokio::task::spawn(async move { p.run() });
-        } else {
-            tokio::task::spawn_blocking(move || p.run());
-        }
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(token_error),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the token call ended abnormally: {e}"),
+        )),
     }
-    Ok(r)
 }
 
 /// What a failed token call answers: the token's own refusal (422), a key gone from the
@@ -389,8 +365,12 @@ async fn sign(
     let alg_name = req.alg_name().to_owned();
     let job = req.check().map_err(bad)?;
     let key = s.key.clone();
-    let sig = token_call(s.key.token(), move || {
-        key.sign_and_prime(job.alg, &job.bytes, job.prehashed)
+    let sig = token_call(move || {
+        if job.prehashed {
+            key.sign_digest(job.alg, &job.bytes)
+        } else {
+            key.sign(job.alg, &job.bytes)
+        }
     })
     .await
     .inspect_err(|_| count(&c, Operation::Sign, "error"))?;
@@ -438,9 +418,9 @@ async fn jws(
         .kid
         .or_else(|| s.kid.clone())
         .unwrap_or_else(|| s.fingerprint.clone());
-    let out = token_call(s.key.token(), move || {
+    let out = token_call(move || {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
-        hsm_shim::jws::sign_compact_and_prime(&key, alg, &kid, &payload)
+        hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
     })
     .await
     .inspect_err(|_| count(&c, Operation::Jws, "error"))?;

@@ -3,7 +3,6 @@
 //! connection is read once with `SO_PEERCRED` and attached to its requests.
 
 use super::api::{router, ApiState, Caller};
-use super::api_threads::ApiThreads;
 use super::gate::Full;
 use anyhow::{Context, Result};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -66,19 +65,16 @@ fn builder(header_timeout: Duration) -> hyper::server::conn::http1::Builder {
     b
 }
 
-/// Serve the API on its socket: the accept loop runs on the first API thread, and each
-/// connection on the thread holding the fewest (`ApiThreads::dispatch`). A connection over
+/// Serve the API on its socket, a task per connection on the daemon's runtime. A connection over
 /// `api.max_connections` in all, or over `api.max_connections_per_caller` of its uid, is
 /// answered 503 and closed at once, so one local uid cannot hold the others out.
-pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Result<JoinHandle<()>> {
-    let rt = threads.handle().clone();
-    let _rt = rt.enter();
+pub(super) fn serve_api(state: Arc<ApiState>) -> Result<JoinHandle<()>> {
     let socket = state.policy().api.socket.clone();
     let listener = bind_unix(&socket)?;
     let app = router(state.clone());
     tracing::info!(socket = %socket.display(), "signing API listening");
     let said = super::OncePerMinute::default();
-    Ok(rt.spawn(async move {
+    Ok(tokio::spawn(async move {
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
@@ -111,17 +107,10 @@ pub(super) fn serve_api(state: Arc<ApiState>, threads: Arc<ApiThreads>) -> Resul
                 }
             };
             let timeout = Duration::from_secs(policy.api.header_timeout.0.max(1));
-            let stream = match stream.into_std() {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("API connection dropped: {e}");
-                    continue;
-                }
-            };
             // The caller goes into each request of the connection by a wrapper around the
             // shared router; `Router::layer` would rebuild every route per connection.
             let svc = TowerToHyperService::new(axum::Extension(caller).layer(app.clone()));
-            threads.dispatch(stream, move |stream| async move {
+            tokio::spawn(async move {
                 let _admitted = admitted;
                 let conn = builder(timeout).serve_connection(TokioIo::new(stream), svc);
                 if let Err(e) = conn.await {

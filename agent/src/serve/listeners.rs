@@ -3,7 +3,6 @@
 //! listener serving, keeps the proxy's old listener when it had one, and says what is down.
 
 use super::api::{ApiState, Policy};
-use super::api_threads::ApiThreads;
 use super::identity::Identities;
 use super::proxy::{self, Access};
 use super::{http, Wake};
@@ -26,9 +25,6 @@ struct RunningProxy {
 /// The runtimes and the listeners started from the configuration in force.
 pub struct Servers {
     rt: tokio::runtime::Runtime,
-    /// The signing API's own threads (`api_threads`): what a local program asks of the API
-    /// never holds up a proxy's handshake or the fleet channel, and the other way round.
-    api_threads: Arc<ApiThreads>,
     identities: Arc<Identities>,
     wake: std::sync::mpsc::Sender<Wake>,
     /// The API's state, kept across reloads (its policy is swapped), its socket and loop.
@@ -39,17 +35,18 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// The proxies, the fleet channel and the metrics port on a runtime of one worker; the
-    /// API on two threads of its own (`api_threads`). Idle workers sleep in the I/O driver
-    /// with no timer.
+    /// The API, the proxies, the fleet channel and the metrics port on one runtime of two
+    /// workers; token calls leave the workers (`api::token_call`, `run_token_call`), so a
+    /// slow token holds up no connection. Idle workers sleep in the I/O driver with no timer.
     pub fn new(
         identities: Arc<Identities>,
         wake: std::sync::mpsc::Sender<Wake>,
     ) -> Result<Servers> {
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            // Slow token calls of handshakes (`run_token_call`); the unit's TasksMax bounds
-            // the process's threads, so this pool is bounded well under it.
+            .worker_threads(2)
+            // Token calls (API requests, handshakes); the unit's TasksMax bounds the
+            // process's threads, so this pool is bounded well under it. A token signs one
+            // call at a time or close to it, so more threads would only wait on it.
             .max_blocking_threads(8)
             .thread_name("edge-signer-io")
             .enable_all()
@@ -57,7 +54,6 @@ impl Servers {
             .context("cannot start the tokio runtime edge-signer-io")?;
         Ok(Servers {
             rt,
-            api_threads: Arc::new(ApiThreads::start(2)?),
             identities,
             wake,
             api: None,
@@ -188,7 +184,7 @@ impl Servers {
         if !cfg.api.enabled {
             return Ok(());
         }
-        let task = http::serve_api(state.clone(), self.api_threads.clone())
+        let task = http::serve_api(state.clone())
             .with_context(|| format!("API socket {}", cfg.api.socket.display()))?;
         self.api = Some((state, cfg.api.socket.clone(), task));
         Ok(())
@@ -224,8 +220,7 @@ impl Servers {
     }
 }
 
-/// The accept loops end with the servers: the API's holds the API threads, which would
-/// otherwise outlive them (the proxies' runtime ends its tasks when dropped).
+/// The accept loops end with the servers, and their sockets go.
 impl Drop for Servers {
     fn drop(&mut self) {
         if let Some((_, socket, t)) = self.api.take() {

@@ -1,5 +1,5 @@
-//! What the daemon serves beside its engine, on two tokio runtimes: one for the local
-//! signing API, one for the mTLS egress proxies, the fleet channel and metrics. The engine
+//! What the daemon serves beside its engine, on one tokio runtime: the local signing API,
+//! the mTLS egress proxies, the fleet channel and metrics. The engine
 //! keeps its own thread (token calls and blocking waits stay off the async workers) and
 //! talks to the servers through `Identities` (the swapped pairs and status) and the `Wake`
 //! channel (requests to it).
@@ -50,35 +50,15 @@ impl std::fmt::Debug for EngineRequest {
 
 pub use listeners::Servers;
 
-/// Token calls the token answers faster than this run inline on the worker of the proxies'
-/// runtime; slower ones (RSA on SoftHSM: ~0.6 ms, a TPM: milliseconds) or not measured yet
-/// run under `block_in_place` (see `run_token_call`).
-const INLINE_MAX: std::time::Duration = std::time::Duration::from_micros(250);
-
-/// The same limit on the API's threads. Each serves nothing but API requests, so a
-/// signature inline there delays only the other API requests on its thread, each time by
-/// less than this; above it, the hand-off to the blocking pool (tens of µs) is a few
-/// percent of the signature.
-const API_INLINE_MAX: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// Whether a token call whose typical time is `typical` (None: not measured yet) runs
-/// inline under `limit`.
-fn runs_inline(limit: std::time::Duration, typical: Option<std::time::Duration>) -> bool {
-    typical.is_some_and(|t| t < limit)
-}
-
 /// Run a synchronous token call made inside an async task (a handshake signature of a
-/// proxy or of the fleet channel): inline when the token is fast, else under
-/// `block_in_place`, which hands this worker's queue and I/O driver to another thread
-/// while the token works, so that a TPM's 4 ms signature does not hold up the other
-/// connections on it. Outside a multi-thread runtime (the CLI, the engine's own calls) it
-/// just runs.
-pub fn run_token_call(typical: Option<std::time::Duration>, call: &mut dyn FnMut()) {
-    // The fast path (SoftHSM, every handshake) decides on the token alone.
-    let hand_off = !runs_inline(INLINE_MAX, typical)
-        && tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if hand_off {
+/// proxy or of the fleet channel) under `block_in_place`, which hands this worker's queue and
+/// I/O driver to another thread while the token works, so that a TPM's milliseconds do not
+/// hold up the other connections on it. Outside a multi-thread runtime (the CLI, the
+/// engine's own calls) it just runs.
+pub fn run_token_call(call: &mut dyn FnMut()) {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
         tokio::task::block_in_place(call)
     } else {
         call()
@@ -115,7 +95,6 @@ pub(crate) fn or_dash(v: Option<impl std::fmt::Display>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-mod api_threads;
 mod ask;
 pub mod gate;
 mod http;

@@ -189,23 +189,12 @@ enum Queued {
 
 /// What the kernel holds for `tcp` to read, without taking it.
 fn queued(tcp: &TcpStream) -> Queued {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(tcp);
-    let mut probe = 0u8;
-    // SAFETY: a 1-byte peek into a local, on a socket `tcp` owns for this whole call.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            (&mut probe as *mut u8).cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    match n {
-        0 => Queued::Closed,
-        1.. => Queued::Bytes,
-        _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => {
-            Queued::Nothing
-        }
-        _ => Queued::Closed,
+    use rustix::net::RecvFlags;
+    let mut probe = [0u8; 1];
+    match rustix::net::recv(tcp, &mut probe, RecvFlags::PEEK | RecvFlags::DONTWAIT) {
+        Ok((0, _)) => Queued::Closed,
+        Ok(_) => Queued::Bytes,
+        Err(rustix::io::Errno::AGAIN) => Queued::Nothing,
+        Err(_) => Queued::Closed,
     }
 }

@@ -8,7 +8,7 @@
 //! cost bulk throughput 13% instead. Here each direction starts at 16 KiB and doubles, up
 //! to 256 KiB, each time a read fills it.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -19,22 +19,8 @@ const START: usize = 16 << 10;
 /// Largest buffer size of each direction.
 const MAX: usize = 256 << 10;
 
-/// Reads land this far into the buffer: half a page.
-///
-/// rustls copies each record's plaintext out of our buffer into a record buffer of its own
-/// (5-byte header first), which the allocator places just after ours, so the two are a few
-/// dozen bytes apart modulo 4096. On x86 CPUs with fast `rep movsb` (glibc uses it from
-/// 2 KiB up), a copy whose destination is 1-31 bytes past its source modulo 4096 runs 12-20
-/// times slower (4K aliasing): 6-10 µs instead of 0.5 µs per 16 KiB on the bench VM's AMD
-/// EPYC. A `perf probe` on memmove under `BENCH_ONLY=bulk` showed every fourth record
-/// copied at distance 21 (the others at 53, 85, 117); with reads half a page in, at 709,
-/// 2069, 2101, 2133. The proxy's CPU per GiB sent fell by 12% (TCP route 1474 → 1302 ms,
-/// Unix socket 1308 → 1124 ms; means of 3 alternated runs); the bytes/s ratio moved less
-/// than its noise. Elsewhere the lead costs 2 KiB per buffer and nothing else.
-const LEAD: usize = 2 << 10;
-
-/// One direction: read into `buf` (from `LEAD` on), write it all out, repeat; at end of input, flush and
-/// shut the writer down (a TLS writer sends close_notify, a TCP one a FIN).
+/// One direction: read into `buf`, write it all out, repeat; at end of input, flush and shut
+/// the writer down (a TLS writer sends close_notify, a TCP one a FIN).
 struct Pipe {
     buf: Vec<u8>,
     /// Where in `buf` the bytes not yet written start / the bytes read end.
@@ -46,48 +32,25 @@ struct Pipe {
     unflushed: bool,
     moved: u64,
     done: bool,
-    /// Turns of the runtime the shutdown still waits once the last byte is out: two for
-    /// the target's (a close_notify to encrypt and send, then the sockets shut and closed,
-    /// ~10 syscalls), so that the I/O ready meanwhile is served first
-    /// (`Pipe::closing_later`); none for the caller's.
-    late_turns: u8,
 }
 
 impl Pipe {
     fn new() -> Pipe {
         Pipe {
-            buf: vec![0; LEAD + START],
-            pos: LEAD,
-            cap: LEAD,
+            buf: vec![0; START],
+            pos: 0,
+            cap: 0,
             eof: false,
             grow: false,
             unflushed: false,
             moved: 0,
             done: false,
-            late_turns: 0,
-        }
-    }
-
-    /// A pipe whose writer's shutdown waits two turns of the runtime.
-    ///
-    /// A caller that makes one request per connection closes it and opens the next one at
-    /// once, and the same wake-up brings the old connection's end of input and the new
-    /// one's accept. The new one connects to the target and waits one turn for the connect
-    /// to complete; the old one's close ran in that turn, between the new one's connect
-    /// and its ClientHello, on the new connection's path. One `yield_now` is not enough:
-    /// tokio wakes a yielded task after the I/O of the next turn, into the slot it runs
-    /// first, so the old close would still come before the new ClientHello; after a second
-    /// yield it comes after (ARCHITECTURE.md, "one proxied connection", has the figures).
-    fn closing_later() -> Pipe {
-        Pipe {
-            late_turns: 2,
-            ..Pipe::new()
         }
     }
 
     /// How many bytes one read may bring.
     fn room(&self) -> usize {
-        self.buf.len() - LEAD
+        self.buf.len()
     }
 
     fn poll_copy<R, W>(
@@ -104,14 +67,14 @@ impl Pipe {
             if self.pos == self.cap && !self.eof {
                 if self.grow {
                     let len = (self.room() * 2).min(MAX);
-                    self.buf.resize(LEAD + len, 0);
+                    self.buf.resize(len, 0);
                     self.grow = false;
                 }
-                let mut rb = ReadBuf::new(&mut self.buf[LEAD..]);
+                let mut rb = ReadBuf::new(&mut self.buf);
                 match r.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
-                        (self.pos, self.cap) = (LEAD, LEAD + n);
+                        (self.pos, self.cap) = (0, n);
                         self.eof = n == 0;
                         self.grow = n == self.room() && n < MAX;
                     }
@@ -137,14 +100,6 @@ impl Pipe {
             }
             if self.eof {
                 ready!(w.as_mut().poll_flush(cx))?;
-                if self.late_turns > 0 {
-                    // A yield's first poll asks tokio to wake the task after the next turn's
-                    // I/O, and is pending; the wake-up stays asked for when it is dropped.
-                    self.late_turns -= 1;
-                    let pending = std::pin::pin!(tokio::task::yield_now()).poll(cx);
-                    debug_assert!(pending.is_pending());
-                    return Poll::Pending;
-                }
                 ready!(w.as_mut().poll_shutdown(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(self.moved));
@@ -154,14 +109,13 @@ impl Pipe {
 }
 
 /// Copy `a` → `b` and `b` → `a` until both reach end of input (each end is passed on as a
-/// shutdown of the other side's writer; `b`'s, the target's, waits two turns of the
-/// runtime: `Pipe::closing_later`). Returns the bytes moved (a → b, b → a).
+/// shutdown of the other side's writer). Returns the bytes moved (a → b, b → a).
 pub async fn copy_both_ways<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let (mut up, mut down) = (Pipe::closing_later(), Pipe::new());
+    let (mut up, mut down) = (Pipe::new(), Pipe::new());
     let (mut up_n, mut down_n) = (0, 0);
     poll_fn(|cx| {
         if !up.done {
@@ -250,78 +204,5 @@ mod tests {
         let r = q.poll_copy(&mut cx, Pin::new(&mut small), Pin::new(&mut out));
         assert!(matches!(r, Poll::Ready(Ok(7))));
         assert_eq!(q.room(), START);
-    }
-
-    /// A pipe whose shutdown waits two turns still shuts down, also when the shutdown
-    /// itself is pending at first (a close_notify that waits for room in the socket).
-    #[tokio::test]
-    async fn a_late_close_that_is_pending_still_ends() {
-        struct SlowClose {
-            asked: u32,
-            closed: bool,
-        }
-        impl AsyncWrite for SlowClose {
-            fn poll_write(
-                self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                Poll::Ready(Ok(buf.len()))
-            }
-            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(
-                mut self: Pin<&mut Self>,
-                cx: &mut Context<'_>,
-            ) -> Poll<io::Result<()>> {
-                self.asked += 1;
-                if self.asked < 3 {
-                    cx.waker().wake_by_ref();
-                    return Poll::Pending;
-                }
-                self.closed = true;
-                Poll::Ready(Ok(()))
-            }
-        }
-        let mut p = Pipe::closing_later();
-        let mut src: &[u8] = b"BYE";
-        let mut w = SlowClose {
-            asked: 0,
-            closed: false,
-        };
-        let n = poll_fn(|cx| p.poll_copy(cx, Pin::new(&mut src), Pin::new(&mut w)))
-            .await
-            .unwrap();
-        assert_eq!((n, w.asked, w.closed), (3, 3, true));
-    }
-
-    /// What the writer is handed starts `LEAD` bytes into the buffer (see `LEAD`).
-    #[test]
-    fn writes_start_half_a_page_into_the_buffer() {
-        struct Where(Vec<usize>);
-        impl AsyncWrite for Where {
-            fn poll_write(
-                mut self: Pin<&mut Self>,
-                _: &mut Context<'_>,
-                buf: &[u8],
-            ) -> Poll<io::Result<usize>> {
-                self.0.push(buf.as_ptr() as usize);
-                Poll::Ready(Ok(buf.len()))
-            }
-            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-                Poll::Ready(Ok(()))
-            }
-        }
-        let mut p = Pipe::new();
-        let mut src: &[u8] = b"CONNECT";
-        let mut w = Where(Vec::new());
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let r = p.poll_copy(&mut cx, Pin::new(&mut src), Pin::new(&mut w));
-        assert!(matches!(r, Poll::Ready(Ok(7))));
-        assert_eq!(w.0, [p.buf.as_ptr() as usize + LEAD]);
     }
 }
