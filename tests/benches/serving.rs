@@ -136,8 +136,7 @@ fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
     if tls.read_exact(&mut cmd).is_err() {
         return;
     }
-    // rustls copies the plaintext into it or out of it (see `LEAD`).
-    let mut buf = vec![0x42u8; LEAD + (1 << 16)];
+    let mut buf = vec![0x42u8; 1 << 16];
     match cmd[0] {
         b'q' => {
             let _ = tls.write_all(b"k");
@@ -149,8 +148,8 @@ fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
             }
             let mut left = u64::from_be_bytes(n) as usize;
             while left > 0 {
-                let k = left.min(buf.len() - LEAD);
-                if tls.write_all(&buf[LEAD..LEAD + k]).is_err() {
+                let k = left.min(buf.len());
+                if tls.write_all(&buf[..k]).is_err() {
                     return;
                 }
                 left -= k;
@@ -158,7 +157,7 @@ fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
         }
         _ => {
             let mut n = 0u64;
-            while let Ok(k @ 1..) = tls.read(&mut buf[LEAD..]) {
+            while let Ok(k @ 1..) = tls.read(&mut buf) {
                 n += k as u64;
             }
             let _ = tls.write_all(&n.to_be_bytes());
@@ -167,15 +166,6 @@ fn serve_target(cfg: Arc<rustls::ServerConfig>, tcp: TcpStream) {
     tls.conn.send_close_notify();
     let _ = tls.flush();
 }
-
-/// Where the bulk part's buffers that rustls copies plaintext out of (the direct client's
-/// chunk) or into (the target's read buffer) start: half a page in, for the reason of the
-/// proxy's `splice::LEAD`. The allocator puts rustls' buffers just after ours, and on x86
-/// CPUs with fast `rep movsb` a copy 1-31 bytes apart modulo 4096 runs 12-20 times slower.
-/// Without it the direct baseline hit that in some runs and not others (sender CPU per GiB
-/// 643-904 ms between runs of one binary), and the target on some connections (a `perf
-/// probe` on memmove: 16,386 of 96,870 copies in 4 s at distance 16).
-const LEAD: usize = 2 << 10;
 
 /// The world every part measures in: a token, a target, the release daemon with the API and
 /// two proxy routes (TCP and Unix socket) on identity `gw`.
@@ -265,11 +255,12 @@ fn main() {
         "edge-signer serving benchmark on SoftHSM, release daemon (each figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
         secs().as_millis()
     );
-    // BENCH_ONLY=api|proxy|bulk runs one part (to profile it); all three by default.
+    // BENCH_ONLY=api|tpm|proxy|bulk runs one part (to profile it); all by default.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     type Part = fn(&Bench);
-    let parts: [(&str, Part); 3] = [
+    let parts: [(&str, Part); 4] = [
         ("api", api::api_part),
+        ("tpm", api::tpm_part),
         ("proxy", proxy::proxy_part),
         ("bulk", bulk::bulk_part),
     ];

@@ -2,11 +2,10 @@
 //! only on connections that move bulk data.
 //!
 //! Why not `tokio::io::copy_bidirectional_with_sizes`: its buffers have one fixed size,
-//! zeroed when the connection starts. 256 KiB per direction gives bulk transfers 16 full
-//! TLS records per writev, but zeroing 512 KiB cost every short connection (one MQTT
-//! exchange, one payment request) ~50 µs of its ~250 µs in `scripts/bench`; 16 KiB buffers
-//! cost bulk throughput 13% instead. Here each direction starts at 16 KiB and doubles, up
-//! to 256 KiB, each time a read fills it.
+//! zeroed when the connection starts: large ones cost every short connection (one MQTT
+//! exchange, one payment request) the zeroing, small ones cost bulk transfers throughput
+//! (docs/perf.md has the figures). Here each direction starts at 16 KiB and doubles, up to
+//! 256 KiB, each time a read fills it.
 
 use std::future::poll_fn;
 use std::io;

@@ -3,8 +3,7 @@
 //! A target given as an IP address is used as is. A host name is looked up once and the answer
 //! kept for [`FRESH`]: a proxied connection then makes no lookup of its own (each would cost a
 //! hand-off to tokio's blocking pool for `getaddrinfo`, and a DNS round trip for a name not in
-//! /etc/hosts; measured with `target = "localhost:PORT"`, 15% fewer proxied connections per
-//! second). After [`FRESH`], or when none of its addresses accepts, the kept answer is still
+//! /etc/hosts; docs/perf.md). After [`FRESH`], or when none of its addresses accepts, the kept answer is still
 //! used at once while one lookup in the background renews it. When lookups fail (DNS down on a
 //! flaky uplink), the last answer keeps serving for up to [`STALE`], with a warning, so a
 //! resolver outage alone does not cut the box off a target it can still reach. Older than that,

@@ -123,20 +123,80 @@ fn handoff_rtt(cpus: [usize; 2]) -> f64 {
     rtt
 }
 
-/// Signatures/s through the API vs raw cryptoki, 1 and 2 threads.
+/// Signatures/s through the API vs raw cryptoki, 1 and 2 threads, with the daemon's CPU per
+/// request and the part of it outside the token (the daemon's CPU per request minus raw
+/// cryptoki's CPU per signature on the same key); then the same API against p11-kit's
+/// PKCS#11 remoting, the peer a user would otherwise pick to share a token over a socket.
 pub(super) fn api_part(b: &Bench) {
     println!(
-        "{:<28} {:>7} {:>14} {:>14} {:>7}",
-        "signatures", "threads", "raw sig/s", "API sig/s", "ratio"
+        "{:<28} {:>7} {:>11} {:>11} {:>7} {:>12} {:>14}",
+        "signatures",
+        "threads",
+        "raw sig/s",
+        "API sig/s",
+        "ratio",
+        "daemon µs/req",
+        "outside token"
     );
     let sock = b.env.path("api.sock");
-    let (one_thread, kept) = keep_alive_rows(b, &sock);
-    let fresh = connection_per_request_row(b, &sock);
-    println!(
-        "  daemon CPU µs per ES256 request, 1 client: keep-alive {kept:.0}, connection per request {fresh:.0}"
-    );
+    let one_thread = keep_alive_rows(b, &sock);
+    connection_per_request_row(b, &sock);
     one_cpu_row(b, &sock);
     breakdown(one_thread);
+    p11_kit_rows(b, &sock);
+}
+
+/// The API against `p11-kit server` (Debian's p11-kit) remoting the same SoftHSM token,
+/// driven by the raw-cryptoki client through `p11-kit-client.so`: the same key, the same
+/// client code as the raw baseline, 1 and 2 client threads.
+fn p11_kit_rows(b: &Bench, sock: &std::path::Path) {
+    let Some(client) = [
+        "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
+        "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so",
+    ]
+    .into_iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists()) else {
+        println!("  (p11-kit-client.so not found: scripts/setup installs p11-kit-modules)");
+        return;
+    };
+    let server_sock = b.env.path("p11-kit.sock");
+    let _server = Guard(
+        std::process::Command::new("p11-kit")
+            .args(["server", "-f", "-n"])
+            .arg(&server_sock)
+            .arg("--provider")
+            .arg(module())
+            .arg(format!("pkcs11:token={LABEL}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("p11-kit (scripts/setup installs it)"),
+    );
+    wait_for("p11-kit server's socket", 10, || server_sock.exists());
+    // Safe: the client module reads it when it is loaded, below, after this.
+    unsafe {
+        std::env::set_var(
+            "P11_KIT_SERVER_ADDRESS",
+            format!("unix:path={}", server_sock.display()),
+        )
+    };
+    println!(
+        "{:<28} {:>7} {:>11} {:>11} {:>7}",
+        "vs p11-kit remoting", "threads", "p11-kit/s", "API sig/s", "ratio"
+    );
+    for threads in [1, 2] {
+        let kt = hsm_shim::KeyType::EcP256;
+        let (remote, api) = paired(
+            || raw_rate_cost(&client, LABEL, USER_PIN, &b.id, kt, threads).0,
+            || api_rate(sock, "gw", "ES256", threads),
+        );
+        println!(
+            "{:<28} {threads:>7} {remote:>11.0} {api:>11.0} {:>7.2}",
+            "ES256 (P-256)",
+            api / remote
+        );
+    }
 }
 
 /// ES256 with 2 client threads, the bench (raw threads and clients) and the daemon all held
@@ -173,9 +233,39 @@ fn one_cpu_row(b: &Bench, sock: &std::path::Path) {
     );
 }
 
+/// One row: raw cryptoki and the API alternated on key `id` (identity `identity`), `threads`
+/// client threads; prints the rates, the daemon's CPU per request and its part outside the
+/// token. Returns (raw, API) signatures/s.
+fn row(
+    b: &Bench,
+    label: &str,
+    api: impl Fn() -> f64,
+    id: &[u8],
+    kt: hsm_shim::KeyType,
+    threads: usize,
+) -> (f64, f64) {
+    let cpu = ProcCpu::start(b.daemon_pid());
+    let raw_cost = std::cell::Cell::new(hsm_shim::testing::bench::Cost::default());
+    let (raw, api) = paired(
+        || {
+            let (r, c) = raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads);
+            raw_cost.set(raw_cost.get() + c);
+            r
+        },
+        || cpu.count(&api),
+    );
+    let daemon = cpu.per_op_us();
+    let outside = daemon - raw_cost.get().cpu_us_per_op();
+    println!(
+        "{label:<28} {threads:>7} {raw:>11.0} {api:>11.0} {:>7.3} {daemon:>12.0} {outside:>14.1}",
+        api / raw
+    );
+    (raw, api)
+}
+
 /// The keep-alive rows, each key type with 1 and 2 client threads. Returns ES256's
-/// (raw, API) rates with 1 thread and the daemon's CPU µs per request there.
-fn keep_alive_rows(b: &Bench, sock: &std::path::Path) -> ((f64, f64), f64) {
+/// (raw, API) rates with 1 thread.
+fn keep_alive_rows(b: &Bench, sock: &std::path::Path) -> (f64, f64) {
     // ES256 is the case the target is about; PS256 (RSA-2048, a ~0.6 ms signature) shows
     // the same fixed cost per request against a slower signature.
     let keys = [
@@ -194,43 +284,43 @@ fn keep_alive_rows(b: &Bench, sock: &std::path::Path) -> ((f64, f64), f64) {
             hsm_shim::KeyType::Rsa2048,
         ),
     ];
-    let (mut one_thread, mut kept) = ((0.0, 0.0), 0.0);
+    let mut one_thread = (0.0, 0.0);
     for (label, identity, alg, id, kt) in keys {
         for threads in [1, 2] {
-            let cpu = ProcCpu::start(b.daemon_pid());
-            let (raw, api) = paired(
-                || raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads).0,
-                || cpu.count(|| api_rate(sock, identity, alg, threads)),
-            );
-            println!(
-                "{label:<28} {threads:>7} {raw:>14.0} {api:>14.0} {:>7.3}",
-                api / raw
+            let r = row(
+                b,
+                label,
+                || api_rate(sock, identity, alg, threads),
+                id,
+                kt,
+                threads,
             );
             if threads == 1 && identity == "gw" {
-                one_thread = (raw, api);
-                kept = cpu.per_op_us();
+                one_thread = r;
             }
         }
     }
-    (one_thread, kept)
+    one_thread
 }
 
-/// ES256 with a connection per request (accept, SO_PEERCRED, hand-off to an API thread,
-/// close); returns the daemon's CPU µs per request.
-fn connection_per_request_row(b: &Bench, sock: &std::path::Path) -> f64 {
-    let fresh = ProcCpu::start(b.daemon_pid());
-    let kt = hsm_shim::KeyType::EcP256;
-    let (raw, api) = paired(
-        || raw_rate_cost(&module(), LABEL, USER_PIN, &b.id, kt, 1).0,
-        || fresh.count(|| api_rate_per_connection(sock, "gw", "ES256")),
-    );
-    println!(
-        "{:<28} {:>7} {raw:>14.0} {api:>14.0} {:>7.3}",
+/// ES256 and PS256 with a connection per request (accept, SO_PEERCRED, close).
+fn connection_per_request_row(b: &Bench, sock: &std::path::Path) {
+    row(
+        b,
         "ES256, connection per req",
+        || api_rate_per_connection(sock, "gw", "ES256"),
+        &b.id,
+        hsm_shim::KeyType::EcP256,
         1,
-        api / raw
     );
-    fresh.per_op_us()
+    row(
+        b,
+        "PS256, connection per req",
+        || api_rate_per_connection(sock, "rsa", "PS256"),
+        &b.rsa_id,
+        hsm_shim::KeyType::Rsa2048,
+        1,
+    );
 }
 
 /// Where one request's time goes (1 thread, nothing overlaps): the signature, the two
@@ -246,5 +336,52 @@ fn breakdown(one_thread: (f64, f64)) {
     println!(
         "  1 thread, µs per request: {req:.0} = signature {sig:.0} + the rest {:.0} (hand-offs: {same:.0} to {cross:.0})",
         req - sig
+    );
+}
+
+/// The API on the simulated TPM (swtpm + tpm2-pkcs11, a token signing in milliseconds, as a
+/// gateway's does) against raw cryptoki on the same TPM key, 1 client thread: what the
+/// daemon adds where the token dominates.
+pub(super) fn tpm_part(_: &Bench) {
+    let env = Env::on(TokenKind::Tpm);
+    env.make_ca("ca");
+    env.serving_config(
+        "1d",
+        &format!(
+            "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\n\
+             [[api.allow]]\nuids = [{}]\nidentities = [\"gw\"]\noperations = [\"sign\"]\n",
+            my_uid()
+        ),
+    );
+    let _ca = env.portal_ca(CaMode::Good);
+    let _daemon = env.quiet_daemon();
+    env.wait_current("gw", 1);
+    let sock = env.path("api.sock");
+    wait_for("the API on the TPM env", 30, || {
+        UnixStream::connect(&sock).is_ok()
+    });
+    let key_id = env.register()["identities"]["gw"]["generations"][0]["key_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id = hsm_shim::keys::unhex(&key_id).unwrap();
+    for (k, v) in env.envs() {
+        // Safe: tpm2-pkcs11 reads these when it is loaded, below, after this.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let kt = hsm_shim::KeyType::EcP256;
+    let (raw, api) = paired(
+        || raw_rate_cost(&env.module(), LABEL, USER_PIN, &id, kt, 1).0,
+        || api_rate(&sock, "gw", "ES256", 1),
+    );
+    println!(
+        "{:<28} {:>7} {:>11} {:>11} {:>7}",
+        "on swtpm (tpm2-pkcs11)", "threads", "raw sig/s", "API sig/s", "ratio"
+    );
+    println!(
+        "{:<28} {:>7} {raw:>11.0} {api:>11.0} {:>7.3}",
+        "ES256 (P-256)",
+        1,
+        api / raw
     );
 }

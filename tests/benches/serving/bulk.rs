@@ -1,7 +1,7 @@
 //! Bytes/s through one long connection: the proxy (TCP and Unix-socket listeners) vs direct
 //! TLS with the same token key, and the sending side's CPU per GiB.
 
-use super::{proc_cpu_ns, provider, thread_cpu_ns, Bench, LEAD};
+use super::{proc_cpu_ns, provider, thread_cpu_ns, Bench};
 use edge_signer_tests::*;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -13,8 +13,8 @@ use std::time::Instant;
 
 /// Bytes/s of `total` bytes written through `s` (plain or TLS) to the sink.
 fn stream_rate<S: Read + Write>(mut s: S, total: usize, done: impl FnOnce(&mut S)) -> f64 {
-    let buf = vec![0x42u8; LEAD + (1 << 16)];
-    let chunk = &buf[LEAD..];
+    let buf = vec![0x42u8; 1 << 16];
+    let chunk = &buf;
     let start = Instant::now();
     s.write_all(b"s").unwrap();
     let mut sent = 0;
@@ -31,14 +31,14 @@ fn stream_rate<S: Read + Write>(mut s: S, total: usize, done: impl FnOnce(&mut S
 
 /// Bytes/s of `total` bytes the target sends through `s` (plain or TLS), read to the end.
 fn fetch_rate<S: Read + Write>(mut s: S, total: usize) -> f64 {
-    let mut buf = vec![0u8; LEAD + (1 << 16)];
+    let mut buf = vec![0u8; 1 << 16];
     let start = Instant::now();
     let mut ask = b"d".to_vec();
     ask.extend_from_slice(&(total as u64).to_be_bytes());
     s.write_all(&ask).unwrap();
     let mut got = 0;
     while got < total {
-        match s.read(&mut buf[LEAD..]) {
+        match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) => panic!("download after {got} bytes: {e}"),
