@@ -266,7 +266,7 @@ fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> R
     }
 }
 
-/// Every private key the token keeps (not the session copies that signatures use on SoftHSM).
+/// Every private key the token keeps (token objects, not session objects).
 const TOKEN_PRIVATE_KEYS: [Attribute; 2] = [
     Attribute::Class(ObjectClass::PRIVATE_KEY),
     Attribute::Token(true),

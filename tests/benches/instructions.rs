@@ -73,21 +73,25 @@ fn callgrind_control(args: &[&str], pid: u32) {
 
 /// Total instructions of a dump and the inclusive instructions of the token's functions.
 fn split(dump: &std::path::Path) -> (f64, f64) {
-    let text = std::fs::read_to_string(dump).unwrap_or_default();
-    let total: f64 = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("summary: ")
-                .or_else(|| l.strip_prefix("totals: "))
-        })
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
     let out = Command::new("callgrind_annotate")
         .args(["--inclusive=yes", "--threshold=100"])
         .arg(dump)
         .output()
         .expect("callgrind_annotate");
     let annotated = String::from_utf8_lossy(&out.stdout);
+    if let Ok(dir) = std::env::var("BENCH_KEEP_DUMPS") {
+        let _ = std::fs::copy(
+            dump,
+            std::path::Path::new(&dir).join(dump.file_name().unwrap()),
+        );
+    }
+    // "1,234,567 (100.0%)  PROGRAM TOTALS"
+    let total = annotated
+        .lines()
+        .find(|l| l.contains("PROGRAM TOTALS"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.replace(',', "").parse::<f64>().ok())
+        .unwrap_or(0.0);
     let token: f64 = annotated
         .lines()
         .filter(|l| l.contains("libsofthsm2"))
