@@ -284,6 +284,36 @@ pub(crate) fn private_handle(session: &Session, id: &[u8]) -> Result<ObjectHandl
     find_private(session, &KeyRef::Id(id.to_vec()))
 }
 
+/// Is `handle` still the token's private key with `id`? Asked of the token itself (one
+/// C_GetAttributeValue of CKA_CLASS, CKA_TOKEN and CKA_ID), so a key destroyed since, or a
+/// handle the token has handed to another object since, answers no. A handle the token no
+/// longer knows is a no, not an error; any other failure is the caller's.
+pub(crate) fn is_private_key(session: &Session, handle: ObjectHandle, id: &[u8]) -> Result<bool> {
+    use cryptoki::error::{Error as CkError, RvError};
+    let asked = [
+        AttributeType::Class,
+        AttributeType::Token,
+        AttributeType::Id,
+    ];
+    let attrs = match session.get_attributes(handle, &asked) {
+        Ok(attrs) => attrs,
+        Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)) => {
+            return Ok(false)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (mut class, mut token, mut same_id) = (false, false, false);
+    for a in attrs {
+        match a {
+            Attribute::Class(c) => class = c == ObjectClass::PRIVATE_KEY,
+            Attribute::Token(t) => token = t,
+            Attribute::Id(v) => same_id = v == id,
+            _ => {}
+        }
+    }
+    Ok(class && token && same_id)
+}
+
 /// Find a private key. Private objects are invisible when the session is not logged in
 /// (the token was logged out under us): report that as CKR_USER_NOT_LOGGED_IN so the
 /// session pool logs in again, rather than as a missing key.

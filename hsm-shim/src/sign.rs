@@ -114,15 +114,18 @@ pub fn set_sign_observer(f: SignObserver) {
 
 /// A key pair in the token that can sign. Cheap to clone; shares the token's session pool.
 ///
-/// Every signature finds the private key by its `CKA_ID` first (C_FindObjects, then
-/// C_SignInit + C_Sign): no handle is kept between signatures, so a key destroyed by this
-/// process or by another program on the token (as far as the token shows it) makes the next
-/// signature fail with an error that names the key, and a handle the token hands out again
-/// for another object is never taken for this key.
+/// Every signature first asks the token whether the key is still there: the handle found at
+/// the first signature is kept only while the token says it is still a private token key with
+/// this `CKA_ID` (one C_GetAttributeValue); otherwise the key is looked up by `CKA_ID` again
+/// (C_FindObjects). So a key destroyed by this process or by another program on the token (as
+/// far as the token shows it) makes the next signature fail with an error that names the key,
+/// and a handle the token hands out again for another object is never taken for this key.
 #[derive(Clone)]
 pub struct TokenKey {
     token: Arc<Token>,
     info: Arc<KeyInfo>,
+    /// The private key's handle, as last confirmed by the token (shared by clones).
+    handle: Arc<std::sync::Mutex<Option<cryptoki::object::ObjectHandle>>>,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -148,6 +151,7 @@ impl TokenKey {
         TokenKey {
             token,
             info: Arc::new(info),
+            handle: Arc::default(),
         }
     }
 
@@ -261,13 +265,29 @@ impl TokenKey {
         data: &[u8],
     ) -> Result<Vec<u8>> {
         let raw = self.token.with_session(|s| {
-            let h = crate::keys::private_handle(s, &self.info.id).map_err(|e| match e {
-                Error::KeyNotFound(_) => Error::KeyNotFound(self.describe()),
-                other => other,
-            })?;
+            let h = self.private_handle(s)?;
             Ok(s.sign(&mech, h, data)?)
         })?;
         finish(alg, raw)
+    }
+
+    /// The private key's handle, confirmed by the token in this session (see the type's doc).
+    fn private_handle(
+        &self,
+        s: &cryptoki::session::Session,
+    ) -> Result<cryptoki::object::ObjectHandle> {
+        let kept = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = kept {
+            if crate::keys::is_private_key(s, h, &self.info.id)? {
+                return Ok(h);
+            }
+        }
+        let found = crate::keys::private_handle(s, &self.info.id).map_err(|e| match e {
+            Error::KeyNotFound(_) => Error::KeyNotFound(self.describe()),
+            other => other,
+        });
+        *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = found.as_ref().ok().copied();
+        found
     }
 }
 

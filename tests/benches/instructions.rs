@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 const N: usize = 200;
 
 /// The module's entry points a signature request goes through.
-const TOKEN_FUNCTIONS: [&str; 6] = [
+const TOKEN_FUNCTIONS: [&str; 7] = [
+    "C_GetAttributeValue",
     "C_FindObjectsInit",
     "C_FindObjects",
     "C_FindObjectsFinal",

@@ -201,7 +201,7 @@ impl Bench {
                 "\n[[identity]]\nname = \"rsa\"\nkey_type = \"rsa-2048\"\nsubject = {{ cn = \"gw-0042-rsa\" }}\n\
                  issuer = \"portal\"\noverlap = \"1d\"\n\
                  \n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\nmax_concurrent_per_caller = 64\n\
-                 [[api.allow]]\nuids = [{uid}]\nidentities = [\"gw\", \"rsa\"]\noperations = [\"sign\"]\n\n\
+                 [[api.allow]]\nuids = [{uid}]\nidentities = [\"gw\", \"rsa\"]\noperations = [\"sign\", \"metrics\"]\n\n\
                  [[proxy]]\nname = \"bench\"\nlisten = \"127.0.0.1:{pport}\"\ntarget = \"127.0.0.1:{tport}\"\n\
                  identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n\n\
                  [[proxy]]\nname = \"bench-pre\"\nlisten = \"127.0.0.1:{preport}\"\ntarget = \"127.0.0.1:{tport}\"\n\

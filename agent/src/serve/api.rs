@@ -316,17 +316,19 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// Run one token call of a request on tokio's blocking pool, so that the runtime's workers
-/// go on serving other connections while the token works (a TPM takes milliseconds). The
-/// error says what failed, for the caller.
-async fn token_call<R: Send + 'static>(
-    f: impl FnOnce() -> hsm_shim::Result<R> + Send + 'static,
-) -> ApiResult<R> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(r) => r.map_err(token_error),
-        Err(e) => Err(ApiError(
+/// Run one token call of a request where the request is, under `block_in_place` (as the
+/// proxies' handshakes do: `run_token_call`), so that the runtime's other connections move to
+/// another worker while the token works (a TPM takes milliseconds) and the request is not
+/// handed to a second thread and back. The error says what failed, for the caller.
+fn token_call<R>(f: impl FnOnce() -> hsm_shim::Result<R>) -> ApiResult<R> {
+    let mut f = Some(f);
+    let mut out = None;
+    super::run_token_call(&mut || out = f.take().map(|f| f()));
+    match out {
+        Some(r) => r.map_err(token_error),
+        None => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("the token call ended abnormally: {e}"),
+            "the token call did not run".into(),
         )),
     }
 }
@@ -365,14 +367,13 @@ async fn sign(
     let alg_name = req.alg_name().to_owned();
     let job = req.check().map_err(bad)?;
     let key = s.key.clone();
-    let sig = token_call(move || {
+    let sig = token_call(|| {
         if job.prehashed {
             key.sign_digest(job.alg, &job.bytes)
         } else {
             key.sign(job.alg, &job.bytes)
         }
     })
-    .await
     .inspect_err(|_| count(&c, Operation::Sign, "error"))?;
     count(&c, Operation::Sign, "ok");
     Ok(Json(SignResponse {
@@ -418,11 +419,10 @@ async fn jws(
         .kid
         .or_else(|| s.kid.clone())
         .unwrap_or_else(|| s.fingerprint.clone());
-    let out = token_call(move || {
+    let out = token_call(|| {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
         hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
     })
-    .await
     .inspect_err(|_| count(&c, Operation::Jws, "error"))?;
     count(&c, Operation::Jws, "ok");
     Ok(Json(

@@ -36,17 +36,19 @@ pub struct Servers {
 
 impl Servers {
     /// The API, the proxies, the fleet channel and the metrics port on one runtime of two
-    /// workers; token calls leave the workers (`api::token_call`, `run_token_call`), so a
-    /// slow token holds up no connection. Idle workers sleep in the I/O driver with no timer.
+    /// workers; a token call runs under `block_in_place` (`run_token_call`), which moves the
+    /// worker's other connections to another thread, so a slow token holds up no connection.
+    /// Idle workers sleep in the I/O driver with no timer.
     pub fn new(
         identities: Arc<Identities>,
         wake: std::sync::mpsc::Sender<Wake>,
     ) -> Result<Servers> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            // Token calls (API requests, handshakes); the unit's TasksMax bounds the
-            // process's threads, so this pool is bounded well under it. A token signs one
-            // call at a time or close to it, so more threads would only wait on it.
+            // Threads that carry on a worker's queue while it is in a token call (API
+            // requests, handshakes); the unit's TasksMax bounds the process's threads, so
+            // this pool is bounded well under it. A token signs one call at a time or close
+            // to it, so more threads would only wait on it.
             .max_blocking_threads(8)
             .thread_name("edge-signer-io")
             .enable_all()

@@ -124,8 +124,9 @@ fn handoff_rtt(cpus: [usize; 2]) -> f64 {
 }
 
 /// Signatures/s through the API vs raw cryptoki, 1 and 2 threads, with the daemon's CPU per
-/// request and the part of it outside the token (the daemon's CPU per request minus raw
-/// cryptoki's CPU per signature on the same key); then the same API against p11-kit's
+/// request and the part of it outside the token (the daemon's CPU per request minus the time
+/// its token calls took, from its own `edge_signer_token_signature_seconds`: the key's check,
+/// C_SignInit and C_Sign, in process on SoftHSM); then the same API against p11-kit's
 /// PKCS#11 remoting, the peer a user would otherwise pick to share a token over a socket.
 pub(super) fn api_part(b: &Bench) {
     println!(
@@ -233,6 +234,26 @@ fn one_cpu_row(b: &Bench, sock: &std::path::Path) {
     );
 }
 
+/// The daemon's `edge_signer_token_signature_seconds` (sum, count) over every mechanism, read
+/// from `/metrics` on the API socket.
+fn token_seconds(b: &Bench) -> (f64, f64) {
+    let mut s = UnixStream::connect(b.env.path("api.sock")).expect("API socket");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let total = |series: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(series))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        total("edge_signer_token_signature_seconds_sum"),
+        total("edge_signer_token_signature_seconds_count"),
+    )
+}
+
 /// One row: raw cryptoki and the API alternated on key `id` (identity `identity`), `threads`
 /// client threads; prints the rates, the daemon's CPU per request and its part outside the
 /// token. Returns (raw, API) signatures/s.
@@ -245,17 +266,15 @@ fn row(
     threads: usize,
 ) -> (f64, f64) {
     let cpu = ProcCpu::start(b.daemon_pid());
-    let raw_cost = std::cell::Cell::new(hsm_shim::testing::bench::Cost::default());
+    let token_before = token_seconds(b);
     let (raw, api) = paired(
-        || {
-            let (r, c) = raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads);
-            raw_cost.set(raw_cost.get() + c);
-            r
-        },
+        || raw_rate_cost(&module(), LABEL, USER_PIN, id, kt, threads).0,
         || cpu.count(&api),
     );
     let daemon = cpu.per_op_us();
-    let outside = daemon - raw_cost.get().cpu_us_per_op();
+    let (sum, count) = token_seconds(b);
+    let in_token = (sum - token_before.0) / (count - token_before.1).max(1.0) * 1e6;
+    let outside = daemon - in_token;
     println!(
         "{label:<28} {threads:>7} {raw:>11.0} {api:>11.0} {:>7.3} {daemon:>12.0} {outside:>14.1}",
         api / raw
