@@ -130,8 +130,9 @@ pub fn drive_to_promotion(
     }
 }
 
-use crate::serve::identity::Identities;
-use crate::serve::{EngineRequest, Servers, Wake};
+use crate::control::{EngineRequest, Wake};
+use crate::identities::Identities;
+use crate::serve::Servers;
 
 /// After each engine pass: the served pairs, status, metrics and recent events follow the
 /// engine's register.

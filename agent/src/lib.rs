@@ -4,10 +4,12 @@
 
 pub mod clock;
 pub mod configuration;
+pub mod control;
 pub mod daemon;
 pub mod events;
 pub mod fleet;
 pub mod http;
+pub mod identities;
 pub mod issuer;
 pub mod lifecycle;
 pub mod local_api;

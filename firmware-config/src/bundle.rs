@@ -85,7 +85,7 @@ impl FromStr for Audience {
         let (kind, name) = s
             .split_once(':')
             .ok_or_else(|| format!("audience '{s}': write device:ID or group:NAME"))?;
-        if !crate::validate::safe_name(name) {
+        if !crate::names::safe_name(name) {
             return Err(format!(
                 "audience '{s}': '{name}' is not a safe device id or group name"
             ));

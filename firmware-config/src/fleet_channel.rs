@@ -74,19 +74,6 @@ impl MqttConfig {
     }
 }
 
-impl MqttConfig {
-    /// This device's id in topics: `device_id`, else the CN of the channel's identity (None
-    /// when neither is there; `check` refuses an id that is not a safe topic level).
-    pub fn device(&self, c: &crate::schema::Config) -> Option<String> {
-        self.device_id.clone().or_else(|| {
-            c.identities
-                .iter()
-                .find(|i| i.name == self.identity)
-                .map(|i| i.subject.cn.clone())
-        })
-    }
-}
-
 /// A topic level we build from configuration: no wildcards, separators or control chars.
 pub fn topic_safe(s: &str) -> bool {
     !s.is_empty()
@@ -96,59 +83,6 @@ pub fn topic_safe(s: &str) -> bool {
             .any(|c| matches!(c, '+' | '#' | '\0') || c.is_control())
         && !s.starts_with('/')
         && !s.ends_with('/')
-}
-
-/// Cross-field checks.
-pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, String)) {
-    let Some(m) = &c.fleet.mqtt else { return };
-    if let Err(e) = m.host_port() {
-        err("fleet.mqtt.broker".into(), e);
-    }
-    if !c.identities.iter().any(|i| i.name == m.identity) {
-        err(
-            "fleet.mqtt.identity".into(),
-            format!("'{}' names no [[identity]]", m.identity),
-        );
-    }
-    if m.server_ca.as_os_str().is_empty() {
-        err(
-            "fleet.mqtt.server_ca".into(),
-            "missing: the CA bundle the broker must chain to".into(),
-        );
-    }
-    if !topic_safe(&m.topic_prefix) {
-        err(
-            "fleet.mqtt.topic_prefix".into(),
-            "must be a topic without + # or leading/trailing /".into(),
-        );
-    }
-    match (&m.device_id, m.device(c)) {
-        (Some(d), _) if !crate::validate::safe_name(d) => err(
-            "fleet.mqtt.device_id".into(),
-            format!("'{d}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (it is a topic level, and the broker's ACL matches it with the certificate's CN)"),
-        ),
-        (None, Some(cn)) if !crate::validate::safe_name(&cn) => err(
-            "fleet.mqtt.device_id".into(),
-            format!("unset, so the device id would be the CN of identity '{}', '{cn}', which is not a safe topic level (no / + # or empty; 1 to 64 of A-Z a-z 0-9 . _ -): set fleet.mqtt.device_id", m.identity),
-        ),
-        _ => {}
-    }
-    if let Some(n) = &m.server_name {
-        if n.is_empty() || n.contains(['/', ' ', ':']) {
-            err(
-                "fleet.mqtt.server_name".into(),
-                format!("'{n}' is not a DNS name or IP address"),
-            );
-        }
-    }
-    for g in &m.groups {
-        if !crate::validate::safe_name(g) {
-            err(
-                "fleet.mqtt.groups".into(),
-                format!("'{g}' is not a safe name"),
-            );
-        }
-    }
 }
 
 #[cfg(test)]
@@ -170,7 +104,7 @@ mod tests {
             ..Default::default()
         });
         let mut errors = Vec::new();
-        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        crate::validate::fleet_channel(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
         errors
     }
 

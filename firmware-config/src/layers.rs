@@ -3,51 +3,13 @@
 //! `[[identity]]` and `[[issuer]]` entries merge by `name`; other arrays are replaced.
 //! Every leaf remembers the layer it came from, for `config show` and for error messages.
 
+use crate::config_error::join;
+pub use crate::config_error::{origin_of, ConfigError, ConfigErrors};
 use crate::schema::Config;
 use crate::validate;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use toml::{Table, Value};
-
-/// One configuration error: where (file, field path) and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// File or layer the value came from.
-    pub file: String,
-    /// Field path such as `identity[1].renewal.before` (empty for the whole file).
-    pub path: String,
-    /// What is wrong and, where it helps, what to do.
-    pub reason: String,
-}
-
-impl std::error::Error for ConfigError {}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.path.is_empty() {
-            write!(f, "{}: {}", self.file, self.reason)
-        } else {
-            write!(f, "{}: {}: {}", self.file, self.path, self.reason)
-        }
-    }
-}
-
-/// All errors found, reported at once.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
 
 /// Which hand wrote a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,14 +138,6 @@ fn record(origins: &mut BTreeMap<String, String>, path: &str, v: &Value, source:
         _ => {
             origins.insert(path.to_owned(), source.to_owned());
         }
-    }
-}
-
-fn join(prefix: &str, k: &str) -> String {
-    if prefix.is_empty() {
-        k.to_owned()
-    } else {
-        format!("{prefix}.{k}")
     }
 }
 
@@ -317,43 +271,6 @@ fn restricted_errors(layer: &Layer) -> Vec<ConfigError> {
             reason: format!("may not be set here: {why}"),
         })
         .collect()
-}
-
-/// Find the file that set `path` (or the deepest value under it).
-pub fn origin_of(
-    origins: &BTreeMap<String, String>,
-    path: &str,
-    unknown_field: Option<&str>,
-) -> String {
-    if let Some(f) = unknown_field {
-        let key = join(path, f);
-        if let Some(src) = origins
-            .iter()
-            .find(|(k, _)| {
-                **k == key || k.starts_with(&format!("{key}.")) || k.starts_with(&format!("{key}["))
-            })
-            .map(|(_, s)| s)
-        {
-            return src.clone();
-        }
-    }
-    if let Some(src) = origins.get(path) {
-        return src.clone();
-    }
-    let under: Vec<&String> = origins
-        .iter()
-        .filter(|(k, _)| {
-            path.is_empty()
-                || k.starts_with(&format!("{path}."))
-                || k.starts_with(&format!("{path}["))
-        })
-        .map(|(_, s)| s)
-        .collect();
-    match under.last() {
-        Some(s) if under.iter().all(|x| x == s) => (*s).clone(),
-        Some(_) => "merged configuration".into(),
-        None => "not set in any file".into(),
-    }
 }
 
 /// Merge layers in order, then type-check and validate the result.

@@ -9,9 +9,11 @@
 
 mod atomic;
 pub mod bundle;
+mod config_error;
 pub mod fleet_channel;
 pub mod fleet_store;
 pub mod layers;
+mod names;
 pub mod schema;
 pub mod serving;
 pub mod signer;

@@ -519,3 +519,17 @@ pub struct NotifyConfig {
     /// Command run for each event, with the event as JSON on stdin.
     pub exec: Option<PathBuf>,
 }
+impl Config {
+    /// This device's id in fleet topics: `fleet.mqtt.device_id`, else the CN of the channel's
+    /// identity (None without a channel or when neither is there; validation refuses an id
+    /// that is not a safe topic level).
+    pub fn fleet_device(&self) -> Option<String> {
+        let m = self.fleet.mqtt.as_ref()?;
+        m.device_id.clone().or_else(|| {
+            self.identities
+                .iter()
+                .find(|i| i.name == m.identity)
+                .map(|i| i.subject.cn.clone())
+        })
+    }
+}

@@ -207,99 +207,6 @@ impl ProxyConfig {
     }
 }
 
-/// Cross-field checks of `[api]` and `[[proxy]]`.
-pub(crate) fn check(c: &crate::schema::Config, err: &mut dyn FnMut(String, String)) {
-    let identities: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
-    for (i, r) in c.api.rules.iter().enumerate() {
-        for name in &r.identities {
-            if name != "*" && !identities.contains(&name.as_str()) {
-                err(
-                    format!("api.allow[{i}].identities"),
-                    format!("'{name}' names no [[identity]]"),
-                );
-            }
-        }
-        if r.uids.is_empty() && r.gids.is_empty() {
-            err(
-                format!("api.allow[{i}]"),
-                "names no caller: give uids or gids".into(),
-            );
-        }
-    }
-    for (field, zero) in [
-        ("max_request_bytes", c.api.max_request_bytes == 0),
-        (
-            "max_concurrent_per_caller",
-            c.api.max_concurrent_per_caller == 0,
-        ),
-        ("max_connections", c.api.max_connections == 0),
-        (
-            "max_connections_per_caller",
-            c.api.max_connections_per_caller == 0,
-        ),
-        ("header_timeout", c.api.header_timeout.0 == 0),
-        ("body_timeout", c.api.body_timeout.0 == 0),
-    ] {
-        if zero {
-            err(format!("api.{field}"), "must be more than 0".into());
-        }
-    }
-    if let Some(addr) = &c.api.metrics_listen {
-        match addr.parse::<std::net::SocketAddr>() {
-            Err(_) => err(
-                "api.metrics_listen".into(),
-                format!("'{addr}' is not IP:PORT"),
-            ),
-            Ok(a) if !a.ip().is_loopback() && !c.api.unsafe_metrics_listen => err(
-                "api.metrics_listen".into(),
-                format!("'{addr}' is not loopback: every host that reaches it would read this device's metrics; use 127.0.0.1:PORT (or set api.unsafe_metrics_listen = true)"),
-            ),
-            Ok(_) => {}
-        }
-    }
-    let mut names = std::collections::HashSet::new();
-    for (i, p) in c.proxies.iter().enumerate() {
-        let at = |f: &str| format!("proxy[{i}].{f}");
-        if !crate::validate::safe_name(&p.name) {
-            err(at("name"), format!("'{}' is not a safe name", p.name));
-        } else if !names.insert(p.name.as_str()) {
-            err(at("name"), format!("'{}' is used twice", p.name));
-        }
-        match p.listen_addr() {
-            Err(e) => err(at("listen"), e),
-            Ok(Listen::Tcp(_)) if !p.allowed_uids.is_empty() || !p.allowed_gids.is_empty() => err(
-                at("allowed_uids"),
-                format!("'{}' is a TCP address, which cannot tell callers apart: allowed_uids and allowed_gids need a Unix socket path in listen", p.listen),
-            ),
-            Ok(_) => {}
-        }
-        if !p.target.contains(':') {
-            err(at("target"), format!("'{}' is not host:port", p.target));
-        }
-        if !identities.contains(&p.identity.as_str()) {
-            err(
-                at("identity"),
-                format!("'{}' names no [[identity]]", p.identity),
-            );
-        }
-        if p.server_ca.as_os_str().is_empty() {
-            err(
-                at("server_ca"),
-                "missing: the CA bundle the server must chain to".into(),
-            );
-        }
-        for (field, zero) in [
-            ("max_connections", p.max_connections == 0),
-            ("idle_timeout", p.idle_timeout.0 == 0),
-            ("connect_timeout", p.connect_timeout.0 == 0),
-        ] {
-            if zero {
-                err(at(field), "must be more than 0".into());
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,7 +255,7 @@ mod tests {
         });
         c.api.metrics_listen = Some("0.0.0.0:9464".into());
         let mut errors = Vec::new();
-        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        crate::validate::serving(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
         let has = |errors: &[String], p: &str| errors.iter().any(|e| e.starts_with(p));
         assert!(
             has(
@@ -367,7 +274,7 @@ mod tests {
         c.api.unsafe_metrics_listen = true;
         c.proxies[0].listen = "/run/edge-signer/p.sock".into();
         errors.clear();
-        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        crate::validate::serving(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
         assert!(
             !has(&errors, "proxy[0].allowed_uids") && !has(&errors, "api.metrics_listen"),
             "{errors:?}"
@@ -383,7 +290,7 @@ mod tests {
             ..Default::default()
         });
         let mut errors = Vec::new();
-        check(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
+        crate::validate::serving(&c, &mut |at, why| errors.push(format!("{at}: {why}")));
         assert!(
             errors.contains(&"proxy[0].connect_timeout: must be more than 0".to_owned()),
             "{errors:?}"

@@ -374,7 +374,7 @@ impl Sources {
     fn check_audience(&self, bundle: &Bundle, channel: Channel) -> Result<(), ApplyError> {
         let cfg = self.load().map_err(ApplyError::Config)?.effective.config;
         let (device, groups) = match &cfg.fleet.mqtt {
-            Some(m) => (m.device(&cfg), m.groups.clone()),
+            Some(m) => (cfg.fleet_device(), m.groups.clone()),
             None => (None, Vec::new()),
         };
         if bundle.addressed_to(device.as_deref(), &groups) {

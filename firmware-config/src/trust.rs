@@ -213,7 +213,7 @@ pub fn apply(current: &TrustSet, dir: &Path, bytes: &[u8]) -> Result<TrustReport
     let keys = payload_keys(&bundle)?;
     let continue_from = doc(&bundle)?.continue_from;
     std::fs::create_dir_all(dir)?;
-    crate::store::atomic_write(&dir.join(format!("v{}.bundle", bundle.version)), bytes)?;
+    crate::atomic::atomic_write(&dir.join(format!("v{}.bundle", bundle.version)), bytes)?;
     let new = describe(&keys);
     Ok(TrustReport {
         version: bundle.version,

@@ -1,18 +1,11 @@
 //! Checks that span fields: names resolve and are unique, windows fit, bounds hold.
 
-use crate::layers::{origin_of, ConfigError};
+use crate::config_error::{origin_of, ConfigError};
 use crate::schema::{Config, IssuerConfig, RenewAt};
 use crate::units::Duration;
 use std::collections::{BTreeMap, HashSet};
 
-/// Names that become file names and key labels: `[A-Za-z0-9._-]{1,64}`, not starting with
-/// `.` or `-` (no `/`, no `..`, no `:` that would blur `edge-signer:<identity>:g<N>`).
-pub fn safe_name(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && !s.starts_with(['.', '-'])
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
+pub use crate::names::safe_name;
 
 /// A CA bundle file the daemon will need: readable now, and holding at least one PEM
 /// certificate (a reload that names a missing file is refused instead of half-applied).
@@ -159,8 +152,8 @@ pub fn check(c: &Config, origins: &BTreeMap<String, String>) -> Vec<ConfigError>
     if c.serial.baud == 0 {
         err("serial.baud".into(), "must be more than 0".into());
     }
-    crate::serving::check(c, &mut err);
-    crate::fleet_channel::check(c, &mut err);
+    serving(c, &mut err);
+    fleet_channel(c, &mut err);
     errs
 }
 
@@ -326,5 +319,150 @@ fn check_renewal(
             format!("{p}.renewal.retry_min"),
             "must be more than 0s".into(),
         );
+    }
+}
+/// Cross-field checks of `[api]` and `[[proxy]]`.
+pub(crate) fn serving(c: &Config, err: &mut dyn FnMut(String, String)) {
+    let identities: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
+    for (i, r) in c.api.rules.iter().enumerate() {
+        for name in &r.identities {
+            if name != "*" && !identities.contains(&name.as_str()) {
+                err(
+                    format!("api.allow[{i}].identities"),
+                    format!("'{name}' names no [[identity]]"),
+                );
+            }
+        }
+        if r.uids.is_empty() && r.gids.is_empty() {
+            err(
+                format!("api.allow[{i}]"),
+                "names no caller: give uids or gids".into(),
+            );
+        }
+    }
+    for (field, zero) in [
+        ("max_request_bytes", c.api.max_request_bytes == 0),
+        (
+            "max_concurrent_per_caller",
+            c.api.max_concurrent_per_caller == 0,
+        ),
+        ("max_connections", c.api.max_connections == 0),
+        (
+            "max_connections_per_caller",
+            c.api.max_connections_per_caller == 0,
+        ),
+        ("header_timeout", c.api.header_timeout.0 == 0),
+        ("body_timeout", c.api.body_timeout.0 == 0),
+    ] {
+        if zero {
+            err(format!("api.{field}"), "must be more than 0".into());
+        }
+    }
+    if let Some(addr) = &c.api.metrics_listen {
+        match addr.parse::<std::net::SocketAddr>() {
+            Err(_) => err(
+                "api.metrics_listen".into(),
+                format!("'{addr}' is not IP:PORT"),
+            ),
+            Ok(a) if !a.ip().is_loopback() && !c.api.unsafe_metrics_listen => err(
+                "api.metrics_listen".into(),
+                format!("'{addr}' is not loopback: every host that reaches it would read this device's metrics; use 127.0.0.1:PORT (or set api.unsafe_metrics_listen = true)"),
+            ),
+            Ok(_) => {}
+        }
+    }
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in c.proxies.iter().enumerate() {
+        let at = |f: &str| format!("proxy[{i}].{f}");
+        if !safe_name(&p.name) {
+            err(at("name"), format!("'{}' is not a safe name", p.name));
+        } else if !names.insert(p.name.as_str()) {
+            err(at("name"), format!("'{}' is used twice", p.name));
+        }
+        match p.listen_addr() {
+            Err(e) => err(at("listen"), e),
+            Ok(crate::serving::Listen::Tcp(_)) if !p.allowed_uids.is_empty() || !p.allowed_gids.is_empty() => err(
+                at("allowed_uids"),
+                format!("'{}' is a TCP address, which cannot tell callers apart: allowed_uids and allowed_gids need a Unix socket path in listen", p.listen),
+            ),
+            Ok(_) => {}
+        }
+        if !p.target.contains(':') {
+            err(at("target"), format!("'{}' is not host:port", p.target));
+        }
+        if !identities.contains(&p.identity.as_str()) {
+            err(
+                at("identity"),
+                format!("'{}' names no [[identity]]", p.identity),
+            );
+        }
+        if p.server_ca.as_os_str().is_empty() {
+            err(
+                at("server_ca"),
+                "missing: the CA bundle the server must chain to".into(),
+            );
+        }
+        for (field, zero) in [
+            ("max_connections", p.max_connections == 0),
+            ("idle_timeout", p.idle_timeout.0 == 0),
+            ("connect_timeout", p.connect_timeout.0 == 0),
+        ] {
+            if zero {
+                err(at(field), "must be more than 0".into());
+            }
+        }
+    }
+}
+
+/// Cross-field checks of `[fleet.mqtt]`.
+pub(crate) fn fleet_channel(c: &Config, err: &mut dyn FnMut(String, String)) {
+    let Some(m) = &c.fleet.mqtt else { return };
+    if let Err(e) = m.host_port() {
+        err("fleet.mqtt.broker".into(), e);
+    }
+    if !c.identities.iter().any(|i| i.name == m.identity) {
+        err(
+            "fleet.mqtt.identity".into(),
+            format!("'{}' names no [[identity]]", m.identity),
+        );
+    }
+    if m.server_ca.as_os_str().is_empty() {
+        err(
+            "fleet.mqtt.server_ca".into(),
+            "missing: the CA bundle the broker must chain to".into(),
+        );
+    }
+    if !crate::fleet_channel::topic_safe(&m.topic_prefix) {
+        err(
+            "fleet.mqtt.topic_prefix".into(),
+            "must be a topic without + # or leading/trailing /".into(),
+        );
+    }
+    match (&m.device_id, c.fleet_device()) {
+        (Some(d), _) if !safe_name(d) => err(
+            "fleet.mqtt.device_id".into(),
+            format!("'{d}' is not a safe name: use 1 to 64 of A-Z a-z 0-9 . _ - (it is a topic level, and the broker's ACL matches it with the certificate's CN)"),
+        ),
+        (None, Some(cn)) if !safe_name(&cn) => err(
+            "fleet.mqtt.device_id".into(),
+            format!("unset, so the device id would be the CN of identity '{}', '{cn}', which is not a safe topic level (no / + # or empty; 1 to 64 of A-Z a-z 0-9 . _ -): set fleet.mqtt.device_id", m.identity),
+        ),
+        _ => {}
+    }
+    if let Some(n) = &m.server_name {
+        if n.is_empty() || n.contains(['/', ' ', ':']) {
+            err(
+                "fleet.mqtt.server_name".into(),
+                format!("'{n}' is not a DNS name or IP address"),
+            );
+        }
+    }
+    for g in &m.groups {
+        if !safe_name(g) {
+            err(
+                "fleet.mqtt.groups".into(),
+                format!("'{g}' is not a safe name"),
+            );
+        }
     }
 }

@@ -9,95 +9,14 @@ use cryptoki::object::{
     Attribute, AttributeType, CertificateType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
 };
 use cryptoki::session::Session;
-use std::str::FromStr;
 
-/// Key types edge-signer generates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KeyType {
-    /// ECDSA on NIST P-256.
-    EcP256,
-    /// ECDSA on NIST P-384.
-    EcP384,
-    /// RSA with a 2048-bit modulus.
-    Rsa2048,
-    /// RSA with a 3072-bit modulus.
-    Rsa3072,
-}
-
-/// DER of the named-curve OIDs (CKA_EC_PARAMS).
-const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-const P384_PARAMS: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
 const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
 const RSA_ENCRYPTION_OID: &[u8] = &[
     0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
 ];
 
-impl KeyType {
-    /// All supported types.
-    pub const ALL: [KeyType; 4] = [
-        KeyType::EcP256,
-        KeyType::EcP384,
-        KeyType::Rsa2048,
-        KeyType::Rsa3072,
-    ];
-
-    /// The name used in config and on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyType::EcP256 => "ec-p256",
-            KeyType::EcP384 => "ec-p384",
-            KeyType::Rsa2048 => "rsa-2048",
-            KeyType::Rsa3072 => "rsa-3072",
-        }
-    }
-
-    /// True for the EC types.
-    pub fn is_ec(self) -> bool {
-        matches!(self, KeyType::EcP256 | KeyType::EcP384)
-    }
-
-    /// Coordinate length in bytes for EC types.
-    pub fn ec_coord_len(self) -> usize {
-        match self {
-            KeyType::EcP384 => 48,
-            _ => 32,
-        }
-    }
-
-    fn ec_params(self) -> Option<&'static [u8]> {
-        match self {
-            KeyType::EcP256 => Some(P256_PARAMS),
-            KeyType::EcP384 => Some(P384_PARAMS),
-            _ => None,
-        }
-    }
-
-    /// `CK_ULONG` is `unsigned long`: 32 bits on armhf, 64 on arm64 and amd64.
-    pub(crate) fn modulus_bits(self) -> std::ffi::c_ulong {
-        match self {
-            KeyType::Rsa3072 => 3072,
-            _ => 2048,
-        }
-    }
-}
-
-impl std::fmt::Display for KeyType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.pad(self.as_str())
-    }
-}
-
-impl FromStr for KeyType {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        KeyType::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!("unknown key type '{s}'; expected ec-p256, ec-p384, rsa-2048 or rsa-3072")
-            })
-    }
-}
+pub use crate::alg::KeyType;
+use crate::alg::{P256_PARAMS, P384_PARAMS};
 
 /// A private key object named by its `CKA_ID` and `CKA_LABEL` only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -522,5 +441,3 @@ impl Token {
         })
     }
 }
-
-pub use crate::protection::PrivateKeyProtection;

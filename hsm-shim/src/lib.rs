@@ -8,6 +8,7 @@
 //! tpm2-pkcs11 over a simulated TPM.
 #![deny(missing_docs)]
 
+pub mod alg;
 pub mod csr;
 mod der;
 pub mod error;
@@ -28,6 +29,7 @@ pub use error::{Error, Result};
 pub use keys::{KeyInfo, KeyRef, KeyType};
 pub use mechanisms::Mechanisms;
 pub use pin::{Pin, PinSource};
+pub use protection::PrivateKeyProtection;
 pub use sign::{Hash, SignAlg, TokenKey};
 pub use tls::TlsSigningKey;
 pub use token::{Token, TokenSelector, TokenSummary};

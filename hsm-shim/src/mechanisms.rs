@@ -4,9 +4,8 @@
 //! Key generation and every signature pick their mechanism here, and an error names what the
 //! token lacks.
 
+use crate::alg::{Hash, KeyType, SignAlg};
 use crate::error::{Error, Result};
-use crate::keys::KeyType;
-use crate::sign::{Hash, SignAlg};
 use cryptoki::mechanism::{MechanismInfo, MechanismType};
 
 /// The mechanisms of one token with their info.

@@ -258,7 +258,7 @@ fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled()
 /// already served keeps serving; later passes keep refusing it.
 #[test]
 fn a_promoted_pair_whose_key_was_replaced_is_never_served() {
-    use edge_signer::serve::identity::Identities;
+    use edge_signer::identities::Identities;
     let (t, clock, _up, mut e, _) = sim_engine("7d", "0s");
     run_to(&mut e, &clock, 1);
     let served = Identities::default();

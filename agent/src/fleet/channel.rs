@@ -5,8 +5,8 @@
 //! events, and `online`. Reconnects with backoff and jitter; every queue is bounded.
 
 use super::Topics;
-use crate::serve::identity::{Identities, Resolver, ServingIdentity};
-use crate::serve::{ask, EngineRequest, Unanswered, Wake};
+use crate::control::{ask, EngineRequest, Unanswered, Wake};
+use crate::identities::{Identities, Resolver, ServingIdentity};
 use firmware_config::fleet_channel::MqttConfig;
 use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use std::path::PathBuf;
@@ -46,8 +46,8 @@ impl Channel {
         identities: &Arc<Identities>,
         wake: &std::sync::mpsc::Sender<Wake>,
     ) -> anyhow::Result<Channel> {
-        let device = m
-            .device(cfg)
+        let device = cfg
+            .fleet_device()
             .filter(|d| firmware_config::validate::safe_name(d))
             .ok_or_else(|| {
                 anyhow::anyhow!(

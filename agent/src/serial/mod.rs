@@ -9,8 +9,8 @@ pub mod protocol;
 pub mod session;
 
 use crate::clock::{rfc3339, Clock, Unix};
-use crate::serve::identity::Identities;
-use crate::serve::{EngineRequest, Reply, Wake};
+use crate::control::{EngineRequest, Reply, Wake};
+use crate::identities::Identities;
 use firmware_config::FleetKey;
 use hsm_shim::Token;
 use protocol::Answer;

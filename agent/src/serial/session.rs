@@ -6,8 +6,8 @@
 use super::auth::{self, Grant};
 use super::protocol::{parse, Answer, Command, Line, LineReader, PROTOCOL};
 use super::Shared;
+use crate::control::EngineRequest;
 use crate::events::{Event, Severity};
-use crate::serve::EngineRequest;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 

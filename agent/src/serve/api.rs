@@ -3,10 +3,10 @@
 //! clients). Each connection's caller is identified by `SO_PEERCRED`; every request is
 //! checked against `[api] allow` rules (no implicit root); refusals are 403 with a reason.
 
-use super::identity::{Identities, Served};
 use super::metrics;
 use super::requests::{JwsRequest, SignRequest};
-use super::{EngineRequest, Wake};
+use crate::control::{EngineRequest, Wake};
+use crate::identities::{Identities, Served};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -323,7 +323,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
 fn token_call<R>(f: impl FnOnce() -> hsm_shim::Result<R>) -> ApiResult<R> {
     let mut f = Some(f);
     let mut out = None;
-    super::run_token_call(&mut || out = f.take().map(|f| f()));
+    crate::identities::run_token_call(&mut || out = f.take().map(|f| f()));
     match out {
         Some(r) => r.map_err(token_error),
         None => Err(ApiError(
@@ -438,14 +438,14 @@ async fn ask_engine(
     op: Operation,
     req: EngineRequest,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let answer = super::ask(&st.wake, req, std::time::Duration::from_secs(60))
+    let answer = crate::control::ask(&st.wake, req, std::time::Duration::from_secs(60))
         .await
         .map_err(|e| match e {
-            super::Unanswered::Stopping => ApiError(
+            crate::control::Unanswered::Stopping => ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the engine is stopping".into(),
             ),
-            super::Unanswered::Late => ApiError(
+            crate::control::Unanswered::Late => ApiError(
                 StatusCode::GATEWAY_TIMEOUT,
                 "the engine did not answer within 60 s; see `edge-signer status`".into(),
             ),

@@ -3,9 +3,10 @@
 //! listener serving, keeps the proxy's old listener when it had one, and says what is down.
 
 use super::api::{ApiState, Policy};
-use super::identity::Identities;
+use super::http;
 use super::proxy::{self, Access};
-use super::{http, Wake};
+use crate::control::Wake;
+use crate::identities::Identities;
 use anyhow::{Context, Result};
 use firmware_config::fleet_channel::MqttConfig;
 use firmware_config::schema::ProxyConfig;

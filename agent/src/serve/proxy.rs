@@ -4,9 +4,9 @@
 //! side closes, after `idle_timeout` without a byte, or at the not-after of the certificate
 //! it authenticated with (the peer would refuse it from then on anyway).
 
-use super::identity::{Resolver, ServingIdentity};
 use super::metrics;
 use super::preconnect::{Spare, Upstream};
+use crate::identities::{Resolver, ServingIdentity};
 use anyhow::{Context, Result};
 use firmware_config::schema::{Listen, ProxyConfig};
 use rustls::pki_types::ServerName;

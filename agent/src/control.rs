@@ -1,7 +1,42 @@
-//! How a server asks the engine thread (the one writer of the register) to do something,
-//! and waits for its answer.
+//! The daemon's control plane: what wakes the engine thread (the one writer of the register),
+//! the requests the API, the serial console and the fleet channel hand it, and how they wait
+//! for its answer.
 
-use super::{EngineRequest, Wake};
+/// What wakes the engine thread.
+#[derive(Debug)]
+pub enum Wake {
+    /// SIGHUP: reload the configuration.
+    Reload,
+    /// SIGTERM/SIGINT.
+    Stop,
+    /// A request through the API, answered on `Reply`.
+    Command(EngineRequest, Reply),
+}
+
+/// What the API asks the engine to do (the engine is the one writer of the register).
+pub enum EngineRequest {
+    /// Rotate now (queued during an overlap).
+    Rotate(String),
+    /// Retire a generation.
+    Retire(String, u32),
+    /// Revoke a generation.
+    Revoke(String, u32),
+    /// Apply a signed bundle that came through a channel (then reload).
+    Apply(Vec<u8>, firmware_config::Channel),
+}
+
+impl std::fmt::Debug for EngineRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EngineRequest::Rotate(n) => write!(f, "rotate {n}"),
+            EngineRequest::Retire(n, g) => write!(f, "retire {n} generation {g}"),
+            EngineRequest::Revoke(n, g) => write!(f, "revoke {n} generation {g}"),
+            EngineRequest::Apply(b, c) => {
+                write!(f, "apply a bundle of {} bytes from the {c}", b.len())
+            }
+        }
+    }
+}
 
 /// The engine's answer to a request: what it did, or why not.
 pub type Answer = Result<serde_json::Value, String>;

@@ -105,7 +105,7 @@ fn load(engine: &Engine, name: &str, g: &Generation) -> anyhow::Result<Served> {
     let chain_pem = g.cert_pem.clone().unwrap_or_default();
     let certified = match &g.cert_pem {
         Some(pem) => Some(hsm_shim::tls::certified_key(
-            hsm_shim::TlsSigningKey::new(key.clone()).with_runner(super::run_token_call),
+            hsm_shim::TlsSigningKey::new(key.clone()).with_runner(run_token_call),
             crate::validate::parse_chain(pem)?,
         )?),
         None => None,
@@ -321,5 +321,20 @@ impl rustls::client::ResolvesClientCert for Resolver {
 impl rustls::server::ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.0.get().and_then(|s| s.certified.clone())
+    }
+}
+
+/// Run a synchronous token call made inside an async task (a handshake signature of a
+/// proxy or of the fleet channel) under `block_in_place`, which hands this worker's queue and
+/// I/O driver to another thread while the token works, so that a TPM's milliseconds do not
+/// hold up the other connections on it. Outside a multi-thread runtime (the CLI, the
+/// engine's own calls) it just runs.
+pub fn run_token_call(call: &mut dyn FnMut()) {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
     }
 }
