@@ -80,16 +80,25 @@ pub fn drive_to_promotion(
 ) -> Result<()> {
     let start = std::time::Instant::now();
     let mut last = String::new();
-    let before = engine.reg.identities.get(name).and_then(|r| r.current);
+    let before = engine
+        .register()
+        .identities
+        .get(name)
+        .and_then(|r| r.current);
     // An unfinished rotation (or one that got as far as the overlap) completes, not restarts.
     let resuming = engine
-        .reg
+        .register()
         .identities
         .get(name)
         .is_some_and(|r| r.pending.is_some() || r.step == Step::Overlap);
     loop {
         let (until, what) = engine.drive(name)?;
-        let rec = engine.reg.identities.get(name).cloned().unwrap_or_default();
+        let rec = engine
+            .register()
+            .identities
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
         if let (Some(f), None) = (&rec.failure, rec.pending) {
             anyhow::bail!(
                 "{}; the current generation ({}) keeps serving; next attempt at {}",
@@ -130,7 +139,7 @@ pub fn drive_to_promotion(
     }
 }
 
-use crate::control::{EngineRequest, Wake};
+use crate::control::{EngineAnswer, EngineCommand, EngineRequest, Outcome};
 use crate::identities::Identities;
 use crate::serve::Servers;
 
@@ -146,7 +155,7 @@ fn publish(engine: &mut Engine, identities: &Identities) -> Vec<crate::lifecycle
                 .set(s.not_after as i64);
         }
     }
-    let events: Vec<_> = engine.events.log.drain(..).collect();
+    let events: Vec<_> = engine.take_events();
     for e in &events {
         let result = match e.kind.as_str() {
             "promoted" => "success",
@@ -171,7 +180,7 @@ fn publish(engine: &mut Engine, identities: &Identities) -> Vec<crate::lifecycle
 }
 
 /// Forward SIGHUP/SIGTERM/SIGINT to the engine thread's channel.
-fn signal_thread(tx: mpsc::Sender<Wake>) -> Result<()> {
+fn signal_thread(tx: mpsc::Sender<EngineCommand>) -> Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGTERM,
@@ -183,9 +192,9 @@ fn signal_thread(tx: mpsc::Sender<Wake>) -> Result<()> {
         .spawn(move || {
             for s in signals.forever() {
                 let w = if s == signal_hook::consts::SIGHUP {
-                    Wake::Reload
+                    EngineCommand::Reload
                 } else {
-                    Wake::Stop
+                    EngineCommand::Stop
                 };
                 if tx.send(w).is_err() {
                     break;
@@ -221,10 +230,8 @@ impl Daemon<'_> {
     /// logged (by `Servers::start`), an event, in `status` and in systemd's STATUS line.
     fn restart_servers(&mut self) {
         let down = self.servers.start(self.engine.config());
-        let now = self.engine.now();
         for d in &down {
-            self.engine.events.emit(
-                now,
+            self.engine.raise(
                 "listener-down",
                 "",
                 crate::events::Severity::Critical,
@@ -259,13 +266,14 @@ impl Daemon<'_> {
             config_rows: rows,
             fleet_version,
             token: self.engine.token().clone(),
-            clock_floor: crate::lifecycle::plan::clock_floor(&self.engine.reg),
+            clock_floor: crate::lifecycle::plan::clock_floor(self.engine.register()),
         });
     }
 
     fn status_line(&self) -> String {
         let now = self.engine.now();
-        let rows = crate::lifecycle::plan::status(self.engine.config(), &self.engine.reg, now);
+        let rows =
+            crate::lifecycle::plan::status(self.engine.config(), self.engine.register(), now);
         self.with_down(crate::systemd::status_line(&rows, now))
     }
 
@@ -291,9 +299,7 @@ impl Daemon<'_> {
                 Ok(())
             }
             Err(e) => {
-                let now = self.clock.now();
-                self.engine.events.emit(
-                    now,
+                self.engine.raise(
                     "reload-refused",
                     "",
                     crate::events::Severity::Critical,
@@ -322,28 +328,30 @@ impl Daemon<'_> {
     }
 
     /// Do what the API asked; a bundle applied reloads the configuration.
-    fn command(&mut self, req: EngineRequest) -> Result<serde_json::Value, String> {
+    fn command(&mut self, req: EngineRequest) -> EngineAnswer {
         let e = &mut self.engine;
         let out = match req {
-            EngineRequest::Rotate(name) => e
-                .force(&name)
-                .map(|()| serde_json::json!({ "queued": name })),
-            EngineRequest::Retire(name, n) => e
-                .retire(&name, n)
-                .map(|()| serde_json::json!({ "retired": n, "identity": name })),
-            EngineRequest::Revoke(name, n) => e
-                .revoke(&name, n)
-                .map(|()| serde_json::json!({ "revoked": n, "identity": name })),
+            EngineRequest::Rotate(name) => {
+                e.force(&name).map(|()| Outcome::Queued { queued: name })
+            }
+            EngineRequest::Retire(name, n) => e.retire(&name, n).map(|()| Outcome::Retired {
+                identity: name,
+                retired: n,
+            }),
+            EngineRequest::Revoke(name, n) => e.revoke(&name, n).map(|()| Outcome::Revoked {
+                identity: name,
+                revoked: n,
+            }),
             EngineRequest::Apply(bytes, channel) => {
                 let applied = self
                     .sources
                     .apply_from(&bytes, channel)
                     .map_err(|e| e.to_string())?;
-                let v = serde_json::to_value(&applied).unwrap_or_default();
                 let unchanged = match &applied {
                     firmware_config::Applied::Config(r) => r.already_in_effect,
                     firmware_config::Applied::Trust(t) => t.already_in_effect,
                 };
+                let v = Outcome::Applied(applied);
                 if unchanged {
                     return Ok(v);
                 }
@@ -416,16 +424,16 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         }
         tracing::debug!(next = %rfc3339(now + wait.as_secs()), "sleeping until the next deadline");
         match rx.recv_timeout(wait) {
-            Ok(Wake::Reload) => {
+            Ok(EngineCommand::Reload) => {
                 tracing::info!("SIGHUP: reloading the configuration");
                 d.reload()?.ok();
             }
-            Ok(Wake::Stop) => {
+            Ok(EngineCommand::Stop) => {
                 tracing::info!("stopping");
                 d.systemd.stopping();
                 return Ok(());
             }
-            Ok(Wake::Command(req, reply)) => {
+            Ok(EngineCommand::Request(req, reply)) => {
                 tracing::info!(request = ?req, "asked through the API");
                 reply.send(d.command(req));
             }

@@ -235,7 +235,7 @@ impl Identities {
     /// token keys). Returns the status rows it published.
     pub fn refresh(&self, engine: &Engine) -> Vec<crate::lifecycle::plan::Status> {
         let now = engine.now();
-        let rows = crate::lifecycle::plan::status(engine.config(), &engine.reg, now);
+        let rows = crate::lifecycle::plan::status(engine.config(), engine.register(), now);
         let st = serde_json::to_value(&rows).unwrap_or_default();
         let changed = {
             let mut cur = self.status.write().unwrap_or_else(|p| p.into_inner());
@@ -249,7 +249,7 @@ impl Identities {
         for cfg in &engine.config().identities {
             let slot = self.slot(&cfg.name);
             let Some(g) = engine
-                .reg
+                .register()
                 .identities
                 .get(&cfg.name)
                 .and_then(|r| r.current_gen())

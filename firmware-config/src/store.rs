@@ -119,7 +119,7 @@ pub struct Change {
 }
 
 /// What `apply_any` did.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Applied {
     /// A configuration bundle.
@@ -129,7 +129,7 @@ pub enum Applied {
 }
 
 /// What `apply` did.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ApplyReport {
     /// The new version.
     pub version: u64,

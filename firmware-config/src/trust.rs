@@ -76,7 +76,7 @@ pub enum TrustError {
 }
 
 /// What applying a trust bundle did.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TrustReport {
     /// The new trust version.
     pub version: u64,

@@ -51,7 +51,7 @@ fn main() {
             e.force("gw").expect("force");
             while let Progress::Moved = e.advance("gw").expect("advance") {}
             times.push(start.elapsed().as_secs_f64() * 1000.0);
-            let rec = &e.reg.identities["gw"];
+            let rec = &e.register().identities["gw"];
             assert!(
                 rec.pending.is_none()
                     && rec

@@ -54,7 +54,7 @@ fn sim_engine(
 
 /// The events of one kind the engine raised so far.
 fn events<'a>(e: &'a Engine, kind: &str) -> Vec<&'a edge_signer::events::Event> {
-    e.events.log.iter().filter(|ev| ev.kind == kind).collect()
+    e.events().iter().filter(|ev| ev.kind == kind).collect()
 }
 
 /// Generation 2 could not renew: its reminders at 30, 15 and 5 days came once each, then
@@ -111,7 +111,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
     };
 
     run_until(&mut e, T0 + 1, &mut ticks);
-    let gw = e.reg.identities["gw"].clone();
+    let gw = e.register().identities["gw"].clone();
     assert_eq!(gw.current, Some(1));
     assert_eq!(gw.gen(1).unwrap().not_after, Some(T0 + 90 * DAY));
 
@@ -128,7 +128,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
             edge_signer::clock::rfc3339(T0 + 60 * DAY)
         ]
     );
-    let gw = e.reg.identities["gw"].clone();
+    let gw = e.register().identities["gw"].clone();
     assert_eq!(gw.current, Some(2));
     assert_eq!(
         gw.gen(1).unwrap().status,
@@ -154,7 +154,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
     // The CA comes back: recovery with a new key, no person involved.
     up.store(true, Ordering::SeqCst);
     run_until(&mut e, g2_expiry + 2 * DAY, &mut ticks);
-    let gw = e.reg.identities["gw"].clone();
+    let gw = e.register().identities["gw"].clone();
     assert_eq!(gw.step, edge_signer::register::Step::Active);
     assert_eq!(gw.current, Some(3));
     // No polling loop: about 160 simulated days took a bounded number of wake-ups, most
@@ -170,7 +170,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
 fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is_right() {
     let (t, clock, _up, mut e, cfg) = sim_engine("7d", "0s");
     e.tick();
-    assert_eq!(e.reg.identities["gw"].current, Some(1));
+    assert_eq!(e.register().identities["gw"].current, Some(1));
     let keys = t.token.list_key_labels().unwrap().len();
 
     // The box reboots without its RTC, right when renewal would be due.
@@ -178,29 +178,30 @@ fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is
     for _ in 0..3 {
         e.tick();
     }
-    let st = edge_signer::lifecycle::status(&cfg, &e.reg, clock.now());
+    let st = edge_signer::lifecycle::status(&cfg, &e.register(), clock.now());
     assert!(
         st[0].next_action.starts_with("waiting for time sync"),
         "{st:?}"
     );
-    assert_eq!(e.reg.identities["gw"].current, Some(1));
-    assert_eq!(e.reg.identities["gw"].pending, None, "no rotation started");
+    assert_eq!(e.register().identities["gw"].current, Some(1));
+    assert_eq!(
+        e.register().identities["gw"].pending,
+        None,
+        "no rotation started"
+    );
     assert_eq!(
         t.token.list_key_labels().unwrap().len(),
         keys,
         "no key made or destroyed"
     );
-    let clock_events = e.events.log.iter().filter(|ev| ev.kind == "clock").count();
+    let clock_events = e.events().iter().filter(|ev| ev.kind == "clock").count();
     assert_eq!(clock_events, 1, "said once, loudly");
 
     // Time sync: 61 days after enrolment, renewal is due and completes.
     clock.jump_to(T0 + 61 * DAY);
     e.tick();
-    assert_eq!(e.reg.identities["gw"].current, Some(2));
-    assert_eq!(
-        e.events.log.iter().filter(|ev| ev.kind == "clock").count(),
-        1
-    );
+    assert_eq!(e.register().identities["gw"].current, Some(2));
+    assert_eq!(e.events().iter().filter(|ev| ev.kind == "clock").count(), 1);
 }
 
 /// A key replaced in the token (another key pair under the same CKA_ID and label) after its
@@ -210,7 +211,7 @@ fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is
 /// until generation `n` of "gw" is current.
 fn run_to(e: &mut Engine, clock: &FakeClock, n: u32) {
     for _ in 0..50 {
-        if e.reg.identities.get("gw").and_then(|r| r.current) == Some(n) {
+        if e.register().identities.get("gw").and_then(|r| r.current) == Some(n) {
             return;
         }
         let next = e.tick();
@@ -222,7 +223,7 @@ fn run_to(e: &mut Engine, clock: &FakeClock, n: u32) {
 /// Replace generation `n`'s key in the token by a new one under the same CKA_ID and label,
 /// the way someone holding the PIN could (pkcs11-tool). Returns the key id.
 fn replace_key(t: &TestToken, e: &Engine, n: u32) -> String {
-    let g = e.reg.identities["gw"].gen(n).unwrap().clone();
+    let g = e.register().identities["gw"].gen(n).unwrap().clone();
     let id = g.key_id.clone().unwrap();
     let login = ("test", hsm_shim::testing::USER_PIN);
     let tool = |args: &[&str]| pkcs11_tool_on(&t.module, login, &[], args);
@@ -236,13 +237,13 @@ fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled()
     let (t, clock, _up, mut e, _) = sim_engine("7d", "0s");
     run_to(&mut e, &clock, 1);
     e.force("gw").unwrap();
-    while e.reg.identities["gw"].step != Step::Probed {
+    while e.register().identities["gw"].step != Step::Probed {
         e.advance("gw").unwrap();
     }
     let id = replace_key(&t, &e, 2);
 
     e.advance("gw").unwrap();
-    let gw = e.reg.identities["gw"].clone();
+    let gw = e.register().identities["gw"].clone();
     assert_eq!(gw.current, Some(1), "the old pair stays");
     assert_eq!(gw.gen(2).unwrap().status, GenStatus::Failed);
     let mismatch = events(&e, "key-mismatch");
@@ -305,7 +306,7 @@ fn short_lived_certificates_renew_once_per_period(life: u64) {
         .unwrap();
         e.force("gw").unwrap();
         run_to(&mut e, &clock, 1);
-        let rows = edge_signer::lifecycle::status(&cfg, &e.reg, clock.now());
+        let rows = edge_signer::lifecycle::status(&cfg, &e.register(), clock.now());
         assert!(
             rows[0]
                 .warnings
@@ -323,7 +324,7 @@ fn short_lived_certificates_renew_once_per_period(life: u64) {
             ticks += 1;
             assert!(ticks < 10_000, "the engine never sleeps");
         }
-        let generations = e.reg.identities["gw"].generations.len() as u64;
+        let generations = e.register().identities["gw"].generations.len() as u64;
         // Renewal at 2/3 of the life left (a third of it lived): at most 3/(1/3) + 1.
         assert!(
             (4..=11).contains(&generations),

@@ -16,7 +16,7 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
                 return hand_to_daemon(&owner, &name, timeout);
             }
             let mut e = lifecycle_engine(g)?;
-            if e.reg
+            if e.register()
                 .identities
                 .get(&name)
                 .is_some_and(|r| r.current.is_some())
@@ -163,7 +163,12 @@ pub(crate) fn drive(
     edge_signer::daemon::drive_to_promotion(e, name, timeout.map(Duration::from_secs), |line| {
         eprintln!("{}", printable(line))
     })?;
-    let rec = e.reg.identities.get(name).cloned().unwrap_or_default();
+    let rec = e
+        .register()
+        .identities
+        .get(name)
+        .cloned()
+        .unwrap_or_default();
     let g = rec.current_gen().cloned();
     let which = match g.as_ref() {
         Some(g) if g.kid.is_some() => format!("kid {}", g.kid.as_deref().unwrap_or_default()),
@@ -329,7 +334,12 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
         return hand_to_daemon(&owner, &name, timeout);
     }
     let mut e = lifecycle_engine(g)?;
-    let rec = e.reg.identities.get(&name).cloned().unwrap_or_default();
+    let rec = e
+        .register()
+        .identities
+        .get(&name)
+        .cloned()
+        .unwrap_or_default();
     if let Some(note) = now.then(|| queued_in_overlap(&name, &rec)).flatten() {
         // A new rotation cannot start while the old generation still overlaps: queue it.
         e.force(&name)?;

@@ -5,9 +5,10 @@
 //! events, and `online`. Reconnects with backoff and jitter; every queue is bounded.
 
 use super::Topics;
-use crate::control::{ask, EngineRequest, Unanswered, Wake};
+use crate::control::{ask, EngineCommand, EngineRequest, Outcome, Unanswered};
 use crate::identities::{Identities, Resolver, ServingIdentity};
 use firmware_config::fleet_channel::MqttConfig;
+use firmware_config::Applied;
 use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub struct Channel {
     /// Status, events, fleet version.
     pub identities: Arc<Identities>,
     /// Requests to the engine.
-    pub wake: std::sync::mpsc::Sender<Wake>,
+    pub wake: std::sync::mpsc::Sender<EngineCommand>,
     /// This device's id in topics.
     pub device: String,
     /// The groups it belongs to (a bundle's audience may name one).
@@ -44,7 +45,7 @@ impl Channel {
         cfg: &firmware_config::Config,
         m: &MqttConfig,
         identities: &Arc<Identities>,
-        wake: &std::sync::mpsc::Sender<Wake>,
+        wake: &std::sync::mpsc::Sender<EngineCommand>,
     ) -> anyhow::Result<Channel> {
         let device = cfg
             .fleet_device()
@@ -221,9 +222,16 @@ impl Channel {
                 })
             });
             let msg = match &outcome {
-                Ok(v) => {
+                Ok(outcome) => {
                     tracing::info!(target: "edge_signer::fleet", %topic, "bundle applied from the fleet channel");
-                    serde_json::json!({"device": device, "topic": topic, "applied": true, "version": v["version"], "kind": v["kind"], "changes": v["changes"].as_array().map(|c| c.len()).unwrap_or(0)})
+                    let (kind, version, changes) = match outcome {
+                        Outcome::Applied(Applied::Config(r)) => {
+                            ("config", Some(r.version), r.changes.len())
+                        }
+                        Outcome::Applied(Applied::Trust(t)) => ("trust", Some(t.version), 0),
+                        _ => ("", None, 0),
+                    };
+                    serde_json::json!({"device": device, "topic": topic, "applied": true, "version": version, "kind": kind, "changes": changes})
                 }
                 Err(e) if pending => {
                     tracing::warn!(target: "edge_signer::fleet", %topic, "bundle not answered yet: {e}");

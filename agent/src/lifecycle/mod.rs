@@ -55,10 +55,10 @@ pub struct Engine {
     token: Arc<Token>,
     clock: Arc<dyn Clock>,
     file: RegisterFile,
-    /// The register as last saved.
-    pub reg: Register,
-    /// Events raised.
-    pub events: Events,
+    /// The register as last saved (read by others through `register()`).
+    reg: Register,
+    /// Events raised (taken by the daemon through `take_events()`).
+    events: Events,
     issuers: BTreeMap<String, Box<dyn Issuer>>,
     state_dir: PathBuf,
     /// The state-dir lock, while this engine is the one writer.
@@ -177,6 +177,34 @@ impl Engine {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The register as last saved. Only the engine writes it.
+    pub fn register(&self) -> &Register {
+        &self.reg
+    }
+
+    /// The events raised since they were last taken.
+    pub fn events(&self) -> &[crate::events::Event] {
+        &self.events.log
+    }
+
+    /// Take the events raised so far (the daemon publishes them).
+    pub fn take_events(&mut self) -> Vec<crate::events::Event> {
+        std::mem::take(&mut self.events.log)
+    }
+
+    /// Raise an event of the daemon's own (a listener down, a reload refused): it goes to the
+    /// notify hook and the log like the engine's.
+    pub fn raise(
+        &mut self,
+        kind: &str,
+        identity: &str,
+        severity: crate::events::Severity,
+        message: String,
+    ) {
+        let now = self.now();
+        self.events.emit(now, kind, identity, severity, message);
     }
 
     /// The token.

@@ -9,7 +9,7 @@ pub mod protocol;
 pub mod session;
 
 use crate::clock::{rfc3339, Clock, Unix};
-use crate::control::{EngineRequest, Reply, Wake};
+use crate::control::{EngineCommand, EngineRequest, Reply};
 use crate::identities::Identities;
 use firmware_config::FleetKey;
 use hsm_shim::Token;
@@ -36,7 +36,7 @@ pub struct View {
 pub struct Shared {
     /// Status and events, as the API serves them.
     pub identities: Arc<Identities>,
-    wake: std::sync::mpsc::Sender<Wake>,
+    wake: std::sync::mpsc::Sender<EngineCommand>,
     clock: Arc<dyn Clock>,
     view: RwLock<Option<Arc<View>>>,
     /// Failed `auth` attempts since the last success, on this port.
@@ -47,7 +47,7 @@ impl Shared {
     /// Shared state for the port thread.
     pub fn new(
         identities: Arc<Identities>,
-        wake: std::sync::mpsc::Sender<Wake>,
+        wake: std::sync::mpsc::Sender<EngineCommand>,
         clock: Arc<dyn Clock>,
     ) -> Shared {
         Shared {
@@ -276,11 +276,13 @@ impl Shared {
     /// Ask the engine (the one writer) and wait for its answer.
     fn ask(&self, req: EngineRequest) -> Answer {
         let (tx, rx) = Reply::blocking();
-        if self.wake.send(Wake::Command(req, tx)).is_err() {
+        if self.wake.send(EngineCommand::Request(req, tx)).is_err() {
             return Answer::error(503, "the engine is stopping");
         }
         match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(Ok(v)) => {
+            Ok(Ok(outcome)) => {
+                // The fields of the API's JSON answer, one `key=value` each.
+                let v = serde_json::to_value(&outcome).unwrap_or_default();
                 let mut a = Answer::default();
                 if let Some(o) = v.as_object() {
                     for (k, v) in o {

@@ -5,7 +5,7 @@
 
 use super::metrics;
 use super::requests::{JwsRequest, SignRequest};
-use crate::control::{EngineRequest, Wake};
+use crate::control::{EngineCommand, EngineRequest};
 use crate::identities::{Identities, Served};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::StatusCode;
@@ -66,7 +66,7 @@ impl Policy {
 pub struct ApiState {
     policy: RwLock<Arc<Policy>>,
     pub(super) identities: Arc<Identities>,
-    pub(super) wake: std::sync::mpsc::Sender<Wake>,
+    pub(super) wake: std::sync::mpsc::Sender<EngineCommand>,
     own_uid: u32,
     in_flight: Mutex<HashMap<u32, Arc<Semaphore>>>,
     pub(super) connections: Arc<super::gate::Connections>,
@@ -95,7 +95,7 @@ impl ApiState {
     pub(super) fn new(
         policy: Policy,
         identities: Arc<Identities>,
-        wake: std::sync::mpsc::Sender<Wake>,
+        wake: std::sync::mpsc::Sender<EngineCommand>,
     ) -> ApiState {
         ApiState {
             policy: RwLock::new(Arc::new(policy)),
@@ -437,7 +437,7 @@ async fn ask_engine(
     c: &Caller,
     op: Operation,
     req: EngineRequest,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<crate::control::Outcome>> {
     let answer = crate::control::ask(&st.wake, req, std::time::Duration::from_secs(60))
         .await
         .map_err(|e| match e {
@@ -476,7 +476,7 @@ async fn rotate(
     State(st): State<Arc<ApiState>>,
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<crate::control::Outcome>)> {
     st.check(&c, Operation::Rotate, Some(&name))?;
     known(&st, &name)?;
     let v = ask_engine(&st, &c, Operation::Rotate, EngineRequest::Rotate(name)).await?;
@@ -493,7 +493,7 @@ async fn retire(
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
     Query(q): Query<GenerationQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<crate::control::Outcome>> {
     st.check(&c, Operation::Retire, Some(&name))?;
     known(&st, &name)?;
     ask_engine(
@@ -510,7 +510,7 @@ async fn revoke(
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
     Query(q): Query<GenerationQuery>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<crate::control::Outcome>> {
     st.check(&c, Operation::Revoke, Some(&name))?;
     known(&st, &name)?;
     ask_engine(
@@ -527,7 +527,7 @@ async fn apply(
     State(st): State<Arc<ApiState>>,
     Extension(c): Extension<Caller>,
     body: axum::body::Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<crate::control::Outcome>> {
     st.check(&c, Operation::Apply, None)?;
     ask_engine(
         &st,

@@ -5,7 +5,7 @@
 use super::api::{ApiState, Policy};
 use super::http;
 use super::proxy::{self, Access};
-use crate::control::Wake;
+use crate::control::EngineCommand;
 use crate::identities::Identities;
 use anyhow::{Context, Result};
 use firmware_config::fleet_channel::MqttConfig;
@@ -27,7 +27,7 @@ struct RunningProxy {
 pub struct Servers {
     rt: tokio::runtime::Runtime,
     identities: Arc<Identities>,
-    wake: std::sync::mpsc::Sender<Wake>,
+    wake: std::sync::mpsc::Sender<EngineCommand>,
     /// The API's state, kept across reloads (its policy is swapped), its socket and loop.
     api: Option<(Arc<ApiState>, std::path::PathBuf, JoinHandle<()>)>,
     proxies: BTreeMap<String, RunningProxy>,
@@ -42,7 +42,7 @@ impl Servers {
     /// Idle workers sleep in the I/O driver with no timer.
     pub fn new(
         identities: Arc<Identities>,
-        wake: std::sync::mpsc::Sender<Wake>,
+        wake: std::sync::mpsc::Sender<EngineCommand>,
     ) -> Result<Servers> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
