@@ -178,7 +178,7 @@ fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is
     for _ in 0..3 {
         e.tick();
     }
-    let st = edge_signer::lifecycle::status(&cfg, &e.register(), clock.now());
+    let st = edge_signer::lifecycle::status(&cfg, e.register(), clock.now());
     assert!(
         st[0].next_action.starts_with("waiting for time sync"),
         "{st:?}"
@@ -306,7 +306,7 @@ fn short_lived_certificates_renew_once_per_period(life: u64) {
         .unwrap();
         e.force("gw").unwrap();
         run_to(&mut e, &clock, 1);
-        let rows = edge_signer::lifecycle::status(&cfg, &e.register(), clock.now());
+        let rows = edge_signer::lifecycle::status(&cfg, e.register(), clock.now());
         assert!(
             rows[0]
                 .warnings
