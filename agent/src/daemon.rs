@@ -213,6 +213,9 @@ struct Daemon<'a> {
     engine: Engine,
     identities: Arc<Identities>,
     servers: Servers,
+    fleet: crate::fleet::Running,
+    /// The engine's own command channel, for the fleet channel it starts.
+    commands: mpsc::Sender<EngineCommand>,
     systemd: crate::systemd::Systemd,
     serial: Arc<crate::serial::Shared>,
 }
@@ -229,7 +232,15 @@ impl Daemon<'_> {
     /// The listeners follow the configuration in force, each on its own; what is down is
     /// logged (by `Servers::start`), an event, in `status` and in systemd's STATUS line.
     fn restart_servers(&mut self) {
-        let down = self.servers.start(self.engine.config());
+        let mut down = self.servers.start(self.engine.config());
+        let rt = self.servers.runtime();
+        let fleet = self
+            .fleet
+            .follow(self.engine.config(), &rt, &self.identities, &self.commands);
+        if let Some(d) = fleet {
+            tracing::error!("{d}");
+            down.push(d);
+        }
         for d in &down {
             self.engine.raise(
                 "listener-down",
@@ -382,7 +393,7 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
     let servers = Servers::new(identities.clone(), tx.clone())?;
     let serial = Arc::new(crate::serial::Shared::new(
         identities.clone(),
-        tx,
+        tx.clone(),
         clock.clone(),
     ));
     pick_up_spool(sources);
@@ -396,6 +407,8 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
         engine,
         identities,
         servers,
+        fleet: crate::fleet::Running::default(),
+        commands: tx,
         systemd: crate::systemd::Systemd::new(),
         serial,
     };

@@ -246,3 +246,35 @@ impl Channel {
         });
     }
 }
+
+/// The fleet channel as the daemon runs it: started with `[fleet.mqtt]`, restarted when that
+/// table changes, stopped when it goes.
+#[derive(Default)]
+pub struct Running(Option<(MqttConfig, tokio::task::JoinHandle<()>)>);
+
+impl Running {
+    /// Follow `cfg` on runtime `rt`; returns why the channel is down, if it is.
+    pub fn follow(
+        &mut self,
+        cfg: &firmware_config::Config,
+        rt: &tokio::runtime::Handle,
+        identities: &Arc<Identities>,
+        wake: &std::sync::mpsc::Sender<EngineCommand>,
+    ) -> Option<String> {
+        if self.0.as_ref().map(|f| Some(&f.0)) == Some(cfg.fleet.mqtt.as_ref()) {
+            return None;
+        }
+        if let Some((_, t)) = self.0.take() {
+            t.abort();
+        }
+        let m = cfg.fleet.mqtt.as_ref()?;
+        let _guard = rt.enter();
+        match Channel::new(cfg, m, identities, wake) {
+            Ok(channel) => {
+                self.0 = Some((m.clone(), rt.spawn(channel.run())));
+                None
+            }
+            Err(e) => Some(format!("the fleet channel is down: {e:#}")),
+        }
+    }
+}

@@ -8,6 +8,8 @@
 pub mod channel;
 pub mod operator;
 
+pub use channel::Running;
+
 use firmware_config::fleet_channel::MqttConfig;
 
 /// The topics of one device.

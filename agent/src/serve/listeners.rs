@@ -1,4 +1,4 @@
-//! The daemon's listeners (each proxy, the API, the metrics port, the fleet channel), each
+//! The daemon's listeners (each proxy, the API, the metrics port), each
 //! started and failed on its own: a reload whose new proxy cannot start keeps every other
 //! listener serving, keeps the proxy's old listener when it had one, and says what is down.
 
@@ -8,7 +8,6 @@ use super::proxy::{self, Access};
 use crate::control::EngineCommand;
 use crate::identities::Identities;
 use anyhow::{Context, Result};
-use firmware_config::fleet_channel::MqttConfig;
 use firmware_config::schema::ProxyConfig;
 use firmware_config::Config;
 use std::collections::BTreeMap;
@@ -31,12 +30,11 @@ pub struct Servers {
     /// The API's state, kept across reloads (its policy is swapped), its socket and loop.
     api: Option<(Arc<ApiState>, std::path::PathBuf, JoinHandle<()>)>,
     proxies: BTreeMap<String, RunningProxy>,
-    fleet: Option<(MqttConfig, JoinHandle<()>)>,
     metrics: Option<(String, JoinHandle<()>)>,
 }
 
 impl Servers {
-    /// The API, the proxies, the fleet channel and the metrics port on one runtime of two
+    /// The API, the proxies and the metrics port on one runtime of two
     /// workers; a token call runs under `block_in_place` (`run_token_call`), which moves the
     /// worker's other connections to another thread, so a slow token holds up no connection.
     /// Idle workers sleep in the I/O driver with no timer.
@@ -61,9 +59,13 @@ impl Servers {
             wake,
             api: None,
             proxies: BTreeMap::new(),
-            fleet: None,
             metrics: None,
         })
+    }
+
+    /// The runtime the listeners run on (the daemon runs the fleet channel there too).
+    pub fn runtime(&self) -> tokio::runtime::Handle {
+        self.rt.handle().clone()
     }
 
     /// Make the listeners follow `cfg`: unchanged ones keep running, changed ones restart,
@@ -75,7 +77,6 @@ impl Servers {
         if let Err(e) = self.start_api(cfg) {
             down.push(format!("the signing API is down: {e:#}"));
         }
-        self.start_fleet(cfg, &mut down);
         if let Err(e) = self.start_metrics(cfg) {
             down.push(format!("the metrics listener is down: {e:#}"));
         }
@@ -191,20 +192,6 @@ impl Servers {
             .with_context(|| format!("API socket {}", cfg.api.socket.display()))?;
         self.api = Some((state, cfg.api.socket.clone(), task));
         Ok(())
-    }
-
-    fn start_fleet(&mut self, cfg: &Config, down: &mut Vec<String>) {
-        if self.fleet.as_ref().map(|f| Some(&f.0)) == Some(cfg.fleet.mqtt.as_ref()) {
-            return;
-        }
-        if let Some((_, t)) = self.fleet.take() {
-            t.abort();
-        }
-        let Some(m) = &cfg.fleet.mqtt else { return };
-        match crate::fleet::channel::Channel::new(cfg, m, &self.identities, &self.wake) {
-            Ok(channel) => self.fleet = Some((m.clone(), tokio::spawn(channel.run()))),
-            Err(e) => down.push(format!("the fleet channel is down: {e:#}")),
-        }
     }
 
     fn start_metrics(&mut self, cfg: &Config) -> Result<()> {

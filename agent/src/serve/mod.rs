@@ -1,8 +1,8 @@
 //! What the daemon serves beside its engine, on one tokio runtime: the local signing API,
-//! the mTLS egress proxies, the fleet channel and metrics. The engine
-//! keeps its own thread (token calls and blocking waits stay off the async workers) and
-//! talks to the servers through `Identities` (the swapped pairs and status) and the `EngineCommand`
-//! channel (requests to it).
+//! the mTLS egress proxies and metrics (the daemon runs the fleet channel on the same
+//! runtime). The engine keeps its own thread (token calls and blocking waits stay off the
+//! async workers) and talks to the servers through `Identities` (the swapped pairs and
+//! status) and the `EngineCommand` channel (requests to it).
 
 pub mod api;
 pub mod metrics;
