@@ -71,7 +71,11 @@ impl Subject {
             match c {
                 '\\' => match chars.next() {
                     Some(n) => cur.push(n),
-                    None => return Err(Error::Unsupported("subject ends with a lone '\\'".into())),
+                    None => {
+                        return Err(Error::InvalidRequest(
+                            "subject ends with a lone '\\'".into(),
+                        ))
+                    }
                 },
                 ',' => parts.push(std::mem::take(&mut cur)),
                 c => cur.push(c),
@@ -81,23 +85,23 @@ impl Subject {
         let mut out = Vec::new();
         for p in parts.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
             let (k, v) = p.split_once('=').ok_or_else(|| {
-                Error::Unsupported(format!("subject part '{p}' is not ATTR=value"))
+                Error::InvalidRequest(format!("subject part '{p}' is not ATTR=value"))
             })?;
             let k = k.trim().to_ascii_uppercase();
             if !["C", "ST", "L", "O", "OU", "CN"].contains(&k.as_str()) {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::InvalidRequest(format!(
                     "subject attribute '{k}' (use C, ST, L, O, OU, CN)"
                 )));
             }
             if v.trim().is_empty() {
-                return Err(Error::Unsupported(format!(
+                return Err(Error::InvalidRequest(format!(
                     "subject attribute {k} is empty"
                 )));
             }
             out.push((k, v.trim().to_owned()));
         }
         if !out.iter().any(|(k, _)| k == "CN") {
-            return Err(Error::Unsupported("subject has no CN".into()));
+            return Err(Error::InvalidRequest("subject has no CN".into()));
         }
         Ok(Subject(out))
     }
@@ -154,8 +158,8 @@ impl std::str::FromStr for San {
             Some(("ip", a)) => a
                 .parse()
                 .map(San::Ip)
-                .map_err(|_| Error::Unsupported(format!("'{a}' is not an IP address"))),
-            _ => Err(Error::Unsupported(format!(
+                .map_err(|_| Error::InvalidRequest(format!("'{a}' is not an IP address"))),
+            _ => Err(Error::InvalidRequest(format!(
                 "SAN '{s}': use dns:NAME or ip:ADDRESS"
             ))),
         }
@@ -182,7 +186,7 @@ pub fn build_csr(key: &TokenKey, subject: &Subject, sans: &[San]) -> Result<Stri
                 San::Dns(n) => rcgen::SanType::DnsName(
                     n.clone()
                         .try_into()
-                        .map_err(|e| Error::Unsupported(format!("DNS name '{n}': {e}")))?,
+                        .map_err(|e| Error::InvalidRequest(format!("DNS name '{n}': {e}")))?,
                 ),
                 San::Ip(a) => rcgen::SanType::IpAddress(*a),
             })
@@ -192,10 +196,10 @@ pub fn build_csr(key: &TokenKey, subject: &Subject, sans: &[San]) -> Result<Stri
     let csr = params.serialize_request(&signer).map_err(|e| {
         signer
             .take_error()
-            .unwrap_or_else(|| Error::Unsupported(format!("building the CSR failed: {e}")))
+            .unwrap_or_else(|| Error::InvalidRequest(format!("building the CSR failed: {e}")))
     })?;
     csr.pem()
-        .map_err(|e| Error::Unsupported(format!("CSR PEM: {e}")))
+        .map_err(|e| Error::InvalidRequest(format!("CSR PEM: {e}")))
 }
 
 #[cfg(test)]

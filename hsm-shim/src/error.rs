@@ -63,9 +63,19 @@ pub enum Error {
     /// The token returned data we cannot interpret.
     #[error("unexpected data from the token: {0}")]
     BadTokenData(String),
-    /// A request the token layer does not support.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
+    /// The token lacks what the operation needs (a mechanism, a key size).
+    #[error("not supported by this token: {0}")]
+    NotSupportedByToken(String),
+    /// The token holds a key of a type edge-signer does not use (another program's).
+    #[error("a key of a type edge-signer does not use: {0}")]
+    UnknownKeyType(String),
+    /// An object of that name exists already.
+    #[error("already exists: {0}")]
+    AlreadyExists(String),
+    /// The request itself cannot be done as asked (a subject, a SAN, a digest length, an
+    /// algorithm for this key type, an empty chain).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// A certificate does not carry the key's public key.
     #[error("certificate does not match the token key: {0}")]
     KeyCertMismatch(String),

@@ -80,7 +80,7 @@ fn signing_input(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Resu
             )
     );
     if !compatible {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::InvalidRequest(format!(
             "JWS {} with a {} key",
             alg.name(),
             key.key_type()

@@ -1,6 +1,6 @@
 //! Key pairs and certificate objects in the token, named by `CKA_ID` and `CKA_LABEL`.
 
-use crate::der;
+use crate::asn1;
 use crate::error::{Error, Result};
 use crate::token::Token;
 use crate::uri::{ObjectType, Pkcs11Uri};
@@ -9,11 +9,6 @@ use cryptoki::object::{
     Attribute, AttributeType, CertificateType, KeyType as CkKeyType, ObjectClass, ObjectHandle,
 };
 use cryptoki::session::Session;
-
-const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-const RSA_ENCRYPTION_OID: &[u8] = &[
-    0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
-];
 
 pub use crate::alg::KeyType;
 use crate::alg::{P256_PARAMS, P384_PARAMS};
@@ -115,12 +110,9 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn spki_from_parts(key_type: KeyType, public_bits: &[u8]) -> Vec<u8> {
-    let alg = match key_type.ec_params() {
-        Some(params) => der::seq(&[EC_PUBLIC_KEY_OID, params]),
-        None => der::seq(&[RSA_ENCRYPTION_OID, &[0x05, 0x00]]),
-    };
-    der::seq(&[&alg, &der::bit_string(public_bits)])
+fn spki_from_parts(key_type: KeyType, public_bits: &[u8]) -> Result<Vec<u8>> {
+    asn1::spki(key_type.ec_params(), public_bits)
+        .map_err(|e| Error::BadTokenData(format!("the {key_type} public key does not encode: {e}")))
 }
 
 fn attr_bytes(session: &Session, obj: ObjectHandle, t: AttributeType) -> Result<Option<Vec<u8>>> {
@@ -162,7 +154,7 @@ fn key_type_of(session: &Session, obj: ObjectHandle) -> Result<KeyType> {
         (Some(k), Some(P384_PARAMS)) if k == CkKeyType::EC => Ok(KeyType::EcP384),
         (Some(k), _) if k == CkKeyType::RSA && modulus_len == 256 => Ok(KeyType::Rsa2048),
         (Some(k), _) if k == CkKeyType::RSA && modulus_len == 384 => Ok(KeyType::Rsa3072),
-        (k, _) => Err(Error::Unsupported(format!(
+        (k, _) => Err(Error::UnknownKeyType(format!(
             "key type {k:?} (only P-256, P-384, RSA-2048, RSA-3072)"
         ))),
     }
@@ -173,7 +165,7 @@ fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> R
     if key_type.is_ec() {
         let point = attr_bytes(session, public, AttributeType::EcPoint)?
             .ok_or_else(|| Error::BadTokenData("public key has no CKA_EC_POINT".into()))?;
-        der::ec_point_unwrap(&point, key_type.ec_coord_len()).ok_or_else(|| {
+        asn1::ec_point_unwrap(&point, key_type.ec_coord_len()).ok_or_else(|| {
             Error::BadTokenData("CKA_EC_POINT is neither a point nor an OCTET STRING of one".into())
         })
     } else {
@@ -181,7 +173,8 @@ fn public_parts(session: &Session, public: ObjectHandle, key_type: KeyType) -> R
             .ok_or_else(|| Error::BadTokenData("RSA key has no CKA_MODULUS".into()))?;
         let e = attr_bytes(session, public, AttributeType::PublicExponent)?
             .ok_or_else(|| Error::BadTokenData("RSA key has no CKA_PUBLIC_EXPONENT".into()))?;
-        Ok(der::seq(&[&der::uint(&n), &der::uint(&e)]))
+        asn1::rsa_public_key(&n, &e)
+            .map_err(|e| Error::BadTokenData(format!("the RSA public key does not encode: {e}")))
     }
 }
 
@@ -273,7 +266,7 @@ fn describe_key(session: &Session, private: ObjectHandle) -> Result<KeyInfo> {
     };
     let has_cert = find_one(session, ObjectClass::CERTIFICATE, &kref)?.is_some();
     Ok(KeyInfo {
-        spki: spki_from_parts(key_type, &public_bits),
+        spki: spki_from_parts(key_type, &public_bits)?,
         id,
         label,
         key_type,
@@ -351,7 +344,7 @@ impl Token {
                 match describe_key(s, h) {
                     Ok(k) => out.push(k),
                     // Another program's key of a type we do not use: not ours, left alone.
-                    Err(Error::Unsupported(_)) => {}
+                    Err(Error::UnknownKeyType(_)) => {}
                     Err(e) => return Err(e),
                 }
             }

@@ -9,8 +9,8 @@
 #![deny(missing_docs)]
 
 pub mod alg;
+mod asn1;
 pub mod csr;
-mod der;
 pub mod error;
 pub mod jws;
 pub mod keys;
@@ -24,7 +24,7 @@ pub mod tls;
 pub mod token;
 pub mod uri;
 
-pub use der::{ec_point_unwrap, ecdsa_der_to_raw, ecdsa_raw_to_der};
+pub use asn1::{ec_point_unwrap, ecdsa_der_to_raw, ecdsa_raw_to_der};
 pub use error::{Error, Result};
 pub use keys::{KeyInfo, KeyRef, KeyType};
 pub use mechanisms::Mechanisms;

@@ -46,7 +46,7 @@ impl Mechanisms {
             MechanismType::RSA_PKCS_KEY_PAIR_GEN
         };
         let Some(info) = self.info(gen).filter(|i| i.generate_key_pair()) else {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::NotSupportedByToken(format!(
                 "the token cannot generate {kt} keys: it has no {gen}"
             )));
         };
@@ -59,7 +59,7 @@ impl Mechanisms {
         };
         let (min, max) = (info.min_key_size(), info.max_key_size());
         if max > 0 && (bits < min || bits > max) {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::NotSupportedByToken(format!(
                 "the token cannot generate {kt} keys: its {gen} takes {min} to {max} bits"
             )));
         }
@@ -102,7 +102,7 @@ impl Mechanisms {
 
 fn lacks(alg: SignAlg, wanted: &[MechanismType]) -> Error {
     let names: Vec<String> = wanted.iter().map(|m| m.to_string()).collect();
-    Error::Unsupported(format!(
+    Error::NotSupportedByToken(format!(
         "the token cannot make {} signatures: it has none of {}",
         alg.describe(),
         names.join(", ")
@@ -138,7 +138,7 @@ fn candidates(kt: KeyType, alg: SignAlg) -> Result<(MechanismType, MechanismType
             M::RSA_PKCS_PSS,
         ),
         (alg, _) => {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::InvalidRequest(format!(
                 "{} with a {kt} key",
                 alg.describe()
             )))

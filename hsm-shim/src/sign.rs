@@ -1,6 +1,6 @@
 //! `TokenKey`: one key pair in the token that signs. Every signer (TLS, CSR, JWS) goes here.
 
-use crate::der;
+use crate::asn1;
 use crate::error::{Error, Result};
 use crate::keys::{KeyInfo, KeyRef, KeyType};
 use crate::mechanisms::SignPlan;
@@ -211,7 +211,7 @@ fn observe(alg: SignAlg, start: std::time::Instant, ckr: Option<&str>) {
 /// The signature as `alg` gives it from the token's output (ECDSA: r||s, or DER).
 fn finish(alg: SignAlg, raw: Vec<u8>) -> Result<Vec<u8>> {
     match alg {
-        SignAlg::Ecdsa { der: true, .. } => der::ecdsa_raw_to_der(&raw)
+        SignAlg::Ecdsa { der: true, .. } => asn1::ecdsa_raw_to_der(&raw)
             .ok_or_else(|| Error::BadTokenData(format!("ECDSA signature of {} bytes", raw.len()))),
         _ => Ok(raw),
     }
@@ -227,7 +227,7 @@ fn input(
 ) -> Result<(Mechanism<'static>, Vec<u8>)> {
     let hash = alg.hash();
     if prehashed && data.len() as u64 != hash.output_len() {
-        return Err(Error::Unsupported(format!(
+        return Err(Error::InvalidRequest(format!(
             "a {} digest is {} bytes, not {}",
             hash.name(),
             hash.output_len(),

@@ -131,7 +131,7 @@ impl Signer for TlsSigner {
         let mut out = None;
         (self.runner)(&mut || out = Some(self.key.sign(self.alg, message)));
         let signed = out.unwrap_or_else(|| {
-            Err(crate::Error::Unsupported(
+            Err(crate::Error::InvalidRequest(
                 "the signature runner never ran the signature".into(),
             ))
         });
@@ -150,7 +150,7 @@ pub fn certified_key(
     chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, crate::Error> {
     if chain.is_empty() {
-        return Err(crate::Error::Unsupported(
+        return Err(crate::Error::InvalidRequest(
             "an empty certificate chain".into(),
         ));
     }

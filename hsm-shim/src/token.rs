@@ -108,7 +108,7 @@ pub fn init_token(
     for slot in ctx.get_slots_with_token()? {
         let s = summary(&ctx, slot)?;
         if s.initialized && s.label == label {
-            return Err(Error::Unsupported(format!(
+            return Err(Error::AlreadyExists(format!(
                 "a token labelled '{label}' already exists (slot {}); pick another label",
                 s.slot
             )));
