@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
+use time::format_description::well_known::Rfc3339;
 
 /// Seconds since the Unix epoch.
 pub type Unix = u64;
@@ -65,72 +66,27 @@ impl Clock for FakeClock {
 
 /// RFC 3339 UTC (`2026-11-22T00:41:31Z`) for people and JSON.
 pub fn rfc3339(t: Unix) -> String {
-    let days = (t / 86_400) as i64;
-    let secs = t % 86_400;
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
+    i64::try_from(t)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .and_then(|d| d.format(&Rfc3339).ok())
+        .unwrap_or_else(|| format!("@{t}"))
 }
 
 /// Parse `YYYY-MM-DD` or `YYYY-MM-DDTHH:MM:SSZ` (UTC) into Unix seconds.
 pub fn parse_date(s: &str) -> Result<Unix, String> {
     let bad = || format!("'{s}' is not a date (2027-11-01 or 2027-11-01T12:00:00Z)");
-    let (date, time) = match s.split_once('T') {
-        Some((d, t)) => (d, Some(t.strip_suffix('Z').ok_or_else(bad)?)),
-        None => (s, None),
+    // Only these two forms (no fractions, no offsets, no lower-case `t`), parsed as RFC 3339.
+    let full = match s.len() {
+        10 => format!("{s}T00:00:00Z"),
+        20 if s.as_bytes()[10] == b'T' && s.ends_with('Z') => s.to_owned(),
+        _ => return Err(bad()),
     };
-    let n: Vec<i64> = date
-        .split('-')
-        .map(|x| x.parse().map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    let [y, m, d] = n[..] else { return Err(bad()) };
-    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+    let at = time::OffsetDateTime::parse(&full, &Rfc3339).map_err(|_| bad())?;
+    if !(1970..=9999).contains(&at.year()) {
         return Err(bad());
     }
-    let secs = match time {
-        Some(t) => {
-            let v: Vec<i64> = t
-                .split(':')
-                .map(|x| x.parse().map_err(|_| bad()))
-                .collect::<Result<_, _>>()?;
-            let [h, mi, se] = v[..] else {
-                return Err(bad());
-            };
-            if !(0..24).contains(&h) || !(0..60).contains(&mi) || !(0..61).contains(&se) {
-                return Err(bad());
-            }
-            h * 3600 + mi * 60 + se
-        }
-        None => 0,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let t = days * 86_400 + secs;
-    let t = u64::try_from(t).map_err(|_| bad())?;
-    if rfc3339(t)[..10] != *date {
-        return Err(bad());
-    }
-    Ok(t)
+    Unix::try_from(at.unix_timestamp()).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -149,6 +105,10 @@ mod tests {
             "tomorrow",
             "2026-01-01T25:00:00Z",
             "2026-01-01T10:00:00",
+            "2026-01-01T10:00:00.5Z",
+            "2026-01-01T10:00:00+01:00",
+            "1969-12-31",
+            "2026-1-01",
         ] {
             assert!(parse_date(bad).is_err(), "{bad}");
         }
