@@ -72,7 +72,7 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
 
 /// Drive one identity in the foreground until its rotation is promoted (or `timeout`),
 /// printing what it waits for when that changes.
-pub fn drive_to_promotion(
+pub fn run_to_promotion(
     engine: &mut Engine,
     name: &str,
     timeout: Option<Duration>,
@@ -92,7 +92,7 @@ pub fn drive_to_promotion(
         .get(name)
         .is_some_and(|r| r.pending.is_some() || r.step == Step::Overlap);
     loop {
-        let (until, what) = engine.drive(name)?;
+        let (until, what) = engine.run_until_wait(name)?;
         let rec = engine
             .register()
             .identities
@@ -426,7 +426,7 @@ pub fn run(sources: &Sources, o: &TokenOverride) -> Result<()> {
     let line = d.status_line();
     d.systemd.ready(&line);
     loop {
-        let next = d.engine.tick();
+        let next = d.engine.run_all_until_wait();
         d.publish();
         let token = d.engine.token().clone();
         d.systemd.maybe_ping(|| token.ping().is_ok());

@@ -139,6 +139,48 @@ pub struct Generation {
 }
 
 impl Generation {
+    fn need<'a>(
+        &self,
+        v: Option<&'a String>,
+        field: &'static str,
+    ) -> Result<&'a str, RegisterError> {
+        v.map(String::as_str).ok_or_else(|| RegisterError::Missing {
+            generation: self.number,
+            field,
+            status: format!("{:?}", self.status).to_lowercase(),
+        })
+    }
+
+    /// Its key's `CKA_ID` (hex), once the key exists.
+    pub fn need_key_id(&self) -> Result<&str, RegisterError> {
+        self.need(self.key_id.as_ref(), "key id")
+    }
+
+    /// Its key's `pkcs11:` URI, once the key exists.
+    pub fn need_key_uri(&self) -> Result<&str, RegisterError> {
+        self.need(self.key_uri.as_ref(), "key URI")
+    }
+
+    /// Its CSR (PEM), once built.
+    pub fn need_csr(&self) -> Result<&str, RegisterError> {
+        self.need(self.csr_pem.as_ref(), "CSR")
+    }
+
+    /// Its certificate chain (PEM, leaf first), once issued.
+    pub fn need_chain(&self) -> Result<&str, RegisterError> {
+        self.need(self.cert_pem.as_ref(), "certificate chain")
+    }
+
+    /// Its JWK `kid` (credentials), once chosen.
+    pub fn need_kid(&self) -> Result<&str, RegisterError> {
+        self.need(self.kid.as_ref(), "kid")
+    }
+
+    /// The rotation request body kept for retries (credentials), once built.
+    pub fn need_request(&self) -> Result<&str, RegisterError> {
+        self.need(self.request.as_ref(), "rotation request")
+    }
+
     /// A planned generation: pending, with no key, request or certificate yet.
     pub fn planned(
         number: u32,
@@ -340,6 +382,16 @@ pub enum RegisterError {
         path: PathBuf,
         /// Found.
         found: u32,
+    },
+    /// A generation lacks what its step needs (never filled in with an empty value).
+    #[error("generation {generation} ({status}) in the register has no {field}, which the next step needs: the register was edited or damaged; `edge-signer rotate NAME --now` starts a new generation")]
+    Missing {
+        /// The generation.
+        generation: u32,
+        /// What is missing.
+        field: &'static str,
+        /// Its status.
+        status: String,
     },
 }
 

@@ -43,13 +43,13 @@ fn main() {
         );
         let mut e =
             Engine::new(cfg, t.token.clone(), Arc::new(clock.clone()), issuers).expect("engine");
-        e.drive("gw").expect("first enrolment");
+        e.run_until_wait("gw").expect("first enrolment");
         let mut times = Vec::new();
         for _ in 0..n {
             clock.advance(60);
             let start = Instant::now();
             e.force("gw").expect("force");
-            while let Progress::Moved = e.advance("gw").expect("advance") {}
+            while let Progress::Moved = e.take_one_step("gw").expect("one step") {}
             times.push(start.elapsed().as_secs_f64() * 1000.0);
             let rec = &e.register().identities["gw"];
             assert!(

@@ -1,7 +1,7 @@
 //! The engine's test doubles: an in-process CA and a config that uses it.
 
 use edge_signer::clock::{Clock, FakeClock, Unix};
-use edge_signer::issuer::{Answer, Issuer, Request, Submitted};
+use edge_signer::issuer::{Issuer, IssuerAnswer, Request, Submitted};
 use hsm_shim::rustls::pki_types::CertificateDer;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,9 +41,9 @@ impl SimCa {
 }
 
 impl Issuer for SimCa {
-    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, IssuerAnswer> {
         if !self.up.load(Ordering::SeqCst) {
-            return Err(Answer::Unreachable("connection refused".into()));
+            return Err(IssuerAnswer::Unreachable("connection refused".into()));
         }
         Ok(Submitted {
             reference: format!("{}-{}", req.identity, req.generation),
@@ -51,14 +51,14 @@ impl Issuer for SimCa {
         })
     }
 
-    fn poll(&mut self, req: &Request, _reference: &str, _now: Unix) -> Answer {
+    fn poll(&mut self, req: &Request, _reference: &str, _now: Unix) -> IssuerAnswer {
         let mut csr =
             rcgen::CertificateSigningRequestParams::from_pem(req.csr_pem).expect("our CSR parses");
         let now = self.clock.now();
         csr.params.not_before = time::OffsetDateTime::from_unix_timestamp(now as i64).unwrap();
         csr.params.not_after =
             time::OffsetDateTime::from_unix_timestamp((now + self.life) as i64).unwrap();
-        Answer::Issued(csr.signed_by(&self.issuer).unwrap().pem())
+        IssuerAnswer::Issued(csr.signed_by(&self.issuer).unwrap().pem())
     }
 
     fn ca_bundle(&self) -> &[CertificateDer<'static>] {

@@ -104,7 +104,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
     let mut ticks = 0;
     let run_until = |e: &mut Engine, end: Unix, ticks: &mut u32| {
         while clock.now() < end {
-            let next = e.tick();
+            let next = e.run_all_until_wait();
             *ticks += 1;
             clock.set(next.min(end).max(clock.now() + 1));
         }
@@ -169,14 +169,14 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
 #[test]
 fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is_right() {
     let (t, clock, _up, mut e, cfg) = sim_engine("7d", "0s");
-    e.tick();
+    e.run_all_until_wait();
     assert_eq!(e.register().identities["gw"].current, Some(1));
     let keys = t.token.list_key_labels().unwrap().len();
 
     // The box reboots without its RTC, right when renewal would be due.
     clock.jump_to(86_400);
     for _ in 0..3 {
-        e.tick();
+        e.run_all_until_wait();
     }
     let st = edge_signer::lifecycle::status(&cfg, e.register(), clock.now());
     assert!(
@@ -199,7 +199,7 @@ fn a_clock_back_in_1970_destroys_nothing_and_the_rotation_completes_once_time_is
 
     // Time sync: 61 days after enrolment, renewal is due and completes.
     clock.jump_to(T0 + 61 * DAY);
-    e.tick();
+    e.run_all_until_wait();
     assert_eq!(e.register().identities["gw"].current, Some(2));
     assert_eq!(e.events().iter().filter(|ev| ev.kind == "clock").count(), 1);
 }
@@ -214,7 +214,7 @@ fn run_to(e: &mut Engine, clock: &FakeClock, n: u32) {
         if e.register().identities.get("gw").and_then(|r| r.current) == Some(n) {
             return;
         }
-        let next = e.tick();
+        let next = e.run_all_until_wait();
         clock.set(next.min(clock.now() + 60).max(clock.now() + 1));
     }
     panic!("generation {n} never became current");
@@ -238,11 +238,11 @@ fn a_key_replaced_before_promotion_is_never_promoted_and_a_new_one_is_enrolled()
     run_to(&mut e, &clock, 1);
     e.force("gw").unwrap();
     while e.register().identities["gw"].step != Step::Probed {
-        e.advance("gw").unwrap();
+        e.take_one_step("gw").unwrap();
     }
     let id = replace_key(&t, &e, 2);
 
-    e.advance("gw").unwrap();
+    e.take_one_step("gw").unwrap();
     let gw = e.register().identities["gw"].clone();
     assert_eq!(gw.current, Some(1), "the old pair stays");
     assert_eq!(gw.gen(2).unwrap().status, GenStatus::Failed);
@@ -319,7 +319,7 @@ fn short_lived_certificates_renew_once_per_period(life: u64) {
         let end = clock.now() + 3 * life;
         let mut ticks = 0;
         while clock.now() < end {
-            let next = e.tick();
+            let next = e.run_all_until_wait();
             clock.set(next.min(clock.now() + life / 20).max(clock.now() + 1));
             ticks += 1;
             assert!(ticks < 10_000, "the engine never sleeps");

@@ -92,6 +92,14 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
     std::fs::write(env.path("payload.json"), b"{\"n\":1}").unwrap();
     let jws = env.ok(&["jws", "sign", "gw", "--payload", "payload.json"]);
     assert_eq!(jws.trim().split('.').count(), 3, "{jws}");
+    // Its kid names the certificate (a certificate identity has no JWK kid): never empty.
+    use base64::Engine as _;
+    let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(jws.trim().split('.').next().unwrap())
+        .unwrap();
+    let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
+    let current = &env.register()["identities"]["gw"]["generations"][1];
+    assert_eq!(header["kid"], current["fingerprint"], "{header}");
     // A bundle applied through the daemon (refused: no fleet key pinned), nothing changed.
     env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
     std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();

@@ -24,7 +24,7 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
                 bail!("'{name}' is already enrolled; use `edge-signer rotate {name} --now` for a new generation");
             }
             e.force(&name)?;
-            drive(&mut e, &name, timeout)?;
+            run_to_promotion(&mut e, &name, timeout)?;
         }
         Cmd::Rotate { name, now, timeout } => return rotate_cmd(g, name, now, timeout),
         Cmd::Retire { name, generation } => return end_generation(g, &name, generation, false),
@@ -155,12 +155,12 @@ pub(crate) fn lifecycle_engine(g: &Global) -> Result<edge_signer::lifecycle::Eng
     Ok(e)
 }
 
-pub(crate) fn drive(
+pub(crate) fn run_to_promotion(
     e: &mut edge_signer::lifecycle::Engine,
     name: &str,
     timeout: Option<u64>,
 ) -> Result<()> {
-    edge_signer::daemon::drive_to_promotion(e, name, timeout.map(Duration::from_secs), |line| {
+    edge_signer::daemon::run_to_promotion(e, name, timeout.map(Duration::from_secs), |line| {
         eprintln!("{}", printable(line))
     })?;
     let rec = e
@@ -362,7 +362,7 @@ fn rotate_cmd(g: &Global, name: String, now: bool, timeout: Option<u64>) -> Resu
         println!("{name}: renewal not due until {t}; use --now to rotate anyway");
         return Ok(0);
     }
-    drive(&mut e, &name, timeout)?;
+    run_to_promotion(&mut e, &name, timeout)?;
     Ok(0)
 }
 

@@ -6,7 +6,7 @@
 //! the engine persists the wait; 4xx rejects; 5xx, network errors and unparseable answers
 //! are retried with backoff.
 
-use super::{Answer, Issuer, Request, Submitted};
+use super::{Issuer, IssuerAnswer, Request, Submitted};
 use crate::clock::{rfc3339, Unix};
 use crate::http;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -226,7 +226,7 @@ impl Est {
 
     /// `GET cacerts` once per process: the answer must be anchored in the configured bundle;
     /// it is pinned (and re-pinned when it changes) for chain building.
-    fn check_cacerts(&mut self) -> Result<(), Answer> {
+    fn check_cacerts(&mut self) -> Result<(), IssuerAnswer> {
         if self.cacerts_checked {
             return Ok(());
         }
@@ -236,17 +236,17 @@ impl Est {
         };
         let resp = self
             .call("cacerts", None, &get)
-            .map_err(|e| Answer::Unreachable(format!("EST cacerts: {e}")))?;
+            .map_err(|e| IssuerAnswer::Unreachable(format!("EST cacerts: {e}")))?;
         if resp.status != 200 {
-            return Err(Answer::Unreachable(format!(
+            return Err(IssuerAnswer::Unreachable(format!(
                 "EST cacerts answered HTTP {}",
                 resp.status
             )));
         }
         let certs = parse_certs_only(&resp.body)
-            .map_err(|e| Answer::Unreachable(format!("EST cacerts: {e}")))?;
+            .map_err(|e| IssuerAnswer::Unreachable(format!("EST cacerts: {e}")))?;
         if !anchored(&certs, &self.ca) {
-            return Err(Answer::Rejected(format!(
+            return Err(IssuerAnswer::Rejected(format!(
                 "the EST server's CA certificates ({} of them) do not chain to the configured ca_bundle: refusing to enrol with an unknown CA",
                 certs.len()
             )));
@@ -257,7 +257,10 @@ impl Est {
             std::fs::create_dir_all(dir)
                 .and_then(|_| firmware_config::store::atomic_write(&self.pin_file, pem.as_bytes()))
                 .map_err(|e| {
-                    Answer::Unreachable(format!("cannot pin {}: {e}", self.pin_file.display()))
+                    IssuerAnswer::Unreachable(format!(
+                        "cannot pin {}: {e}",
+                        self.pin_file.display()
+                    ))
                 })?;
             tracing::info!(issuer = %self.name, certificates = certs.len(), "EST cacerts pinned");
             self.cacerts = certs;
@@ -266,7 +269,7 @@ impl Est {
         Ok(())
     }
 
-    fn post(&mut self, req: &Request, now: Unix) -> Answer {
+    fn post(&mut self, req: &Request, now: Unix) -> IssuerAnswer {
         if let Err(a) = self.check_cacerts() {
             return a;
         }
@@ -277,7 +280,7 @@ impl Est {
             (None, Some(b), _) => ("simpleenroll", Some(b.clone()), None),
             (None, None, Some(b)) => ("simpleenroll", None, Some(b)),
             (None, None, None) => {
-                return Answer::Rejected(format!(
+                return IssuerAnswer::Rejected(format!(
                     "no valid identity to re-enrol with and no bootstrap credential for {}: a person must configure issuer.bootstrap (username/password_file or cert/key) or enrol through another issuer",
                     self.name
                 ))
@@ -307,7 +310,7 @@ impl Est {
         };
         let resp = match self.call(op, identity, &hreq) {
             Ok(r) => r,
-            Err(e) => return Answer::Unreachable(format!("EST {op}: {e}")),
+            Err(e) => return IssuerAnswer::Unreachable(format!("EST {op}: {e}")),
         };
         match resp.status {
             200 => Self::issued(op, &resp, req.spki),
@@ -316,16 +319,16 @@ impl Est {
                 // `now` is whole seconds, truncated: one more second so the server is never
                 // asked again before the time it gave.
                 let until = now + secs + 1;
-                Answer::Wait {
+                IssuerAnswer::Wait {
                     until,
                     what: format!("EST server holds the request for approval; asking again at {} (Retry-After: {secs})", rfc3339(until)),
                 }
             }
-            s @ 400..=499 => Answer::Rejected(format!(
+            s @ 400..=499 => IssuerAnswer::Rejected(format!(
                 "EST {op} answered HTTP {s}: {}",
                 resp.text(300).trim()
             )),
-            s => Answer::Unreachable(format!(
+            s => IssuerAnswer::Unreachable(format!(
                 "EST {op} answered HTTP {s}: {}",
                 resp.text(300).trim()
             )),
@@ -333,13 +336,13 @@ impl Est {
     }
 
     /// A 200: the PKCS#7 certificates, the one carrying the new key first.
-    fn issued(op: &str, resp: &http::Response, spki: &[u8]) -> Answer {
+    fn issued(op: &str, resp: &http::Response, spki: &[u8]) -> IssuerAnswer {
         let ct = resp
             .header("content-type")
             .unwrap_or("")
             .to_ascii_lowercase();
         if !ct.starts_with("application/pkcs7-mime") {
-            return Answer::Unreachable(format!(
+            return IssuerAnswer::Unreachable(format!(
                 "EST {op} answered 200 with Content-Type '{ct}', not application/pkcs7-mime"
             ));
         }
@@ -352,20 +355,20 @@ impl Est {
                     let leaf = certs.remove(i);
                     certs.insert(0, leaf);
                 }
-                Answer::Issued(crate::validate::to_pem(&certs))
+                IssuerAnswer::Issued(crate::validate::to_pem(&certs))
             }
-            Err(e) => {
-                Answer::Unreachable(format!("EST {op} answered 200 with an unusable body: {e}"))
-            }
+            Err(e) => IssuerAnswer::Unreachable(format!(
+                "EST {op} answered 200 with an unusable body: {e}"
+            )),
         }
     }
 }
 
 impl Issuer for Est {
-    fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, Answer> {
+    fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, IssuerAnswer> {
         let reference = format!("{}-{}", req.identity, req.generation);
         match self.post(req, now) {
-            a @ (Answer::Issued(_) | Answer::Wait { .. }) => Ok(Submitted {
+            a @ (IssuerAnswer::Issued(_) | IssuerAnswer::Wait { .. }) => Ok(Submitted {
                 reference,
                 answer: Some(a),
             }),
@@ -375,7 +378,7 @@ impl Issuer for Est {
 
     /// RFC 7030 4.2.3: after Retry-After the client repeats the same request. The engine
     /// calls this only once the persisted wait is over.
-    fn poll(&mut self, req: &Request, _reference: &str, now: Unix) -> Answer {
+    fn poll(&mut self, req: &Request, _reference: &str, now: Unix) -> IssuerAnswer {
         self.post(req, now)
     }
 

@@ -16,7 +16,7 @@
 //! `Authorization: JWS` made by one key alone (header `{"alg":"ES256","kid":..}`, payload
 //! `{"url":"<probe_url>","iat":<unix time>}`); 2xx means the API accepts that key now.
 
-use super::{Answer, Issuer, Prepared, Request, Submitted, Verdict};
+use super::{Issuer, IssuerAnswer, Prepared, Request, Submitted, Verdict};
 use crate::clock::{rfc3339, Unix};
 use crate::http;
 use hsm_shim::jws::{b64url, sign_compact, JwsAlg};
@@ -155,12 +155,14 @@ impl Issuer for JwkApi {
     /// The PUT, once. 201/200: confirmed. A 4xx to this first sending: refused (the kid is
     /// spent). Never reached the server: refused too, so the key and kid are dropped and the
     /// next attempt starts clean. Anything after the request may have arrived: unknown.
-    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, IssuerAnswer> {
         let Some(c) = &req.credential else {
-            return Err(Answer::Rejected("no rotation request was prepared".into()));
+            return Err(IssuerAnswer::Rejected(
+                "no rotation request was prepared".into(),
+            ));
         };
         let jws = sign_compact(c.signer, JwsAlg::Es256, c.signer_kid, c.body.as_bytes())
-            .map_err(|e| Answer::Unreachable(format!("signing with the current key: {e}")))?;
+            .map_err(|e| IssuerAnswer::Unreachable(format!("signing with the current key: {e}")))?;
         let url = self
             .base
             .join(&["api", "v1", "keys", "credential", "rotate-to", c.kid]);
@@ -176,9 +178,9 @@ impl Issuer for JwkApi {
         match self.call(&url, &hreq) {
             Ok(r) if r.status == 201 || r.status == 200 => Ok(Submitted {
                 reference,
-                answer: Some(Answer::Confirmed),
+                answer: Some(IssuerAnswer::Confirmed),
             }),
-            Ok(r) if (400..500).contains(&r.status) => Err(Answer::Rejected(format!(
+            Ok(r) if (400..500).contains(&r.status) => Err(IssuerAnswer::Rejected(format!(
                 "{} refused the rotation to {}: HTTP {}: {}",
                 self.name,
                 c.kid,
@@ -187,20 +189,20 @@ impl Issuer for JwkApi {
             ))),
             Ok(r) => Ok(Submitted {
                 reference,
-                answer: Some(Answer::Unknown(format!(
+                answer: Some(IssuerAnswer::Unknown(format!(
                     "{} answered HTTP {}: {}",
                     self.name,
                     r.status,
                     r.text(300).trim()
                 ))),
             }),
-            Err(e) if !e.maybe_sent() => Err(Answer::Rejected(format!(
+            Err(e) if !e.maybe_sent() => Err(IssuerAnswer::Rejected(format!(
                 "{} could not be reached ({e}); the rotation to {} never left, so that kid and its key are dropped and the next attempt uses new ones",
                 self.name, c.kid
             ))),
             Err(e) => Ok(Submitted {
                 reference,
-                answer: Some(Answer::Unknown(format!(
+                answer: Some(IssuerAnswer::Unknown(format!(
                     "the rotation to {} was sent but no answer came ({e})",
                     c.kid
                 ))),
@@ -208,8 +210,8 @@ impl Issuer for JwkApi {
         }
     }
 
-    fn poll(&mut self, _req: &Request, _reference: &str, _now: Unix) -> Answer {
-        Answer::Unknown("the rotation API has nothing to poll; verify with the keys".into())
+    fn poll(&mut self, _req: &Request, _reference: &str, _now: Unix) -> IssuerAnswer {
+        IssuerAnswer::Unknown("the rotation API has nothing to poll; verify with the keys".into())
     }
 
     fn ca_bundle(&self) -> &[CertificateDer<'static>] {

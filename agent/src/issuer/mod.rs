@@ -57,7 +57,7 @@ pub struct Request<'a> {
 
 /// What an issuer says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub enum IssuerAnswer {
     /// Accepted: come back later (`until`), with what is awaited for `status`. A wait the
     /// server asked for (EST `Retry-After`) is persisted and honoured by every process.
     Wait {
@@ -85,7 +85,7 @@ pub struct Submitted {
     /// Issuer-specific reference, kept in the register.
     pub reference: String,
     /// An answer that came with the submission (EST 200 chain or 202 wait, JWK 201).
-    pub answer: Option<Answer>,
+    pub answer: Option<IssuerAnswer>,
 }
 
 /// The answer of a verification call made with one key alone.
@@ -120,9 +120,9 @@ pub trait Issuer: Send {
     }
     /// Submit. Called once per generation and request: the engine records that it is
     /// sending before it calls, and resumes from the register after a crash.
-    fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, Answer>;
+    fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, IssuerAnswer>;
     /// Ask about a submission.
-    fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> Answer;
+    fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> IssuerAnswer;
     /// How often this issuer is polled by its configuration (`poll_interval`), when that is
     /// the only thing that says when to look again (not a server's Retry-After).
     fn poll_interval(&self) -> Option<u64> {

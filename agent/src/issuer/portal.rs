@@ -1,7 +1,7 @@
 //! The portal issuer: a CSR goes to an outbox for a person to upload; the signed certificate
 //! comes back (about a day later) as any file in the inbox, recognised by its public key.
 
-use super::{Answer, Issuer, Request, Submitted};
+use super::{Issuer, IssuerAnswer, Request, Submitted};
 use crate::clock::Unix;
 use hsm_shim::rustls::pki_types::CertificateDer;
 use std::path::PathBuf;
@@ -31,7 +31,7 @@ impl Portal {
 }
 
 impl Issuer for Portal {
-    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, Answer> {
+    fn submit(&mut self, req: &Request, _now: Unix) -> Result<Submitted, IssuerAnswer> {
         let name = Self::csr_name(req);
         std::fs::create_dir_all(&self.outbox)
             .and_then(|_| {
@@ -41,7 +41,7 @@ impl Issuer for Portal {
                 )
             })
             .map_err(|e| {
-                Answer::Unreachable(format!(
+                IssuerAnswer::Unreachable(format!(
                     "cannot write {} to {}: {e}",
                     name,
                     self.outbox.display()
@@ -53,12 +53,12 @@ impl Issuer for Portal {
         })
     }
 
-    fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> Answer {
+    fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> IssuerAnswer {
         let mut foreign = Vec::new();
         let entries = match std::fs::read_dir(&self.inbox) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Answer::Wait {
+                return IssuerAnswer::Wait {
                     until: now + self.poll,
                     what: format!(
                         "certificate for {reference} in {} (not created yet)",
@@ -67,7 +67,10 @@ impl Issuer for Portal {
                 }
             }
             Err(e) => {
-                return Answer::Unreachable(format!("cannot read {}: {e}", self.inbox.display()))
+                return IssuerAnswer::Unreachable(format!(
+                    "cannot read {}: {e}",
+                    self.inbox.display()
+                ))
             }
         };
         // Only certificates dropped after this CSR went out are worth mentioning when foreign.
@@ -93,8 +96,8 @@ impl Issuer for Portal {
                 // key block, text) reaches the register or cert.pem.
                 Some(spki) if spki == req.spki => {
                     return match crate::validate::parse_chain(&text) {
-                        Ok(chain) => Answer::Issued(crate::validate::to_pem(&chain)),
-                        Err(e) => Answer::Unreachable(e.to_string()),
+                        Ok(chain) => IssuerAnswer::Issued(crate::validate::to_pem(&chain)),
+                        Err(e) => IssuerAnswer::Unreachable(e.to_string()),
                     }
                 }
                 Some(_) if since.is_none_or(|t| meta.modified().is_ok_and(|m| m >= t)) => foreign
@@ -115,7 +118,7 @@ impl Issuer for Portal {
                 foreign.join(", ")
             );
         }
-        Answer::Wait {
+        IssuerAnswer::Wait {
             until: now + self.poll,
             what,
         }

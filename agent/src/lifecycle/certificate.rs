@@ -3,7 +3,7 @@
 use super::{Engine, Progress};
 use crate::clock::{rfc3339, Unix};
 use crate::events::Severity;
-use crate::issuer::{Answer, Request, Submitted};
+use crate::issuer::{IssuerAnswer, Request, Submitted};
 use crate::register::{GenStatus, IdentityRecord, Step, Waiting};
 use crate::validate::{self, Expected};
 use anyhow::Result;
@@ -63,7 +63,7 @@ impl Engine {
     ) -> Result<Progress> {
         let (g, key) = self.pending_key(rec)?;
         let spki = key.info().spki.clone();
-        let csr = g.csr_pem.clone().unwrap_or_default();
+        let csr = g.need_csr()?.to_owned();
         let req = Request {
             identity: name,
             generation: g.number,
@@ -83,8 +83,10 @@ impl Engine {
                     r.transition(now, Step::Submitted, g.number, note);
                     // What the server answered at once is on disk before the next step.
                     match answer {
-                        Some(Answer::Issued(pem)) => return self.received(name, g.number, pem),
-                        Some(Answer::Wait { until, what }) => {
+                        Some(IssuerAnswer::Issued(pem)) => {
+                            return self.received(name, g.number, pem)
+                        }
+                        Some(IssuerAnswer::Wait { until, what }) => {
                             r.waiting = Some(Waiting { until, what });
                         }
                         _ => {}
@@ -96,7 +98,7 @@ impl Engine {
             },
         };
         match answer {
-            Answer::Wait { until, what } => {
+            IssuerAnswer::Wait { until, what } => {
                 // Persist only what changes, not every poll (flash wears out). A server's
                 // Retry-After changes `what`, so it is always on disk for other processes.
                 let r = self.rec(name);
@@ -109,16 +111,16 @@ impl Engine {
                 }
                 Ok(Progress::Wait { until, what })
             }
-            Answer::Issued(pem) => self.received(name, g.number, pem),
-            Answer::Rejected(why) => self.abandon(
+            IssuerAnswer::Issued(pem) => self.received(name, g.number, pem),
+            IssuerAnswer::Rejected(why) => self.abandon(
                 name,
                 g.number,
                 format!("issuer {} refused: {why}", cfg.issuer),
             ),
-            Answer::Unreachable(why) | Answer::Unknown(why) => {
+            IssuerAnswer::Unreachable(why) | IssuerAnswer::Unknown(why) => {
                 self.fail(name, format!("issuer {} unreachable: {why}", cfg.issuer))
             }
-            Answer::Confirmed => self.fail(
+            IssuerAnswer::Confirmed => self.fail(
                 name,
                 format!("issuer {} confirmed without a certificate", cfg.issuer),
             ),
@@ -150,7 +152,7 @@ impl Engine {
             usages: &cfg.usage,
             policy: cfg.subject_match,
         };
-        let pem = g.cert_pem.as_deref().unwrap_or_default();
+        let pem = g.need_chain()?;
         match validate::validate(pem, &anchors, &intermediates, &want, now) {
             Ok(v) => {
                 if !v.differences.is_empty() {
@@ -245,8 +247,8 @@ impl Engine {
             )?;
             return Ok(Progress::Moved);
         };
-        let key_id = g.key_id.clone().unwrap_or_default();
-        let pem = g.cert_pem.clone().unwrap_or_default();
+        let key_id = g.need_key_id()?.to_owned();
+        let pem = g.need_chain()?.to_owned();
         match self.probe_once(cfg, &key_id, &pem, url) {
             Ok(s) if (200..300).contains(&s) => {
                 self.move_to(
@@ -276,7 +278,7 @@ impl Engine {
         now: Unix,
     ) -> Result<Progress> {
         let (g, key) = self.pending_key(rec)?;
-        let chain_pem = g.cert_pem.clone().unwrap_or_default();
+        let chain_pem = g.need_chain()?.to_owned();
         let chain = validate::parse_chain(&chain_pem)?;
         // The key was checked at `issued`; it may have been replaced in the token since
         // (under the same id). A pair that does not match is never promoted.

@@ -9,7 +9,7 @@
 use super::{Engine, Progress};
 use crate::clock::{rfc3339, Unix};
 use crate::events::Severity;
-use crate::issuer::{jwk_rotation, Answer, Credential, Request, Submitted, Verdict};
+use crate::issuer::{jwk_rotation, Credential, IssuerAnswer, Request, Submitted, Verdict};
 use crate::register::{GenStatus, Generation, IdentityRecord, Step};
 use anyhow::{anyhow, bail, Result};
 use firmware_config::schema::IdentityConfig;
@@ -74,7 +74,7 @@ impl Engine {
         rec: &IdentityRecord,
     ) -> Result<Progress> {
         let (g, key) = self.pending_key(rec)?;
-        let kid = g.kid.clone().unwrap_or_default();
+        let kid = g.need_kid()?.to_owned();
         if g.sent_at.is_some() {
             // A process sent it and recorded no outcome (crash): the API may have applied it.
             self.move_to(
@@ -92,9 +92,9 @@ impl Engine {
             .current_gen()
             .cloned()
             .ok_or_else(|| anyhow!("no current credential to sign the rotation"))?;
-        let cur_key = self.open_key(cur.key_id.as_deref().unwrap_or_default())?;
-        let body = g.request.clone().unwrap_or_default();
-        let cur_kid = cur.kid.clone().unwrap_or_default();
+        let cur_key = self.open_key(cur.need_key_id()?)?;
+        let body = g.need_request()?.to_owned();
+        let cur_kid = cur.need_kid()?.to_owned();
         let req = Request {
             identity: name,
             generation: g.number,
@@ -110,7 +110,7 @@ impl Engine {
         };
         match self.issuer(&cfg.issuer)?.submit(&req, now) {
             Ok(Submitted {
-                answer: Some(Answer::Confirmed),
+                answer: Some(IssuerAnswer::Confirmed),
                 reference,
             }) => {
                 self.gen_mut(name, g.number)?.submission = Some(reference);
@@ -124,14 +124,14 @@ impl Engine {
             }
             Ok(Submitted { answer, reference }) => {
                 let why = match answer {
-                    Some(Answer::Unknown(w)) => w,
+                    Some(IssuerAnswer::Unknown(w)) => w,
                     other => format!("unexpected answer {other:?}"),
                 };
                 self.gen_mut(name, g.number)?.submission = Some(reference);
                 self.move_to(name, Step::Submitted, g.number, why)?;
                 Ok(Progress::Moved)
             }
-            Err(Answer::Rejected(why)) => self.abandon(name, g.number, why),
+            Err(IssuerAnswer::Rejected(why)) => self.abandon(name, g.number, why),
             Err(other) => {
                 // Not sent after all (signing failed before sending): try again later.
                 self.gen_mut(name, g.number)?.sent_at = None;
@@ -141,8 +141,8 @@ impl Engine {
     }
 
     fn verdict(&mut self, cfg: &IdentityConfig, g: &Generation) -> Result<Verdict> {
-        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
-        let kid = g.kid.clone().unwrap_or_default();
+        let key = self.open_key(g.need_key_id()?)?;
+        let kid = g.need_kid()?.to_owned();
         Ok(self
             .issuer(&cfg.issuer)?
             .verify(&key, &kid, cfg.probe_url.as_deref()))
@@ -182,7 +182,7 @@ impl Engine {
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
         let old = rec.current_gen().cloned();
-        let kid = g.kid.clone().unwrap_or_default();
+        let kid = g.need_kid()?.to_owned();
         let new = self.verdict(cfg, &g)?;
         if new == Verdict::Accepted {
             return self.credential_promote(name, &g, old.as_ref(), "the API accepts the new key");
@@ -224,19 +224,15 @@ impl Engine {
         how: &str,
     ) -> Result<Progress> {
         let now = self.now();
-        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
-        let jwk = jwk_rotation::public_jwk(key.info(), g.kid.as_deref().unwrap_or_default())
-            .map_err(|e| anyhow!(e))?;
+        let key = self.open_key(g.need_key_id()?)?;
+        let jwk = jwk_rotation::public_jwk(key.info(), g.need_kid()?).map_err(|e| anyhow!(e))?;
         super::export::publish(
             &self.identities_dir(),
             name,
             g.number,
             &[
                 ("jwk.json", format!("{jwk}\n").as_bytes()),
-                (
-                    "key.uri",
-                    format!("{}\n", g.key_uri.clone().unwrap_or_default()).as_bytes(),
-                ),
+                ("key.uri", format!("{}\n", g.need_key_uri()?).as_bytes()),
             ],
         )?;
         let until = g.previous_expiry.unwrap_or(now);
@@ -288,8 +284,7 @@ impl Engine {
         }
         let rec = self.rec(name).clone();
         let (g, key) = self.pending_key(&rec)?;
-        jwk_rotation::public_jwk(key.info(), g.kid.as_deref().unwrap_or_default())
-            .map_err(|e| anyhow!(e))
+        jwk_rotation::public_jwk(key.info(), g.need_kid()?).map_err(|e| anyhow!(e))
     }
 
     /// Record the exported key as the current credential, valid until `expires`.

@@ -407,7 +407,7 @@ impl Engine {
     /// The pending generation and a signer for its key.
     fn pending_key(&self, rec: &IdentityRecord) -> Result<(Generation, TokenKey)> {
         let g = Self::pending(rec)?;
-        let key = self.open_key(g.key_id.as_deref().unwrap_or_default())?;
+        let key = self.open_key(g.need_key_id()?)?;
         Ok((g, key))
     }
 
@@ -433,13 +433,13 @@ impl Engine {
         self.state_dir.join("identities")
     }
 
-    /// Take at most one step for `name`.
-    pub fn advance(&mut self, name: &str) -> Result<Progress> {
+    /// Take at most one step for `name` (an alert due first shortens the wait it returns).
+    pub fn take_one_step(&mut self, name: &str) -> Result<Progress> {
         let cfg = self.identity_cfg(name)?;
         let now = self.now();
         let alert = self.alerts(name, &cfg, now)?;
         let rec = self.rec(name).clone();
-        let progress = self.step(name, &cfg, &rec, now)?;
+        let progress = self.act_on_plan(name, &cfg, &rec, now)?;
         Ok(match (progress, alert) {
             (Progress::Wait { until, what }, Some(a)) if a < until => {
                 Progress::Wait { until: a, what }
@@ -448,7 +448,7 @@ impl Engine {
         })
     }
 
-    fn step(
+    fn act_on_plan(
         &mut self,
         name: &str,
         cfg: &IdentityConfig,
@@ -537,7 +537,8 @@ impl Engine {
         Ok(Progress::Moved)
     }
 
-    /// The current key and its kid (for `jws sign`).
+    /// The current key and the `kid` its JWS carry (for `jws sign`): the credential's kid,
+    /// or for a certificate identity the certificate's SHA-256 fingerprint.
     pub fn current_key(&self, name: &str) -> Result<(TokenKey, String)> {
         let rec = self
             .reg
@@ -547,16 +548,18 @@ impl Engine {
         let g = rec
             .current_gen()
             .ok_or_else(|| anyhow!("'{name}' has no current credential"))?;
-        Ok((
-            self.open_key(g.key_id.as_deref().unwrap_or_default())?,
-            g.kid.clone().unwrap_or_default(),
-        ))
+        // A certificate identity's JWS names its certificate, as the API's `/jws` does.
+        let kid = match (&g.kid, &g.fingerprint) {
+            (Some(kid), _) | (None, Some(kid)) => kid.clone(),
+            (None, None) => g.need_kid()?.to_owned(),
+        };
+        Ok((self.open_key(g.need_key_id()?)?, kid))
     }
 
-    /// Advance `name` until it must wait; returns the wait.
-    pub fn drive(&mut self, name: &str) -> Result<(Unix, String)> {
+    /// Take steps for `name` until it must wait; returns the wait.
+    pub fn run_until_wait(&mut self, name: &str) -> Result<(Unix, String)> {
         for _ in 0..64 {
-            match self.advance(name)? {
+            match self.take_one_step(name)? {
                 Progress::Moved => continue,
                 Progress::Wait { until, what } => return Ok((until, what)),
             }
@@ -564,8 +567,8 @@ impl Engine {
         bail!("'{name}' made 64 steps without settling: a bug; see the register")
     }
 
-    /// Advance every configured identity; returns the earliest deadline.
-    pub fn tick(&mut self) -> Unix {
+    /// Run every configured identity until it must wait; returns the earliest deadline.
+    pub fn run_all_until_wait(&mut self) -> Unix {
         let mut next = u64::MAX;
         for name in self
             .cfg
@@ -574,7 +577,7 @@ impl Engine {
             .map(|i| i.name.clone())
             .collect::<Vec<_>>()
         {
-            match self.drive(&name) {
+            match self.run_until_wait(&name) {
                 Ok((until, _)) => next = next.min(until),
                 Err(e) => {
                     let now = self.now();
