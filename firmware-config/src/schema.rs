@@ -215,6 +215,9 @@ pub enum CnSuffix {
     None,
     /// `-<unix time>` is appended to the CN on each renewal.
     UnixTime,
+    /// `-g<generation number>` is appended to the CN: unique per identity even when two
+    /// renewals fall in one second.
+    Generation,
 }
 
 /// What an identity is for.

@@ -4,10 +4,10 @@ use crate::{free_port, Env, Guard};
 use std::process::{Command, Output};
 
 impl Env {
-    /// Firmware defaults for identity `gw` (portal, unix-time CN suffix, `overlap`) plus
+    /// Firmware defaults for identity `gw` (portal, generation CN suffix, `overlap`) plus
     /// `extra` TOML (proxies, API rules) appended. `{p}` in `extra` is the temp dir.
     pub fn serving_config(&self, overlap: &str, extra: &str) {
-        self.lifecycle_config("cn_suffix = \"unix-time\"");
+        self.lifecycle_config("cn_suffix = \"generation\"");
         let p = self.dir.path().display().to_string();
         let cfg = std::fs::read_to_string(self.path("defaults.toml"))
             .expect("config")

@@ -69,7 +69,7 @@ fn a_device_with_its_own_certificate_cannot_steer_others_and_bundles_keep_to_the
     let cfg = std::fs::read_to_string(a.path("defaults.toml")).unwrap();
     std::fs::write(
         a.path("defaults.toml"),
-        cfg.replace("cn_suffix = \"unix-time\"", ""),
+        cfg.replace("cn_suffix = \"generation\"", ""),
     )
     .unwrap();
     let _portal = a.portal_ca(CaMode::Good);

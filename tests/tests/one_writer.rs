@@ -69,7 +69,6 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
     let daemon = env.daemon();
     env.wait_current("gw", 1);
     env.wait_log("signing API listening");
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     let out = env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     assert!(out.contains("rotated by the daemon"), "{out}");
     env.wait_log("asked through the API");
@@ -164,7 +163,6 @@ fn needs_renewal_and_rotate_during_an_overlap_beside_the_daemon_say_what_is_true
     env.wait_current("gw", 1);
     env.wait_log("signing API listening");
     assert_eq!(env.run(&["needs-renewal", "gw"]).status.code(), Some(1));
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     // Generation 2 current, generation 1 overlapping: nothing is due.
     assert_eq!(env.run(&["needs-renewal", "gw"]).status.code(), Some(1));

@@ -127,7 +127,6 @@ fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_ove
 
     // A stream of requests while the rotation happens.
     let stream = CurlStream::start(&env.path("web.sock"));
-    std::thread::sleep(Duration::from_millis(1100));
     env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     env.wait_log("new handshakes use generation 2");
     std::thread::sleep(Duration::from_millis(500));

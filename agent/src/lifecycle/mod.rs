@@ -503,6 +503,7 @@ impl Engine {
         let cn = match cfg.cn_suffix {
             CnSuffix::None => cfg.subject.cn.clone(),
             CnSuffix::UnixTime => format!("{}-{now}", cfg.subject.cn),
+            CnSuffix::Generation => format!("{}-g{n}", cfg.subject.cn),
         };
         let g = Generation::planned(
             n,
