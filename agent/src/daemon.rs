@@ -307,6 +307,7 @@ impl Daemon<'_> {
                 self.restart_servers();
                 self.publish();
                 self.publish_view();
+                tracing::info!("configuration reloaded");
                 Ok(())
             }
             Err(e) => {

@@ -205,8 +205,14 @@ fn bad_and_hostile_answers_leave_the_old_identity_serving() {
     }
     // The daemon meets a hostile server, stays up, and completes once the server is sane.
     est.set_mode(EstMode::ChunkOverflow);
-    let mut daemon = Guard(env.cmd().arg("run").spawn().unwrap());
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    let mut daemon = Guard(
+        env.cmd()
+            .arg("run")
+            .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    env.wait_log("retrying at");
     assert!(
         daemon.0.try_wait().unwrap().is_none(),
         "the daemon is alive"

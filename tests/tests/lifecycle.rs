@@ -358,7 +358,7 @@ fn the_daemon_enrols_on_its_own_reloads_on_sighup_and_stops_on_sigterm(kind: Tok
     let mut guard = Guard(child);
     env.wait_current("gw", 1);
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    env.wait_log("configuration reloaded");
     assert!(
         guard.0.try_wait().unwrap().is_none(),
         "the daemon must survive SIGHUP"

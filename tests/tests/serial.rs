@@ -249,7 +249,7 @@ fn an_unplugged_adapter_is_reopened_when_it_comes_back() {
     env.wait_log("diagnostics port lost; reopening");
     let _ = std::fs::remove_file(env.path("ttyA"));
     let _ = std::fs::remove_file(env.path("ttyB"));
-    std::thread::sleep(Duration::from_millis(2500));
+    env.wait_log("cannot open the diagnostics port (retrying every 2 s)");
     assert!(
         d.0.try_wait().unwrap().is_none(),
         "the daemon keeps running without its port"

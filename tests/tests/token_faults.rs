@@ -2,7 +2,6 @@
 //! moment. Signing recovers without a restart; a failed listing destroys nothing.
 
 use edge_signer_tests::*;
-use std::time::Duration;
 
 fn daemon(env: &Env) -> Guard {
     Guard(
@@ -73,7 +72,7 @@ fn a_listing_that_fails_destroys_nothing_and_the_daemon_goes_on() {
         .args(["-HUP", &pid])
         .status()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    env.wait_log("configuration reloaded");
     assert!(
         d.0.try_wait().unwrap().is_none(),
         "the daemon keeps running"
