@@ -8,11 +8,16 @@ use std::sync::Arc;
 
 const DAY: u64 = 86_400;
 
-/// An in-process CA behind the `Issuer` trait: answers at once (when `up`), 90-day certs
+/// An in-process CA behind the `Issuer` trait: answers at once when `up` (submit and poll
+/// alike; down, each is refused as unreachable), 90-day certs
 /// (or `life` seconds) dated by the fake clock.
 pub struct SimCa {
     clock: FakeClock,
     up: Arc<AtomicBool>,
+    /// Go down right after accepting a request (set by `down_after_submit`).
+    down_after_submit: Arc<AtomicBool>,
+    /// Requests accepted so far.
+    pub submits: Arc<std::sync::atomic::AtomicUsize>,
     /// The lifetime of what it issues, in seconds.
     pub life: u64,
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
@@ -33,10 +38,21 @@ impl SimCa {
         SimCa {
             clock,
             up,
+            down_after_submit: Arc::default(),
+            submits: Arc::default(),
             life: 90 * DAY,
             ca: vec![cert.der().clone()],
             issuer: rcgen::Issuer::new(p, key),
         }
+    }
+}
+
+impl SimCa {
+    /// While `flag` is set, the CA goes down (`up` false) right after it accepts a request:
+    /// the submission is in, the answer must be polled for later.
+    pub fn down_after_submit(mut self, flag: Arc<AtomicBool>) -> SimCa {
+        self.down_after_submit = flag;
+        self
     }
 }
 
@@ -45,6 +61,10 @@ impl Issuer for SimCa {
         if !self.up.load(Ordering::SeqCst) {
             return Err(IssuerAnswer::Unreachable("connection refused".into()));
         }
+        self.submits.fetch_add(1, Ordering::SeqCst);
+        if self.down_after_submit.load(Ordering::SeqCst) {
+            self.up.store(false, Ordering::SeqCst);
+        }
         Ok(Submitted {
             reference: format!("{}-{}", req.identity, req.generation),
             answer: None,
@@ -52,6 +72,10 @@ impl Issuer for SimCa {
     }
 
     fn poll(&mut self, req: &Request, _reference: &str, _now: Unix) -> IssuerAnswer {
+        // Down between submit and poll: the poll does not get through either.
+        if !self.up.load(Ordering::SeqCst) {
+            return IssuerAnswer::Unreachable("connection refused".into());
+        }
         let mut csr =
             rcgen::CertificateSigningRequestParams::from_pem(req.csr_pem).expect("our CSR parses");
         let now = self.clock.now();

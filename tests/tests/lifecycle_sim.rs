@@ -347,3 +347,43 @@ fn one_day_certificates_renew_once_per_period() {
 fn one_hour_certificates_renew_once_per_period() {
     short_lived_certificates_renew_once_per_period(3600);
 }
+
+/// The CA takes the request, then goes down before the answer is polled: the engine polls the
+/// same submission again (backoff, failure recorded) and never sends a second request.
+#[test]
+fn a_ca_down_between_submit_and_poll_is_polled_again_never_asked_twice() {
+    let t = TestToken::new();
+    let clock = FakeClock::at(T0);
+    let up = Arc::new(AtomicBool::new(true));
+    let ca =
+        SimCa::new(clock.clone(), up.clone()).down_after_submit(Arc::new(AtomicBool::new(true)));
+    let submits = ca.submits.clone();
+    let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
+    issuers.insert("sim".into(), Box::new(ca));
+    let cfg = config(
+        &t.dir.path().join("state"),
+        &t.module,
+        "ec-p256",
+        "7d",
+        "0s",
+    );
+    let mut e = Engine::new(cfg, t.token.clone(), Arc::new(clock.clone()), issuers).unwrap();
+
+    let next = e.run_all_until_wait();
+    let gw = e.register().identities["gw"].clone();
+    assert_eq!((gw.current, gw.pending), (None, Some(1)), "{gw:?}");
+    let failure = gw.failure.clone().expect("the poll failed");
+    assert!(failure.reason.contains("connection refused"), "{failure:?}");
+    assert_eq!(submits.load(Ordering::SeqCst), 1);
+
+    up.store(true, Ordering::SeqCst);
+    clock.set(next);
+    e.run_all_until_wait();
+    let gw = e.register().identities["gw"].clone();
+    assert_eq!(gw.current, Some(1), "{gw:?}");
+    assert_eq!(
+        submits.load(Ordering::SeqCst),
+        1,
+        "one request, polled twice"
+    );
+}
