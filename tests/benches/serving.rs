@@ -219,15 +219,15 @@ impl Bench {
                 && std::net::TcpStream::connect(("127.0.0.1", pport)).is_ok()
         });
         std::thread::sleep(Duration::from_millis(500));
-        let gen = &env.register()["identities"]["gw"]["generations"][0];
-        let key_id = gen["key_id"].as_str().unwrap().to_owned();
-        std::fs::write(env.path("chain.pem"), gen["cert_pem"].as_str().unwrap()).unwrap();
+        let gen = env.generation("gw", 1);
+        let key_id = gen.key_id.clone().unwrap();
+        std::fs::write(env.path("chain.pem"), gen.cert_pem.unwrap()).unwrap();
         // In-process access to the same token (the raw baseline and direct TLS).
         // Safe: before any module is loaded in this process.
         unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf")) };
         let id = hsm_shim::keys::unhex(&key_id).unwrap();
-        let rsa = &env.register()["identities"]["rsa"]["generations"][0]["key_id"];
-        let rsa_id = hsm_shim::keys::unhex(rsa.as_str().unwrap()).unwrap();
+        let rsa = env.generation("rsa", 1).key_id.unwrap();
+        let rsa_id = hsm_shim::keys::unhex(&rsa).unwrap();
         Bench {
             env,
             _ca: ca,

@@ -263,11 +263,11 @@ impl Env {
     /// Wait (20 s at most) until `identity`'s current generation is `n` in the register;
     /// the failure message shows `daemon.log` when there is one.
     pub fn wait_current(&self, identity: &str, n: u64) {
+        let path = self.path("state/register.json");
         let current = || {
-            std::fs::read(self.path("state/register.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-                .and_then(|r| r["identities"][identity]["current"].as_u64())
+            let bytes = std::fs::read(&path).ok()?;
+            let reg = edge_signer::register::RegisterFile::parse(&path, &bytes).ok()?;
+            reg.identities.get(identity)?.current.map(u64::from)
         };
         let reached = poll_until(20, Duration::from_millis(100), || current() == Some(n));
         assert!(
@@ -432,15 +432,33 @@ state_dir = "{p}/state"
 
     /// The CN of identity `gw`'s generation `generation` (1-based), from the register.
     pub fn gw_cn(&self, generation: usize) -> String {
-        let g = &self.register()["identities"]["gw"]["generations"][generation - 1];
-        let subject = g["subject"].as_str().expect("subject");
+        let g = self.generation("gw", generation as u32);
+        let subject = g.subject.as_str();
         subject.rsplit("CN=").next().unwrap_or(subject).to_owned()
     }
 
-    /// Read the register.
-    pub fn register(&self) -> Value {
-        serde_json::from_slice(&std::fs::read(self.path("state/register.json")).expect("register"))
-            .expect("register JSON")
+    /// Read the register, through its type (as the agent reads it).
+    pub fn register(&self) -> edge_signer::register::Register {
+        let path = self.path("state/register.json");
+        let bytes = std::fs::read(&path).expect("register");
+        edge_signer::register::RegisterFile::parse(&path, &bytes).expect("the register loads")
+    }
+
+    /// One identity's record in the register.
+    pub fn record(&self, identity: &str) -> edge_signer::register::IdentityRecord {
+        self.register()
+            .identities
+            .get(identity)
+            .cloned()
+            .unwrap_or_else(|| panic!("no identity '{identity}' in the register"))
+    }
+
+    /// Generation `n` (1-based) of `identity`.
+    pub fn generation(&self, identity: &str, n: u32) -> edge_signer::register::Generation {
+        self.record(identity)
+            .gen(n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no generation {n} of '{identity}' in the register"))
     }
 }
 

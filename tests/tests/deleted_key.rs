@@ -81,15 +81,10 @@ fn through_proxy(port: u16) -> bool {
 
 /// The key id of gw's current generation (hex).
 fn current_key_id(env: &Env) -> String {
-    let reg = env.register();
-    let rec = &reg["identities"]["gw"];
-    let current = rec["current"].as_u64().expect("a current generation");
-    rec["generations"]
-        .as_array()
-        .and_then(|g| g.iter().find(|g| g["number"].as_u64() == Some(current)))
-        .and_then(|g| g["key_id"].as_str())
-        .expect("key id")
-        .to_owned()
+    env.record("gw")
+        .current_gen()
+        .and_then(|g| g.key_id.clone())
+        .expect("a current generation with a key")
 }
 
 fn key_destroy_of_a_served_key_is_refused_and_revoke_ends_its_signatures(kind: TokenKind) {

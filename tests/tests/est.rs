@@ -1,5 +1,6 @@
 //! EST enrolment and re-enrolment through the real binary against the test EST server.
 
+use edge_signer::register::{GenStatus, Generation};
 use edge_signer_tests::est::{first_der, EstMode, EstServer};
 use edge_signer_tests::*;
 
@@ -40,11 +41,8 @@ state_dir = "{p}/state"
     std::fs::write(env.path("defaults.toml"), cfg).unwrap();
 }
 
-fn gens(env: &Env) -> Vec<serde_json::Value> {
-    env.register()["identities"]["dev"]["generations"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+fn gens(env: &Env) -> Vec<Generation> {
+    env.record("dev").generations
 }
 
 #[test]
@@ -70,7 +68,7 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
         "{seen:?}"
     );
     let g1 = gens(&env)[0].clone();
-    std::fs::write(env.path("g1.csr"), g1["csr_pem"].as_str().unwrap()).unwrap();
+    std::fs::write(env.path("g1.csr"), g1.csr_pem.as_deref().unwrap()).unwrap();
     assert!(env
         .openssl(&["req", "-in", "g1.csr", "-verify", "-noout"])
         .contains("verify OK"));
@@ -96,18 +94,18 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
     );
     assert_eq!(
         seen[1].client_cert.as_deref(),
-        Some(first_der(g1["cert_pem"].as_str().unwrap()).as_slice()),
+        Some(first_der(g1.cert_pem.as_deref().unwrap()).as_slice()),
         "re-enrolment must present the current generation's certificate"
     );
     let g = gens(&env);
     assert_eq!(
-        (g[0]["status"].as_str(), g[1]["status"].as_str()),
-        (Some("overlap"), Some("current"))
+        (g[0].status, g[1].status),
+        (GenStatus::Overlap, GenStatus::Current)
     );
     env.ok(&["retire", "dev", "--generation", "1"]);
     let objects = env.pkcs11_objects();
     assert!(
-        !objects.contains(g1["key_id"].as_str().unwrap()),
+        !objects.contains(g1.key_id.as_deref().unwrap()),
         "{objects}"
     );
 }
@@ -191,14 +189,12 @@ fn bad_and_hostile_answers_leave_the_old_identity_serving() {
         est.set_mode(mode);
         let out = env.run(&["rotate", "dev", "--now", "--timeout", "2"]);
         assert!(!out.status.success(), "{mode:?} accepted");
-        let rec = env.register()["identities"]["dev"].clone();
-        let why = rec["failure"]["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned();
+        let rec = env.record("dev");
+        let why = rec.failure.map(|f| f.reason).unwrap_or_default();
         assert!(why.contains(reason), "{mode:?}: {why}");
         assert_eq!(
-            rec["current"], 1,
+            rec.current,
+            Some(1),
             "{mode:?}: the old identity keeps serving"
         );
         std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -219,7 +215,7 @@ fn bad_and_hostile_answers_leave_the_old_identity_serving() {
     );
     est.set_mode(EstMode::Issue);
     let start = std::time::Instant::now();
-    while env.register()["identities"]["dev"]["current"].as_u64() == Some(1) {
+    while env.record("dev").current == Some(1) {
         assert!(
             start.elapsed() < std::time::Duration::from_secs(20),
             "no recovery"
@@ -255,7 +251,7 @@ fn a_ca_that_rewrites_the_dn_issues_under_the_cn_policy_and_is_refused_under_exa
         );
         let err = env.fails(&["rotate", "dev", "--now", "--timeout", "3"]);
         assert!(err.contains("subject is '"), "{mode:?}: {err}");
-        assert_eq!(env.register()["identities"]["dev"]["current"], 1);
+        assert_eq!(env.record("dev").current, Some(1));
     }
 }
 
@@ -289,13 +285,17 @@ fn extra_certificates_in_the_pkcs7_join_the_chain_and_a_foreign_root_is_refused(
     )
     .unwrap();
     env.fails(&["rotate", "dev", "--now", "--timeout", "2"]);
-    let why = env.register()["identities"]["dev"]["failure"]["reason"].to_string();
+    let why = env
+        .record("dev")
+        .failure
+        .map(|f| f.reason)
+        .unwrap_or_default();
     assert!(
         why.contains("invalid peer certificate")
             || why.contains("do not chain to the configured ca_bundle"),
         "{why}"
     );
-    assert_eq!(env.register()["identities"]["dev"]["current"], 1);
+    assert_eq!(env.record("dev").current, Some(1));
 }
 
 #[test]

@@ -140,12 +140,12 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
 
     // A rotation: dev-a reconnects with the new certificate; after the overlap the old key is gone.
     a.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
-    let g = a.register()["identities"]["gw"]["generations"].clone();
+
     let cn2 = a.gw_cn(2);
     wait_for("dev-a reconnected with the new CN", 20, || {
         broker.log().contains(&format!("u'{cn2}'"))
     });
-    let id1 = g[0]["key_id"].as_str().unwrap().to_owned();
+    let id1 = a.generation("gw", 1).key_id.unwrap();
     wait_for("old key destroyed after the overlap", 30, || {
         !a.pkcs11_objects().contains(&id1)
     });

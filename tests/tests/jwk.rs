@@ -1,5 +1,6 @@
 //! JWK credential rotation through the real binary against the test API.
 
+use edge_signer::register::{GenStatus, Generation, IdentityRecord};
 use edge_signer_tests::jwk::JwkApi;
 use edge_signer_tests::*;
 
@@ -44,8 +45,8 @@ state_dir = "{p}/state"
     std::fs::write(env.path("defaults.toml"), cfg).unwrap();
 }
 
-fn rec(env: &Env) -> serde_json::Value {
-    env.register()["identities"]["api"].clone()
+fn rec(env: &Env) -> IdentityRecord {
+    env.record("api")
 }
 
 fn onboard(env: &Env, api: &JwkApi) -> String {
@@ -106,7 +107,7 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
     // Then an earlier (not current) kid is offered first: still skipped.
     rotate_offering(&env, &format!("{kid1},kid-two,kid-three"));
     let r = rec(&env);
-    assert_eq!(r["kids"], serde_json::json!([kid1, "kid-two", "kid-three"]));
+    assert_eq!(r.kids, vec![kid1.as_str(), "kid-two", "kid-three"]);
     assert!(
         api.state.lock().unwrap().refusals.is_empty(),
         "{:?}",
@@ -124,33 +125,28 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
     std::thread::sleep(std::time::Duration::from_secs(4));
     env.ok(&["rotate", "api", "--timeout", "20"]);
     let r = rec(&env);
-    let statuses: Vec<&str> = r["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|g| g["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(statuses, vec!["retired", "retired", "current"]);
+    let statuses: Vec<GenStatus> = r.generations.iter().map(|g| g.status).collect();
+    assert_eq!(
+        statuses,
+        vec![GenStatus::Retired, GenStatus::Retired, GenStatus::Current]
+    );
     let objects = env.pkcs11_objects();
-    for g in r["generations"].as_array().unwrap() {
-        let id = g["key_id"].as_str().unwrap();
+    for g in &r.generations {
+        let id = g.key_id.as_deref().unwrap();
         assert_eq!(
             objects.contains(id),
-            g["status"] == "current",
+            g.status == GenStatus::Current,
             "{id}: {objects}"
         );
     }
 }
 
-fn pending_gen(env: &Env) -> serde_json::Value {
+fn pending_gen(env: &Env) -> Generation {
     let r = rec(env);
-    r["generations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["number"] == r["pending"])
+    r.pending
+        .and_then(|n| r.gen(n))
         .cloned()
-        .unwrap_or_default()
+        .expect("a pending generation")
 }
 
 fn jws_signer(env: &Env, api: &JwkApi) -> String {
@@ -178,12 +174,8 @@ fn a_lost_201_is_found_out_with_the_new_key_and_never_resent() {
     );
     let r = rec(&env);
     let kid2 = api.state.lock().unwrap().keys.last().unwrap().kid.clone();
-    assert_eq!(
-        r["kids"],
-        serde_json::json!([kid1, kid2]),
-        "no second new kid"
-    );
-    assert_eq!(r["current"], 2, "{r}");
+    assert_eq!(r.kids, vec![kid1, kid2.clone()], "no second new kid");
+    assert_eq!(r.current, Some(2), "{r:?}");
     let st = api.state.lock().unwrap();
     assert_eq!(st.rotations, 1);
     assert!(
@@ -199,19 +191,19 @@ fn a_lost_201_is_found_out_with_the_new_key_and_never_resent() {
     // The agent signs with the key the API holds as current, before and after the old
     // key's CurrentKeyExpiry; the old key is destroyed only after it.
     assert_eq!(jws_signer(&env, &api), kid2);
-    let gens = r["generations"].as_array().unwrap().clone();
+    let gens = r.generations.clone();
     let objects = env.pkcs11_objects();
-    assert!(objects.contains(gens[0]["key_id"].as_str().unwrap()));
+    assert!(objects.contains(gens[0].key_id.as_deref().unwrap()));
     std::thread::sleep(std::time::Duration::from_secs(4));
     assert_eq!(jws_signer(&env, &api), kid2);
     env.ok(&["rotate", "api", "--timeout", "20"]);
     let objects = env.pkcs11_objects();
     assert!(
-        !objects.contains(gens[0]["key_id"].as_str().unwrap()),
+        !objects.contains(gens[0].key_id.as_deref().unwrap()),
         "{objects}"
     );
     assert!(
-        objects.contains(gens[1]["key_id"].as_str().unwrap()),
+        objects.contains(gens[1].key_id.as_deref().unwrap()),
         "{objects}"
     );
 }
@@ -226,21 +218,19 @@ fn a_rotation_the_api_never_applied_is_abandoned_and_redone_with_a_new_kid() {
     let err = env.fails(&["rotate", "api", "--now", "--timeout", "20"]);
     assert!(err.contains("never applied the rotation"), "{err}");
     let r = rec(&env);
-    assert_eq!(r["current"], 1);
-    let g2 = r["generations"][1].clone();
-    assert_eq!(g2["status"], "failed");
-    assert!(!env
-        .pkcs11_objects()
-        .contains(g2["key_id"].as_str().unwrap()));
+    assert_eq!(r.current, Some(1));
+    let g2 = r.generations[1].clone();
+    assert_eq!(g2.status, GenStatus::Failed);
+    assert!(!env.pkcs11_objects().contains(g2.key_id.as_deref().unwrap()));
     // The next attempt uses a new kid; the API sees one rotation in all.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
     let r = rec(&env);
-    let kids = r["kids"].as_array().unwrap();
-    assert_eq!(kids.len(), 3, "{r}");
-    assert_eq!(kids[0], kid1.as_str());
+    let kids = &r.kids;
+    assert_eq!(kids.len(), 3, "{r:?}");
+    assert_eq!(kids[0], kid1);
     assert_eq!(api.state.lock().unwrap().rotations, 1);
-    assert_eq!(jws_signer(&env, &api), kids[2].as_str().unwrap());
+    assert_eq!(jws_signer(&env, &api), kids[2]);
 }
 
 #[test]
@@ -256,13 +246,13 @@ fn a_put_that_never_reached_the_server_leaves_the_old_key_current_and_drops_the_
     let err = env.fails(&["rotate", "api", "--now", "--timeout", "5"]);
     assert!(err.contains("could not be reached"), "{err}");
     let r = rec(&env);
-    assert_eq!(r["current"], 1);
-    let g2 = r["generations"][1].clone();
-    assert_eq!(g2["status"], "failed");
+    assert_eq!(r.current, Some(1));
+    let g2 = r.generations[1].clone();
+    assert_eq!(g2.status, GenStatus::Failed);
     let objects = env.pkcs11_objects();
-    assert!(objects.contains(r["generations"][0]["key_id"].as_str().unwrap()));
+    assert!(objects.contains(r.generations[0].key_id.as_deref().unwrap()));
     assert!(
-        !objects.contains(g2["key_id"].as_str().unwrap()),
+        !objects.contains(g2.key_id.as_deref().unwrap()),
         "{objects}"
     );
 }
@@ -281,16 +271,16 @@ fn an_unknown_outcome_without_a_verification_endpoint_keeps_both_keys_and_says_w
     let g2 = pending_gen(&env);
     let objects = env.pkcs11_objects();
     assert!(
-        objects.contains(g2["key_id"].as_str().unwrap()),
+        objects.contains(g2.key_id.as_deref().unwrap()),
         "the new key is kept"
     );
-    assert!(objects.contains(rec(&env)["generations"][0]["key_id"].as_str().unwrap()));
+    assert!(objects.contains(rec(&env).generations[0].key_id.as_deref().unwrap()));
     // Once a verification endpoint is configured, the agent finds out and promotes.
     jwk_config(&env, &api, "48h");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     env.ok(&["rotate", "api", "--timeout", "20"]);
-    assert_eq!(rec(&env)["current"], g2["number"]);
-    assert_eq!(jws_signer(&env, &api), g2["kid"].as_str().unwrap());
+    assert_eq!(rec(&env).current, Some(g2.number));
+    assert_eq!(jws_signer(&env, &api), g2.kid.unwrap());
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Whole rotations through the real binary: real SoftHSM, a test CA answering the portal,
 //! an openssl server for the probe, pkcs11-tool to look into the token.
 
+use edge_signer::register::{GenStatus, Generation};
 use edge_signer_tests::*;
 use std::process::{Command, Stdio};
 
@@ -13,11 +14,8 @@ fn ids_in_token(env: &Env) -> Vec<String> {
         .collect()
 }
 
-fn gens(env: &Env) -> Vec<serde_json::Value> {
-    env.register()["identities"]["gw"]["generations"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+fn gens(env: &Env) -> Vec<Generation> {
+    env.record("gw").generations
 }
 
 fn probe_server(env: &Env) -> (Guard, u16) {
@@ -27,9 +25,9 @@ fn probe_server(env: &Env) -> (Guard, u16) {
 
 /// Generation 2's CSR has the configured subject and SANs and verifies; the probe went out
 /// with the new identity alone.
-fn csr_and_probe_carry_the_new_identity(env: &Env, g2: &serde_json::Value) {
+fn csr_and_probe_carry_the_new_identity(env: &Env, g2: &Generation) {
     // The CSR carries the configured subject and SANs and verifies.
-    std::fs::write(env.path("g2.csr"), g2["csr_pem"].as_str().unwrap()).unwrap();
+    std::fs::write(env.path("g2.csr"), g2.csr_pem.as_deref().unwrap()).unwrap();
     let text = env.openssl(&["req", "-in", "g2.csr", "-verify", "-noout", "-text"]);
     assert!(
         text.contains("verify OK")
@@ -58,17 +56,17 @@ fn csr_and_probe_carry_the_new_identity(env: &Env, g2: &serde_json::Value) {
 
 /// The served certificate and key URI are generation 2's, one pair behind one symlink
 /// (swapped in one rename).
-fn one_pair_behind_one_symlink(env: &Env, g2: &serde_json::Value) {
+fn one_pair_behind_one_symlink(env: &Env, g2: &Generation) {
     assert_eq!(
         std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap(),
-        g2["cert_pem"].as_str().unwrap()
+        g2.cert_pem.as_deref().unwrap()
     );
     assert!(env.path("state/identities/gw").is_symlink());
     assert_eq!(
         std::fs::read_to_string(env.path("state/identities/gw/key.uri"))
             .unwrap()
             .trim(),
-        g2["key_uri"].as_str().unwrap()
+        g2.key_uri.as_deref().unwrap()
     );
 }
 
@@ -84,7 +82,7 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
     let out = env.ok(&["enroll", "gw", "--timeout", "20"]);
     assert!(out.contains("generation 1 is current"), "{out}");
     let g1 = gens(&env)[0].clone();
-    assert_eq!(g1["status"], "current");
+    assert_eq!(g1.status, GenStatus::Current);
 
     let out = env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     assert!(
@@ -93,15 +91,14 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
     );
     let g = gens(&env);
     let (g1, g2) = (&g[0], &g[1]);
-    assert_ne!(g1["key_id"], g2["key_id"], "a new key, never the old one");
+    assert_ne!(g1.key_id, g2.key_id, "a new key, never the old one");
     assert!(
-        g1["subject"].as_str().unwrap().ends_with("CN=gw-0042-g1")
-            && g2["subject"].as_str().unwrap().ends_with("CN=gw-0042-g2"),
-        "the generation CN suffix makes each DN unique: {g1} {g2}"
+        g1.subject.ends_with("CN=gw-0042-g1") && g2.subject.ends_with("CN=gw-0042-g2"),
+        "the generation CN suffix makes each DN unique: {g1:?} {g2:?}"
     );
     assert_eq!(
-        (g1["status"].as_str(), g2["status"].as_str()),
-        (Some("overlap"), Some("current"))
+        (g1.status, g2.status),
+        (GenStatus::Overlap, GenStatus::Current)
     );
     // The human status says when the overlap ends, once.
     let status = env.ok(&["status"]);
@@ -117,8 +114,8 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
 
     // Overlap: both keys in the token; the new certificate object is there too.
     let both = ids_in_token(&env);
-    let id1 = g1["key_id"].as_str().unwrap();
-    let id2 = g2["key_id"].as_str().unwrap();
+    let id1 = g1.key_id.as_deref().unwrap();
+    let id2 = g2.key_id.as_deref().unwrap();
     assert!(
         both.iter().any(|i| i == id1) && both.iter().any(|i| i == id2),
         "{both:?}"
@@ -138,7 +135,7 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
         "old key still in the token: {after:?}"
     );
     assert!(after.iter().any(|i| i == id2));
-    assert_eq!(gens(&env)[0]["status"], "retired");
+    assert_eq!(gens(&env)[0].status, GenStatus::Retired);
     assert_eq!(env.json(&["status"])[0]["state"], "active");
     let err = env.fails(&["retire", "gw", "--generation", "2"]);
     assert!(err.contains("current identity"), "{err}");
@@ -153,7 +150,7 @@ fn bad_certificates_are_refused_and_the_old_identity_keeps_serving(kind: TokenKi
     env.lifecycle_config("[identity.renewal]\nretry_min = \"1s\"\nretry_max = \"1s\"");
     let ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
-    let id1 = gens(&env)[0]["key_id"].as_str().unwrap().to_owned();
+    let id1 = gens(&env)[0].key_id.clone().unwrap();
 
     for (mode, reason) in [
         (CaMode::Expired, "expired"),
@@ -170,15 +167,15 @@ fn bad_certificates_are_refused_and_the_old_identity_keeps_serving(kind: TokenKi
         ca.set_mode(mode);
         let out = env.run(&["rotate", "gw", "--now", "--timeout", "3"]);
         assert!(!out.status.success(), "{mode:?} accepted");
-        let reg = env.register();
-        let rec = &reg["identities"]["gw"];
-        let err = rec["failure"]["reason"].as_str().unwrap_or_default();
+        let rec = env.record("gw");
+        let err = rec.failure.map(|f| f.reason).unwrap_or_default();
         assert!(
             err.contains("certificate refused") && err.contains(reason),
             "{mode:?}: {err}"
         );
         assert_eq!(
-            rec["current"], 1,
+            rec.current,
+            Some(1),
             "{mode:?}: the old identity must keep serving"
         );
         let ids = ids_in_token(&env);
@@ -201,13 +198,13 @@ fn bad_certificates_are_refused_and_the_old_identity_keeps_serving(kind: TokenKi
     ca.set_mode(CaMode::NotYetValid);
     let out = env.run(&["rotate", "gw", "--now", "--timeout", "3"]);
     assert!(!out.status.success());
-    let rec = env.register()["identities"]["gw"].clone();
-    let err = rec["failure"]["reason"].as_str().unwrap_or_default();
+    let rec = env.record("gw");
+    let err = rec.failure.map(|f| f.reason).unwrap_or_default();
     assert!(
         err.contains("kept pending") && err.contains("not valid before"),
         "{err}"
     );
-    assert_eq!(rec["current"], 1);
+    assert_eq!(rec.current, Some(1));
     assert_eq!(ids_in_token(&env).len(), 2, "the pending key is kept");
 }
 
@@ -236,9 +233,9 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation(kind: Tok
             "{step}: not killed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let reg = env.register();
         assert_eq!(
-            reg["identities"]["gw"]["step"], step,
+            serde_json::to_value(env.record("gw").step).unwrap(),
+            step,
             "{step}: the register must hold the step it died after"
         );
         // Restart: resume (a plain `rotate` resumes an unfinished rotation).
@@ -255,21 +252,19 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation(kind: Tok
             "--generation",
             &(expected_gen - 1).to_string(),
         ]);
-        let reg = env.register();
-        let rec = &reg["identities"]["gw"];
-        let live: Vec<_> = rec["generations"]
-            .as_array()
-            .unwrap()
+        let rec = env.record("gw");
+        let live: Vec<_> = rec
+            .generations
             .iter()
-            .filter(|g| g["status"] == "current")
+            .filter(|g| g.status == GenStatus::Current)
             .collect();
         assert_eq!(live.len(), 1, "{step}: exactly one current identity");
-        assert_eq!(rec["current"], expected_gen);
-        assert!(rec["pending"].is_null());
+        assert_eq!(rec.current, Some(expected_gen));
+        assert!(rec.pending.is_none());
         let ids = ids_in_token(&env);
         assert_eq!(
             ids,
-            vec![live[0]["key_id"].as_str().unwrap().to_owned()],
+            vec![live[0].key_id.clone().unwrap()],
             "{step}: orphan key objects in the token"
         );
     }
@@ -325,7 +320,7 @@ fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly(kind: TokenKind) 
     assert_eq!(ids_in_token(&env).len(), 1);
 
     // The current key vanished from the token: a loud error, then a new enrolment, no crash.
-    let uri = gens(&env)[0]["key_uri"].as_str().unwrap().to_owned();
+    let uri = gens(&env)[0].key_uri.clone().unwrap();
     env.ok(&["key", "destroy", &uri]);
     let out = env.run(&["rotate", "gw", "--timeout", "20"]);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -334,7 +329,7 @@ fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly(kind: TokenKind) 
         "{err}"
     );
     assert!(out.status.success(), "{err}");
-    assert_eq!(env.register()["identities"]["gw"]["current"], 2);
+    assert_eq!(env.record("gw").current, Some(2));
     let events = std::fs::read_to_string(env.path("events.jsonl")).unwrap();
     assert!(
         events.contains("\"key-missing\"") && events.contains("\"critical\""),

@@ -1,5 +1,6 @@
 //! One writer per state directory: the daemon owns it; the CLI hands rotations to it.
 
+use edge_signer::register::GenStatus;
 use edge_signer_tests::*;
 
 #[test]
@@ -22,20 +23,16 @@ fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
 
     let out = env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     assert!(out.contains("rotated by the daemon"), "{out}");
-    let reg = env.register();
-    let gens = reg["identities"]["gw"]["generations"]
-        .as_array()
-        .unwrap()
-        .clone();
-    assert_eq!(gens.len(), 2, "the rotation happened once: {reg}");
+    let gens = env.record("gw").generations;
+    assert_eq!(gens.len(), 2, "the rotation happened once: {gens:?}");
     assert_eq!(
-        (gens[0]["status"].as_str(), gens[1]["status"].as_str()),
-        (Some("overlap"), Some("current"))
+        (gens[0].status, gens[1].status),
+        (GenStatus::Overlap, GenStatus::Current)
     );
     let objects = env.pkcs11_objects();
     for g in &gens {
         assert!(
-            objects.contains(g["key_id"].as_str().unwrap()),
+            objects.contains(g.key_id.as_deref().unwrap()),
             "no live key destroyed"
         );
     }
@@ -54,10 +51,7 @@ fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
     let st = env.json(&["status"]);
     assert_eq!(st[0]["generation"], 2, "{st}");
     assert_eq!(st[0]["live_generations"], serde_json::json!([1, 2]), "{st}");
-    assert_eq!(
-        env.register()["identities"]["gw"]["generations"],
-        serde_json::json!(gens)
-    );
+    assert_eq!(env.record("gw").generations, gens);
 }
 
 #[test]
@@ -75,10 +69,7 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
     // Status comes from the daemon; retire is done by it.
     let st = env.json(&["status"]);
     assert_eq!(st[0]["live_generations"], serde_json::json!([1, 2]), "{st}");
-    let id1 = env.register()["identities"]["gw"]["generations"][0]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id1 = env.generation("gw", 1).key_id.unwrap();
     let out = env.ok(&["retire", "gw", "--generation", "1"]);
     assert!(out.contains("retired by the daemon"), "{out}");
     assert!(
@@ -97,8 +88,12 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
         .decode(jws.trim().split('.').next().unwrap())
         .unwrap();
     let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
-    let current = &env.register()["identities"]["gw"]["generations"][1];
-    assert_eq!(header["kid"], current["fingerprint"], "{header}");
+    let current = env.generation("gw", 2);
+    assert_eq!(
+        header["kid"].as_str(),
+        current.fingerprint.as_deref(),
+        "{header}"
+    );
     // A bundle applied through the daemon (refused: no fleet key pinned), nothing changed.
     env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
     std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();

@@ -2,6 +2,7 @@
 //! text to the agent; openssl s_server (-Verify) sees the token identity; a rotation in the
 //! middle of a stream of requests switches new connections without failing any.
 
+use edge_signer::register::GenStatus;
 use edge_signer_tests::*;
 use std::io::{BufRead, BufReader, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -150,10 +151,7 @@ fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_ove
     );
 
     // After the overlap the old key is gone from the token; the old connection still runs.
-    let id1 = env.register()["identities"]["gw"]["generations"][0]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id1 = env.generation("gw", 1).key_id.unwrap();
     wait_for("old key retired after the overlap", 20, || {
         !env.pkcs11_objects().contains(&id1)
     });
@@ -409,8 +407,9 @@ fn a_busy_connection_ends_at_the_not_after_of_the_certificate_it_presented() {
     let _ca = env.portal_ca(CaMode::ShortLived(15));
     let _daemon = env.daemon();
     env.wait_served("gw", 1);
-    let not_after = env.register()["identities"]["gw"]["generations"][0]["not_after"]
-        .as_u64()
+    let not_after = env
+        .generation("gw", 1)
+        .not_after
         .expect("generation 1 has a not-after") as f64;
     let now = || {
         std::time::SystemTime::now()
@@ -455,11 +454,10 @@ fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     let out = env.rotate_now_with("gw", 20, ("EDGE_SIGNER_TEST_KILL_AT", "probed"));
     assert!(!out.status.success(), "killed after the probe: {out:?}");
-    let g2 = &env.register()["identities"]["gw"]["generations"][1];
-    let id = g2["key_id"]
-        .as_str()
-        .expect("generation 2's key id")
-        .to_owned();
+    let id = env
+        .generation("gw", 2)
+        .key_id
+        .expect("generation 2's key id");
     replace_key(|a| env.pkcs11_tool(a), &id, "edge-signer:gw:g2");
 
     let _daemon = env.daemon();
@@ -477,8 +475,5 @@ fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
         !log.contains("new handshakes use generation 2"),
         "generation 2 was served:\n{log}"
     );
-    assert_eq!(
-        env.register()["identities"]["gw"]["generations"][1]["status"],
-        "failed"
-    );
+    assert_eq!(env.generation("gw", 2).status, GenStatus::Failed);
 }

@@ -1,5 +1,6 @@
 //! Reconcile owns exactly its own key objects: parsed labels, foreign keys left alone.
 
+use edge_signer::register::GenStatus;
 use edge_signer_tests::*;
 
 fn keygen(env: &Env, key_type: &str, label: &str) {
@@ -51,12 +52,9 @@ overlap = "1d"
     drop(daemon);
 
     let objects = env.pkcs11_objects();
-    let reg = env.register();
     for ident in ["gw", "gw-g1"] {
-        let id = reg["identities"][ident]["generations"][0]["key_id"]
-            .as_str()
-            .unwrap();
-        assert!(objects.contains(id), "{ident}'s key survives: {objects}");
+        let id = env.generation(ident, 1).key_id.unwrap();
+        assert!(objects.contains(&id), "{ident}'s key survives: {objects}");
     }
     assert!(
         objects.contains("other-app") && objects.contains("edge-signer:legacy:gx"),
@@ -103,10 +101,7 @@ fn enrolled_gw() -> (Env, PortalCa, String) {
     env.lifecycle_config("");
     let ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
-    let id = env.register()["identities"]["gw"]["generations"][0]["key_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = env.generation("gw", 1).key_id.unwrap();
     (env, ca, id)
 }
 
@@ -114,18 +109,15 @@ fn enrolled_gw() -> (Env, PortalCa, String) {
 fn revoking_the_current_generation_destroys_its_key_and_asks_for_a_new_one_in_one_write() {
     let (env, _ca, id) = enrolled_gw();
     env.ok(&["revoke", "gw", "--generation", "1"]);
-    let rec = env.register()["identities"]["gw"].clone();
-    assert_eq!(rec["generations"][0]["status"], "revoked");
-    assert!(
-        rec["current"].is_null() && rec["forced_at"].is_u64(),
-        "{rec}"
-    );
+    let rec = env.record("gw");
+    assert_eq!(rec.generations[0].status, GenStatus::Revoked);
+    assert!(rec.current.is_none() && rec.forced_at.is_some(), "{rec:?}");
     assert!(!env.pkcs11_objects().contains(&id));
     let st = env.json(&["status"]);
     assert_eq!(st[0]["next_action"], "enrol a first generation", "{st}");
     // The daemon (or a command) enrols the replacement.
     env.ok(&["enroll", "gw", "--timeout", "20"]);
-    assert_eq!(env.register()["identities"]["gw"]["current"], 2);
+    assert_eq!(env.record("gw").current, Some(2));
 }
 
 #[test]

@@ -40,8 +40,8 @@ fn signing_recovers_from_lost_sessions_and_a_removed_token_without_a_restart() {
     );
     let csrs = std::fs::read_dir(env.path("outbox")).unwrap().count();
     assert!(csrs >= 1);
-    let reg = env.register();
-    assert_eq!(reg["identities"]["gw"]["current"], 2, "{reg}");
+    let rec = env.record("gw");
+    assert_eq!(rec.current, Some(2), "{rec:?}");
 }
 
 #[test]
@@ -53,14 +53,13 @@ fn a_listing_that_fails_destroys_nothing_and_the_daemon_goes_on() {
     env.ok(&["enroll", "gw", "--timeout", "20"]);
     env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
     let before = env.pkcs11_objects();
-    let reg = env.register();
-    let keys: Vec<String> = reg["identities"]["gw"]["generations"]
-        .as_array()
-        .unwrap()
+    let rec = env.record("gw");
+    let keys: Vec<String> = rec
+        .generations
         .iter()
-        .map(|g| g["key_id"].as_str().unwrap().to_owned())
+        .map(|g| g.key_id.clone().unwrap())
         .collect();
-    assert_eq!(keys.len(), 2, "{reg}");
+    assert_eq!(keys.len(), 2, "{rec:?}");
 
     // The token stops answering searches: every listing fails, the start-up reconcile too.
     env.set_faults("C_FindObjectsInit TOKEN_NOT_PRESENT *\n");
