@@ -6,6 +6,7 @@ pub mod clock;
 pub mod configuration;
 pub mod control;
 pub mod daemon;
+pub mod error;
 pub mod events;
 pub mod fleet;
 pub mod http;

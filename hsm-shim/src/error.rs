@@ -88,6 +88,48 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether the failure may clear by itself (the token busy, removed or out of sessions, the
+    /// module not installed yet, a key not seen yet) rather than need a person (a wrong PIN, a
+    /// mechanism or key the token refuses, a malformed request): callers retry the first kind
+    /// with backoff, and never retry a wrong PIN fast (each try counts towards the lockout).
+    pub fn is_transient(&self) -> bool {
+        use cryptoki::error::RvError as Rv;
+        match self {
+            Error::Pkcs11 { .. } => !matches!(
+                self.rv(),
+                Some(
+                    Rv::PinIncorrect
+                        | Rv::PinLocked
+                        | Rv::PinExpired
+                        | Rv::PinInvalid
+                        | Rv::PinLenRange
+                        | Rv::MechanismInvalid
+                        | Rv::MechanismParamInvalid
+                        | Rv::KeyTypeInconsistent
+                        | Rv::KeyFunctionNotPermitted
+                        | Rv::TemplateInconsistent
+                        | Rv::AttributeValueInvalid
+                )
+            ),
+            Error::Pin { .. }
+            | Error::PinRequired
+            | Error::InvalidRequest(_)
+            | Error::NotSupportedByToken(_)
+            | Error::UnknownKeyType(_)
+            | Error::AlreadyExists(_)
+            | Error::Uri(_)
+            | Error::KeyCertMismatch(_) => false,
+            Error::Cryptoki(_)
+            | Error::ModuleMissing(_)
+            | Error::ModuleLoad { .. }
+            | Error::TokenNotFound { .. }
+            | Error::NoFreeSlot(_)
+            | Error::KeyNotFound(_)
+            | Error::BadTokenData(_)
+            | Error::DestroyIncomplete(_) => true,
+        }
+    }
+
     /// The PKCS#11 return code, if this is a PKCS#11 failure.
     pub fn rv(&self) -> Option<cryptoki::error::RvError> {
         match self {
@@ -158,5 +200,18 @@ mod tests {
             ckr_name(&RvError::SessionHandleInvalid),
             "CKR_SESSION_HANDLE_INVALID"
         );
+    }
+
+    #[test]
+    fn a_wrong_pin_is_not_transient_a_removed_token_is() {
+        use cryptoki::context::Function;
+        use cryptoki::error::{Error as Ck, RvError};
+        let of = |rv| Error::from(Ck::Pkcs11(rv, Function::Login)).is_transient();
+        assert!(!of(RvError::PinIncorrect));
+        assert!(!of(RvError::MechanismInvalid));
+        assert!(of(RvError::DeviceRemoved));
+        assert!(of(RvError::SessionHandleInvalid));
+        assert!(!Error::PinRequired.is_transient());
+        assert!(Error::KeyNotFound("k".into()).is_transient());
     }
 }

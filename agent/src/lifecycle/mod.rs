@@ -22,6 +22,7 @@ pub use schedule::renewal_time;
 pub use plan::{status, Status};
 
 use crate::clock::{rfc3339, Clock, Unix};
+use crate::error::Persistence;
 use crate::events::{Events, Severity};
 use crate::issuer::{Flow, Issuer};
 use crate::register::{
@@ -304,14 +305,33 @@ impl Engine {
     }
 
     fn fail(&mut self, name: &str, reason: String) -> Result<Progress> {
+        self.fail_as(name, reason, Persistence::Transient)
+    }
+
+    /// Record a failure and when to try again: a transient one backs off from `retry_min`
+    /// (doubling up to `retry_max`), a permanent one waits `retry_max` at once.
+    fn fail_as(
+        &mut self,
+        name: &str,
+        reason: String,
+        persistence: Persistence,
+    ) -> Result<Progress> {
         let cfg = self.identity_cfg(name)?;
         let now = self.now();
         let rec = self.rec(name);
         let attempts = rec.failure.as_ref().map(|f| f.attempts).unwrap_or(0) + 1;
         let base = cfg.renewal.retry_min.secs().max(1);
-        let delay = base
-            .saturating_mul(1u64 << (attempts - 1).min(30))
-            .min(cfg.renewal.retry_max.secs().max(base));
+        let most = cfg.renewal.retry_max.secs().max(base);
+        let delay = match persistence {
+            Persistence::Transient => base
+                .saturating_mul(1u64 << (attempts - 1).min(30))
+                .min(most),
+            Persistence::Permanent => most,
+        };
+        let reason = match persistence {
+            Persistence::Transient => reason,
+            Persistence::Permanent => format!("{reason} (this does not clear by itself: it needs a person or a new configuration)"),
+        };
         rec.failure = Some(Failure {
             reason: reason.clone(),
             retry_at: now + delay,
@@ -583,7 +603,8 @@ impl Engine {
                 Err(e) => {
                     let now = self.now();
                     tracing::error!(identity = %name, "{e:#}");
-                    let retry = self.fail(&name, format!("{e:#}")).ok();
+                    let persistence = crate::error::persistence_of(&e);
+                    let retry = self.fail_as(&name, format!("{e:#}"), persistence).ok();
                     next = next.min(match retry {
                         Some(Progress::Wait { until, .. }) => until,
                         _ => now + 60,
