@@ -316,21 +316,12 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-/// Run one token call of a request where the request is, under `block_in_place` (as the
-/// proxies' handshakes do: `run_token_call`), so that the runtime's other connections move to
-/// another worker while the token works (a TPM takes milliseconds) and the request is not
-/// handed to a second thread and back. The error says what failed, for the caller.
+/// Run one token call of a request where the request is: the API has a runtime of its own
+/// (`Servers::new`), so no hand-off to another thread per request, and a token that takes
+/// milliseconds holds up only other API requests, which would wait for the token anyway.
+/// The error says what failed, for the caller.
 fn token_call<R>(f: impl FnOnce() -> hsm_shim::Result<R>) -> ApiResult<R> {
-    let mut f = Some(f);
-    let mut out = None;
-    crate::identities::run_token_call(&mut || out = f.take().map(|f| f()));
-    match out {
-        Some(r) => r.map_err(token_error),
-        None => Err(ApiError(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the token call did not run".into(),
-        )),
-    }
+    f().map_err(token_error)
 }
 
 /// What a failed token call answers: the token's own refusal (422), a key gone from the

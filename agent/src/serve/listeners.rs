@@ -25,6 +25,8 @@ struct RunningProxy {
 /// The runtimes and the listeners started from the configuration in force.
 pub struct Servers {
     rt: tokio::runtime::Runtime,
+    /// The signing API's own runtime: its requests make their token calls in place.
+    api_rt: tokio::runtime::Runtime,
     identities: Arc<Identities>,
     wake: std::sync::mpsc::Sender<EngineCommand>,
     /// The API's state, kept across reloads (its policy is swapped), its socket and loop.
@@ -34,10 +36,13 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// The API, the proxies and the metrics port on one runtime of two
-    /// workers; a token call runs under `block_in_place` (`run_token_call`), which moves the
-    /// worker's other connections to another thread, so a slow token holds up no connection.
-    /// Idle workers sleep in the I/O driver with no timer.
+    /// The proxies and the metrics port on one runtime of two workers, where a handshake's
+    /// token call runs under `block_in_place` (`run_token_call`), which moves the worker's
+    /// other connections to another thread, so a slow token holds up no connection. The
+    /// signing API on a runtime of its own (two workers), whose requests make their token
+    /// call in place: no hand-off per request, and a slow token holds up only other API
+    /// requests, which wait for the token anyway (docs/perf.md). Idle workers sleep in the
+    /// I/O driver with no timer.
     pub fn new(
         identities: Arc<Identities>,
         wake: std::sync::mpsc::Sender<EngineCommand>,
@@ -53,8 +58,16 @@ impl Servers {
             .enable_all()
             .build()
             .context("cannot start the tokio runtime edge-signer-io")?;
+        let api_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(2)
+            .thread_name("edge-signer-api")
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime edge-signer-api")?;
         Ok(Servers {
             rt,
+            api_rt,
             identities,
             wake,
             api: None,
@@ -188,6 +201,7 @@ impl Servers {
         if !cfg.api.enabled {
             return Ok(());
         }
+        let _api_runtime = self.api_rt.enter();
         let task = http::serve_api(state.clone())
             .with_context(|| format!("API socket {}", cfg.api.socket.display()))?;
         self.api = Some((state, cfg.api.socket.clone(), task));
