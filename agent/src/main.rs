@@ -48,6 +48,9 @@ struct Global {
     /// Local overrides (agent.d/*.toml beside it are read too)
     #[arg(long, global = true, env = "EDGE_SIGNER_CONFIG", default_value = firmware_config::store::LOCAL_PATH)]
     config: PathBuf,
+    /// `[token]` of the configuration, loaded once when a command first needs it.
+    #[arg(skip)]
+    token_config: std::cell::OnceCell<Option<firmware_config::schema::TokenConfig>>,
 }
 
 #[derive(Subcommand)]

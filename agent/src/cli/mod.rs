@@ -18,11 +18,15 @@ use std::time::Duration;
 
 impl Global {
     /// `[token]` of the configuration, when it loads: what every command falls back to
-    /// after the options, the environment and the key URI.
+    /// after the options, the environment and the key URI (loaded once per command).
     fn configured_token(&self) -> Option<firmware_config::schema::TokenConfig> {
-        edge_signer::configuration::load(&sources(self))
-            .ok()
-            .map(|l| l.effective.config.token)
+        self.token_config
+            .get_or_init(|| {
+                edge_signer::configuration::load(&sources(self))
+                    .ok()
+                    .map(|l| l.effective.config.token)
+            })
+            .clone()
     }
 
     pub(crate) fn module(&self, uri: Option<&Pkcs11Uri>) -> Result<PathBuf> {

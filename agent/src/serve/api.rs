@@ -130,8 +130,7 @@ impl ApiState {
     /// operations (it is the CLI run as the agent's own user, which can already read the PIN
     /// and the state); it gets no signatures without a rule. Nothing else is implicit, root
     /// included (unless the daemon itself runs as root).
-    fn allowed(&self, c: &Caller, op: Operation, identity: Option<&str>) -> bool {
-        let p = self.policy();
+    fn allowed(&self, p: &Policy, c: &Caller, op: Operation, identity: Option<&str>) -> bool {
         p.api.enabled
             && ((c.uid == self.own_uid
                 && matches!(
@@ -152,15 +151,16 @@ impl ApiState {
     /// Refuse with 403 unless the policy allows it; raw signatures with an API credential's
     /// key are refused whatever the rules say.
     pub(super) fn check(&self, c: &Caller, op: Operation, identity: Option<&str>) -> ApiResult<()> {
-        let credential = op == Operation::Sign
-            && identity.is_some_and(|i| self.policy().credentials.contains(i));
+        let policy = self.policy();
+        let credential =
+            op == Operation::Sign && identity.is_some_and(|i| policy.credentials.contains(i));
         if credential {
             return Err(self.refuse(c, op, identity, format!(
                 "identity '{}' is a JWK rotation API credential: its key also signs the rotate-to request, so the API makes no raw signatures with it (use /jws)",
                 identity.unwrap_or_default()
             )));
         }
-        if self.allowed(c, op, identity) {
+        if self.allowed(&policy, c, op, identity) {
             return Ok(());
         }
         Err(self.refuse(
@@ -271,11 +271,12 @@ async fn list(
     State(st): State<Arc<ApiState>>,
     Extension(c): Extension<Caller>,
 ) -> ApiResult<Json<serde_json::Value>> {
+    let policy = st.policy();
     let rows: Vec<serde_json::Value> = st
         .identities
         .all()
         .into_iter()
-        .filter(|(name, _)| st.allowed(&c, Operation::List, Some(name)))
+        .filter(|(name, _)| st.allowed(&policy, &c, Operation::List, Some(name)))
         .map(|(name, s)| match s {
             Some(s) => serde_json::json!({
                 "name": name, "generation": s.generation, "key_uri": s.key_uri,

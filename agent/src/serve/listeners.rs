@@ -181,7 +181,6 @@ impl Servers {
     }
 
     fn start_api(&mut self, cfg: &Config) -> Result<()> {
-        let policy = Policy::of(cfg);
         if let Some((state, socket, task)) = &self.api {
             // Open connections follow the new policy at their next request.
             state.set_policy(Policy::of(cfg));
@@ -193,7 +192,7 @@ impl Servers {
         let state = match self.api.take() {
             Some((state, _, _)) => state,
             None => Arc::new(ApiState::new(
-                policy,
+                Policy::of(cfg),
                 self.identities.clone(),
                 self.wake.clone(),
             )),
