@@ -42,12 +42,14 @@ const SIGN: &str = r#"{"alg":"ES256","data":"aGVsbG8="}"#;
 
 /// One keep-alive request on `s`: (status code, body).
 fn ask(s: &mut UnixStream, path: &str, body: &str) -> (u16, String) {
-    write!(
-        s,
+    // One write: `write!` on the bare socket writes each piece of the format on its own, and
+    // a daemon that refuses on the request line (403 before the body) may have answered and
+    // closed before the last piece, which then meets a closed socket.
+    let request = format!(
         "POST {path} HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    );
+    s.write_all(request.as_bytes()).unwrap();
     let mut r = BufReader::new(s);
     let mut status = String::new();
     r.read_line(&mut status).unwrap();
