@@ -249,12 +249,11 @@ fn refusals_are_clear_and_hostile_clients_stall_nobody() {
 
 /// One keep-alive HTTP/1.1 request on `s`; returns the body.
 fn request(s: &mut UnixStream, body: &str) -> String {
-    write!(
-        s,
+    let request = format!(
         "POST /v1/identities/gw/sign HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    );
+    s.write_all(request.as_bytes()).unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
