@@ -1,6 +1,6 @@
-//! What the daemon serves beside its engine, on one tokio runtime: the local signing API,
-//! the mTLS egress proxies and metrics (the daemon runs the fleet channel on the same
-//! runtime). The engine keeps its own thread (token calls and blocking waits stay off the
+//! What the daemon serves beside its engine: the mTLS egress proxies and metrics on one
+//! tokio runtime (the daemon runs the fleet channel there too), the local signing API on a
+//! small runtime of its own (`Servers::new` says why). The engine keeps its own thread (token calls and blocking waits stay off the
 //! async workers) and talks to the servers through `Identities` (the swapped pairs and
 //! status) and the `EngineCommand` channel (requests to it).
 
