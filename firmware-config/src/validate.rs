@@ -324,6 +324,11 @@ fn check_renewal(
 /// Cross-field checks of `[api]` and `[[proxy]]`.
 pub(crate) fn serving(c: &Config, err: &mut dyn FnMut(String, String)) {
     let identities: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
+    api(c, &identities, err);
+    proxies(c, &identities, err);
+}
+
+fn api(c: &Config, identities: &[&str], err: &mut dyn FnMut(String, String)) {
     for (i, r) in c.api.rules.iter().enumerate() {
         for name in &r.identities {
             if name != "*" && !identities.contains(&name.as_str()) {
@@ -371,6 +376,9 @@ pub(crate) fn serving(c: &Config, err: &mut dyn FnMut(String, String)) {
             Ok(_) => {}
         }
     }
+}
+
+fn proxies(c: &Config, identities: &[&str], err: &mut dyn FnMut(String, String)) {
     let mut names = std::collections::HashSet::new();
     for (i, p) in c.proxies.iter().enumerate() {
         let at = |f: &str| format!("proxy[{i}].{f}");

@@ -108,11 +108,9 @@ fn split(dump: &std::path::Path) -> (f64, f64) {
     (total, token)
 }
 
-fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return;
-    }
-    let env = Env::new();
+/// Two enrolled identities (`gw` P-256, `rsa` RSA-2048) and the API config, then the
+/// release daemon under callgrind with counting off; returns it once its API answers.
+fn daemon_under_callgrind(env: &Env) -> Guard {
     env.make_ca("ca");
     env.serving_config(
         "1d",
@@ -146,7 +144,6 @@ fn main() {
             .spawn()
             .expect("valgrind"),
     );
-    let pid = daemon.0.id();
     let sock = env.path("api.sock");
     let start = Instant::now();
     while UnixStream::connect(&sock).is_err() {
@@ -156,6 +153,17 @@ fn main() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    daemon
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let env = Env::new();
+    let daemon = daemon_under_callgrind(&env);
+    let pid = daemon.0.id();
+    let sock = env.path("api.sock");
     println!("instructions per signing-API request (valgrind callgrind, release daemon, SoftHSM in process, {N} requests each)");
     println!(
         "{:<34} {:>12} {:>12} {:>14}",

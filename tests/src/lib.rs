@@ -436,35 +436,12 @@ state_dir = "{p}/state"
         let subject = g.subject.as_str();
         subject.rsplit("CN=").next().unwrap_or(subject).to_owned()
     }
-
-    /// Read the register, through its type (as the agent reads it).
-    pub fn register(&self) -> edge_signer::register::Register {
-        let path = self.path("state/register.json");
-        let bytes = std::fs::read(&path).expect("register");
-        edge_signer::register::RegisterFile::parse(&path, &bytes).expect("the register loads")
-    }
-
-    /// One identity's record in the register.
-    pub fn record(&self, identity: &str) -> edge_signer::register::IdentityRecord {
-        self.register()
-            .identities
-            .get(identity)
-            .cloned()
-            .unwrap_or_else(|| panic!("no identity '{identity}' in the register"))
-    }
-
-    /// Generation `n` (1-based) of `identity`.
-    pub fn generation(&self, identity: &str, n: u32) -> edge_signer::register::Generation {
-        self.record(identity)
-            .gen(n)
-            .cloned()
-            .unwrap_or_else(|| panic!("no generation {n} of '{identity}' in the register"))
-    }
 }
 
 /// The engine's test doubles: an in-process CA and a config that uses it.
 pub mod est;
 mod faults;
+mod register;
 pub use faults::fault_module;
 mod pkcs11_tool;
 pub use pkcs11_tool::{pkcs11_tool_on, replace_key};
