@@ -49,10 +49,10 @@ impl Servers {
     ) -> Result<Servers> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
-            // Threads that carry on a worker's queue while it is in a token call (API
-            // requests, handshakes); the unit's TasksMax bounds the process's threads, so
-            // this pool is bounded well under it. A token signs one call at a time or close
-            // to it, so more threads would only wait on it.
+            // Threads that carry on a worker's queue while it is in a handshake's token
+            // call; the unit's TasksMax bounds the process's threads, so this pool is bounded
+            // well under it. A token signs one call at a time or close to it, so more
+            // threads would only wait on it.
             .max_blocking_threads(8)
             .thread_name("edge-signer-io")
             .enable_all()
