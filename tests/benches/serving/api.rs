@@ -254,9 +254,9 @@ fn token_seconds(b: &Bench) -> (f64, f64) {
     )
 }
 
-/// One row: raw cryptoki and the API alternated on key `id` (identity `identity`), `threads`
-/// client threads; prints the rates, the daemon's CPU per request and its part outside the
-/// token. Returns (raw, API) signatures/s.
+/// One row, `label`: raw cryptoki on key `id` alternated with `api` (the API's rate with
+/// `threads` clients); prints the rates, the daemon's CPU per request and its part outside
+/// the token. Returns (raw, API) signatures/s.
 fn row(
     b: &Bench,
     label: &str,
@@ -291,7 +291,7 @@ fn row(
 /// The keep-alive rows, each key type with 1 and 2 client threads. Returns ES256's
 /// (raw, API) rates with 1 thread.
 fn keep_alive_rows(b: &Bench, sock: &std::path::Path) -> (f64, f64) {
-    // ES256 is the case the target is about; PS256 (RSA-2048, a ~0.6 ms signature) shows
+    // ES256 is the case the target is about; PS256 (RSA-2048, a slower signature) shows
     // the same fixed cost per request against a slower signature.
     let keys = [
         (
@@ -349,8 +349,7 @@ fn connection_per_request_row(b: &Bench, sock: &std::path::Path) {
 }
 
 /// Where one request's time goes (1 thread, nothing overlaps): the signature, the two
-/// hand-offs between client and daemon threads (on a VM a wake-up that crosses cores
-/// costs tens of µs), and the rest (HTTP, JSON, base64, syscalls on both sides).
+/// hand-offs between client and daemon threads (measured by `handoff_rtt`), and the rest (HTTP, JSON, base64, syscalls on both sides).
 fn breakdown(one_thread: (f64, f64)) {
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         return;

@@ -232,8 +232,7 @@ fn report(title: &str, way: Way, [direct, tcp, unix]: [&Sums; 3], total: usize) 
             "  {what}: ratio of each round median {median:.3} (lowest {low:.3}, highest {high:.3})"
         );
     }
-    // Which side moves: here the direct baseline swings between ~1.0 and ~3.5 GiB/s with
-    // where the scheduler puts its two threads, the proxy (three parties on two cores) less.
+    // Which side moves: the spread of each side's rounds (docs/perf.md reads it).
     for (what, s) in [("direct", direct), ("proxy TCP", tcp), ("proxy Unix", unix)] {
         let (low, high) = s.spread();
         println!(
