@@ -21,8 +21,8 @@ pub struct Served {
     pub key: TokenKey,
     /// Key + chain for rustls (None for a JWK credential, which has no certificate).
     pub certified: Option<Arc<CertifiedKey>>,
-    /// JWK `kid` (credential identities).
-    pub kid: Option<String>,
+    /// The `kid` its JWS carry (`Generation::jws_kid`).
+    pub jws_kid: String,
     /// Chain, PEM, leaf first.
     pub chain_pem: String,
     /// `pkcs11:` URI of the key.
@@ -111,7 +111,7 @@ fn load(engine: &Engine, name: &str, g: &Generation) -> anyhow::Result<Served> {
         None => None,
     };
     Ok(Served {
-        kid: g.kid.clone(),
+        jws_kid: g.jws_kid().unwrap_or_default().to_owned(),
         name: name.to_owned(),
         generation: g.number,
         key,

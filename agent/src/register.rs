@@ -176,6 +176,12 @@ impl Generation {
         self.need(self.kid.as_ref(), "kid")
     }
 
+    /// The `kid` a JWS made with this generation's key carries: the credential's kid, or for
+    /// a certificate identity the certificate's SHA-256 fingerprint (None before either).
+    pub fn jws_kid(&self) -> Option<&str> {
+        self.kid.as_deref().or(self.fingerprint.as_deref())
+    }
+
     /// The rotation request body kept for retries (credentials), once built.
     pub fn need_request(&self) -> Result<&str, RegisterError> {
         self.need(self.request.as_ref(), "rotation request")

@@ -391,3 +391,39 @@ pub fn first_der(pem: &str) -> Vec<u8> {
         .expect("PEM")
         .to_vec()
 }
+
+/// Firmware defaults for one EST identity `dev` (`gw-7`) against `est`, with `bootstrap`
+/// lines for the issuer and `identity_extra` for the identity; the bootstrap password file
+/// is written too.
+pub fn est_config_with(env: &crate::Env, est: &EstServer, bootstrap: &str, identity_extra: &str) {
+    let p = env.dir.path().display();
+    std::fs::write(env.path("est-password"), "s3cret-bootstrap\n").unwrap();
+    let cfg = format!(
+        r#"
+{token}
+[[identity]]
+name = "dev"
+subject = {{ o = "Acme", cn = "gw-7" }}
+sans = ["dns:gw-7.example"]
+issuer = "est"
+{identity_extra}
+[identity.renewal]
+retry_min = "1s"
+retry_max = "2s"
+
+[[issuer]]
+name = "est"
+kind = "est"
+url = "https://127.0.0.1:{port}"
+ca_bundle = "{ca}"
+{bootstrap}
+
+[paths]
+state_dir = "{p}/state"
+"#,
+        token = env.token_toml(),
+        port = est.port,
+        ca = est.ca_file.display(),
+    );
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+}

@@ -245,3 +245,47 @@ impl Drop for JwkApi {
         }
     }
 }
+
+/// Firmware defaults for one JWK-rotation identity `api` against the API at `port` (CA
+/// `ca`); `verify` sets probe_url to its verification endpoint.
+pub fn jwk_config_at(
+    env: &crate::Env,
+    port: u16,
+    ca: &std::path::Path,
+    old_key_overlap: &str,
+    verify: bool,
+) {
+    let p = env.dir.path().display();
+    let probe = if verify {
+        format!("probe_url = \"https://127.0.0.1:{port}/api/v1/whoami\"")
+    } else {
+        String::new()
+    };
+    let cfg = format!(
+        r#"
+{token}
+[[identity]]
+name = "api"
+subject = {{ cn = "gw-7-api" }}
+issuer = "cards"
+{probe}
+[identity.renewal]
+retry_min = "1s"
+retry_max = "2s"
+
+[[issuer]]
+name = "cards"
+kind = "jwk-rotation"
+url = "https://127.0.0.1:{port}"
+ca_bundle = "{ca}"
+new_key_lifetime = "300d"
+old_key_overlap = "{old_key_overlap}"
+
+[paths]
+state_dir = "{p}/state"
+"#,
+        token = env.token_toml(),
+        ca = ca.display(),
+    );
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+}

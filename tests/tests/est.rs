@@ -1,44 +1,11 @@
 //! EST enrolment and re-enrolment through the real binary against the test EST server.
 
 use edge_signer::register::{GenStatus, Generation};
-use edge_signer_tests::est::{first_der, EstMode, EstServer};
+use edge_signer_tests::est::{est_config_with, first_der, EstMode, EstServer};
 use edge_signer_tests::*;
 
 fn est_config(env: &Env, est: &EstServer, bootstrap: &str) {
     est_config_with(env, est, bootstrap, "");
-}
-
-fn est_config_with(env: &Env, est: &EstServer, bootstrap: &str, identity_extra: &str) {
-    let p = env.dir.path().display();
-    std::fs::write(env.path("est-password"), "s3cret-bootstrap\n").unwrap();
-    let cfg = format!(
-        r#"
-{token}
-[[identity]]
-name = "dev"
-subject = {{ o = "Acme", cn = "gw-7" }}
-sans = ["dns:gw-7.example"]
-issuer = "est"
-{identity_extra}
-[identity.renewal]
-retry_min = "1s"
-retry_max = "2s"
-
-[[issuer]]
-name = "est"
-kind = "est"
-url = "https://127.0.0.1:{port}"
-ca_bundle = "{ca}"
-{bootstrap}
-
-[paths]
-state_dir = "{p}/state"
-"#,
-        token = env.token_toml(),
-        port = est.port,
-        ca = est.ca_file.display(),
-    );
-    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
 }
 
 fn gens(env: &Env) -> Vec<Generation> {
@@ -201,13 +168,7 @@ fn bad_and_hostile_answers_leave_the_old_identity_serving() {
     }
     // The daemon meets a hostile server, stays up, and completes once the server is sane.
     est.set_mode(EstMode::ChunkOverflow);
-    let mut daemon = Guard(
-        env.cmd()
-            .arg("run")
-            .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut daemon = env.daemon();
     env.wait_log("retrying at");
     assert!(
         daemon.0.try_wait().unwrap().is_none(),

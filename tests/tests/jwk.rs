@@ -1,48 +1,11 @@
 //! JWK credential rotation through the real binary against the test API.
 
 use edge_signer::register::{GenStatus, Generation, IdentityRecord};
-use edge_signer_tests::jwk::JwkApi;
+use edge_signer_tests::jwk::{jwk_config_at, JwkApi};
 use edge_signer_tests::*;
 
 fn jwk_config(env: &Env, api: &JwkApi, old_key_overlap: &str) {
     jwk_config_at(env, api.port, &api.ca_file, old_key_overlap, true);
-}
-
-/// The API at `port`; `verify` sets probe_url to its verification endpoint.
-fn jwk_config_at(env: &Env, port: u16, ca: &std::path::Path, old_key_overlap: &str, verify: bool) {
-    let p = env.dir.path().display();
-    let probe = if verify {
-        format!("probe_url = \"https://127.0.0.1:{port}/api/v1/whoami\"")
-    } else {
-        String::new()
-    };
-    let cfg = format!(
-        r#"
-{token}
-[[identity]]
-name = "api"
-subject = {{ cn = "gw-7-api" }}
-issuer = "cards"
-{probe}
-[identity.renewal]
-retry_min = "1s"
-retry_max = "2s"
-
-[[issuer]]
-name = "cards"
-kind = "jwk-rotation"
-url = "https://127.0.0.1:{port}"
-ca_bundle = "{ca}"
-new_key_lifetime = "300d"
-old_key_overlap = "{old_key_overlap}"
-
-[paths]
-state_dir = "{p}/state"
-"#,
-        token = env.token_toml(),
-        ca = ca.display(),
-    );
-    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
 }
 
 fn rec(env: &Env) -> IdentityRecord {

@@ -16,24 +16,28 @@ use std::sync::Arc;
 const DAY: u64 = 86_400;
 const T0: Unix = 1_800_000_000;
 
-/// The engine on a fake clock at T0, a real token, and the in-process CA (`up` switches it).
-fn sim_engine(
-    overlap: &str,
-    jitter: &str,
-) -> (
+type Sim = (
     TestToken,
     FakeClock,
     Arc<AtomicBool>,
     Engine,
     firmware_config::Config,
-) {
+);
+
+/// The engine on a fake clock at T0, a real token, and the in-process CA (`up` switches it).
+fn sim_engine(overlap: &str, jitter: &str) -> Sim {
+    sim_engine_with(overlap, jitter, |ca| ca)
+}
+
+/// The same with the CA shaped by `shape` first.
+fn sim_engine_with(overlap: &str, jitter: &str, shape: impl FnOnce(SimCa) -> SimCa) -> Sim {
     let t = TestToken::new();
     let clock = FakeClock::at(T0);
     let up = Arc::new(AtomicBool::new(true));
     let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
     issuers.insert(
         "sim".into(),
-        Box::new(SimCa::new(clock.clone(), up.clone())),
+        Box::new(shape(SimCa::new(clock.clone(), up.clone()))),
     );
     let cfg = config(
         &t.dir.path().join("state"),
@@ -352,22 +356,12 @@ fn one_hour_certificates_renew_once_per_period() {
 /// same submission again (backoff, failure recorded) and never sends a second request.
 #[test]
 fn a_ca_down_between_submit_and_poll_is_polled_again_never_asked_twice() {
-    let t = TestToken::new();
-    let clock = FakeClock::at(T0);
-    let up = Arc::new(AtomicBool::new(true));
-    let ca =
-        SimCa::new(clock.clone(), up.clone()).down_after_submit(Arc::new(AtomicBool::new(true)));
-    let submits = ca.submits.clone();
-    let mut issuers: BTreeMap<String, Box<dyn Issuer>> = BTreeMap::new();
-    issuers.insert("sim".into(), Box::new(ca));
-    let cfg = config(
-        &t.dir.path().join("state"),
-        &t.module,
-        "ec-p256",
-        "7d",
-        "0s",
-    );
-    let mut e = Engine::new(cfg, t.token.clone(), Arc::new(clock.clone()), issuers).unwrap();
+    let mut submits = Arc::default();
+    let (_t, clock, up, mut e, _cfg) = sim_engine_with("7d", "0s", |ca| {
+        let ca = ca.down_after_submit(Arc::new(AtomicBool::new(true)));
+        submits = ca.submits.clone();
+        ca
+    });
 
     let next = e.run_all_until_wait();
     let gw = e.register().identities["gw"].clone();

@@ -9,13 +9,7 @@ fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
     env.make_ca("ca");
     env.lifecycle_config("");
     let _ca = env.portal_ca(CaMode::Good);
-    let mut daemon = Guard(
-        env.cmd()
-            .arg("run")
-            .stderr(std::fs::File::create(env.path("daemon.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let mut daemon = env.daemon();
     env.wait_current("gw", 1);
     // A second daemon on the same state is refused.
     let err = env.fails(&["run"]);

@@ -8,9 +8,9 @@
 //! release that writes it). Each test copies a fixture into a fresh directory, points the
 //! configuration at test servers started now, and drives the real binary.
 
-use edge_signer::register::{Register, RegisterFile};
-use edge_signer_tests::est::{EstMode, EstServer};
-use edge_signer_tests::jwk::JwkApi;
+use edge_signer::register::RegisterFile;
+use edge_signer_tests::est::{est_config_with, EstMode, EstServer};
+use edge_signer_tests::jwk::{jwk_config_at, JwkApi};
 use edge_signer_tests::*;
 use std::path::{Path, PathBuf};
 
@@ -57,15 +57,6 @@ fn restore(name: &str) -> Env {
     env
 }
 
-fn typed(env: &Env) -> Register {
-    let path = env.path("state/register.json");
-    RegisterFile::parse(&path, &std::fs::read(&path).unwrap()).expect("the register loads")
-}
-
-fn gw(env: &Env) -> edge_signer::register::IdentityRecord {
-    typed(env).identities["gw"].clone()
-}
-
 #[test]
 #[ignore = "writes tests/fixtures/registers: run by hand to record a register format"]
 fn make_fixtures() {
@@ -96,64 +87,15 @@ fn make_fixtures() {
 
 /// One EST identity `dev` enrolled with a bootstrap password.
 fn est_config(env: &Env, est: &EstServer) {
-    let p = env.dir.path().display();
-    std::fs::write(env.path("est-password"), "s3cret-bootstrap\n").unwrap();
-    let cfg = format!(
-        r#"
-{token}
-[[identity]]
-name = "dev"
-subject = {{ o = "Acme", cn = "gw-7" }}
-sans = ["dns:gw-7.example"]
-issuer = "est"
-
-[[issuer]]
-name = "est"
-kind = "est"
-url = "https://127.0.0.1:{port}"
-ca_bundle = "{ca}"
-bootstrap = {{ username = "gw-7", password_file = "{p}/est-password" }}
-
-[paths]
-state_dir = "{p}/state"
-"#,
-        token = env.token_toml(),
-        port = est.port,
-        ca = est.ca_file.display(),
-    );
-    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    let password = env.path_str("est-password");
+    let bootstrap =
+        format!("bootstrap = {{ username = \"gw-7\", password_file = \"{password}\" }}");
+    est_config_with(env, est, &bootstrap, "");
 }
 
-/// One JWK-rotation identity `api` against `api`.
+/// One JWK-rotation identity `api` against `api` (no verification endpoint).
 fn jwk_config(env: &Env, api: &JwkApi) {
-    let p = env.dir.path().display();
-    let cfg = format!(
-        r#"
-{token}
-[[identity]]
-name = "api"
-subject = {{ cn = "gw-7-api" }}
-issuer = "cards"
-[identity.renewal]
-retry_min = "1s"
-retry_max = "2s"
-
-[[issuer]]
-name = "cards"
-kind = "jwk-rotation"
-url = "https://127.0.0.1:{port}"
-ca_bundle = "{ca}"
-new_key_lifetime = "300d"
-old_key_overlap = "1d"
-
-[paths]
-state_dir = "{p}/state"
-"#,
-        token = env.token_toml(),
-        port = api.port,
-        ca = api.ca_file.display(),
-    );
-    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    jwk_config_at(env, api.port, &api.ca_file, "1d", false);
 }
 
 /// Register the current key with the API (as the operator did at onboarding) and activate
@@ -186,9 +128,9 @@ fn a_portal_register_from_the_last_release_rotates() {
     let _ca = env.portal_ca(CaMode::Good);
     let status = env.json(&["status"]);
     assert!(status.to_string().contains("gw"), "{status}");
-    assert_eq!(gw(&env).current, Some(1));
+    assert_eq!(env.record("gw").current, Some(1));
     env.ok(&["rotate", "gw", "--now", "--timeout", "20"]);
-    let rec = gw(&env);
+    let rec = env.record("gw");
     assert_eq!(rec.current, Some(2), "{rec:?}");
     let old = rec.gen(1).unwrap();
     assert!(old.status.is_live(), "generation 1 overlaps: {old:?}");
@@ -199,7 +141,7 @@ fn a_rotation_caught_half_way_by_the_last_release_is_finished_not_restarted() {
     let env = restore("portal-rotating");
     env.make_ca("ca");
     env.lifecycle_config("");
-    let before = gw(&env);
+    let before = env.record("gw");
     assert_eq!((before.current, before.pending), (Some(1), Some(2)));
     let csr = before
         .gen(2)
@@ -209,7 +151,7 @@ fn a_rotation_caught_half_way_by_the_last_release_is_finished_not_restarted() {
         .expect("the CSR was sent");
     let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["rotate", "gw", "--timeout", "20"]);
-    let rec = gw(&env);
+    let rec = env.record("gw");
     assert_eq!(rec.current, Some(2), "{rec:?}");
     assert_eq!(
         rec.gen(2).unwrap().csr_pem.as_deref(),
@@ -228,12 +170,13 @@ fn a_jwk_register_from_the_last_release_rotates_with_its_key() {
     let onboarded = std::fs::read(fixtures().join("jwk/onboarded.jwk.json")).unwrap();
     let jwk: serde_json::Value = serde_json::from_slice(&onboarded).unwrap();
     api.state.lock().unwrap().register(&jwk);
-    let kid1 = typed(&env).identities["api"]
+    let kid1 = env
+        .record("api")
         .current_gen()
         .and_then(|g| g.kid.clone())
         .expect("a kid");
     env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
-    let rec = typed(&env).identities["api"].clone();
+    let rec = env.record("api");
     let current = rec.current_gen().expect("current");
     assert_eq!(rec.current, Some(2), "{rec:?}");
     assert_ne!(current.kid.as_deref(), Some(kid1.as_str()));
@@ -247,7 +190,7 @@ fn an_est_register_from_the_last_release_is_read_as_it_was() {
     let env = restore("est");
     let est = EstServer::start(env.dir.path(), "gw-7", "s3cret-bootstrap", EstMode::Issue);
     est_config(&env, &est);
-    let rec = typed(&env).identities["dev"].clone();
+    let rec = env.record("dev");
     assert_eq!(rec.current, Some(1), "{rec:?}");
     let out = env.run(&["needs-renewal", "dev"]);
     assert_eq!(out.status.code(), Some(1), "still valid: {out:?}");

@@ -477,10 +477,9 @@ impl Engine {
         let g = rec
             .current_gen()
             .ok_or_else(|| anyhow!("'{name}' has no current credential"))?;
-        // A certificate identity's JWS names its certificate, as the API's `/jws` does.
-        let kid = match (&g.kid, &g.fingerprint) {
-            (Some(kid), _) | (None, Some(kid)) => kid.clone(),
-            (None, None) => g.need_kid()?.to_owned(),
+        let kid = match g.jws_kid() {
+            Some(kid) => kid.to_owned(),
+            None => g.need_kid()?.to_owned(),
         };
         Ok((self.open_key(g.need_key_id()?)?, kid))
     }

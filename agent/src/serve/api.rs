@@ -407,10 +407,7 @@ async fn jws(
             ));
         }
     }
-    let kid = req
-        .kid
-        .or_else(|| s.kid.clone())
-        .unwrap_or_else(|| s.fingerprint.clone());
+    let kid = req.kid.unwrap_or_else(|| s.jws_kid.clone());
     let out = token_call(|| {
         let alg = hsm_shim::jws::JwsAlg::for_key(key.key_type());
         hsm_shim::jws::sign_compact(&key, alg, &kid, &payload)
