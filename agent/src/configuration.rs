@@ -6,9 +6,9 @@ use firmware_config::store::{Loaded, Sources};
 /// The effective configuration of `sources`. When it is invalid, the error lists every
 /// problem, then the files read and those not found, and how to point at other files: a
 /// first install with the files elsewhere shows up as "not found", not only as missing keys.
-pub fn load(sources: &Sources) -> anyhow::Result<Loaded> {
+pub fn load(sources: &Sources) -> crate::error::Result<Loaded> {
     sources.load().map_err(|e| {
-        anyhow::anyhow!(
+        crate::err!(
             "the configuration is invalid:\n{e}\n{}",
             looked_for(sources)
         )

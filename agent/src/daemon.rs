@@ -2,9 +2,10 @@
 //! progress, and the daemon loop: sleep until the next deadline, wake on SIGHUP/SIGTERM.
 
 use crate::clock::{rfc3339, Clock, SystemClock};
+use crate::err;
+use crate::error::{Context, Result};
 use crate::lifecycle::Engine;
 use crate::register::Step;
-use anyhow::{anyhow, Context, Result};
 use firmware_config::{Config, Sources};
 use hsm_shim::{Token, TokenSelector};
 use std::collections::BTreeMap;
@@ -30,12 +31,12 @@ pub fn open_token(cfg: &Config, o: &TokenOverride) -> Result<Arc<Token>> {
         .clone()
         .or_else(|| cfg.token.module.clone())
         .ok_or_else(|| {
-            anyhow!("no PKCS#11 module: set token.module in the configuration or pass --module")
+            err!("no PKCS#11 module: set token.module in the configuration or pass --module")
         })?;
     let sel = match (&o.label, &cfg.token.label, &cfg.token.serial) {
         (Some(l), _, _) | (None, Some(l), _) => TokenSelector::Label(l.clone()),
         (None, None, Some(s)) => TokenSelector::Serial(s.clone()),
-        _ => anyhow::bail!("no token: set token.label or token.serial in the configuration"),
+        _ => crate::bail!("no token: set token.label or token.serial in the configuration"),
     };
     let source = match (&o.pin_file, &cfg.token.pin) {
         (Some(f), _) => hsm_shim::PinSource::File(f.clone()),
@@ -100,7 +101,7 @@ pub fn run_to_promotion(
             .cloned()
             .unwrap_or_default();
         if let (Some(f), None) = (&rec.failure, rec.pending) {
-            anyhow::bail!(
+            crate::bail!(
                 "{}; the current generation ({}) keeps serving; next attempt at {}",
                 f.reason,
                 rec.current
@@ -127,7 +128,7 @@ pub fn run_to_promotion(
         let wait = Duration::from_secs(until.saturating_sub(now).clamp(1, 3600));
         if let Some(t) = timeout {
             if start.elapsed() + wait > t {
-                anyhow::bail!(
+                crate::bail!(
                     "gave up waiting after {}s; the {} stays at step {} ({last}) and resumes with the daemon or the next command",
                     t.as_secs(),
                     if before.is_none() { "enrolment" } else { "rotation" },
@@ -463,7 +464,7 @@ fn relock(dir: &std::path::Path) -> Result<crate::statelock::StateLock> {
         .with_context(|| format!("cannot lock {}", dir.display()))?
     {
         Ok(lock) => Ok(lock),
-        Err(h) => anyhow::bail!(
+        Err(h) => crate::bail!(
             "edge-signer pid {} ({}) owns {}: one writer per state directory; stop it first",
             h.pid,
             if h.daemon { "a daemon" } else { "a command" },

@@ -4,6 +4,7 @@
 //! handshakes use it at once, open connections keep what they authenticated with.
 
 use crate::clock::Unix;
+use crate::lifecycle::plan::Status;
 use crate::lifecycle::Engine;
 use crate::register::Generation;
 use hsm_shim::{KeyRef, TokenKey};
@@ -23,14 +24,14 @@ pub struct Served {
     pub certified: Option<Arc<CertifiedKey>>,
     /// The `kid` its JWS carry (`Generation::jws_kid`).
     pub jws_kid: String,
-    /// Chain, PEM, leaf first.
-    pub chain_pem: String,
+    /// Chain, PEM, leaf first (None for a JWK credential).
+    pub chain_pem: Option<String>,
     /// `pkcs11:` URI of the key.
     pub key_uri: String,
     /// The leaf's not-after.
     pub not_after: Unix,
-    /// SHA-256 fingerprint of the leaf, hex.
-    pub fingerprint: String,
+    /// SHA-256 fingerprint of the leaf, hex (None for a JWK credential).
+    pub fingerprint: Option<String>,
 }
 
 /// One identity's current pair, swapped in one step.
@@ -64,7 +65,7 @@ impl ServingIdentity {
 pub struct Identities {
     map: RwLock<BTreeMap<String, Arc<ServingIdentity>>>,
     /// The daemon's status as the API shows it (refreshed with the identities).
-    status: RwLock<serde_json::Value>,
+    status: RwLock<Vec<Status>>,
     /// The newest events (diagnostics show them).
     recent: RwLock<std::collections::VecDeque<crate::events::Event>>,
     /// Events remembered so far (the fleet channel publishes those it has not sent).
@@ -95,31 +96,43 @@ impl Default for Identities {
 const RECENT_EVENTS: usize = 200;
 
 /// Build the pair of a current generation; refused when the key does not match the chain.
-fn load(engine: &Engine, name: &str, g: &Generation) -> anyhow::Result<Served> {
-    let id = g
-        .key_id
-        .as_deref()
-        .and_then(hsm_shim::keys::unhex)
-        .ok_or_else(|| anyhow::anyhow!("generation {} has no key id", g.number))?;
-    let key = TokenKey::open(engine.token().clone(), &KeyRef::Id(id))?;
-    let chain_pem = g.cert_pem.clone().unwrap_or_default();
-    let certified = match &g.cert_pem {
-        Some(pem) => Some(hsm_shim::tls::certified_key(
-            hsm_shim::TlsSigningKey::new(key.clone()).with_runner(run_token_call),
-            crate::validate::parse_chain(pem)?,
-        )?),
-        None => None,
+fn load(engine: &Engine, name: &str, g: &Generation) -> crate::error::Result<Served> {
+    let key = TokenKey::open(
+        engine.token().clone(),
+        &KeyRef::Id(g.need_key()?.id.clone()),
+    )?;
+    let (certified, chain_pem, fingerprint) = match g.cert() {
+        Some(cert) => (
+            Some(hsm_shim::tls::certified_key(
+                hsm_shim::TlsSigningKey::new(key.clone()).with_runner(run_token_call),
+                crate::validate::parse_chain(&cert.chain_pem)?,
+            )?),
+            Some(cert.chain_pem.clone()),
+            Some(cert.fingerprint.clone()),
+        ),
+        None => (None, None, None),
+    };
+    let (jws_kid, not_after) = match (g.jws_kid(), g.not_after()) {
+        (Some(kid), Some(na)) => (kid.to_owned(), na),
+        _ => {
+            return Err(crate::register::Missing {
+                generation: g.number,
+                field: "certificate or credential validity",
+                status: "current".into(),
+            }
+            .into())
+        }
     };
     Ok(Served {
-        jws_kid: g.jws_kid().unwrap_or_default().to_owned(),
+        jws_kid,
         name: name.to_owned(),
         generation: g.number,
+        key_uri: g.need_key()?.uri.clone(),
         key,
         certified,
         chain_pem,
-        key_uri: g.key_uri.clone().unwrap_or_default(),
-        not_after: g.not_after.unwrap_or(0),
-        fingerprint: g.fingerprint.clone().unwrap_or_default(),
+        not_after,
+        fingerprint,
     })
 }
 
@@ -220,27 +233,33 @@ impl Identities {
     }
 
     /// The status rows as the API shows them.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> Vec<Status> {
         let mut rows = self
             .status
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let now = crate::clock::Clock::now(&crate::clock::SystemClock);
-        crate::lifecycle::plan::refresh_days_left(&mut rows, now);
+        for r in &mut rows {
+            r.refresh_days_left(now);
+        }
         rows
+    }
+
+    /// One identity's status row.
+    pub fn status_of(&self, name: &str) -> Option<Status> {
+        self.status().into_iter().find(|r| r.name == name)
     }
 
     /// Bring every slot to the engine's current generation (engine thread only: it opens
     /// token keys). Returns the status rows it published.
-    pub fn refresh(&self, engine: &Engine) -> Vec<crate::lifecycle::plan::Status> {
+    pub fn refresh(&self, engine: &Engine) -> Vec<Status> {
         let now = engine.now();
         let rows = crate::lifecycle::plan::status(engine.config(), engine.register(), now);
-        let st = serde_json::to_value(&rows).unwrap_or_default();
         let changed = {
             let mut cur = self.status.write().unwrap_or_else(|p| p.into_inner());
-            let changed = *cur != st;
-            *cur = st;
+            let changed = *cur != rows;
+            *cur = rows.clone();
             changed
         };
         if changed {
@@ -258,7 +277,7 @@ impl Identities {
             };
             let have = slot.get();
             if have.as_ref().is_some_and(|s| {
-                s.generation == g.number && Some(&s.fingerprint) == g.fingerprint.as_ref()
+                s.generation == g.number && s.fingerprint.as_deref() == g.fingerprint()
             }) {
                 continue;
             }

@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod generation;
 pub mod http;
 pub mod identities;
 pub mod issuer;

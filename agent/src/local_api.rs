@@ -23,7 +23,7 @@ impl Answer {
     }
 
     /// The JSON body of a 2xx answer, or the API's `error` text as an error.
-    pub fn ok(self) -> anyhow::Result<serde_json::Value> {
+    pub fn ok(self) -> crate::error::Result<serde_json::Value> {
         if (200..300).contains(&self.status) {
             return Ok(self.json());
         }
@@ -32,7 +32,7 @@ impl Answer {
             .as_str()
             .map(str::to_owned)
             .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned());
-        anyhow::bail!("the daemon answered {}: {why}", self.status)
+        crate::bail!("the daemon answered {}: {why}", self.status)
     }
 }
 
@@ -43,23 +43,26 @@ pub fn call(
     path: &str,
     body: Vec<u8>,
     timeout: Duration,
-) -> anyhow::Result<Answer> {
+) -> crate::error::Result<Answer> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         tokio::time::timeout(timeout, exchange(sock, method, path, body))
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("no answer from the daemon within {}s", timeout.as_secs())
-            })?
+            .map_err(|_| crate::err!("no answer from the daemon within {}s", timeout.as_secs()))?
     })
 }
 
-async fn exchange(sock: &Path, method: &str, path: &str, body: Vec<u8>) -> anyhow::Result<Answer> {
+async fn exchange(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> crate::error::Result<Answer> {
     let stream = tokio::net::UnixStream::connect(sock)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the daemon's API at {}: {e}", sock.display()))?;
+        .map_err(|e| crate::err!("cannot reach the daemon's API at {}: {e}", sock.display()))?;
     let (mut send, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
@@ -74,7 +77,7 @@ async fn exchange(sock: &Path, method: &str, path: &str, body: Vec<u8>) -> anyho
     let body = http_body_util::Limited::new(resp.into_body(), crate::http::MAX_BODY)
         .collect()
         .await
-        .map_err(|e| anyhow::anyhow!("reading the daemon's answer: {e}"))?
+        .map_err(|e| crate::err!("reading the daemon's answer: {e}"))?
         .to_bytes();
     Ok(Answer { status, body })
 }

@@ -2,6 +2,9 @@
 //! crash-safe (temp file, fsync, rename, directory fsync) at every state change.
 
 use crate::clock::Unix;
+pub use crate::generation::{
+    GenStatus, Generation, IssuedCert, KeyRecord, Material, Missing, RotationRequest,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,181 +49,6 @@ impl Step {
             Step::Probed => "probed",
             Step::Overlap => "overlap",
             Step::Lapsed => "lapsed",
-        }
-    }
-}
-
-/// The life of one generation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum GenStatus {
-    /// Being enrolled.
-    Pending,
-    /// Serving.
-    Current,
-    /// Replaced; still valid until the overlap ends.
-    Overlap,
-    /// Key objects destroyed.
-    Retired,
-    /// Revoked; key objects destroyed.
-    Revoked,
-    /// Enrolment abandoned (refused certificate, rejected CSR); key objects destroyed.
-    Failed,
-}
-
-impl GenStatus {
-    /// Still holding key objects in the token (pending, current or overlapping).
-    pub fn is_live(self) -> bool {
-        matches!(
-            self,
-            GenStatus::Pending | GenStatus::Current | GenStatus::Overlap
-        )
-    }
-}
-
-/// One key pair and its certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Generation {
-    /// 1, 2, 3, ... per identity.
-    pub number: u32,
-    /// Status.
-    pub status: GenStatus,
-    /// `CKA_LABEL` of its key objects.
-    pub key_label: String,
-    /// `CKA_ID`, hex (known once the key exists).
-    pub key_id: Option<String>,
-    /// `pkcs11:` URI of the private key.
-    pub key_uri: Option<String>,
-    /// Subject requested.
-    pub subject: String,
-    /// SANs requested.
-    pub sans: Vec<String>,
-    /// The CSR (PEM).
-    pub csr_pem: Option<String>,
-    /// Issuer name.
-    pub issuer: String,
-    /// Issuer-specific reference of the submission.
-    pub submission: Option<String>,
-    /// The certificate chain as issued (PEM, leaf first).
-    pub cert_pem: Option<String>,
-    /// Certificate serial, hex.
-    pub serial: Option<String>,
-    /// SHA-256 fingerprint of the leaf, hex.
-    pub fingerprint: Option<String>,
-    /// Not before.
-    pub not_before: Option<Unix>,
-    /// Not after.
-    pub not_after: Option<Unix>,
-    /// Until when an overlapping old generation stays.
-    pub overlap_until: Option<Unix>,
-    /// Reminder marks (seconds before expiry) already raised.
-    pub reminders_fired: Vec<u64>,
-    /// When it was planned.
-    pub created_at: Unix,
-    /// JWK `kid` (jwk-rotation identities).
-    #[serde(default)]
-    pub kid: Option<String>,
-    /// The exact rotation request body, kept so a retry sends the same `kid` and dates.
-    #[serde(default)]
-    pub request: Option<String>,
-    /// `CurrentKeyExpiry` asked for the previous key (jwk-rotation).
-    #[serde(default)]
-    pub previous_expiry: Option<Unix>,
-    /// When the credential rotation was sent (recorded before sending: after a crash the
-    /// outcome is unknown and is found out, never guessed).
-    #[serde(default)]
-    pub sent_at: Option<Unix>,
-    /// The subject as issued, when it differs from the request.
-    #[serde(default)]
-    pub subject_issued: Option<String>,
-    /// How the issued names differ from the request (accepted by `subject_match`).
-    #[serde(default)]
-    pub name_differences: Vec<String>,
-}
-
-impl Generation {
-    fn need<'a>(
-        &self,
-        v: Option<&'a String>,
-        field: &'static str,
-    ) -> Result<&'a str, RegisterError> {
-        v.map(String::as_str).ok_or_else(|| RegisterError::Missing {
-            generation: self.number,
-            field,
-            status: format!("{:?}", self.status).to_lowercase(),
-        })
-    }
-
-    /// Its key's `CKA_ID` (hex), once the key exists.
-    pub fn need_key_id(&self) -> Result<&str, RegisterError> {
-        self.need(self.key_id.as_ref(), "key id")
-    }
-
-    /// Its key's `pkcs11:` URI, once the key exists.
-    pub fn need_key_uri(&self) -> Result<&str, RegisterError> {
-        self.need(self.key_uri.as_ref(), "key URI")
-    }
-
-    /// Its CSR (PEM), once built.
-    pub fn need_csr(&self) -> Result<&str, RegisterError> {
-        self.need(self.csr_pem.as_ref(), "CSR")
-    }
-
-    /// Its certificate chain (PEM, leaf first), once issued.
-    pub fn need_chain(&self) -> Result<&str, RegisterError> {
-        self.need(self.cert_pem.as_ref(), "certificate chain")
-    }
-
-    /// Its JWK `kid` (credentials), once chosen.
-    pub fn need_kid(&self) -> Result<&str, RegisterError> {
-        self.need(self.kid.as_ref(), "kid")
-    }
-
-    /// The `kid` a JWS made with this generation's key carries: the credential's kid, or for
-    /// a certificate identity the certificate's SHA-256 fingerprint (None before either).
-    pub fn jws_kid(&self) -> Option<&str> {
-        self.kid.as_deref().or(self.fingerprint.as_deref())
-    }
-
-    /// The rotation request body kept for retries (credentials), once built.
-    pub fn need_request(&self) -> Result<&str, RegisterError> {
-        self.need(self.request.as_ref(), "rotation request")
-    }
-
-    /// A planned generation: pending, with no key, request or certificate yet.
-    pub fn planned(
-        number: u32,
-        key_label: String,
-        subject: String,
-        sans: Vec<String>,
-        issuer: String,
-        created_at: Unix,
-    ) -> Generation {
-        Generation {
-            number,
-            status: GenStatus::Pending,
-            key_label,
-            key_id: None,
-            key_uri: None,
-            subject,
-            sans,
-            csr_pem: None,
-            issuer,
-            submission: None,
-            cert_pem: None,
-            serial: None,
-            fingerprint: None,
-            not_before: None,
-            not_after: None,
-            overlap_until: None,
-            reminders_fired: Vec::new(),
-            created_at,
-            kid: None,
-            request: None,
-            previous_expiry: None,
-            sent_at: None,
-            subject_issued: None,
-            name_differences: Vec::new(),
         }
     }
 }
@@ -342,11 +170,11 @@ pub struct Register {
 
 impl Register {
     /// The identity and generation whose live key has this `CKA_ID` (hex), if any.
-    pub fn live_generation_with_key(&self, key_id: &str) -> Option<(&str, u32)> {
+    pub fn live_generation_with_key(&self, key_id: &[u8]) -> Option<(&str, u32)> {
         self.identities.iter().find_map(|(name, rec)| {
             rec.generations
                 .iter()
-                .find(|g| g.status.is_live() && g.key_id.as_deref() == Some(key_id))
+                .find(|g| g.status.is_live() && g.key().is_some_and(|k| k.id == key_id))
                 .map(|g| (name.as_str(), g.number))
         })
     }
@@ -388,16 +216,6 @@ pub enum RegisterError {
         path: PathBuf,
         /// Found.
         found: u32,
-    },
-    /// A generation lacks what its step needs (never filled in with an empty value).
-    #[error("generation {generation} ({status}) in the register has no {field}, which the next step needs: the register was edited or damaged; `edge-signer rotate NAME --now` starts a new generation")]
-    Missing {
-        /// The generation.
-        generation: u32,
-        /// What is missing.
-        field: &'static str,
-        /// Its status.
-        status: String,
     },
 }
 

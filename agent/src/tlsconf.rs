@@ -165,11 +165,11 @@ pub fn server_config(
 pub fn named_verifier(
     roots: Arc<RootCertStore>,
     name: &str,
-) -> anyhow::Result<Arc<dyn rustls::client::danger::ServerCertVerifier>> {
+) -> crate::error::Result<Arc<dyn rustls::client::danger::ServerCertVerifier>> {
     let inner =
         rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider()).build()?;
     let name = rustls::pki_types::ServerName::try_from(name.to_owned())
-        .map_err(|_| anyhow::anyhow!("'{name}' is not a DNS name or IP address"))?;
+        .map_err(|_| crate::err!("'{name}' is not a DNS name or IP address"))?;
     Ok(Arc::new(NamedVerifier { inner, name }))
 }
 

@@ -220,13 +220,13 @@ impl Bench {
         });
         std::thread::sleep(Duration::from_millis(500));
         let gen = env.generation("gw", 1);
-        let key_id = gen.key_id.clone().unwrap();
-        std::fs::write(env.path("chain.pem"), gen.cert_pem.unwrap()).unwrap();
+        let key_id = gen.key_id_hex().unwrap();
+        std::fs::write(env.path("chain.pem"), gen.chain_pem().unwrap()).unwrap();
         // In-process access to the same token (the raw baseline and direct TLS).
         // Safe: before any module is loaded in this process.
         unsafe { std::env::set_var("SOFTHSM2_CONF", env.path("softhsm2.conf")) };
         let id = hsm_shim::keys::unhex(&key_id).unwrap();
-        let rsa = env.generation("rsa", 1).key_id.unwrap();
+        let rsa = env.generation("rsa", 1).key_id_hex().unwrap();
         let rsa_id = hsm_shim::keys::unhex(&rsa).unwrap();
         Bench {
             env,

@@ -83,7 +83,7 @@ fn through_proxy(port: u16) -> bool {
 fn current_key_id(env: &Env) -> String {
     env.record("gw")
         .current_gen()
-        .and_then(|g| g.key_id.clone())
+        .and_then(|g| g.key_id_hex())
         .expect("a current generation with a key")
 }
 

@@ -35,7 +35,7 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
         "{seen:?}"
     );
     let g1 = gens(&env)[0].clone();
-    std::fs::write(env.path("g1.csr"), g1.csr_pem.as_deref().unwrap()).unwrap();
+    std::fs::write(env.path("g1.csr"), g1.csr_pem().unwrap()).unwrap();
     assert!(env
         .openssl(&["req", "-in", "g1.csr", "-verify", "-noout"])
         .contains("verify OK"));
@@ -61,7 +61,7 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
     );
     assert_eq!(
         seen[1].client_cert.as_deref(),
-        Some(first_der(g1.cert_pem.as_deref().unwrap()).as_slice()),
+        Some(first_der(g1.chain_pem().unwrap()).as_slice()),
         "re-enrolment must present the current generation's certificate"
     );
     let g = gens(&env);
@@ -71,10 +71,7 @@ fn enrol_with_bootstrap_basic_then_reenrol_over_token_mtls_then_retire() {
     );
     env.ok(&["retire", "dev", "--generation", "1"]);
     let objects = env.pkcs11_objects();
-    assert!(
-        !objects.contains(g1.key_id.as_deref().unwrap()),
-        "{objects}"
-    );
+    assert!(!objects.contains(&g1.key_id_hex().unwrap()), "{objects}");
 }
 
 fn basic_bootstrap(env: &Env) -> String {

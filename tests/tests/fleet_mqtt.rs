@@ -145,7 +145,7 @@ fn two_agents_take_bundles_refuse_forgeries_report_status_and_go_offline() {
     wait_for("dev-a reconnected with the new CN", 20, || {
         broker.log().contains(&format!("u'{cn2}'"))
     });
-    let id1 = a.generation("gw", 1).key_id.unwrap();
+    let id1 = a.generation("gw", 1).key_id_hex().unwrap();
     wait_for("old key destroyed after the overlap", 30, || {
         !a.pkcs11_objects().contains(&id1)
     });

@@ -95,9 +95,9 @@ fn onboard_sign_rotate_never_reuse_a_kid_and_destroy_the_old_key_after_its_expir
     );
     let objects = env.pkcs11_objects();
     for g in &r.generations {
-        let id = g.key_id.as_deref().unwrap();
+        let id = g.key_id_hex().unwrap();
         assert_eq!(
-            objects.contains(id),
+            objects.contains(&id),
             g.status == GenStatus::Current,
             "{id}: {objects}"
         );
@@ -156,17 +156,17 @@ fn a_lost_201_is_found_out_with_the_new_key_and_never_resent() {
     assert_eq!(jws_signer(&env, &api), kid2);
     let gens = r.generations.clone();
     let objects = env.pkcs11_objects();
-    assert!(objects.contains(gens[0].key_id.as_deref().unwrap()));
+    assert!(objects.contains(&gens[0].key_id_hex().unwrap()));
     std::thread::sleep(std::time::Duration::from_secs(4));
     assert_eq!(jws_signer(&env, &api), kid2);
     env.ok(&["rotate", "api", "--timeout", "20"]);
     let objects = env.pkcs11_objects();
     assert!(
-        !objects.contains(gens[0].key_id.as_deref().unwrap()),
+        !objects.contains(&gens[0].key_id_hex().unwrap()),
         "{objects}"
     );
     assert!(
-        objects.contains(gens[1].key_id.as_deref().unwrap()),
+        objects.contains(&gens[1].key_id_hex().unwrap()),
         "{objects}"
     );
 }
@@ -184,7 +184,7 @@ fn a_rotation_the_api_never_applied_is_abandoned_and_redone_with_a_new_kid() {
     assert_eq!(r.current, Some(1));
     let g2 = r.generations[1].clone();
     assert_eq!(g2.status, GenStatus::Failed);
-    assert!(!env.pkcs11_objects().contains(g2.key_id.as_deref().unwrap()));
+    assert!(!env.pkcs11_objects().contains(&g2.key_id_hex().unwrap()));
     // The next attempt uses a new kid; the API sees one rotation in all.
     std::thread::sleep(std::time::Duration::from_millis(1100));
     env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
@@ -213,11 +213,8 @@ fn a_put_that_never_reached_the_server_leaves_the_old_key_current_and_drops_the_
     let g2 = r.generations[1].clone();
     assert_eq!(g2.status, GenStatus::Failed);
     let objects = env.pkcs11_objects();
-    assert!(objects.contains(r.generations[0].key_id.as_deref().unwrap()));
-    assert!(
-        !objects.contains(g2.key_id.as_deref().unwrap()),
-        "{objects}"
-    );
+    assert!(objects.contains(&r.generations[0].key_id_hex().unwrap()));
+    assert!(!objects.contains(&g2.key_id_hex().unwrap()), "{objects}");
 }
 
 #[test]
@@ -234,16 +231,16 @@ fn an_unknown_outcome_without_a_verification_endpoint_keeps_both_keys_and_says_w
     let g2 = pending_gen(&env);
     let objects = env.pkcs11_objects();
     assert!(
-        objects.contains(g2.key_id.as_deref().unwrap()),
+        objects.contains(&g2.key_id_hex().unwrap()),
         "the new key is kept"
     );
-    assert!(objects.contains(rec(&env).generations[0].key_id.as_deref().unwrap()));
+    assert!(objects.contains(&rec(&env).generations[0].key_id_hex().unwrap()));
     // Once a verification endpoint is configured, the agent finds out and promotes.
     jwk_config(&env, &api, "48h");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     env.ok(&["rotate", "api", "--timeout", "20"]);
     assert_eq!(rec(&env).current, Some(g2.number));
-    assert_eq!(jws_signer(&env, &api), g2.kid.unwrap());
+    assert_eq!(jws_signer(&env, &api), g2.kid().unwrap());
 }
 
 #[test]

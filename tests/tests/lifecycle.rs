@@ -27,7 +27,7 @@ fn probe_server(env: &Env) -> (Guard, u16) {
 /// with the new identity alone.
 fn csr_and_probe_carry_the_new_identity(env: &Env, g2: &Generation) {
     // The CSR carries the configured subject and SANs and verifies.
-    std::fs::write(env.path("g2.csr"), g2.csr_pem.as_deref().unwrap()).unwrap();
+    std::fs::write(env.path("g2.csr"), g2.csr_pem().unwrap()).unwrap();
     let text = env.openssl(&["req", "-in", "g2.csr", "-verify", "-noout", "-text"]);
     assert!(
         text.contains("verify OK")
@@ -59,14 +59,14 @@ fn csr_and_probe_carry_the_new_identity(env: &Env, g2: &Generation) {
 fn one_pair_behind_one_symlink(env: &Env, g2: &Generation) {
     assert_eq!(
         std::fs::read_to_string(env.path("state/identities/gw/cert.pem")).unwrap(),
-        g2.cert_pem.as_deref().unwrap()
+        g2.chain_pem().unwrap()
     );
     assert!(env.path("state/identities/gw").is_symlink());
     assert_eq!(
         std::fs::read_to_string(env.path("state/identities/gw/key.uri"))
             .unwrap()
             .trim(),
-        g2.key_uri.as_deref().unwrap()
+        g2.key().unwrap().uri.as_str()
     );
 }
 
@@ -91,7 +91,11 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
     );
     let g = gens(&env);
     let (g1, g2) = (&g[0], &g[1]);
-    assert_ne!(g1.key_id, g2.key_id, "a new key, never the old one");
+    assert_ne!(
+        g1.key_id_hex(),
+        g2.key_id_hex(),
+        "a new key, never the old one"
+    );
     assert!(
         g1.subject.ends_with("CN=gw-0042-g1") && g2.subject.ends_with("CN=gw-0042-g2"),
         "the generation CN suffix makes each DN unique: {g1:?} {g2:?}"
@@ -114,8 +118,8 @@ fn enrol_rotate_with_overlap_probe_and_retire(kind: TokenKind) {
 
     // Overlap: both keys in the token; the new certificate object is there too.
     let both = ids_in_token(&env);
-    let id1 = g1.key_id.as_deref().unwrap();
-    let id2 = g2.key_id.as_deref().unwrap();
+    let id1 = &g1.key_id_hex().unwrap();
+    let id2 = &g2.key_id_hex().unwrap();
     assert!(
         both.iter().any(|i| i == id1) && both.iter().any(|i| i == id2),
         "{both:?}"
@@ -150,7 +154,7 @@ fn bad_certificates_are_refused_and_the_old_identity_keeps_serving(kind: TokenKi
     env.lifecycle_config("[identity.renewal]\nretry_min = \"1s\"\nretry_max = \"1s\"");
     let ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
-    let id1 = gens(&env)[0].key_id.clone().unwrap();
+    let id1 = gens(&env)[0].key_id_hex().unwrap();
 
     for (mode, reason) in [
         (CaMode::Expired, "expired"),
@@ -264,7 +268,7 @@ fn sigkill_at_every_persisted_step_then_restart_completes_the_rotation(kind: Tok
         let ids = ids_in_token(&env);
         assert_eq!(
             ids,
-            vec![live[0].key_id.clone().unwrap()],
+            vec![live[0].key_id_hex().unwrap()],
             "{step}: orphan key objects in the token"
         );
     }
@@ -320,7 +324,7 @@ fn reconcile_destroys_orphans_and_reports_a_missing_key_loudly(kind: TokenKind) 
     assert_eq!(ids_in_token(&env).len(), 1);
 
     // The current key vanished from the token: a loud error, then a new enrolment, no crash.
-    let uri = gens(&env)[0].key_uri.clone().unwrap();
+    let uri = gens(&env)[0].key().unwrap().uri.clone();
     env.ok(&["key", "destroy", &uri]);
     let out = env.run(&["rotate", "gw", "--timeout", "20"]);
     let err = String::from_utf8_lossy(&out.stderr);

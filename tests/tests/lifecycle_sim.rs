@@ -117,7 +117,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
     run_until(&mut e, T0 + 1, &mut ticks);
     let gw = e.register().identities["gw"].clone();
     assert_eq!(gw.current, Some(1));
-    assert_eq!(gw.gen(1).unwrap().not_after, Some(T0 + 90 * DAY));
+    assert_eq!(gw.gen(1).unwrap().not_after(), Some(T0 + 90 * DAY));
 
     // Generation 1 renews at exactly 30 days before expiry (jitter 0).
     run_until(&mut e, T0 + 80 * DAY, &mut ticks);
@@ -139,7 +139,7 @@ fn ninety_days_reminders_once_renewal_at_policy_point_and_lapse_is_critical() {
         edge_signer::register::GenStatus::Retired,
         "retired after the 7-day overlap"
     );
-    let k1 = gw.gen(1).unwrap().key_id.clone().unwrap();
+    let k1 = gw.gen(1).unwrap().key_id_hex().unwrap();
     assert!(
         t.token
             .list_keys()
@@ -228,7 +228,7 @@ fn run_to(e: &mut Engine, clock: &FakeClock, n: u32) {
 /// the way someone holding the PIN could (pkcs11-tool). Returns the key id.
 fn replace_key(t: &TestToken, e: &Engine, n: u32) -> String {
     let g = e.register().identities["gw"].gen(n).unwrap().clone();
-    let id = g.key_id.clone().unwrap();
+    let id = g.key_id_hex().unwrap();
     let login = ("test", hsm_shim::testing::USER_PIN);
     let tool = |args: &[&str]| pkcs11_tool_on(&t.module, login, &[], args);
     edge_signer_tests::replace_key(tool, &id, &g.key_label);

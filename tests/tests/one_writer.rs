@@ -26,7 +26,7 @@ fn rotate_now_while_the_daemon_runs_is_done_once_by_the_daemon() {
     let objects = env.pkcs11_objects();
     for g in &gens {
         assert!(
-            objects.contains(g.key_id.as_deref().unwrap()),
+            objects.contains(&g.key_id_hex().unwrap()),
             "no live key destroyed"
         );
     }
@@ -63,7 +63,7 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
     // Status comes from the daemon; retire is done by it.
     let st = env.json(&["status"]);
     assert_eq!(st[0]["live_generations"], serde_json::json!([1, 2]), "{st}");
-    let id1 = env.generation("gw", 1).key_id.unwrap();
+    let id1 = env.generation("gw", 1).key_id_hex().unwrap();
     let out = env.ok(&["retire", "gw", "--generation", "1"]);
     assert!(out.contains("retired by the daemon"), "{out}");
     assert!(
@@ -83,11 +83,7 @@ fn with_the_api_every_state_change_from_the_cli_is_done_by_the_daemon() {
         .unwrap();
     let header: serde_json::Value = serde_json::from_slice(&header).unwrap();
     let current = env.generation("gw", 2);
-    assert_eq!(
-        header["kid"].as_str(),
-        current.fingerprint.as_deref(),
-        "{header}"
-    );
+    assert_eq!(header["kid"].as_str(), current.fingerprint(), "{header}");
     // A bundle applied through the daemon (refused: no fleet key pinned), nothing changed.
     env.ok(&["fleet", "keygen", "--out", "fleet.key"]);
     std::fs::write(env.path("v1.toml"), "[log]\nlevel = \"debug\"\n").unwrap();

@@ -151,7 +151,7 @@ fn curl_through_the_proxy_survives_a_rotation_and_the_old_key_goes_after_the_ove
     );
 
     // After the overlap the old key is gone from the token; the old connection still runs.
-    let id1 = env.generation("gw", 1).key_id.unwrap();
+    let id1 = env.generation("gw", 1).key_id_hex().unwrap();
     wait_for("old key retired after the overlap", 20, || {
         !env.pkcs11_objects().contains(&id1)
     });
@@ -409,7 +409,7 @@ fn a_busy_connection_ends_at_the_not_after_of_the_certificate_it_presented() {
     env.wait_served("gw", 1);
     let not_after = env
         .generation("gw", 1)
-        .not_after
+        .not_after()
         .expect("generation 1 has a not-after") as f64;
     let now = || {
         std::time::SystemTime::now()
@@ -456,7 +456,7 @@ fn a_key_replaced_in_the_token_is_never_served_and_a_new_one_takes_over() {
     assert!(!out.status.success(), "killed after the probe: {out:?}");
     let id = env
         .generation("gw", 2)
-        .key_id
+        .key_id_hex()
         .expect("generation 2's key id");
     replace_key(|a| env.pkcs11_tool(a), &id, "edge-signer:gw:g2");
 

@@ -53,7 +53,7 @@ overlap = "1d"
 
     let objects = env.pkcs11_objects();
     for ident in ["gw", "gw-g1"] {
-        let id = env.generation(ident, 1).key_id.unwrap();
+        let id = env.generation(ident, 1).key_id_hex().unwrap();
         assert!(objects.contains(&id), "{ident}'s key survives: {objects}");
     }
     assert!(
@@ -101,7 +101,7 @@ fn enrolled_gw() -> (Env, PortalCa, String) {
     env.lifecycle_config("");
     let ca = env.portal_ca(CaMode::Good);
     env.ok(&["enroll", "gw", "--timeout", "20"]);
-    let id = env.generation("gw", 1).key_id.unwrap();
+    let id = env.generation("gw", 1).key_id_hex().unwrap();
     (env, ca, id)
 }
 

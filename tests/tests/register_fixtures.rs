@@ -8,7 +8,7 @@
 //! release that writes it). Each test copies a fixture into a fresh directory, points the
 //! configuration at test servers started now, and drives the real binary.
 
-use edge_signer::register::RegisterFile;
+use edge_signer::register::{Material, RegisterFile};
 use edge_signer_tests::est::{est_config_with, EstMode, EstServer};
 use edge_signer_tests::jwk::{jwk_config_at, JwkApi};
 use edge_signer_tests::*;
@@ -108,16 +108,58 @@ fn onboard(env: &Env, api: &JwkApi) -> serde_json::Value {
 }
 
 #[test]
-fn every_fixture_loads_as_a_register_of_format_1() {
-    for name in ["portal", "portal-rotating", "est", "jwk"] {
+fn every_fixture_loads_as_a_register_of_format_1_with_each_step_typed() {
+    for (name, want) in [
+        ("portal", vec!["certified"]),
+        ("portal-rotating", vec!["certified", "requested"]),
+        ("est", vec!["certified"]),
+        ("jwk", vec!["credential"]),
+    ] {
         let path = fixtures().join(name).join("register.json");
-        let reg = RegisterFile::parse(&path, &std::fs::read(&path).unwrap())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let bytes = std::fs::read(&path).unwrap();
+        let reg = RegisterFile::parse(&path, &bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(reg.schema_version, 1, "{name}");
         let rec = reg.identities.values().next().expect("one identity");
-        let current = rec.current_gen().expect("a current generation");
-        assert!(current.key_id.is_some() && current.cert_pem.is_some() || current.kid.is_some());
+        let got: Vec<&str> = rec
+            .generations
+            .iter()
+            .map(|g| match &g.material {
+                Material::Planned => "planned",
+                Material::Requested { .. } => "requested",
+                Material::Issued { .. } => "issued",
+                Material::Certified { .. } => "certified",
+                Material::Credential { .. } => "credential",
+            })
+            .collect();
+        assert_eq!(got, want, "{name}");
+        // Written back, it is the file the last release wrote (so that release reads it too).
+        let again: serde_json::Value = serde_json::to_value(&reg).unwrap();
+        let before: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(again, before, "{name}");
     }
+}
+
+/// A register whose generation has only part of what a step makes is refused with a reason
+/// (it is never filled in with empty values).
+#[test]
+fn a_generation_with_half_a_step_is_refused_by_name() {
+    let path = fixtures().join("portal").join("register.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let g = &mut v["identities"]["gw"]["generations"][0];
+    g["fingerprint"] = serde_json::Value::Null;
+    let err = RegisterFile::parse(&path, v.to_string().as_bytes()).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("generation 1: a certificate with only part of"),
+        "{err}"
+    );
+    let g = &mut v["identities"]["gw"]["generations"][0];
+    g["key_uri"] = serde_json::Value::Null;
+    let err = RegisterFile::parse(&path, v.to_string().as_bytes()).unwrap_err();
+    assert!(
+        err.to_string().contains("a key id without a key URI"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -146,15 +188,15 @@ fn a_rotation_caught_half_way_by_the_last_release_is_finished_not_restarted() {
     let csr = before
         .gen(2)
         .unwrap()
-        .csr_pem
-        .clone()
-        .expect("the CSR was sent");
+        .csr_pem()
+        .expect("the CSR was sent")
+        .to_owned();
     let _ca = env.portal_ca(CaMode::Good);
     env.ok(&["rotate", "gw", "--timeout", "20"]);
     let rec = env.record("gw");
     assert_eq!(rec.current, Some(2), "{rec:?}");
     assert_eq!(
-        rec.gen(2).unwrap().csr_pem.as_deref(),
+        rec.gen(2).unwrap().csr_pem(),
         Some(csr.as_str()),
         "the same request finished, no new one"
     );
@@ -173,13 +215,13 @@ fn a_jwk_register_from_the_last_release_rotates_with_its_key() {
     let kid1 = env
         .record("api")
         .current_gen()
-        .and_then(|g| g.kid.clone())
+        .and_then(|g| g.kid().map(str::to_owned))
         .expect("a kid");
     env.ok(&["rotate", "api", "--now", "--timeout", "20"]);
     let rec = env.record("api");
     let current = rec.current_gen().expect("current");
     assert_eq!(rec.current, Some(2), "{rec:?}");
-    assert_ne!(current.kid.as_deref(), Some(kid1.as_str()));
+    assert_ne!(current.kid(), Some(kid1.as_str()));
 }
 
 /// An EST identity from the last release is read as it was: served, not due for renewal. (Its

@@ -57,7 +57,7 @@ fn a_listing_that_fails_destroys_nothing_and_the_daemon_goes_on() {
     let keys: Vec<String> = rec
         .generations
         .iter()
-        .map(|g| g.key_id.clone().unwrap())
+        .map(|g| g.key_id_hex().unwrap())
         .collect();
     assert_eq!(keys.len(), 2, "{rec:?}");
 

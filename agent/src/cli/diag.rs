@@ -38,7 +38,14 @@ fn sign_token(
         .parse()
         .map_err(|e: String| anyhow::anyhow!("--ttl: {e}"))?;
     let now = edge_signer::clock::Clock::now(&edge_signer::clock::SystemClock);
-    edge_signer::serial::auth::issue(&signer, device, nonce, allow, now, ttl.secs())
+    Ok(edge_signer::serial::auth::issue(
+        &signer,
+        device,
+        nonce,
+        allow,
+        now,
+        ttl.secs(),
+    )?)
 }
 
 struct Port {

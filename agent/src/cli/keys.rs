@@ -233,7 +233,7 @@ fn refuse_a_served_key(g: &Global, id: &[u8]) -> Result<()> {
         return Ok(());
     };
     let register = edge_signer::register::RegisterFile::new(&owner.dir).load()?;
-    if let Some((name, generation)) = register.live_generation_with_key(&hsm_shim::keys::hex(id)) {
+    if let Some((name, generation)) = register.live_generation_with_key(id) {
         anyhow::bail!(
             "the key is generation {generation} of identity '{name}', which the daemon (pid {}) holds: \
              destroy it through the daemon, so none of its signers keeps it: \

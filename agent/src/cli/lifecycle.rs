@@ -170,18 +170,21 @@ pub(crate) fn run_to_promotion(
         .cloned()
         .unwrap_or_default();
     let g = rec.current_gen().cloned();
-    let which = match g.as_ref() {
-        Some(g) if g.kid.is_some() => format!("kid {}", g.kid.as_deref().unwrap_or_default()),
-        Some(g) => format!("serial {}", g.serial.as_deref().unwrap_or("-")),
-        None => "none".into(),
+    let which = match (
+        g.as_ref().and_then(|g| g.kid()),
+        g.as_ref().and_then(|g| g.cert()),
+    ) {
+        (Some(kid), _) => format!("kid {kid}"),
+        (None, Some(cert)) => format!("serial {}", cert.serial),
+        (None, None) => "none".into(),
     };
     println!(
         "{name}: generation {} is current ({which}, valid until {})",
         rec.current.unwrap_or(0),
         g.as_ref()
-            .and_then(|g| g.not_after)
+            .and_then(|g| g.not_after())
             .map(edge_signer::clock::rfc3339)
-            .unwrap_or_default()
+            .unwrap_or_else(|| "-".into())
     );
     for old in rec
         .generations
@@ -388,7 +391,10 @@ impl Owner {
                 self.dir.display()
             );
         };
-        edge_signer::local_api::call(sock, method, path, body, Duration::from_secs(90))?.ok()
+        Ok(
+            edge_signer::local_api::call(sock, method, path, body, Duration::from_secs(90))?
+                .ok()?,
+        )
     }
 }
 

@@ -46,12 +46,12 @@ impl Channel {
         m: &MqttConfig,
         identities: &Arc<Identities>,
         wake: &std::sync::mpsc::Sender<EngineCommand>,
-    ) -> anyhow::Result<Channel> {
+    ) -> crate::error::Result<Channel> {
         let device = cfg
             .fleet_device()
             .filter(|d| firmware_config::validate::safe_name(d))
             .ok_or_else(|| {
-                anyhow::anyhow!(
+                crate::err!(
                     "no safe device id (fleet.mqtt.device_id, or the CN of identity '{}'): set fleet.mqtt.device_id",
                     m.identity
                 )
@@ -83,7 +83,7 @@ impl Channel {
         }
     }
 
-    fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    fn tls(&self) -> crate::error::Result<Arc<rustls::ClientConfig>> {
         let roots = Arc::new(super::roots(&self.cfg.server_ca)?);
         let builder = rustls::ClientConfig::builder_with_provider(crate::tlsconf::provider())
             .with_protocol_versions(rustls::ALL_VERSIONS)?;
@@ -100,7 +100,7 @@ impl Channel {
     }
 
     /// One connection, until it fails or the identity rotates (Ok: reconnect at once).
-    async fn connection(&self) -> anyhow::Result<()> {
+    async fn connection(&self) -> crate::error::Result<()> {
         let mut changes = self.identities.subscribe();
         // Wait for a pair to present.
         let generation = loop {
@@ -109,7 +109,7 @@ impl Channel {
             }
             let _ = changes.changed().await;
         };
-        let (host, port) = self.cfg.host_port().map_err(anyhow::Error::msg)?;
+        let (host, port) = self.cfg.host_port().map_err(crate::error::Error::msg)?;
         let topics = Topics::new(&self.cfg, &self.device);
         let mut opts = super::options(
             &self.device,

@@ -58,6 +58,6 @@ pub fn options(
 }
 
 /// Roots from a CA bundle file.
-pub fn roots(path: &std::path::Path) -> anyhow::Result<rustls::RootCertStore> {
+pub fn roots(path: &std::path::Path) -> crate::error::Result<rustls::RootCertStore> {
     Ok(crate::tlsconf::load_roots(path)?)
 }

@@ -1,7 +1,8 @@
 //! The operator's side of the fleet channel (`edge-signer fleet publish|status`): publish a
 //! signed bundle retained to a group or device topic; read every device's retained status.
 
-use anyhow::{bail, Context, Result};
+use crate::bail;
+use crate::error::{Context, Result};
 use firmware_config::fleet_channel::MqttConfig;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use rustls::pki_types::pem::PemObject;
@@ -44,7 +45,7 @@ impl Broker {
             broker: self.url.clone(),
             ..Default::default()
         };
-        let (host, port) = cfg.host_port().map_err(anyhow::Error::msg)?;
+        let (host, port) = cfg.host_port().map_err(crate::error::Error::msg)?;
         let id = format!("edge-signer-operator-{}", std::process::id());
         Ok(AsyncClient::new(
             super::options(&id, &host, port, Duration::from_secs(30), self.tls()?),
@@ -103,7 +104,7 @@ pub fn publish(
                     }
                     Event::Incoming(Packet::PubAck(_)) => {
                         let _ = client.try_disconnect();
-                        return Ok::<_, anyhow::Error>(());
+                        return Ok::<_, crate::error::Error>(());
                     }
                     _ => {}
                 }
@@ -203,7 +204,7 @@ pub fn status(b: &Broker, wait: Duration) -> Result<Vec<DeviceRow>> {
                 }
             }
             #[allow(unreachable_code)]
-            Ok::<_, anyhow::Error>(())
+            Ok::<_, crate::error::Error>(())
         };
         match tokio::time::timeout(wait, collect).await {
             Ok(r) => r,

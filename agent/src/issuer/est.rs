@@ -159,7 +159,7 @@ impl Est {
         cfg: &firmware_config::schema::EstIssuer,
         token: &Arc<hsm_shim::Token>,
         state_dir: &std::path::Path,
-    ) -> anyhow::Result<Est> {
+    ) -> crate::error::Result<Est> {
         let mut base = http::parse_https(&cfg.url)?.join(&[".well-known", "est"]);
         if let Some(l) = &cfg.label {
             base = base.join(&[l]);
@@ -170,7 +170,7 @@ impl Est {
             if let (Some(u), Some(f)) = (&b.username, &b.password_file) {
                 let raw = Zeroizing::new(
                     std::fs::read_to_string(f)
-                        .map_err(|e| anyhow::anyhow!("EST password file {}: {e}", f.display()))?,
+                        .map_err(|e| crate::err!("EST password file {}: {e}", f.display()))?,
                 );
                 basic = Some((
                     u.clone(),

@@ -101,7 +101,7 @@ pub struct JwkApi {
 
 impl JwkApi {
     /// From config; reads the CA bundle now so a wrong path is reported at start.
-    pub fn new(cfg: &firmware_config::schema::JwkIssuer) -> anyhow::Result<JwkApi> {
+    pub fn new(cfg: &firmware_config::schema::JwkIssuer) -> crate::error::Result<JwkApi> {
         Ok(JwkApi {
             name: cfg.name.clone(),
             base: http::parse_https(&cfg.url)?,

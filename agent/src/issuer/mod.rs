@@ -157,7 +157,7 @@ pub fn from_config(
     cfg: &firmware_config::schema::IssuerConfig,
     token: &Arc<hsm_shim::Token>,
     state_dir: &Path,
-) -> anyhow::Result<Box<dyn Issuer>> {
+) -> crate::error::Result<Box<dyn Issuer>> {
     use firmware_config::schema::IssuerConfig;
     match cfg {
         IssuerConfig::Portal(p) => Ok(Box::new(portal::Portal::new(p)?)),

@@ -16,7 +16,7 @@ pub struct Portal {
 
 impl Portal {
     /// From config; reads the CA bundle now so a wrong path is reported at start.
-    pub fn new(cfg: &firmware_config::schema::PortalIssuer) -> anyhow::Result<Portal> {
+    pub fn new(cfg: &firmware_config::schema::PortalIssuer) -> crate::error::Result<Portal> {
         Ok(Portal {
             outbox: cfg.outbox.clone(),
             inbox: cfg.inbox.clone(),

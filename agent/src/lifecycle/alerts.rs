@@ -2,9 +2,9 @@
 
 use super::Engine;
 use crate::clock::{rfc3339, Unix};
+use crate::error::Result;
 use crate::events::Severity;
 use crate::register::Step;
-use anyhow::Result;
 use firmware_config::schema::IdentityConfig;
 
 impl Engine {
@@ -21,7 +21,7 @@ impl Engine {
         let Some(g) = self.rec(name).current_gen().cloned() else {
             return Ok(None);
         };
-        let Some(na) = g.not_after else {
+        let Some(na) = g.not_after() else {
             return Ok(None);
         };
         let mut marks: Vec<u64> = cfg

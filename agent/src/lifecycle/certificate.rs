@@ -2,11 +2,11 @@
 
 use super::{Engine, Progress};
 use crate::clock::{rfc3339, Unix};
+use crate::error::Result;
 use crate::events::Severity;
 use crate::issuer::{IssuerAnswer, Request, Submitted};
-use crate::register::{GenStatus, IdentityRecord, Step, Waiting};
+use crate::register::{GenStatus, IdentityRecord, IssuedCert, KeyRecord, Material, Step, Waiting};
 use crate::validate::{self, Expected};
-use anyhow::Result;
 use firmware_config::schema::IdentityConfig;
 use hsm_shim::csr::Subject;
 use hsm_shim::rustls::sign::CertifiedKey;
@@ -27,9 +27,11 @@ impl Engine {
         let csr = hsm_shim::csr::build_csr(&key, &subject, &cfg.sans)?;
         let uri = info.uri(&self.token).to_string();
         let gm = self.gen_mut(name, g.number)?;
-        gm.key_id = Some(hsm_shim::keys::hex(&info.id));
-        gm.key_uri = Some(uri);
-        gm.csr_pem = Some(csr);
+        gm.material = Material::Requested {
+            key: KeyRecord { id: info.id, uri },
+            csr_pem: csr,
+            submission: None,
+        };
         self.move_to(
             name,
             Step::CsrReady,
@@ -46,11 +48,12 @@ impl Engine {
         now: Unix,
     ) -> Option<Arc<CertifiedKey>> {
         let g = rec.current_gen()?;
-        if g.not_after.is_none_or(|na| na <= now) {
+        let cert = g.cert()?;
+        if cert.not_after <= now {
             return None;
         }
-        let key = self.open_key(g.key_id.as_deref()?).ok()?;
-        let chain = validate::parse_chain(g.cert_pem.as_deref()?).ok()?;
+        let key = self.open_key(g.key()?).ok()?;
+        let chain = validate::parse_chain(&cert.chain_pem).ok()?;
         hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain).ok()
     }
 
@@ -73,11 +76,12 @@ impl Engine {
             credential: None,
         };
         let issuer = self.issuer(&cfg.issuer)?;
-        let answer = match (&rec.step, &g.submission) {
+        let answer = match (&rec.step, g.submission()) {
             (Step::Submitted, Some(reference)) => issuer.poll(&req, reference, now),
             _ => match issuer.submit(&req, now) {
                 Ok(Submitted { reference, answer }) => {
-                    self.gen_mut(name, g.number)?.submission = Some(reference.clone());
+                    self.gen_mut(name, g.number)?
+                        .set_submission(Some(reference.clone()))?;
                     let note = format!("CSR submitted to {} as {reference}", cfg.issuer);
                     let r = self.rec(name);
                     r.transition(now, Step::Submitted, g.number, note);
@@ -128,7 +132,7 @@ impl Engine {
     }
 
     fn received(&mut self, name: &str, n: u32, pem: String) -> Result<Progress> {
-        self.gen_mut(name, n)?.cert_pem = Some(pem);
+        self.gen_mut(name, n)?.issue(pem)?;
         self.rec(name).failure = None;
         self.move_to(name, Step::Issued, n, "certificate received")?;
         Ok(Progress::Moved)
@@ -171,13 +175,15 @@ impl Engine {
                 }
                 let gm = self.gen_mut(name, g.number)?;
                 // The chain as validated: leaf + the intermediates of the verified path.
-                gm.cert_pem = Some(validate::to_pem(&v.chain));
-                gm.serial = Some(v.serial);
-                gm.fingerprint = Some(v.fingerprint);
-                gm.not_before = Some(v.not_before);
-                gm.not_after = Some(v.not_after);
-                gm.subject_issued = (!v.differences.is_empty()).then_some(v.subject);
-                gm.name_differences = v.differences;
+                gm.certify(IssuedCert {
+                    chain_pem: validate::to_pem(&v.chain),
+                    serial: v.serial,
+                    fingerprint: v.fingerprint,
+                    not_before: v.not_before,
+                    not_after: v.not_after,
+                    subject_issued: (!v.differences.is_empty()).then_some(v.subject),
+                    name_differences: v.differences,
+                })?;
                 self.move_to(
                     name,
                     Step::Validated,
@@ -211,11 +217,11 @@ impl Engine {
     fn probe_once(
         &mut self,
         cfg: &IdentityConfig,
-        key_id: &str,
+        key: &KeyRecord,
         pem: &str,
         url: &str,
     ) -> Result<u16> {
-        let key = self.open_key(key_id)?;
+        let key = self.open_key(key)?;
         let chain = validate::parse_chain(pem)?;
         let ck = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain)?;
         let roots = match &cfg.probe_ca {
@@ -247,9 +253,9 @@ impl Engine {
             )?;
             return Ok(Progress::Moved);
         };
-        let key_id = g.need_key_id()?.to_owned();
+        let key = g.need_key()?.clone();
         let pem = g.need_chain()?.to_owned();
-        match self.probe_once(cfg, &key_id, &pem, url) {
+        match self.probe_once(cfg, &key, &pem, url) {
             Ok(s) if (200..300).contains(&s) => {
                 self.move_to(
                     name,
@@ -289,7 +295,7 @@ impl Engine {
         // Idempotent: store_cert replaces, the exports are atomic writes.
         self.token
             .store_cert(&key.info().id, &g.key_label, &chain[0])?;
-        let uri = Pkcs11Uri::parse(g.key_uri.as_deref().unwrap_or_default())?;
+        let uri = Pkcs11Uri::parse(&g.need_key()?.uri)?;
         // Certificate and key URI as one pair, swapped in one step.
         super::export::publish(
             &self.identities_dir(),
@@ -311,7 +317,7 @@ impl Engine {
         r.failure = None;
         let mut until = None;
         if let Some(og) = old.and_then(|o| r.gen_mut(o)) {
-            let t = (now + overlap).min(og.not_after.unwrap_or(u64::MAX));
+            let t = (now + overlap).min(og.not_after().unwrap_or(u64::MAX));
             og.status = GenStatus::Overlap;
             og.overlap_until = Some(t);
             until = Some(t);

@@ -8,10 +8,13 @@
 
 use super::{Engine, Progress};
 use crate::clock::{rfc3339, Unix};
+use crate::error::{Error, Result};
 use crate::events::Severity;
 use crate::issuer::{jwk_rotation, Credential, IssuerAnswer, Request, Submitted, Verdict};
-use crate::register::{GenStatus, Generation, IdentityRecord, Step};
-use anyhow::{anyhow, bail, Result};
+use crate::register::{
+    GenStatus, Generation, IdentityRecord, KeyRecord, Material, RotationRequest, Step,
+};
+use crate::{bail, err};
 use firmware_config::schema::IdentityConfig;
 
 impl Engine {
@@ -26,16 +29,16 @@ impl Engine {
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
         let info = self.find_or_generate(&g.key_label, hsm_shim::KeyType::EcP256)?;
-        let kid = match &g.kid {
-            Some(k) => k.clone(),
+        let kid = match g.kid() {
+            Some(k) => k.to_owned(),
             None => jwk_rotation::new_kid(&rec.kids),
         };
-        let old_na = rec.current_gen().and_then(|c| c.not_after);
+        let old_na = rec.current_gen().and_then(|c| c.not_after());
         let prepared = match rec.current {
             Some(_) => Some(
                 self.issuer(&cfg.issuer)?
                     .prepare(&info, &kid, now, old_na)
-                    .map_err(|e| anyhow!(e))?,
+                    .map_err(Error::permanent)?,
             ),
             None => None,
         };
@@ -45,15 +48,24 @@ impl Engine {
             r.kids.push(kid.clone());
         }
         let gm = self.gen_mut(name, g.number)?;
-        gm.key_id = Some(hsm_shim::keys::hex(&info.id));
-        gm.key_uri = Some(uri);
-        gm.kid = Some(kid.clone());
-        if let Some(p) = prepared {
-            gm.request = Some(p.body);
-            gm.not_before = Some(now);
-            gm.not_after = Some(p.expires);
-            gm.previous_expiry = Some(p.previous_expiry);
-        }
+        let (request, validity) = match prepared {
+            Some(p) => (
+                Some(RotationRequest {
+                    body: p.body,
+                    previous_expiry: p.previous_expiry,
+                }),
+                Some((now, p.expires)),
+            ),
+            None => (None, None),
+        };
+        gm.material = Material::Credential {
+            key: KeyRecord { id: info.id, uri },
+            kid: kid.clone(),
+            request,
+            sent_at: None,
+            submission: None,
+            validity,
+        };
         self.move_to(
             name,
             Step::CsrReady,
@@ -75,7 +87,7 @@ impl Engine {
     ) -> Result<Progress> {
         let (g, key) = self.pending_key(rec)?;
         let kid = g.need_kid()?.to_owned();
-        if g.sent_at.is_some() {
+        if g.sent_at().is_some() {
             // A process sent it and recorded no outcome (crash): the API may have applied it.
             self.move_to(
                 name,
@@ -86,14 +98,14 @@ impl Engine {
             return Ok(Progress::Moved);
         }
         let now = self.now();
-        self.gen_mut(name, g.number)?.sent_at = Some(now);
+        self.gen_mut(name, g.number)?.set_sent_at(Some(now))?;
         self.save(name)?;
         let cur = rec
             .current_gen()
             .cloned()
-            .ok_or_else(|| anyhow!("no current credential to sign the rotation"))?;
-        let cur_key = self.open_key(cur.need_key_id()?)?;
-        let body = g.need_request()?.to_owned();
+            .ok_or_else(|| err!("no current credential to sign the rotation"))?;
+        let cur_key = self.open_key(cur.need_key()?)?;
+        let body = g.need_request()?.body.clone();
         let cur_kid = cur.need_kid()?.to_owned();
         let req = Request {
             identity: name,
@@ -113,7 +125,8 @@ impl Engine {
                 answer: Some(IssuerAnswer::Confirmed),
                 reference,
             }) => {
-                self.gen_mut(name, g.number)?.submission = Some(reference);
+                self.gen_mut(name, g.number)?
+                    .set_submission(Some(reference))?;
                 self.move_to(
                     name,
                     Step::Issued,
@@ -127,21 +140,22 @@ impl Engine {
                     Some(IssuerAnswer::Unknown(w)) => w,
                     other => format!("unexpected answer {other:?}"),
                 };
-                self.gen_mut(name, g.number)?.submission = Some(reference);
+                self.gen_mut(name, g.number)?
+                    .set_submission(Some(reference))?;
                 self.move_to(name, Step::Submitted, g.number, why)?;
                 Ok(Progress::Moved)
             }
             Err(IssuerAnswer::Rejected(why)) => self.abandon(name, g.number, why),
             Err(other) => {
                 // Not sent after all (signing failed before sending): try again later.
-                self.gen_mut(name, g.number)?.sent_at = None;
+                self.gen_mut(name, g.number)?.set_sent_at(None)?;
                 self.fail(name, format!("rotation to {kid}: {other:?}"))
             }
         }
     }
 
     fn verdict(&mut self, cfg: &IdentityConfig, g: &Generation) -> Result<Verdict> {
-        let key = self.open_key(g.need_key_id()?)?;
+        let key = self.open_key(g.need_key()?)?;
         let kid = g.need_kid()?.to_owned();
         Ok(self
             .issuer(&cfg.issuer)?
@@ -167,7 +181,7 @@ impl Engine {
                 name,
                 format!(
                     "the API confirmed kid {} but a call with it was not accepted ({w}); both keys are kept",
-                    g.kid.as_deref().unwrap_or_default()
+                    g.need_kid()?
                 ),
             ),
         }
@@ -200,7 +214,7 @@ impl Engine {
         }
         let now = self.now();
         let check = match &cfg.probe_url {
-            None => format!("no probe_url is configured for '{name}', so the agent cannot ask. Ask the API provider which kid is current ({kid} or {}), or configure probe_url (a GET that accepts `Authorization: JWS`)", old.as_ref().and_then(|o| o.kid.clone()).unwrap_or_default()),
+            None => format!("no probe_url is configured for '{name}', so the agent cannot ask. Ask the API provider which kid is current ({kid} or {}), or configure probe_url (a GET that accepts `Authorization: JWS`)", old.as_ref().and_then(|o| o.kid()).unwrap_or("none")),
             Some(u) => format!("{u} answered neither way (new key: {new:?}; old key: {old_verdict:?}). Check that the API is reachable and which kid it holds as current"),
         };
         self.events.emit(
@@ -224,18 +238,23 @@ impl Engine {
         how: &str,
     ) -> Result<Progress> {
         let now = self.now();
-        let key = self.open_key(g.need_key_id()?)?;
-        let jwk = jwk_rotation::public_jwk(key.info(), g.need_kid()?).map_err(|e| anyhow!(e))?;
+        let key = self.open_key(g.need_key()?)?;
+        let jwk = jwk_rotation::public_jwk(key.info(), g.need_kid()?).map_err(Error::permanent)?;
         super::export::publish(
             &self.identities_dir(),
             name,
             g.number,
             &[
                 ("jwk.json", format!("{jwk}\n").as_bytes()),
-                ("key.uri", format!("{}\n", g.need_key_uri()?).as_bytes()),
+                ("key.uri", format!("{}\n", g.need_key()?.uri).as_bytes()),
             ],
         )?;
-        let until = g.previous_expiry.unwrap_or(now);
+        // The old key stays until the expiry the rotation asked for it; with no old key
+        // there is nothing to keep.
+        let until = match old {
+            Some(_) => g.need_request()?.previous_expiry,
+            None => now,
+        };
         let r = self.rec(name);
         if let Some(gm) = r.gen_mut(g.number) {
             gm.status = GenStatus::Current;
@@ -254,8 +273,8 @@ impl Engine {
             Severity::Info,
             format!(
                 "kid {} is current ({how}); the old key ({}) signs nothing new and is destroyed after {}",
-                g.kid.as_deref().unwrap_or_default(),
-                old.and_then(|o| o.kid.as_deref()).unwrap_or_default(),
+                g.need_kid()?,
+                old.and_then(|o| o.kid()).unwrap_or("none"),
                 rfc3339(until)
             ),
         );
@@ -284,7 +303,7 @@ impl Engine {
         }
         let rec = self.rec(name).clone();
         let (g, key) = self.pending_key(&rec)?;
-        jwk_rotation::public_jwk(key.info(), g.need_kid()?).map_err(|e| anyhow!(e))
+        jwk_rotation::public_jwk(key.info(), g.need_kid()?).map_err(Error::permanent)
     }
 
     /// Record the exported key as the current credential, valid until `expires`.
@@ -304,8 +323,7 @@ impl Engine {
         let r = self.rec(name);
         if let Some(gm) = r.gen_mut(g.number) {
             gm.status = GenStatus::Current;
-            gm.not_before = Some(now);
-            gm.not_after = Some(expires);
+            gm.set_validity(now, expires)?;
         }
         r.current = Some(g.number);
         r.pending = None;
@@ -313,7 +331,7 @@ impl Engine {
             name,
             Step::Active,
             g.number,
-            format!("credential {} activated by hand", g.kid.unwrap_or_default()),
+            format!("credential {} activated by hand", g.need_kid()?),
         )
     }
 }

@@ -4,7 +4,7 @@
 //! `rename`, so a reader sees the old pair or the new pair, never a new certificate with the
 //! old key.
 
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use std::path::Path;
 
 /// Publish `files` (name, bytes) as generation `n` of `name` under `identities`.

@@ -4,9 +4,9 @@
 use super::{Engine, Progress};
 use crate::clock::rfc3339;
 use crate::error::Persistence;
+use crate::error::Result;
 use crate::events::Severity;
 use crate::register::{Failure, GenStatus, Step};
-use anyhow::Result;
 
 impl Engine {
     pub(super) fn fail(&mut self, name: &str, reason: String) -> Result<Progress> {
@@ -45,7 +45,7 @@ impl Engine {
         // Nothing serves while there is no valid current generation: a person must act.
         let serving = rec
             .current_gen()
-            .and_then(|g| g.not_after)
+            .and_then(|g| g.not_after())
             .is_some_and(|na| na > now);
         self.save(name)?;
         self.events.emit(
@@ -81,7 +81,7 @@ impl Engine {
             .identities
             .get(name)
             .and_then(|r| r.gen(n))
-            .and_then(|g| g.key_id.clone())
+            .and_then(|g| g.key().cloned())
         {
             self.destroy_key(&id)?;
         }

@@ -24,10 +24,11 @@ pub use schedule::renewal_time;
 pub use plan::{status, Status};
 
 use crate::clock::{Clock, Unix};
+use crate::error::Result;
 use crate::events::{Events, Severity};
 use crate::issuer::{Flow, Issuer};
 use crate::register::{Generation, IdentityRecord, Register, RegisterFile, Step};
-use anyhow::{anyhow, bail, Result};
+use crate::{bail, err};
 use firmware_config::schema::{CnSuffix, Config, IdentityConfig};
 use hsm_shim::{KeyRef, Token, TokenKey};
 use plan::{Action, Plan};
@@ -223,7 +224,7 @@ impl Engine {
             .iter()
             .find(|i| i.name == name)
             .cloned()
-            .ok_or_else(|| anyhow!("no identity '{name}' in the configuration"))
+            .ok_or_else(|| err!("no identity '{name}' in the configuration"))
     }
 
     fn rec(&mut self, name: &str) -> &mut IdentityRecord {
@@ -233,7 +234,7 @@ impl Engine {
     fn gen_mut(&mut self, name: &str, n: u32) -> Result<&mut Generation> {
         self.rec(name)
             .gen_mut(n)
-            .ok_or_else(|| anyhow!("'{name}' has no generation {n} in the register"))
+            .ok_or_else(|| err!("'{name}' has no generation {n} in the register"))
     }
 
     fn save(&mut self, name: &str) -> Result<()> {
@@ -303,19 +304,18 @@ impl Engine {
         ))
     }
 
-    fn destroy_key(&self, id_hex: &str) -> Result<()> {
-        let id = hsm_shim::keys::unhex(id_hex)
-            .ok_or_else(|| anyhow!("register holds a bad key id '{id_hex}'"))?;
-        match self.token.destroy(&id) {
+    fn destroy_key(&self, key: &crate::register::KeyRecord) -> Result<()> {
+        match self.token.destroy(&key.id) {
             Ok(_) | Err(hsm_shim::Error::KeyNotFound(_)) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
-    fn open_key(&self, id_hex: &str) -> Result<TokenKey> {
-        let id = hsm_shim::keys::unhex(id_hex)
-            .ok_or_else(|| anyhow!("register holds a bad key id '{id_hex}'"))?;
-        Ok(TokenKey::open(self.token.clone(), &KeyRef::Id(id))?)
+    fn open_key(&self, key: &crate::register::KeyRecord) -> Result<TokenKey> {
+        Ok(TokenKey::open(
+            self.token.clone(),
+            &KeyRef::Id(key.id.clone()),
+        )?)
     }
 
     /// The pending generation's key: found by its label (a crash after `C_GenerateKeyPair`
@@ -335,7 +335,7 @@ impl Engine {
     /// The pending generation and a signer for its key.
     fn pending_key(&self, rec: &IdentityRecord) -> Result<(Generation, TokenKey)> {
         let g = Self::pending(rec)?;
-        let key = self.open_key(g.need_key_id()?)?;
+        let key = self.open_key(g.need_key()?)?;
         Ok((g, key))
     }
 
@@ -344,7 +344,7 @@ impl Engine {
             .and_then(|n| rec.gen(n))
             .cloned()
             .ok_or_else(|| {
-                anyhow!(
+                err!(
                     "register inconsistent: step {} without a pending generation",
                     rec.step.as_str()
                 )
@@ -354,7 +354,7 @@ impl Engine {
     fn issuer(&mut self, name: &str) -> Result<&mut Box<dyn Issuer>> {
         self.issuers
             .get_mut(name)
-            .ok_or_else(|| anyhow!("issuer '{name}' is not available (see the log at start)"))
+            .ok_or_else(|| err!("issuer '{name}' is not available (see the log at start)"))
     }
 
     fn identities_dir(&self) -> PathBuf {
@@ -473,15 +473,15 @@ impl Engine {
             .reg
             .identities
             .get(name)
-            .ok_or_else(|| anyhow!("'{name}' has no credential"))?;
+            .ok_or_else(|| err!("'{name}' has no credential"))?;
         let g = rec
             .current_gen()
-            .ok_or_else(|| anyhow!("'{name}' has no current credential"))?;
+            .ok_or_else(|| err!("'{name}' has no current credential"))?;
         let kid = match g.jws_kid() {
             Some(kid) => kid.to_owned(),
             None => g.need_kid()?.to_owned(),
         };
-        Ok((self.open_key(g.need_key_id()?)?, kid))
+        Ok((self.open_key(g.need_key()?)?, kid))
     }
 
     /// Take steps for `name` until it must wait; returns the wait.
@@ -510,7 +510,7 @@ impl Engine {
                 Err(e) => {
                     let now = self.now();
                     tracing::error!(identity = %name, "{e:#}");
-                    let persistence = crate::error::persistence_of(&e);
+                    let persistence = e.persistence();
                     let retry = self.fail_as(&name, format!("{e:#}"), persistence).ok();
                     next = next.min(match retry {
                         Some(Progress::Wait { until, .. }) => until,

@@ -57,7 +57,7 @@ pub fn flow_of(cfg: &Config, ic: &IdentityConfig) -> Flow {
 pub fn clock_floor(reg: &Register) -> Unix {
     reg.identities
         .values()
-        .flat_map(|r| r.generations.iter().filter_map(|g| g.not_before))
+        .flat_map(|r| r.generations.iter().filter_map(|g| g.not_before()))
         .fold(crate::clock::build_time(), Unix::max)
 }
 
@@ -200,7 +200,7 @@ fn describe(a: Action, ic: &IdentityConfig, flow: Flow, rec: &IdentityRecord) ->
 }
 
 /// One line of `status`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// Identity name.
     pub name: String,
@@ -245,8 +245,17 @@ pub fn days_left(not_after: Unix, now: Unix) -> i64 {
     (not_after as i64 - now as i64).div_euclid(86_400)
 }
 
-/// Status rows are published when the engine acts, and an idle daemon acts weeks apart:
-/// whoever shows a published row recomputes its `days_left` from `not_after` at `now`.
+impl Status {
+    /// Status rows are published when the engine acts, and an idle daemon acts weeks apart:
+    /// whoever shows a published row recomputes its `days_left` from `not_after` at `now`.
+    pub fn refresh_days_left(&mut self, now: Unix) {
+        if let Some(Ok(na)) = self.not_after.as_deref().map(crate::clock::parse_date) {
+            self.days_left = Some(days_left(na, now));
+        }
+    }
+}
+
+/// [`Status::refresh_days_left`] for rows as JSON (a device's status read by the operator).
 pub fn refresh_days_left(rows: &mut serde_json::Value, now: Unix) {
     for row in rows.as_array_mut().into_iter().flatten() {
         let na = row["not_after"].as_str().map(crate::clock::parse_date);
@@ -264,6 +273,7 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
             let rec = reg.identities.get(&ic.name).cloned().unwrap_or_default();
             let flow = flow_of(cfg, ic);
             let cur = rec.current_gen();
+            let cert = cur.and_then(|g| g.cert());
             let (next_action, next_at) = match plan(ic, flow, &rec, now, clock_floor(reg)) {
                 Plan::Act(a) => (describe(a, ic, flow, &rec), Some(now)),
                 Plan::Wait { until, what } => (what, (until != u64::MAX).then_some(until)),
@@ -272,14 +282,14 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
                 name: ic.name.clone(),
                 state: rec.step.as_str().into(),
                 generation: rec.current,
-                key_uri: cur.and_then(|g| g.key_uri.clone()),
-                serial: cur.and_then(|g| g.serial.clone()),
-                fingerprint: cur.and_then(|g| g.fingerprint.clone()),
-                kid: cur.and_then(|g| g.kid.clone()),
-                not_after: cur.and_then(|g| g.not_after).map(rfc3339),
-                days_left: cur.and_then(|g| g.not_after).map(|na| days_left(na, now)),
-                subject_issued: cur.and_then(|g| g.subject_issued.clone()),
-                name_differences: cur.map(|g| g.name_differences.clone()).unwrap_or_default(),
+                key_uri: cur.and_then(|g| Some(g.key()?.uri.clone())),
+                serial: cert.map(|c| c.serial.clone()),
+                fingerprint: cert.map(|c| c.fingerprint.clone()),
+                kid: cur.and_then(|g| g.kid()).map(str::to_owned),
+                not_after: cur.and_then(|g| g.not_after()).map(rfc3339),
+                days_left: cur.and_then(|g| g.not_after()).map(|na| days_left(na, now)),
+                subject_issued: cert.and_then(|c| c.subject_issued.clone()),
+                name_differences: cert.map(|c| c.name_differences.clone()).unwrap_or_default(),
                 pending_generation: rec.pending,
                 next_action,
                 next_at: next_at.map(rfc3339),
@@ -291,7 +301,8 @@ pub fn status(cfg: &Config, reg: &Register, now: Unix) -> Vec<Status> {
                     .map(|g| g.number)
                     .collect(),
                 warnings: cur
-                    .and_then(|g| Some(g.not_after?.saturating_sub(g.not_before?)))
+                    .and_then(|g| g.validity())
+                    .map(|(nb, na)| na.saturating_sub(nb))
                     .and_then(|life| super::schedule::window_warning(ic, life))
                     .into_iter()
                     .collect(),

@@ -3,9 +3,10 @@
 
 use super::{Engine, Progress};
 use crate::clock::{rfc3339, Unix};
+use crate::error::Result;
 use crate::events::Severity;
-use crate::register::{GenStatus, Generation, IdentityRecord, Step};
-use anyhow::{anyhow, bail, Result};
+use crate::register::{GenStatus, Generation, IdentityRecord, KeyRecord, Step};
+use crate::{bail, err};
 
 /// The identity and generation a key label names, when it is exactly
 /// `edge-signer:<identity>:g<N>` (parsed, never prefix-matched).
@@ -76,9 +77,9 @@ impl Engine {
                 _ => None,
             }) {
                 let id = hsm_shim::keys::hex(&k.id);
-                let wanted = live.iter().any(|g| {
-                    g.key_id.as_deref() == Some(id.as_str())
-                        || (g.key_id.is_none() && g.key_label == k.label)
+                let wanted = live.iter().any(|g| match g.key() {
+                    Some(key) => key.id == k.id,
+                    None => g.key_label == k.label,
                 });
                 // Every generation is planned in the register before its key exists, so a
                 // key of a generation the register never heard of is not an aborted rotation:
@@ -102,10 +103,10 @@ impl Engine {
                 }
             }
             for g in live {
-                let Some(id) = &g.key_id else { continue };
-                if !keys.iter().any(|k| &hsm_shim::keys::hex(&k.id) == id) {
+                let Some(key) = g.key() else { continue };
+                if !keys.iter().any(|k| k.id == key.id) {
                     notes.push(self.key_lost(&ident, g, KeyLoss::Missing, now)?);
-                } else if !self.key_matches_cert(g, id) {
+                } else if !self.key_matches_cert(g, key) {
                     notes.push(self.key_lost(&ident, g, KeyLoss::Mismatch, now)?);
                 }
             }
@@ -117,15 +118,14 @@ impl Engine {
     /// for (true before validation, where a wrong certificate is the CA's fault and is refused
     /// by the `issued` step, and when the key cannot be read: a missing key is reported on
     /// its own).
-    fn key_matches_cert(&self, g: &Generation, id: &str) -> bool {
-        if g.fingerprint.is_none() {
-            return true;
-        }
-        let Some(cert) = crate::validate::leaf_spki(g.cert_pem.as_deref().unwrap_or_default())
-        else {
+    fn key_matches_cert(&self, g: &Generation, key: &KeyRecord) -> bool {
+        let Some(cert) = g.cert() else {
             return true;
         };
-        self.open_key(id).map_or(true, |k| k.info().spki == cert)
+        let Some(spki) = crate::validate::leaf_spki(&cert.chain_pem) else {
+            return true;
+        };
+        self.open_key(key).map_or(true, |k| k.info().spki == spki)
     }
 
     /// Generation `g` of `ident` cannot use its key: the token does not hold it, or holds
@@ -138,7 +138,7 @@ impl Engine {
         loss: KeyLoss,
         now: Unix,
     ) -> Result<String> {
-        let id = g.key_id.as_deref().unwrap_or("-");
+        let id = g.key_id_hex().unwrap_or_else(|| "-".into());
         let (kind, what, why) = loss.words();
         let msg = format!(
             "generation {} of '{ident}' expects key {id} ({}) but {what}; a new key will be enrolled",
@@ -216,9 +216,9 @@ impl Engine {
             .rec(name)
             .gen(n)
             .cloned()
-            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
-        if let Some(id) = &g.key_id {
-            self.destroy_key(id)?;
+            .ok_or_else(|| err!("'{name}' has no generation {n}"))?;
+        if let Some(key) = g.key() {
+            self.destroy_key(key)?;
         }
         let now = self.now();
         let r = self.rec(name);
@@ -247,7 +247,7 @@ impl Engine {
         let rec = self.rec(name).clone();
         let g = rec
             .gen(n)
-            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+            .ok_or_else(|| err!("'{name}' has no generation {n}"))?;
         if rec.current == Some(n) {
             bail!(
                 "generation {n} is the current identity of '{name}'; rotate first, or use revoke"
@@ -284,7 +284,7 @@ impl Engine {
     pub fn revoke(&mut self, name: &str, n: u32) -> Result<()> {
         let rec = self.rec(name).clone();
         rec.gen(n)
-            .ok_or_else(|| anyhow!("'{name}' has no generation {n}"))?;
+            .ok_or_else(|| err!("'{name}' has no generation {n}"))?;
         if rec.pending == Some(n) {
             bail!("generation {n} of '{name}' is being enrolled");
         }

@@ -38,23 +38,21 @@ pub const EARLIEST_FRACTION: u64 = 3;
 /// for a `before` window.
 pub fn renewal_time(cfg: &IdentityConfig, rec: &IdentityRecord) -> Option<Unix> {
     let g = rec.current_gen()?;
-    let (nb, na) = (g.not_before?, g.not_after?);
+    let (nb, na) = g.validity()?;
+    Some(renewal_point(cfg, &g.key()?.id_hex(), g.number, nb, na))
+}
+
+/// [`renewal_time`] of generation `number` whose key has `key_id` (hex), valid `nb..na`.
+fn renewal_point(cfg: &IdentityConfig, key_id: &str, number: u32, nb: Unix, na: Unix) -> Unix {
     let life = na.saturating_sub(nb);
     let (point, earliest) = match cfg.renewal.renew_at() {
         RenewAt::Before(d) => (na.saturating_sub(d.secs()), nb + life / EARLIEST_FRACTION),
         RenewAt::Fraction(p) => (nb + life * p.0 as u64 / 100, nb),
     };
     let point = point.max(earliest);
-    Some(
-        point
-            .saturating_sub(jitter(
-                g.key_id.as_deref().unwrap_or_default(),
-                &cfg.name,
-                g.number,
-                cfg.renewal.jitter.secs(),
-            ))
-            .max(earliest),
-    )
+    point
+        .saturating_sub(jitter(key_id, &cfg.name, number, cfg.renewal.jitter.secs()))
+        .max(earliest)
 }
 
 /// A warning when the `before` window is not shorter than the certificates the issuer hands
@@ -81,25 +79,7 @@ pub fn fleet_renewal_times(
     nb: Unix,
     na: Unix,
 ) -> Vec<Unix> {
-    ids.filter_map(|id| {
-        let mut rec = IdentityRecord::default();
-        let mut g = crate::register::Generation::planned(
-            1,
-            super::key_label(&cfg.name, 1),
-            format!("CN={}", cfg.name),
-            vec![],
-            cfg.issuer.clone(),
-            nb,
-        );
-        g.status = crate::register::GenStatus::Current;
-        g.key_id = Some(id);
-        g.not_before = Some(nb);
-        g.not_after = Some(na);
-        rec.generations.push(g);
-        rec.current = Some(1);
-        renewal_time(cfg, &rec)
-    })
-    .collect()
+    ids.map(|id| renewal_point(cfg, &id, 1, nb, na)).collect()
 }
 
 /// Peak bucket over the average bucket of `times` spread over `window` seconds before

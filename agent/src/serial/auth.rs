@@ -139,8 +139,8 @@ pub fn issue(
     allow: &[String],
     now: u64,
     lifetime: u64,
-) -> anyhow::Result<String> {
-    anyhow::ensure!(
+) -> crate::error::Result<String> {
+    crate::ensure!(
         (1..=MAX_LIFETIME).contains(&lifetime),
         "a token lives 1 s to 1 h"
     );

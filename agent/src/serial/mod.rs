@@ -11,6 +11,7 @@ pub mod session;
 use crate::clock::{rfc3339, Clock, Unix};
 use crate::control::{EngineCommand, EngineRequest, Reply};
 use crate::identities::Identities;
+use crate::lifecycle::plan::Status;
 use firmware_config::FleetKey;
 use hsm_shim::Token;
 use protocol::Answer;
@@ -98,30 +99,21 @@ impl Shared {
             .unwrap_or_default()
     }
 
-    fn rows(&self) -> Vec<serde_json::Value> {
-        self.identities
-            .status()
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+    fn row(&self, name: &str) -> Option<Status> {
+        self.identities.status_of(name)
     }
 
-    fn row(&self, name: &str) -> serde_json::Value {
-        self.rows()
-            .into_iter()
-            .find(|r| r["name"] == name)
-            .unwrap_or_default()
-    }
-
-    fn generation(&self, name: &str) -> Option<u64> {
-        self.row(name)["generation"].as_u64()
+    fn generation(&self, name: &str) -> Option<u32> {
+        self.row(name).and_then(|r| r.generation)
     }
 
     fn status_answer(&self, only: Option<&str>) -> Answer {
-        let rows: Vec<_> = self
-            .rows()
+        let rows: Vec<serde_json::Value> = self
+            .identities
+            .status()
             .into_iter()
-            .filter(|r| only.is_none_or(|n| r["name"] == n))
+            .filter(|r| only.is_none_or(|n| r.name == n))
+            .filter_map(|r| serde_json::to_value(r).ok())
             .collect();
         if let (Some(n), true) = (only, rows.is_empty()) {
             return Answer::error(404, format!("no identity '{n}'"));

@@ -432,12 +432,10 @@ impl<'a> Session<'a> {
         let start = Instant::now();
         let mut last = String::new();
         while start.elapsed() < Duration::from_secs(300) {
-            let row = sh.row(name);
-            let now = (
-                row["state"].as_str().unwrap_or(""),
-                row["generation"].as_u64(),
-                row["pending_generation"].as_u64(),
-            );
+            let Some(row) = sh.row(name) else {
+                return Answer::error(404, format!("no identity '{name}'"));
+            };
+            let now = (row.state.as_str(), row.generation, row.pending_generation);
             let line = format!("[{}] generation {}", now.0, now.2.or(now.1).unwrap_or(0));
             if line != last {
                 let mut p = Answer::default();
@@ -460,7 +458,7 @@ impl<'a> Session<'a> {
                     .field("generation", now.1.unwrap_or(0));
                 return done;
             }
-            if let Some(e) = row["last_error"].as_str() {
+            if let Some(e) = &row.last_error {
                 if now.2.is_none() {
                     return Answer::error(500, format!("rotation failed: {e}"));
                 }

@@ -300,10 +300,16 @@ async fn chain(
 ) -> ApiResult<Response> {
     st.check(&c, Operation::Chain, Some(&name))?;
     let s = st.served(&name)?;
+    let Some(chain) = s.chain_pem.clone() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("identity '{name}' is a JWK credential: it has no certificate chain"),
+        ));
+    };
     count(&c, Operation::Chain, "ok");
     Ok((
         [("content-type", "application/pem-certificate-chain")],
-        s.chain_pem.clone(),
+        chain,
     )
         .into_response())
 }
@@ -530,7 +536,7 @@ async fn apply(
 async fn status(
     State(st): State<Arc<ApiState>>,
     Extension(c): Extension<Caller>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<Vec<crate::lifecycle::plan::Status>>> {
     st.check(&c, Operation::Status, None)?;
     count(&c, Operation::Status, "ok");
     Ok(Json(st.identities.status()))

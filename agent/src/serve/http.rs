@@ -4,7 +4,7 @@
 
 use super::api::{router, ApiState, Caller};
 use super::gate::Full;
-use anyhow::{Context, Result};
+use crate::error::{Context, Result};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::os::unix::fs::PermissionsExt;
@@ -31,7 +31,7 @@ pub(super) fn bind_unix(path: &std::path::Path) -> Result<UnixListener> {
         .permissions()
         .mode();
     if mode & 0o002 != 0 && mode & 0o1000 == 0 {
-        anyhow::bail!(
+        crate::bail!(
             "{} is writable by every user and not sticky (mode {:o}): another user could replace the socket; put it in a directory only the agent writes (e.g. /run/edge-signer)",
             dir.display(),
             mode & 0o7777
@@ -40,7 +40,7 @@ pub(super) fn bind_unix(path: &std::path::Path) -> Result<UnixListener> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
             .with_context(|| format!("cannot replace the stale socket {}", path.display()))?,
-        Ok(_) => anyhow::bail!(
+        Ok(_) => crate::bail!(
             "{} exists and is not a socket (a file, directory or symlink): refusing to replace it; remove it if it is not needed",
             path.display()
         ),
@@ -51,7 +51,7 @@ pub(super) fn bind_unix(path: &std::path::Path) -> Result<UnixListener> {
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     // chmod follows links: insist the name is still our socket.
     if !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        anyhow::bail!("{} was replaced right after the bind", path.display());
+        crate::bail!("{} was replaced right after the bind", path.display());
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(l)

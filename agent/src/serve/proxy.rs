@@ -6,8 +6,8 @@
 
 use super::metrics;
 use super::preconnect::{Spare, Upstream};
+use crate::error::{Context, Result};
 use crate::identities::{Resolver, ServingIdentity};
-use anyhow::{Context, Result};
 use firmware_config::schema::{Listen, ProxyConfig};
 use rustls::pki_types::ServerName;
 use std::pin::Pin;
@@ -105,7 +105,7 @@ pub fn prepare(
             .with_context(|| format!("server_ca {}", cfg.server_ca.display()))?,
     );
     let first = connector(&roots, &slot)?;
-    cfg.listen_addr().map_err(anyhow::Error::msg)?;
+    cfg.listen_addr().map_err(crate::error::Error::msg)?;
     Ok(Arc::new(Route {
         server_name: server_name(&cfg)?,
         target: super::target::Target::new(&cfg.target),
@@ -123,7 +123,7 @@ pub fn prepare(
 
 /// Bind the proxy's listener and start its accept loop.
 pub fn listen(route: Arc<Route>) -> Result<JoinHandle<()>> {
-    let listen = route.cfg.listen_addr().map_err(anyhow::Error::msg)?;
+    let listen = route.cfg.listen_addr().map_err(crate::error::Error::msg)?;
     let limit = Arc::new(Semaphore::new(route.cfg.max_connections));
     tracing::info!(proxy = %route.cfg.name, listen = %route.cfg.listen, target = %route.cfg.target, identity = %route.cfg.identity, "proxy listening");
     let task = match listen {

@@ -384,7 +384,7 @@ pub(super) fn tpm_part(_: &Bench) {
     wait_for("the API on the TPM env", 30, || {
         UnixStream::connect(&sock).is_ok()
     });
-    let key_id = env.generation("gw", 1).key_id.unwrap();
+    let key_id = env.generation("gw", 1).key_id_hex().unwrap();
     let id = hsm_shim::keys::unhex(&key_id).unwrap();
     for (k, v) in env.envs() {
         // Safe: tpm2-pkcs11 reads these when it is loaded, below, after this.
