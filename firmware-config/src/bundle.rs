@@ -284,57 +284,23 @@ pub struct Bundle {
 impl Bundle {
     /// Parse the file format. Never panics on any input.
     pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
-        let mut rest = bytes;
-        let mut line = || -> Result<&str, BundleError> {
-            let end = rest
-                .iter()
-                .position(|b| *b == b'\n')
-                .ok_or(BundleError::Truncated {
-                    expected: 0,
-                    got: 0,
-                })?;
-            let l = std::str::from_utf8(&rest[..end])
-                .map_err(|_| BundleError::Header("not UTF-8".into()))?;
-            rest = &rest[end + 1..];
-            Ok(l)
-        };
-        let (kind, bound) = match line().map_err(|_| BundleError::NotABundle)? {
+        let mut r = HeaderReader { rest: bytes };
+        let (kind, bound) = match r.line().map_err(|_| BundleError::NotABundle)? {
             MAGIC => (BundleKind::Config, false),
             TRUST_MAGIC => (BundleKind::Trust, false),
             MAGIC_V2 => (BundleKind::Config, true),
             TRUST_MAGIC_V2 => (BundleKind::Trust, true),
             _ => return Err(BundleError::NotABundle),
         };
-        let header = |l: &str, key: &str| -> Result<String, BundleError> {
-            l.strip_prefix(key)
-                .and_then(|v| v.strip_prefix(' '))
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    BundleError::Header(format!(
-                        "expected '{key} ...', found '{}'",
-                        l.chars().take(60).collect::<String>()
-                    ))
-                })
-        };
-        let version: u64 = header(line()?, "version")?
+        let version: u64 = r
+            .header("version")?
             .parse()
             .map_err(|_| BundleError::Header("version is not a whole number".into()))?;
-        let audience = if bound {
-            let names = header(line()?, "audience")?
-                .split(' ')
-                .map(str::parse)
-                .collect::<Result<Vec<Audience>, String>>()
-                .map_err(BundleError::Header)?;
-            if names.is_empty() || names.len() > 256 {
-                return Err(BundleError::Header(
-                    "audience must name 1 to 256 devices or groups".into(),
-                ));
-            }
-            names
-        } else {
-            Vec::new()
+        let audience = match bound {
+            true => parse_audience(&r.header("audience")?)?,
+            false => Vec::new(),
         };
-        let sig_line = header(line()?, "signature")?;
+        let sig_line = r.header("signature")?;
         let parts: Vec<&str> = sig_line.split(' ').collect();
         let [alg, key_id, sig_b64] = parts[..] else {
             return Err(BundleError::Header(
@@ -344,28 +310,7 @@ impl Bundle {
         let signature = B64
             .decode(sig_b64)
             .map_err(|_| BundleError::Header("signature is not base64".into()))?;
-        let expected: usize = header(line()?, "payload-length")?
-            .parse()
-            .map_err(|_| BundleError::Header("payload-length is not a whole number".into()))?;
-        if expected > MAX_PAYLOAD {
-            return Err(BundleError::Header(format!(
-                "payload of {expected} bytes is larger than {MAX_PAYLOAD}"
-            )));
-        }
-        if !line()?.is_empty() {
-            return Err(BundleError::Header(
-                "expected an empty line before the payload".into(),
-            ));
-        }
-        if rest.len() < expected {
-            return Err(BundleError::Truncated {
-                expected,
-                got: rest.len(),
-            });
-        }
-        if rest.len() > expected {
-            return Err(BundleError::TrailingBytes(rest.len() - expected));
-        }
+        let payload = r.payload()?;
         Ok(Bundle {
             kind,
             version,
@@ -373,7 +318,7 @@ impl Bundle {
             alg: alg.to_owned(),
             key_id: key_id.to_owned(),
             signature,
-            payload: rest.to_vec(),
+            payload,
         })
     }
 
@@ -418,6 +363,86 @@ impl Bundle {
         std::str::from_utf8(&self.payload)
             .map_err(|_| BundleError::Header("payload is not UTF-8".into()))
     }
+}
+
+/// The header lines of a bundle, read one at a time, then its payload.
+struct HeaderReader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> HeaderReader<'a> {
+    fn line(&mut self) -> Result<&'a str, BundleError> {
+        let end = self
+            .rest
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or(BundleError::Truncated {
+                expected: 0,
+                got: 0,
+            })?;
+        let l = std::str::from_utf8(&self.rest[..end])
+            .map_err(|_| BundleError::Header("not UTF-8".into()))?;
+        self.rest = &self.rest[end + 1..];
+        Ok(l)
+    }
+
+    /// The value of the next line, which must be `key value`.
+    fn header(&mut self, key: &str) -> Result<String, BundleError> {
+        let l = self.line()?;
+        l.strip_prefix(key)
+            .and_then(|v| v.strip_prefix(' '))
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                BundleError::Header(format!(
+                    "expected '{key} ...', found '{}'",
+                    l.chars().take(60).collect::<String>()
+                ))
+            })
+    }
+
+    /// `payload-length N`, an empty line, and exactly N bytes.
+    fn payload(&mut self) -> Result<Vec<u8>, BundleError> {
+        let expected: usize = self
+            .header("payload-length")?
+            .parse()
+            .map_err(|_| BundleError::Header("payload-length is not a whole number".into()))?;
+        if expected > MAX_PAYLOAD {
+            return Err(BundleError::Header(format!(
+                "payload of {expected} bytes is larger than {MAX_PAYLOAD}"
+            )));
+        }
+        if !self.line()?.is_empty() {
+            return Err(BundleError::Header(
+                "expected an empty line before the payload".into(),
+            ));
+        }
+        let rest = self.rest;
+        if rest.len() < expected {
+            return Err(BundleError::Truncated {
+                expected,
+                got: rest.len(),
+            });
+        }
+        if rest.len() > expected {
+            return Err(BundleError::TrailingBytes(rest.len() - expected));
+        }
+        Ok(rest.to_vec())
+    }
+}
+
+/// The `audience` line's names: 1 to 256 devices or groups.
+fn parse_audience(line: &str) -> Result<Vec<Audience>, BundleError> {
+    let names = line
+        .split(' ')
+        .map(str::parse)
+        .collect::<Result<Vec<Audience>, String>>()
+        .map_err(BundleError::Header)?;
+    if names.is_empty() || names.len() > 256 {
+        return Err(BundleError::Header(
+            "audience must name 1 to 256 devices or groups".into(),
+        ));
+    }
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -432,55 +432,12 @@ impl Sources {
         let changes = diff(old.as_ref().map(|l| &l.effective), &new);
         let previous = old.as_ref().map(|l| l.fleet_version).unwrap_or(0);
 
-        let io = |step| move |source| ApplyError::Io { step, source };
-        let step = |s: ApplyStep,
-                    hook: &mut dyn FnMut(ApplyStep) -> std::io::Result<()>,
-                    f: &dyn Fn() -> std::io::Result<()>| {
-            hook(s).and_then(|_| f()).map_err(io(s))
-        };
-        fs::create_dir_all(&store.dir).map_err(io(ApplyStep::WriteLastKnownGoodTemp))?;
-        let current = store.dir.join(CURRENT);
-        let last_good = store.dir.join(LAST_GOOD);
-        let (last_good_tmp, current_tmp) = (tmp_path(&last_good), tmp_path(&current));
-        // Only a current bundle that still verifies may become last-known-good: a damaged
-        // or tampered file must never replace the good copy kept for revert.
-        let verified_current = store
-            .verified(CURRENT, &trust)
-            .ok()
-            .and_then(|_| store.read(CURRENT));
-        if let Some(prev) = verified_current {
-            let prev_meta = store.applied_under(CURRENT);
-            step(ApplyStep::WriteLastKnownGoodTemp, hook, &|| {
-                write_synced(&last_good_tmp, &prev)
-            })?;
-            step(ApplyStep::RenameLastKnownGood, hook, &|| {
-                rename_synced(&last_good_tmp, &last_good)?;
-                match &prev_meta {
-                    Some(m) => {
-                        atomic_write(&store.meta_path(LAST_GOOD), &FleetStore::meta_bytes(m))
-                    }
-                    None => Ok(()),
-                }
-            })?;
-        }
-        step(ApplyStep::WriteCurrentTemp, hook, &|| {
-            write_synced(&current_tmp, bytes)
-        })?;
-        step(ApplyStep::RenameCurrent, hook, &|| {
-            rename_synced(&current_tmp, &current)
-        })?;
         let under = AppliedUnder {
             version: bundle.version,
-            key_id: key_name.clone(),
+            key_id: key_name,
             trust_version: trust.version,
         };
-        step(ApplyStep::RecordVersion, hook, &|| {
-            atomic_write(&store.meta_path(CURRENT), &FleetStore::meta_bytes(&under))?;
-            atomic_write(
-                &store.highest_path(),
-                FleetStore::record(bundle.version, &trust).as_bytes(),
-            )
-        })?;
+        install(&store, &trust, bytes, &under, hook)?;
         Ok(ApplyReport {
             version: bundle.version,
             previous,
@@ -489,6 +446,59 @@ impl Sources {
             already_in_effect: false,
         })
     }
+}
+
+/// The disk steps of an apply, each after `hook`: the current bundle (if it still verifies)
+/// becomes last-known-good, then `bytes` becomes current, then the version is recorded.
+fn install(
+    store: &FleetStore,
+    trust: &crate::trust::TrustSet,
+    bytes: &[u8],
+    under: &AppliedUnder,
+    hook: &mut dyn FnMut(ApplyStep) -> std::io::Result<()>,
+) -> Result<(), ApplyError> {
+    let io = |step| move |source| ApplyError::Io { step, source };
+    let step =
+        |s: ApplyStep,
+         hook: &mut dyn FnMut(ApplyStep) -> std::io::Result<()>,
+         f: &dyn Fn() -> std::io::Result<()>| { hook(s).and_then(|_| f()).map_err(io(s)) };
+    fs::create_dir_all(&store.dir).map_err(io(ApplyStep::WriteLastKnownGoodTemp))?;
+    let current = store.dir.join(CURRENT);
+    let last_good = store.dir.join(LAST_GOOD);
+    let (last_good_tmp, current_tmp) = (tmp_path(&last_good), tmp_path(&current));
+    // Only a current bundle that still verifies may become last-known-good: a damaged
+    // or tampered file must never replace the good copy kept for revert.
+    let verified_current = store
+        .verified(CURRENT, trust)
+        .ok()
+        .and_then(|_| store.read(CURRENT));
+    if let Some(prev) = verified_current {
+        let prev_meta = store.applied_under(CURRENT);
+        step(ApplyStep::WriteLastKnownGoodTemp, hook, &|| {
+            write_synced(&last_good_tmp, &prev)
+        })?;
+        step(ApplyStep::RenameLastKnownGood, hook, &|| {
+            rename_synced(&last_good_tmp, &last_good)?;
+            match &prev_meta {
+                Some(m) => atomic_write(&store.meta_path(LAST_GOOD), &FleetStore::meta_bytes(m)),
+                None => Ok(()),
+            }
+        })?;
+    }
+    step(ApplyStep::WriteCurrentTemp, hook, &|| {
+        write_synced(&current_tmp, bytes)
+    })?;
+    step(ApplyStep::RenameCurrent, hook, &|| {
+        rename_synced(&current_tmp, &current)
+    })?;
+    step(ApplyStep::RecordVersion, hook, &|| {
+        atomic_write(&store.meta_path(CURRENT), &FleetStore::meta_bytes(under))?;
+        atomic_write(
+            &store.highest_path(),
+            FleetStore::record(under.version, trust).as_bytes(),
+        )
+    })?;
+    Ok(())
 }
 
 fn fleet_layer(b: &Bundle) -> Result<Layer, ConfigError> {
