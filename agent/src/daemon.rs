@@ -57,6 +57,18 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
     for (at, why) in firmware_config::validate::files(&cfg) {
         tracing::warn!("{at}: {why}");
     }
+    // The issuers' connections offer the configured key exchange groups; a refused reload
+    // leaves the running ones.
+    let kx_before = crate::tlsconf::default_kx();
+    crate::tlsconf::set_default_kx(&cfg.tls.kx);
+    let built = build_engine(cfg, o, clock);
+    if built.is_err() {
+        crate::tlsconf::set_default_kx(&kx_before);
+    }
+    built
+}
+
+fn build_engine(cfg: Config, o: &TokenOverride, clock: Arc<dyn Clock>) -> Result<Engine> {
     let token = open_token(&cfg, o)?;
     let mut issuers = BTreeMap::new();
     for i in &cfg.issuers {

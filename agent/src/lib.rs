@@ -13,6 +13,7 @@ pub mod generation;
 pub mod http;
 pub mod identities;
 pub mod issuer;
+pub mod kx;
 pub mod lifecycle;
 pub mod local_api;
 pub mod logging;

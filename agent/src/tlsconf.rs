@@ -1,5 +1,6 @@
 //! rustls configurations around a token-held identity, and reading PEM files.
 
+use firmware_config::schema::KxGroup;
 use hsm_shim::rustls;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
@@ -60,8 +61,45 @@ impl TlsVersions {
 /// no strength; and gateway CPUs (Cortex-A53/A7) hash SHA-256 in hardware or far faster than
 /// SHA-384, which TLS 1.3 uses for every handshake secret and transcript hash of that suite.
 ///
-/// Key exchange: ring's groups in ring's order (x25519, P-256, P-384).
+/// Key exchange: `[tls] kx` (set by [`set_default_kx`] when the configuration loads), by
+/// default X25519MLKEM768 first, then X25519 and P-256 (see kx.rs).
 pub fn provider() -> Arc<CryptoProvider> {
+    provider_with(&default_kx())
+}
+
+/// The groups the agent's own connections offer now.
+pub fn default_kx() -> Vec<KxGroup> {
+    DEFAULT_KX
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(firmware_config::tls::default_kx)
+}
+
+/// Set the groups the agent's own connections offer (`[tls] kx`).
+pub fn set_default_kx(kx: &[KxGroup]) {
+    *DEFAULT_KX.write().unwrap_or_else(|p| p.into_inner()) = Some(kx.to_vec());
+}
+
+static DEFAULT_KX: std::sync::RwLock<Option<Vec<KxGroup>>> = std::sync::RwLock::new(None);
+
+/// The provider offering `kx`, in that order (one per list, made once).
+pub fn provider_with(kx: &[KxGroup]) -> Arc<CryptoProvider> {
+    static MADE: std::sync::Mutex<Vec<(Vec<KxGroup>, Arc<CryptoProvider>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = made.iter().find(|(k, _)| k == kx) {
+        return p.clone();
+    }
+    let p = Arc::new(CryptoProvider {
+        kx_groups: kx.iter().map(|g| crate::kx::group(*g)).collect(),
+        ..(*base_provider()).clone()
+    });
+    made.push((kx.to_vec(), p.clone()));
+    p
+}
+
+fn base_provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::cipher_suite as cs;
     static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
     PROVIDER

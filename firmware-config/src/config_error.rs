@@ -64,6 +64,14 @@ pub fn origin_of(
     if let Some(src) = origins.get(path) {
         return src.clone();
     }
+    // An element of a list set as a whole (`tls.kx[0]` of `tls.kx`).
+    let mut parent = path;
+    while let Some(i) = parent.rfind(['.', '[']) {
+        parent = &parent[..i];
+        if let Some(src) = origins.get(parent) {
+            return src.clone();
+        }
+    }
     let under: Vec<&String> = origins
         .iter()
         .filter(|(k, _)| {

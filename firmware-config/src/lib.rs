@@ -18,6 +18,7 @@ pub mod schema;
 pub mod serving;
 pub mod signer;
 pub mod store;
+pub mod tls;
 pub mod trust;
 pub mod units;
 pub mod validate;

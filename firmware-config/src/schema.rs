@@ -10,6 +10,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::PathBuf;
 
 pub use crate::serving::{ApiConfig, ApiRule, Listen, Operation, ProxyConfig};
+pub use crate::tls::{KxGroup, TlsConfig};
 
 fn parse<'de, D: Deserializer<'de>, T: std::str::FromStr>(d: D) -> Result<T, D::Error>
 where
@@ -65,6 +66,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Event hook.
     pub notify: NotifyConfig,
+    /// The agent's own TLS connections.
+    pub tls: TlsConfig,
 }
 
 /// `[token]`.

@@ -153,6 +153,8 @@ pub struct ProxyConfig {
     /// Keep one spare connection to the target, handshake done, for the next caller
     /// (made after each connection, dropped after 10 s unused).
     pub preconnect: bool,
+    /// Key exchange groups offered to the target, most preferred first (default: `[tls] kx`).
+    pub kx: Option<Vec<crate::tls::KxGroup>>,
 }
 
 impl Default for ProxyConfig {
@@ -171,6 +173,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration(30),
             max_connections: 64,
             preconnect: false,
+            kx: None,
         }
     }
 }

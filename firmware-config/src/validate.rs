@@ -326,6 +326,21 @@ pub(crate) fn serving(c: &Config, err: &mut dyn FnMut(String, String)) {
     let identities: Vec<&str> = c.identities.iter().map(|i| i.name.as_str()).collect();
     api(c, &identities, err);
     proxies(c, &identities, err);
+    kx_list("tls.kx".into(), &c.tls.kx, err);
+    for (i, p) in c.proxies.iter().enumerate() {
+        if let Some(kx) = &p.kx {
+            kx_list(format!("proxy[{i}].kx"), kx, err);
+        }
+    }
+}
+
+/// A `kx` list offers at least one group, each once.
+fn kx_list(at: String, kx: &[crate::tls::KxGroup], err: &mut dyn FnMut(String, String)) {
+    if kx.is_empty() {
+        err(at, "names no group: give at least one, for example [\"X25519MLKEM768\", \"X25519\", \"secp256r1\"] (the default) or [\"X25519\", \"secp256r1\"] for classic only".into());
+    } else if (1..kx.len()).any(|i| kx[..i].contains(&kx[i])) {
+        err(at, "names a group twice".into());
+    }
 }
 
 fn api(c: &Config, identities: &[&str], err: &mut dyn FnMut(String, String)) {

@@ -447,6 +447,7 @@ mod pkcs11_tool;
 pub use pkcs11_tool::{pkcs11_tool_on, replace_key};
 pub mod httpd;
 pub mod jwk;
+pub mod kx_relay;
 pub mod mqtt;
 pub mod portal;
 pub mod serial_port;

@@ -29,7 +29,7 @@ pub struct Metrics {
     pub token_errors: Family<Labels, Counter>,
     /// API requests by caller uid, operation and result.
     pub api_requests: Family<Labels, Counter>,
-    /// Proxy connections by proxy, generation presented and result.
+    /// Proxy connections by proxy, generation presented, result and key exchange group.
     pub proxy_connections: Family<Labels, Counter>,
     /// Proxy bytes by proxy and direction.
     pub proxy_bytes: Family<Labels, Counter>,
@@ -121,7 +121,7 @@ impl Metrics {
         );
         registry.register(
             "proxy_connections",
-            "Proxy connections by proxy, generation presented and result",
+            "Proxy connections by proxy, generation presented, result and key exchange group negotiated with the target (kx)",
             m.proxy_connections.clone(),
         );
         registry.register(

@@ -104,7 +104,7 @@ pub fn prepare(
         crate::tlsconf::load_roots(&cfg.server_ca)
             .with_context(|| format!("server_ca {}", cfg.server_ca.display()))?,
     );
-    let first = connector(&roots, &slot)?;
+    let first = connector(&cfg, &roots, &slot)?;
     cfg.listen_addr().map_err(crate::error::Error::msg)?;
     Ok(Arc::new(Route {
         server_name: server_name(&cfg)?,
@@ -137,7 +137,7 @@ pub fn listen(route: Arc<Route>) -> Result<JoinHandle<()>> {
                     let cred = s.peer_cred().ok().map(|c| (c.uid(), c.gid()));
                     if !route.caller_allowed(cred) {
                         tracing::warn!(proxy = %route.cfg.name, uid = %super::or_dash(cred.map(|c| c.0)), gid = %super::or_dash(cred.map(|c| c.1)), "proxy connection refused: caller not in allowed_uids/allowed_gids");
-                        route.count("refused-caller", "-");
+                        route.count("refused-caller", "-", "-");
                         continue;
                     }
                     let Some(permit) = route.permit(&limit).await else {
@@ -179,10 +179,15 @@ pub fn listen(route: Arc<Route>) -> Result<JoinHandle<()>> {
 }
 
 fn connector(
+    cfg: &ProxyConfig,
     roots: &Arc<rustls::RootCertStore>,
     slot: &Arc<ServingIdentity>,
 ) -> Result<TlsConnector> {
-    let client = rustls::ClientConfig::builder_with_provider(crate::tlsconf::provider())
+    let provider = match &cfg.kx {
+        Some(kx) => crate::tlsconf::provider_with(kx),
+        None => crate::tlsconf::provider(),
+    };
+    let client = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::ALL_VERSIONS)?
         .with_root_certificates(roots.clone())
         .with_client_cert_resolver(Arc::new(Resolver(slot.clone())));
@@ -194,7 +199,10 @@ impl Route {
     fn connector_for(&self, generation: u32) -> Option<TlsConnector> {
         let mut c = self.connector.lock().unwrap_or_else(|p| p.into_inner());
         if c.0 != generation {
-            *c = (generation, connector(&self.roots, &self.slot).ok()?);
+            *c = (
+                generation,
+                connector(&self.cfg, &self.roots, &self.slot).ok()?,
+            );
         }
         Some(c.1.clone())
     }
@@ -251,13 +259,16 @@ impl Route {
         }
     }
 
-    fn count(&self, result: &str, generation: &str) {
+    /// Count a connection: its result, the generation presented and the key exchange group
+    /// negotiated with the target (`-` when no handshake completed).
+    fn count(&self, result: &str, generation: &str, kx: &str) {
         metrics::get()
             .proxy_connections
             .get_or_create(&metrics::labels(&[
                 ("proxy", &self.cfg.name),
                 ("generation", generation),
                 ("result", result),
+                ("kx", kx),
             ]))
             .inc();
     }
@@ -270,7 +281,7 @@ impl Route {
         let name = &self.cfg.name;
         let Some(served) = self.slot.get() else {
             tracing::warn!(proxy = %name, identity = %self.cfg.identity, "proxy connection refused: the identity has no certificate yet");
-            self.count("no-identity", "-");
+            self.count("no-identity", "-", "-");
             return;
         };
         let generation = served.generation.to_string();
@@ -280,7 +291,7 @@ impl Route {
             None => match self.open_for(&local, &mut first, served.generation).await {
                 Ok(t) => (t, Vec::new()),
                 Err(result) => {
-                    self.count(result, &generation);
+                    self.count(result, &generation, "-");
                     return;
                 }
             },
@@ -290,7 +301,12 @@ impl Route {
             self.spare
                 .refill(g, async move { me.open(g, &[]).await.ok() });
         }
-        self.count("ok", &generation);
+        let kx = tls
+            .get_ref()
+            .1
+            .negotiated_key_exchange_group()
+            .map_or("-", |g| crate::kx::name(g.name()));
+        self.count("ok", &generation, kx);
         tracing::debug!(proxy = %name, generation = %generation, "proxy connection up");
         let now = crate::clock::SystemClock.now();
         let lapse = Duration::from_secs(served.not_after.saturating_sub(now));
