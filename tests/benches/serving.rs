@@ -179,6 +179,8 @@ struct Bench {
     pport: u16,
     /// Port of the same route with `preconnect = true`.
     preport: u16,
+    /// Port of the same route with `kx = ["X25519"]` (classic only).
+    x25519_port: u16,
     /// `gw`'s key: CKA_ID as hex and as bytes.
     key_id: String,
     id: Vec<u8>,
@@ -194,6 +196,7 @@ impl Bench {
         let tport = target(&env);
         let pport = free_port();
         let preport = free_port();
+        let x25519_port = free_port();
         let uid = my_uid();
         env.serving_config(
             "1d",
@@ -206,6 +209,8 @@ impl Bench {
                  identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\n\n\
                  [[proxy]]\nname = \"bench-pre\"\nlisten = \"127.0.0.1:{preport}\"\ntarget = \"127.0.0.1:{tport}\"\n\
                  identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\npreconnect = true\n\n\
+                 [[proxy]]\nname = \"bench-x25519\"\nlisten = \"127.0.0.1:{x25519_port}\"\ntarget = \"127.0.0.1:{tport}\"\n\
+                 identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nmax_connections = 256\nkx = [\"X25519\"]\n\n\
                  [[proxy]]\nname = \"bench-unix\"\nlisten = \"{{p}}/proxy.sock\"\ntarget = \"127.0.0.1:{tport}\"\n\
                  identity = \"gw\"\nserver_ca = \"{{p}}/ca.pem\"\nserver_name = \"127.0.0.1\"\n"
             ),
@@ -235,6 +240,7 @@ impl Bench {
             tport,
             pport,
             preport,
+            x25519_port,
             key_id,
             id,
             rsa_id,
@@ -255,13 +261,14 @@ fn main() {
         "edge-signer serving benchmark on SoftHSM, release daemon (each figure: mean of {ROUNDS} slices of {} ms, alternated with its baseline)",
         secs().as_millis()
     );
-    // BENCH_ONLY=api|tpm|proxy|bulk runs one part (to profile it); all by default.
+    // BENCH_ONLY=api|tpm|proxy|kx|bulk runs one part (to profile it); all by default.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     type Part = fn(&Bench);
-    let parts: [(&str, Part); 4] = [
+    let parts: [(&str, Part); 5] = [
         ("api", api::api_part),
         ("tpm", api::tpm_part),
         ("proxy", proxy::proxy_part),
+        ("kx", kx::kx_part),
         ("bulk", bulk::bulk_part),
     ];
     for (name, part) in parts {
@@ -276,5 +283,7 @@ fn main() {
 mod api;
 #[path = "serving/bulk.rs"]
 mod bulk;
+#[path = "serving/kx.rs"]
+mod kx;
 #[path = "serving/proxy.rs"]
 mod proxy;

@@ -27,7 +27,7 @@ fn paired_conns(a: (u16, u32), b: (u16, u32), clients: usize) -> [(f64, f64); 2]
 /// `clients` threads opening one after the other. Only answered connections count; one that
 /// fails (refused, reset, no answer) is retried, and the slice reports how many failed with
 /// the first error, so that one bad connection in ~100,000 does not end the whole run.
-fn conn_rate(port: u16, clients: usize) -> f64 {
+pub(super) fn conn_rate(port: u16, clients: usize) -> f64 {
     let failed = std::sync::atomic::AtomicU64::new(0);
     let first = std::sync::Mutex::new(None::<String>);
     let r = rate(clients, || {
