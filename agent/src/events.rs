@@ -146,6 +146,12 @@ fn run_hook(cmd: &PathBuf, e: &Event) -> std::io::Result<()> {
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(serde_json::to_string(e).unwrap_or_default().as_bytes())?;
     }
+    wait_bounded(&mut child, HOOK_TIMEOUT)
+}
+
+/// Wait for a hook `child` to end within `limit` (killed after it); an exit other than 0
+/// is an error.
+pub fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::io::Result<()> {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
@@ -154,12 +160,12 @@ fn run_hook(cmd: &PathBuf, e: &Event) -> std::io::Result<()> {
             }
             return Ok(());
         }
-        if start.elapsed() > HOOK_TIMEOUT {
+        if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
             return Err(std::io::Error::other(format!(
                 "still running after {}s: killed",
-                HOOK_TIMEOUT.as_secs()
+                limit.as_secs()
             )));
         }
         std::thread::sleep(Duration::from_millis(20));

@@ -132,10 +132,16 @@ fn subject_of(cert: &x509_cert::Certificate) -> Subject {
 }
 
 fn sans_of(cert: &x509_cert::Certificate) -> Vec<San> {
+    sans_in(cert.tbs_certificate.extensions.iter().flatten())
+}
+
+/// The DNS and IP names of the subjectAltName among `extensions` (of a certificate or of a
+/// CSR's extensionRequest).
+pub fn sans_in<'a>(extensions: impl Iterator<Item = &'a x509_cert::ext::Extension>) -> Vec<San> {
     use x509_cert::ext::pkix::name::GeneralName;
     use x509_cert::ext::pkix::SubjectAltName;
     let mut out = Vec::new();
-    for ext in cert.tbs_certificate.extensions.iter().flatten() {
+    for ext in extensions {
         if ext.extn_id.to_string() != "2.5.29.17" {
             continue;
         }

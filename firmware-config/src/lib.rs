@@ -12,6 +12,7 @@ pub mod bundle;
 mod config_error;
 pub mod fleet_channel;
 pub mod fleet_store;
+pub mod issuers;
 pub mod layers;
 mod names;
 pub mod schema;

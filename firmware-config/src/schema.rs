@@ -9,6 +9,9 @@ use hsm_shim::KeyType;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::PathBuf;
 
+pub use crate::issuers::{
+    AcmeEab, AcmeIssuer, Challenge, EstBootstrap, EstIssuer, IssuerConfig, JwkIssuer, PortalIssuer,
+};
 pub use crate::serving::{ApiConfig, ApiRule, Listen, Operation, ProxyConfig};
 pub use crate::tls::{KxGroup, TlsConfig};
 
@@ -282,127 +285,6 @@ impl RenewalConfig {
             (None, None) => RenewAt::Before(Duration::days(30)),
         }
     }
-}
-
-/// `[[issuer]]`, by `kind`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum IssuerConfig {
-    /// EST (RFC 7030).
-    Est(EstIssuer),
-    /// A drop folder: CSR out, certificate in (a person uses a portal in between).
-    Portal(PortalIssuer),
-    /// JWK credential rotation API.
-    JwkRotation(JwkIssuer),
-}
-
-impl IssuerConfig {
-    /// The issuer's name.
-    pub fn name(&self) -> &str {
-        match self {
-            IssuerConfig::Est(i) => &i.name,
-            IssuerConfig::Portal(i) => &i.name,
-            IssuerConfig::JwkRotation(i) => &i.name,
-        }
-    }
-    /// The kind as written in config.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            IssuerConfig::Est(_) => "est",
-            IssuerConfig::Portal(_) => "portal",
-            IssuerConfig::JwkRotation(_) => "jwk-rotation",
-        }
-    }
-}
-
-/// `kind = "est"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EstIssuer {
-    /// Name.
-    pub name: String,
-    /// Base URL, e.g. `https://est.example:8443` (the `/.well-known/est` prefix is added).
-    pub url: String,
-    /// Optional EST label (`/.well-known/est/<label>/...`).
-    #[serde(default)]
-    pub label: Option<String>,
-    /// CA bundle that the EST server and issued chains must chain to.
-    pub ca_bundle: PathBuf,
-    /// Bootstrap credential for first enrolment and lapse recovery.
-    #[serde(default)]
-    pub bootstrap: Option<EstBootstrap>,
-    /// How long one EST request may take.
-    #[serde(default = "default_est_timeout")]
-    pub timeout: Duration,
-}
-
-fn default_est_timeout() -> Duration {
-    Duration(30)
-}
-
-/// Bootstrap credential: HTTP basic credentials and/or a client certificate.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EstBootstrap {
-    /// HTTP basic user name.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// File holding the HTTP basic password.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-    /// Bootstrap client certificate (PEM).
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    /// Bootstrap client key: a `pkcs11:` URI.
-    #[serde(default)]
-    pub key: Option<String>,
-}
-
-/// `kind = "portal"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortalIssuer {
-    /// Name.
-    pub name: String,
-    /// Where CSRs are written for a person to upload.
-    pub outbox: PathBuf,
-    /// Where issued certificates are dropped (any file name; matched by public key).
-    pub inbox: PathBuf,
-    /// CA bundle issued certificates must chain to.
-    pub ca_bundle: PathBuf,
-    /// How often the inbox is looked at.
-    #[serde(default = "default_poll")]
-    pub poll_interval: Duration,
-}
-
-fn default_poll() -> Duration {
-    Duration::minutes(5)
-}
-
-/// `kind = "jwk-rotation"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JwkIssuer {
-    /// Name.
-    pub name: String,
-    /// API base URL.
-    pub url: String,
-    /// CA bundle of the API's server certificate.
-    pub ca_bundle: PathBuf,
-    /// `Expiration` of a new key, at most 365 days.
-    #[serde(default = "default_new_key_lifetime")]
-    pub new_key_lifetime: Duration,
-    /// `CurrentKeyExpiry` of the old key, at most 14 days (24 to 72 h recommended).
-    #[serde(default = "default_old_key_overlap")]
-    pub old_key_overlap: Duration,
-}
-
-fn default_new_key_lifetime() -> Duration {
-    Duration::days(365)
-}
-
-fn default_old_key_overlap() -> Duration {
-    Duration::hours(48)
 }
 
 /// `[serial]`.

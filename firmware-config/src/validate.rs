@@ -75,6 +75,15 @@ pub fn files(c: &Config) -> Vec<(String, String)> {
             IssuerConfig::Est(e) => (&e.ca_bundle, e.bootstrap.as_ref()),
             IssuerConfig::Portal(p) => (&p.ca_bundle, None),
             IssuerConfig::JwkRotation(j) => (&j.ca_bundle, None),
+            IssuerConfig::Acme(a) => {
+                if let Some(s) = &a.server_ca {
+                    check(format!("issuer[{i}].server_ca"), pem_certificates_in(s));
+                }
+                if let Some(e) = &a.eab {
+                    check(format!("issuer[{i}].eab.hmac_file"), readable(&e.hmac_file));
+                }
+                (&a.ca_bundle, None)
+            }
         };
         check(format!("issuer[{i}].ca_bundle"), pem_certificates_in(ca));
         if let Some(b) = boot {
@@ -227,12 +236,55 @@ fn check_issuers(c: &Config, err: ErrSink) {
             IssuerConfig::Est(e) if !e.url.starts_with("https://") => {
                 err(format!("{p}.url"), "must be an https:// URL".into())
             }
+            IssuerConfig::Acme(a) => check_acme(&p, a, err),
             IssuerConfig::Portal(po) if po.inbox == po.outbox => err(
                 format!("{p}.inbox"),
                 "must differ from outbox (CSRs and certificates would mix)".into(),
             ),
             _ => {}
         }
+    }
+}
+
+/// `kind = "acme"`: an https directory, at least one challenge (each once), listen
+/// addresses that parse, a hook for dns-01, an account key type ACME signs with.
+fn check_acme(p: &str, a: &crate::issuers::AcmeIssuer, err: ErrSink) {
+    use crate::issuers::Challenge;
+    if !a.directory.starts_with("https://") {
+        err(format!("{p}.directory"), "must be an https:// URL".into());
+    }
+    if a.challenges.is_empty() {
+        err(
+            format!("{p}.challenges"),
+            "names no challenge: give at least one of \"http-01\", \"tls-alpn-01\", \"dns-01\""
+                .into(),
+        );
+    } else if (1..a.challenges.len()).any(|i| a.challenges[..i].contains(&a.challenges[i])) {
+        err(format!("{p}.challenges"), "names a challenge twice".into());
+    }
+    for (field, addr, c) in [
+        ("http01_listen", &a.http01_listen, Challenge::Http01),
+        (
+            "tls_alpn01_listen",
+            &a.tls_alpn01_listen,
+            Challenge::TlsAlpn01,
+        ),
+    ] {
+        if a.challenges.contains(&c) && addr.parse::<std::net::SocketAddr>().is_err() {
+            err(format!("{p}.{field}"), format!("'{addr}' is not IP:PORT"));
+        }
+    }
+    if a.challenges.contains(&Challenge::Dns01) && a.dns01_hook.is_none() {
+        err(
+            format!("{p}.dns01_hook"),
+            "missing: dns-01 needs a command that sets the TXT record (or leave dns-01 out of challenges)".into(),
+        );
+    }
+    if a.account_key_type == hsm_shim::KeyType::Rsa3072 {
+        err(
+            format!("{p}.account_key_type"),
+            "must be ec-p256 (ES256), ec-p384 (ES384) or rsa-2048 (RS256)".into(),
+        );
     }
 }
 

@@ -55,6 +55,12 @@ pub(crate) fn rsa_public_key(n: &[u8], e: &[u8]) -> Result<Vec<u8>, der::Error> 
     .to_der()
 }
 
+/// The modulus and public exponent of an RSAPublicKey (unsigned big-endian).
+pub fn rsa_public_parts(der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let k = RsaPublicKey::from_der(der).ok()?;
+    Some((k.n.as_bytes().to_vec(), k.e.as_bytes().to_vec()))
+}
+
 /// Raw r||s (as PKCS#11 CKM_ECDSA returns) to DER ECDSA-Sig-Value.
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Option<Vec<u8>> {
     if raw.is_empty() || !raw.len().is_multiple_of(2) {

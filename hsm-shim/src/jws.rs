@@ -60,6 +60,51 @@ pub fn b64url(data: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(data)
 }
 
+/// The public JWK of a token key (RFC 7517/7518), members in the order RFC 7638 hashes them.
+pub fn public_jwk(info: &crate::keys::KeyInfo) -> Result<serde_json::Value> {
+    let bad = || Error::InvalidRequest(format!("cannot read the public key of {}", info.label));
+    let p = &info.public_bits;
+    let (crv, len) = match info.key_type {
+        KeyType::EcP256 => ("P-256", 32),
+        KeyType::EcP384 => ("P-384", 48),
+        KeyType::Rsa2048 | KeyType::Rsa3072 => {
+            let (n, e) = crate::asn1::rsa_public_parts(p).ok_or_else(bad)?;
+            return Ok(serde_json::json!({"e": b64url(&e), "kty": "RSA", "n": b64url(&n)}));
+        }
+    };
+    if p.len() != 1 + 2 * len || p[0] != 4 {
+        return Err(bad());
+    }
+    Ok(serde_json::json!({
+        "crv": crv, "kty": "EC", "x": b64url(&p[1..1 + len]), "y": b64url(&p[1 + len..]),
+    }))
+}
+
+/// The RFC 7638 thumbprint of a public JWK from [`public_jwk`]: SHA-256 over its required
+/// members in lexicographic order, no whitespace, base64url.
+pub fn thumbprint(jwk: &serde_json::Value) -> String {
+    use sha2::Digest;
+    // serde_json's map keeps keys sorted, which is RFC 7638's order.
+    b64url(&sha2::Sha256::digest(jwk.to_string().as_bytes()))
+}
+
+/// A flattened JSON JWS (RFC 7515 §7.2.2), as ACME sends it: `protected` gets `alg` added,
+/// the token signs `BASE64URL(protected) '.' BASE64URL(payload)`; an empty payload is
+/// ACME's POST-as-GET.
+pub fn sign_flattened(
+    key: &TokenKey,
+    alg: JwsAlg,
+    mut protected: serde_json::Map<String, serde_json::Value>,
+    payload: &[u8],
+) -> Result<serde_json::Value> {
+    check_alg(key, alg)?;
+    protected.insert("alg".into(), alg.name().into());
+    let p64 = b64url(serde_json::Value::Object(protected).to_string().as_bytes());
+    let pl64 = b64url(payload);
+    let sig = key.sign(alg.sign_alg(), format!("{p64}.{pl64}").as_bytes())?;
+    Ok(serde_json::json!({"protected": p64, "payload": pl64, "signature": b64url(&sig)}))
+}
+
 /// Sign `payload` as a compact JWS with protected header `{"alg":..,"kid":..}`.
 /// The signature covers `BASE64URL(header) || '.' || BASE64URL(payload)` (RFC 7515 §5.1).
 pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Result<String> {
@@ -70,6 +115,17 @@ pub fn sign_compact(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> R
 
 /// What a JWS signature covers, once `alg` fits the key.
 fn signing_input(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Result<String> {
+    check_alg(key, alg)?;
+    let header = serde_json::json!({ "alg": alg.name(), "kid": kid });
+    Ok(format!(
+        "{}.{}",
+        b64url(header.to_string().as_bytes()),
+        b64url(payload)
+    ))
+}
+
+/// `alg` fits the key.
+fn check_alg(key: &TokenKey, alg: JwsAlg) -> Result<()> {
     let compatible = matches!(
         (alg, key.key_type()),
         (JwsAlg::Es256, KeyType::EcP256)
@@ -86,10 +142,5 @@ fn signing_input(key: &TokenKey, alg: JwsAlg, kid: &str, payload: &[u8]) -> Resu
             key.key_type()
         )));
     }
-    let header = serde_json::json!({ "alg": alg.name(), "kid": kid });
-    Ok(format!(
-        "{}.{}",
-        b64url(header.to_string().as_bytes()),
-        b64url(payload)
-    ))
+    Ok(())
 }

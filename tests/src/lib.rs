@@ -439,6 +439,7 @@ state_dir = "{p}/state"
 }
 
 /// The engine's test doubles: an in-process CA and a config that uses it.
+pub mod acme;
 pub mod est;
 mod faults;
 mod register;

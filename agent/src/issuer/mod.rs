@@ -5,6 +5,7 @@
 //! EST) and a *credential* flow (the issuer holds our public key itself and confirms a
 //! rotation: the JWK API). The engine asks `flow()` once and drives the steps that apply.
 
+pub mod acme;
 pub mod est;
 pub mod jwk_rotation;
 pub mod portal;
@@ -163,5 +164,6 @@ pub fn from_config(
         IssuerConfig::Portal(p) => Ok(Box::new(portal::Portal::new(p)?)),
         IssuerConfig::Est(e) => Ok(Box::new(est::Est::new(e, token, state_dir)?)),
         IssuerConfig::JwkRotation(j) => Ok(Box::new(jwk_rotation::JwkApi::new(j)?)),
+        IssuerConfig::Acme(a) => Ok(Box::new(acme::Acme::new(a, token, state_dir)?)),
     }
 }

@@ -1,0 +1,96 @@
+//! The ACME issuer against Debian's pebble (a CA no one here wrote), each challenge type
+//! answered by the agent itself: first enrolment and rotation, a new token key each time,
+//! the chain validated, the account key a token key.
+
+use edge_signer_tests::acme::{acme_config, Pebble, PebbleOptions};
+use edge_signer_tests::*;
+
+/// Enrol `web` (`NAME.example`), rotate it, and check what a reader would: two generations,
+/// two keys, each certificate issued for the name and verifying with openssl up to the root
+/// pebble made at this start.
+fn enrol_and_rotate(env: &Env, name: &str) {
+    env.ok(&["enroll", "web", "--timeout", "60"]);
+    let g1 = env.generation("web", 1);
+    assert_chain_verifies(env, g1.chain_pem().expect("a chain"), name);
+    env.ok(&["rotate", "web", "--now", "--timeout", "60"]);
+    let rec = env.record("web");
+    assert_eq!(rec.current, Some(2), "{rec:?}");
+    let g2 = env.generation("web", 2);
+    assert_ne!(
+        g1.key_id_hex(),
+        g2.key_id_hex(),
+        "a fresh key at every renewal"
+    );
+    assert_chain_verifies(env, g2.chain_pem().expect("a chain"), name);
+    let objects = env.pkcs11_objects();
+    assert!(
+        objects.contains("edge-signer-acme:acme:account"),
+        "{objects}"
+    );
+}
+
+/// The leaf names `NAME.example` and the chain verifies to pebble's root with openssl.
+fn assert_chain_verifies(env: &Env, chain: &str, name: &str) {
+    let certs: Vec<&str> = chain
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .filter(|c| c.contains("BEGIN"))
+        .collect();
+    assert!(certs.len() >= 2, "leaf and intermediate: {chain}");
+    std::fs::write(env.path("leaf.pem"), certs[0]).unwrap();
+    std::fs::write(env.path("untrusted.pem"), certs[1..].concat()).unwrap();
+    let text = env.openssl(&[
+        "x509",
+        "-in",
+        "leaf.pem",
+        "-noout",
+        "-ext",
+        "subjectAltName",
+    ]);
+    assert!(text.contains(&format!("DNS:{name}.example")), "{text}");
+    let root = env.path_str("acme-root.pem");
+    let out = env.openssl(&[
+        "verify",
+        "-CAfile",
+        &root,
+        "-untrusted",
+        "untrusted.pem",
+        "leaf.pem",
+    ]);
+    assert!(out.contains("leaf.pem: OK"), "{out}");
+}
+
+#[test]
+fn http_01_enrols_and_rotates_against_pebble() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    acme_config(&env, &pebble, "web-1", "challenges = [\"http-01\"]");
+    enrol_and_rotate(&env, "web-1");
+}
+
+#[test]
+fn tls_alpn_01_enrols_and_rotates_against_pebble() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    acme_config(&env, &pebble, "web-2", "challenges = [\"tls-alpn-01\"]");
+    enrol_and_rotate(&env, "web-2");
+}
+
+#[test]
+fn dns_01_through_the_hook_enrols_and_rotates_against_pebble() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    let hook = pebble.dns_hook(&env);
+    acme_config(
+        &env,
+        &pebble,
+        "web-3",
+        &format!("challenges = [\"dns-01\"]\ndns01_hook = \"{hook}\""),
+    );
+    enrol_and_rotate(&env, "web-3");
+    let log = std::fs::read_to_string(env.path("dns-hook.log")).unwrap();
+    assert!(log.contains("set _acme-challenge.web-3.example"), "{log}");
+    assert!(log.contains("clear _acme-challenge.web-3.example"), "{log}");
+}
