@@ -94,3 +94,77 @@ fn dns_01_through_the_hook_enrols_and_rotates_against_pebble() {
     assert!(log.contains("set _acme-challenge.web-3.example"), "{log}");
     assert!(log.contains("clear _acme-challenge.web-3.example"), "{log}");
 }
+
+/// `kill -9` right after each step that is persisted; the next run resumes: after
+/// `submitted` it finishes the same order (the register still names the order it made),
+/// never opening a second one for the generation.
+#[test]
+fn a_kill_at_each_persisted_step_resumes_the_same_order() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    acme_config(&env, &pebble, "web-4", "");
+    env.ok(&["enroll", "web", "--timeout", "60"]);
+    let mut n = 1;
+    for step in [
+        "key-pending",
+        "csr-ready",
+        "submitted",
+        "issued",
+        "validated",
+    ] {
+        let out = env.rotate_now_with("web", 60, ("EDGE_SIGNER_TEST_KILL_AT", step));
+        assert_eq!(out.status.signal(), Some(9), "{step}: not killed: {out:?}");
+        n += 1;
+        let order = env.generation("web", n).submission().map(str::to_owned);
+        env.ok(&["rotate", "web", "--timeout", "60"]);
+        let rec = env.record("web");
+        assert_eq!(rec.current, Some(n), "{step}: {rec:?}");
+        if step != "key-pending" && step != "csr-ready" {
+            assert!(order.is_some(), "{step}: the order is in the register");
+        }
+        if order.is_some() {
+            assert_eq!(
+                env.generation("web", n).submission(),
+                order.as_deref(),
+                "{step}: the same order finished"
+            );
+        }
+        // The next rotation needs the overlap over.
+        env.ok(&["retire", "web", "--generation", &(n - 1).to_string()]);
+    }
+}
+
+#[test]
+fn external_account_binding_is_sent_when_the_ca_requires_it() {
+    let env = Env::new();
+    env.make_ca("ca");
+    // 32 bytes, base64url, as a CA hands out an EAB HMAC key.
+    let hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let pebble = Pebble::start(
+        &env,
+        PebbleOptions {
+            eab: Some(("kid-1".into(), hmac.into())),
+        },
+    );
+    std::fs::write(env.path("eab.key"), format!("{hmac}\n")).unwrap();
+    let eab = format!(
+        "eab = {{ key_id = \"kid-1\", hmac_file = \"{}\" }}",
+        env.path_str("eab.key")
+    );
+    // Without it, pebble refuses the account and the agent says why.
+    acme_config(&env, &pebble, "web-5", "");
+    let out = env.run(&["enroll", "web", "--timeout", "5"]);
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        text.contains("externalAccountRequired") || text.contains("xternal"),
+        "{text}"
+    );
+    acme_config(&env, &pebble, "web-5", &eab);
+    env.ok(&["enroll", "web", "--timeout", "60"]);
+    // The refused attempt's generation was given up (its key destroyed); the next one serves.
+    let rec = env.record("web");
+    assert!(rec.current.is_some(), "{rec:?}");
+}

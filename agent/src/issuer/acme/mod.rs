@@ -175,6 +175,12 @@ impl Acme {
         self.post(url, None)?.json()
     }
 
+    /// An object and the `Retry-After` that came with it.
+    fn get_with_retry(&mut self, url: &str) -> Result<(serde_json::Value, Option<Unix>), Problem> {
+        let a = self.post(url, None)?;
+        Ok((a.json()?, a.retry_after))
+    }
+
     /// Work on each authorization of `order`: valid ones are done; for a pending one the
     /// preferred challenge the CA offers is provisioned and, once, answered.
     fn authorize(&mut self, order: &serde_json::Value, now: Unix) -> IssuerAnswer {
@@ -330,7 +336,7 @@ impl Issuer for Acme {
         // A few state changes in one call: ready -> processing -> valid often take under a
         // second.
         for _ in 0..4 {
-            let order = match self.get_json(reference) {
+            let (order, retry_after) = match self.get_with_retry(reference) {
                 Ok(o) => o,
                 Err(p) => return answer_of(p, "order", now),
             };
@@ -350,7 +356,17 @@ impl Issuer for Acme {
                         return answer_of(p, "finalize", now);
                     }
                 }
-                "processing" => std::thread::sleep(std::time::Duration::from_millis(500)),
+                // The CA said when to look again: that wait is persisted (it is in `what`)
+                // and kept by any process that takes over.
+                "processing" => match retry_after {
+                    Some(until) if until > now + 1 => {
+                        return wait(
+                            until,
+                            format!("ACME: the CA is issuing; Retry-After {}", rfc3339(until)),
+                        )
+                    }
+                    _ => std::thread::sleep(std::time::Duration::from_millis(500)),
+                },
                 "valid" => return self.download(&order, now),
                 "invalid" => {
                     self.responders.clear(&self.cfg);
