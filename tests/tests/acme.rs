@@ -168,3 +168,32 @@ fn external_account_binding_is_sent_when_the_ca_requires_it() {
     let rec = env.record("web");
     assert!(rec.current.is_some(), "{rec:?}");
 }
+
+/// `revoke` tells the CA (revokeCert signed by the account key in the token) before it
+/// destroys the key: pebble's status of the serial says revoked.
+#[test]
+fn revoke_goes_to_the_ca_as_well_as_the_register() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    acme_config(&env, &pebble, "web-6", "");
+    env.ok(&["enroll", "web", "--timeout", "60"]);
+    let serial = env
+        .generation("web", 1)
+        .cert()
+        .expect("certified")
+        .serial
+        .clone();
+    let status = |s: &str| {
+        env.curl_https(&format!(
+            "https://127.0.0.1:{}/cert-status-by-serial/{s}",
+            pebble.management
+        ))
+    };
+    assert!(status(&serial).contains("Valid"), "{}", status(&serial));
+    env.ok(&["revoke", "web", "--generation", "1"]);
+    assert!(status(&serial).contains("Revoked"), "{}", status(&serial));
+    let g = env.generation("web", 1);
+    assert_eq!(g.status, edge_signer::register::GenStatus::Revoked);
+    assert!(!env.pkcs11_objects().contains(&g.key_id_hex().unwrap()));
+}

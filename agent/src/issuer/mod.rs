@@ -145,6 +145,11 @@ pub trait Issuer: Send {
     ) -> Result<Prepared, String> {
         Err("this issuer enrols certificates, not credentials".into())
     }
+    /// Tell the CA that the certificate `chain_pem` (leaf first) is revoked. `Ok(false)`:
+    /// this issuer has no revocation to ask for (the register and the token are all).
+    fn revoke(&mut self, _chain_pem: &str) -> Result<bool, String> {
+        Ok(false)
+    }
     /// Credential flow: a call authenticated by `key` alone, to learn whether the server
     /// accepts it now.
     fn verify(&mut self, _key: &TokenKey, _kid: &str, _url: Option<&str>) -> Verdict {

@@ -283,10 +283,23 @@ impl Engine {
     /// Mark a generation revoked and destroy its key; a revoked current identity is replaced.
     pub fn revoke(&mut self, name: &str, n: u32) -> Result<()> {
         let rec = self.rec(name).clone();
-        rec.gen(n)
+        let g = rec
+            .gen(n)
             .ok_or_else(|| err!("'{name}' has no generation {n}"))?;
         if rec.pending == Some(n) {
             bail!("generation {n} of '{name}' is being enrolled");
+        }
+        // The CA first (ACME revokeCert): its refusal leaves everything as it was, so the
+        // command can be repeated; the key is destroyed here only once the CA agreed.
+        let told = match (g.chain_pem(), self.identity_cfg(name)) {
+            (Some(chain), Ok(cfg)) => self
+                .issuer(&cfg.issuer)?
+                .revoke(chain)
+                .map_err(|e| err!("the CA did not revoke generation {n} of '{name}' ({e}); nothing was changed here: run the command again when the CA answers, or `edge-signer retire` to destroy the key without telling the CA"))?,
+            _ => false,
+        };
+        if told {
+            tracing::info!(identity = %name, generation = n, "the CA revoked the certificate");
         }
         // Marked revoked and the current one cleared in the same write as nothing else.
         self.retire_generation_and(name, n, GenStatus::Revoked, |r, now| {

@@ -386,6 +386,28 @@ impl Issuer for Acme {
     fn ca_bundle(&self) -> &[CertificateDer<'static>] {
         &self.anchors
     }
+
+    /// `revokeCert` (RFC 8555 §7.6) signed by the account key, reason unspecified.
+    fn revoke(&mut self, chain_pem: &str) -> Result<bool, String> {
+        let leaf = crate::validate::parse_chain(chain_pem)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .next()
+            .ok_or("no certificate to revoke")?;
+        let url = self
+            .session()
+            .and_then(|_| {
+                self.client
+                    .as_ref()
+                    .map(|c| c.url("revokeCert"))
+                    .unwrap_or_else(|| Err(Problem::transport("no ACME directory")))
+            })
+            .map_err(|p| p.to_string())?;
+        let payload = serde_json::json!({ "certificate": hsm_shim::jws::b64url(&leaf) });
+        self.post(&url, Some(&payload))
+            .map_err(|p| format!("ACME revokeCert: {p}"))?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
