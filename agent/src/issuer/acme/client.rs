@@ -228,7 +228,7 @@ impl Client {
 }
 
 /// The problem document of an error answer.
-fn problem(a: &Answer) -> Problem {
+pub fn problem(a: &Answer) -> Problem {
     let v: serde_json::Value = serde_json::from_slice(&a.body).unwrap_or_default();
     let kind = v["type"].as_str().unwrap_or("");
     Problem {

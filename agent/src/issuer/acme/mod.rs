@@ -288,7 +288,7 @@ impl Acme {
 }
 
 /// "CHALLENGE challenge for DOMAIN failed: DETAIL" of an invalid authorization.
-fn failed_challenge(authz: &serde_json::Value, domain: &str) -> String {
+pub fn failed_challenge(authz: &serde_json::Value, domain: &str) -> String {
     let failed = authz["challenges"]
         .as_array()
         .into_iter()
