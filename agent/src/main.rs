@@ -153,6 +153,9 @@ enum Cmd {
     /// API credentials (JWK rotation): onboard the first key
     #[command(subcommand)]
     Jwk(JwkCmd),
+    /// ACME issuers: move the CA account to a new token key
+    #[command(subcommand)]
+    Acme(AcmeCmd),
     /// Sign with an identity's current key
     #[command(subcommand)]
     Jws(JwsCmd),
@@ -221,6 +224,19 @@ enum TokenCmd {
     },
     /// List tokens present in the module
     List {
+        /// Machine-readable output (JSON)
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AcmeCmd {
+    /// Move the ACME account of ISSUER to a new key made in the token (keyChange), then
+    /// destroy the old key; crash-safe: run it again to finish an interrupted one
+    Rollover {
+        /// The issuer (its `name` in the configuration)
+        issuer: String,
         /// Machine-readable output (JSON)
         #[arg(long)]
         json: bool,

@@ -187,6 +187,10 @@ pub struct AcmeIssuer {
     /// External account binding, for CAs that require it.
     #[serde(default)]
     pub eab: Option<AcmeEab>,
+    /// Of the chains the CA offers (the default and its `Link: rel="alternate"` ones), take
+    /// the one whose top certificate was issued by the CA with this common name.
+    #[serde(default)]
+    pub preferred_chain: Option<String>,
     /// `mailto:` contacts of the account.
     #[serde(default)]
     pub contact: Vec<String>,

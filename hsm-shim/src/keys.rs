@@ -413,6 +413,22 @@ impl Token {
         })
     }
 
+    /// Set `CKA_LABEL` of every object with this `CKA_ID` (key pair and certificate): how a
+    /// key that took over a role (an ACME account key after a rollover) gets the role's
+    /// label.
+    pub fn relabel(&self, id: &[u8], label: &str) -> Result<usize> {
+        self.with_session(|s| {
+            let objs = s.find_objects(&[Attribute::Id(id.to_vec())])?;
+            if objs.is_empty() {
+                return Err(Error::KeyNotFound(format!("with id {}", hex(id))));
+            }
+            for o in &objs {
+                s.update_attributes(*o, &[Attribute::Label(label.as_bytes().to_vec())])?;
+            }
+            Ok(objs.len())
+        })
+    }
+
     /// Destroy private key, public key and certificate objects with this `CKA_ID`, then
     /// prove by a fresh search that nothing with the id is left. Returns how many objects
     /// went. No signature made after this returns uses the key: every signature looks its

@@ -28,6 +28,9 @@ pub struct Pebble {
 pub struct PebbleOptions {
     /// External account binding required, with this key id and base64url HMAC key.
     pub eab: Option<(String, String)>,
+    /// Alternate roots (`PEBBLE_ALTERNATE_ROOTS`): each issues an alternate chain, served
+    /// through `Link: rel="alternate"`; their PEMs are `acme-root-1.pem`, ...
+    pub alternate_roots: u32,
 }
 
 impl Pebble {
@@ -69,6 +72,7 @@ impl Pebble {
             .args(["-config", &env.path_str("pebble.json")])
             .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
             .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_ALTERNATE_ROOTS", opts.alternate_roots.to_string())
             .stdout(std::fs::File::create(env.path("pebble.log")).expect("log"))
             .stderr(Stdio::null())
             .spawn()
@@ -88,6 +92,10 @@ impl Pebble {
         // The root pebble made at this start: issued chains must reach it.
         let root = env.curl_https(&format!("https://127.0.0.1:{management}/roots/0"));
         std::fs::write(env.path("acme-root.pem"), root).unwrap();
+        for i in 1..=opts.alternate_roots {
+            let alt = env.curl_https(&format!("https://127.0.0.1:{management}/roots/{i}"));
+            std::fs::write(env.path(&format!("acme-root-{i}.pem")), alt).unwrap();
+        }
         p
     }
 

@@ -146,6 +146,7 @@ fn external_account_binding_is_sent_when_the_ca_requires_it() {
         &env,
         PebbleOptions {
             eab: Some(("kid-1".into(), hmac.into())),
+            ..Default::default()
         },
     );
     std::fs::write(env.path("eab.key"), format!("{hmac}\n")).unwrap();
@@ -196,4 +197,110 @@ fn revoke_goes_to_the_ca_as_well_as_the_register() {
     let g = env.generation("web", 1);
     assert_eq!(g.status, edge_signer::register::GenStatus::Revoked);
     assert!(!env.pkcs11_objects().contains(&g.key_id_hex().unwrap()));
+}
+
+/// `acme rollover` moves the account to a new token key (keyChange) and destroys the old
+/// one; renewals go on under the same account. A kill right after the CA took the new key
+/// is finished by the next run: one account key again, the new one.
+#[test]
+fn account_key_rollover_is_a_command_and_survives_a_kill() {
+    use std::os::unix::process::ExitStatusExt;
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    acme_config(&env, &pebble, "web-7", "");
+    env.ok(&["enroll", "web", "--timeout", "60"]);
+    let before = env.pkcs11_objects();
+    let v: serde_json::Value =
+        serde_json::from_str(&env.ok(&["acme", "rollover", "acme", "--json"])).unwrap();
+    assert!(
+        v["thumbprint"].as_str().is_some_and(|t| t.len() == 43),
+        "{v}"
+    );
+    let after = env.pkcs11_objects();
+    assert_ne!(before, after);
+    assert!(!after.contains("account-next"), "{after}");
+    let labels = |o: &str| o.matches("edge-signer-acme:acme:account").count();
+    assert_eq!(
+        labels(&after),
+        labels(&before),
+        "one account key pair, not two"
+    );
+    env.ok(&["rotate", "web", "--now", "--timeout", "60"]);
+    assert_eq!(env.record("web").current, Some(2));
+
+    let out = env
+        .cmd()
+        .args(["acme", "rollover", "acme", "--json"])
+        .env("EDGE_SIGNER_TEST_KILL_AT", "acme-keychange")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.signal(), Some(9), "{out:?}");
+    assert!(env.pkcs11_objects().contains("account-next"));
+    // The next use of the account finishes the rollover: the CA has the new key.
+    env.ok(&["retire", "web", "--generation", "1"]);
+    env.ok(&["rotate", "web", "--now", "--timeout", "60"]);
+    let objects = env.pkcs11_objects();
+    assert!(!objects.contains("account-next"), "{objects}");
+    assert_eq!(env.record("web").current, Some(3));
+}
+
+/// A CA with two roots serves its default chain and an alternate one (`Link:
+/// rel="alternate"`); `preferred_chain` names the alternate root and only that chain is
+/// accepted (the CA bundle holds that root alone).
+#[test]
+fn preferred_chain_takes_the_alternate_chain_the_ca_links() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(
+        &env,
+        PebbleOptions {
+            alternate_roots: 1,
+            ..Default::default()
+        },
+    );
+    let subject = env.openssl(&[
+        "x509",
+        "-in",
+        "acme-root-1.pem",
+        "-noout",
+        "-subject",
+        "-nameopt",
+        "multiline",
+    ]);
+    let cn = subject
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("commonName"))
+        .map(|v| v.trim().trim_start_matches('=').trim().to_owned())
+        .expect("the alternate root's CN");
+    let extra = format!("preferred_chain = \"{cn}\"");
+    acme_config(&env, &pebble, "web-8", &extra);
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(
+            &env.path_str("acme-root.pem"),
+            &env.path_str("acme-root-1.pem"),
+        ),
+    )
+    .unwrap();
+    env.ok(&["enroll", "web", "--timeout", "60"]);
+    let chain = env.generation("web", 1).chain_pem().unwrap().to_owned();
+    std::fs::write(env.path("chain.pem"), &chain).unwrap();
+    let certs: Vec<&str> = chain
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .filter(|c| c.contains("BEGIN"))
+        .collect();
+    std::fs::write(env.path("leaf.pem"), certs[0]).unwrap();
+    std::fs::write(env.path("untrusted.pem"), certs[1..].concat()).unwrap();
+    let root = env.path_str("acme-root-1.pem");
+    let out = env.openssl(&[
+        "verify",
+        "-CAfile",
+        &root,
+        "-untrusted",
+        "untrusted.pem",
+        "leaf.pem",
+    ]);
+    assert!(out.contains("leaf.pem: OK"), "{out}");
 }

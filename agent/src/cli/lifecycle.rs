@@ -44,6 +44,18 @@ pub(crate) fn run(g: &Global, cmd: Cmd) -> Result<i32> {
             let due = edge_signer::lifecycle::needs_renewal(ic, reg.identities.get(&name), now);
             return Ok(if due { 0 } else { 1 });
         }
+        Cmd::Acme(AcmeCmd::Rollover { issuer, json }) => {
+            let mut e = lifecycle_engine(g)?;
+            let thumbprint = e.rollover_account(&issuer)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "issuer": issuer, "thumbprint": thumbprint })
+                );
+            } else {
+                println!("{issuer}: the ACME account now uses a new token key (JWK thumbprint {thumbprint}); the old key is destroyed");
+            }
+        }
         Cmd::Jwk(JwkCmd::Export { name }) => {
             let mut e = lifecycle_engine(g)?;
             let jwk = e.jwk_export(&name)?;

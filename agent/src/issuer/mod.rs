@@ -145,6 +145,11 @@ pub trait Issuer: Send {
     ) -> Result<Prepared, String> {
         Err("this issuer enrols certificates, not credentials".into())
     }
+    /// Move the CA account to a new token key (ACME keyChange); returns the new key's
+    /// thumbprint.
+    fn rollover_account(&mut self) -> Result<String, String> {
+        Err("this issuer has no account key".into())
+    }
     /// Tell the CA that the certificate `chain_pem` (leaf first) is revoked. `Ok(false)`:
     /// this issuer has no revocation to ask for (the register and the token are all).
     fn revoke(&mut self, _chain_pem: &str) -> Result<bool, String> {

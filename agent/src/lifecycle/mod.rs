@@ -24,7 +24,7 @@ pub use schedule::renewal_time;
 pub use plan::{status, Status};
 
 use crate::clock::{Clock, Unix};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::{Events, Severity};
 use crate::issuer::{Flow, Issuer};
 use crate::register::{Generation, IdentityRecord, Register, RegisterFile, Step};
@@ -355,6 +355,14 @@ impl Engine {
         self.issuers
             .get_mut(name)
             .ok_or_else(|| err!("issuer '{name}' is not available (see the log at start)"))
+    }
+
+    /// Move issuer `name`'s CA account to a new token key (`acme rollover`); the new key's
+    /// thumbprint.
+    pub fn rollover_account(&mut self, name: &str) -> Result<String> {
+        self.issuer(name)?
+            .rollover_account()
+            .map_err(|e| Error::permanent(format!("issuer '{name}': {e}")))
     }
 
     fn identities_dir(&self) -> PathBuf {

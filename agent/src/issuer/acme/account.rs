@@ -15,6 +15,11 @@ pub fn key_label(name: &str) -> String {
     format!("edge-signer-acme:{name}:account")
 }
 
+/// The label of the key a rollover moves the account to, until the CA has it.
+pub fn next_label(name: &str) -> String {
+    format!("edge-signer-acme:{name}:account-next")
+}
+
 /// An account ready to sign requests.
 pub struct Account {
     /// The key, in the token.
@@ -39,6 +44,44 @@ impl Account {
     pub fn key_authorization(&self, token: &str) -> String {
         format!("{token}.{}", self.thumbprint)
     }
+}
+
+/// What is kept of the account: its URL and the thumbprint of the key the CA holds.
+fn read_record(state_dir: &Path, name: &str) -> Option<serde_json::Value> {
+    std::fs::read(record_path(state_dir, name))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn write_record(
+    state_dir: &Path,
+    cfg: &AcmeIssuer,
+    url: &str,
+    thumbprint: &str,
+) -> Result<(), Problem> {
+    let path = record_path(state_dir, &cfg.name);
+    let record =
+        serde_json::json!({ "url": url, "thumbprint": thumbprint, "directory": cfg.directory });
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
+        .and_then(|_| firmware_config::store::atomic_write(&path, record.to_string().as_bytes()))
+        .map_err(|e| {
+            transport(format!(
+                "cannot record the account in {}: {e}",
+                path.display()
+            ))
+        })
+}
+
+/// The account URL recorded for the key with this thumbprint.
+fn recorded_for(state_dir: &Path, name: &str, thumbprint: &str) -> Option<String> {
+    read_record(state_dir, name)
+        .filter(|r| r["thumbprint"] == thumbprint)
+        .and_then(|r| r["url"].as_str().map(str::to_owned))
+}
+
+/// Whether the record still names `account`'s key (a rollover by another process moves it).
+pub fn still_recorded(state_dir: &Path, name: &str, account: &Account) -> bool {
+    recorded_for(state_dir, name, &account.thumbprint).is_some()
 }
 
 /// Where the account URL is kept.
@@ -82,20 +125,14 @@ pub fn ensure(
     let alg = JwsAlg::for_key(key.key_type());
     let jwk = public_jwk(key.info()).map_err(transport)?;
     let thumbprint = thumbprint(&jwk);
-    let path = record_path(state_dir, &cfg.name);
-    let recorded: Option<serde_json::Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
-    if let Some(r) = recorded.filter(|r| r["thumbprint"] == thumbprint.as_str()) {
-        if let Some(url) = r["url"].as_str() {
-            return Ok(Account {
-                url: url.to_owned(),
-                key,
-                alg,
-                jwk,
-                thumbprint,
-            });
-        }
+    if let Some(url) = recorded_for(state_dir, &cfg.name, &thumbprint) {
+        return Ok(Account {
+            url,
+            key,
+            alg,
+            jwk,
+            thumbprint,
+        });
     }
     let new_account = client.url("newAccount")?;
     let mut payload = serde_json::json!({ "termsOfServiceAgreed": true });
@@ -110,16 +147,7 @@ pub fn ensure(
         .location
         .clone()
         .ok_or_else(|| transport("newAccount answered without the account's Location"))?;
-    let record =
-        serde_json::json!({ "url": url, "thumbprint": thumbprint, "directory": cfg.directory });
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-        .and_then(|_| firmware_config::store::atomic_write(&path, record.to_string().as_bytes()))
-        .map_err(|e| {
-            transport(format!(
-                "cannot record the account in {}: {e}",
-                path.display()
-            ))
-        })?;
+    write_record(state_dir, cfg, &url, &thumbprint)?;
     tracing::info!(issuer = %cfg.name, account = %url, "ACME account ready");
     Ok(Account {
         key,
@@ -163,4 +191,119 @@ fn binding(
     Ok(serde_json::json!({
         "protected": protected, "payload": payload, "signature": b64url(tag.as_ref()),
     }))
+}
+
+/// A key of the token by label, if there is one.
+fn find(token: &Arc<Token>, label: &str) -> Result<Option<TokenKey>, Problem> {
+    match token.find_key(&KeyRef::Label(label.to_owned())) {
+        Ok(k) => Ok(Some(TokenKey::from_info(token.clone(), k))),
+        Err(hsm_shim::Error::KeyNotFound(_)) => Ok(None),
+        Err(e) => Err(transport(e)),
+    }
+}
+
+/// The next key takes the account key's place: the old key's objects are destroyed, then
+/// the next key gets the account label (a crash between leaves only the next key, which
+/// [`settle`] relabels).
+fn promote_next(
+    token: &Arc<Token>,
+    cfg: &AcmeIssuer,
+    old: Option<&TokenKey>,
+    next: &TokenKey,
+) -> Result<(), Problem> {
+    if let Some(o) = old {
+        token.destroy(&o.info().id).map_err(transport)?;
+    }
+    token
+        .relabel(&next.info().id, &key_label(&cfg.name))
+        .map_err(transport)?;
+    Ok(())
+}
+
+/// Finish a rollover a crash interrupted, from what the token and the record hold: the
+/// record names the next key, or the old key is gone, or the CA answers the next key as the
+/// account's (then the next key takes over); else the rollover never reached the CA and the
+/// next key waits for `acme rollover` to be run again.
+pub fn settle(
+    client: &mut Client,
+    token: &Arc<Token>,
+    cfg: &AcmeIssuer,
+    state_dir: &Path,
+) -> Result<(), Problem> {
+    let Some(next) = find(token, &next_label(&cfg.name))? else {
+        return Ok(());
+    };
+    let cur = find(token, &key_label(&cfg.name))?;
+    let next_jwk = public_jwk(next.info()).map_err(transport)?;
+    let next_thumb = thumbprint(&next_jwk);
+    let held = recorded_for(state_dir, &cfg.name, &next_thumb).is_some() || cur.is_none() || {
+        // Ask the CA with the next key alone whether it is the account's now.
+        let alg = JwsAlg::for_key(next.key_type());
+        let url = client.url("newAccount")?;
+        let probe = serde_json::json!({ "onlyReturnExisting": true });
+        match client.post(&url, &Signer::Jwk(&next, alg, &next_jwk), Some(&probe)) {
+            Ok(a) => {
+                let url = a.location.unwrap_or_default();
+                write_record(state_dir, cfg, &url, &next_thumb)?;
+                true
+            }
+            Err(p) if p.kind == "accountDoesNotExist" => false,
+            Err(p) => return Err(p),
+        }
+    };
+    if held {
+        promote_next(token, cfg, cur.as_ref(), &next)?;
+        tracing::info!(issuer = %cfg.name, "ACME account key rollover finished");
+    }
+    Ok(())
+}
+
+/// Move the account to a new token key (RFC 8555 §7.3.5 keyChange), crash-safe: the new key
+/// is made under the `account-next` label, the CA is told (outer JWS by the old key, inner by
+/// the new), the record is written, then the old key is destroyed and the new one takes the
+/// account label. Returns the new key's thumbprint.
+pub fn rollover(
+    client: &mut Client,
+    account: &Account,
+    token: &Arc<Token>,
+    cfg: &AcmeIssuer,
+    state_dir: &Path,
+) -> Result<String, Problem> {
+    let next = match find(token, &next_label(&cfg.name))? {
+        Some(k) => k,
+        None => TokenKey::from_info(
+            token.clone(),
+            token
+                .generate_key(cfg.account_key_type, &next_label(&cfg.name))
+                .map_err(transport)?,
+        ),
+    };
+    let next_alg = JwsAlg::for_key(next.key_type());
+    let next_jwk = public_jwk(next.info()).map_err(transport)?;
+    let url = client.url("keyChange")?;
+    let mut protected = serde_json::Map::new();
+    protected.insert("jwk".into(), next_jwk.clone());
+    protected.insert("url".into(), url.clone().into());
+    let inner_payload = serde_json::json!({ "account": account.url, "oldKey": account.jwk });
+    let inner = hsm_shim::jws::sign_flattened(
+        &next,
+        next_alg,
+        protected,
+        inner_payload.to_string().as_bytes(),
+    )
+    .map_err(transport)?;
+    client.post(&url, &account.signer(), Some(&inner))?;
+    #[cfg(feature = "test-hooks")]
+    if std::env::var("EDGE_SIGNER_TEST_KILL_AT").as_deref() == Ok("acme-keychange") {
+        // Test hook: die like `kill -9` once the CA has the new key, before anything here
+        // says so.
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &std::process::id().to_string()])
+            .status();
+    }
+    let next_thumb = thumbprint(&next_jwk);
+    write_record(state_dir, cfg, &account.url, &next_thumb)?;
+    promote_next(token, cfg, Some(&account.key), &next)?;
+    tracing::info!(issuer = %cfg.name, account = %account.url, "ACME account key rolled over");
+    Ok(next_thumb)
 }

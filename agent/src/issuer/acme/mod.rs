@@ -140,14 +140,21 @@ impl Acme {
                 self.cfg.timeout.to_std(),
             )?);
         }
+        // Another process (`acme rollover`) may have moved the account to a new key.
+        if self
+            .account
+            .as_ref()
+            .is_some_and(|a| !account::still_recorded(&self.state_dir, &self.cfg.name, a))
+        {
+            self.account = None;
+        }
         if self.account.is_none() {
+            let client = self
+                .client
+                .as_mut()
+                .ok_or_else(|| Problem::transport("no ACME directory"))?;
+            account::settle(client, &self.token, &self.cfg, &self.state_dir)?;
             let key = account::account_key(&self.token, &self.cfg)?;
-            let client = self.client.as_mut().ok_or_else(|| Problem {
-                status: 0,
-                kind: "connection".into(),
-                detail: "no ACME directory".into(),
-                retry_after: None,
-            })?;
             self.account = Some(account::ensure(client, key, &self.cfg, &self.state_dir)?);
         }
         Ok(())
@@ -277,14 +284,59 @@ impl Acme {
                 "ACME order is valid but names no certificate".into(),
             );
         };
-        match self.post(url, None) {
-            Ok(a) => {
-                self.responders.clear(&self.cfg);
-                IssuerAnswer::Issued(String::from_utf8_lossy(&a.body).into_owned())
+        let a = match self.post(url, None) {
+            Ok(a) => a,
+            Err(p) => return answer_of(p, "certificate download", now),
+        };
+        self.responders.clear(&self.cfg);
+        let mut pem = String::from_utf8_lossy(&a.body).into_owned();
+        if let Some(want) = self.cfg.preferred_chain.clone() {
+            if !tops_with(&pem, &want) {
+                for alt in client::alternates(&a.links) {
+                    match self.post(&alt, None) {
+                        Ok(b) if tops_with(&String::from_utf8_lossy(&b.body), &want) => {
+                            pem = String::from_utf8_lossy(&b.body).into_owned();
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(p) => return answer_of(p, "alternate chain download", now),
+                    }
+                }
+                if !tops_with(&pem, &want) {
+                    tracing::warn!(issuer = %self.cfg.name, "no chain the CA offers reaches '{want}' (preferred_chain): the default one is used");
+                }
             }
-            Err(p) => answer_of(p, "certificate download", now),
         }
+        IssuerAnswer::Issued(pem)
     }
+}
+
+/// Whether the top certificate of `pem` was issued by a CA with common name `cn`.
+fn tops_with(pem: &str, cn: &str) -> bool {
+    use x509_cert::der::Decode;
+    let Ok(chain) = crate::validate::parse_chain(pem) else {
+        return false;
+    };
+    chain
+        .last()
+        .and_then(|c| x509_cert::Certificate::from_der(c).ok())
+        .is_some_and(|c| {
+            c.tbs_certificate
+                .issuer
+                .0
+                .iter()
+                .flat_map(|rdn| rdn.0.iter())
+                .any(|atv| {
+                    atv.oid.to_string() == "2.5.4.3"
+                        && x509_cert::der::asn1::Utf8StringRef::try_from(&atv.value)
+                            .map(|s| s.as_str() == cn)
+                            .or_else(|_| {
+                                x509_cert::der::asn1::PrintableStringRef::try_from(&atv.value)
+                                    .map(|s| s.as_str() == cn)
+                            })
+                            .unwrap_or(false)
+                })
+        })
 }
 
 /// "CHALLENGE challenge for DOMAIN failed: DETAIL" of an invalid authorization.
@@ -385,6 +437,17 @@ impl Issuer for Acme {
 
     fn ca_bundle(&self) -> &[CertificateDer<'static>] {
         &self.anchors
+    }
+
+    fn rollover_account(&mut self) -> Result<String, String> {
+        self.session().map_err(|p| p.to_string())?;
+        let (Some(c), Some(a)) = (self.client.as_mut(), self.account.as_ref()) else {
+            return Err("no ACME session".into());
+        };
+        let t = account::rollover(c, a, &self.token, &self.cfg, &self.state_dir)
+            .map_err(|p| format!("ACME keyChange: {p}"))?;
+        self.account = None;
+        Ok(t)
     }
 
     /// `revokeCert` (RFC 8555 §7.6) signed by the account key, reason unspecified.
