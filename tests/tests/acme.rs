@@ -304,3 +304,37 @@ fn preferred_chain_takes_the_alternate_chain_the_ca_links() {
     ]);
     assert!(out.contains("leaf.pem: OK"), "{out}");
 }
+
+/// A challenge the CA cannot validate (nothing answers on the port pebble connects to) is
+/// named with the CA's reason, and the generation is given up (its key destroyed).
+#[test]
+fn a_failed_challenge_says_which_and_why() {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, PebbleOptions::default());
+    acme_config(&env, &pebble, "web-9", "challenges = [\"http-01\"]");
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    let elsewhere = free_port();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(
+            &format!("http01_listen = \"127.0.0.1:{}\"", pebble.http_port),
+            &format!("http01_listen = \"127.0.0.1:{elsewhere}\""),
+        ),
+    )
+    .unwrap();
+    let out = env.run(&["enroll", "web", "--timeout", "8"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("ACME http-01 challenge for web-9.example failed:"),
+        "{text}"
+    );
+    let g1 = env.generation("web", 1);
+    assert_eq!(
+        g1.status,
+        edge_signer::register::GenStatus::Failed,
+        "{g1:?}"
+    );
+    assert!(!env.pkcs11_objects().contains(&g1.key_id_hex().unwrap()));
+}

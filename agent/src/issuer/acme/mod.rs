@@ -277,6 +277,29 @@ impl Acme {
         Ok(kind)
     }
 
+    /// Why an order is invalid: the challenge that failed, named with the CA's reason, or
+    /// the order's own error.
+    fn why_invalid(&mut self, order: &serde_json::Value) -> String {
+        let urls: Vec<String> = order["authorizations"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect();
+        for url in urls {
+            if let Ok(authz) = self.get_json(&url) {
+                if authz["status"] == "invalid" {
+                    let domain = authz["identifier"]["value"].as_str().unwrap_or("?");
+                    return failed_challenge(&authz, domain);
+                }
+            }
+        }
+        format!(
+            "ACME order is invalid: {}",
+            crate::text::one_line(order["error"]["detail"].as_str().unwrap_or("no detail"))
+        )
+    }
+
     /// The chain of a valid order.
     fn download(&mut self, order: &serde_json::Value, now: Unix) -> IssuerAnswer {
         let Some(url) = order["certificate"].as_str() else {
@@ -422,12 +445,7 @@ impl Issuer for Acme {
                 "valid" => return self.download(&order, now),
                 "invalid" => {
                     self.responders.clear(&self.cfg);
-                    return IssuerAnswer::Rejected(format!(
-                        "ACME order is invalid: {}",
-                        crate::text::one_line(
-                            order["error"]["detail"].as_str().unwrap_or("no detail")
-                        )
-                    ));
+                    return IssuerAnswer::Rejected(self.why_invalid(&order));
                 }
                 other => return IssuerAnswer::Unreachable(format!("ACME order status {other:?}")),
             }
@@ -477,6 +495,35 @@ impl Issuer for Acme {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_rate_limit_is_a_wait_until_retry_after_and_a_5xx_a_retry() {
+        let p = |status: u16, kind: &str, retry_after| Problem {
+            status,
+            kind: kind.into(),
+            detail: "d".into(),
+            retry_after,
+        };
+        match answer_of(p(429, "rateLimited", Some(5000)), "newOrder", 1000) {
+            IssuerAnswer::Wait { until, what } => {
+                assert_eq!(until, 5000);
+                assert!(what.contains("rate limit"), "{what}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            answer_of(p(429, "rateLimited", None), "x", 1000),
+            IssuerAnswer::Wait { until: 4600, .. }
+        ));
+        assert!(matches!(
+            answer_of(p(503, "serverInternal", None), "x", 0),
+            IssuerAnswer::Unreachable(_)
+        ));
+        assert!(matches!(
+            answer_of(p(403, "unauthorized", None), "x", 0),
+            IssuerAnswer::Rejected(_)
+        ));
+    }
 
     proptest! {
         #[test]
