@@ -28,9 +28,16 @@ impl KxGroup {
     }
 }
 
-/// The default order: `["X25519MLKEM768", "X25519", "secp256r1"]`.
+/// The default order: `["X25519MLKEM768", "X25519", "secp256r1", "secp384r1"]`. P-384 stays
+/// last: over TLS 1.2 the supported groups also name the curves a peer accepts for ECDSA
+/// certificates, so without it an `ec-p384` identity is refused by TLS 1.2 servers.
 pub fn default_kx() -> Vec<KxGroup> {
-    vec![KxGroup::X25519Mlkem768, KxGroup::X25519, KxGroup::Secp256r1]
+    vec![
+        KxGroup::X25519Mlkem768,
+        KxGroup::X25519,
+        KxGroup::Secp256r1,
+        KxGroup::Secp384r1,
+    ]
 }
 
 /// `[tls]`: the agent's own TLS connections (EST, JWK API, MQTT, probes) and the default of
