@@ -291,9 +291,14 @@ impl Engine {
         }
         // The CA first (ACME revokeCert): its refusal leaves everything as it was, so the
         // command can be repeated; the key is destroyed here only once the CA agreed.
-        let told = match (g.chain_pem(), self.identity_cfg(name)) {
-            (Some(chain), Ok(cfg)) => self
-                .issuer(&cfg.issuer)?
+        // An issuer that is no longer configured (or did not start) cannot be told; the
+        // revocation here goes on.
+        let issuer = self
+            .identity_cfg(name)
+            .ok()
+            .and_then(|cfg| self.issuers.get_mut(&cfg.issuer));
+        let told = match (g.chain_pem(), issuer) {
+            (Some(chain), Some(issuer)) => issuer
                 .revoke(chain)
                 .map_err(|e| err!("the CA did not revoke generation {n} of '{name}' ({e}); nothing was changed here: run the command again when the CA answers, or `edge-signer retire` to destroy the key without telling the CA"))?,
             _ => false,
