@@ -166,6 +166,22 @@ pub struct Register {
     pub schema_version: u32,
     /// By identity name.
     pub identities: BTreeMap<String, IdentityRecord>,
+    /// CA accounts (ACME), by issuer name; absent from the file while there are none, so
+    /// registers without one stay as earlier releases wrote them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub accounts: BTreeMap<String, CaAccount>,
+}
+
+/// An issuer's account at its CA (ACME): the account URL and the thumbprint of the token key
+/// the CA holds for it (the key itself is found in the token by its label).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaAccount {
+    /// The account URL (the `kid` of its requests).
+    pub url: String,
+    /// RFC 7638 thumbprint of the account key's public JWK.
+    pub thumbprint: String,
+    /// The directory it belongs to.
+    pub directory: String,
 }
 
 impl Register {
@@ -185,6 +201,7 @@ impl Default for Register {
         Register {
             schema_version: SCHEMA_VERSION,
             identities: BTreeMap::new(),
+            accounts: BTreeMap::new(),
         }
     }
 }

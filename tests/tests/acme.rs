@@ -27,6 +27,14 @@ fn enrol_and_rotate(env: &Env, name: &str) {
         objects.contains("edge-signer-acme:acme:account"),
         "{objects}"
     );
+    // The account is in the register: its URL and the thumbprint of the key the CA holds.
+    let reg = env.register();
+    let account = reg
+        .accounts
+        .get("acme")
+        .expect("the account in the register");
+    assert!(account.url.contains("/my-account/"), "{account:?}");
+    assert_eq!(account.thumbprint.len(), 43, "{account:?}");
 }
 
 /// The leaf names `NAME.example` and the chain verifies to pebble's root with openssl.
@@ -211,11 +219,19 @@ fn account_key_rollover_is_a_command_and_survives_a_kill() {
     acme_config(&env, &pebble, "web-7", "");
     env.ok(&["enroll", "web", "--timeout", "60"]);
     let before = env.pkcs11_objects();
+    let old = env.register().accounts["acme"].clone();
     let v: serde_json::Value =
         serde_json::from_str(&env.ok(&["acme", "rollover", "acme", "--json"])).unwrap();
     assert!(
         v["thumbprint"].as_str().is_some_and(|t| t.len() == 43),
         "{v}"
+    );
+    let new = env.register().accounts["acme"].clone();
+    assert_eq!(new.url, old.url, "the same account");
+    assert_eq!(
+        Some(new.thumbprint.as_str()),
+        v["thumbprint"].as_str(),
+        "the new key's thumbprint, in the register"
     );
     let after = env.pkcs11_objects();
     assert_ne!(before, after);

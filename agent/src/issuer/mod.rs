@@ -145,6 +145,12 @@ pub trait Issuer: Send {
     ) -> Result<Prepared, String> {
         Err("this issuer enrols certificates, not credentials".into())
     }
+    /// The CA account this issuer keeps (ACME), for the engine to hold in the register.
+    fn account(&self) -> Option<crate::register::CaAccount> {
+        None
+    }
+    /// The account the register holds for this issuer, given back when the engine starts.
+    fn restore_account(&mut self, _account: Option<crate::register::CaAccount>) {}
     /// Move the CA account to a new token key (ACME keyChange); returns the new key's
     /// thumbprint.
     fn rollover_account(&mut self) -> Result<String, String> {
@@ -174,6 +180,6 @@ pub fn from_config(
         IssuerConfig::Portal(p) => Ok(Box::new(portal::Portal::new(p)?)),
         IssuerConfig::Est(e) => Ok(Box::new(est::Est::new(e, token, state_dir)?)),
         IssuerConfig::JwkRotation(j) => Ok(Box::new(jwk_rotation::JwkApi::new(j)?)),
-        IssuerConfig::Acme(a) => Ok(Box::new(acme::Acme::new(a, token, state_dir)?)),
+        IssuerConfig::Acme(a) => Ok(Box::new(acme::Acme::new(a, token)?)),
     }
 }

@@ -64,6 +64,19 @@ impl Engine {
         rec: &IdentityRecord,
         now: Unix,
     ) -> Result<Progress> {
+        let r = self.ask_issuer_once(name, cfg, rec, now);
+        // What the issuer learnt of its CA account (ACME) goes to the register too.
+        self.keep_account(&cfg.issuer)?;
+        r
+    }
+
+    fn ask_issuer_once(
+        &mut self,
+        name: &str,
+        cfg: &IdentityConfig,
+        rec: &IdentityRecord,
+        now: Unix,
+    ) -> Result<Progress> {
         let (g, key) = self.pending_key(rec)?;
         let spki = key.info().spki.clone();
         let csr = g.need_csr()?.to_owned();

@@ -114,6 +114,9 @@ impl Engine {
             kill_at: std::env::var("EDGE_SIGNER_TEST_KILL_AT").ok(),
         };
         e.follow_poll_intervals();
+        for (name, issuer) in e.issuers.iter_mut() {
+            issuer.restore_account(e.reg.accounts.get(name).cloned());
+        }
         Ok(e)
     }
 
@@ -360,9 +363,25 @@ impl Engine {
     /// Move issuer `name`'s CA account to a new token key (`acme rollover`); the new key's
     /// thumbprint.
     pub fn rollover_account(&mut self, name: &str) -> Result<String> {
-        self.issuer(name)?
-            .rollover_account()
-            .map_err(|e| Error::permanent(format!("issuer '{name}': {e}")))
+        let r = self.issuer(name)?.rollover_account();
+        self.keep_account(name)?;
+        r.map_err(|e| Error::permanent(format!("issuer '{name}': {e}")))
+    }
+
+    /// Write issuer `name`'s CA account to the register when a call changed it.
+    pub(super) fn keep_account(&mut self, name: &str) -> Result<()> {
+        let Some(now) = self.issuers.get(name).map(|i| i.account()) else {
+            return Ok(());
+        };
+        if self.reg.accounts.get(name) == now.as_ref() {
+            return Ok(());
+        }
+        match now {
+            Some(a) => self.reg.accounts.insert(name.to_owned(), a),
+            None => self.reg.accounts.remove(name),
+        };
+        self.file.save(&self.reg)?;
+        Ok(())
     }
 
     fn identities_dir(&self) -> PathBuf {

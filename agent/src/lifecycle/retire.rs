@@ -305,6 +305,9 @@ impl Engine {
         };
         if told {
             tracing::info!(identity = %name, generation = n, "the CA revoked the certificate");
+            if let Ok(cfg) = self.identity_cfg(name) {
+                self.keep_account(&cfg.issuer)?;
+            }
         }
         // Marked revoked and the current one cleared in the same write as nothing else.
         self.retire_generation_and(name, n, GenStatus::Revoked, |r, now| {

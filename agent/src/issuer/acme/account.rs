@@ -1,13 +1,14 @@
 //! The ACME account: its key is a token key (made on first use, found again by its label
-//! after a restart), its JWS are made by the token, and its URL is kept beside the issuer's
-//! other state. newAccount with the same key answers with the same account, so a crash
-//! between making the key and writing the URL down loses nothing.
+//! after a restart), its JWS are made by the token, and its URL and key thumbprint are in the
+//! register (`Register::accounts`, written by the engine after each call). newAccount with the
+//! same key answers with the same account, so a crash between making the key and the register
+//! write loses nothing.
 
 use super::client::{Client, Problem, Signer};
+use crate::register::CaAccount;
 use firmware_config::schema::AcmeIssuer;
 use hsm_shim::jws::{b64url, public_jwk, thumbprint, JwsAlg};
 use hsm_shim::{KeyRef, Token, TokenKey};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The token label of issuer `name`'s account key.
@@ -46,50 +47,24 @@ impl Account {
     }
 }
 
-/// What is kept of the account: its URL and the thumbprint of the key the CA holds.
-fn read_record(state_dir: &Path, name: &str) -> Option<serde_json::Value> {
-    std::fs::read(record_path(state_dir, name))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+/// The register's record of the account.
+pub type Record = Option<CaAccount>;
+
+/// Record the account (the engine writes it to the register after the call).
+fn write_record(record: &mut Record, cfg: &AcmeIssuer, url: &str, thumbprint: &str) {
+    *record = Some(CaAccount {
+        url: url.to_owned(),
+        thumbprint: thumbprint.to_owned(),
+        directory: cfg.directory.clone(),
+    });
 }
 
-fn write_record(
-    state_dir: &Path,
-    cfg: &AcmeIssuer,
-    url: &str,
-    thumbprint: &str,
-) -> Result<(), Problem> {
-    let path = record_path(state_dir, &cfg.name);
-    let record =
-        serde_json::json!({ "url": url, "thumbprint": thumbprint, "directory": cfg.directory });
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))
-        .and_then(|_| firmware_config::store::atomic_write(&path, record.to_string().as_bytes()))
-        .map_err(|e| {
-            transport(format!(
-                "cannot record the account in {}: {e}",
-                path.display()
-            ))
-        })
-}
-
-/// The account URL recorded for the key with this thumbprint.
-fn recorded_for(state_dir: &Path, name: &str, thumbprint: &str) -> Option<String> {
-    read_record(state_dir, name)
-        .filter(|r| r["thumbprint"] == thumbprint)
-        .and_then(|r| r["url"].as_str().map(str::to_owned))
-}
-
-/// Whether the record still names `account`'s key (a rollover by another process moves it).
-pub fn still_recorded(state_dir: &Path, name: &str, account: &Account) -> bool {
-    recorded_for(state_dir, name, &account.thumbprint).is_some()
-}
-
-/// Where the account URL is kept.
-fn record_path(state_dir: &Path, name: &str) -> PathBuf {
-    state_dir
-        .join("issuers")
-        .join(name)
-        .join("acme-account.json")
+/// The account URL recorded for the key with this thumbprint at this directory.
+fn recorded_for(record: &Record, cfg: &AcmeIssuer, thumbprint: &str) -> Option<String> {
+    record
+        .as_ref()
+        .filter(|r| r.thumbprint == thumbprint && r.directory == cfg.directory)
+        .map(|r| r.url.clone())
 }
 
 fn transport(e: impl std::fmt::Display) -> Problem {
@@ -120,12 +95,12 @@ pub fn ensure(
     client: &mut Client,
     key: TokenKey,
     cfg: &AcmeIssuer,
-    state_dir: &Path,
+    record: &mut Record,
 ) -> Result<Account, Problem> {
     let alg = JwsAlg::for_key(key.key_type());
     let jwk = public_jwk(key.info()).map_err(transport)?;
     let thumbprint = thumbprint(&jwk);
-    if let Some(url) = recorded_for(state_dir, &cfg.name, &thumbprint) {
+    if let Some(url) = recorded_for(record, cfg, &thumbprint) {
         return Ok(Account {
             url,
             key,
@@ -147,7 +122,7 @@ pub fn ensure(
         .location
         .clone()
         .ok_or_else(|| transport("newAccount answered without the account's Location"))?;
-    write_record(state_dir, cfg, &url, &thumbprint)?;
+    write_record(record, cfg, &url, &thumbprint);
     tracing::info!(issuer = %cfg.name, account = %url, "ACME account ready");
     Ok(Account {
         key,
@@ -228,7 +203,7 @@ pub fn settle(
     client: &mut Client,
     token: &Arc<Token>,
     cfg: &AcmeIssuer,
-    state_dir: &Path,
+    record: &mut Record,
 ) -> Result<(), Problem> {
     let Some(next) = find(token, &next_label(&cfg.name))? else {
         return Ok(());
@@ -236,7 +211,7 @@ pub fn settle(
     let cur = find(token, &key_label(&cfg.name))?;
     let next_jwk = public_jwk(next.info()).map_err(transport)?;
     let next_thumb = thumbprint(&next_jwk);
-    let held = recorded_for(state_dir, &cfg.name, &next_thumb).is_some() || cur.is_none() || {
+    let held = recorded_for(record, cfg, &next_thumb).is_some() || cur.is_none() || {
         // Ask the CA with the next key alone whether it is the account's now.
         let alg = JwsAlg::for_key(next.key_type());
         let url = client.url("newAccount")?;
@@ -244,7 +219,7 @@ pub fn settle(
         match client.post(&url, &Signer::Jwk(&next, alg, &next_jwk), Some(&probe)) {
             Ok(a) => {
                 let url = a.location.unwrap_or_default();
-                write_record(state_dir, cfg, &url, &next_thumb)?;
+                write_record(record, cfg, &url, &next_thumb);
                 true
             }
             Err(p) if p.kind == "accountDoesNotExist" => false,
@@ -267,7 +242,7 @@ pub fn rollover(
     account: &Account,
     token: &Arc<Token>,
     cfg: &AcmeIssuer,
-    state_dir: &Path,
+    record: &mut Record,
 ) -> Result<String, Problem> {
     let next = match find(token, &next_label(&cfg.name))? {
         Some(k) => k,
@@ -302,7 +277,7 @@ pub fn rollover(
             .status();
     }
     let next_thumb = thumbprint(&next_jwk);
-    write_record(state_dir, cfg, &account.url, &next_thumb)?;
+    write_record(record, cfg, &account.url, &next_thumb);
     promote_next(token, cfg, Some(&account.key), &next)?;
     tracing::info!(issuer = %cfg.name, account = %account.url, "ACME account key rolled over");
     Ok(next_thumb)

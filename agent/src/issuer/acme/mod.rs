@@ -17,14 +17,14 @@ use client::{Client, Problem};
 use firmware_config::schema::{AcmeIssuer, Challenge};
 use hsm_shim::rustls::pki_types::CertificateDer;
 use hsm_shim::Token;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 /// An ACME CA.
 pub struct Acme {
     cfg: AcmeIssuer,
     token: Arc<Token>,
-    state_dir: PathBuf,
+    /// The account as the register holds it (given at start, read back by the engine).
+    record: account::Record,
     anchors: Vec<CertificateDer<'static>>,
     server_roots: Vec<CertificateDer<'static>>,
     client: Option<Client>,
@@ -103,11 +103,7 @@ fn wait(until: Unix, what: impl Into<String>) -> IssuerAnswer {
 impl Acme {
     /// From config: the CA bundles are read now; the account is made or found at the first
     /// request.
-    pub fn new(
-        cfg: &AcmeIssuer,
-        token: &Arc<Token>,
-        state_dir: &std::path::Path,
-    ) -> crate::error::Result<Acme> {
+    pub fn new(cfg: &AcmeIssuer, token: &Arc<Token>) -> crate::error::Result<Acme> {
         let anchors = crate::tlsconf::load_certs(&cfg.ca_bundle)?;
         let server_roots = match &cfg.server_ca {
             Some(p) => crate::tlsconf::load_certs(p)?,
@@ -116,7 +112,7 @@ impl Acme {
         Ok(Acme {
             cfg: cfg.clone(),
             token: token.clone(),
-            state_dir: state_dir.to_owned(),
+            record: None,
             anchors,
             server_roots,
             client: None,
@@ -140,22 +136,14 @@ impl Acme {
                 self.cfg.timeout.to_std(),
             )?);
         }
-        // Another process (`acme rollover`) may have moved the account to a new key.
-        if self
-            .account
-            .as_ref()
-            .is_some_and(|a| !account::still_recorded(&self.state_dir, &self.cfg.name, a))
-        {
-            self.account = None;
-        }
         if self.account.is_none() {
             let client = self
                 .client
                 .as_mut()
                 .ok_or_else(|| Problem::transport("no ACME directory"))?;
-            account::settle(client, &self.token, &self.cfg, &self.state_dir)?;
+            account::settle(client, &self.token, &self.cfg, &mut self.record)?;
             let key = account::account_key(&self.token, &self.cfg)?;
-            self.account = Some(account::ensure(client, key, &self.cfg, &self.state_dir)?);
+            self.account = Some(account::ensure(client, key, &self.cfg, &mut self.record)?);
         }
         Ok(())
     }
@@ -457,12 +445,21 @@ impl Issuer for Acme {
         &self.anchors
     }
 
+    fn account(&self) -> Option<crate::register::CaAccount> {
+        self.record.clone()
+    }
+
+    fn restore_account(&mut self, account: Option<crate::register::CaAccount>) {
+        self.record = account;
+        self.account = None;
+    }
+
     fn rollover_account(&mut self) -> Result<String, String> {
         self.session().map_err(|p| p.to_string())?;
         let (Some(c), Some(a)) = (self.client.as_mut(), self.account.as_ref()) else {
             return Err("no ACME session".into());
         };
-        let t = account::rollover(c, a, &self.token, &self.cfg, &self.state_dir)
+        let t = account::rollover(c, a, &self.token, &self.cfg, &mut self.record)
             .map_err(|p| format!("ACME keyChange: {p}"))?;
         self.account = None;
         Ok(t)
