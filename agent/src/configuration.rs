@@ -6,13 +6,16 @@ use firmware_config::store::{Loaded, Sources};
 /// The effective configuration of `sources`. When it is invalid, the error lists every
 /// problem, then the files read and those not found, and how to point at other files: a
 /// first install with the files elsewhere shows up as "not found", not only as missing keys.
+/// Every TLS connection the process makes from then on offers its `[tls] kx` groups.
 pub fn load(sources: &Sources) -> crate::error::Result<Loaded> {
-    sources.load().map_err(|e| {
+    let loaded = sources.load().map_err(|e| {
         crate::err!(
             "the configuration is invalid:\n{e}\n{}",
             looked_for(sources)
         )
-    })
+    })?;
+    crate::tlsconf::set_default_kx(&loaded.effective.config.tls.kx);
+    Ok(loaded)
 }
 
 /// "files read: ...; not found: ... (how to name others)".

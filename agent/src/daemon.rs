@@ -49,6 +49,17 @@ pub fn open_token(cfg: &Config, o: &TokenOverride) -> Result<Arc<Token>> {
 
 /// Load the configuration and build the engine (issuers, token, register).
 pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Result<Engine> {
+    // Loading sets the key exchange groups the agent's connections offer; a refused reload
+    // puts back the running ones.
+    let kx_before = crate::tlsconf::default_kx();
+    let built = load_engine(sources, o, clock);
+    if built.is_err() {
+        crate::tlsconf::set_default_kx(&kx_before);
+    }
+    built
+}
+
+fn load_engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Result<Engine> {
     let loaded = crate::configuration::load(sources)?;
     for w in &loaded.warnings {
         tracing::warn!("{w}");
@@ -57,15 +68,7 @@ pub fn engine(sources: &Sources, o: &TokenOverride, clock: Arc<dyn Clock>) -> Re
     for (at, why) in firmware_config::validate::files(&cfg) {
         tracing::warn!("{at}: {why}");
     }
-    // The issuers' connections offer the configured key exchange groups; a refused reload
-    // leaves the running ones.
-    let kx_before = crate::tlsconf::default_kx();
-    crate::tlsconf::set_default_kx(&cfg.tls.kx);
-    let built = build_engine(cfg, o, clock);
-    if built.is_err() {
-        crate::tlsconf::set_default_kx(&kx_before);
-    }
-    built
+    build_engine(cfg, o, clock)
 }
 
 fn build_engine(cfg: Config, o: &TokenOverride, clock: Arc<dyn Clock>) -> Result<Engine> {
