@@ -280,11 +280,13 @@ impl Generation {
             .ok_or_else(|| self.missing("certificate chain"))
     }
 
-    /// Record the chain as it came back: requested -> issued (a chain issued again replaces
-    /// the unchecked one).
-    pub fn issue(&mut self, chain: String) -> Result<(), Missing> {
-        let material = std::mem::replace(&mut self.material, Material::Planned);
-        self.material = match material {
+    /// Take the key, CSR and submission out of a requested or issued generation (or, with
+    /// `certified`, a certified one); anything else is left as it was.
+    fn take_request(
+        &mut self,
+        certified: bool,
+    ) -> Result<(KeyRecord, String, Option<String>), Missing> {
+        match std::mem::replace(&mut self.material, Material::Planned) {
             Material::Requested {
                 key,
                 csr_pem,
@@ -295,50 +297,41 @@ impl Generation {
                 csr_pem,
                 submission,
                 ..
-            } => Material::Issued {
+            } => Ok((key, csr_pem, submission)),
+            Material::Certified {
                 key,
                 csr_pem,
                 submission,
-                chain_pem: chain,
-            },
+                ..
+            } if certified => Ok((key, csr_pem, submission)),
             other => {
                 self.material = other;
-                return Err(self.missing("CSR"));
+                Err(self.missing("CSR"))
             }
+        }
+    }
+
+    /// Record the chain as it came back: requested -> issued (a chain issued again replaces
+    /// the unchecked one).
+    pub fn issue(&mut self, chain: String) -> Result<(), Missing> {
+        let (key, csr_pem, submission) = self.take_request(false)?;
+        self.material = Material::Issued {
+            key,
+            csr_pem,
+            submission,
+            chain_pem: chain,
         };
         Ok(())
     }
 
     /// Record the validated certificate: issued -> certified.
     pub fn certify(&mut self, cert: IssuedCert) -> Result<(), Missing> {
-        let material = std::mem::replace(&mut self.material, Material::Planned);
-        self.material = match material {
-            Material::Requested {
-                key,
-                csr_pem,
-                submission,
-            }
-            | Material::Issued {
-                key,
-                csr_pem,
-                submission,
-                ..
-            }
-            | Material::Certified {
-                key,
-                csr_pem,
-                submission,
-                ..
-            } => Material::Certified {
-                key,
-                csr_pem,
-                submission,
-                cert,
-            },
-            other => {
-                self.material = other;
-                return Err(self.missing("CSR"));
-            }
+        let (key, csr_pem, submission) = self.take_request(true)?;
+        self.material = Material::Certified {
+            key,
+            csr_pem,
+            submission,
+            cert,
         };
         Ok(())
     }

@@ -179,12 +179,7 @@ impl Acme {
     /// Work on each authorization of `order`: valid ones are done; for a pending one the
     /// preferred challenge the CA offers is provisioned and, once, answered.
     fn authorize(&mut self, order: &serde_json::Value, now: Unix) -> IssuerAnswer {
-        let urls: Vec<String> = order["authorizations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|u| u.as_str().map(str::to_owned))
-            .collect();
+        let urls = authorization_urls(order);
         let mut waiting = Vec::new();
         for url in urls {
             let authz = match self.get_json(&url) {
@@ -268,12 +263,7 @@ impl Acme {
     /// Why an order is invalid: the challenge that failed, named with the CA's reason, or
     /// the order's own error.
     fn why_invalid(&mut self, order: &serde_json::Value) -> String {
-        let urls: Vec<String> = order["authorizations"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|u| u.as_str().map(str::to_owned))
-            .collect();
+        let urls = authorization_urls(order);
         for url in urls {
             if let Ok(authz) = self.get_json(&url) {
                 if authz["status"] == "invalid" {
@@ -320,6 +310,16 @@ impl Acme {
         }
         IssuerAnswer::Issued(pem)
     }
+}
+
+/// The authorization URLs of an order.
+fn authorization_urls(order: &serde_json::Value) -> Vec<String> {
+    order["authorizations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u.as_str().map(str::to_owned))
+        .collect()
 }
 
 /// Whether the top certificate of `pem` was issued by a CA with common name `cn`.
