@@ -280,6 +280,22 @@ impl Token {
     /// Generation is the last call of its session step, so a session lost afterwards (while
     /// the new key is read back) retries only the reading, never makes a second pair.
     pub fn generate_key(&self, key_type: KeyType, label: &str) -> Result<KeyInfo> {
+        self.generate_key_for(key_type, label, false)
+    }
+
+    /// [`Token::generate_key`], and with `decrypt` an RSA key that may also decrypt (RSA key
+    /// transport: a SCEP answer is encrypted to the requesting key). Never extractable.
+    pub fn generate_key_for(
+        &self,
+        key_type: KeyType,
+        label: &str,
+        decrypt: bool,
+    ) -> Result<KeyInfo> {
+        if decrypt && key_type.ec_params().is_some() {
+            return Err(Error::InvalidRequest(format!(
+                "a {key_type} key cannot decrypt: key transport needs an RSA key"
+            )));
+        }
         self.mechanisms()?.check_keygen(key_type)?;
         let id = self.with_session(|s| {
             let id = loop {
@@ -302,7 +318,7 @@ impl Token {
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Sign(true),
-                Attribute::Decrypt(false),
+                Attribute::Decrypt(decrypt),
                 Attribute::Derive(false),
             ]);
             let (mech, public) = match key_type.ec_params() {

@@ -156,6 +156,22 @@ impl TokenKey {
         self.sign_input(plan, alg, mech, &data, false)
     }
 
+    /// Decrypt an RSA PKCS#1 v1.5 key-transport block (a CMS `encryptedKey`) in the token; the
+    /// key must have been made to decrypt ([`crate::Token::generate_key_for`]).
+    pub fn decrypt_rsa_pkcs1(&self, ciphertext: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        if !matches!(self.key_type(), KeyType::Rsa2048 | KeyType::Rsa3072) {
+            return Err(Error::InvalidRequest(format!(
+                "RSA decryption with a {} key",
+                self.key_type()
+            )));
+        }
+        let out = self.token.with_session(|s| {
+            let h = self.private_handle(s)?;
+            Ok(s.decrypt(&Mechanism::RsaPkcs, h, ciphertext)?)
+        })?;
+        Ok(zeroize::Zeroizing::new(out))
+    }
+
     fn sign_raw(&self, alg: SignAlg, mech: Mechanism<'static>, data: &[u8]) -> Result<Vec<u8>> {
         let start = std::time::Instant::now();
         let out = self.sign_in_token(alg, mech, data);

@@ -263,8 +263,52 @@ fn wrong_pin_and_unknown_label_say_what_is_wrong(kind: TokenKind) {
     assert_eq!(by_serial.label(), "test");
 }
 
+/// A key made to decrypt (SCEP's key transport) decrypts in the token what openssl
+/// encrypted to its public key; a key made to sign only refuses, and an EC key cannot be made
+/// to decrypt.
+fn an_rsa_key_made_to_decrypt_decrypts_key_transport_and_others_refuse(kind: TokenKind) {
+    let t = TestToken::new_on(kind);
+    let dir = tempfile::tempdir().unwrap();
+    let encrypt_to = |info: &hsm_shim::KeyInfo, secret: &[u8]| -> Vec<u8> {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&info.spki);
+        let pem = format!("-----BEGIN PUBLIC KEY-----\n{b64}\n-----END PUBLIC KEY-----\n");
+        std::fs::write(dir.path().join("pub.pem"), pem).unwrap();
+        std::fs::write(dir.path().join("secret"), secret).unwrap();
+        let out = std::process::Command::new("openssl")
+            .args([
+                "pkeyutl", "-encrypt", "-pubin", "-inkey", "pub.pem", "-in", "secret",
+            ])
+            .args(["-pkeyopt", "rsa_padding_mode:pkcs1"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    };
+    let info = t
+        .token
+        .generate_key_for(KeyType::Rsa2048, "scep", true)
+        .unwrap();
+    let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
+    let cek = [7u8; 32];
+    let plain = key.decrypt_rsa_pkcs1(&encrypt_to(&info, &cek)).unwrap();
+    assert_eq!(&plain[..], &cek[..]);
+    let p = t.token.private_key_protection(&info.id).unwrap();
+    assert!(p.sensitive && !p.extractable, "{p:?}");
+
+    let signer = t.token.generate_key(KeyType::Rsa2048, "sign-only").unwrap();
+    let key = TokenKey::open(t.token.clone(), &KeyRef::Id(signer.id.clone())).unwrap();
+    assert!(key.decrypt_rsa_pkcs1(&encrypt_to(&signer, &cek)).is_err());
+    assert!(t
+        .token
+        .generate_key_for(KeyType::EcP256, "ec", true)
+        .is_err());
+}
+
 hsm_shim::token_tests!(
     every_key_type_is_sensitive_unextractable_and_signs_verifiably,
+    an_rsa_key_made_to_decrypt_decrypts_key_transport_and_others_refuse,
     jws_es256_verifies_with_ring,
     two_threads_sign_concurrently,
     session_lost_by_logout_is_reopened_and_logged_in_again,
