@@ -9,6 +9,7 @@ pub mod acme;
 pub mod est;
 pub mod jwk_rotation;
 pub mod portal;
+pub mod scep;
 
 use crate::clock::Unix;
 use hsm_shim::rustls::pki_types::CertificateDer;
