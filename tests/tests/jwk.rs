@@ -273,7 +273,7 @@ socket = "{p}/api.sock"
 [[api.allow]]
 uids = [65534]
 identities = ["api"]
-operations = ["jws", "sign"]
+operations = ["jws", "sign", "chain"]
 "#,
         p = env.dir.path().display()
     );
@@ -326,6 +326,17 @@ operations = ["jws", "sign"]
         assert!(text.ends_with("403"), "{op} {body}: {text}");
         assert!(text.contains("JWK rotation API credential"), "{text}");
     }
+    // A credential has no certificate chain: a 404 that says so, not an empty chain.
+    let out = env.curl_as_nobody(
+        "api.sock",
+        "/v1/identities/api/chain",
+        &["-w", "\n%{http_code}"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("404") && text.contains("has no certificate chain"),
+        "{text}"
+    );
     // An ordinary payload still signs for the granted caller.
     let ok = post("jws", &serde_json::json!({ "payload": {"amount": 5} }));
     assert!(ok.ends_with("200"), "{ok}");
