@@ -344,3 +344,37 @@ fn a_failed_challenge_says_which_and_why() {
     );
     assert!(!env.pkcs11_objects().contains(&g1.key_id_hex().unwrap()));
 }
+
+/// The account key as the configuration says: P-384 (ES384) and RSA-2048 (RS256) accounts
+/// enrol against pebble too, their keys made in the token.
+#[test]
+fn p384_and_rsa_account_keys_sign_with_es384_and_rs256() {
+    for (kt, name) in [("ec-p384", "web-10"), ("rsa-2048", "web-11")] {
+        let env = Env::new();
+        env.make_ca("ca");
+        let pebble = Pebble::start(&env, PebbleOptions::default());
+        acme_config(&env, &pebble, name, &format!("account_key_type = \"{kt}\""));
+        env.ok(&["enroll", "web", "--timeout", "60"]);
+        assert_eq!(env.record("web").current, Some(1), "{kt}");
+        let objects = env.pkcs11_objects();
+        // The header line of the private key object whose label is the account's.
+        let mut header = "";
+        let mut account = None;
+        for line in objects.lines() {
+            if line.contains("Key Object") {
+                header = line;
+            } else if line.contains("edge-signer-acme:acme:account")
+                && header.starts_with("Private")
+            {
+                account = Some(header);
+            }
+        }
+        let account = account.unwrap_or_else(|| panic!("{kt}: no account key in {objects}"));
+        let want = if kt == "rsa-2048" {
+            "Private Key Object; RSA"
+        } else {
+            "Private Key Object; EC"
+        };
+        assert!(account.starts_with(want), "{kt}: {account}");
+    }
+}
