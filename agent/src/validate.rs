@@ -116,8 +116,19 @@ fn attr_name(oid: &str) -> Option<&'static str> {
 
 /// The subject of a certificate as `O=..,CN=..` in encoding order.
 fn subject_of(cert: &x509_cert::Certificate) -> Subject {
+    name_of(&cert.tbs_certificate.subject)
+}
+
+/// The common name of the issuer of certificate `der` (an ACME chain's top, say).
+pub fn issuer_cn(der: &[u8]) -> Option<String> {
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    cn(&name_of(&cert.tbs_certificate.issuer)).map(str::to_owned)
+}
+
+/// A name as `O=..,CN=..` in encoding order.
+fn name_of(name: &x509_cert::name::Name) -> Subject {
     let mut v = Vec::new();
-    for rdn in cert.tbs_certificate.subject.0.iter() {
+    for rdn in name.0.iter() {
         for atv in rdn.0.iter() {
             let name = attr_name(&atv.oid.to_string())
                 .map(str::to_owned)

@@ -1,6 +1,6 @@
 //! Debian's `pebble` (the ACME test CA Let's Encrypt publishes) and `pebble-challtestsrv`
 //! (its DNS), started on loopback ports for one test. Pebble's awkward defaults stay on: it
-//! refuses 5 % of nonces (`PEBBLE_WFE_NONCEREJECT`) and reuses half of the valid
+//! refuses a share of nonces (`PEBBLE_WFE_NONCEREJECT`) and reuses half of the valid
 //! authorizations; only its random validation sleeps are off (`PEBBLE_VA_NOSLEEP`), which
 //! changes timing, not behaviour.
 
@@ -157,4 +157,20 @@ impl Env {
         assert!(out.status.success(), "curl {url}: {out:?}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+}
+
+/// A fresh env with its test CA (`ca`, which signs pebble's HTTPS certificate) and pebble.
+pub fn pebble_env(opts: PebbleOptions) -> (Env, Pebble) {
+    let env = Env::new();
+    env.make_ca("ca");
+    let pebble = Pebble::start(&env, opts);
+    (env, pebble)
+}
+
+/// [`pebble_env`] with pebble's defaults and identity `web` (`NAME.example`) configured
+/// with `issuer_extra` ([`acme_config`]).
+pub fn acme_env(name: &str, issuer_extra: &str) -> (Env, Pebble) {
+    let (env, pebble) = pebble_env(PebbleOptions::default());
+    acme_config(&env, &pebble, name, issuer_extra);
+    (env, pebble)
 }

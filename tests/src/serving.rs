@@ -140,3 +140,49 @@ pub fn ok_body_len(head: &[u8]) -> usize {
         .parse()
         .unwrap_or_else(|e| panic!("content-length in {head}: {e}"))
 }
+
+/// An `[api]` on `{p}/api.sock` that lets this uid read `/metrics`.
+pub fn metrics_api_toml() -> String {
+    format!(
+        "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\n\n[[api.allow]]\nuids = [{}]\nidentities = [\"*\"]\noperations = [\"metrics\"]\n",
+        crate::my_uid()
+    )
+}
+
+/// The sum of the samples of `metric` whose labels include every pair of `labels`, in the
+/// Prometheus text `text` (which must parse).
+pub fn metric_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines)
+        .expect("Prometheus text")
+        .samples
+        .iter()
+        .filter(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+impl Env {
+    /// The daemon's `/metrics` text, through `{p}/api.sock`.
+    pub fn metrics_text(&self) -> String {
+        let out = self.curl("api.sock", "/metrics", &[]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `rotate NAME --now` killed (`kill -9`, the test hook) right after `step` is on disk;
+    /// insists it was.
+    pub fn rotate_killed_after(&self, name: &str, secs: u32, step: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        let out = self.rotate_now_with(name, secs, ("EDGE_SIGNER_TEST_KILL_AT", step));
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "{step}: not killed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! answered by the agent itself: first enrolment and rotation, a new token key each time,
 //! the chain validated, the account key a token key.
 
-use edge_signer_tests::acme::{acme_config, Pebble, PebbleOptions};
+use edge_signer_tests::acme::{acme_config, acme_env, pebble_env, PebbleOptions};
 use edge_signer_tests::*;
 
 /// Enrol `web` (`NAME.example`), rotate it, and check what a reader would: two generations,
@@ -75,27 +75,19 @@ fn assert_chain_verifies_to(env: &Env, chain: &str, name: &str, root: &str) {
 
 #[test]
 fn http_01_enrols_and_rotates_against_pebble() {
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
-    acme_config(&env, &pebble, "web-1", "challenges = [\"http-01\"]");
+    let (env, _pebble) = acme_env("web-1", "challenges = [\"http-01\"]");
     enrol_and_rotate(&env, "web-1");
 }
 
 #[test]
 fn tls_alpn_01_enrols_and_rotates_against_pebble() {
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
-    acme_config(&env, &pebble, "web-2", "challenges = [\"tls-alpn-01\"]");
+    let (env, _pebble) = acme_env("web-2", "challenges = [\"tls-alpn-01\"]");
     enrol_and_rotate(&env, "web-2");
 }
 
 #[test]
 fn dns_01_through_the_hook_enrols_and_rotates_against_pebble() {
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
+    let (env, pebble) = pebble_env(PebbleOptions::default());
     let hook = pebble.dns_hook(&env);
     acme_config(
         &env,
@@ -114,11 +106,7 @@ fn dns_01_through_the_hook_enrols_and_rotates_against_pebble() {
 /// never opening a second one for the generation.
 #[test]
 fn a_kill_at_each_persisted_step_resumes_the_same_order() {
-    use std::os::unix::process::ExitStatusExt;
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
-    acme_config(&env, &pebble, "web-4", "");
+    let (env, _pebble) = acme_env("web-4", "");
     env.ok(&["enroll", "web", "--timeout", "60"]);
     let mut n = 1;
     for step in [
@@ -128,8 +116,7 @@ fn a_kill_at_each_persisted_step_resumes_the_same_order() {
         "issued",
         "validated",
     ] {
-        let out = env.rotate_now_with("web", 60, ("EDGE_SIGNER_TEST_KILL_AT", step));
-        assert_eq!(out.status.signal(), Some(9), "{step}: not killed: {out:?}");
+        env.rotate_killed_after("web", 60, step);
         n += 1;
         let order = env.generation("web", n).submission().map(str::to_owned);
         env.ok(&["rotate", "web", "--timeout", "60"]);
@@ -152,17 +139,12 @@ fn a_kill_at_each_persisted_step_resumes_the_same_order() {
 
 #[test]
 fn external_account_binding_is_sent_when_the_ca_requires_it() {
-    let env = Env::new();
-    env.make_ca("ca");
     // 32 bytes, base64url, as a CA hands out an EAB HMAC key.
     let hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
-    let pebble = Pebble::start(
-        &env,
-        PebbleOptions {
-            eab: Some(("kid-1".into(), hmac.into())),
-            ..Default::default()
-        },
-    );
+    let (env, pebble) = pebble_env(PebbleOptions {
+        eab: Some(("kid-1".into(), hmac.into())),
+        ..Default::default()
+    });
     std::fs::write(env.path("eab.key"), format!("{hmac}\n")).unwrap();
     let eab = format!(
         "eab = {{ key_id = \"kid-1\", hmac_file = \"{}\" }}",
@@ -188,10 +170,7 @@ fn external_account_binding_is_sent_when_the_ca_requires_it() {
 /// destroys the key: pebble's status of the serial says revoked.
 #[test]
 fn revoke_goes_to_the_ca_as_well_as_the_register() {
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
-    acme_config(&env, &pebble, "web-6", "");
+    let (env, pebble) = acme_env("web-6", "");
     env.ok(&["enroll", "web", "--timeout", "60"]);
     let serial = env
         .generation("web", 1)
@@ -219,10 +198,7 @@ fn revoke_goes_to_the_ca_as_well_as_the_register() {
 #[test]
 fn account_key_rollover_is_a_command_and_survives_a_kill() {
     use std::os::unix::process::ExitStatusExt;
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
-    acme_config(&env, &pebble, "web-7", "");
+    let (env, _pebble) = acme_env("web-7", "");
     env.ok(&["enroll", "web", "--timeout", "60"]);
     let before = env.pkcs11_objects();
     let old = env.register().accounts["acme"].clone();
@@ -272,15 +248,10 @@ fn account_key_rollover_is_a_command_and_survives_a_kill() {
 /// accepted (the CA bundle holds that root alone).
 #[test]
 fn preferred_chain_takes_the_alternate_chain_the_ca_links() {
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(
-        &env,
-        PebbleOptions {
-            alternate_roots: 1,
-            ..Default::default()
-        },
-    );
+    let (env, pebble) = pebble_env(PebbleOptions {
+        alternate_roots: 1,
+        ..Default::default()
+    });
     let subject = env.openssl(&[
         "x509",
         "-in",
@@ -315,10 +286,7 @@ fn preferred_chain_takes_the_alternate_chain_the_ca_links() {
 /// named with the CA's reason, and the generation is given up (its key destroyed).
 #[test]
 fn a_failed_challenge_says_which_and_why() {
-    let env = Env::new();
-    env.make_ca("ca");
-    let pebble = Pebble::start(&env, PebbleOptions::default());
-    acme_config(&env, &pebble, "web-9", "challenges = [\"http-01\"]");
+    let (env, pebble) = acme_env("web-9", "challenges = [\"http-01\"]");
     let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
     let elsewhere = free_port();
     std::fs::write(
@@ -350,10 +318,7 @@ fn a_failed_challenge_says_which_and_why() {
 #[test]
 fn p384_and_rsa_account_keys_sign_with_es384_and_rs256() {
     for (kt, name) in [("ec-p384", "web-10"), ("rsa-2048", "web-11")] {
-        let env = Env::new();
-        env.make_ca("ca");
-        let pebble = Pebble::start(&env, PebbleOptions::default());
-        acme_config(&env, &pebble, name, &format!("account_key_type = \"{kt}\""));
+        let (env, _pebble) = acme_env(name, &format!("account_key_type = \"{kt}\""));
         env.ok(&["enroll", "web", "--timeout", "60"]);
         assert_eq!(env.record("web").current, Some(1), "{kt}");
         let objects = env.pkcs11_objects();

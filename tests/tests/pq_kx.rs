@@ -40,33 +40,36 @@ fn openssl_wheel_target(env: &Env) -> (Guard, u16) {
     (Guard(child), port)
 }
 
-fn metrics_api() -> String {
-    format!(
-        "\n[api]\nenabled = true\nsocket = \"{{p}}/api.sock\"\n\n[[api.allow]]\nuids = [{}]\nidentities = [\"*\"]\noperations = [\"metrics\"]\n",
-        my_uid()
+/// Connections counted by the metrics for `proxy` with result ok and group `kx`.
+fn counted(env: &Env, proxy: &str, kx: &str) -> f64 {
+    serving::metric_sum(
+        &env.metrics_text(),
+        "edge_signer_proxy_connections_total",
+        &[("proxy", proxy), ("result", "ok"), ("kx", kx)],
     )
 }
 
-/// Connections counted by the metrics for `proxy` with result ok and group `kx`.
-fn counted(env: &Env, proxy: &str, kx: &str) -> f64 {
-    let out = env.curl("api.sock", "/metrics", &[]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    prometheus_parse::Scrape::parse(lines)
-        .expect("Prometheus text")
-        .samples
+/// Two routes (name, target port, extra lines), each on `{p}/NAME.sock` checking `ca.pem`,
+/// the metrics API, the portal CA and the daemon, once it serves `gw` and listens.
+fn serve_routes(env: &Env, routes: [(&str, u16, &str); 2]) -> (PortalCa, Guard) {
+    let tables: String = routes
         .iter()
-        .filter(|s| {
-            s.metric == "edge_signer_proxy_connections_total"
-                && s.labels.get("proxy") == Some(proxy)
-                && s.labels.get("result") == Some("ok")
-                && s.labels.get("kx") == Some(kx)
+        .map(|(name, port, extra)| {
+            serving::proxy_table(
+                name,
+                &format!("{{p}}/{name}.sock"),
+                *port,
+                "{p}/ca.pem",
+                extra,
+            )
         })
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum()
+        .collect();
+    env.serving_config("1d", &(tables + &serving::metrics_api_toml()));
+    let ca = env.portal_ca(CaMode::Good);
+    let daemon = env.daemon();
+    env.wait_served("gw", 1);
+    env.wait_log("proxy listening");
+    (ca, daemon)
 }
 
 /// One request through the proxy socket `sock`: the page.
@@ -89,19 +92,13 @@ fn the_hybrid_group_is_negotiated_with_a_server_that_has_it_and_classic_routes_s
     env.openssl_leaf("ca", "server");
     let (_target, target) = openssl_wheel_target(&env);
     let (pq, classic) = (KxRelay::start(target), KxRelay::start(target));
-    let tables = serving::proxy_table("pq", "{p}/pq.sock", pq.port, "{p}/ca.pem", "")
-        + &serving::proxy_table(
-            "classic",
-            "{p}/classic.sock",
-            classic.port,
-            "{p}/ca.pem",
-            "kx = [\"X25519\", \"secp256r1\"]",
-        );
-    env.serving_config("1d", &(tables + &metrics_api()));
-    let _ca = env.portal_ca(CaMode::Good);
-    let _daemon = env.daemon();
-    env.wait_served("gw", 1);
-    env.wait_log("proxy listening");
+    let _serving = serve_routes(
+        &env,
+        [
+            ("pq", pq.port, ""),
+            ("classic", classic.port, "kx = [\"X25519\", \"secp256r1\"]"),
+        ],
+    );
 
     let text = page(&env, "pq.sock");
     assert!(text.contains(&format!("client {}", env.gw_cn(1))), "{text}");
@@ -132,19 +129,13 @@ fn a_server_without_ml_kem_completes_on_x25519_without_a_retry() {
     let (_www, www) = env.s_server("ca", &[], Some("www.log"));
     let relay = KxRelay::start(www);
     let p256 = KxRelay::start(www);
-    let tables = serving::proxy_table("web", "{p}/web.sock", relay.port, "{p}/ca.pem", "")
-        + &serving::proxy_table(
-            "p256",
-            "{p}/p256.sock",
-            p256.port,
-            "{p}/ca.pem",
-            "kx = [\"secp256r1\"]",
-        );
-    env.serving_config("1d", &(tables + &metrics_api()));
-    let _ca = env.portal_ca(CaMode::Good);
-    let _daemon = env.daemon();
-    env.wait_served("gw", 1);
-    env.wait_log("proxy listening");
+    let _serving = serve_routes(
+        &env,
+        [
+            ("web", relay.port, ""),
+            ("p256", p256.port, "kx = [\"secp256r1\"]"),
+        ],
+    );
 
     page(&env, "web.sock");
     let seen = relay.seen();

@@ -280,19 +280,7 @@ fn banner_route(kind: TokenKind, idle: u32, extra: &str, more: &str) -> (Env, Gu
 
 /// On a TPM the handshake signature takes milliseconds: it runs under `block_in_place`.
 fn preconnect_hands_over_a_live_spare_with_its_banner_and_never_a_closed_one(kind: TokenKind) {
-    let api = format!(
-        r#"
-[api]
-enabled = true
-socket = "{{p}}/api.sock"
-
-[[api.allow]]
-uids = [{uid}]
-identities = ["*"]
-operations = ["metrics"]
-"#,
-        uid = my_uid()
-    );
+    let api = serving::metrics_api_toml();
     let (env, _server, port) = banner_route(kind, 3, "preconnect = true", &api);
     let _ca = env.portal_ca(CaMode::Good);
     let _daemon = env.daemon();
@@ -308,22 +296,9 @@ operations = ["metrics"]
     std::thread::sleep(Duration::from_millis(3500));
     greeted_echo(port, "third");
 
-    let out = env.curl("api.sock", "/metrics", &[]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let spares = |fate: &str| -> f64 {
-        let lines = text.lines().map(|l| Ok(l.to_owned()));
-        prometheus_parse::Scrape::parse(lines)
-            .expect("Prometheus text")
-            .samples
-            .iter()
-            .filter(|s| {
-                s.metric == "edge_signer_proxy_spares_total" && s.labels.get("fate") == Some(fate)
-            })
-            .map(|s| match s.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
-            .sum()
+    let text = env.metrics_text();
+    let spares = |fate: &str| {
+        serving::metric_sum(&text, "edge_signer_proxy_spares_total", &[("fate", fate)])
     };
     assert!(spares("used") >= 1.0, "a spare was used\n{text}");
     assert!(

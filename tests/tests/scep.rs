@@ -122,9 +122,9 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {
-    use base64::Engine;
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
+    use rustls::pki_types::{pem::PemObject, CertificateSigningRequestDer};
+    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .unwrap()
+        .as_ref()
+        .to_vec()
 }

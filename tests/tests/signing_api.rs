@@ -309,8 +309,7 @@ fn a_thousand_concurrent_requests_on_fifty_connections_all_sign_right() {
 
 /// The metrics parse as Prometheus text, name the series and count `signed_ok` signatures.
 fn assert_metrics_count_signatures(env: &Env, signed_ok: f64) {
-    let out = env.curl("api.sock", "/metrics", &[]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = env.metrics_text();
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
     let names: std::collections::BTreeSet<&str> =
@@ -323,19 +322,11 @@ fn assert_metrics_count_signatures(env: &Env, signed_ok: f64) {
     ] {
         assert!(names.contains(m), "{m} in {names:?}\n{text}");
     }
-    let signed: f64 = scrape
-        .samples
-        .iter()
-        .filter(|s| {
-            s.metric == "edge_signer_api_requests_total"
-                && s.labels.get("op") == Some("sign")
-                && s.labels.get("result") == Some("ok")
-        })
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
-        .sum();
+    let signed = serving::metric_sum(
+        &text,
+        "edge_signer_api_requests_total",
+        &[("op", "sign"), ("result", "ok")],
+    );
     assert_eq!(signed, signed_ok, "{text}");
 }
 

@@ -67,15 +67,6 @@ fn recorded_for(record: &Record, cfg: &AcmeIssuer, thumbprint: &str) -> Option<S
         .map(|r| r.url.clone())
 }
 
-fn transport(e: impl std::fmt::Display) -> Problem {
-    Problem {
-        status: 0,
-        kind: "account".into(),
-        detail: e.to_string(),
-        retry_after: None,
-    }
-}
-
 /// The account key: found by its label, or made now in the token.
 pub fn account_key(token: &Arc<Token>, cfg: &AcmeIssuer) -> Result<TokenKey, Problem> {
     let label = key_label(&cfg.name);
@@ -83,8 +74,8 @@ pub fn account_key(token: &Arc<Token>, cfg: &AcmeIssuer) -> Result<TokenKey, Pro
         Ok(k) => k,
         Err(hsm_shim::Error::KeyNotFound(_)) => token
             .generate_key(cfg.account_key_type, &label)
-            .map_err(transport)?,
-        Err(e) => return Err(transport(e)),
+            .map_err(Problem::transport)?,
+        Err(e) => return Err(Problem::transport(e)),
     };
     Ok(TokenKey::from_info(token.clone(), info))
 }
@@ -98,7 +89,7 @@ pub fn ensure(
     record: &mut Record,
 ) -> Result<Account, Problem> {
     let alg = JwsAlg::for_key(key.key_type());
-    let jwk = public_jwk(key.info()).map_err(transport)?;
+    let jwk = public_jwk(key.info()).map_err(Problem::transport)?;
     let thumbprint = thumbprint(&jwk);
     if let Some(url) = recorded_for(record, cfg, &thumbprint) {
         return Ok(Account {
@@ -121,7 +112,7 @@ pub fn ensure(
     let url = a
         .location
         .clone()
-        .ok_or_else(|| transport("newAccount answered without the account's Location"))?;
+        .ok_or_else(|| Problem::transport("newAccount answered without the account's Location"))?;
     write_record(record, cfg, &url, &thumbprint);
     tracing::info!(issuer = %cfg.name, account = %url, "ACME account ready");
     Ok(Account {
@@ -141,15 +132,14 @@ fn binding(
     jwk: &serde_json::Value,
 ) -> Result<serde_json::Value, Problem> {
     use base64::Engine;
-    let raw = zeroize::Zeroizing::new(
-        std::fs::read_to_string(&eab.hmac_file)
-            .map_err(|e| transport(format!("eab.hmac_file {}: {e}", eab.hmac_file.display())))?,
-    );
+    let raw = zeroize::Zeroizing::new(std::fs::read_to_string(&eab.hmac_file).map_err(|e| {
+        Problem::transport(format!("eab.hmac_file {}: {e}", eab.hmac_file.display()))
+    })?);
     let hmac_key = zeroize::Zeroizing::new(
         base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(raw.trim().trim_end_matches('='))
             .map_err(|_| {
-                transport(format!(
+                Problem::transport(format!(
                     "eab.hmac_file {}: not a base64url HMAC key",
                     eab.hmac_file.display()
                 ))
@@ -173,7 +163,7 @@ fn find(token: &Arc<Token>, label: &str) -> Result<Option<TokenKey>, Problem> {
     match token.find_key(&KeyRef::Label(label.to_owned())) {
         Ok(k) => Ok(Some(TokenKey::from_info(token.clone(), k))),
         Err(hsm_shim::Error::KeyNotFound(_)) => Ok(None),
-        Err(e) => Err(transport(e)),
+        Err(e) => Err(Problem::transport(e)),
     }
 }
 
@@ -187,11 +177,11 @@ fn promote_next(
     next: &TokenKey,
 ) -> Result<(), Problem> {
     if let Some(o) = old {
-        token.destroy(&o.info().id).map_err(transport)?;
+        token.destroy(&o.info().id).map_err(Problem::transport)?;
     }
     token
         .relabel(&next.info().id, &key_label(&cfg.name))
-        .map_err(transport)?;
+        .map_err(Problem::transport)?;
     Ok(())
 }
 
@@ -209,7 +199,7 @@ pub fn settle(
         return Ok(());
     };
     let cur = find(token, &key_label(&cfg.name))?;
-    let next_jwk = public_jwk(next.info()).map_err(transport)?;
+    let next_jwk = public_jwk(next.info()).map_err(Problem::transport)?;
     let next_thumb = thumbprint(&next_jwk);
     let held = recorded_for(record, cfg, &next_thumb).is_some() || cur.is_none() || {
         // Ask the CA with the next key alone whether it is the account's now.
@@ -250,11 +240,11 @@ pub fn rollover(
             token.clone(),
             token
                 .generate_key(cfg.account_key_type, &next_label(&cfg.name))
-                .map_err(transport)?,
+                .map_err(Problem::transport)?,
         ),
     };
     let next_alg = JwsAlg::for_key(next.key_type());
-    let next_jwk = public_jwk(next.info()).map_err(transport)?;
+    let next_jwk = public_jwk(next.info()).map_err(Problem::transport)?;
     let url = client.url("keyChange")?;
     let mut protected = serde_json::Map::new();
     protected.insert("jwk".into(), next_jwk.clone());
@@ -266,7 +256,7 @@ pub fn rollover(
         protected,
         inner_payload.to_string().as_bytes(),
     )
-    .map_err(transport)?;
+    .map_err(Problem::transport)?;
     client.post(&url, &account.signer(), Some(&inner))?;
     #[cfg(feature = "test-hooks")]
     if std::env::var("EDGE_SIGNER_TEST_KILL_AT").as_deref() == Ok("acme-keychange") {

@@ -10,7 +10,7 @@ use hsm_shim::TokenKey;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How many `badNonce` answers in a row are retried (pebble refuses 5 % of nonces by default).
+/// How many `badNonce` answers in a row are retried (pebble, by default, refuses some nonces).
 const NONCE_RETRIES: usize = 10;
 
 /// An ACME problem document (RFC 7807 / RFC 8555 §6.7), or a transport failure.

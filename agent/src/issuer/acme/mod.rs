@@ -35,7 +35,7 @@ pub struct Acme {
 /// The identifiers of a CSR's subjectAltName (RFC 8555 `dns`, RFC 8738 `ip`).
 pub fn csr_identifiers(csr_pem: &str) -> Result<Vec<serde_json::Value>, String> {
     use x509_cert::der::{Decode, Encode};
-    let der = pem_body(csr_pem)?;
+    let der = csr_der(csr_pem)?;
     let req = x509_cert::request::CertReq::from_der(&der).map_err(|e| format!("CSR: {e}"))?;
     let mut ids = Vec::new();
     for attr in req.info.attributes.iter() {
@@ -64,13 +64,12 @@ pub fn csr_identifiers(csr_pem: &str) -> Result<Vec<serde_json::Value>, String> 
     Ok(ids)
 }
 
-/// The DER inside a PEM block.
-fn pem_body(pem: &str) -> Result<Vec<u8>, String> {
-    use base64::Engine;
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| format!("PEM: {e}"))
+/// The DER of a PEM CSR.
+fn csr_der(pem: &str) -> Result<Vec<u8>, String> {
+    use hsm_shim::rustls::pki_types::{pem::PemObject, CertificateSigningRequestDer};
+    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|e| format!("CSR PEM: {e}"))
 }
 
 /// A failed call as the engine takes it: a rate limit or `Retry-After` is a wait, a
@@ -124,12 +123,7 @@ impl Acme {
     /// The directory read and the account ready (once per process).
     fn session(&mut self) -> Result<(), Problem> {
         if self.client.is_none() {
-            let roots = crate::tlsconf::roots_of(&self.server_roots).map_err(|e| Problem {
-                status: 0,
-                kind: "server_ca".into(),
-                detail: e.to_string(),
-                retry_after: None,
-            })?;
+            let roots = crate::tlsconf::roots_of(&self.server_roots).map_err(Problem::transport)?;
             self.client = Some(Client::connect(
                 &self.cfg.directory,
                 roots,
@@ -156,18 +150,22 @@ impl Acme {
     ) -> Result<client::Answer, Problem> {
         self.session()?;
         let (Some(c), Some(a)) = (self.client.as_mut(), self.account.as_ref()) else {
-            return Err(Problem {
-                status: 0,
-                kind: "connection".into(),
-                detail: "no ACME session".into(),
-                retry_after: None,
-            });
+            return Err(Problem::transport("no ACME session"));
         };
         c.post(url, &a.signer(), payload)
     }
 
     fn get_json(&mut self, url: &str) -> Result<serde_json::Value, Problem> {
-        self.post(url, None)?.json()
+        Ok(self.get_with_retry(url)?.0)
+    }
+
+    /// A URL of the directory (`newOrder`, `revokeCert`), the session ready.
+    fn directory_url(&mut self, name: &str) -> Result<String, Problem> {
+        self.session()?;
+        match &self.client {
+            Some(c) => c.url(name),
+            None => Err(Problem::transport("no ACME directory")),
+        }
     }
 
     /// An object and the `Retry-After` that came with it.
@@ -324,30 +322,10 @@ fn authorization_urls(order: &serde_json::Value) -> Vec<String> {
 
 /// Whether the top certificate of `pem` was issued by a CA with common name `cn`.
 fn tops_with(pem: &str, cn: &str) -> bool {
-    use x509_cert::der::Decode;
-    let Ok(chain) = crate::validate::parse_chain(pem) else {
-        return false;
-    };
-    chain
-        .last()
-        .and_then(|c| x509_cert::Certificate::from_der(c).ok())
-        .is_some_and(|c| {
-            c.tbs_certificate
-                .issuer
-                .0
-                .iter()
-                .flat_map(|rdn| rdn.0.iter())
-                .any(|atv| {
-                    atv.oid.to_string() == "2.5.4.3"
-                        && x509_cert::der::asn1::Utf8StringRef::try_from(&atv.value)
-                            .map(|s| s.as_str() == cn)
-                            .or_else(|_| {
-                                x509_cert::der::asn1::PrintableStringRef::try_from(&atv.value)
-                                    .map(|s| s.as_str() == cn)
-                            })
-                            .unwrap_or(false)
-                })
-        })
+    crate::validate::parse_chain(pem)
+        .ok()
+        .and_then(|chain| chain.last().and_then(|c| crate::validate::issuer_cn(c)))
+        .is_some_and(|got| got == cn)
 }
 
 /// "CHALLENGE challenge for DOMAIN failed: DETAIL" of an invalid authorization.
@@ -370,15 +348,9 @@ pub fn failed_challenge(authz: &serde_json::Value, domain: &str) -> String {
 impl Issuer for Acme {
     fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, IssuerAnswer> {
         let identifiers = csr_identifiers(req.csr_pem).map_err(IssuerAnswer::Rejected)?;
-        let new_order = match self.session().and_then(|_| {
-            self.client
-                .as_ref()
-                .map(|c| c.url("newOrder"))
-                .unwrap_or_else(|| Err(Problem::transport("no ACME directory")))
-        }) {
-            Ok(u) => u,
-            Err(p) => return Err(answer_of(p, "account", now)),
-        };
+        let new_order = self
+            .directory_url("newOrder")
+            .map_err(|p| answer_of(p, "account", now))?;
         let a = self
             .post(
                 &new_order,
@@ -406,7 +378,7 @@ impl Issuer for Acme {
             match order["status"].as_str().unwrap_or("") {
                 "pending" => return self.authorize(&order, now),
                 "ready" => {
-                    let csr = match pem_body(req.csr_pem) {
+                    let csr = match csr_der(req.csr_pem) {
                         Ok(d) => hsm_shim::jws::b64url(&d),
                         Err(e) => return IssuerAnswer::Rejected(e),
                     };
@@ -473,13 +445,7 @@ impl Issuer for Acme {
             .next()
             .ok_or("no certificate to revoke")?;
         let url = self
-            .session()
-            .and_then(|_| {
-                self.client
-                    .as_ref()
-                    .map(|c| c.url("revokeCert"))
-                    .unwrap_or_else(|| Err(Problem::transport("no ACME directory")))
-            })
+            .directory_url("revokeCert")
             .map_err(|p| p.to_string())?;
         let payload = serde_json::json!({ "certificate": hsm_shim::jws::b64url(&leaf) });
         self.post(&url, Some(&payload))
