@@ -1,4 +1,4 @@
-//! One HTTPS/1.1 request with our rustls `ClientConfig` (so the token can sign the handshake),
+//! One HTTPS/1.1 request (plain HTTP for SCEP URLs) with our rustls `ClientConfig` (so the token can sign the handshake),
 //! on maintained crates: hyper 1 for HTTP, tokio-rustls for TLS; URLs are [`crate::url::Url`].
 //!
 //! What this module adds to them: one deadline over the whole exchange (DNS, connect, TLS,
@@ -220,6 +220,11 @@ async fn exchange(
     req: &Request<'_>,
     sent: &AtomicBool,
 ) -> Result<Response, HttpError> {
+    if !url.is_https() {
+        // Plain HTTP (SCEP only: its messages are signed and encrypted themselves).
+        let tcp = connect(url).await?;
+        return send_on(tcp, url, req, sent, String::new(), String::new()).await;
+    }
     let tls = tls_connect(config, url).await?;
     let c = tls.get_ref().1;
     let protocol = c
@@ -230,13 +235,27 @@ async fn exchange(
         .negotiated_cipher_suite()
         .map(|s| format!("{:?}", s.suite()))
         .unwrap_or_default();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| HttpError::NotSent {
-                stage: "HTTP set-up",
-                detail: chain(&e),
-            })?;
+    send_on(tls, url, req, sent, protocol, cipher_suite).await
+}
+
+/// The HTTP/1.1 exchange on a connected stream.
+async fn send_on<S>(
+    io: S,
+    url: &Url,
+    req: &Request<'_>,
+    sent: &AtomicBool,
+    protocol: String,
+    cipher_suite: String,
+) -> Result<Response, HttpError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+        .await
+        .map_err(|e| HttpError::NotSent {
+            stage: "HTTP set-up",
+            detail: chain(&e),
+        })?;
     // The connection task ends with the exchange; its error (if any) surfaces through the
     // response or body futures below.
     tokio::spawn(async move {

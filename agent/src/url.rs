@@ -18,9 +18,11 @@ const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// An `https://HOST[:PORT][/PATH][?QUERY]` URL without credentials or fragment.
+/// An `https://HOST[:PORT][/PATH][?QUERY]` URL without credentials or fragment (or, for
+/// SCEP alone, whose messages carry their own protection, an `http://` one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Url {
+    plain: bool,
     authority: Authority,
     path_and_query: PathAndQuery,
 }
@@ -31,6 +33,16 @@ pub type UrlError = String;
 impl Url {
     /// Parse `s`, which must be an `https://` URL with a host and without credentials.
     pub fn parse_https(s: &str) -> Result<Url, UrlError> {
+        Self::parse(s, false)
+    }
+
+    /// Parse `s`, an `https://` or a plain `http://` URL (SCEP: the messages are signed and
+    /// encrypted themselves, and CAs serve it over plain HTTP).
+    pub fn parse_http_or_https(s: &str) -> Result<Url, UrlError> {
+        Self::parse(s, true)
+    }
+
+    fn parse(s: &str, plain_ok: bool) -> Result<Url, UrlError> {
         if !s.is_ascii() {
             return Err("non-ASCII characters: write the host in its xn-- form and \
                         percent-encode the path"
@@ -41,9 +53,12 @@ impl Url {
         }
         let uri: Uri = s.parse().map_err(|e| format!("{e}"))?;
         let parts = uri.into_parts();
-        if parts.scheme.as_ref() != Some(&Scheme::HTTPS) {
-            return Err("expected https://HOST[:PORT][/PATH]".into());
-        }
+        let plain = match parts.scheme.as_ref() {
+            Some(x) if *x == Scheme::HTTPS => false,
+            Some(x) if *x == Scheme::HTTP && plain_ok => true,
+            _ if plain_ok => return Err("expected http(s)://HOST[:PORT][/PATH]".into()),
+            _ => return Err("expected https://HOST[:PORT][/PATH]".into()),
+        };
         let Some(authority) = parts.authority else {
             return Err("no host".into());
         };
@@ -67,9 +82,23 @@ impl Url {
             None => PathAndQuery::from_static("/"),
         };
         Ok(Url {
+            plain,
             authority,
             path_and_query,
         })
+    }
+
+    /// True for an `https://` URL.
+    pub fn is_https(&self) -> bool {
+        !self.plain
+    }
+
+    fn default_port(&self) -> u16 {
+        if self.plain {
+            80
+        } else {
+            443
+        }
     }
 
     /// The host as written: an IPv6 address keeps its brackets.
@@ -89,9 +118,9 @@ impl Url {
         self.authority.port_u16()
     }
 
-    /// The port to connect to: the URL's, or 443.
+    /// The port to connect to: the URL's, or 443 (80 for `http://`).
     pub fn port_or_default(&self) -> u16 {
-        self.port().unwrap_or(443)
+        self.port().unwrap_or(self.default_port())
     }
 
     /// The path (`/` at least).
@@ -115,10 +144,10 @@ impl Url {
         }
     }
 
-    /// The `Host` header: the host, and the port unless it is 443.
+    /// The `Host` header: the host, and the port unless it is the scheme's default.
     pub fn host_header(&self) -> String {
         match self.port() {
-            Some(p) if p != 443 => format!("{}:{p}", self.host_str()),
+            Some(p) if p != self.default_port() => format!("{}:{p}", self.host_str()),
             _ => self.host_str().to_owned(),
         }
     }
@@ -143,6 +172,7 @@ impl Url {
         // and the https_url fuzz target, both with debug assertions, hold it to that).
         match PathAndQuery::try_from(path) {
             Ok(path_and_query) => Url {
+                plain: self.plain,
                 authority: self.authority.clone(),
                 path_and_query,
             },
@@ -157,7 +187,8 @@ impl Url {
 
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "https://{}{}", self.authority, self.target())
+        let scheme = if self.plain { "http" } else { "https" };
+        write!(f, "{scheme}://{}{}", self.authority, self.target())
     }
 }
 
@@ -204,6 +235,20 @@ mod tests {
         }
         let e = Url::parse_https("https://user:pw@a/").unwrap_err();
         assert!(e.contains("credentials"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_only_where_asked_for() {
+        let u = Url::parse_http_or_https("http://127.0.0.1:8080/scep").unwrap();
+        assert!(!u.is_https());
+        assert_eq!((u.port_or_default(), u.host_header()), (8080, "127.0.0.1:8080".into()));
+        let u = Url::parse_http_or_https("http://ndes.example/certsrv/mscep/mscep.dll").unwrap();
+        assert_eq!((u.port_or_default(), u.host_header()), (80, "ndes.example".into()));
+        assert_eq!(u.to_string(), "http://ndes.example/certsrv/mscep/mscep.dll");
+        assert_eq!(u.join(&["x"]).to_string(), "http://ndes.example/certsrv/mscep/mscep.dll/x");
+        assert!(Url::parse_http_or_https("https://a/").unwrap().is_https());
+        assert!(Url::parse_http_or_https("ftp://a/").is_err());
+        assert!(Url::parse_https("http://a/").is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum IssuerConfig {
     JwkRotation(JwkIssuer),
     /// ACME (RFC 8555).
     Acme(AcmeIssuer),
+    /// SCEP (RFC 8894).
+    Scep(ScepIssuer),
 }
 
 impl IssuerConfig {
@@ -26,6 +28,7 @@ impl IssuerConfig {
             IssuerConfig::Portal(i) => &i.name,
             IssuerConfig::JwkRotation(i) => &i.name,
             IssuerConfig::Acme(i) => &i.name,
+            IssuerConfig::Scep(i) => &i.name,
         }
     }
     /// The kind as written in config.
@@ -35,6 +38,7 @@ impl IssuerConfig {
             IssuerConfig::Portal(_) => "portal",
             IssuerConfig::JwkRotation(_) => "jwk-rotation",
             IssuerConfig::Acme(_) => "acme",
+            IssuerConfig::Scep(_) => "scep",
         }
     }
 }
@@ -230,6 +234,45 @@ pub struct AcmeEab {
     pub key_id: String,
     /// File holding the HMAC key (base64url, as CAs hand it out).
     pub hmac_file: PathBuf,
+}
+
+/// `kind = "scep"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScepIssuer {
+    /// Name.
+    pub name: String,
+    /// The SCEP URL, `http://` or `https://`, e.g.
+    /// `http://ndes.example/certsrv/mscep/mscep.dll`.
+    pub url: String,
+    /// The CA certificates: what GetCACert returns must be one of them or issued by one (an
+    /// RA certificate), and issued chains must chain to them.
+    pub ca_bundle: PathBuf,
+    /// CA bundle of the server's HTTPS certificate, for an `https://` URL (default:
+    /// `ca_bundle`).
+    #[serde(default)]
+    pub server_ca: Option<PathBuf>,
+    /// The challenge password of a first enrolment: `{ file = ".." }` or
+    /// `{ credential = ".." }`. Not needed when the CA renews with the current certificate.
+    #[serde(default)]
+    pub challenge: Option<crate::secret::PinConfig>,
+    /// How often a pending request is asked about (CertPoll).
+    #[serde(default = "default_scep_poll")]
+    pub poll_interval: Duration,
+    /// Accept 3DES and SHA-1 (with a warning) from a CA that offers nothing better.
+    #[serde(default)]
+    pub allow_legacy_crypto: bool,
+    /// Accept an answer whose envelope is single DES (it carries only the issued
+    /// certificate; the agent never encrypts with DES). Off: such an answer is refused.
+    #[serde(default)]
+    pub allow_des_answer: bool,
+    /// How long one SCEP request may take.
+    #[serde(default = "default_est_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_scep_poll() -> Duration {
+    Duration::minutes(10)
 }
 
 /// A key type as the configuration writes it (`ec-p256`, `rsa-2048`, ...).

@@ -16,6 +16,7 @@ pub mod issuers;
 pub mod layers;
 mod names;
 pub mod schema;
+pub mod secret;
 pub mod serving;
 pub mod signer;
 pub mod store;

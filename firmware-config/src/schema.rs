@@ -11,7 +11,9 @@ use std::path::PathBuf;
 
 pub use crate::issuers::{
     AcmeEab, AcmeIssuer, Challenge, EstBootstrap, EstIssuer, IssuerConfig, JwkIssuer, PortalIssuer,
+    ScepIssuer,
 };
+pub use crate::secret::PinConfig;
 pub use crate::serving::{ApiConfig, ApiRule, Listen, Operation, ProxyConfig};
 pub use crate::tls::{KxGroup, TlsConfig};
 
@@ -85,27 +87,6 @@ pub struct TokenConfig {
     pub serial: Option<String>,
     /// Where the user PIN is read from.
     pub pin: Option<PinConfig>,
-}
-
-/// Where a PIN comes from: `{ file = ".." }` or `{ credential = ".." }` (never the
-/// environment: every child inherits it and /proc shows it to the process's uid).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum PinConfig {
-    /// A file holding the PIN.
-    File(PathBuf),
-    /// A systemd credential name (`$CREDENTIALS_DIRECTORY/<name>`).
-    Credential(String),
-}
-
-impl PinConfig {
-    /// The hsm-shim source.
-    pub fn source(&self) -> hsm_shim::PinSource {
-        match self {
-            PinConfig::File(p) => hsm_shim::PinSource::File(p.clone()),
-            PinConfig::Credential(c) => hsm_shim::PinSource::Credential(c.clone()),
-        }
-    }
 }
 
 /// `[[identity]]`: one credential and how it is renewed.

@@ -84,6 +84,15 @@ pub fn files(c: &Config) -> Vec<(String, String)> {
                 }
                 (&a.ca_bundle, None)
             }
+            IssuerConfig::Scep(sc) => {
+                if let Some(s) = &sc.server_ca {
+                    check(format!("issuer[{i}].server_ca"), pem_certificates_in(s));
+                }
+                if let Some(crate::schema::PinConfig::File(f)) = &sc.challenge {
+                    check(format!("issuer[{i}].challenge.file"), readable(f));
+                }
+                (&sc.ca_bundle, None)
+            }
         };
         check(format!("issuer[{i}].ca_bundle"), pem_certificates_in(ca));
         if let Some(b) = boot {
@@ -237,6 +246,11 @@ fn check_issuers(c: &Config, err: ErrSink) {
                 err(format!("{p}.url"), "must be an https:// URL".into())
             }
             IssuerConfig::Acme(a) => check_acme(&p, a, err),
+            IssuerConfig::Scep(sc)
+                if !(sc.url.starts_with("http://") || sc.url.starts_with("https://")) =>
+            {
+                err(format!("{p}.url"), "must be an http:// or https:// URL".into())
+            }
             IssuerConfig::Portal(po) if po.inbox == po.outbox => err(
                 format!("{p}.inbox"),
                 "must differ from outbox (CSRs and certificates would mix)".into(),
@@ -315,6 +329,13 @@ fn check_identity(
                 format!("'{}' names no [[issuer]] (issuers: {known})", id.issuer),
             )
         }
+        Some(IssuerConfig::Scep(_)) if id.key_type.is_ec() => err(
+            format!("{p}.key_type"),
+            format!(
+                "{} cannot be used with a scep issuer: the CA encrypts its answer to the key, so it must be RSA (rsa-2048 or rsa-3072)",
+                id.key_type
+            ),
+        ),
         Some(IssuerConfig::JwkRotation(_)) if id.key_type != hsm_shim::KeyType::EcP256 => err(
             format!("{p}.key_type"),
             format!(

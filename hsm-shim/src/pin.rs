@@ -14,6 +14,11 @@ impl Pin {
     pub fn new(s: Zeroizing<String>) -> Self {
         Pin(s)
     }
+    /// The secret itself, for a protocol that must send it (SCEP's challenge password in the
+    /// CSR); never for a log or a message.
+    pub fn reveal(&self) -> &str {
+        &self.0
+    }
     /// The PIN as cryptoki wants it. The copy lives in a `SecretString`, which zeroizes too.
     pub(crate) fn auth(&self) -> cryptoki::types::AuthPin {
         cryptoki::types::AuthPin::from(self.0.as_str())

@@ -451,6 +451,7 @@ pub mod jwk;
 pub mod kx_relay;
 pub mod mqtt;
 pub mod portal;
+pub mod scep;
 pub mod serial_port;
 pub mod serving;
 pub mod sim;

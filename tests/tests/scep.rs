@@ -1,10 +1,14 @@
-//! SCEP against Debian's `scepserver` (micromdm's SCEP server): the agent's PKCSReq (CSR
-//! with the challenge, signed in the token with a transient certificate of its key,
-//! enveloped to the CA in AES-256-CBC) is accepted, the CertRep's signature verifies with the
-//! CA certificate, and its envelope's cipher is judged (the server answers in single DES,
-//! which the agent refuses with the reason).
+//! SCEP against Debian's `scepserver` (micromdm's SCEP server, a CA no one here wrote): the
+//! agent's PKCSReq (CSR with the challenge, signed in the token with a transient certificate
+//! of its key, enveloped to the CA in AES-256-CBC) is accepted and decodes with openssl; the
+//! CertRep's signature verifies with the CA certificate. The server answers in single DES
+//! whatever it is sent: refused by default with the reason, opened where `allow_des_answer`
+//! says so. Through the binary: first enrolment, renewal (RenewalReq), a wrong challenge,
+//! the server down and back, and a kill at each persisted step.
 
+use edge_signer::issuer::scep::envelope::{self, Legacy};
 use edge_signer::issuer::scep::message::{self, MessageType, Status};
+use edge_signer_tests::scep::{scep_env, ScepServer};
 use edge_signer_tests::*;
 use hsm_shim::testing::{TestToken, TokenKind};
 use hsm_shim::{KeyRef, KeyType, TokenKey};
@@ -13,6 +17,7 @@ use x509_cert::der::Decode;
 
 /// scepserver with its own CA in `dir`, on a free port, enforcing `challenge`.
 fn scep_server(dir: &std::path::Path, challenge: &str) -> (Guard, u16) {
+    let _ = ScepServer::url;
     let ok = Command::new("scepserver")
         .args(["ca", "-init"])
         .current_dir(dir)
@@ -117,8 +122,139 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
     assert_eq!(r.status, Status::Success, "{r:?}");
     assert_eq!(r.transaction_id, "tid-1");
     assert_eq!(r.recipient_nonce, vec![9u8; 16]);
-    let err = message::open_envelope(&r.envelope.unwrap(), &key, false).unwrap_err();
+    let env = r.envelope.unwrap();
+    let err = envelope::open_envelope(&env, &key, Legacy::default()).unwrap_err();
     assert!(err.contains("single DES"), "{err}");
+    // Where the configuration allows it, it opens in the token: the certificate is ours.
+    let allow = Legacy {
+        triple_des: false,
+        single_des: true,
+    };
+    let content = envelope::open_envelope(&env, &key, allow).unwrap();
+    let certs = message::certs_only(&content).unwrap();
+    let spki = x509_cert::der::Encode::to_der(&certs[0].tbs_certificate.subject_public_key_info)
+        .unwrap();
+    assert_eq!(spki, info.spki);
+}
+
+/// The leaf of `chain` names CN `cn` and verifies with openssl to the scepserver's CA.
+fn assert_issued_by_scep_ca(env: &Env, chain: &str, cn: &str) {
+    let leaf = chain
+        .split_inclusive("-----END CERTIFICATE-----\n")
+        .next()
+        .unwrap();
+    std::fs::write(env.path("leaf.pem"), leaf).unwrap();
+    let subject = env.openssl(&["x509", "-in", "leaf.pem", "-noout", "-subject"]);
+    assert!(subject.contains(&format!("CN = {cn}")), "{subject}");
+    let out = env.openssl(&["verify", "-CAfile", &env.path_str("scep-ca.pem"), "leaf.pem"]);
+    assert!(out.contains("leaf.pem: OK"), "{out}");
+}
+
+#[test]
+fn first_enrolment_with_the_challenge_then_renewal_with_the_current_certificate() {
+    let (env, _srv) = scep_env("gw-scep-1", "s3cret", "allow_des_answer = true");
+    env.ok(&["enroll", "gw", "--timeout", "60"]);
+    let g1 = env.generation("gw", 1);
+    assert!(
+        g1.submission().unwrap().starts_with("PKCSReq:"),
+        "{:?}",
+        g1.submission()
+    );
+    assert_issued_by_scep_ca(&env, g1.chain_pem().unwrap(), "gw-scep-1");
+    // The register never holds the challenge (the CSR sent is built at each send).
+    let reg = std::fs::read_to_string(env.path("state/register.json")).unwrap();
+    assert!(!reg.contains("s3cret"));
+    env.ok(&["rotate", "gw", "--now", "--timeout", "60"]);
+    let rec = env.record("gw");
+    assert_eq!(rec.current, Some(2), "{rec:?}");
+    let g2 = env.generation("gw", 2);
+    assert!(
+        g2.submission().unwrap().starts_with("RenewalReq:"),
+        "the CA says Renewal: {:?}",
+        g2.submission()
+    );
+    assert_ne!(g1.key_id_hex(), g2.key_id_hex(), "a fresh key at every renewal");
+    assert_issued_by_scep_ca(&env, g2.chain_pem().unwrap(), "gw-scep-1");
+}
+
+#[test]
+fn a_wrong_challenge_is_refused_with_the_servers_fail_info() {
+    let (env, _srv) = scep_env("gw-scep-2", "not-it", "allow_des_answer = true");
+    let out = env.run(&["enroll", "gw", "--timeout", "6"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("failInfo badRequest (2)"), "{text}");
+    assert!(!text.contains("not-it"), "the challenge is never shown: {text}");
+    let g1 = env.generation("gw", 1);
+    assert_eq!(g1.status, edge_signer::register::GenStatus::Failed, "{g1:?}");
+}
+
+#[test]
+fn by_default_the_servers_single_des_answer_is_refused_with_the_reason() {
+    let (env, _srv) = scep_env("gw-scep-3", "s3cret", "");
+    let out = env.run(&["enroll", "gw", "--timeout", "6"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("single DES"), "{text}");
+    assert!(text.contains("allow_des_answer"), "{text}");
+}
+
+#[test]
+fn an_ec_key_is_a_config_error_that_says_scep_needs_rsa() {
+    let (env, _srv) = scep_env("gw-scep-4", "s3cret", "");
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace("key_type = \"rsa-2048\"", "key_type = \"ec-p256\""),
+    )
+    .unwrap();
+    let out = env.run(&["config", "check", &env.path_str("defaults.toml")]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("identity[0].key_type"), "{text}");
+    assert!(text.contains("must be RSA"), "{text}");
+}
+
+#[test]
+fn the_server_down_between_request_and_answer_is_retried_and_then_enrols() {
+    let (env, mut srv) = scep_env("gw-scep-5", "s3cret", "allow_des_answer = true");
+    srv.stop();
+    let out = env.run(&["enroll", "gw", "--timeout", "4"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("unreachable"), "{text}");
+    srv.resume();
+    env.ok(&["enroll", "gw", "--timeout", "60"]);
+    let g1 = env.generation("gw", 1);
+    assert_issued_by_scep_ca(&env, g1.chain_pem().unwrap(), "gw-scep-5");
+    // Stopped and started again after the first answer: the renewal goes through as well.
+    srv.stop();
+    srv.resume();
+    env.ok(&["rotate", "gw", "--now", "--timeout", "60"]);
+    assert_eq!(env.record("gw").current, Some(2));
+}
+
+/// `kill -9` right after each step that is persisted; the next run resumes the same
+/// generation and transaction (the transaction id is the hash of its key). scepserver
+/// answers at once, so its certificate is on disk with the submission (`issued`); a
+/// `submitted` step alone is a PENDING answer (`a_pending_request_is_polled_after_a_restart`).
+#[test]
+fn a_kill_at_each_persisted_step_resumes_the_same_transaction() {
+    let (env, _srv) = scep_env("gw-scep-6", "s3cret", "allow_des_answer = true");
+    env.ok(&["enroll", "gw", "--timeout", "60"]);
+    let mut n = 1;
+    for step in ["key-pending", "csr-ready", "issued", "validated"] {
+        env.rotate_killed_after("gw", 60, step);
+        n += 1;
+        let before = env.generation("gw", n).submission().map(str::to_owned);
+        env.ok(&["rotate", "gw", "--timeout", "60"]);
+        let rec = env.record("gw");
+        assert_eq!(rec.current, Some(n), "{step}: {rec:?}");
+        if before.is_some() {
+            assert_eq!(env.generation("gw", n).submission(), before.as_deref(), "{step}");
+        }
+        env.ok(&["retire", "gw", "--generation", &(n - 1).to_string()]);
+    }
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {

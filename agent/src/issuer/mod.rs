@@ -1,5 +1,5 @@
 //! One trait, one file per backend. The lifecycle engine sees `Issuer`, never EST, portal or
-//! the JWK rotation API.
+//! the JWK rotation API, ACME or SCEP.
 //!
 //! Two flows go through it: a *certificate* flow (a CSR goes out, a chain comes back: portal,
 //! EST) and a *credential* flow (the issuer holds our public key itself and confirms a
@@ -53,6 +53,10 @@ pub struct Request<'a> {
     pub spki: &'a [u8],
     /// The current identity while it is valid (EST re-enrols over mTLS with it).
     pub current: Option<Arc<CertifiedKey>>,
+    /// The new key (certificate flow: SCEP signs its messages with it and opens the answer).
+    pub key: Option<&'a TokenKey>,
+    /// The current identity's key while it is valid (SCEP signs a RenewalReq with it).
+    pub current_key: Option<TokenKey>,
     /// The rotation to send (credential flow).
     pub credential: Option<Credential<'a>>,
 }
@@ -125,6 +129,11 @@ pub trait Issuer: Send {
     fn submit(&mut self, req: &Request, now: Unix) -> Result<Submitted, IssuerAnswer>;
     /// Ask about a submission.
     fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> IssuerAnswer;
+    /// True when the identity's key must also decrypt (SCEP: the CA encrypts its answer to
+    /// it), so the engine makes it with `CKA_DECRYPT`.
+    fn key_decrypts(&self) -> bool {
+        false
+    }
     /// How often this issuer is polled by its configuration (`poll_interval`), when that is
     /// the only thing that says when to look again (not a server's Retry-After).
     fn poll_interval(&self) -> Option<u64> {
@@ -182,5 +191,6 @@ pub fn from_config(
         IssuerConfig::Est(e) => Ok(Box::new(est::Est::new(e, token, state_dir)?)),
         IssuerConfig::JwkRotation(j) => Ok(Box::new(jwk_rotation::JwkApi::new(j)?)),
         IssuerConfig::Acme(a) => Ok(Box::new(acme::Acme::new(a, token)?)),
+        IssuerConfig::Scep(sc) => Ok(Box::new(scep::Scep::new(sc)?)),
     }
 }

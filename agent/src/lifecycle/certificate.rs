@@ -21,7 +21,8 @@ impl Engine {
         rec: &IdentityRecord,
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
-        let info = self.find_or_generate(&g.key_label, cfg.key_type)?;
+        let decrypt = self.issuer(&cfg.issuer)?.key_decrypts();
+        let info = self.find_or_generate(&g.key_label, cfg.key_type, decrypt)?;
         let key = TokenKey::from_info(self.token.clone(), info.clone());
         let subject = Subject::parse(&g.subject)?;
         let csr = hsm_shim::csr::build_csr(&key, &subject, &cfg.sans)?;
@@ -41,12 +42,13 @@ impl Engine {
         Ok(Progress::Moved)
     }
 
-    /// The serving identity as a rustls key, while its certificate is valid.
+    /// The serving identity as a rustls key, and its token key, while its certificate is
+    /// valid.
     pub(super) fn current_identity(
         &self,
         rec: &IdentityRecord,
         now: Unix,
-    ) -> Option<Arc<CertifiedKey>> {
+    ) -> Option<(Arc<CertifiedKey>, TokenKey)> {
         let g = rec.current_gen()?;
         let cert = g.cert()?;
         if cert.not_after <= now {
@@ -54,7 +56,8 @@ impl Engine {
         }
         let key = self.open_key(g.key()?).ok()?;
         let chain = validate::parse_chain(&cert.chain_pem).ok()?;
-        hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key), chain).ok()
+        let ck = hsm_shim::tls::certified_key(hsm_shim::TlsSigningKey::new(key.clone()), chain);
+        Some((ck.ok()?, key))
     }
 
     pub(super) fn ask_issuer(
@@ -80,12 +83,15 @@ impl Engine {
         let (g, key) = self.pending_key(rec)?;
         let spki = key.info().spki.clone();
         let csr = g.need_csr()?.to_owned();
+        let (current, current_key) = self.current_identity(rec, now).unzip();
         let req = Request {
             identity: name,
             generation: g.number,
             csr_pem: &csr,
             spki: &spki,
-            current: self.current_identity(rec, now),
+            current,
+            key: Some(&key),
+            current_key,
             credential: None,
         };
         let issuer = self.issuer(&cfg.issuer)?;

@@ -28,7 +28,7 @@ impl Engine {
         now: Unix,
     ) -> Result<Progress> {
         let g = Self::pending(rec)?;
-        let info = self.find_or_generate(&g.key_label, hsm_shim::KeyType::EcP256)?;
+        let info = self.find_or_generate(&g.key_label, hsm_shim::KeyType::EcP256, false)?;
         let kid = match g.kid() {
             Some(k) => k.to_owned(),
             None => jwk_rotation::new_kid(&rec.kids),
@@ -113,6 +113,8 @@ impl Engine {
             csr_pem: "",
             spki: &key.info().spki,
             current: None,
+            key: None,
+            current_key: None,
             credential: Some(Credential {
                 kid: &kid,
                 body: &body,

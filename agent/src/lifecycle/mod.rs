@@ -327,10 +327,13 @@ impl Engine {
         &self,
         label: &str,
         key_type: hsm_shim::KeyType,
+        decrypt: bool,
     ) -> Result<hsm_shim::KeyInfo> {
         match self.token.find_key(&KeyRef::Label(label.to_owned())) {
             Ok(k) => Ok(k),
-            Err(hsm_shim::Error::KeyNotFound(_)) => Ok(self.token.generate_key(key_type, label)?),
+            Err(hsm_shim::Error::KeyNotFound(_)) => {
+                Ok(self.token.generate_key_for(key_type, label, decrypt)?)
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -65,7 +65,7 @@ pub fn csr_identifiers(csr_pem: &str) -> Result<Vec<serde_json::Value>, String> 
 }
 
 /// The DER of a PEM CSR.
-fn csr_der(pem: &str) -> Result<Vec<u8>, String> {
+pub fn csr_der(pem: &str) -> Result<Vec<u8>, String> {
     use hsm_shim::rustls::pki_types::{pem::PemObject, CertificateSigningRequestDer};
     CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
         .map(|d| d.as_ref().to_vec())

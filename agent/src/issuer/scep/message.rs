@@ -2,15 +2,10 @@
 //! carry the SCEP fields and whose content is an EnvelopedData (the pkcsPKIEnvelope) for the
 //! other side. Ours are signed by the token key (RSA PKCS#1 v1.5, SHA-256) with a transient
 //! self-signed certificate of that key, and their envelope is AES-256-CBC with the key
-//! transported to the CA (or RA) certificate. An answer's envelope is opened with the token
-//! key (`C_Decrypt`); single DES is refused, 3DES only where the configuration allows it.
+//! transported to the CA (or RA) certificate (envelope.rs).
 
 use cms::cert::{CertificateChoices, IssuerAndSerialNumber};
 use cms::content_info::{CmsVersion, ContentInfo};
-use cms::enveloped_data::{
-    EncryptedContentInfo, EnvelopedData, KeyTransRecipientInfo, RecipientIdentifier, RecipientInfo,
-    RecipientInfos,
-};
 use cms::signed_data::{
     CertificateSet, EncapsulatedContentInfo, SignedData, SignerIdentifier, SignerInfo, SignerInfos,
 };
@@ -22,18 +17,12 @@ use x509_cert::der::{Any, Decode, Encode};
 use x509_cert::spki::AlgorithmIdentifierOwned;
 use x509_cert::Certificate;
 
-const ID_DATA: Oid = Oid::new_unwrap("1.2.840.113549.1.7.1");
+pub(super) const ID_DATA: Oid = Oid::new_unwrap("1.2.840.113549.1.7.1");
 const ID_SIGNED_DATA: Oid = Oid::new_unwrap("1.2.840.113549.1.7.2");
-const ID_ENVELOPED_DATA: Oid = Oid::new_unwrap("1.2.840.113549.1.7.3");
 const ID_CONTENT_TYPE: Oid = Oid::new_unwrap("1.2.840.113549.1.9.3");
 const ID_MESSAGE_DIGEST: Oid = Oid::new_unwrap("1.2.840.113549.1.9.4");
 const SHA256: Oid = Oid::new_unwrap("2.16.840.1.101.3.4.2.1");
-const RSA_ENCRYPTION: Oid = Oid::new_unwrap("1.2.840.113549.1.1.1");
 const SHA256_WITH_RSA: Oid = Oid::new_unwrap("1.2.840.113549.1.1.11");
-const AES256_CBC: Oid = Oid::new_unwrap("2.16.840.1.101.3.4.1.42");
-const AES128_CBC: Oid = Oid::new_unwrap("2.16.840.1.101.3.4.1.2");
-const DES_EDE3_CBC: Oid = Oid::new_unwrap("1.2.840.113549.3.7");
-const DES_CBC: Oid = Oid::new_unwrap("1.3.14.3.2.7");
 /// SCEP attributes (RFC 8894 §3.2.1).
 const MESSAGE_TYPE: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.2");
 const PKI_STATUS: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.3");
@@ -41,6 +30,7 @@ const FAIL_INFO: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.4");
 const SENDER_NONCE: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.5");
 const RECIPIENT_NONCE: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.6");
 const TRANSACTION_ID: Oid = Oid::new_unwrap("2.16.840.1.113733.1.9.7");
+const CHALLENGE_PASSWORD: Oid = Oid::new_unwrap("1.2.840.113549.1.9.7");
 
 /// SCEP message types we send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,11 +77,11 @@ pub struct CertRep {
     pub envelope: Option<Vec<u8>>,
 }
 
-fn der_err(e: impl std::fmt::Display) -> String {
+pub(super) fn der_err(e: impl std::fmt::Display) -> String {
     format!("SCEP message: {e}")
 }
 
-fn any<T: Encode>(v: &T) -> Result<Any, String> {
+pub(super) fn any<T: Encode>(v: &T) -> Result<Any, String> {
     Any::from_der(&v.to_der().map_err(der_err)?).map_err(der_err)
 }
 
@@ -101,70 +91,11 @@ fn attribute(oid: Oid, value: Any) -> Result<Attribute, String> {
     Ok(Attribute { oid, values })
 }
 
-fn rid(cert: &Certificate) -> IssuerAndSerialNumber {
+pub(super) fn rid(cert: &Certificate) -> IssuerAndSerialNumber {
     IssuerAndSerialNumber {
         issuer: cert.tbs_certificate.issuer.clone(),
         serial_number: cert.tbs_certificate.serial_number.clone(),
     }
-}
-
-/// An EnvelopedData of `content` for `recipient` (RSA PKCS#1 v1.5 key transport,
-/// AES-256-CBC), as a ContentInfo.
-pub fn envelope(content: &[u8], recipient: &Certificate) -> Result<Vec<u8>, String> {
-    use aes::cipher::{BlockEncryptMut, KeyIvInit};
-    use rsa::pkcs8::DecodePublicKey;
-    let mut cek = zeroize::Zeroizing::new([0u8; 32]);
-    let mut iv = [0u8; 16];
-    {
-        use rand_core::RngCore;
-        rand_core::OsRng.fill_bytes(&mut cek[..]);
-        rand_core::OsRng.fill_bytes(&mut iv);
-    }
-    let ciphertext = cbc::Encryptor::<aes::Aes256>::new(cek.as_ref().into(), &iv.into())
-        .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(content);
-    let spki = recipient
-        .tbs_certificate
-        .subject_public_key_info
-        .to_der()
-        .map_err(der_err)?;
-    let public = rsa::RsaPublicKey::from_public_key_der(&spki).map_err(|e| {
-        format!("the CA certificate's key is not RSA ({e}): SCEP key transport needs RSA")
-    })?;
-    let enc_key = public
-        .encrypt(&mut rand_core::OsRng, rsa::Pkcs1v15Encrypt, cek.as_ref())
-        .map_err(der_err)?;
-    let mut recipients = SetOfVec::new();
-    recipients
-        .insert(RecipientInfo::Ktri(KeyTransRecipientInfo {
-            version: CmsVersion::V0,
-            rid: RecipientIdentifier::IssuerAndSerialNumber(rid(recipient)),
-            key_enc_alg: AlgorithmIdentifierOwned {
-                oid: RSA_ENCRYPTION,
-                parameters: Some(Any::from(x509_cert::der::asn1::AnyRef::NULL)),
-            },
-            enc_key: OctetString::new(enc_key).map_err(der_err)?,
-        }))
-        .map_err(der_err)?;
-    let env = EnvelopedData {
-        version: CmsVersion::V0,
-        originator_info: None,
-        recip_infos: RecipientInfos(recipients),
-        encrypted_content: EncryptedContentInfo {
-            content_type: ID_DATA,
-            content_enc_alg: AlgorithmIdentifierOwned {
-                oid: AES256_CBC,
-                parameters: Some(any(&OctetString::new(iv.to_vec()).map_err(der_err)?)?),
-            },
-            encrypted_content: Some(OctetString::new(ciphertext).map_err(der_err)?),
-        },
-        unprotected_attrs: None,
-    };
-    ContentInfo {
-        content_type: ID_ENVELOPED_DATA,
-        content: any(&env)?,
-    }
-    .to_der()
-    .map_err(der_err)
 }
 
 /// A pkiMessage of `kind` around `content` (the CSR, or for CertPoll the
@@ -179,7 +110,7 @@ pub fn pki_message(
     transaction_id: &str,
     nonce: &[u8; 16],
 ) -> Result<Vec<u8>, String> {
-    let env = envelope(content, ca)?;
+    let env = super::envelope::envelope(content, ca)?;
     let digest = sha2::Sha256::digest(&env);
     let mut attrs = SetOfVec::new();
     for a in [
@@ -389,111 +320,85 @@ fn fail_info(code: &str) -> String {
     format!("{name} ({code})")
 }
 
-/// The bytes of `[0] encryptedContent`: primitive, or constructed of OCTET STRING pieces.
-fn encrypted_content(v: &Any) -> Result<Vec<u8>, String> {
-    if !x509_cert::der::Tagged::tag(v).is_constructed() {
-        return Ok(v.value().to_vec());
-    }
-    let mut reader = x509_cert::der::SliceReader::new(v.value()).map_err(der_err)?;
-    let mut out = Vec::new();
-    while !x509_cert::der::Reader::is_finished(&reader) {
-        let piece: OctetString = x509_cert::der::Decode::decode(&mut reader).map_err(der_err)?;
-        out.extend_from_slice(piece.as_bytes());
-    }
-    Ok(out)
-}
-
-/// Which content cipher an envelope uses, and whether it may be opened.
-fn cipher(oid: &Oid, allow_legacy: bool) -> Result<(), String> {
-    match *oid {
-        AES256_CBC | AES128_CBC => Ok(()),
-        DES_EDE3_CBC if allow_legacy => {
-            tracing::warn!("the SCEP server encrypted its answer with 3DES (allowed by allow_legacy_crypto); prefer a server that uses AES");
-            Ok(())
-        }
-        DES_EDE3_CBC => Err("the SCEP server encrypted its answer with 3DES: refused (set allow_legacy_crypto = true to accept it, with a warning)".into()),
-        DES_CBC => Err("the SCEP server encrypted its answer with single DES (des-cbc), which is broken: refused; configure the server for AES".into()),
-        ref other => Err(format!("the SCEP server encrypted its answer with {other}: not supported")),
-    }
-}
-
-/// An envelope as read, before anything is decrypted.
-#[derive(Debug)]
-pub struct Envelope {
-    /// The content cipher.
-    pub cipher: Oid,
-    /// Its IV.
-    pub iv: Vec<u8>,
-    /// The content key, encrypted to the recipient's RSA key.
-    pub enc_key: Vec<u8>,
-    /// The encrypted content.
-    pub data: Vec<u8>,
-}
-
-/// Read an EnvelopedData (a ContentInfo) field by field, and the encrypted content in either
-/// form: servers send it as a constructed [0] of OCTET STRING pieces (BER), which strict DER
-/// refuses. Never panics.
-pub fn read_envelope(der: &[u8]) -> Result<Envelope, String> {
+/// The certificates of a degenerate ("certs-only") PKCS#7 SignedData: GetCACert's CA/RA
+/// answer and the CertRep's issued certificate. Read field by field (servers send the SET
+/// unsorted, which strict DER refuses); never panics.
+pub fn certs_only(der: &[u8]) -> Result<Vec<Certificate>, String> {
     let ci = ContentInfo::from_der(der).map_err(der_err)?;
+    if ci.content_type != ID_SIGNED_DATA {
+        return Err(format!("a {} where a certs-only SignedData was expected", ci.content_type));
+    }
     let parts: Vec<Any> = ci.content.decode_as().map_err(der_err)?;
-    let (Some(recips), Some(eci)) = (parts.get(1), parts.get(2)) else {
-        return Err("SCEP envelope: an EnvelopedData too short".into());
-    };
-    let recips: RecipientInfos = recips.decode_as().map_err(der_err)?;
-    let eci: Vec<Any> = eci.decode_as().map_err(der_err)?;
-    let alg: AlgorithmIdentifierOwned = eci
-        .get(1)
-        .ok_or("SCEP envelope without a content cipher")?
-        .decode_as()
-        .map_err(der_err)?;
-    let iv = alg
-        .parameters
-        .as_ref()
-        .and_then(|p| p.decode_as::<OctetString>().ok())
-        .ok_or("SCEP envelope without an IV")?;
-    let data = encrypted_content(eci.get(2).ok_or("SCEP envelope without content")?)?;
-    let enc_key = recips
-        .0
+    let set = parts
         .iter()
-        .find_map(|r| match r {
-            RecipientInfo::Ktri(k) => Some(k.enc_key.as_bytes().to_vec()),
-            _ => None,
-        })
-        .ok_or("SCEP envelope has no key-transport recipient")?;
-    Ok(Envelope {
-        cipher: alg.oid,
-        iv: iv.as_bytes().to_vec(),
-        enc_key,
-        data,
-    })
+        .find(|p| x509_cert::der::Tagged::tag(*p) == x509_cert::der::Tag::ContextSpecific { constructed: true, number: x509_cert::der::TagNumber::N0 })
+        .ok_or("a certs-only SignedData without certificates")?;
+    let mut reader = x509_cert::der::SliceReader::new(set.value()).map_err(der_err)?;
+    let mut certs = Vec::new();
+    while !x509_cert::der::Reader::is_finished(&reader) {
+        certs.push(Certificate::decode(&mut reader).map_err(der_err)?);
+    }
+    if certs.is_empty() {
+        return Err("a certs-only SignedData without certificates".into());
+    }
+    Ok(certs)
 }
 
-/// Open an envelope addressed to `key`: the content key is decrypted in the token, the
-/// content with it (AES-CBC, or 3DES where allowed; single DES never).
-pub fn open_envelope(der: &[u8], key: &TokenKey, allow_legacy: bool) -> Result<Vec<u8>, String> {
-    use aes::cipher::{BlockDecryptMut, KeyIvInit};
-    let env = read_envelope(der)?;
-    cipher(&env.cipher, allow_legacy)?;
-    let cek = key
-        .decrypt_rsa_pkcs1(&env.enc_key)
-        .map_err(|e| format!("decrypting the SCEP answer's key in the token: {e}"))?;
-    let bad = |_| "the SCEP answer does not decrypt (wrong key or damaged)".to_string();
-    let (data, iv) = (&env.data[..], &env.iv[..]);
-    match (env.cipher, cek.len()) {
-        (AES256_CBC, 32) => cbc::Decryptor::<aes::Aes256>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (AES128_CBC, 16) => cbc::Decryptor::<aes::Aes128>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (DES_EDE3_CBC, 24) => cbc::Decryptor::<des::TdesEde3>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (oid, n) => Err(format!("SCEP envelope: a {n}-byte key for {oid}")),
-    }
+/// CertPoll's content: `IssuerAndSubject ::= SEQUENCE { issuer Name, subject Name }`.
+pub fn issuer_and_subject(
+    issuer: &x509_cert::name::Name,
+    subject: &x509_cert::name::Name,
+) -> Result<Vec<u8>, String> {
+    // A SEQUENCE OF two Names encodes exactly as the SEQUENCE of two fields.
+    vec![any(issuer)?, any(subject)?].to_der().map_err(der_err)
+}
+
+/// The subject of a DER CSR.
+pub fn csr_subject(csr_der: &[u8]) -> Result<x509_cert::name::Name, String> {
+    Ok(x509_cert::request::CertReq::from_der(csr_der)
+        .map_err(der_err)?
+        .info
+        .subject)
+}
+
+/// The CSR `csr_der` with a PKCS#9 challengePassword added, signed again in the token by
+/// `key` (RSA, SHA-256). It holds the secret: it is zeroized when dropped, never stored.
+pub fn with_challenge(
+    csr_der: &[u8],
+    key: &TokenKey,
+    challenge: &str,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    let mut req = x509_cert::request::CertReq::from_der(csr_der).map_err(der_err)?;
+    let value = x509_cert::der::asn1::Utf8StringRef::new(challenge).map_err(der_err)?;
+    req.info
+        .attributes
+        .insert(attribute(CHALLENGE_PASSWORD, any(&value)?)?)
+        .map_err(der_err)?;
+    let tbs = zeroize::Zeroizing::new(req.info.to_der().map_err(der_err)?);
+    let signature = key
+        .sign(hsm_shim::SignAlg::RsaPkcs1(hsm_shim::Hash::Sha256), &tbs)
+        .map_err(|e| format!("signing the CSR in the token: {e}"))?;
+    req.algorithm = AlgorithmIdentifierOwned {
+        oid: SHA256_WITH_RSA,
+        parameters: Some(Any::from(x509_cert::der::asn1::AnyRef::NULL)),
+    };
+    req.signature = x509_cert::der::asn1::BitString::from_bytes(&signature).map_err(der_err)?;
+    Ok(zeroize::Zeroizing::new(req.to_der().map_err(der_err)?))
+}
+
+/// A transient self-signed certificate of `key` (RFC 8894 §2.3: what signs a first
+/// request, and what the CA encrypts its answer to), made in the token.
+pub fn transient_cert(key: &TokenKey, cn: &str) -> Result<Certificate, String> {
+    let signer = hsm_shim::csr::CsrSigner::new(key);
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(der_err)?;
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let c = p.self_signed(&signer).map_err(|e| {
+        signer
+            .take_error()
+            .map(|e| format!("signing in the token: {e}"))
+            .unwrap_or_else(|| der_err(e))
+    })?;
+    Certificate::from_der(c.der()).map_err(der_err)
 }
 
 #[cfg(test)]
@@ -502,21 +407,15 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn single_des_is_refused_and_3des_only_when_allowed() {
-        assert!(cipher(&DES_CBC, true).unwrap_err().contains("single DES"));
-        assert!(cipher(&DES_EDE3_CBC, false)
-            .unwrap_err()
-            .contains("allow_legacy_crypto"));
-        assert!(cipher(&DES_EDE3_CBC, true).is_ok());
-        assert!(cipher(&AES256_CBC, false).is_ok());
+    fn fail_infos_are_named() {
         assert_eq!(fail_info("1"), "badMessageCheck (1)");
+        assert_eq!(fail_info("9"), "unknown (9)");
     }
 
     proptest! {
         #[test]
         fn any_answer_is_read_without_a_panic(bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..600)) {
             let _ = cert_rep(&bytes, &[]);
-            let _ = read_envelope(&bytes);
         }
     }
 }
