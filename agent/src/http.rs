@@ -250,12 +250,13 @@ async fn send_on<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-        .await
-        .map_err(|e| HttpError::NotSent {
-            stage: "HTTP set-up",
-            detail: chain(&e),
-        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| HttpError::NotSent {
+                stage: "HTTP set-up",
+                detail: chain(&e),
+            })?;
     // The connection task ends with the exchange; its error (if any) surfaces through the
     // response or body futures below.
     tokio::spawn(async move {

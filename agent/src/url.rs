@@ -241,11 +241,20 @@ mod tests {
     fn plain_http_only_where_asked_for() {
         let u = Url::parse_http_or_https("http://127.0.0.1:8080/scep").unwrap();
         assert!(!u.is_https());
-        assert_eq!((u.port_or_default(), u.host_header()), (8080, "127.0.0.1:8080".into()));
+        assert_eq!(
+            (u.port_or_default(), u.host_header()),
+            (8080, "127.0.0.1:8080".into())
+        );
         let u = Url::parse_http_or_https("http://ndes.example/certsrv/mscep/mscep.dll").unwrap();
-        assert_eq!((u.port_or_default(), u.host_header()), (80, "ndes.example".into()));
+        assert_eq!(
+            (u.port_or_default(), u.host_header()),
+            (80, "ndes.example".into())
+        );
         assert_eq!(u.to_string(), "http://ndes.example/certsrv/mscep/mscep.dll");
-        assert_eq!(u.join(&["x"]).to_string(), "http://ndes.example/certsrv/mscep/mscep.dll/x");
+        assert_eq!(
+            u.join(&["x"]).to_string(),
+            "http://ndes.example/certsrv/mscep/mscep.dll/x"
+        );
         assert!(Url::parse_http_or_https("https://a/").unwrap().is_https());
         assert!(Url::parse_http_or_https("ftp://a/").is_err());
         assert!(Url::parse_https("http://a/").is_err());

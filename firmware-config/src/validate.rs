@@ -249,7 +249,10 @@ fn check_issuers(c: &Config, err: ErrSink) {
             IssuerConfig::Scep(sc)
                 if !(sc.url.starts_with("http://") || sc.url.starts_with("https://")) =>
             {
-                err(format!("{p}.url"), "must be an http:// or https:// URL".into())
+                err(
+                    format!("{p}.url"),
+                    "must be an http:// or https:// URL".into(),
+                )
             }
             IssuerConfig::Portal(po) if po.inbox == po.outbox => err(
                 format!("{p}.inbox"),

@@ -7,7 +7,7 @@ use edge_signer::issuer::scep::message::{cert_rep, certs_only};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = cert_rep(data, &[]);
+    let _ = cert_rep(data, &[], true);
     let _ = read_envelope(data);
     let _ = recipient(data);
     let _ = certs_only(data);

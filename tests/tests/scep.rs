@@ -9,6 +9,10 @@
 use edge_signer::issuer::scep::envelope::{self, Legacy};
 use edge_signer::issuer::scep::message::{self, MessageType, Status};
 use edge_signer_tests::scep::{scep_env, ScepServer};
+
+/// What micromdm's scepserver needs: it signs its answers with SHA-1 and encrypts them with
+/// single DES, whatever it is sent.
+const LEGACY: &str = "allow_legacy_crypto = true\nallow_des_answer = true";
 use edge_signer_tests::*;
 use hsm_shim::testing::{TestToken, TokenKind};
 use hsm_shim::{KeyRef, KeyType, TokenKey};
@@ -118,7 +122,14 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
         &format!("{base}?operation=PKIOperation"),
         Some(&dir.path().join("req.der")),
     );
-    let r = message::cert_rep(&rep, std::slice::from_ref(&ca)).expect("a CertRep signed by the CA");
+    // scepserver signs its answers with SHA-1: refused unless allow_legacy_crypto says so.
+    let err = message::cert_rep(&rep, std::slice::from_ref(&ca), false).unwrap_err();
+    assert!(
+        err.contains("SHA-1") && err.contains("allow_legacy_crypto"),
+        "{err}"
+    );
+    let r = message::cert_rep(&rep, std::slice::from_ref(&ca), true)
+        .expect("a CertRep signed by the CA");
     assert_eq!(r.status, Status::Success, "{r:?}");
     assert_eq!(r.transaction_id, "tid-1");
     assert_eq!(r.recipient_nonce, vec![9u8; 16]);
@@ -132,8 +143,8 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
     };
     let content = envelope::open_envelope(&env, &key, allow).unwrap();
     let certs = message::certs_only(&content).unwrap();
-    let spki = x509_cert::der::Encode::to_der(&certs[0].tbs_certificate.subject_public_key_info)
-        .unwrap();
+    let spki =
+        x509_cert::der::Encode::to_der(&certs[0].tbs_certificate.subject_public_key_info).unwrap();
     assert_eq!(spki, info.spki);
 }
 
@@ -146,13 +157,18 @@ fn assert_issued_by_scep_ca(env: &Env, chain: &str, cn: &str) {
     std::fs::write(env.path("leaf.pem"), leaf).unwrap();
     let subject = env.openssl(&["x509", "-in", "leaf.pem", "-noout", "-subject"]);
     assert!(subject.contains(&format!("CN = {cn}")), "{subject}");
-    let out = env.openssl(&["verify", "-CAfile", &env.path_str("scep-ca.pem"), "leaf.pem"]);
+    let out = env.openssl(&[
+        "verify",
+        "-CAfile",
+        &env.path_str("scep-ca.pem"),
+        "leaf.pem",
+    ]);
     assert!(out.contains("leaf.pem: OK"), "{out}");
 }
 
 #[test]
 fn first_enrolment_with_the_challenge_then_renewal_with_the_current_certificate() {
-    let (env, _srv) = scep_env("gw-scep-1", "s3cret", "allow_des_answer = true");
+    let (env, _srv) = scep_env("gw-scep-1", "s3cret", LEGACY);
     env.ok(&["enroll", "gw", "--timeout", "60"]);
     let g1 = env.generation("gw", 1);
     assert!(
@@ -173,26 +189,47 @@ fn first_enrolment_with_the_challenge_then_renewal_with_the_current_certificate(
         "the CA says Renewal: {:?}",
         g2.submission()
     );
-    assert_ne!(g1.key_id_hex(), g2.key_id_hex(), "a fresh key at every renewal");
+    assert_ne!(
+        g1.key_id_hex(),
+        g2.key_id_hex(),
+        "a fresh key at every renewal"
+    );
     assert_issued_by_scep_ca(&env, g2.chain_pem().unwrap(), "gw-scep-1");
 }
 
 #[test]
 fn a_wrong_challenge_is_refused_with_the_servers_fail_info() {
-    let (env, _srv) = scep_env("gw-scep-2", "not-it", "allow_des_answer = true");
+    let (env, _srv) = scep_env("gw-scep-2", "not-it", LEGACY);
     let out = env.run(&["enroll", "gw", "--timeout", "6"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("failInfo badRequest (2)"), "{text}");
-    assert!(!text.contains("not-it"), "the challenge is never shown: {text}");
+    assert!(
+        !text.contains("not-it"),
+        "the challenge is never shown: {text}"
+    );
     let g1 = env.generation("gw", 1);
-    assert_eq!(g1.status, edge_signer::register::GenStatus::Failed, "{g1:?}");
+    assert_eq!(
+        g1.status,
+        edge_signer::register::GenStatus::Failed,
+        "{g1:?}"
+    );
 }
 
 #[test]
-fn by_default_the_servers_single_des_answer_is_refused_with_the_reason() {
+fn by_default_the_servers_sha1_and_single_des_answers_are_refused_with_the_reason() {
     let (env, _srv) = scep_env("gw-scep-3", "s3cret", "");
-    let out = env.run(&["enroll", "gw", "--timeout", "6"]);
+    let out = env.run(&["enroll", "gw", "--timeout", "4"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("signed with SHA-1: refused"), "{text}");
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    let cfg = cfg.replace(
+        "kind = \"scep\"\n",
+        "kind = \"scep\"\nallow_legacy_crypto = true\n",
+    );
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    let out = env.run(&["enroll", "gw", "--timeout", "4"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("single DES"), "{text}");
@@ -217,7 +254,7 @@ fn an_ec_key_is_a_config_error_that_says_scep_needs_rsa() {
 
 #[test]
 fn the_server_down_between_request_and_answer_is_retried_and_then_enrols() {
-    let (env, mut srv) = scep_env("gw-scep-5", "s3cret", "allow_des_answer = true");
+    let (env, mut srv) = scep_env("gw-scep-5", "s3cret", LEGACY);
     srv.stop();
     let out = env.run(&["enroll", "gw", "--timeout", "4"]);
     assert!(!out.status.success());
@@ -240,7 +277,7 @@ fn the_server_down_between_request_and_answer_is_retried_and_then_enrols() {
 /// `submitted` step alone is a PENDING answer (`a_pending_request_is_polled_after_a_restart`).
 #[test]
 fn a_kill_at_each_persisted_step_resumes_the_same_transaction() {
-    let (env, _srv) = scep_env("gw-scep-6", "s3cret", "allow_des_answer = true");
+    let (env, _srv) = scep_env("gw-scep-6", "s3cret", LEGACY);
     env.ok(&["enroll", "gw", "--timeout", "60"]);
     let mut n = 1;
     for step in ["key-pending", "csr-ready", "issued", "validated"] {
@@ -251,7 +288,11 @@ fn a_kill_at_each_persisted_step_resumes_the_same_transaction() {
         let rec = env.record("gw");
         assert_eq!(rec.current, Some(n), "{step}: {rec:?}");
         if before.is_some() {
-            assert_eq!(env.generation("gw", n).submission(), before.as_deref(), "{step}");
+            assert_eq!(
+                env.generation("gw", n).submission(),
+                before.as_deref(),
+                "{step}"
+            );
         }
         env.ok(&["retire", "gw", "--generation", &(n - 1).to_string()]);
     }

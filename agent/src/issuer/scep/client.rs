@@ -66,7 +66,11 @@ pub type Failed = (bool, String);
 impl Server {
     /// A server at `url` (`http://` or `https://`; the HTTPS certificate must chain to
     /// `roots`).
-    pub fn new(url: &str, roots: rustls::RootCertStore, timeout: Duration) -> Result<Server, String> {
+    pub fn new(
+        url: &str,
+        roots: rustls::RootCertStore,
+        timeout: Duration,
+    ) -> Result<Server, String> {
         let url = Url::parse_http_or_https(url).map_err(|e| format!("SCEP url '{url}': {e}"))?;
         let tls = crate::tlsconf::client_config(None, roots, crate::tlsconf::TlsVersions::Any)
             .map_err(|e| e.to_string())?;
@@ -188,7 +192,8 @@ fn trusted(
 /// True when `issuer`'s key verifies `cert`'s signature (RSA PKCS#1 or ECDSA, SHA-2).
 fn signed_by(cert: &Certificate, issuer: &Certificate) -> bool {
     use ring::signature as s;
-    let alg: &dyn s::VerificationAlgorithm = match cert.signature_algorithm.oid.to_string().as_str() {
+    let alg: &dyn s::VerificationAlgorithm = match cert.signature_algorithm.oid.to_string().as_str()
+    {
         "1.2.840.113549.1.1.11" => &s::RSA_PKCS1_2048_8192_SHA256,
         "1.2.840.113549.1.1.12" => &s::RSA_PKCS1_2048_8192_SHA384,
         "1.2.840.113549.1.1.13" => &s::RSA_PKCS1_2048_8192_SHA512,

@@ -205,7 +205,6 @@ pub fn open_envelope(der: &[u8], key: &TokenKey, legacy: Legacy) -> Result<Vec<u
     }
 }
 
-
 /// The recipient an envelope is addressed to (issuer and serial), to pick the key that opens
 /// it.
 pub fn recipient(der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
@@ -214,10 +213,9 @@ pub fn recipient(der: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let recips: RecipientInfos = parts.get(1)?.decode_as().ok()?;
     recips.0.iter().find_map(|r| match r {
         RecipientInfo::Ktri(k) => match &k.rid {
-            RecipientIdentifier::IssuerAndSerialNumber(i) => Some((
-                i.issuer.to_der().ok()?,
-                i.serial_number.as_bytes().to_vec(),
-            )),
+            RecipientIdentifier::IssuerAndSerialNumber(i) => {
+                Some((i.issuer.to_der().ok()?, i.serial_number.as_bytes().to_vec()))
+            }
             _ => None,
         },
         _ => None,
@@ -233,12 +231,33 @@ mod tests {
     fn des_and_3des_only_when_allowed() {
         let none = Legacy::default();
         assert!(cipher(&DES_CBC, none).unwrap_err().contains("single DES"));
-        assert!(cipher(&DES_CBC, Legacy { triple_des: true, single_des: false }).is_err());
-        assert!(cipher(&DES_CBC, Legacy { triple_des: false, single_des: true }).is_ok());
+        assert!(cipher(
+            &DES_CBC,
+            Legacy {
+                triple_des: true,
+                single_des: false
+            }
+        )
+        .is_err());
+        assert!(cipher(
+            &DES_CBC,
+            Legacy {
+                triple_des: false,
+                single_des: true
+            }
+        )
+        .is_ok());
         assert!(cipher(&DES_EDE3_CBC, none)
             .unwrap_err()
             .contains("allow_legacy_crypto"));
-        assert!(cipher(&DES_EDE3_CBC, Legacy { triple_des: true, single_des: false }).is_ok());
+        assert!(cipher(
+            &DES_EDE3_CBC,
+            Legacy {
+                triple_des: true,
+                single_des: false
+            }
+        )
+        .is_ok());
         assert!(cipher(&AES256_CBC, none).is_ok());
     }
 

@@ -203,7 +203,7 @@ fn printable(v: Option<&Any>) -> String {
 
 /// Read a CertRep: its signed SCEP attributes, after checking its signature with one of
 /// `ca_certs` (the CA or RA certificates from GetCACert).
-pub fn cert_rep(der: &[u8], ca_certs: &[Certificate]) -> Result<CertRep, String> {
+pub fn cert_rep(der: &[u8], ca_certs: &[Certificate], allow_sha1: bool) -> Result<CertRep, String> {
     let ci = ContentInfo::from_der(der).map_err(der_err)?;
     if ci.content_type != ID_SIGNED_DATA {
         return Err(format!(
@@ -225,7 +225,7 @@ pub fn cert_rep(der: &[u8], ca_certs: &[Certificate]) -> Result<CertRep, String>
         .signed_attrs
         .as_ref()
         .ok_or("SCEP answer has no signed attributes")?;
-    verify_signer(si, attrs, &encap, ca_certs)?;
+    verify_signer(si, attrs, &encap, ca_certs, allow_sha1)?;
     let status = match printable(attr(attrs, PKI_STATUS)).as_str() {
         "0" => Status::Success,
         "2" => Status::Failure(fail_info(&printable(attr(attrs, FAIL_INFO)))),
@@ -261,6 +261,7 @@ fn verify_signer(
     attrs: &SetOfVec<Attribute>,
     encap: &EncapsulatedContentInfo,
     ca_certs: &[Certificate],
+    allow_sha1: bool,
 ) -> Result<(), String> {
     let content = match &encap.econtent {
         Some(c) => c
@@ -276,6 +277,7 @@ fn verify_signer(
                 sha2::Sha256::digest(&content).to_vec(),
                 &ring::signature::RSA_PKCS1_2048_8192_SHA256,
             ),
+            "1.3.14.3.2.26" if !allow_sha1 => return Err("SCEP answer signed with SHA-1: refused (set allow_legacy_crypto = true to accept it, with a warning)".into()),
             "1.3.14.3.2.26" => (
                 ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &content)
                     .as_ref()
@@ -284,6 +286,9 @@ fn verify_signer(
             ),
             other => return Err(format!("SCEP answer signed with digest {other}: refused (MD5 and unknown digests are not accepted)")),
         };
+    if si.digest_alg.oid.to_string() == "1.3.14.3.2.26" {
+        tracing::warn!("the SCEP server signed its answer with SHA-1 (allowed by allow_legacy_crypto); prefer a server that uses SHA-256");
+    }
     let md = attr(attrs, ID_MESSAGE_DIGEST)
         .and_then(|a| a.decode_as::<OctetString>().ok())
         .ok_or("SCEP answer has no messageDigest")?;
@@ -326,12 +331,21 @@ fn fail_info(code: &str) -> String {
 pub fn certs_only(der: &[u8]) -> Result<Vec<Certificate>, String> {
     let ci = ContentInfo::from_der(der).map_err(der_err)?;
     if ci.content_type != ID_SIGNED_DATA {
-        return Err(format!("a {} where a certs-only SignedData was expected", ci.content_type));
+        return Err(format!(
+            "a {} where a certs-only SignedData was expected",
+            ci.content_type
+        ));
     }
     let parts: Vec<Any> = ci.content.decode_as().map_err(der_err)?;
     let set = parts
         .iter()
-        .find(|p| x509_cert::der::Tagged::tag(*p) == x509_cert::der::Tag::ContextSpecific { constructed: true, number: x509_cert::der::TagNumber::N0 })
+        .find(|p| {
+            x509_cert::der::Tagged::tag(*p)
+                == x509_cert::der::Tag::ContextSpecific {
+                    constructed: true,
+                    number: x509_cert::der::TagNumber::N0,
+                }
+        })
         .ok_or("a certs-only SignedData without certificates")?;
     let mut reader = x509_cert::der::SliceReader::new(set.value()).map_err(der_err)?;
     let mut certs = Vec::new();
@@ -415,7 +429,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_answer_is_read_without_a_panic(bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..600)) {
-            let _ = cert_rep(&bytes, &[]);
+            let _ = cert_rep(&bytes, &[], true);
         }
     }
 }

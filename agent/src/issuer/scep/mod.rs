@@ -132,7 +132,10 @@ impl Scep {
         let new_key = req.key.ok_or("SCEP needs the new key")?;
         if kind == MessageType::RenewalReq {
             if let (Some(ck), Some(key)) = (&req.current, &req.current_key) {
-                let der = ck.cert.first().ok_or("the current identity has no certificate")?;
+                let der = ck
+                    .cert
+                    .first()
+                    .ok_or("the current identity has no certificate")?;
                 let cert = Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
                 return Ok(Signer { key, cert });
             }
@@ -154,7 +157,9 @@ impl Scep {
         let csr = crate::issuer::acme::csr_der(req.csr_pem)?;
         if kind == MessageType::CertPoll {
             let subject = message::csr_subject(&csr)?;
-            return Ok(message::issuer_and_subject(&ca.ca.tbs_certificate.subject, &subject)?.into());
+            return Ok(
+                message::issuer_and_subject(&ca.ca.tbs_certificate.subject, &subject)?.into(),
+            );
         }
         let Some(src) = &self.cfg.challenge else {
             return Ok(csr.into());
@@ -225,7 +230,7 @@ impl Scep {
             Ok(b) => b,
             Err(f) => return failed(f),
         };
-        let rep = match message::cert_rep(&body, &ca.certs) {
+        let rep = match message::cert_rep(&body, &ca.certs, self.cfg.allow_legacy_crypto) {
             Ok(r) => r,
             Err(e) => return IssuerAnswer::Unreachable(format!("SCEP {what}: {e}")),
         };
