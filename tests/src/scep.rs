@@ -96,3 +96,235 @@ pub fn scep_env(name: &str, challenge: &str, extra: &str) -> (Env, ScepServer) {
     scep_config(&env, &server, name, challenge, extra);
     (env, server)
 }
+
+/// A double in front of a real scepserver for what it never does: answer PENDING. It
+/// follows RFC 8894 strictly and nothing more: a PKCSReq is passed to the real server, whose
+/// issued certificate (its envelope, encrypted to the request's signer) is held back while
+/// the double answers PENDING; every CertPoll for that transaction before the `polls`-th is
+/// answered PENDING again, then SUCCESS with the held envelope. Each CertRep is signed by
+/// the real CA's key (`openssl dgst -sign` with the server's `depot/ca.key`) and echoes the
+/// request's transactionID and senderNonce; a CertPoll for an unknown transaction is
+/// FAILURE badCertId. GetCACaps and GetCACert are the real server's.
+pub struct PendingDouble {
+    /// Its port.
+    pub port: u16,
+    /// The messageType of every PKIOperation received, in order.
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+struct DoubleState {
+    upstream: String,
+    depot: std::path::PathBuf,
+    polls: usize,
+    held: std::collections::HashMap<String, (Vec<u8>, usize)>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl PendingDouble {
+    /// Start it in front of `server`, answering SUCCESS at the `polls`-th CertPoll.
+    pub fn start(server: &ScepServer, polls: usize) -> PendingDouble {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut st = DoubleState {
+            upstream: server.url(),
+            depot: server.dir.join("depot"),
+            polls,
+            held: Default::default(),
+            seen: seen.clone(),
+        };
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let _ = st.serve(conn);
+            }
+        });
+        PendingDouble { port, seen }
+    }
+
+    /// Its SCEP URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/scep", self.port)
+    }
+}
+
+impl DoubleState {
+    fn serve(&mut self, mut conn: std::net::TcpStream) -> std::io::Result<()> {
+        use std::io::{Read, Write};
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            let n = conn.read(&mut chunk)?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap_or(0))
+            })
+            .unwrap_or(0);
+        while buf.len() < head_end + len {
+            let n = conn.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let body = buf[head_end..].to_vec();
+        let target = head
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let answer = if target.contains("operation=PKIOperation") {
+            self.operation(&body)
+        } else {
+            let op = target.split("operation=").nth(1).unwrap_or_default();
+            curl(&format!("{}?operation={op}", self.upstream), None)
+        };
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-pki-message\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            answer.len()
+        )?;
+        conn.write_all(&answer)
+    }
+
+    fn operation(&mut self, msg: &[u8]) -> Vec<u8> {
+        let (kind, txid, nonce, _) = read_request(msg);
+        self.seen.lock().unwrap().push(kind.clone());
+        let (status, envelope) = match kind.as_str() {
+            "19" | "17" => {
+                let real = curl(
+                    &format!("{}?operation=PKIOperation", self.upstream),
+                    Some(msg),
+                );
+                self.held.insert(txid.clone(), (econtent_of(&real), 0));
+                ("3", None)
+            }
+            "20" => match self.held.get_mut(&txid) {
+                Some((env, n)) => {
+                    *n += 1;
+                    if *n >= self.polls {
+                        ("0", Some(env.clone()))
+                    } else {
+                        ("3", None)
+                    }
+                }
+                None => ("2", None),
+            },
+            _ => ("2", None),
+        };
+        self.cert_rep(status, &txid, &nonce, envelope)
+    }
+
+    fn cert_rep(&self, status: &str, txid: &str, nonce: &[u8], env: Option<Vec<u8>>) -> Vec<u8> {
+        use edge_signer::issuer::scep::message::{signed_message, Fields};
+        use x509_cert::der::Decode;
+        let ca_pem = std::fs::read(self.depot.join("ca.pem")).unwrap();
+        let ca_der = rustls::pki_types::pem::PemObject::from_pem_slice(&ca_pem)
+            .map(|c: rustls::pki_types::CertificateDer| c.as_ref().to_vec())
+            .unwrap();
+        let ca = x509_cert::Certificate::from_der(&ca_der).unwrap();
+        let fields = Fields {
+            message_type: "3",
+            transaction_id: txid,
+            sender_nonce: &[7u8; 16],
+            pki_status: Some(status),
+            recipient_nonce: Some(nonce),
+            // FAILURE here is an unknown transaction: badCertId.
+            fail_info: (status == "2").then_some("4"),
+        };
+        let key = self.depot.join("ca.key");
+        signed_message(env, &fields, &ca, &|tbs| Ok(openssl_sign(&key, tbs))).unwrap()
+    }
+}
+
+/// messageType, transactionID, senderNonce and the signer certificate of a request.
+fn read_request(msg: &[u8]) -> (String, String, Vec<u8>, Vec<u8>) {
+    use cms::content_info::ContentInfo;
+    use cms::signed_data::SignedData;
+    use x509_cert::der::{Decode, Encode};
+    let ci = ContentInfo::from_der(msg).unwrap();
+    let sd: SignedData = ci.content.decode_as().unwrap();
+    let si = sd.signer_infos.0.iter().next().unwrap();
+    let attrs = si.signed_attrs.as_ref().unwrap();
+    let get = |oid: &str| {
+        attrs
+            .iter()
+            .find(|a| a.oid.to_string() == oid)
+            .and_then(|a| a.values.iter().next())
+            .unwrap()
+            .clone()
+    };
+    let text = |a: x509_cert::der::Any| String::from_utf8_lossy(a.value()).into_owned();
+    let signer = sd
+        .certificates
+        .as_ref()
+        .and_then(|c| c.0.iter().next().and_then(|c| c.to_der().ok()))
+        .unwrap_or_default();
+    (
+        text(get("2.16.840.1.113733.1.9.2")),
+        text(get("2.16.840.1.113733.1.9.7")),
+        get("2.16.840.1.113733.1.9.5").value().to_vec(),
+        signer,
+    )
+}
+
+/// The encapsulated content (the envelope) of a CertRep, read field by field (the real
+/// server's SET of certificates is not sorted, which strict DER refuses).
+fn econtent_of(rep: &[u8]) -> Vec<u8> {
+    use x509_cert::der::{Any, Decode};
+    let ci = cms::content_info::ContentInfo::from_der(rep).unwrap();
+    let parts: Vec<Any> = ci.content.decode_as().unwrap();
+    let encap: Vec<Any> = parts[2].decode_as().unwrap();
+    let explicit = encap[1].value();
+    x509_cert::der::asn1::OctetString::from_der(explicit)
+        .unwrap()
+        .as_bytes()
+        .to_vec()
+}
+
+fn curl(url: &str, body: Option<&[u8]>) -> Vec<u8> {
+    use std::io::Write;
+    let mut c = Command::new("curl");
+    c.args(["-sS", url])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::piped());
+    if body.is_some() {
+        c.args([
+            "-H",
+            "Content-Type: application/x-pki-message",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(body.unwrap_or_default()).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap().stdout
+}
+
+fn openssl_sign(key: &std::path::Path, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-passin", "pass:", "-sign"])
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(data).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap().stdout
+}

@@ -16,36 +16,8 @@ const LEGACY: &str = "allow_legacy_crypto = true\nallow_des_answer = true";
 use edge_signer_tests::*;
 use hsm_shim::testing::{TestToken, TokenKind};
 use hsm_shim::{KeyRef, KeyType, TokenKey};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use x509_cert::der::Decode;
-
-/// scepserver with its own CA in `dir`, on a free port, enforcing `challenge`.
-fn scep_server(dir: &std::path::Path, challenge: &str) -> (Guard, u16) {
-    let _ = ScepServer::url;
-    let ok = Command::new("scepserver")
-        .args(["ca", "-init"])
-        .current_dir(dir)
-        .output()
-        .expect("scepserver (scripts/setup installs scep)");
-    assert!(ok.status.success(), "{ok:?}");
-    let port = free_port();
-    let child = Command::new("scepserver")
-        .args([
-            "-depot",
-            "depot",
-            "-port",
-            &port.to_string(),
-            "-challenge",
-            challenge,
-        ])
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("scepserver.log")).unwrap())
-        .spawn()
-        .unwrap();
-    wait_port(port);
-    (Guard(child), port)
-}
 
 fn http(url: &str, body: Option<&std::path::Path>) -> Vec<u8> {
     let mut c = Command::new("curl");
@@ -66,9 +38,10 @@ fn http(url: &str, body: Option<&std::path::Path>) -> Vec<u8> {
 #[test]
 fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_reason() {
     let t = TestToken::new_on(TokenKind::SoftHsm);
-    let dir = tempfile::tempdir().unwrap();
-    let (_srv, port) = scep_server(dir.path(), "s3cret");
-    let base = format!("http://127.0.0.1:{port}/scep");
+    let env = Env::new();
+    let srv = ScepServer::start(&env, "s3cret");
+    let dir = env.dir.path();
+    let base = srv.url();
     let caps = String::from_utf8(http(&format!("{base}?operation=GetCACaps"), None)).unwrap();
     assert!(
         caps.contains("AES") && caps.contains("POSTPKIOperation"),
@@ -103,13 +76,13 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
         &[9u8; 16],
     )
     .unwrap();
-    std::fs::write(dir.path().join("req.der"), &msg).unwrap();
+    std::fs::write(dir.join("req.der"), &msg).unwrap();
     // What goes on the wire decodes with openssl.
     let printed = Command::new("openssl")
         .args([
             "cms", "-inform", "DER", "-in", "req.der", "-cmsout", "-print",
         ])
-        .current_dir(dir.path())
+        .current_dir(dir)
         .output()
         .unwrap();
     let printed = String::from_utf8_lossy(&printed.stdout);
@@ -120,7 +93,7 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
 
     let rep = http(
         &format!("{base}?operation=PKIOperation"),
-        Some(&dir.path().join("req.der")),
+        Some(&dir.join("req.der")),
     );
     // scepserver signs its answers with SHA-1: refused unless allow_legacy_crypto says so.
     let err = message::cert_rep(&rep, std::slice::from_ref(&ca), false).unwrap_err();
@@ -304,4 +277,48 @@ fn pem_der(pem: &str) -> Vec<u8> {
         .unwrap()
         .as_ref()
         .to_vec()
+}
+
+/// RFC 8894 §3.3.2: a PENDING answer is recorded (the wait and the transaction), and the
+/// agent polls with CertPoll, also after a restart, until the CA answers SUCCESS; it never
+/// sends the PKCSReq again. (scepserver never answers PENDING: `PendingDouble` stands in
+/// front of it, see tests/src/scep.rs.)
+#[test]
+fn a_pending_request_is_polled_after_a_restart() {
+    use edge_signer_tests::scep::PendingDouble;
+    let (env, srv) = scep_env("gw-scep-7", "s3cret", LEGACY);
+    let double = PendingDouble::start(&srv, 2);
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(&srv.url(), &double.url()).replace(
+            "kind = \"scep\"\n",
+            "kind = \"scep\"\npoll_interval = \"1s\"\n",
+        ),
+    )
+    .unwrap();
+    // Killed right after the PENDING answer is on disk.
+    let out = env
+        .cmd()
+        .args(["enroll", "gw", "--timeout", "30"])
+        .env("EDGE_SIGNER_TEST_KILL_AT", "submitted")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9), "{out:?}");
+    let rec = env.record("gw");
+    let waiting = rec.waiting.as_ref().expect("the wait is in the register");
+    assert!(waiting.what.contains("pending at the CA"), "{waiting:?}");
+    let g1 = env.generation("gw", 1);
+    let reference = g1.submission().unwrap().to_owned();
+    assert!(reference.starts_with("PKCSReq:"), "{reference}");
+    let status = env.ok(&["status"]);
+    assert!(status.contains("pending at the CA"), "{status}");
+    // The next run polls the same transaction until it is issued.
+    env.ok(&["enroll", "gw", "--timeout", "30"]);
+    let g1 = env.generation("gw", 1);
+    assert_eq!(g1.submission(), Some(reference.as_str()));
+    assert_issued_by_scep_ca(&env, g1.chain_pem().unwrap(), "gw-scep-7");
+    let seen = double.seen.lock().unwrap().clone();
+    assert_eq!(seen, ["19", "20", "20"], "one PKCSReq, then CertPoll");
 }

@@ -111,41 +111,80 @@ pub fn pki_message(
     nonce: &[u8; 16],
 ) -> Result<Vec<u8>, String> {
     let env = super::envelope::envelope(content, ca)?;
-    let digest = sha2::Sha256::digest(&env);
-    let mut attrs = SetOfVec::new();
-    for a in [
+    let fields = Fields {
+        message_type: kind.code(),
+        transaction_id,
+        sender_nonce: nonce,
+        pki_status: None,
+        recipient_nonce: None,
+        fail_info: None,
+    };
+    signed_message(Some(env), &fields, signer_cert, &|tbs| {
+        key.sign(hsm_shim::SignAlg::RsaPkcs1(hsm_shim::Hash::Sha256), tbs)
+            .map_err(|e| format!("signing the SCEP message in the token: {e}"))
+    })
+}
+
+/// The SCEP fields of a message's signed attributes.
+#[derive(Debug, Clone)]
+pub struct Fields<'a> {
+    /// messageType (`"19"` PKCSReq, `"17"` RenewalReq, `"20"` CertPoll, `"3"` CertRep).
+    pub message_type: &'a str,
+    /// transactionID.
+    pub transaction_id: &'a str,
+    /// senderNonce.
+    pub sender_nonce: &'a [u8],
+    /// pkiStatus (a CertRep's).
+    pub pki_status: Option<&'a str>,
+    /// recipientNonce (a CertRep's).
+    pub recipient_nonce: Option<&'a [u8]>,
+    /// failInfo (a FAILURE CertRep's).
+    pub fail_info: Option<&'a str>,
+}
+
+/// What signs a message's attributes: their DER in, the RSA PKCS#1 v1.5 SHA-256 signature out.
+pub type Sign<'a> = dyn Fn(&[u8]) -> Result<Vec<u8>, String> + 'a;
+
+/// A SCEP SignedData (a ContentInfo): `econtent` (an envelope, or none) with `fields` as
+/// signed attributes, signed by `sign` (RSA PKCS#1 v1.5 over SHA-256 of the attributes) for
+/// `signer_cert`, which it carries.
+pub fn signed_message(
+    econtent: Option<Vec<u8>>,
+    fields: &Fields,
+    signer_cert: &Certificate,
+    sign: &Sign<'_>,
+) -> Result<Vec<u8>, String> {
+    let digest = sha2::Sha256::digest(econtent.as_deref().unwrap_or_default());
+    let printable = |s: &str| any(&PrintableStringRef::new(s).map_err(der_err)?);
+    let octets = |b: &[u8]| any(&OctetString::new(b.to_vec()).map_err(der_err)?);
+    let mut list = vec![
         attribute(ID_CONTENT_TYPE, any(&ID_DATA)?)?,
-        attribute(
-            ID_MESSAGE_DIGEST,
-            any(&OctetString::new(digest.to_vec()).map_err(der_err)?)?,
-        )?,
-        attribute(
-            MESSAGE_TYPE,
-            any(&PrintableStringRef::new(kind.code()).map_err(der_err)?)?,
-        )?,
-        attribute(
-            TRANSACTION_ID,
-            any(&PrintableStringRef::new(transaction_id).map_err(der_err)?)?,
-        )?,
-        attribute(
-            SENDER_NONCE,
-            any(&OctetString::new(nonce.to_vec()).map_err(der_err)?)?,
-        )?,
-    ] {
+        attribute(ID_MESSAGE_DIGEST, octets(&digest)?)?,
+        attribute(MESSAGE_TYPE, printable(fields.message_type)?)?,
+        attribute(TRANSACTION_ID, printable(fields.transaction_id)?)?,
+        attribute(SENDER_NONCE, octets(fields.sender_nonce)?)?,
+    ];
+    if let Some(s) = fields.pki_status {
+        list.push(attribute(PKI_STATUS, printable(s)?)?);
+    }
+    if let Some(n) = fields.recipient_nonce {
+        list.push(attribute(RECIPIENT_NONCE, octets(n)?)?);
+    }
+    if let Some(f) = fields.fail_info {
+        list.push(attribute(FAIL_INFO, printable(f)?)?);
+    }
+    let mut attrs = SetOfVec::new();
+    for a in list {
         attrs.insert(a).map_err(der_err)?;
     }
     // The signature covers the DER of the attributes as a SET (RFC 5652 §5.4).
-    let signed = attrs.to_der().map_err(der_err)?;
-    let signature = key
-        .sign(hsm_shim::SignAlg::RsaPkcs1(hsm_shim::Hash::Sha256), &signed)
-        .map_err(|e| format!("signing the SCEP message in the token: {e}"))?;
+    let signature = sign(&attrs.to_der().map_err(der_err)?)?;
+    let sha256 = || AlgorithmIdentifierOwned {
+        oid: SHA256,
+        parameters: None,
+    };
     let mut digests = SetOfVec::new();
-    digests
-        .insert(AlgorithmIdentifierOwned {
-            oid: SHA256,
-            parameters: None,
-        })
-        .map_err(der_err)?;
+    digests.insert(sha256()).map_err(der_err)?;
     let mut certs = SetOfVec::new();
     certs
         .insert(CertificateChoices::Certificate(signer_cert.clone()))
@@ -155,10 +194,7 @@ pub fn pki_message(
         .insert(SignerInfo {
             version: CmsVersion::V1,
             sid: SignerIdentifier::IssuerAndSerialNumber(rid(signer_cert)),
-            digest_alg: AlgorithmIdentifierOwned {
-                oid: SHA256,
-                parameters: None,
-            },
+            digest_alg: sha256(),
             signed_attrs: Some(attrs),
             signature_algorithm: AlgorithmIdentifierOwned {
                 oid: SHA256_WITH_RSA,
@@ -168,12 +204,16 @@ pub fn pki_message(
             unsigned_attrs: None,
         })
         .map_err(der_err)?;
+    let econtent = match econtent {
+        Some(e) => Some(any(&OctetString::new(e).map_err(der_err)?)?),
+        None => None,
+    };
     let sd = SignedData {
         version: CmsVersion::V1,
         digest_algorithms: digests,
         encap_content_info: EncapsulatedContentInfo {
             econtent_type: ID_DATA,
-            econtent: Some(any(&OctetString::new(env).map_err(der_err)?)?),
+            econtent,
         },
         certificates: Some(CertificateSet(certs)),
         crls: None,
