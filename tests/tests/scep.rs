@@ -322,3 +322,62 @@ fn a_pending_request_is_polled_after_a_restart() {
     let seen = double.seen.lock().unwrap().clone();
     assert_eq!(seen, ["19", "20", "20"], "one PKCSReq, then CertPoll");
 }
+
+/// Over HTTPS (stunnel4 in front of scepserver, its certificate from another CA named by
+/// `server_ca`) the agent enrols; a GetCACert answer that is not the pinned CA (here: the
+/// configuration pins another CA, as a server in the middle would look) is refused by name,
+/// and the key is kept for the retry.
+#[test]
+fn over_https_with_server_ca_and_a_getcacert_that_is_not_the_pinned_ca_is_refused() {
+    let (env, srv) = scep_env("gw-scep-8", "s3cret", LEGACY);
+    env.make_ca("ca");
+    env.openssl_leaf("ca", "tls");
+    let port = free_port();
+    let dir = env.dir.path().display();
+    let conf = format!(
+        "foreground = yes\npid =\noutput = {dir}/stunnel.log\n[scep]\n\
+         accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{up}\ncert = {dir}/tls.pem\nkey = {dir}/tls.key\n",
+        up = srv.port
+    );
+    std::fs::write(env.path("stunnel.conf"), conf).unwrap();
+    let _tls = Guard(
+        Command::new("stunnel4")
+            .arg(env.path("stunnel.conf"))
+            .spawn()
+            .expect("stunnel4 (scripts/setup installs it)"),
+    );
+    wait_port(port);
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    let https = cfg.replace(
+        &format!("url = \"{}\"", srv.url()),
+        &format!(
+            "url = \"https://127.0.0.1:{port}/scep\"\nserver_ca = \"{}\"",
+            env.path_str("ca.pem")
+        ),
+    );
+    std::fs::write(env.path("defaults.toml"), &https).unwrap();
+    env.ok(&["enroll", "gw", "--timeout", "60"]);
+    assert_issued_by_scep_ca(
+        &env,
+        env.generation("gw", 1).chain_pem().unwrap(),
+        "gw-scep-8",
+    );
+
+    let pinned_elsewhere = https.replace(
+        &format!("ca_bundle = \"{}\"", env.path_str("scep-ca.pem")),
+        &format!("ca_bundle = \"{}\"", env.path_str("ca.pem")),
+    );
+    std::fs::write(env.path("defaults.toml"), pinned_elsewhere).unwrap();
+    let out = env.run(&["rotate", "gw", "--now", "--timeout", "4"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("GetCACert returned no certificate of ca_bundle"),
+        "{text}"
+    );
+    let g2 = env.generation("gw", 2);
+    assert!(
+        env.pkcs11_objects().contains(&g2.key_id_hex().unwrap()),
+        "the key is kept for the retry"
+    );
+}

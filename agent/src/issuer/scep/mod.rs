@@ -102,14 +102,19 @@ impl Scep {
         if let Some(ca) = &self.ca {
             return Ok(ca.clone());
         }
-        let ca = self.server.ca_info(&self.anchors).map_err(failed)?;
+        // What the CA shows of itself (its certificates, its capabilities) refused here is
+        // a configuration matter, not this request's: retried with backoff, the key kept.
+        let ca = self
+            .server
+            .ca_info(&self.anchors)
+            .map_err(|(_, why)| IssuerAnswer::Unreachable(why))?;
         if !ca.caps.aes && !self.cfg.allow_legacy_crypto {
-            return Err(IssuerAnswer::Rejected(
+            return Err(IssuerAnswer::Unreachable(
                 "the SCEP CA does not offer AES (GetCACaps): refused; set allow_legacy_crypto = true to use 3DES, with a warning".into(),
             ));
         }
         if !ca.caps.sha256 && !self.cfg.allow_legacy_crypto {
-            return Err(IssuerAnswer::Rejected(
+            return Err(IssuerAnswer::Unreachable(
                 "the SCEP CA does not offer SHA-256 (GetCACaps): refused; set allow_legacy_crypto = true to accept SHA-1, with a warning".into(),
             ));
         }
