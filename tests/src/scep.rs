@@ -149,36 +149,8 @@ impl PendingDouble {
 
 impl DoubleState {
     fn serve(&mut self, mut conn: std::net::TcpStream) -> std::io::Result<()> {
-        use std::io::{Read, Write};
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        let head_end = loop {
-            let n = conn.read(&mut chunk)?;
-            if n == 0 {
-                return Ok(());
-            }
-            buf.extend_from_slice(&chunk[..n]);
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().parse().unwrap_or(0))
-            })
-            .unwrap_or(0);
-        while buf.len() < head_end + len {
-            let n = conn.read(&mut chunk)?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = buf[head_end..].to_vec();
+        use std::io::Write;
+        let (head, body) = crate::httpd::read_request(&mut conn);
         let target = head
             .split_whitespace()
             .nth(1)
@@ -199,7 +171,7 @@ impl DoubleState {
     }
 
     fn operation(&mut self, msg: &[u8]) -> Vec<u8> {
-        let (kind, txid, nonce, _) = read_request(msg);
+        let (kind, txid, nonce) = scep_fields(msg);
         self.seen.lock().unwrap().push(kind.clone());
         let (status, envelope) = match kind.as_str() {
             "19" | "17" => {
@@ -248,11 +220,11 @@ impl DoubleState {
     }
 }
 
-/// messageType, transactionID, senderNonce and the signer certificate of a request.
-fn read_request(msg: &[u8]) -> (String, String, Vec<u8>, Vec<u8>) {
+/// messageType, transactionID and senderNonce of a request.
+fn scep_fields(msg: &[u8]) -> (String, String, Vec<u8>) {
     use cms::content_info::ContentInfo;
     use cms::signed_data::SignedData;
-    use x509_cert::der::{Decode, Encode};
+    use x509_cert::der::Decode;
     let ci = ContentInfo::from_der(msg).unwrap();
     let sd: SignedData = ci.content.decode_as().unwrap();
     let si = sd.signer_infos.0.iter().next().unwrap();
@@ -263,19 +235,13 @@ fn read_request(msg: &[u8]) -> (String, String, Vec<u8>, Vec<u8>) {
             .find(|a| a.oid.to_string() == oid)
             .and_then(|a| a.values.iter().next())
             .unwrap()
-            .clone()
+            .value()
+            .to_vec()
     };
-    let text = |a: x509_cert::der::Any| String::from_utf8_lossy(a.value()).into_owned();
-    let signer = sd
-        .certificates
-        .as_ref()
-        .and_then(|c| c.0.iter().next().and_then(|c| c.to_der().ok()))
-        .unwrap_or_default();
     (
-        text(get("2.16.840.1.113733.1.9.2")),
-        text(get("2.16.840.1.113733.1.9.7")),
-        get("2.16.840.1.113733.1.9.5").value().to_vec(),
-        signer,
+        String::from_utf8_lossy(&get("2.16.840.1.113733.1.9.2")).into_owned(),
+        String::from_utf8_lossy(&get("2.16.840.1.113733.1.9.7")).into_owned(),
+        get("2.16.840.1.113733.1.9.5"),
     )
 }
 
