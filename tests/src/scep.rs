@@ -97,8 +97,9 @@ pub fn scep_env(name: &str, challenge: &str, extra: &str) -> (Env, ScepServer) {
     (env, server)
 }
 
-/// A double in front of a real scepserver for what it never does: answer PENDING. It
-/// follows RFC 8894 strictly and nothing more: a PKCSReq is passed to the real server, whose
+/// A double in front of a real scepserver for what it never does: answer PENDING, and offer
+/// no POST (its GetCACaps is the real one without `POSTPKIOperation`, so PKIOperation comes
+/// by GET and a POST is refused). It follows RFC 8894 strictly and nothing more: a PKCSReq is passed to the real server, whose
 /// issued certificate (its envelope, encrypted to the request's signer) is held back while
 /// the double answers PENDING; every CertPoll for that transaction before the `polls`-th is
 /// answered PENDING again, then SUCCESS with the held envelope. Each CertRep is signed by
@@ -150,14 +151,29 @@ impl PendingDouble {
 impl DoubleState {
     fn serve(&mut self, mut conn: std::net::TcpStream) -> std::io::Result<()> {
         use std::io::Write;
-        let (head, body) = crate::httpd::read_request(&mut conn);
+        let (head, _) = crate::httpd::read_request(&mut conn);
         let target = head
             .split_whitespace()
             .nth(1)
             .unwrap_or_default()
             .to_owned();
         let answer = if target.contains("operation=PKIOperation") {
-            self.operation(&body)
+            if head.starts_with("POST") {
+                // The capabilities it shows offer no POST (RFC 8894 §4.1: GET is the default).
+                b"POST is not offered".to_vec()
+            } else {
+                self.operation(&message_param(&target))
+            }
+        } else if target.contains("operation=GetCACaps") {
+            // The real server's capabilities without POSTPKIOperation (nor SCEPStandard,
+            // which implies it): the agent must send by GET.
+            let caps = curl(&format!("{}?operation=GetCACaps", self.upstream), None);
+            String::from_utf8_lossy(&caps)
+                .lines()
+                .filter(|l| !matches!(l.trim(), "POSTPKIOperation" | "SCEPStandard"))
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+                .into_bytes()
         } else {
             let op = target.split("operation=").nth(1).unwrap_or_default();
             curl(&format!("{}?operation={op}", self.upstream), None)
@@ -218,6 +234,28 @@ impl DoubleState {
         let key = self.depot.join("ca.key");
         signed_message(env, &fields, &ca, &|tbs| Ok(openssl_sign(&key, tbs))).unwrap()
     }
+}
+
+/// The `message` query parameter of a GET PKIOperation: percent-decoded, then base64.
+fn message_param(target: &str) -> Vec<u8> {
+    use base64::Engine;
+    let raw = target.split("message=").nth(1).unwrap_or_default();
+    let raw = raw.split('&').next().unwrap_or_default().as_bytes();
+    let mut text = Vec::new();
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            let hex = std::str::from_utf8(&raw[i + 1..i + 3]).unwrap();
+            text.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            text.push(raw[i]);
+            i += 1;
+        }
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(&text)
+        .unwrap_or_default()
 }
 
 /// messageType, transactionID and senderNonce of a request.

@@ -282,7 +282,7 @@ fn pem_der(pem: &str) -> Vec<u8> {
 /// RFC 8894 §3.3.2: a PENDING answer is recorded (the wait and the transaction), and the
 /// agent polls with CertPoll, also after a restart, until the CA answers SUCCESS; it never
 /// sends the PKCSReq again. (scepserver never answers PENDING: `PendingDouble` stands in
-/// front of it, see tests/src/scep.rs.)
+/// front of it, see tests/src/scep.rs; it offers no POST, so every message goes by GET.)
 #[test]
 fn a_pending_request_is_polled_after_a_restart() {
     use edge_signer_tests::scep::PendingDouble;

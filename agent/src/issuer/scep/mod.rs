@@ -260,6 +260,7 @@ impl Scep {
                     .envelope
                     .as_deref()
                     .ok_or_else(|| "no envelope".to_string())
+                    .and_then(|e| addressed_to(e, &signer.cert).map(|_| e))
                     .and_then(|e| envelope::open_envelope(e, signer.key, self.legacy()))
                     .and_then(|c| message::certs_only(&c))
                     .and_then(|certs| chain_for(&certs, req.spki));
@@ -269,6 +270,23 @@ impl Scep {
                 }
             }
         }
+    }
+}
+
+/// The envelope is addressed to `cert` (the certificate that signed the request), so the key
+/// that opens it is the one that signed.
+fn addressed_to(envelope: &[u8], cert: &Certificate) -> Result<(), String> {
+    let ours = (
+        cert.tbs_certificate.issuer.to_der().unwrap_or_default(),
+        cert.tbs_certificate.serial_number.as_bytes().to_vec(),
+    );
+    match envelope::recipient(envelope) {
+        Some(r) if r == ours => Ok(()),
+        Some(_) => Err(
+            "the answer is encrypted to another certificate than the one that signed the request"
+                .into(),
+        ),
+        None => Err("the answer's envelope names no key-transport recipient".into()),
     }
 }
 
