@@ -58,14 +58,7 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
     let subject = hsm_shim::csr::Subject::parse("CN=gw-scep").unwrap();
     let csr_pem = hsm_shim::csr::build_csr_with(&key, &subject, &[], Some("s3cret")).unwrap();
     let csr_der = pem_der(&csr_pem);
-    let transient = {
-        let signer = hsm_shim::csr::CsrSigner::new(&key);
-        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, "gw-scep");
-        let c = p.self_signed(&signer).unwrap();
-        x509_cert::Certificate::from_der(c.der()).unwrap()
-    };
+    let transient = message::transient_cert(&key, "gw-scep").unwrap();
     let msg = message::pki_message(
         MessageType::PkcsReq,
         &csr_der,
@@ -380,4 +373,79 @@ fn over_https_with_server_ca_and_a_getcacert_that_is_not_the_pinned_ca_is_refuse
         env.pkcs11_objects().contains(&g2.key_id_hex().unwrap()),
         "the key is kept for the retry"
     );
+}
+
+/// GetCACert as a certs-only PKCS#7 (`openssl crl2pkcs7`) of the CA and an RA certificate it
+/// issued: the RA is the envelope's recipient. An RA certificate another CA issued, or a CA
+/// outside `ca_bundle`, is refused by name.
+#[test]
+fn a_getcacert_chain_with_an_ra_certificate_is_pinned_to_the_ca() {
+    use edge_signer::issuer::scep::client::{ca_certs, Caps};
+    let env = Env::new();
+    let _srv = ScepServer::start(&env, "s3cret");
+    // An RA certificate issued by the scepserver's CA (its key is under an empty password).
+    env.openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ra.key",
+        "-out",
+        "ra.csr",
+        "-subj",
+        "/CN=scep-ra",
+    ]);
+    env.openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "ra.csr",
+        "-CA",
+        "scep/depot/ca.pem",
+        "-CAkey",
+        "scep/depot/ca.key",
+        "-passin",
+        "pass:",
+        "-set_serial",
+        "77",
+        "-days",
+        "2",
+        "-out",
+        "ra.pem",
+    ]);
+    env.make_ca("other");
+    env.openssl_leaf("other", "stray");
+    let p7 = |certs: &[&str], out: &str| {
+        let mut args = vec!["crl2pkcs7", "-nocrl", "-outform", "DER", "-out", out];
+        for c in certs {
+            args.extend(["-certfile", c]);
+        }
+        env.openssl(&args);
+        std::fs::read(env.path(out)).unwrap()
+    };
+    let anchors = edge_signer::tlsconf::load_certs(&env.path("scep-ca.pem")).unwrap();
+    let good = p7(&["scep-ca.pem", "ra.pem"], "good.p7");
+    let info = ca_certs(&good, &anchors, Caps::default()).unwrap();
+    assert_eq!(info.certs.len(), 2);
+    assert!(info
+        .recipient
+        .tbs_certificate
+        .subject
+        .to_string()
+        .contains("scep-ra"));
+    assert!(!info
+        .ca
+        .tbs_certificate
+        .subject
+        .to_string()
+        .contains("scep-ra"));
+
+    let stray = p7(&["scep-ca.pem", "stray.pem"], "stray.p7");
+    let err = ca_certs(&stray, &anchors, Caps::default()).unwrap_err();
+    assert!(err.contains("did not issue"), "{err}");
+    let foreign = p7(&["other.pem"], "foreign.p7");
+    let err = ca_certs(&foreign, &anchors, Caps::default()).unwrap_err();
+    assert!(err.contains("no certificate of ca_bundle"), "{err}");
 }

@@ -108,11 +108,7 @@ impl Server {
         let caps = self.get("GetCACaps", None)?;
         let caps = Caps::parse(&String::from_utf8_lossy(&caps.body));
         let r = self.get("GetCACert", None)?;
-        let certs = match Certificate::from_der(&r.body) {
-            Ok(c) => vec![c],
-            Err(_) => certs_only(&r.body).map_err(|e| (false, format!("GetCACert: {e}")))?,
-        };
-        trusted(certs, anchors, caps).map_err(|e| (false, e))
+        ca_certs(&r.body, anchors, caps).map_err(|e| (false, e))
     }
 
     /// One PKIOperation: the CertRep's bytes.
@@ -144,6 +140,20 @@ fn ok(operation: &str, r: http::Response) -> Result<http::Response, Failed> {
         transient,
         format!("SCEP {operation}: HTTP {}: {}", r.status, r.text(200)),
     ))
+}
+
+/// A GetCACert answer (a bare certificate, or a certs-only PKCS#7 of the CA and its RA
+/// certificates) checked against the configured anchors.
+pub fn ca_certs(
+    body: &[u8],
+    anchors: &[CertificateDer<'static>],
+    caps: Caps,
+) -> Result<CaInfo, String> {
+    let certs = match Certificate::from_der(body) {
+        Ok(c) => vec![c],
+        Err(_) => certs_only(body).map_err(|e| format!("GetCACert: {e}"))?,
+    };
+    trusted(certs, anchors, caps)
 }
 
 /// The certificates GetCACert returned, checked against the configured anchors: the CA's
