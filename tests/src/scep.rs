@@ -105,7 +105,9 @@ pub fn scep_env(name: &str, challenge: &str, extra: &str) -> (Env, ScepServer) {
 /// answered PENDING again, then SUCCESS with the held envelope. Each CertRep is signed by
 /// the real CA's key (`openssl dgst -sign` with the server's `depot/ca.key`) and echoes the
 /// request's transactionID and senderNonce; a CertPoll for an unknown transaction is
-/// FAILURE badCertId. GetCACaps and GetCACert are the real server's.
+/// FAILURE badCertId. GetCACaps and GetCACert are the real server's. [`Self::refusing_renewal`]
+/// stands for a CA that did not issue the current certificate: RenewalReq is FAILURE
+/// badRequest, a PKCSReq is answered SUCCESS at once.
 pub struct PendingDouble {
     /// Its port.
     pub port: u16,
@@ -117,6 +119,7 @@ struct DoubleState {
     upstream: String,
     depot: std::path::PathBuf,
     polls: usize,
+    refuse_renewal: bool,
     held: std::collections::HashMap<String, (Vec<u8>, usize)>,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -124,6 +127,16 @@ struct DoubleState {
 impl PendingDouble {
     /// Start it in front of `server`, answering SUCCESS at the `polls`-th CertPoll.
     pub fn start(server: &ScepServer, polls: usize) -> PendingDouble {
+        Self::start_with(server, polls, false)
+    }
+
+    /// Start it in front of `server` refusing every RenewalReq (FAILURE badRequest) and
+    /// answering a PKCSReq at once.
+    pub fn refusing_renewal(server: &ScepServer) -> PendingDouble {
+        Self::start_with(server, 0, true)
+    }
+
+    fn start_with(server: &ScepServer, polls: usize, refuse_renewal: bool) -> PendingDouble {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -131,6 +144,7 @@ impl PendingDouble {
             upstream: server.url(),
             depot: server.dir.join("depot"),
             polls,
+            refuse_renewal,
             held: Default::default(),
             seen: seen.clone(),
         };
@@ -189,32 +203,46 @@ impl DoubleState {
     fn operation(&mut self, msg: &[u8]) -> Vec<u8> {
         let (kind, txid, nonce) = scep_fields(msg);
         self.seen.lock().unwrap().push(kind.clone());
-        let (status, envelope) = match kind.as_str() {
+        // (pkiStatus, failInfo, envelope)
+        let (status, fail, envelope) = match kind.as_str() {
+            "17" if self.refuse_renewal => ("2", Some("2"), None),
             "19" | "17" => {
                 let real = curl(
                     &format!("{}?operation=PKIOperation", self.upstream),
                     Some(msg),
                 );
-                self.held.insert(txid.clone(), (econtent_of(&real), 0));
-                ("3", None)
+                let env = econtent_of(&real);
+                if self.polls == 0 {
+                    ("0", None, Some(env))
+                } else {
+                    self.held.insert(txid.clone(), (env, 0));
+                    ("3", None, None)
+                }
             }
             "20" => match self.held.get_mut(&txid) {
                 Some((env, n)) => {
                     *n += 1;
                     if *n >= self.polls {
-                        ("0", Some(env.clone()))
+                        ("0", None, Some(env.clone()))
                     } else {
-                        ("3", None)
+                        ("3", None, None)
                     }
                 }
-                None => ("2", None),
+                None => ("2", Some("4"), None),
             },
-            _ => ("2", None),
+            _ => ("2", Some("2"), None),
         };
-        self.cert_rep(status, &txid, &nonce, envelope)
+        self.cert_rep(status, fail, &txid, &nonce, envelope)
     }
 
-    fn cert_rep(&self, status: &str, txid: &str, nonce: &[u8], env: Option<Vec<u8>>) -> Vec<u8> {
+    fn cert_rep(
+        &self,
+        status: &str,
+        fail_info: Option<&str>,
+        txid: &str,
+        nonce: &[u8],
+        env: Option<Vec<u8>>,
+    ) -> Vec<u8> {
         use edge_signer::issuer::scep::message::{signed_message, Fields};
         use x509_cert::der::Decode;
         let ca_pem = std::fs::read(self.depot.join("ca.pem")).unwrap();
@@ -228,8 +256,7 @@ impl DoubleState {
             sender_nonce: &[7u8; 16],
             pki_status: Some(status),
             recipient_nonce: Some(nonce),
-            // FAILURE here is an unknown transaction: badCertId.
-            fail_info: (status == "2").then_some("4"),
+            fail_info,
         };
         let key = self.depot.join("ca.key");
         signed_message(env, &fields, &ca, &|tbs| Ok(openssl_sign(&key, tbs))).unwrap()

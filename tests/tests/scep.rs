@@ -161,6 +161,14 @@ fn first_enrolment_with_the_challenge_then_renewal_with_the_current_certificate(
         "a fresh key at every renewal"
     );
     assert_issued_by_scep_ca(&env, g2.chain_pem().unwrap(), "gw-scep-1");
+    // SCEP has no revocation message: revoke changes the register and the token only.
+    let out = env.ok(&["revoke", "gw", "--generation", "1"]);
+    assert!(!out.contains("CA"), "nothing is said to the CA: {out}");
+    let g1_key = g1.key_id_hex().unwrap();
+    assert!(
+        !env.pkcs11_objects().contains(&g1_key),
+        "the key is destroyed"
+    );
 }
 
 #[test]
@@ -448,4 +456,33 @@ fn a_getcacert_chain_with_an_ra_certificate_is_pinned_to_the_ca() {
     let foreign = p7(&["other.pem"], "foreign.p7");
     let err = ca_certs(&foreign, &anchors, Caps::default()).unwrap_err();
     assert!(err.contains("no certificate of ca_bundle"), "{err}");
+}
+
+/// A CA that refuses the RenewalReq (it did not issue the current certificate: an identity
+/// moved to it) gets a PKCSReq with the challenge in the same attempt, with a warning; the
+/// generation is enrolled, not given up.
+#[test]
+fn a_refused_renewal_falls_back_to_a_pkcsreq_with_the_challenge() {
+    use edge_signer_tests::scep::PendingDouble;
+    let (env, srv) = scep_env("gw-scep-9", "s3cret", LEGACY);
+    let double = PendingDouble::refusing_renewal(&srv);
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(&srv.url(), &double.url()),
+    )
+    .unwrap();
+    env.ok(&["enroll", "gw", "--timeout", "30"]);
+    let out = env.run(&["rotate", "gw", "--now", "--timeout", "30"]);
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("refused the RenewalReq") && log.contains("sending a PKCSReq"),
+        "{log}"
+    );
+    let g2 = env.generation("gw", 2);
+    assert!(g2.submission().unwrap().starts_with("PKCSReq:"), "{g2:?}");
+    assert_issued_by_scep_ca(&env, g2.chain_pem().unwrap(), "gw-scep-9");
+    let seen = double.seen.lock().unwrap().clone();
+    assert_eq!(seen, ["19", "17", "19"]);
 }

@@ -179,82 +179,78 @@ impl Scep {
         message::with_challenge(&csr, key, secret.reveal())
     }
 
-    /// Send one request of `kind` under `txid` (the signer of `signed_as`) and read the
-    /// answer: the chain, a wait, or why not.
-    fn exchange(
-        &mut self,
-        kind: MessageType,
-        signed_as: MessageType,
-        req: &Request,
-        txid: &str,
-        now: Unix,
-    ) -> IssuerAnswer {
+    /// Send one request and read the answer: the chain, a wait, or why not.
+    fn exchange(&mut self, call: &Call, req: &Request, now: Unix) -> Reply {
         let ca = match self.ca() {
             Ok(ca) => ca,
-            Err(a) => return a,
+            Err(a) => return Reply::Answer(a),
         };
-        let r = self.exchange_with(&ca, kind, signed_as, req, txid, now);
-        if matches!(r, IssuerAnswer::Unreachable(_)) {
+        let r = match self.send(&ca, call, req) {
+            Ok((rep, signer)) => self.reply(rep, &signer, call, req, now),
+            Err(a) => Reply::Answer(a),
+        };
+        if matches!(r, Reply::Answer(IssuerAnswer::Unreachable(_))) {
             // The CA may have changed its certificates or capabilities: ask again next time.
             self.ca = None;
         }
         r
     }
 
-    fn exchange_with(
+    /// Build, sign and send the message of `call`; the CertRep, checked to answer it.
+    fn send<'a>(
         &self,
         ca: &CaInfo,
-        kind: MessageType,
-        signed_as: MessageType,
-        req: &Request,
-        txid: &str,
-        now: Unix,
-    ) -> IssuerAnswer {
-        let what = kind_name(kind);
-        let built = (|| {
-            let signer = self.signer(signed_as, req)?;
-            let content = self.content(kind, req, ca)?;
-            let mut nonce = [0u8; 16];
-            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
-            let msg = message::pki_message(
-                kind,
-                &content,
-                &ca.recipient,
-                signer.key,
-                &signer.cert,
-                txid,
-                &nonce,
-            )?;
-            Ok::<_, String>((signer, msg, nonce))
-        })();
-        let (signer, msg, nonce) = match built {
-            Ok(x) => x,
-            Err(e) => return IssuerAnswer::Unreachable(format!("SCEP {what}: {e}")),
-        };
-        let body = match self.server.operation(&ca.caps, &msg) {
-            Ok(b) => b,
-            Err(f) => return failed(f),
-        };
-        let rep = match message::cert_rep(&body, &ca.certs, self.cfg.allow_legacy_crypto) {
-            Ok(r) => r,
-            Err(e) => return IssuerAnswer::Unreachable(format!("SCEP {what}: {e}")),
-        };
-        if rep.transaction_id != txid || rep.recipient_nonce != nonce {
-            return IssuerAnswer::Unreachable(format!(
-                "SCEP {what}: the answer is not to this request (transactionID or nonce differ)"
+        call: &Call,
+        req: &'a Request,
+    ) -> Result<(message::CertRep, Signer<'a>), IssuerAnswer> {
+        let what = kind_name(call.kind);
+        let unreachable = |e: String| IssuerAnswer::Unreachable(format!("SCEP {what}: {e}"));
+        let signer = self.signer(call.signed_as, req).map_err(unreachable)?;
+        let content = self.content(call.kind, req, ca).map_err(unreachable)?;
+        let mut nonce = [0u8; 16];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        let msg = message::pki_message(
+            call.kind,
+            &content,
+            &ca.recipient,
+            signer.key,
+            &signer.cert,
+            &call.txid,
+            &nonce,
+        )
+        .map_err(unreachable)?;
+        let body = self.server.operation(&ca.caps, &msg).map_err(failed)?;
+        let rep = message::cert_rep(&body, &ca.certs, self.cfg.allow_legacy_crypto)
+            .map_err(unreachable)?;
+        if rep.transaction_id != call.txid || rep.recipient_nonce != nonce {
+            return Err(unreachable(
+                "the answer is not to this request (transactionID or nonce differ)".into(),
             ));
         }
+        Ok((rep, signer))
+    }
+
+    /// What a CertRep says, for the engine.
+    fn reply(
+        &self,
+        rep: message::CertRep,
+        signer: &Signer,
+        call: &Call,
+        req: &Request,
+        now: Unix,
+    ) -> Reply {
+        let (what, txid) = (kind_name(call.kind), &call.txid);
         match rep.status {
-            Status::Failure(info) => IssuerAnswer::Rejected(format!(
+            Status::Failure(info) => Reply::Failure(format!(
                 "the SCEP CA refused the {what} (transaction {txid}): failInfo {info}"
             )),
-            Status::Pending => IssuerAnswer::Wait {
+            Status::Pending => Reply::Answer(IssuerAnswer::Wait {
                 until: now + self.cfg.poll_interval.secs(),
                 what: format!(
                     "SCEP transaction {txid} is pending at the CA (a person approves it); CertPoll every {}",
                     self.cfg.poll_interval
                 ),
-            },
+            }),
             Status::Success => {
                 let opened = rep
                     .envelope
@@ -264,11 +260,37 @@ impl Scep {
                     .and_then(|e| envelope::open_envelope(e, signer.key, self.legacy()))
                     .and_then(|c| message::certs_only(&c))
                     .and_then(|certs| chain_for(&certs, req.spki));
-                match opened {
+                Reply::Answer(match opened {
                     Ok(pem) => IssuerAnswer::Issued(pem),
                     Err(e) => IssuerAnswer::Rejected(format!("SCEP {what}: {e}")),
-                }
+                })
             }
+        }
+    }
+}
+
+/// One message to send: its kind, whose signature it carries (for CertPoll: the original
+/// request's), and the transaction.
+struct Call {
+    kind: MessageType,
+    signed_as: MessageType,
+    txid: String,
+}
+
+/// What one exchange came to.
+#[derive(Debug)]
+enum Reply {
+    /// An answer for the engine.
+    Answer(IssuerAnswer),
+    /// The CA answered FAILURE (its failInfo named).
+    Failure(String),
+}
+
+impl Reply {
+    fn answer(self) -> IssuerAnswer {
+        match self {
+            Reply::Answer(a) => a,
+            Reply::Failure(why) => IssuerAnswer::Rejected(why),
         }
     }
 }
@@ -308,10 +330,22 @@ impl Issuer for Scep {
         let ca = self.ca()?;
         let kind = Self::kind_for(&ca, req);
         let txid = transaction_id(req.spki);
-        let reference = format!("{}:{txid}", kind_name(kind));
-        match self.exchange(kind, kind, req, &txid, now) {
+        let call = |kind| Call {
+            kind,
+            signed_as: kind,
+            txid: txid.clone(),
+        };
+        let (mut kind, mut reply) = (kind, self.exchange(&call(kind), req, now));
+        if let (MessageType::RenewalReq, Reply::Failure(why)) = (kind, &reply) {
+            // A CA may refuse a renewal it did not issue the current certificate for (an
+            // identity moved to this CA): a first enrolment with the challenge instead.
+            tracing::warn!("{why}; sending a PKCSReq with the challenge instead");
+            kind = MessageType::PkcsReq;
+            reply = self.exchange(&call(kind), req, now);
+        }
+        match reply.answer() {
             a @ (IssuerAnswer::Issued(_) | IssuerAnswer::Wait { .. }) => Ok(Submitted {
-                reference,
+                reference: format!("{}:{txid}", kind_name(kind)),
                 answer: Some(a),
             }),
             other => Err(other),
@@ -319,7 +353,7 @@ impl Issuer for Scep {
     }
 
     fn poll(&mut self, req: &Request, reference: &str, now: Unix) -> IssuerAnswer {
-        let (kind, txid) = match reference.split_once(':') {
+        let (signed_as, txid) = match reference.split_once(':') {
             Some(("RenewalReq", t)) => (MessageType::RenewalReq, t),
             Some(("PKCSReq", t)) => (MessageType::PkcsReq, t),
             _ => {
@@ -328,7 +362,12 @@ impl Issuer for Scep {
                 ))
             }
         };
-        self.exchange(MessageType::CertPoll, kind, req, txid, now)
+        let call = Call {
+            kind: MessageType::CertPoll,
+            signed_as,
+            txid: txid.to_owned(),
+        };
+        self.exchange(&call, req, now).answer()
     }
 
     fn poll_interval(&self) -> Option<u64> {
