@@ -63,31 +63,14 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
         MessageType::PkcsReq,
         &csr_der,
         &ca,
+        false,
         &key,
         &transient,
         "tid-1",
         &[9u8; 16],
     )
     .unwrap();
-    std::fs::write(dir.join("req.der"), &msg).unwrap();
-    // What goes on the wire decodes with openssl.
-    let printed = Command::new("openssl")
-        .args([
-            "cms", "-inform", "DER", "-in", "req.der", "-cmsout", "-print",
-        ])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&printed.stdout);
-    assert!(
-        printed.contains("pkcs7-signedData") || printed.contains("signedData"),
-        "{printed}"
-    );
-
-    let rep = http(
-        &format!("{base}?operation=PKIOperation"),
-        Some(&dir.join("req.der")),
-    );
+    let rep = send(dir, &base, &msg);
     // scepserver signs its answers with SHA-1: refused unless allow_legacy_crypto says so.
     let err = message::cert_rep(&rep, std::slice::from_ref(&ca), false).unwrap_err();
     assert!(
@@ -112,6 +95,42 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
     let spki =
         x509_cert::der::Encode::to_der(&certs[0].tbs_certificate.subject_public_key_info).unwrap();
     assert_eq!(spki, info.spki);
+    // A CA without AES gets 3DES (where allow_legacy_crypto says so); scepserver reads it.
+    let msg = message::pki_message(
+        MessageType::PkcsReq,
+        &csr_der,
+        &ca,
+        true,
+        &key,
+        &transient,
+        "tid-2",
+        &[8u8; 16],
+    )
+    .unwrap();
+    let r = message::cert_rep(&send(dir, &base, &msg), std::slice::from_ref(&ca), true).unwrap();
+    assert_eq!(r.status, Status::Success, "{r:?}");
+}
+
+/// POST `msg` as a PKIOperation (after checking that openssl decodes it, so a reader can see
+/// what goes on the wire); the answer.
+fn send(dir: &std::path::Path, base: &str, msg: &[u8]) -> Vec<u8> {
+    std::fs::write(dir.join("req.der"), msg).unwrap();
+    let printed = Command::new("openssl")
+        .args([
+            "cms", "-inform", "DER", "-in", "req.der", "-cmsout", "-print",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&printed.stdout);
+    assert!(
+        printed.contains("pkcs7-signedData") || printed.contains("signedData"),
+        "{printed}"
+    );
+    http(
+        &format!("{base}?operation=PKIOperation"),
+        Some(&dir.join("req.der")),
+    )
 }
 
 /// The leaf of `chain` names CN `cn` and verifies with openssl to the scepserver's CA.

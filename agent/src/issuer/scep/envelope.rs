@@ -32,19 +32,36 @@ pub struct Legacy {
 }
 
 /// An EnvelopedData of `content` for `recipient` (RSA PKCS#1 v1.5 key transport,
-/// AES-256-CBC), as a ContentInfo.
-pub fn envelope(content: &[u8], recipient: &Certificate) -> Result<Vec<u8>, String> {
+/// AES-256-CBC, or 3DES-CBC for a CA without AES where the configuration allows it), as a
+/// ContentInfo.
+pub fn envelope(
+    content: &[u8],
+    recipient: &Certificate,
+    triple_des: bool,
+) -> Result<Vec<u8>, String> {
     use aes::cipher::{BlockEncryptMut, KeyIvInit};
     use rsa::pkcs8::DecodePublicKey;
-    let mut cek = zeroize::Zeroizing::new([0u8; 32]);
-    let mut iv = [0u8; 16];
+    let (key_len, iv_len, oid) = if triple_des {
+        (24, 8, DES_EDE3_CBC)
+    } else {
+        (32, 16, AES256_CBC)
+    };
+    let mut cek = zeroize::Zeroizing::new(vec![0u8; key_len]);
+    let mut iv = vec![0u8; iv_len];
     {
         use rand_core::RngCore;
         rand_core::OsRng.fill_bytes(&mut cek[..]);
         rand_core::OsRng.fill_bytes(&mut iv);
     }
-    let ciphertext = cbc::Encryptor::<aes::Aes256>::new(cek.as_ref().into(), &iv.into())
-        .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(content);
+    let ciphertext = if triple_des {
+        cbc::Encryptor::<des::TdesEde3>::new_from_slices(&cek, &iv)
+            .map_err(der_err)?
+            .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(content)
+    } else {
+        cbc::Encryptor::<aes::Aes256>::new_from_slices(&cek, &iv)
+            .map_err(der_err)?
+            .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(content)
+    };
     let spki = recipient
         .tbs_certificate
         .subject_public_key_info
@@ -75,8 +92,8 @@ pub fn envelope(content: &[u8], recipient: &Certificate) -> Result<Vec<u8>, Stri
         encrypted_content: EncryptedContentInfo {
             content_type: ID_DATA,
             content_enc_alg: AlgorithmIdentifierOwned {
-                oid: AES256_CBC,
-                parameters: Some(any(&OctetString::new(iv.to_vec()).map_err(der_err)?)?),
+                oid,
+                parameters: Some(any(&OctetString::new(iv).map_err(der_err)?)?),
             },
             encrypted_content: Some(OctetString::new(ciphertext).map_err(der_err)?),
         },

@@ -100,17 +100,20 @@ pub(super) fn rid(cert: &Certificate) -> IssuerAndSerialNumber {
 
 /// A pkiMessage of `kind` around `content` (the CSR, or for CertPoll the
 /// IssuerAndSubject), enveloped for `ca` and signed in the token by `key` with its
-/// certificate `signer_cert` (transient self-signed, or the current one for a renewal).
+/// certificate `signer_cert` (transient self-signed, or the current one for a renewal). The
+/// envelope is AES-256-CBC, or 3DES with `triple_des` (a CA without AES, where allowed).
+#[allow(clippy::too_many_arguments)]
 pub fn pki_message(
     kind: MessageType,
     content: &[u8],
     ca: &Certificate,
+    triple_des: bool,
     key: &TokenKey,
     signer_cert: &Certificate,
     transaction_id: &str,
     nonce: &[u8; 16],
 ) -> Result<Vec<u8>, String> {
-    let env = super::envelope::envelope(content, ca)?;
+    let env = super::envelope::envelope(content, ca, triple_des)?;
     let fields = Fields {
         message_type: kind.code(),
         transaction_id,

@@ -209,10 +209,14 @@ impl Scep {
         let content = self.content(call.kind, req, ca).map_err(unreachable)?;
         let mut nonce = [0u8; 16];
         rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+        if !ca.caps.aes {
+            tracing::warn!("the SCEP CA does not offer AES: the request is encrypted with 3DES (allowed by allow_legacy_crypto)");
+        }
         let msg = message::pki_message(
             call.kind,
             &content,
             &ca.recipient,
+            !ca.caps.aes,
             signer.key,
             &signer.cert,
             &call.txid,
@@ -362,6 +366,12 @@ impl Issuer for Scep {
                 ))
             }
         };
+        if signed_as == MessageType::RenewalReq && req.current_key.is_none() {
+            // CertPoll is signed like the request it asks about; that certificate has lapsed.
+            return IssuerAnswer::Rejected(format!(
+                "the RenewalReq {txid} is still pending but the certificate that signed it is no longer valid, so CertPoll cannot be signed; a new enrolment (PKCSReq) follows"
+            ));
+        }
         let call = Call {
             kind: MessageType::CertPoll,
             signed_as,
