@@ -154,7 +154,11 @@ fn assert_issued_by_scep_ca(env: &Env, chain: &str, cn: &str) {
 #[test]
 fn first_enrolment_with_the_challenge_then_renewal_with_the_current_certificate() {
     let (env, _srv) = scep_env("gw-scep-1", "s3cret", LEGACY);
-    env.ok(&["enroll", "gw", "--timeout", "60"]);
+    let out = env.run(&["enroll", "gw", "--timeout", "60"]);
+    assert!(out.status.success(), "{out:?}");
+    // Tests log at trace level: the challenge is in no line of it.
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("s3cret"), "{text}");
     let g1 = env.generation("gw", 1);
     assert!(
         g1.submission().unwrap().starts_with("PKCSReq:"),
