@@ -60,14 +60,12 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
     let csr_der = pem_der(&csr_pem);
     let transient = message::transient_cert(&key, "gw-scep").unwrap();
     let msg = message::pki_message(
-        MessageType::PkcsReq,
+        &message::Fields::request(MessageType::PkcsReq, "tid-1", &[9u8; 16]),
         &csr_der,
         &ca,
         false,
         &key,
         &transient,
-        "tid-1",
-        &[9u8; 16],
     )
     .unwrap();
     let rep = send(dir, &base, &msg);
@@ -97,14 +95,12 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
     assert_eq!(spki, info.spki);
     // A CA without AES gets 3DES (where allow_legacy_crypto says so); scepserver reads it.
     let msg = message::pki_message(
-        MessageType::PkcsReq,
+        &message::Fields::request(MessageType::PkcsReq, "tid-2", &[8u8; 16]),
         &csr_der,
         &ca,
         true,
         &key,
         &transient,
-        "tid-2",
-        &[8u8; 16],
     )
     .unwrap();
     let r = message::cert_rep(&send(dir, &base, &msg), std::slice::from_ref(&ca), true).unwrap();

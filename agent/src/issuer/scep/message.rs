@@ -98,31 +98,20 @@ pub(super) fn rid(cert: &Certificate) -> IssuerAndSerialNumber {
     }
 }
 
-/// A pkiMessage of `kind` around `content` (the CSR, or for CertPoll the
-/// IssuerAndSubject), enveloped for `ca` and signed in the token by `key` with its
-/// certificate `signer_cert` (transient self-signed, or the current one for a renewal). The
-/// envelope is AES-256-CBC, or 3DES with `triple_des` (a CA without AES, where allowed).
-#[allow(clippy::too_many_arguments)]
+/// A pkiMessage with `fields` (see [`Fields::request`]) around `content` (the CSR, or for
+/// CertPoll the IssuerAndSubject), enveloped for `ca` (AES-256-CBC, or 3DES with
+/// `triple_des`: a CA without AES, where allowed) and signed in the token by `key` with its
+/// certificate `signer_cert` (transient self-signed, or the current one for a renewal).
 pub fn pki_message(
-    kind: MessageType,
+    fields: &Fields,
     content: &[u8],
     ca: &Certificate,
     triple_des: bool,
     key: &TokenKey,
     signer_cert: &Certificate,
-    transaction_id: &str,
-    nonce: &[u8; 16],
 ) -> Result<Vec<u8>, String> {
     let env = super::envelope::envelope(content, ca, triple_des)?;
-    let fields = Fields {
-        message_type: kind.code(),
-        transaction_id,
-        sender_nonce: nonce,
-        pki_status: None,
-        recipient_nonce: None,
-        fail_info: None,
-    };
-    signed_message(Some(env), &fields, signer_cert, &|tbs| {
+    signed_message(Some(env), fields, signer_cert, &|tbs| {
         key.sign(hsm_shim::SignAlg::RsaPkcs1(hsm_shim::Hash::Sha256), tbs)
             .map_err(|e| format!("signing the SCEP message in the token: {e}"))
     })
@@ -143,6 +132,20 @@ pub struct Fields<'a> {
     pub recipient_nonce: Option<&'a [u8]>,
     /// failInfo (a FAILURE CertRep's).
     pub fail_info: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    /// The fields of a request of `kind`.
+    pub fn request(kind: MessageType, transaction_id: &'a str, sender_nonce: &'a [u8]) -> Self {
+        Fields {
+            message_type: kind.code(),
+            transaction_id,
+            sender_nonce,
+            pki_status: None,
+            recipient_nonce: None,
+            fail_info: None,
+        }
+    }
 }
 
 /// What signs a message's attributes: their DER in, the RSA PKCS#1 v1.5 SHA-256 signature out.

@@ -213,14 +213,12 @@ impl Scep {
             tracing::warn!("the SCEP CA does not offer AES: the request is encrypted with 3DES (allowed by allow_legacy_crypto)");
         }
         let msg = message::pki_message(
-            call.kind,
+            &message::Fields::request(call.kind, &call.txid, &nonce),
             &content,
             &ca.recipient,
             !ca.caps.aes,
             signer.key,
             &signer.cert,
-            &call.txid,
-            &nonce,
         )
         .map_err(unreachable)?;
         let body = self.server.operation(&ca.caps, &msg).map_err(failed)?;
