@@ -107,7 +107,9 @@ pub fn scep_env(name: &str, challenge: &str, extra: &str) -> (Env, ScepServer) {
 /// request's transactionID and senderNonce; a CertPoll for an unknown transaction is
 /// FAILURE badCertId. GetCACaps and GetCACert are the real server's. [`Self::refusing_renewal`]
 /// stands for a CA that did not issue the current certificate: RenewalReq is FAILURE
-/// badRequest, a PKCSReq is answered SUCCESS at once.
+/// badRequest, a PKCSReq is answered SUCCESS at once. [`Self::losing_first_answer`] passes
+/// every PKIOperation to the real server and its answer back, except the first answer, which
+/// is lost (the connection closes after the server acted).
 pub struct PendingDouble {
     /// Its port.
     pub port: u16,
@@ -115,11 +117,18 @@ pub struct PendingDouble {
     pub seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Pending,
+    RefusingRenewal,
+    LosingFirstAnswer { lost: bool },
+}
+
 struct DoubleState {
     upstream: String,
     depot: std::path::PathBuf,
     polls: usize,
-    refuse_renewal: bool,
+    mode: Mode,
     held: std::collections::HashMap<String, (Vec<u8>, usize)>,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -127,16 +136,21 @@ struct DoubleState {
 impl PendingDouble {
     /// Start it in front of `server`, answering SUCCESS at the `polls`-th CertPoll.
     pub fn start(server: &ScepServer, polls: usize) -> PendingDouble {
-        Self::start_with(server, polls, false)
+        Self::start_with(server, polls, Mode::Pending)
     }
 
     /// Start it in front of `server` refusing every RenewalReq (FAILURE badRequest) and
     /// answering a PKCSReq at once.
     pub fn refusing_renewal(server: &ScepServer) -> PendingDouble {
-        Self::start_with(server, 0, true)
+        Self::start_with(server, 0, Mode::RefusingRenewal)
     }
 
-    fn start_with(server: &ScepServer, polls: usize, refuse_renewal: bool) -> PendingDouble {
+    /// Start it in front of `server` losing the first PKIOperation's answer.
+    pub fn losing_first_answer(server: &ScepServer) -> PendingDouble {
+        Self::start_with(server, 0, Mode::LosingFirstAnswer { lost: false })
+    }
+
+    fn start_with(server: &ScepServer, polls: usize, mode: Mode) -> PendingDouble {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -144,7 +158,7 @@ impl PendingDouble {
             upstream: server.url(),
             depot: server.dir.join("depot"),
             polls,
-            refuse_renewal,
+            mode,
             held: Default::default(),
             seen: seen.clone(),
         };
@@ -165,18 +179,45 @@ impl PendingDouble {
 impl DoubleState {
     fn serve(&mut self, mut conn: std::net::TcpStream) -> std::io::Result<()> {
         use std::io::Write;
-        let (head, _) = crate::httpd::read_request(&mut conn);
+        let (head, body) = crate::httpd::read_request(&mut conn);
         let target = head
             .split_whitespace()
             .nth(1)
             .unwrap_or_default()
             .to_owned();
-        let answer = if target.contains("operation=PKIOperation") {
+        let answer = match self.mode {
+            Mode::LosingFirstAnswer { lost } => {
+                let op = target.split("operation=").nth(1).unwrap_or_default();
+                let post = head.starts_with("POST").then_some(&body[..]);
+                let real = curl(&format!("{}?operation={op}", self.upstream), post);
+                if let Some(msg) = post {
+                    self.seen.lock().unwrap().push(scep_fields(msg).0);
+                    if !lost {
+                        // The server acted; its answer never reaches the agent.
+                        self.mode = Mode::LosingFirstAnswer { lost: true };
+                        return Ok(());
+                    }
+                }
+                real
+            }
+            _ => self.strict(&head, &target),
+        };
+        write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-pki-message\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            answer.len()
+        )?;
+        conn.write_all(&answer)
+    }
+
+    /// The answer of the PENDING and refusing modes.
+    fn strict(&mut self, head: &str, target: &str) -> Vec<u8> {
+        if target.contains("operation=PKIOperation") {
             if head.starts_with("POST") {
                 // The capabilities it shows offer no POST (RFC 8894 §4.1: GET is the default).
                 b"POST is not offered".to_vec()
             } else {
-                self.operation(&message_param(&target))
+                self.operation(&message_param(target))
             }
         } else if target.contains("operation=GetCACaps") {
             // The real server's capabilities without POSTPKIOperation (nor SCEPStandard,
@@ -191,13 +232,7 @@ impl DoubleState {
         } else {
             let op = target.split("operation=").nth(1).unwrap_or_default();
             curl(&format!("{}?operation={op}", self.upstream), None)
-        };
-        write!(
-            conn,
-            "HTTP/1.1 200 OK\r\nContent-Type: application/x-pki-message\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            answer.len()
-        )?;
-        conn.write_all(&answer)
+        }
     }
 
     fn operation(&mut self, msg: &[u8]) -> Vec<u8> {
@@ -205,7 +240,7 @@ impl DoubleState {
         self.seen.lock().unwrap().push(kind.clone());
         // (pkiStatus, failInfo, envelope)
         let (status, fail, envelope) = match kind.as_str() {
-            "17" if self.refuse_renewal => ("2", Some("2"), None),
+            "17" if self.mode == Mode::RefusingRenewal => ("2", Some("2"), None),
             "19" | "17" => {
                 let real = curl(
                     &format!("{}?operation=PKIOperation", self.upstream),

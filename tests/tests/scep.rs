@@ -505,3 +505,30 @@ fn a_refused_renewal_falls_back_to_a_pkcsreq_with_the_challenge() {
     let seen = double.seen.lock().unwrap().clone();
     assert_eq!(seen, ["19", "17", "19"]);
 }
+
+/// The server issues but its answer is lost (the connection closes after it acted): the
+/// agent sends the same request again (same transaction, same key) and enrols with what the
+/// second answer carries; the certificate it keeps is for its key and verifies.
+#[test]
+fn a_lost_answer_is_asked_for_again_with_the_same_transaction() {
+    use edge_signer_tests::scep::PendingDouble;
+    let (env, srv) = scep_env("gw-scep-10", "s3cret", LEGACY);
+    let double = PendingDouble::losing_first_answer(&srv);
+    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
+    std::fs::write(
+        env.path("defaults.toml"),
+        cfg.replace(&srv.url(), &double.url()),
+    )
+    .unwrap();
+    let out = env.run(&["enroll", "gw", "--timeout", "30"]);
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("connection closed before message completed"),
+        "{log}"
+    );
+    let g1 = env.generation("gw", 1);
+    assert!(g1.submission().unwrap().starts_with("PKCSReq:"), "{g1:?}");
+    assert_issued_by_scep_ca(&env, g1.chain_pem().unwrap(), "gw-scep-10");
+    assert_eq!(double.seen.lock().unwrap().clone(), ["19", "19"]);
+}
