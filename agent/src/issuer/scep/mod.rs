@@ -123,10 +123,13 @@ impl Scep {
     }
 
     /// Which kind a new request is: RenewalReq when the CA renews and the current
-    /// certificate is valid, else PKCSReq.
+    /// certificate is valid with an RSA key (one made for another issuer may be EC, which
+    /// cannot sign a SCEP message), else PKCSReq.
     fn kind_for(ca: &CaInfo, req: &Request) -> MessageType {
         match (&req.current, &req.current_key) {
-            (Some(_), Some(_)) if ca.caps.renewal => MessageType::RenewalReq,
+            (Some(_), Some(k)) if ca.caps.renewal && !k.info().key_type.is_ec() => {
+                MessageType::RenewalReq
+            }
             _ => MessageType::PkcsReq,
         }
     }
