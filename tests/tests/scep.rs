@@ -230,7 +230,7 @@ fn by_default_the_servers_sha1_and_single_des_answers_are_refused_with_the_reaso
 }
 
 #[test]
-fn an_ec_key_is_a_config_error_that_says_scep_needs_rsa() {
+fn an_ec_key_and_a_missing_challenge_file_are_named_by_config_check() {
     let (env, _srv) = scep_env("gw-scep-4", "s3cret", "");
     let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
     std::fs::write(
@@ -243,6 +243,12 @@ fn an_ec_key_is_a_config_error_that_says_scep_needs_rsa() {
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("identity[0].key_type"), "{text}");
     assert!(text.contains("must be RSA"), "{text}");
+    // An RSA key, but the challenge file is gone: named by its field (never its content).
+    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    std::fs::remove_file(env.path("scep-challenge")).unwrap();
+    let out = env.run(&["config", "check", &env.path_str("defaults.toml")]);
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("issuer[0].challenge.file"), "{text}");
 }
 
 #[test]
