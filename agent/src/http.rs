@@ -1,5 +1,6 @@
-//! One HTTPS/1.1 request (plain HTTP for SCEP URLs) with our rustls `ClientConfig` (so the token can sign the handshake),
-//! on maintained crates: hyper 1 for HTTP, tokio-rustls for TLS; URLs are [`crate::url::Url`].
+//! One HTTPS/1.1 request with our rustls `ClientConfig` (so the token can sign the handshake),
+//! or plain HTTP for a SCEP URL, on maintained crates: hyper 1 for HTTP, tokio-rustls for TLS;
+//! URLs are [`crate::url::Url`].
 //!
 //! What this module adds to them: one deadline over the whole exchange (DNS, connect, TLS,
 //! request, body), every resolved address tried in turn, caps on what a server may send
