@@ -177,17 +177,6 @@ impl std::fmt::Display for San {
 
 /// Build a PKCS#10 CSR for the token key, signed in the token; returns PEM.
 pub fn build_csr(key: &TokenKey, subject: &Subject, sans: &[San]) -> Result<String> {
-    build_csr_with(key, subject, sans, None)
-}
-
-/// [`build_csr`] with a `challengePassword` attribute (PKCS#9; SCEP's enrolment secret). The
-/// CSR holds the secret: send it, never store or log it.
-pub fn build_csr_with(
-    key: &TokenKey,
-    subject: &Subject,
-    sans: &[San],
-    challenge: Option<&str>,
-) -> Result<String> {
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = subject.to_rcgen();
     params.subject_alt_names = sans
@@ -204,32 +193,13 @@ pub fn build_csr_with(
         })
         .collect::<Result<_>>()?;
     let signer = CsrSigner::new(key);
-    let attrs = match challenge {
-        Some(c) => vec![rcgen::Attribute {
-            oid: &[1, 2, 840, 113549, 1, 9, 7],
-            values: challenge_values(c)?,
-        }],
-        None => Vec::new(),
-    };
-    let csr = params
-        .serialize_request_with_attributes(&signer, attrs)
-        .map_err(|e| {
-            signer
-                .take_error()
-                .unwrap_or_else(|| Error::InvalidRequest(format!("building the CSR failed: {e}")))
-        })?;
+    let csr = params.serialize_request(&signer).map_err(|e| {
+        signer
+            .take_error()
+            .unwrap_or_else(|| Error::InvalidRequest(format!("building the CSR failed: {e}")))
+    })?;
     csr.pem()
         .map_err(|e| Error::InvalidRequest(format!("CSR PEM: {e}")))
-}
-
-/// The values of a `challengePassword` attribute: `SET { UTF8String }`, in DER.
-fn challenge_values(c: &str) -> Result<Vec<u8>> {
-    use der::Encode;
-    let bad = |e: der::Error| Error::InvalidRequest(format!("challenge password: {e}"));
-    let mut set = der::asn1::SetOfVec::new();
-    set.insert(der::asn1::Utf8StringRef::new(c).map_err(bad)?)
-        .map_err(bad)?;
-    set.to_der().map_err(bad)
 }
 
 #[cfg(test)]

@@ -152,6 +152,12 @@ impl Env {
         c
     }
 
+    /// Rewrite `defaults.toml` with `edit`.
+    pub fn edit_defaults(&self, edit: impl FnOnce(String) -> String) {
+        let cfg = std::fs::read_to_string(self.path("defaults.toml")).expect("defaults.toml");
+        std::fs::write(self.path("defaults.toml"), edit(cfg)).expect("defaults.toml");
+    }
+
     /// Run edge-signer; returns the output whatever the exit code. Checks the PIN never shows.
     pub fn run(&self, args: &[&str]) -> Output {
         let out = self.cmd().args(args).output().expect("run edge-signer");

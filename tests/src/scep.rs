@@ -2,6 +2,7 @@
 //! one test: stopped and started again on the same port and depot when a test asks.
 
 use crate::{free_port, wait_port, Env, Guard};
+use edge_signer::issuer::scep::message;
 use std::process::{Command, Stdio};
 
 /// A running (or stopped) scepserver.
@@ -246,7 +247,11 @@ impl DoubleState {
                     &format!("{}?operation=PKIOperation", self.upstream),
                     Some(msg),
                 );
-                let env = econtent_of(&real);
+                // The real answer, read (and its signature checked) as the agent would.
+                let env = message::cert_rep(&real, std::slice::from_ref(&self.ca()), true)
+                    .unwrap()
+                    .envelope
+                    .unwrap();
                 if self.polls == 0 {
                     ("0", None, Some(env))
                 } else {
@@ -270,6 +275,15 @@ impl DoubleState {
         self.cert_rep(status, fail, &txid, &nonce, envelope)
     }
 
+    /// The real CA's certificate.
+    fn ca(&self) -> x509_cert::Certificate {
+        use x509_cert::der::Decode;
+        let pem = std::fs::read(self.depot.join("ca.pem")).unwrap();
+        let der: rustls::pki_types::CertificateDer =
+            rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap();
+        x509_cert::Certificate::from_der(der.as_ref()).unwrap()
+    }
+
     fn cert_rep(
         &self,
         status: &str,
@@ -279,12 +293,7 @@ impl DoubleState {
         env: Option<Vec<u8>>,
     ) -> Vec<u8> {
         use edge_signer::issuer::scep::message::{signed_message, Fields};
-        use x509_cert::der::Decode;
-        let ca_pem = std::fs::read(self.depot.join("ca.pem")).unwrap();
-        let ca_der = rustls::pki_types::pem::PemObject::from_pem_slice(&ca_pem)
-            .map(|c: rustls::pki_types::CertificateDer| c.as_ref().to_vec())
-            .unwrap();
-        let ca = x509_cert::Certificate::from_der(&ca_der).unwrap();
+        let ca = self.ca();
         let fields = Fields {
             message_type: "3",
             transaction_id: txid,
@@ -343,20 +352,6 @@ fn scep_fields(msg: &[u8]) -> (String, String, Vec<u8>) {
         String::from_utf8_lossy(&get("2.16.840.1.113733.1.9.7")).into_owned(),
         get("2.16.840.1.113733.1.9.5"),
     )
-}
-
-/// The encapsulated content (the envelope) of a CertRep, read field by field (the real
-/// server's SET of certificates is not sorted, which strict DER refuses).
-fn econtent_of(rep: &[u8]) -> Vec<u8> {
-    use x509_cert::der::{Any, Decode};
-    let ci = cms::content_info::ContentInfo::from_der(rep).unwrap();
-    let parts: Vec<Any> = ci.content.decode_as().unwrap();
-    let encap: Vec<Any> = parts[2].decode_as().unwrap();
-    let explicit = encap[1].value();
-    x509_cert::der::asn1::OctetString::from_der(explicit)
-        .unwrap()
-        .as_bytes()
-        .to_vec()
 }
 
 fn curl(url: &str, body: Option<&[u8]>) -> Vec<u8> {

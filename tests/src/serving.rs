@@ -172,6 +172,42 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// For each of `steps`, from generation 1 current: `rotate NAME --now` killed right after
+    /// the step is on disk, then `rotate NAME`, which must finish that generation with the
+    /// submission the register held at the kill (an issuer's order or transaction is never
+    /// made twice); at the steps in `submitted` that submission must already be on disk. Each
+    /// round retires the generation before it (the next rotation needs the overlap over).
+    pub fn kill_at_each_step_and_resume(
+        &self,
+        name: &str,
+        secs: u32,
+        steps: &[&str],
+        submitted: &[&str],
+    ) {
+        let t = secs.to_string();
+        for (n, step) in (2..).zip(steps) {
+            self.rotate_killed_after(name, secs, step);
+            let before = self.generation(name, n).submission().map(str::to_owned);
+            self.ok(&["rotate", name, "--timeout", &t]);
+            let rec = self.record(name);
+            assert_eq!(rec.current, Some(n), "{step}: {rec:?}");
+            if submitted.contains(step) {
+                assert!(
+                    before.is_some(),
+                    "{step}: the submission is in the register"
+                );
+            }
+            if before.is_some() {
+                assert_eq!(
+                    self.generation(name, n).submission(),
+                    before.as_deref(),
+                    "{step}: the same submission finished"
+                );
+            }
+            self.ok(&["retire", name, "--generation", &(n - 1).to_string()]);
+        }
+    }
+
     /// `rotate NAME --now` killed (`kill -9`, the test hook) right after `step` is on disk;
     /// insists it was.
     pub fn rotate_killed_after(&self, name: &str, secs: u32, step: &str) {

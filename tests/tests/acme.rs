@@ -108,33 +108,14 @@ fn dns_01_through_the_hook_enrols_and_rotates_against_pebble() {
 fn a_kill_at_each_persisted_step_resumes_the_same_order() {
     let (env, _pebble) = acme_env("web-4", "");
     env.ok(&["enroll", "web", "--timeout", "60"]);
-    let mut n = 1;
-    for step in [
+    let steps = [
         "key-pending",
         "csr-ready",
         "submitted",
         "issued",
         "validated",
-    ] {
-        env.rotate_killed_after("web", 60, step);
-        n += 1;
-        let order = env.generation("web", n).submission().map(str::to_owned);
-        env.ok(&["rotate", "web", "--timeout", "60"]);
-        let rec = env.record("web");
-        assert_eq!(rec.current, Some(n), "{step}: {rec:?}");
-        if step != "key-pending" && step != "csr-ready" {
-            assert!(order.is_some(), "{step}: the order is in the register");
-        }
-        if order.is_some() {
-            assert_eq!(
-                env.generation("web", n).submission(),
-                order.as_deref(),
-                "{step}: the same order finished"
-            );
-        }
-        // The next rotation needs the overlap over.
-        env.ok(&["retire", "web", "--generation", &(n - 1).to_string()]);
-    }
+    ];
+    env.kill_at_each_step_and_resume("web", 60, &steps, &["submitted", "issued", "validated"]);
 }
 
 #[test]
@@ -268,15 +249,12 @@ fn preferred_chain_takes_the_alternate_chain_the_ca_links() {
         .expect("the alternate root's CN");
     let extra = format!("preferred_chain = \"{cn}\"");
     acme_config(&env, &pebble, "web-8", &extra);
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    std::fs::write(
-        env.path("defaults.toml"),
-        cfg.replace(
+    env.edit_defaults(|c| {
+        c.replace(
             &env.path_str("acme-root.pem"),
             &env.path_str("acme-root-1.pem"),
-        ),
-    )
-    .unwrap();
+        )
+    });
     env.ok(&["enroll", "web", "--timeout", "60"]);
     let chain = env.generation("web", 1).chain_pem().unwrap().to_owned();
     assert_chain_verifies_to(&env, &chain, "web-8", "acme-root-1.pem");
@@ -287,16 +265,13 @@ fn preferred_chain_takes_the_alternate_chain_the_ca_links() {
 #[test]
 fn a_failed_challenge_says_which_and_why() {
     let (env, pebble) = acme_env("web-9", "challenges = [\"http-01\"]");
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
     let elsewhere = free_port();
-    std::fs::write(
-        env.path("defaults.toml"),
-        cfg.replace(
+    env.edit_defaults(|c| {
+        c.replace(
             &format!("http01_listen = \"127.0.0.1:{}\"", pebble.http_port),
             &format!("http01_listen = \"127.0.0.1:{elsewhere}\""),
-        ),
-    )
-    .unwrap();
+        )
+    });
     let out = env.run(&["enroll", "web", "--timeout", "8"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);

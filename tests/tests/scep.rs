@@ -56,8 +56,8 @@ fn a_pkcsreq_made_in_the_token_is_accepted_and_a_des_answer_is_refused_with_the_
         .unwrap();
     let key = TokenKey::open(t.token.clone(), &KeyRef::Id(info.id.clone())).unwrap();
     let subject = hsm_shim::csr::Subject::parse("CN=gw-scep").unwrap();
-    let csr_pem = hsm_shim::csr::build_csr_with(&key, &subject, &[], Some("s3cret")).unwrap();
-    let csr_der = pem_der(&csr_pem);
+    let csr_pem = hsm_shim::csr::build_csr(&key, &subject, &[]).unwrap();
+    let csr_der = message::with_challenge(&pem_der(&csr_pem), &key, "s3cret").unwrap();
     let transient = message::transient_cert(&key, "gw-scep").unwrap();
     let msg = message::pki_message(
         &message::Fields::request(MessageType::PkcsReq, "tid-1", &[9u8; 16]),
@@ -216,12 +216,12 @@ fn by_default_the_servers_sha1_and_single_des_answers_are_refused_with_the_reaso
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("signed with SHA-1: refused"), "{text}");
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    let cfg = cfg.replace(
-        "kind = \"scep\"\n",
-        "kind = \"scep\"\nallow_legacy_crypto = true\n",
-    );
-    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    env.edit_defaults(|c| {
+        c.replace(
+            "kind = \"scep\"\n",
+            "kind = \"scep\"\nallow_legacy_crypto = true\n",
+        )
+    });
     let out = env.run(&["enroll", "gw", "--timeout", "4"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
@@ -232,19 +232,15 @@ fn by_default_the_servers_sha1_and_single_des_answers_are_refused_with_the_reaso
 #[test]
 fn an_ec_key_and_a_missing_challenge_file_are_named_by_config_check() {
     let (env, _srv) = scep_env("gw-scep-4", "s3cret", "");
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    std::fs::write(
-        env.path("defaults.toml"),
-        cfg.replace("key_type = \"rsa-2048\"", "key_type = \"ec-p256\""),
-    )
-    .unwrap();
+    let rsa = "key_type = \"rsa-2048\"";
+    env.edit_defaults(|c| c.replace(rsa, "key_type = \"ec-p256\""));
     let out = env.run(&["config", "check", &env.path_str("defaults.toml")]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("identity[0].key_type"), "{text}");
     assert!(text.contains("must be RSA"), "{text}");
     // An RSA key, but the challenge file is gone: named by its field (never its content).
-    std::fs::write(env.path("defaults.toml"), cfg).unwrap();
+    env.edit_defaults(|c| c.replace("key_type = \"ec-p256\"", rsa));
     std::fs::remove_file(env.path("scep-challenge")).unwrap();
     let out = env.run(&["config", "check", &env.path_str("defaults.toml")]);
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
@@ -278,23 +274,8 @@ fn the_server_down_between_request_and_answer_is_retried_and_then_enrols() {
 fn a_kill_at_each_persisted_step_resumes_the_same_transaction() {
     let (env, _srv) = scep_env("gw-scep-6", "s3cret", LEGACY);
     env.ok(&["enroll", "gw", "--timeout", "60"]);
-    let mut n = 1;
-    for step in ["key-pending", "csr-ready", "issued", "validated"] {
-        env.rotate_killed_after("gw", 60, step);
-        n += 1;
-        let before = env.generation("gw", n).submission().map(str::to_owned);
-        env.ok(&["rotate", "gw", "--timeout", "60"]);
-        let rec = env.record("gw");
-        assert_eq!(rec.current, Some(n), "{step}: {rec:?}");
-        if before.is_some() {
-            assert_eq!(
-                env.generation("gw", n).submission(),
-                before.as_deref(),
-                "{step}"
-            );
-        }
-        env.ok(&["retire", "gw", "--generation", &(n - 1).to_string()]);
-    }
+    let steps = ["key-pending", "csr-ready", "issued", "validated"];
+    env.kill_at_each_step_and_resume("gw", 60, &steps, &[]);
 }
 
 fn pem_der(pem: &str) -> Vec<u8> {
@@ -314,15 +295,12 @@ fn a_pending_request_is_polled_after_a_restart() {
     use edge_signer_tests::scep::PendingDouble;
     let (env, srv) = scep_env("gw-scep-7", "s3cret", LEGACY);
     let double = PendingDouble::start(&srv, 2);
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    std::fs::write(
-        env.path("defaults.toml"),
-        cfg.replace(&srv.url(), &double.url()).replace(
+    env.edit_defaults(|c| {
+        c.replace(&srv.url(), &double.url()).replace(
             "kind = \"scep\"\n",
             "kind = \"scep\"\npoll_interval = \"1s\"\n",
-        ),
-    )
-    .unwrap();
+        )
+    });
     // Killed right after the PENDING answer is on disk.
     let out = env
         .cmd()
@@ -373,15 +351,15 @@ fn over_https_with_server_ca_and_a_getcacert_that_is_not_the_pinned_ca_is_refuse
             .expect("stunnel4 (scripts/setup installs it)"),
     );
     wait_port(port);
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    let https = cfg.replace(
-        &format!("url = \"{}\"", srv.url()),
-        &format!(
-            "url = \"https://127.0.0.1:{port}/scep\"\nserver_ca = \"{}\"",
-            env.path_str("ca.pem")
-        ),
-    );
-    std::fs::write(env.path("defaults.toml"), &https).unwrap();
+    env.edit_defaults(|c| {
+        c.replace(
+            &format!("url = \"{}\"", srv.url()),
+            &format!(
+                "url = \"https://127.0.0.1:{port}/scep\"\nserver_ca = \"{}\"",
+                env.path_str("ca.pem")
+            ),
+        )
+    });
     env.ok(&["enroll", "gw", "--timeout", "60"]);
     assert_issued_by_scep_ca(
         &env,
@@ -389,11 +367,12 @@ fn over_https_with_server_ca_and_a_getcacert_that_is_not_the_pinned_ca_is_refuse
         "gw-scep-8",
     );
 
-    let pinned_elsewhere = https.replace(
-        &format!("ca_bundle = \"{}\"", env.path_str("scep-ca.pem")),
-        &format!("ca_bundle = \"{}\"", env.path_str("ca.pem")),
-    );
-    std::fs::write(env.path("defaults.toml"), pinned_elsewhere).unwrap();
+    env.edit_defaults(|c| {
+        c.replace(
+            &format!("ca_bundle = \"{}\"", env.path_str("scep-ca.pem")),
+            &format!("ca_bundle = \"{}\"", env.path_str("ca.pem")),
+        )
+    });
     let out = env.run(&["rotate", "gw", "--now", "--timeout", "4"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
@@ -491,12 +470,7 @@ fn a_refused_renewal_falls_back_to_a_pkcsreq_with_the_challenge() {
     use edge_signer_tests::scep::PendingDouble;
     let (env, srv) = scep_env("gw-scep-9", "s3cret", LEGACY);
     let double = PendingDouble::refusing_renewal(&srv);
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    std::fs::write(
-        env.path("defaults.toml"),
-        cfg.replace(&srv.url(), &double.url()),
-    )
-    .unwrap();
+    env.edit_defaults(|c| c.replace(&srv.url(), &double.url()));
     env.ok(&["enroll", "gw", "--timeout", "30"]);
     let out = env.run(&["rotate", "gw", "--now", "--timeout", "30"]);
     assert!(out.status.success(), "{out:?}");
@@ -520,12 +494,7 @@ fn a_lost_answer_is_asked_for_again_with_the_same_transaction() {
     use edge_signer_tests::scep::PendingDouble;
     let (env, srv) = scep_env("gw-scep-10", "s3cret", LEGACY);
     let double = PendingDouble::losing_first_answer(&srv);
-    let cfg = std::fs::read_to_string(env.path("defaults.toml")).unwrap();
-    std::fs::write(
-        env.path("defaults.toml"),
-        cfg.replace(&srv.url(), &double.url()),
-    )
-    .unwrap();
+    env.edit_defaults(|c| c.replace(&srv.url(), &double.url()));
     let out = env.run(&["enroll", "gw", "--timeout", "30"]);
     assert!(out.status.success(), "{out:?}");
     let log = String::from_utf8_lossy(&out.stderr);

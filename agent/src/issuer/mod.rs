@@ -178,6 +178,14 @@ pub trait Issuer: Send {
     }
 }
 
+/// The DER of a PEM CSR.
+pub fn csr_der(pem: &str) -> Result<Vec<u8>, String> {
+    use hsm_shim::rustls::pki_types::{pem::PemObject, CertificateSigningRequestDer};
+    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+        .map(|d| d.as_ref().to_vec())
+        .map_err(|e| format!("CSR PEM: {e}"))
+}
+
 /// Build the issuer for a config entry (`state_dir` holds what an issuer pins, e.g. EST's
 /// `/cacerts`).
 pub fn from_config(

@@ -11,7 +11,7 @@ pub mod account;
 pub mod challenge;
 pub mod client;
 
-use super::{Issuer, IssuerAnswer, Request, Submitted};
+use super::{csr_der, Issuer, IssuerAnswer, Request, Submitted};
 use crate::clock::{rfc3339, Unix};
 use client::{Client, Problem};
 use firmware_config::schema::{AcmeIssuer, Challenge};
@@ -62,14 +62,6 @@ pub fn csr_identifiers(csr_pem: &str) -> Result<Vec<serde_json::Value>, String> 
         return Err("the CSR names no DNS name or IP address (an ACME CA validates those): set the identity's sans".into());
     }
     Ok(ids)
-}
-
-/// The DER of a PEM CSR.
-pub fn csr_der(pem: &str) -> Result<Vec<u8>, String> {
-    use hsm_shim::rustls::pki_types::{pem::PemObject, CertificateSigningRequestDer};
-    CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
-        .map(|d| d.as_ref().to_vec())
-        .map_err(|e| format!("CSR PEM: {e}"))
 }
 
 /// A failed call as the engine takes it: a rate limit or `Retry-After` is a wait, a

@@ -39,7 +39,6 @@ pub fn envelope(
     recipient: &Certificate,
     triple_des: bool,
 ) -> Result<Vec<u8>, String> {
-    use aes::cipher::{BlockEncryptMut, KeyIvInit};
     use rsa::pkcs8::DecodePublicKey;
     let (key_len, iv_len, oid) = if triple_des {
         (24, 8, DES_EDE3_CBC)
@@ -54,13 +53,9 @@ pub fn envelope(
         rand_core::OsRng.fill_bytes(&mut iv);
     }
     let ciphertext = if triple_des {
-        cbc::Encryptor::<des::TdesEde3>::new_from_slices(&cek, &iv)
-            .map_err(der_err)?
-            .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(content)
+        cbc_seal::<des::TdesEde3>(&cek, &iv, content)?
     } else {
-        cbc::Encryptor::<aes::Aes256>::new_from_slices(&cek, &iv)
-            .map_err(der_err)?
-            .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(content)
+        cbc_seal::<aes::Aes256>(&cek, &iv, content)?
     };
     let spki = recipient
         .tbs_certificate
@@ -193,33 +188,43 @@ pub fn read_envelope(der: &[u8]) -> Result<Envelope, String> {
 /// Open an envelope addressed to `key`: the content key is decrypted in the token, the
 /// content with it (AES-CBC, or 3DES / single DES where `legacy` allows).
 pub fn open_envelope(der: &[u8], key: &TokenKey, legacy: Legacy) -> Result<Vec<u8>, String> {
-    use aes::cipher::{BlockDecryptMut, KeyIvInit};
     let env = read_envelope(der)?;
     cipher(&env.cipher, legacy)?;
     let cek = key
         .decrypt_rsa_pkcs1(&env.enc_key)
         .map_err(|e| format!("decrypting the SCEP answer's key in the token: {e}"))?;
-    let bad = |_| "the SCEP answer does not decrypt (wrong key or damaged)".to_string();
     let (data, iv) = (&env.data[..], &env.iv[..]);
-    match (env.cipher, cek.len()) {
-        (AES256_CBC, 32) => cbc::Decryptor::<aes::Aes256>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (AES128_CBC, 16) => cbc::Decryptor::<aes::Aes128>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (DES_EDE3_CBC, 24) => cbc::Decryptor::<des::TdesEde3>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (DES_CBC, 8) => cbc::Decryptor::<des::Des>::new_from_slices(&cek, iv)
-            .map_err(der_err)?
-            .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
-            .map_err(bad),
-        (oid, n) => Err(format!("SCEP envelope: a {n}-byte key for {oid}")),
-    }
+    let opened = match (env.cipher, cek.len()) {
+        (AES256_CBC, 32) => cbc_open::<aes::Aes256>(&cek, iv, data),
+        (AES128_CBC, 16) => cbc_open::<aes::Aes128>(&cek, iv, data),
+        (DES_EDE3_CBC, 24) => cbc_open::<des::TdesEde3>(&cek, iv, data),
+        (DES_CBC, 8) => cbc_open::<des::Des>(&cek, iv, data),
+        (oid, n) => return Err(format!("SCEP envelope: a {n}-byte key for {oid}")),
+    };
+    opened.ok_or_else(|| "the SCEP answer does not decrypt (wrong key or damaged)".to_string())
+}
+
+/// CBC with PKCS#7 padding under cipher `C`: `None` when the key, IV or padding is wrong.
+fn cbc_open<C>(key: &[u8], iv: &[u8], data: &[u8]) -> Option<Vec<u8>>
+where
+    C: aes::cipher::BlockDecryptMut + aes::cipher::BlockCipher + aes::cipher::KeyInit,
+{
+    use aes::cipher::{BlockDecryptMut, KeyIvInit};
+    cbc::Decryptor::<C>::new_from_slices(key, iv)
+        .ok()?
+        .decrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data)
+        .ok()
+}
+
+/// CBC with PKCS#7 padding under cipher `C`.
+fn cbc_seal<C>(key: &[u8], iv: &[u8], data: &[u8]) -> Result<Vec<u8>, String>
+where
+    C: aes::cipher::BlockEncryptMut + aes::cipher::BlockCipher + aes::cipher::KeyInit,
+{
+    use aes::cipher::{BlockEncryptMut, KeyIvInit};
+    Ok(cbc::Encryptor::<C>::new_from_slices(key, iv)
+        .map_err(der_err)?
+        .encrypt_padded_vec_mut::<aes::cipher::block_padding::Pkcs7>(data))
 }
 
 /// The recipient an envelope is addressed to (issuer and serial), to pick the key that opens

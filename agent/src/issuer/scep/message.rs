@@ -247,20 +247,26 @@ fn printable(v: Option<&Any>) -> String {
         .unwrap_or_default()
 }
 
-/// Read a CertRep: its signed SCEP attributes, after checking its signature with one of
-/// `ca_certs` (the CA or RA certificates from GetCACert).
-pub fn cert_rep(der: &[u8], ca_certs: &[Certificate], allow_sha1: bool) -> Result<CertRep, String> {
+/// The fields of a ContentInfo that must be a SignedData (`what` names it in errors), read
+/// field by field: servers (Go's pkcs7 among them) send their certificates as a SET that is
+/// not sorted, which strict DER refuses.
+fn signed_data_parts(der: &[u8], what: &str) -> Result<Vec<Any>, String> {
     let ci = ContentInfo::from_der(der).map_err(der_err)?;
     if ci.content_type != ID_SIGNED_DATA {
         return Err(format!(
-            "SCEP answer is a {} , not SignedData",
+            "SCEP: a {} where {what} was expected",
             ci.content_type
         ));
     }
-    // Read field by field: servers (Go's pkcs7 among them) send their certificates as a SET
-    // that is not sorted, which strict DER refuses; the certificates are not needed (the
-    // signature is checked with the CA's own, from GetCACert).
-    let parts: Vec<Any> = ci.content.decode_as().map_err(der_err)?;
+    ci.content.decode_as().map_err(der_err)
+}
+
+/// Read a CertRep: its signed SCEP attributes, after checking its signature with one of
+/// `ca_certs` (the CA or RA certificates from GetCACert).
+pub fn cert_rep(der: &[u8], ca_certs: &[Certificate], allow_sha1: bool) -> Result<CertRep, String> {
+    // The certificates are not needed: the signature is checked with the CA's own, from
+    // GetCACert.
+    let parts = signed_data_parts(der, "a CertRep")?;
     let (Some(encap), Some(signers)) = (parts.get(2), parts.last()) else {
         return Err("SCEP answer: a SignedData too short".into());
     };
@@ -372,17 +378,9 @@ fn fail_info(code: &str) -> String {
 }
 
 /// The certificates of a degenerate ("certs-only") PKCS#7 SignedData: GetCACert's CA/RA
-/// answer and the CertRep's issued certificate. Read field by field (servers send the SET
-/// unsorted, which strict DER refuses); never panics.
+/// answer and the CertRep's issued certificate. Never panics.
 pub fn certs_only(der: &[u8]) -> Result<Vec<Certificate>, String> {
-    let ci = ContentInfo::from_der(der).map_err(der_err)?;
-    if ci.content_type != ID_SIGNED_DATA {
-        return Err(format!(
-            "a {} where a certs-only SignedData was expected",
-            ci.content_type
-        ));
-    }
-    let parts: Vec<Any> = ci.content.decode_as().map_err(der_err)?;
+    let parts = signed_data_parts(der, "a certs-only SignedData")?;
     let set = parts
         .iter()
         .find(|p| {

@@ -162,7 +162,7 @@ impl Scep {
         req: &Request,
         ca: &CaInfo,
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
-        let csr = crate::issuer::acme::csr_der(req.csr_pem)?;
+        let csr = super::csr_der(req.csr_pem)?;
         if kind == MessageType::CertPoll {
             let subject = message::csr_subject(&csr)?;
             return Ok(
@@ -172,11 +172,12 @@ impl Scep {
         let Some(src) = &self.cfg.challenge else {
             return Ok(csr.into());
         };
-        let secret = src.source().read().map_err(|e| {
-            format!(
-                "the SCEP challenge password: {}",
-                e.to_string().replace("PIN", "secret")
-            )
+        let secret = src.source().read().map_err(|e| match e {
+            hsm_shim::Error::Pin {
+                source_desc,
+                reason,
+            } => format!("cannot read the SCEP challenge password from {source_desc}: {reason}"),
+            other => format!("the SCEP challenge password: {other}"),
         })?;
         let key = req.key.ok_or("SCEP needs the new key")?;
         message::with_challenge(&csr, key, secret.reveal())
