@@ -201,11 +201,20 @@ fn probe_exits_non_zero_on_non_2xx_and_on_handshake_failure() {
         "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
     )
     .unwrap();
+    // The request is read to its blank line first: a server that closes with the request
+    // unread makes the kernel reset the connection, and the answer may never arrive.
+    std::fs::write(
+        env.path("answer.sh"),
+        "cr=$(printf '\\r')\n\
+         while IFS= read -r l; do [ \"$l\" = \"$cr\" ] || [ -z \"$l\" ] && break; done\n\
+         cat response.http\n",
+    )
+    .unwrap();
     let port = free_port();
     let child = Command::new("socat")
         .args([
             &format!("OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert=server.pem,key=server.key,cafile=ca.pem,verify=1"),
-            "SYSTEM:cat response.http",
+            "SYSTEM:sh answer.sh",
         ])
         .current_dir(env.dir.path())
         .stdin(Stdio::null())
